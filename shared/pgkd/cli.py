@@ -1,0 +1,117 @@
+"""The `pgkd` command. Bad input prints one line on stderr and exits 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pydantic import ValidationError
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, instead of usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset folder (train/validation/test .jsonl or .csv) or one file")
+    p.add_argument("--out", required=True, help="output folder: report.json, best/, history.png")
+    p.add_argument("--labeled", type=int, default=1000, help="labeled samples drawn from train (80/20 train/validation)")
+    p.add_argument("--teacher", default="pool-guided", help="pool-guided | pool-random (simulated LLM teachers)")
+    p.add_argument("--student", default="minilm", help="minilm | tiny | a Hugging Face id or model folder")
+    p.add_argument("--samples-per-cycle", type=int, default=32)
+    p.add_argument("--max-cycles", type=int, default=10)
+    p.add_argument("--patience", type=int, default=5, help="cycles without improvement before stopping")
+    p.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts as improvement")
+    p.add_argument("--sample-budget", type=int, default=None, help="stop once the teacher produced this many")
+    p.add_argument("--metric", default="macro_f1", help="validation metric the stop policy watches")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the first training round")
+    p.add_argument("--cycle-epochs", type=int, default=3, help="epochs of each warm-started round")
+    p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                   help="retrain each cycle from the pretrained encoder (slower)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=4e-4)
+    p.add_argument("--label-noise", type=float, default=0.0, help="share of teacher answers relabeled at random")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def cmd_distill(args) -> int:
+    from .distill import DistillConfig, run, summary_table
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "out", "progress")}
+    config = DistillConfig(**options)
+    report = run(config, args.out, progress=args.progress)
+    print(summary_table(report))
+    print(f"stopped: {report.stop_reason}")
+    print(f"wrote {args.out}/report.json, {args.out}/best/, {args.out}/history.png")
+    return 0
+
+
+def _read_stdin_texts() -> list[str]:
+    texts = []
+    for number, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"stdin:{number}: not JSON ({e.msg})") from None
+        text = row.get("text") if isinstance(row, dict) else row if isinstance(row, str) else None
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"stdin:{number}: expected a JSON object with a non-empty \"text\"")
+        texts.append(text)
+    return texts
+
+
+def cmd_predict(args) -> int:
+    from .student import Student
+    texts = args.texts or _read_stdin_texts()
+    if not texts:
+        raise UserError("no texts: give them as arguments or as JSON Lines on stdin")
+    student = Student.load(args.model, device=args.device)
+    probs = student.predict_proba(texts)
+    for text, row in zip(texts, probs):
+        best = int(row.argmax())
+        print(json.dumps({"text": text, "label": student.labels[best], "probability": round(float(row[best]), 4)},
+                         ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pgkd", description="Performance-Guided Knowledge Distillation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    distill = sub.add_parser("distill", help="run PGKD in this process")
+    _distill_arguments(distill)
+    distill.set_defaults(func=cmd_distill)
+    predict = sub.add_parser("predict", help="classify texts with a saved student")
+    predict.add_argument("--model", required=True, help="a student folder, e.g. OUT/best")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("texts", nargs="*", help="texts; none: JSON Lines on stdin")
+    predict.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"pgkd: error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        problems = "; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
+                             for err in e.errors())
+        print(f"pgkd: error: {problems}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pgkd: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

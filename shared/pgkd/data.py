@@ -1,0 +1,224 @@
+"""Labeled text data: reading files, and the paper's few-label setting.
+
+A dataset is a file (JSON Lines or CSV with a text and a label column) or a folder holding
+`train`, optional `validation` and `test` files in either format (the layout of ../shared/data).
+`make_splits` draws the paper's setting from it: N labeled samples from train (80% train, 20%
+validation, stratified), the rest of train as the pool the student never sees, test as test.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .allocation import allocate
+from .errors import UserError
+
+SPLIT_NAMES = ("train", "validation", "test")
+FORMATS = (".jsonl", ".json", ".csv")
+
+
+class Sample(BaseModel, frozen=True):
+    text: str
+    label: str
+
+
+def normalize_text(text: str) -> str:
+    """The key under which two texts count as duplicates: case and whitespace ignored."""
+    return " ".join(text.split()).casefold()
+
+
+def _check_row(text, label, where: str) -> Sample:
+    if label is None or (isinstance(label, str) and not label.strip()):
+        raise UserError(f"{where}: missing label")
+    if text is None or not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}: empty text")
+    return Sample(text=" ".join(text.split()), label=str(label).strip())
+
+
+def read_samples(path: Path, text_column: str = "text", label_column: str = "label") -> list[Sample]:
+    """Read one JSON Lines or CSV file; errors name the file and line."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    samples: list[Sample] = []
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            if path.suffix.lower() == ".csv":
+                reader = csv.DictReader(f)
+                missing = {text_column, label_column} - set(reader.fieldnames or [])
+                if missing:
+                    raise UserError(f"{path}:1: missing column(s) {', '.join(sorted(missing))} "
+                                    f"(columns: {', '.join(reader.fieldnames or [])})")
+                for row in reader:
+                    where = f"{path}:{reader.line_num}"
+                    if None in row:
+                        raise UserError(f"{where}: unreadable row (more fields than the header)")
+                    samples.append(_check_row(row.get(text_column), row.get(label_column), where))
+            else:
+                for line_number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{line_number}"
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{where}: unreadable row (not JSON: {e.msg})") from None
+                    if not isinstance(row, dict):
+                        raise UserError(f"{where}: unreadable row (expected a JSON object)")
+                    samples.append(_check_row(row.get(text_column), row.get(label_column), where))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: unreadable CSV ({e})") from None
+    return samples
+
+
+def _find_split_file(folder: Path, split: str) -> Path | None:
+    found = [folder / f"{split}{ext}" for ext in FORMATS if (folder / f"{split}{ext}").is_file()]
+    if len(found) > 1:
+        raise UserError(f"{folder}: more than one {split} file ({', '.join(p.name for p in found)})")
+    return found[0] if found else None
+
+
+@dataclass
+class Dataset:
+    """The splits as read from disk. `validation` may be empty; `test` is always there."""
+    name: str
+    path: str
+    train: list[Sample]
+    validation: list[Sample]
+    test: list[Sample]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        """The taxonomy: every label of train, sorted."""
+        return sorted({s.label for s in self.train})
+
+
+def load_dataset(path: str | Path, text_column: str = "text", label_column: str = "label",
+                 test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Read a dataset folder (train/validation/test files) or a single file.
+
+    A single file holds all labeled data: a stratified `test_fraction` of it is held out as test.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    notes: list[str] = []
+    if path.is_dir():
+        files = {split: _find_split_file(path, split) for split in SPLIT_NAMES}
+        if files["train"] is None:
+            raise UserError(f"{path}: no train file (expected train.jsonl or train.csv)")
+        if files["test"] is None:
+            raise UserError(f"{path}: no test file (expected test.jsonl or test.csv)")
+        split_rows = {split: read_samples(f, text_column, label_column) if f else []
+                      for split, f in files.items()}
+        if split_rows["validation"]:
+            notes.append(f"{files['validation'].name} is not used: the labeled validation set is drawn "
+                         "from train, as in the paper's setting")
+        train, validation, test = split_rows["train"], split_rows["validation"], split_rows["test"]
+        name = path.name
+    else:
+        rows = read_samples(path, text_column, label_column)
+        train, test = stratified_split(rows, test_fraction, random.Random(seed))
+        validation = []
+        notes.append(f"test is a stratified {test_fraction:.0%} of {path.name} (seed {seed})")
+        name = path.stem
+    if not train:
+        raise UserError(f"{path}: the train split is empty")
+    if not test:
+        raise UserError(f"{path}: the test split is empty")
+    unknown = sorted({s.label for s in test} - {s.label for s in train})
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise UserError(f"{path}: {len(unknown)} label(s) in test that train never had: {shown}")
+    return Dataset(name=name, path=str(path), train=train, validation=validation, test=test, notes=notes)
+
+
+def count_duplicates(splits: dict[str, list[Sample]]) -> dict[str, int]:
+    """Repeated texts (normalised) within each split and across pairs of splits; reported, not fatal."""
+    keys = {name: [normalize_text(s.text) for s in rows] for name, rows in splits.items()}
+    out = {f"within_{name}": len(k) - len(set(k)) for name, k in keys.items()}
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            out[f"{a}_and_{b}"] = len(set(keys[a]) & set(keys[b]))
+    return out
+
+
+def _by_label(rows: list[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in rows:
+        groups[s.label].append(s)
+    return dict(sorted(groups.items()))
+
+
+def stratified_split(rows: list[Sample], fraction: float, rng: random.Random,
+                     keep_one: bool = True) -> tuple[list[Sample], list[Sample]]:
+    """Split rows into (rest, part) where part holds `fraction` of them, stratified by label.
+
+    With keep_one, each label keeps at least one row in `rest`.
+    """
+    groups = _by_label(rows)
+    total = round(len(rows) * fraction)
+    capacity = {label: len(g) - (1 if keep_one else 0) for label, g in groups.items()}
+    counts = allocate({label: len(g) for label, g in groups.items()}, total, capacity=capacity)
+    rest, part = [], []
+    for label, group in groups.items():
+        group = group[:]
+        rng.shuffle(group)
+        part.extend(group[:counts[label]])
+        rest.extend(group[counts[label]:])
+    rng.shuffle(rest)
+    rng.shuffle(part)
+    return rest, part
+
+
+@dataclass
+class Splits:
+    """The paper's setting: what the student trains and is validated on, the unseen pool, test."""
+    labels: list[str]
+    train: list[Sample]
+    validation: list[Sample]
+    pool: list[Sample]
+    test: list[Sample]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation),
+                "pool": len(self.pool), "test": len(self.test)}
+
+
+def make_splits(dataset: Dataset, labeled: int, seed: int, validation_fraction: float = 0.2) -> Splits:
+    """Draw `labeled` samples from train (stratified; every class at least twice so that both
+    train and validation can hold it), split them into train and validation; the rest is the pool."""
+    labels = dataset.labels
+    if labeled < len(labels):
+        raise UserError(f"--labeled {labeled} is smaller than the number of classes ({len(labels)}) "
+                        f"in {dataset.path}")
+    if labeled > len(dataset.train):
+        raise UserError(f"--labeled {labeled} is larger than the train split ({len(dataset.train)} rows) "
+                        f"of {dataset.path}")
+    rng = random.Random(seed)
+    groups = _by_label(dataset.train)
+    minimum = 2 if labeled >= 2 * len(labels) else 1
+    counts = allocate({label: len(g) for label, g in groups.items()}, labeled, minimum=minimum,
+                      capacity={label: len(g) for label, g in groups.items()})
+    chosen, pool = [], []
+    for label, group in groups.items():
+        group = group[:]
+        rng.shuffle(group)
+        chosen.extend(group[:counts[label]])
+        pool.extend(group[counts[label]:])
+    train, validation = stratified_split(chosen, validation_fraction, rng)
+    rng.shuffle(pool)
+    return Splits(labels=labels, train=train, validation=validation, pool=pool, test=list(dataset.test))
+
+
+def label_counts(rows: list[Sample]) -> dict[str, int]:
+    return dict(sorted(Counter(s.label for s in rows).items()))

@@ -1,0 +1,36 @@
+"""Sentence embeddings from the frozen MiniLM encoder (mean pooling, unit length), as
+sentence-transformers computes them for all-MiniLM-L6-v2; used for neighbour search."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from .student import minilm_path, pick_device
+
+
+class SentenceEncoder:
+    def __init__(self, path: str | None = None, device: str | None = None, batch_size: int = 128,
+                 max_length: int = 128):
+        source = path or str(minilm_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.device = pick_device(device)
+        self.model = AutoModel.from_pretrained(source).to(self.device).eval()
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.zeros((len(ids), self.model.config.hidden_size), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out[index] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+        return out
+
+    __call__ = encode

