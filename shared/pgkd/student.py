@@ -30,6 +30,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer,  # 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()  # the "newly initialised classifier" warning is expected here
+hf_logging.disable_progress_bar()
 
 
 def minilm_path() -> Path:
@@ -232,7 +233,8 @@ class Student:
     def _parameter_groups(self, config: TrainConfig) -> list[dict]:
         head_names = ("classifier", "pooler", "score")
         word_embeddings = self.model.get_input_embeddings().weight
-        word_embeddings.requires_grad_(not config.freeze_word_embeddings)
+        # Random embeddings (the tiny student) must learn; pretrained ones may stay as they are.
+        word_embeddings.requires_grad_(not (config.freeze_word_embeddings and self.spec != "tiny"))
         groups = {(head, decay): [] for head in (True, False) for decay in (True, False)}
         for name, p in self.model.named_parameters():
             if p.requires_grad:

@@ -1,0 +1,79 @@
+"""Shared fixtures: the real datasets beside the repository, and a small synthetic one that the
+tiny student learns in seconds (each class has its own vocabulary)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PGKD_DATA_DIR", REPO.parent / "shared" / "data"))
+
+TOY_CLASSES = {
+    "card_lost": ["card", "lost", "stolen", "missing", "wallet"],
+    "refund": ["refund", "money", "back", "return", "reimburse"],
+    "transfer": ["transfer", "send", "account", "wire", "payee"],
+    "pin_change": ["pin", "change", "code", "reset", "digits"],
+}
+FILLER = ["please", "i", "my", "the", "need", "help", "with", "today", "now", "can", "you", "a"]
+
+
+def toy_text(rng: random.Random, label: str) -> str:
+    words = rng.sample(TOY_CLASSES[label], 3) + rng.sample(FILLER, 4)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_toy_dataset(folder: Path, train_per_class: int = 60, test_per_class: int = 15, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+
+    def rows(per_class: int) -> list[dict]:
+        out = []
+        for label in TOY_CLASSES:
+            while sum(r["label"] == label for r in out) < per_class:
+                text = toy_text(rng, label)
+                if text not in seen:
+                    seen.add(text)
+                    out.append({"text": text, "label": label})
+        return out
+
+    write_jsonl(folder / "train.jsonl", rows(train_per_class))
+    write_jsonl(folder / "test.jsonl", rows(test_per_class))
+    return folder
+
+
+@pytest.fixture
+def toy_data(tmp_path) -> Path:
+    return make_toy_dataset(tmp_path / "toy")
+
+
+def bag_of_words_embed(texts: list[str]) -> np.ndarray:
+    """A cheap stand-in for the sentence encoder: hashed word counts, unit length."""
+    out = np.zeros((len(texts), 256), dtype=np.float32)
+    for i, t in enumerate(texts):
+        for w in t.lower().split():
+            out[i, zlib.crc32(w.encode()) % 256] += 1.0
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+@pytest.fixture
+def banking77() -> Path:
+    path = DATA / "banking77"
+    if not path.is_dir():
+        pytest.fail(f"{path} is missing: the datasets live in ../shared/data beside the repository")
+    return path

@@ -1,0 +1,94 @@
+"""The command line: bad input is one line on stderr and exit code 2, and no output folder."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pgkd.cli import main
+
+from conftest import write_jsonl
+
+TINY = ["--student", "tiny", "--labeled", "40", "--epochs", "1", "--max-cycles", "0", "--no-progress"]
+
+
+def _bad(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        code = main(argv)
+        raise SystemExit(code)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda d, t: ["--data", str(t / "missing")], "no such file or folder"),
+    (lambda d, t: ["--data", str(d), "--labeled", "3"], "smaller than the number of classes (4)"),
+    (lambda d, t: ["--data", str(d), "--student", "no/such-model"], "unknown student 'no/such-model'"),
+    (lambda d, t: ["--data", str(d), "--teacher", "gpt-9"], "unknown teacher 'gpt-9'"),
+    (lambda d, t: ["--data", str(d), "--metric", "vibes"], "unknown metric 'vibes'"),
+    (lambda d, t: ["--data", str(d), "--labeled", "many"], "invalid int value"),
+    (lambda d, t: ["--data", str(d), "--samples-per-cycle", "0"], "--samples-per-cycle"),
+])
+def test_bad_distill_input(capsys, toy_data, tmp_path, make_args, message):
+    out = tmp_path / "out"
+    err = _bad(capsys, ["distill", *TINY, "--out", str(out), *make_args(toy_data, tmp_path)])
+    assert message in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_bad_data_files(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_jsonl(empty / "train.jsonl", [])
+    write_jsonl(empty / "test.jsonl", [])
+    assert "train split is empty" in _bad(capsys, ["distill", *TINY, "--data", str(empty), "--out", str(tmp_path / "o")])
+    unseen = tmp_path / "unseen"
+    unseen.mkdir()
+    write_jsonl(unseen / "train.jsonl", [{"text": f"t{i}", "label": "a"} for i in range(5)])
+    write_jsonl(unseen / "test.jsonl", [{"text": "x", "label": "zzz"}])
+    assert "in test that train never had: zzz" in _bad(capsys, ["distill", *TINY, "--data", str(unseen),
+                                                                "--out", str(tmp_path / "o")])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train.jsonl").write_text('{"text": "ok", "label": "a"}\n{"text": "", "label": "a"}\n')
+    write_jsonl(broken / "test.jsonl", [{"text": "x", "label": "a"}])
+    assert f"{broken / 'train.jsonl'}:2: empty text" in _bad(
+        capsys, ["distill", *TINY, "--data", str(broken), "--out", str(tmp_path / "o")])
+
+
+def test_refuses_to_overwrite_a_folder_it_did_not_write(capsys, toy_data, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert "is not empty and holds no report.json" in _bad(
+        capsys, ["distill", *TINY, "--data", str(toy_data), "--out", str(out)])
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_distill_then_predict(capsys, toy_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["distill", "--data", str(toy_data), "--out", str(out), "--labeled", "40", "--student", "tiny",
+                 "--teacher", "pool-random", "--epochs", "1", "--max-cycles", "1", "--cycle-epochs", "1",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline (cycle 0)" in printed and "stopped: max_cycles" in printed
+    assert main(["predict", "--model", str(out / "best"), "lost my card", "refund please"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    labels = {"card_lost", "refund", "transfer", "pin_change"}
+    assert [r["text"] for r in rows] == ["lost my card", "refund please"]
+    assert all(r["label"] in labels and 0 < r["probability"] <= 1 for r in rows)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO('{"text": "wire to payee"}\n\n"reset pin"\n'))
+    assert main(["predict", "--model", str(out / "best")]) == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["wire to payee", "reset pin"]
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO('{"txt": 1}\n'))
+    assert "stdin:1: expected a JSON object" in _bad(capsys, ["predict", "--model", str(out / "best")])
+
+
+def test_the_installed_command_prints_no_traceback(tmp_path):
+    """The real entry point, in a fresh process: one line, exit 2."""
+    result = subprocess.run([sys.executable, "-m", "pgkd.cli", "distill", "--data", str(tmp_path / "nope"),
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"pgkd: error: {tmp_path / 'nope'}: no such file or folder"]

@@ -1,0 +1,79 @@
+"""The embedded loop end to end with the tiny student on the synthetic dataset."""
+import json
+
+import pytest
+
+from pgkd.distill import DistillConfig, run
+from pgkd.student import Student
+from pgkd.teacher import GeneratedBatch
+
+from conftest import bag_of_words_embed
+
+
+def _config(data, **overrides):
+    options = dict(data=str(data), labeled=40, student="tiny", teacher="pool-guided", samples_per_cycle=16,
+                   max_cycles=2, patience=5, epochs=8, cycle_epochs=2, learning_rate=1e-2, head_learning_rate=1e-2,
+                   batch_size=16, seed=1)
+    options.update(overrides)
+    return DistillConfig(**options)
+
+
+def test_two_cycles_write_a_complete_run(toy_data, tmp_path):
+    out = tmp_path / "run"
+    report = run(_config(toy_data), out, progress=False, embed=bag_of_words_embed)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["stop_reason"].startswith("max_cycles")
+    assert [c["cycle"] for c in saved["cycles"]] == [0, 1, 2]
+    assert saved["teacher"]["simulated"] is True and saved["teacher"]["name"] == "pool-guided"
+    assert saved["config"]["seed"] == 1 and saved["dataset"]["sizes"]["train"] == 32
+    assert set(saved["baseline"]) == {"validation", "test"} and "cycle" in saved["best"]
+    # The training set grows by exactly what was accepted, and every generated sample is accounted for.
+    for before, after in zip(saved["cycles"], saved["cycles"][1:]):
+        assert after["train_size"] == before["train_size"] + after["accepted"]
+        assert after["accepted"] + sum(after["rejected"].values()) == after["generated"] == 16
+    # The best cycle is the one with the best validation macro-F1 (first on ties), and it is what was kept.
+    scores = [c["validation"]["macro_f1"] for c in saved["cycles"]]
+    assert saved["best"]["cycle"] == scores.index(max(scores))
+    assert saved["best"]["validation"]["macro_f1"] == pytest.approx(max(scores))
+    best = Student.load(out / "best")
+    assert best.labels == sorted({"card_lost", "refund", "transfer", "pin_change"})
+    assert saved["best"]["validation"]["samples"] == 8 and saved["best"]["test"]["samples"] == 60
+    assert (out / "history.png").stat().st_size > 1000
+    assert not list(tmp_path.glob(".run.*"))          # no staging left behind
+    assert report.best.test.accuracy == saved["best"]["test"]["accuracy"]
+
+
+def test_patience_stops_the_loop(toy_data, tmp_path):
+    # min_delta 0.5: no cycle can improve macro-F1 by that much, so one cycle of patience ends the run.
+    report = run(_config(toy_data, max_cycles=8, patience=1, min_delta=0.5), tmp_path / "run", progress=False,
+                 embed=bag_of_words_embed)
+    assert report.stop_reason.startswith("patience") and len(report.cycles) == 2 and report.best.cycle == 0
+
+
+def test_a_failed_run_leaves_no_result_and_keeps_the_previous_one(toy_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(_config(toy_data, max_cycles=0), out, progress=False)
+    previous = (out / "report.json").read_text()
+
+    def broken(self, request) -> GeneratedBatch:
+        raise RuntimeError("teacher crashed")
+
+    monkeypatch.setattr("pgkd.simulated_teachers.PoolRandomTeacher.generate", broken)
+    with pytest.raises(RuntimeError, match="teacher crashed"):
+        run(_config(toy_data, teacher="pool-random"), out, progress=False)
+    assert (out / "report.json").read_text() == previous
+    assert not (tmp_path / ".run.partial").exists()
+
+
+def test_sample_budget_caps_what_the_teacher_is_asked_for(toy_data, tmp_path):
+    report = run(_config(toy_data, teacher="pool-random", max_cycles=5, sample_budget=24), tmp_path / "run",
+                 progress=False)
+    assert [c.generated for c in report.cycles] == [0, 16, 8]
+    assert report.stop_reason.startswith("sample_budget")
+
+
+def test_same_seed_same_run(toy_data, tmp_path):
+    a = run(_config(toy_data, teacher="pool-random", max_cycles=1), tmp_path / "a", progress=False)
+    b = run(_config(toy_data, teacher="pool-random", max_cycles=1), tmp_path / "b", progress=False)
+    assert [c.validation for c in a.cycles] == [c.validation for c in b.cycles]
+    assert a.best.test == b.best.test

@@ -1,0 +1,45 @@
+"""The PGKD prompt is pinned by a golden file; regenerate it with PGKD_UPDATE_GOLDEN=1 after a
+deliberate change and review the diff."""
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pgkd.data import Sample
+from pgkd.evaluation import evaluate
+from pgkd.mining import mine
+from pgkd.prompt import render_prompt
+from pgkd.teacher import build_request
+
+GOLDEN = Path(__file__).parent / "golden" / "prompt.txt"
+
+
+def _request():
+    labels = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
+    validation = [Sample(text="Where is my new card?", label="card_arrival"),
+                  Sample(text="My card never came", label="card_arrival"),
+                  Sample(text="Someone stole my card", label="lost_or_stolen_card"),
+                  Sample(text="The refund is not on my statement", label="refund_not_showing_up")]
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.85, 0.05], [0.3, 0.1, 0.6]])
+    report = evaluate([s.label for s in validation], probs, labels)
+    mined = mine(validation, probs, labels, hard_negatives=2, misclassified=2, correct=2, seed=0)
+    train = [Sample(text="When will my card arrive?", label="card_arrival"),
+             Sample(text="I lost my card yesterday", label="lost_or_stolen_card"),
+             Sample(text="Refund still missing", label="refund_not_showing_up")]
+    return build_request(labels, train, mined, report, n=8, cycle=1, seed=1)
+
+
+def test_prompt_matches_golden_file():
+    text = render_prompt(_request())
+    if os.environ.get("PGKD_UPDATE_GOLDEN"):
+        GOLDEN.write_text(text, encoding="utf-8")
+    assert text == GOLDEN.read_text(encoding="utf-8")
+
+
+def test_prompt_without_report_or_hard_negatives_leaves_those_sections_out():
+    request = _request()
+    full = render_prompt(request)
+    assert "## Validation report" in full and "## Hard negatives" in full
+    bare = render_prompt(request.model_copy(update={"report": None, "hard_negatives": []}))
+    assert "## Validation report" not in bare and "## Hard negatives" not in bare
+    assert "exactly 8 objects" in bare
