@@ -1,5 +1,4 @@
 import pytest
-
 from pgkd.allocation import allocate
 
 

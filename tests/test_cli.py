@@ -4,10 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
-from pgkd.cli import main
-
 from conftest import write_jsonl
+from pgkd.cli import main
 
 TINY = ["--student", "tiny", "--labeled", "40", "--epochs", "1", "--max-cycles", "0", "--no-progress"]
 
@@ -43,7 +41,8 @@ def test_bad_data_files(capsys, tmp_path):
     empty.mkdir()
     write_jsonl(empty / "train.jsonl", [])
     write_jsonl(empty / "test.jsonl", [])
-    assert "train split is empty" in _bad(capsys, ["distill", *TINY, "--data", str(empty), "--out", str(tmp_path / "o")])
+    err = _bad(capsys, ["distill", *TINY, "--data", str(empty), "--out", str(tmp_path / "o")])
+    assert "train split is empty" in err
     unseen = tmp_path / "unseen"
     unseen.mkdir()
     write_jsonl(unseen / "train.jsonl", [{"text": f"t{i}", "label": "a"} for i in range(5)])

@@ -1,13 +1,17 @@
-import json
 import random
 
 import pytest
-
-from pgkd.data import (Sample, count_duplicates, load_dataset, make_splits, normalize_text, read_samples,
-                       stratified_split)
-from pgkd.errors import UserError
-
 from conftest import write_jsonl
+from pgkd.data import (
+    Sample,
+    count_duplicates,
+    load_dataset,
+    make_splits,
+    normalize_text,
+    read_samples,
+    stratified_split,
+)
+from pgkd.errors import UserError
 
 
 def test_reads_jsonl_and_csv_with_configurable_columns(tmp_path):
@@ -79,8 +83,10 @@ def test_paper_setting_on_banking77(banking77):
     assert (len(splits.train), len(splits.validation)) == (800, 200)
     assert len(splits.pool) == len(ds.train) - 1000 and splits.test == ds.test
     assert len(splits.labels) == 77 and {s.label for s in splits.train} == set(splits.labels)
-    ids = lambda rows: {id(s) for s in rows}  # noqa: E731  (same objects: disjoint by identity)
-    assert not ids(splits.train) & ids(splits.validation) and not ids(splits.pool) & ids(splits.train + splits.validation)
+    def ids(rows):  # the splits share Sample objects with the dataset: disjoint by identity
+        return {id(s) for s in rows}
+    assert not ids(splits.train) & ids(splits.validation)
+    assert not ids(splits.pool) & ids(splits.train + splits.validation)
     again = make_splits(ds, 1000, seed=1)
     assert again.train == splits.train and again.validation == splits.validation
     assert make_splits(ds, 1000, seed=2).train != splits.train

@@ -2,12 +2,10 @@
 import json
 
 import pytest
-
+from conftest import bag_of_words_embed
 from pgkd.distill import DistillConfig, run
 from pgkd.student import Student
 from pgkd.teacher import GeneratedBatch
-
-from conftest import bag_of_words_embed
 
 
 def _config(data, **overrides):

@@ -1,5 +1,4 @@
 import numpy as np
-
 from pgkd.data import Sample
 from pgkd.mining import mine
 

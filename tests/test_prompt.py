@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from pgkd.data import Sample
 from pgkd.evaluation import evaluate
 from pgkd.mining import mine

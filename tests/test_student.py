@@ -1,11 +1,9 @@
 import numpy as np
 import pytest
-
+import torch
 from pgkd.data import load_dataset, make_splits
 from pgkd.errors import UserError
 from pgkd.student import Student, TrainConfig, length_bucketed_batches
-
-import torch
 
 
 @pytest.fixture

@@ -18,9 +18,12 @@ class _Parser(argparse.ArgumentParser):
 def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder (train/validation/test .jsonl or .csv) or one file")
     p.add_argument("--out", required=True, help="output folder: report.json, best/, history.png")
-    p.add_argument("--labeled", type=int, default=1000, help="labeled samples drawn from train (80/20 train/validation)")
+    p.add_argument("--labeled", type=int, default=1000,
+                   help="labeled samples drawn from train (80/20 train/validation)")
     p.add_argument("--teacher", default="pool-guided", help="pool-guided | pool-random (simulated LLM teachers)")
-    p.add_argument("--student", default="minilm", help="minilm | tiny | a Hugging Face id or model folder")
+    p.add_argument("--guidance", default="full", choices=["full", "no-report", "no-hard-negatives"],
+                   help="what the teacher is shown: everything, or all but the validation report / hard negatives")
+    p.add_argument("--student", default="minilm", help="minilm | minilm-frozen | tiny | a Hugging Face id or model folder")
     p.add_argument("--samples-per-cycle", type=int, default=32)
     p.add_argument("--max-cycles", type=int, default=10)
     p.add_argument("--patience", type=int, default=5, help="cycles without improvement before stopping")
@@ -69,16 +72,42 @@ def _read_stdin_texts() -> list[str]:
 
 
 def cmd_predict(args) -> int:
-    from .student import Student
+    from .students import load_student
     texts = args.texts or _read_stdin_texts()
     if not texts:
         raise UserError("no texts: give them as arguments or as JSON Lines on stdin")
-    student = Student.load(args.model, device=args.device)
+    student = load_student(args.model, device=args.device)
     probs = student.predict_proba(texts)
     for text, row in zip(texts, probs):
         best = int(row.argmax())
         print(json.dumps({"text": text, "label": student.labels[best], "probability": round(float(row[best]), 4)},
                          ensure_ascii=False))
+    return 0
+
+
+def _csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
+
+
+def cmd_bench_quality(args) -> int:
+    from pathlib import Path
+
+    from .bench_quality import run_quality
+    quick = args.quick
+    options = {"student": args.student, "labeled": args.labeled, "samples_per_cycle": args.samples_per_cycle,
+               "max_cycles": 3 if quick and args.max_cycles is None else args.max_cycles or 10,
+               "patience": args.patience, "label_noise": args.label_noise}
+    if args.epochs:
+        options["epochs"] = args.epochs
+    if args.cycle_epochs:
+        options["cycle_epochs"] = args.cycle_epochs
+    datasets = args.datasets or (["banking77", "hwu64"] if quick else ["banking77", "clinc150", "hwu64", "ag_news"])
+    seeds = args.seeds or ([1] if quick else [1, 2, 3])
+    summary = run_quality(Path(args.data_dir), datasets, args.arms, seeds, Path(args.out), options,
+                          progress=args.progress)
+    from .bench_quality import markdown
+    print(markdown(summary), end="")
+    print(f"wrote {args.out}/quality.json, quality.md, quality.png ({summary['seconds']:.0f} s)")
     return 0
 
 
@@ -93,6 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.add_argument("texts", nargs="*", help="texts; none: JSON Lines on stdin")
     predict.set_defaults(func=cmd_predict)
+
+    bench = sub.add_parser("bench", help="benchmarks: quality of the arms, speed of the student")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    quality = bench_sub.add_parser("quality", help="baseline, unguided, guided PGKD and ablations side by side")
+    quality.add_argument("--data-dir", default="../shared/data", help="folder holding the dataset folders")
+    quality.add_argument("--datasets", type=_csv(str), default=None,
+                         help="comma-separated names under --data-dir (default: all four; --quick: two)")
+    quality.add_argument("--arms", type=_csv(str),
+                         default=["baseline", "pool-random", "pool-guided", "guided-no-report",
+                                  "guided-no-hard-negatives"])
+    quality.add_argument("--seeds", type=_csv(int), default=None, help="default 1,2,3 (--quick: 1)")
+    quality.add_argument("--student", default="minilm-frozen", help="minilm-frozen (cheap) or minilm (fine-tuned)")
+    quality.add_argument("--labeled", type=int, default=1000)
+    quality.add_argument("--samples-per-cycle", type=int, default=32)
+    quality.add_argument("--max-cycles", type=int, default=None, help="default 10 (--quick: 3)")
+    quality.add_argument("--patience", type=int, default=5)
+    quality.add_argument("--label-noise", type=float, default=0.0)
+    quality.add_argument("--epochs", type=int, default=None)
+    quality.add_argument("--cycle-epochs", type=int, default=None)
+    quality.add_argument("--quick", action="store_true", help="a small configuration: minutes, not hours")
+    quality.add_argument("--out", default="runs/bench/quality")
+    quality.add_argument("--no-progress", dest="progress", action="store_false")
+    quality.set_defaults(func=cmd_bench_quality)
     return parser
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, Field, field_validator
 from tqdm.auto import tqdm
 
 from . import __version__
-from .data import Sample, load_dataset, make_splits, normalize_text, label_counts, count_duplicates
-from .errors import UserError
+from .data import Sample, count_duplicates, label_counts, load_dataset, make_splits, normalize_text
 from .evaluation import METRICS, EvalReport, evaluate
 from .mining import mine
 from .outputs import RunOutput, write_json_atomic
@@ -22,7 +23,9 @@ from .report import BestScores, CycleRecord, RunReport, Scores, TrainingRound, e
 from .screening import screen
 from .simulated_teachers import TEACHERS, make_simulated_teacher
 from .stopping import StopPolicy
+from .frozen_student import EmbeddingCache
 from .student import Student, TrainConfig
+from .students import create_student
 from .teacher import build_request
 
 
@@ -34,6 +37,7 @@ class DistillConfig(BaseModel):
     labeled: int = Field(1000, gt=0)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     teacher: str = "pool-guided"
+    guidance: Literal["full", "no-report", "no-hard-negatives"] = "full"   # the paper's two ablations
     label_noise: float = Field(0.0, ge=0, le=1)
     student: str = "minilm"
     samples_per_cycle: int = Field(32, gt=0)
@@ -75,12 +79,17 @@ class DistillConfig(BaseModel):
                            patience=2 if epochs > 3 else 1, seed=seed)
 
 
+def student_embed(student):
+    """The frozen-encoder student's embeddings serve the guided teacher too: one encoder, one cache."""
+    return getattr(student, "embed", None)
+
+
 def log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def evaluate_student(student: Student, samples: list[Sample], labels: list[str]) -> tuple[EvalReport, "object"]:
-    probs = student.predict_proba([s.text for s in samples], max_length=128)
+def evaluate_student(student: "Student", samples: list[Sample], labels: list[str]) -> tuple[EvalReport, np.ndarray]:
+    probs = student.predict_proba([s.text for s in samples])
     return evaluate([s.label for s in samples], probs, labels), probs
 
 
@@ -90,17 +99,22 @@ def _training_round(result) -> TrainingRound:
                          seconds=result.seconds)
 
 
-def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=None) -> RunReport:
-    """Run PGKD and write OUT/report.json, OUT/best/ and OUT/history.png. `embed` overrides the
-    simulated guided teacher's sentence encoder (tests pass a cheap one)."""
+def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=None,
+        keep_model: bool = True) -> RunReport:
+    """Run PGKD and write OUT/report.json, OUT/best/ and OUT/history.png.
+
+    `embed` is the sentence encoder of the simulated guided teacher (default: MiniLM). An
+    EmbeddingCache is shared with the frozen-encoder student, so each text is encoded once.
+    Without `keep_model` (benchmarks) OUT/best/ is not written."""
     started = time.perf_counter()
     output = RunOutput(out)                       # checks OUT before any work
     dataset = load_dataset(config.data, config.text_column, config.label_column, seed=config.seed)
     splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
     labels = splits.labels
-    student = Student.create(config.student, labels, seed=config.seed, device=config.device)
+    cache = embed if isinstance(embed, EmbeddingCache) else None
+    student = create_student(config.student, labels, seed=config.seed, device=config.device, embed=cache)
     teacher = make_simulated_teacher(config.teacher, splits.pool, seed=config.seed,
-                                     label_noise=config.label_noise, embed=embed)
+                                     label_noise=config.label_noise, embed=embed or student_embed(student))
     policy = StopPolicy(patience=config.patience, max_cycles=config.max_cycles, sample_budget=config.sample_budget,
                         min_delta=config.min_delta, metric=config.metric, lower_is_better=config.metric == "loss")
     log(f"pgkd: {dataset.name}: {len(labels)} classes, {splits.sizes()}; student {config.student} "
@@ -129,7 +143,8 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
                 if config.warm_start:
                     student.load_state(best_state)
                 else:
-                    student = Student.create(config.student, labels, seed=config.seed + cycle, device=config.device)
+                    student = create_student(config.student, labels, seed=config.seed + cycle, device=config.device,
+                                             embed=cache)
             epochs = config.epochs if cycle == 0 or not config.warm_start else config.cycle_epochs
             trained = student.train(train, validation, config.train_config(epochs, config.seed + cycle),
                                     progress=progress, description=f"cycle {cycle} train")
@@ -161,11 +176,12 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
             wanted = config.samples_per_cycle
             if config.sample_budget is not None:
                 wanted = min(wanted, config.sample_budget - generated_total)
-            request = build_request(labels, train, mined, report, n=wanted, cycle=cycle, seed=config.seed)
+            request = build_request(labels, train, mined, report, n=wanted, cycle=cycle, seed=config.seed,
+                                    with_report=config.guidance != "no-report",
+                                    with_hard_negatives=config.guidance != "no-hard-negatives")
             batch = teacher.generate(request)
             if not batch.samples:
                 decision.reason = "teacher_exhausted: the teacher returned no samples"
-                cycle -= 1
                 break
             screened = screen(batch.samples, labels, known)
             known.update(normalize_text(s.text) for s in screened.accepted)
@@ -178,7 +194,8 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
         student.load_state(best_state)
         best = BestScores(cycle=best_cycle, validation=best_report,
                           test=evaluate_student(student, splits.test, labels)[0])
-        student.save(staging / "best")
+        if keep_model:
+            student.save(staging / "best")
         result = RunReport(
             pgkd_version=__version__,
             dataset={"name": dataset.name, "path": dataset.path, "classes": len(labels), "sizes": splits.sizes(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from .student import minilm_path, pick_device
@@ -24,7 +25,8 @@ class SentenceEncoder:
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.zeros((len(ids), self.model.config.hidden_size), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
+        for start in tqdm(range(0, len(order), self.batch_size), desc="embed", unit="batch", leave=False,
+                          disable=len(order) < 1000):
             index = order[start:start + self.batch_size]
             batch = self.tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state

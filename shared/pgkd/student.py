@@ -24,9 +24,13 @@ from .errors import UserError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer,  # noqa: E402
-                          BertConfig, BertForSequenceClassification,
-                          get_linear_schedule_with_warmup)
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    get_linear_schedule_with_warmup,
+)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()  # the "newly initialised classifier" warning is expected here
@@ -128,8 +132,8 @@ class Student:
                 source, ignore_mismatched_sizes=True, **label_maps)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"unknown student {spec!r}: not 'minilm', 'tiny', a model folder, or a Hugging "
-                            f"Face id available offline ({first[:160]})") from None
+            raise UserError(f"unknown student {spec!r}: not 'minilm', 'minilm-frozen', 'tiny', a model "
+                            f"folder, or a Hugging Face id available offline ({first[:160]})") from None
         return cls(model, tokenizer, labels, spec, device)
 
     @classmethod

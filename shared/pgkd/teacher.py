@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from .data import Sample
 from .evaluation import EvalReport
-from .mining import MiningResult, MinedSample
+from .mining import MinedSample, MiningResult
 
 
 class GenerationRequest(BaseModel):

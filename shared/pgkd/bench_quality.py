@@ -1,0 +1,168 @@
+"""`pgkd bench quality`: does performance guidance pay? Arms side by side at equal sample budget.
+
+Arms: `baseline` (the 800 labeled alone: cycle 0 of every run, so it costs nothing extra),
+`pool-random` (unguided control), `pool-guided` (full PGKD), and the paper's two ablations,
+`guided-no-report` and `guided-no-hard-negatives`. Every run is an ordinary `distill.run` whose
+report.json lands under OUT/runs/; a sweep interrupted part-way resumes from the runs written.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .distill import DistillConfig, log, run
+from .errors import UserError
+from .frozen_student import EmbeddingCache
+from .outputs import write_json_atomic
+from .report import RunReport
+
+ARMS = {
+    "pool-random": {"teacher": "pool-random"},
+    "pool-guided": {"teacher": "pool-guided"},
+    "guided-no-report": {"teacher": "pool-guided", "guidance": "no-report"},
+    "guided-no-hard-negatives": {"teacher": "pool-guided", "guidance": "no-hard-negatives"},
+}
+ALL_ARMS = ("baseline", *ARMS)
+DATASETS = ("banking77", "clinc150", "hwu64", "ag_news")
+
+# Published in Di Palo et al. 2024 (Claude 3 Sonnet teacher, BERT-base student, 1,000 labeled): theirs, not ours.
+PAPER = [
+    ("AG News", 4, 0.884, 0.895),
+    ("Yahoo Answers", 10, 0.649, 0.685),
+    ("HuffPost", 41, 0.474, 0.519),
+    ("Amazon product categories", 335, 0.320, 0.443),
+]
+
+
+def _run_dir(out: Path, dataset: str, arm: str, seed: int) -> Path:
+    return out / "runs" / dataset / arm / f"seed{seed}"
+
+
+def _existing(folder: Path, config: DistillConfig) -> RunReport | None:
+    """A finished run with exactly this configuration, or None."""
+    path = folder / "report.json"
+    if not path.is_file():
+        return None
+    report = RunReport.model_validate_json(path.read_text())
+    return report if report.config == config.model_dump() else None
+
+
+def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: list[int], out: Path,
+                run_options: dict, progress: bool = True) -> dict:
+    unknown = [a for a in arms if a not in ALL_ARMS]
+    if unknown:
+        raise UserError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ALL_ARMS)}")
+    paths = {name: (data_dir / name if not Path(name).is_dir() else Path(name)) for name in datasets}
+    for name, path in paths.items():
+        if not path.is_dir():
+            raise UserError(f"dataset {name}: no folder {path}")
+    teacher_arms = [a for a in arms if a != "baseline"] or ["pool-random"]  # the baseline comes from any run
+    results = []
+    started = time.perf_counter()
+    jobs = [(name, arm, seed) for name in datasets for seed in seeds for arm in teacher_arms]
+    bar = tqdm(jobs, desc="bench quality", unit="run", disable=not progress)
+    caches: dict[str, EmbeddingCache] = {}
+    for name, arm, seed in bar:
+        bar.set_postfix_str(f"{name} {arm} seed {seed}")
+        config = DistillConfig(data=str(paths[name]), seed=seed, **run_options, **ARMS[arm])
+        folder = _run_dir(out, Path(name).name, arm, seed)
+        report = _existing(folder, config)
+        if report is None:
+            cache = caches.setdefault(name, EmbeddingCache(path=out / "cache" / f"{Path(name).name}.npz"))
+            report = run(config, folder, progress=False, embed=cache, keep_model=False)
+            cache.save()
+        else:
+            log(f"bench: {folder} done before, reused")
+        rows = [("baseline", report.baseline.test)] if arm == teacher_arms[0] and "baseline" in arms else []
+        if arm in arms:
+            rows.append((arm, report.best.test))
+        for arm_name, test in rows:
+            results.append({"dataset": Path(name).name, "arm": arm_name, "seed": seed,
+                            "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
+                            "best_cycle": 0 if arm_name == "baseline" else report.best.cycle,
+                            "cycles": len(report.cycles) - 1,
+                            "generated": 0 if arm_name == "baseline" else sum(c.generated for c in report.cycles),
+                            "stop_reason": "" if arm_name == "baseline" else report.stop_reason,
+                            "run": str(folder / "report.json")})
+    summary = {"config": {"datasets": datasets, "arms": arms, "seeds": seeds, **run_options},
+               "seconds": time.perf_counter() - started, "runs": results, "table": aggregate(results, arms)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "quality.json", summary)
+    (out / "quality.md").write_text(markdown(summary), encoding="utf-8")
+    plot(summary, out / "quality.png")
+    return summary
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(results: list[dict], arms: list[str]) -> list[dict]:
+    table = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        base = {r["seed"]: r for r in results if r["dataset"] == dataset and r["arm"] == "baseline"}
+        for arm in arms:
+            rows = [r for r in results if r["dataset"] == dataset and r["arm"] == arm]
+            if not rows:
+                continue
+            acc, f1 = _mean_std([r["test_accuracy"] for r in rows]), _mean_std([r["test_macro_f1"] for r in rows])
+            gains = [r["test_macro_f1"] - base[r["seed"]]["test_macro_f1"] for r in rows if r["seed"] in base]
+            table.append({"dataset": dataset, "arm": arm, "seeds": len(rows),
+                          "test_accuracy_mean": acc[0], "test_accuracy_std": acc[1],
+                          "test_macro_f1_mean": f1[0], "test_macro_f1_std": f1[1],
+                          "macro_f1_gain_mean": statistics.fmean(gains) if gains else None,
+                          "macro_f1_gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0})
+    return table
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| dataset | arm | seeds | test accuracy | test macro-F1 | macro-F1 gain over baseline |",
+             "|---|---|---|---|---|---|"]
+    for row in summary["table"]:
+        gain = ("" if row["macro_f1_gain_mean"] is None or row["arm"] == "baseline"
+                else f"{row['macro_f1_gain_mean']:+.4f} ± {row['macro_f1_gain_std']:.4f}")
+        lines.append(f"| {row['dataset']} | {row['arm']} | {row['seeds']} | "
+                     f"{row['test_accuracy_mean']:.4f} ± {row['test_accuracy_std']:.4f} | "
+                     f"{row['test_macro_f1_mean']:.4f} ± {row['test_macro_f1_std']:.4f} | {gain} |")
+    lines += ["", "Published by the paper (theirs, not ours: Claude 3 Sonnet teacher, BERT-base student, "
+                  "1,000 labeled), test accuracy:", "",
+              "| dataset | classes | baseline | PGKD | gain |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {k} | {a:.3f} | {b:.3f} | {b - a:+.3f} |" for name, k, a, b in PAPER]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = [r for r in summary["table"] if r["arm"] != "baseline" and r["macro_f1_gain_mean"] is not None]
+    datasets = list(dict.fromkeys(r["dataset"] for r in table))
+    arms = list(dict.fromkeys(r["arm"] for r in table))
+    if not table:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(datasets) + 2), 4))
+    width = 0.8 / len(arms)
+    for j, arm in enumerate(arms):
+        rows = {r["dataset"]: r for r in table if r["arm"] == arm}
+        xs = [i + j * width for i, d in enumerate(datasets) if d in rows]
+        ax.bar(xs, [rows[d]["macro_f1_gain_mean"] for d in datasets if d in rows], width,
+               yerr=[rows[d]["macro_f1_gain_std"] for d in datasets if d in rows], capsize=3, label=arm)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(datasets))], datasets)
+    ax.set_ylabel("test macro-F1 gain over baseline")
+    ax.set_title(f"PGKD arms at equal budget ({summary['config'].get('student')} student; simulated teachers)",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_summary(path: Path) -> dict:
+    return json.loads(path.read_text())

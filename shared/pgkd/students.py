@@ -1,0 +1,20 @@
+"""Which student a name or a folder means: the fine-tuned Hugging Face student, or the frozen-encoder one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .frozen_student import MARKER, SPEC, EmbeddingCache, FrozenEncoderStudent
+from .student import Student
+
+
+def create_student(spec: str, labels: list[str], seed: int = 0, device: str | None = None,
+                   embed: EmbeddingCache | None = None):
+    if spec == SPEC:
+        return FrozenEncoderStudent(labels, embed=embed, seed=seed)
+    return Student.create(spec, labels, seed=seed, device=device)
+
+
+def load_student(path: str | Path, device: str | None = None):
+    if (Path(path) / MARKER).is_file():
+        return FrozenEncoderStudent.load(path)
+    return Student.load(path, device=device)

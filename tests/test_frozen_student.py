@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from pgkd.data import Sample, load_dataset, make_splits
+from pgkd.frozen_student import EmbeddingCache, FrozenEncoderStudent
+from pgkd.student import TrainConfig
+from pgkd.students import create_student, load_student
+
+from conftest import bag_of_words_embed
+
+
+class CountingEncoder:
+    def __init__(self):
+        self.encoded = 0
+
+    def encode(self, texts):
+        self.encoded += len(texts)
+        return np.pad(bag_of_words_embed(texts), ((0, 0), (0, 128)))   # 384 wide, like MiniLM
+
+
+def test_learns_the_toy_task_and_encodes_each_text_once(toy_data, tmp_path):
+    splits = make_splits(load_dataset(toy_data), 80, seed=0)
+    encoder = CountingEncoder()
+    student = create_student("minilm-frozen", splits.labels, embed=EmbeddingCache(encoder))
+    student.train(splits.train, splits.validation, TrainConfig(seed=0), progress=False)
+    texts = [s.text for s in splits.test]
+    probs = student.predict_proba(texts)
+    accuracy = np.mean([splits.labels[i] == s.label for i, s in zip(probs.argmax(1), splits.test, strict=True)])
+    assert accuracy >= 0.9
+    student.train(splits.train, splits.validation, TrainConfig(seed=0), progress=False)
+    student.predict_proba(texts)
+    assert encoder.encoded == len({s.text for s in splits.train + splits.validation + splits.test})
+    student.save(tmp_path / "m")
+    loaded = load_student(tmp_path / "m")
+    assert isinstance(loaded, FrozenEncoderStudent) and loaded.labels == splits.labels
+    loaded.embed = student.embed
+    np.testing.assert_allclose(loaded.predict_proba(texts), probs, atol=1e-6)
+
+
+def test_binary_head_matches_the_logistic_model():
+    samples = [Sample(text=f"{w} {i}", label=w) for w in ("alpha", "beta") for i in range(10)]
+    student = FrozenEncoderStudent(["alpha", "beta", "gamma"], embed=EmbeddingCache(CountingEncoder()))
+    student.train(samples, samples[:2] + samples[-2:], TrainConfig(), progress=False)
+    probs = student.predict_proba(["alpha 3", "beta 7"])
+    assert probs.argmax(1).tolist() == [0, 1] and probs[:, 2].max() < 1e-6
+
+
+def test_embedding_cache_persists(tmp_path):
+    cache = EmbeddingCache(CountingEncoder(), path=tmp_path / "cache.npz")
+    first = cache(["a b", "c d"])
+    cache.save()
+    again = EmbeddingCache(CountingEncoder(), path=tmp_path / "cache.npz")
+    np.testing.assert_array_equal(again(["c d", "a b"]), first[::-1])
+    assert again.encoder.encoded == 0
+
+
+def test_unreadable_folder_is_a_user_error(tmp_path):
+    (tmp_path / "pgkd_frozen_student.json").write_text("{}")
+    with pytest.raises(Exception, match="not a readable frozen-encoder student"):
+        load_student(tmp_path)
