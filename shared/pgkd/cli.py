@@ -23,7 +23,8 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default="pool-guided", help="pool-guided | pool-random (simulated LLM teachers)")
     p.add_argument("--guidance", default="full", choices=["full", "no-report", "no-hard-negatives"],
                    help="what the teacher is shown: everything, or all but the validation report / hard negatives")
-    p.add_argument("--student", default="minilm", help="minilm | minilm-frozen | tiny | a Hugging Face id or model folder")
+    p.add_argument("--student", default="minilm",
+                   help="minilm | minilm-frozen | tiny | a Hugging Face id or model folder")
     p.add_argument("--samples-per-cycle", type=int, default=32)
     p.add_argument("--max-cycles", type=int, default=10)
     p.add_argument("--patience", type=int, default=5, help="cycles without improvement before stopping")
@@ -35,6 +36,10 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cycle-epochs", type=int, default=3, help="epochs of each warm-started round")
     p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
                    help="retrain each cycle from the pretrained encoder (slower)")
+    p.add_argument("--cycle-lr-scale", dest="cycle_learning_rate_scale", type=float, default=0.25,
+                   help="learning-rate factor for the warm-started rounds")
+    p.add_argument("--track-test", action="store_true",
+                   help="also score test after every cycle (a diagnostic; never used for any decision)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=4e-4)
     p.add_argument("--label-noise", type=float, default=0.0, help="share of teacher answers relabeled at random")
@@ -111,6 +116,21 @@ def cmd_bench_quality(args) -> int:
     return 0
 
 
+def cmd_bench_speed(args) -> int:
+    from pathlib import Path
+
+    from .bench_speed import markdown, run_speed
+    quick = args.quick
+    result = run_speed(Path(args.data), Path(args.out), student_spec=args.student,
+                       train_samples=200 if quick else args.train_samples, epochs=1 if quick else args.epochs,
+                       inference_texts=300 if quick else args.inference_texts, batch_size=args.batch_size,
+                       latency_calls=30 if quick else args.latency_calls, device=args.device, onnx=not args.no_onnx,
+                       seed=args.seed)
+    print(markdown(result), end="")
+    print(f"wrote {args.out}/speed.json, speed.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pgkd", description="Performance-Guided Knowledge Distillation")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -145,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--out", default="runs/bench/quality")
     quality.add_argument("--no-progress", dest="progress", action="store_false")
     quality.set_defaults(func=cmd_bench_quality)
+
+    speed = bench_sub.add_parser("speed", help="student training and inference against the Hugging Face tools")
+    speed.add_argument("--data", default="../shared/data/banking77")
+    speed.add_argument("--student", default="minilm")
+    speed.add_argument("--train-samples", type=int, default=800)
+    speed.add_argument("--epochs", type=int, default=2)
+    speed.add_argument("--inference-texts", type=int, default=1000)
+    speed.add_argument("--batch-size", type=int, default=32)
+    speed.add_argument("--latency-calls", type=int, default=100)
+    speed.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    speed.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime measurements")
+    speed.add_argument("--seed", type=int, default=1)
+    speed.add_argument("--quick", action="store_true", help="fewer samples and calls: about a minute")
+    speed.add_argument("--out", default="runs/bench/speed")
+    speed.set_defaults(func=cmd_bench_speed)
     return parser
 
 

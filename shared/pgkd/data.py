@@ -159,6 +159,18 @@ def _by_label(rows: list[Sample]) -> dict[str, list[Sample]]:
     return dict(sorted(groups.items()))
 
 
+def _take_per_label(groups: dict[str, list[Sample]], counts: dict[str, int],
+                    rng: random.Random) -> tuple[list[Sample], list[Sample]]:
+    """(taken, left): a seeded random `counts[label]` rows of each label, and the others."""
+    taken, left = [], []
+    for label, group in groups.items():
+        group = group[:]
+        rng.shuffle(group)
+        taken.extend(group[:counts[label]])
+        left.extend(group[counts[label]:])
+    return taken, left
+
+
 def stratified_split(rows: list[Sample], fraction: float, rng: random.Random,
                      keep_one: bool = True) -> tuple[list[Sample], list[Sample]]:
     """Split rows into (rest, part) where part holds `fraction` of them, stratified by label.
@@ -169,12 +181,7 @@ def stratified_split(rows: list[Sample], fraction: float, rng: random.Random,
     total = round(len(rows) * fraction)
     capacity = {label: len(g) - (1 if keep_one else 0) for label, g in groups.items()}
     counts = allocate({label: len(g) for label, g in groups.items()}, total, capacity=capacity)
-    rest, part = [], []
-    for label, group in groups.items():
-        group = group[:]
-        rng.shuffle(group)
-        part.extend(group[:counts[label]])
-        rest.extend(group[counts[label]:])
+    part, rest = _take_per_label(groups, counts, rng)
     rng.shuffle(rest)
     rng.shuffle(part)
     return rest, part
@@ -209,12 +216,7 @@ def make_splits(dataset: Dataset, labeled: int, seed: int, validation_fraction: 
     minimum = 2 if labeled >= 2 * len(labels) else 1
     counts = allocate({label: len(g) for label, g in groups.items()}, labeled, minimum=minimum,
                       capacity={label: len(g) for label, g in groups.items()})
-    chosen, pool = [], []
-    for label, group in groups.items():
-        group = group[:]
-        rng.shuffle(group)
-        chosen.extend(group[:counts[label]])
-        pool.extend(group[counts[label]:])
+    chosen, pool = _take_per_label(groups, counts, rng)
     train, validation = stratified_split(chosen, validation_fraction, rng)
     rng.shuffle(pool)
     return Splits(labels=labels, train=train, validation=validation, pool=pool, test=list(dataset.test))

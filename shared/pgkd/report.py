@@ -23,6 +23,7 @@ class CycleRecord(BaseModel):
     cycle: int
     train_size: int
     validation: dict[str, float]     # headline metrics; the full per-class reports are in baseline/best
+    test: dict[str, float] | None = None   # only with track_test: a diagnostic, never used for decisions
     generated: int
     accepted: int
     rejected: dict[str, int]
@@ -76,6 +77,10 @@ def plot_history(report: RunReport, path) -> None:
     for metric, label in (("macro_f1", "validation macro-F1"), ("accuracy", "validation accuracy")):
         ax.plot(cycles, [c.validation[metric] for c in report.cycles], marker="o", label=label)
     ax.axvline(report.best.cycle, color="grey", linestyle=":", label=f"best (cycle {report.best.cycle})")
+    # Test scores of the two students evaluated on test: validation alone flatters the loop, since
+    # the teacher is aimed at validation mistakes and the best cycle is chosen on validation.
+    ax.scatter([0, report.best.cycle], [report.baseline.test.macro_f1, report.best.test.macro_f1], marker="X",
+               s=80, color="black", zorder=3, label="test macro-F1 (baseline, best)")
     ax.set_xlabel("cycle (0 = baseline, before any teacher sample)")
     ax.set_ylabel("score")
     ax.set_xticks(cycles)

@@ -1,0 +1,56 @@
+"""Both benchmark commands on tiny configurations: they run, write what they promise, and resume."""
+import json
+
+from pgkd.cli import main
+
+from conftest import make_toy_dataset
+
+
+def test_bench_quality_tiny_and_resume(tmp_path, capsys):
+    make_toy_dataset(tmp_path / "data" / "toy")
+    out = tmp_path / "quality"
+    argv = ["bench", "quality", "--data-dir", str(tmp_path / "data"), "--datasets", "toy", "--seeds", "1,2",
+            "--arms", "baseline,pool-random,pool-guided,guided-no-report", "--student", "tiny", "--labeled", "40",
+            "--samples-per-cycle", "8", "--max-cycles", "1", "--epochs", "1", "--cycle-epochs", "1",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "quality.json").read_text())
+    arms = [(r["arm"], r["seed"]) for r in summary["runs"]]
+    assert sorted(arms) == sorted((a, s) for a in ("baseline", "pool-random", "pool-guided", "guided-no-report")
+                                  for s in (1, 2))
+    assert {r["arm"] for r in summary["table"]} == {"baseline", "pool-random", "pool-guided", "guided-no-report"}
+    assert all(r["seeds"] == 2 for r in summary["table"])
+    guided = json.loads((out / "runs" / "toy" / "guided-no-report" / "seed1" / "report.json").read_text())
+    assert guided["config"]["guidance"] == "no-report" and guided["config"]["max_cycles"] == 1
+    assert not (out / "runs" / "toy" / "pool-guided" / "seed1" / "best").exists()   # benchmarks keep no models
+    assert "| toy | pool-guided | 2 |" in (out / "quality.md").read_text()
+    assert (out / "quality.png").stat().st_size > 1000
+    # A second invocation reuses every finished run and gives the same table.
+    stamp = (out / "runs" / "toy" / "pool-random" / "seed2" / "report.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert (out / "runs" / "toy" / "pool-random" / "seed2" / "report.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "quality.json").read_text())["table"] == summary["table"]
+    assert "done before, reused" in capsys.readouterr().err
+
+
+def test_bench_quality_rejects_unknown_arms(tmp_path, capsys):
+    make_toy_dataset(tmp_path / "data" / "toy")
+    assert main(["bench", "quality", "--data-dir", str(tmp_path / "data"), "--datasets", "toy",
+                 "--arms", "oracle", "--out", str(tmp_path / "q")]) == 2
+    assert "unknown arm(s) oracle" in capsys.readouterr().err
+
+
+def test_bench_speed_tiny(tmp_path):
+    data = make_toy_dataset(tmp_path / "toy")
+    out = tmp_path / "speed"
+    assert main(["bench", "speed", "--data", str(data), "--student", "tiny", "--train-samples", "48", "--epochs", "1",
+                 "--inference-texts", "40", "--latency-calls", "5", "--batch-size", "8", "--out", str(out)]) == 0
+    result = json.loads((out / "speed.json").read_text())
+    assert result["training"]["pgkd_samples_per_second"] > 0 and result["training"]["trainer_samples_per_second"] > 0
+    assert result["inference"]["ratio"] > 0 and result["inference"]["onnx_int8_texts_per_second"] > 0
+    assert [row["batch"] for row in result["inference"]["latency"]["pgkd"]] == [1, 8]
+    # ONNX fp32 must compute what torch computes: the same test accuracy.
+    assert abs(result["accuracy"]["onnx_fp32_change_points"]) < 1e-9
+    assert result["ceiling"]["matmul_gflops"] > 0 and 0 < result["ceiling"]["pgkd_share_of_ceiling"]
+    assert "training, samples/s" in (out / "speed.md").read_text()
