@@ -58,7 +58,7 @@ def train_with_hf_trainer(student: Student, train: list[Sample], config: TrainCo
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=config.batch_size,
                                  num_train_epochs=config.epochs, learning_rate=config.learning_rate,
-                                 weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio,
+                                 weight_decay=config.weight_decay, warmup_steps=config.warmup_ratio,  # a float: a ratio
                                  max_grad_norm=config.max_grad_norm, lr_scheduler_type="linear", seed=config.seed,
                                  logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
                                  disable_tqdm=True, use_cpu=student.device.type == "cpu",

@@ -48,7 +48,7 @@ class EmbeddingCache:
         return np.stack([self.vectors[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
     def save(self) -> None:
-        if self.path is None:
+        if self.path is None or not self.vectors:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         texts = list(self.vectors)
