@@ -75,3 +75,21 @@ def test_same_seed_same_run(toy_data, tmp_path):
     b = run(_config(toy_data, teacher="pool-random", max_cycles=1), tmp_path / "b", progress=False)
     assert [c.validation for c in a.cycles] == [c.validation for c in b.cycles]
     assert a.best.test == b.best.test
+
+
+def test_the_kept_student_is_exactly_the_best_cycles_student(toy_data, tmp_path):
+    """With --track-test every cycle is scored on test; the student restored at the end must score
+    what it scored at its own cycle, although later cycles trained on from it."""
+    # min_delta 0.5 keeps cycle 0 the best while cycles 1 and 2 train on; their students differ on test.
+    report = run(_config(toy_data, teacher="pool-random", max_cycles=2, patience=5, min_delta=0.5, track_test=True,
+                         labeled=24, epochs=2, learning_rate=3e-3, head_learning_rate=3e-3, cycle_learning_rate_scale=1),
+                 tmp_path / "run", progress=False)
+    assert report.best.cycle == 0 and all(c.test is not None for c in report.cycles)
+    assert report.cycles[2].test["loss"] != report.cycles[0].test["loss"]
+    assert report.best.test.loss == report.cycles[0].test["loss"] == report.baseline.test.loss
+
+
+def test_warm_started_rounds_take_scaled_steps(toy_data):
+    config = _config(toy_data, learning_rate=1e-3, head_learning_rate=1e-2, cycle_learning_rate_scale=0.25)
+    scaled = config.train_config(epochs=3, seed=0, scale=config.cycle_learning_rate_scale)
+    assert (scaled.learning_rate, scaled.head_learning_rate) == (pytest.approx(2.5e-4), pytest.approx(2.5e-3))

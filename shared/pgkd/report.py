@@ -76,6 +76,9 @@ def plot_history(report: RunReport, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for metric, label in (("macro_f1", "validation macro-F1"), ("accuracy", "validation accuracy")):
         ax.plot(cycles, [c.validation[metric] for c in report.cycles], marker="o", label=label)
+    if all(c.test for c in report.cycles):  # --track-test
+        ax.plot(cycles, [c.test["macro_f1"] for c in report.cycles], linestyle="--", color="black", alpha=0.6,
+                label="test macro-F1 (diagnostic)")
     ax.axvline(report.best.cycle, color="grey", linestyle=":", label=f"best (cycle {report.best.cycle})")
     # Test scores of the two students evaluated on test: validation alone flatters the loop, since
     # the teacher is aimed at validation mistakes and the best cycle is chosen on validation.
