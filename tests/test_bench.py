@@ -3,7 +3,9 @@ import json
 
 from pgkd.cli import main
 
-from conftest import make_toy_dataset
+from pgkd.student import Student
+
+from conftest import TOY_CLASSES, make_toy_dataset
 
 
 def test_bench_quality_tiny_and_resume(tmp_path, capsys):
@@ -41,12 +43,16 @@ def test_bench_quality_rejects_unknown_arms(tmp_path, capsys):
     assert "unknown arm(s) oracle" in capsys.readouterr().err
 
 
-def test_bench_speed_tiny(tmp_path):
+def test_bench_speed_tiny(tmp_path, capsys):
     data = make_toy_dataset(tmp_path / "toy")
+    shipped = Student.create("tiny", sorted(TOY_CLASSES), seed=5)
+    shipped.save(tmp_path / "shipped")
     out = tmp_path / "speed"
-    assert main(["bench", "speed", "--data", str(data), "--student", "tiny", "--train-samples", "48", "--epochs", "1",
-                 "--inference-texts", "40", "--latency-calls", "5", "--batch-size", "8", "--out", str(out)]) == 0
+    argv = ["bench", "speed", "--data", str(data), "--student", "tiny", "--train-samples", "48", "--epochs", "1",
+            "--inference-texts", "40", "--latency-calls", "5", "--batch-size", "8", "--out", str(out)]
+    assert main([*argv, "--model", str(tmp_path / "shipped")]) == 0
     result = json.loads((out / "speed.json").read_text())
+    assert result["config"]["inference_model"] == str(tmp_path / "shipped")
     assert result["training"]["pgkd_samples_per_second"] > 0 and result["training"]["trainer_samples_per_second"] > 0
     assert result["inference"]["ratio"] > 0 and result["inference"]["onnx_int8_texts_per_second"] > 0
     assert [row["batch"] for row in result["inference"]["latency"]["pgkd"]] == [1, 8]
@@ -54,3 +60,7 @@ def test_bench_speed_tiny(tmp_path):
     assert abs(result["accuracy"]["onnx_fp32_change_points"]) < 1e-9
     assert result["ceiling"]["matmul_gflops"] > 0 and 0 < result["ceiling"]["pgkd_share_of_ceiling"]
     assert "training, samples/s" in (out / "speed.md").read_text()
+    Student.create("tiny", ["other", "labels"]).save(tmp_path / "foreign")
+    capsys.readouterr()
+    assert main([*argv, "--no-onnx", "--model", str(tmp_path / "foreign")]) == 2
+    assert "its labels are not the classes of" in capsys.readouterr().err

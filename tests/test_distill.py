@@ -82,7 +82,8 @@ def test_the_kept_student_is_exactly_the_best_cycles_student(toy_data, tmp_path)
     what it scored at its own cycle, although later cycles trained on from it."""
     # min_delta 0.5 keeps cycle 0 the best while cycles 1 and 2 train on; their students differ on test.
     report = run(_config(toy_data, teacher="pool-random", max_cycles=2, patience=5, min_delta=0.5, track_test=True,
-                         labeled=24, epochs=2, learning_rate=3e-3, head_learning_rate=3e-3, cycle_learning_rate_scale=1),
+                         labeled=24, epochs=2, learning_rate=3e-3, head_learning_rate=3e-3,
+                         cycle_learning_rate_scale=1),
                  tmp_path / "run", progress=False)
     assert report.best.cycle == 0 and all(c.test is not None for c in report.cycles)
     assert report.cycles[2].test["loss"] != report.cycles[0].test["loss"]

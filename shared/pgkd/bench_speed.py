@@ -21,6 +21,7 @@ import torch
 
 from .data import Sample, load_dataset, make_splits
 from .distill import log
+from .errors import UserError
 from .outputs import write_json_atomic
 from .student import Student, TrainConfig, pick_device
 
@@ -142,10 +143,15 @@ def student_flops_per_text(student: Student, tokens: float) -> float:
 
 def run_speed(data: Path, out: Path, student_spec: str = "minilm", train_samples: int = 800, epochs: int = 2,
               inference_texts: int = 1000, batch_size: int = 32, latency_calls: int = 100, device: str = "auto",
-              onnx: bool = True, seed: int = 1) -> dict:
+              onnx: bool = True, seed: int = 1, model: Path | None = None) -> dict:
+    """`model`: a saved student (e.g. runs/demo/best) to measure inference and accuracy on; by default
+    the student the training measurement just trained."""
     dev = pick_device(device)
     dataset = load_dataset(data)
     splits = make_splits(dataset, min(len(dataset.train), max(train_samples * 5 // 4, len(dataset.labels))), seed)
+    shipped = Student.load(model, device=device) if model is not None else None
+    if shipped is not None and shipped.labels != splits.labels:
+        raise UserError(f"--model {model}: its labels are not the classes of {data}")
     train = splits.train[:train_samples]
     test = splits.test[:inference_texts]
     texts = [s.text for s in test]
@@ -155,7 +161,8 @@ def run_speed(data: Path, out: Path, student_spec: str = "minilm", train_samples
                                 "torch": torch.__version__},
                     "config": {"data": str(data), "student": student_spec, "train_samples": len(train),
                                "epochs": epochs, "batch_size": batch_size, "inference_texts": len(texts),
-                               "latency_calls": latency_calls, "seed": seed}}
+                               "latency_calls": latency_calls, "seed": seed,
+                               "inference_model": str(model) if model else "the student trained above"}}
 
     log("speed: training with Student.train ...")
     ours = Student.create(student_spec, splits.labels, seed=seed, device=device)
@@ -169,6 +176,8 @@ def run_speed(data: Path, out: Path, student_spec: str = "minilm", train_samples
         "note": "same model, data, batch size, epochs, learning rate and schedule; Student.train freezes the word "
                 "embeddings and batches texts of similar length, the Trainer trains every weight in random batches"}
 
+    if shipped is not None:
+        ours = shipped
     log("speed: inference ...")
     from transformers import pipeline
     pipe = pipeline("text-classification", model=ours.model, tokenizer=ours.tokenizer, device=ours.device,
@@ -224,7 +233,8 @@ def run_speed(data: Path, out: Path, student_spec: str = "minilm", train_samples
 def markdown(r: dict) -> str:
     t, i, a, c = r["training"], r["inference"], r["accuracy"], r["ceiling"]
     lines = [f"Machine: {r['machine']['processor']}, {r['machine']['cpu_threads']} threads, {r['machine']['device']}, "
-             f"torch {r['machine']['torch']}; student {r['config']['student']}, batch {r['config']['batch_size']}.",
+             f"torch {r['machine']['torch']}; student {r['config']['student']}, batch {r['config']['batch_size']}; "
+             f"inference on {r['config']['inference_model']}.",
              "", "| measure | pgkd | Hugging Face | ratio |", "|---|---|---|---|",
              f"| training, samples/s | {t['pgkd_samples_per_second']:.1f} | {t['trainer_samples_per_second']:.1f} "
              f"(Trainer) | {t['ratio']:.2f}x |",

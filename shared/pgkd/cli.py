@@ -125,7 +125,7 @@ def cmd_bench_speed(args) -> int:
                        train_samples=200 if quick else args.train_samples, epochs=1 if quick else args.epochs,
                        inference_texts=300 if quick else args.inference_texts, batch_size=args.batch_size,
                        latency_calls=30 if quick else args.latency_calls, device=args.device, onnx=not args.no_onnx,
-                       seed=args.seed)
+                       seed=args.seed, model=Path(args.model) if args.model else None)
     print(markdown(result), end="")
     print(f"wrote {args.out}/speed.json, speed.md")
     return 0
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed = bench_sub.add_parser("speed", help="student training and inference against the Hugging Face tools")
     speed.add_argument("--data", default="../shared/data/banking77")
     speed.add_argument("--student", default="minilm")
+    speed.add_argument("--model", default=None, help="a saved student to measure inference on, e.g. runs/demo/best")
     speed.add_argument("--train-samples", type=int, default=800)
     speed.add_argument("--epochs", type=int, default=2)
     speed.add_argument("--inference-texts", type=int, default=1000)
