@@ -64,3 +64,13 @@ def test_bench_speed_tiny(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--no-onnx", "--model", str(tmp_path / "foreign")]) == 2
     assert "its labels are not the classes of" in capsys.readouterr().err
+
+
+def test_bench_quality_honours_zero_cycles(tmp_path):
+    make_toy_dataset(tmp_path / "data" / "toy")
+    out = tmp_path / "q"
+    assert main(["bench", "quality", "--data-dir", str(tmp_path / "data"), "--datasets", "toy", "--seeds", "1",
+                 "--arms", "baseline,pool-random", "--student", "tiny", "--labeled", "40", "--epochs", "1",
+                 "--max-cycles", "0", "--out", str(out), "--no-progress"]) == 0
+    runs = json.loads((out / "quality.json").read_text())["runs"]
+    assert {r["cycles"] for r in runs} == {0} and {r["arm"] for r in runs} == {"baseline", "pool-random"}

@@ -7,7 +7,6 @@ report.json lands under OUT/runs/; a sweep interrupted part-way resumes from the
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -162,7 +161,3 @@ def plot(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def load_summary(path: Path) -> dict:
-    return json.loads(path.read_text())

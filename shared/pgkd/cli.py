@@ -100,7 +100,7 @@ def cmd_bench_quality(args) -> int:
     from .bench_quality import run_quality
     quick = args.quick
     options = {"student": args.student, "labeled": args.labeled, "samples_per_cycle": args.samples_per_cycle,
-               "max_cycles": 3 if quick and args.max_cycles is None else args.max_cycles or 10,
+               "max_cycles": args.max_cycles if args.max_cycles is not None else (3 if quick else 10),
                "patience": args.patience, "label_noise": args.label_noise}
     if args.epochs:
         options["epochs"] = args.epochs

@@ -42,6 +42,11 @@ class EvalReport(BaseModel):
         return {name: self.metric(name) for name in METRICS}
 
 
+def log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean cross-entropy of the true classes' probabilities."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None))))
+
+
 def evaluate(targets: list[str], probs: np.ndarray, labels: list[str], top_confusions: int = 10) -> EvalReport:
     """Score predicted probabilities against true labels.
 
@@ -54,7 +59,7 @@ def evaluate(targets: list[str], probs: np.ndarray, labels: list[str], top_confu
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=all_ids, zero_division=0)
     present = s > 0
     weights = s / s.sum()
-    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None))))
+    loss = log_loss(probs, y_true)
     matrix = confusion_matrix(y_true, y_pred, labels=all_ids)
     np.fill_diagonal(matrix, 0)
     pairs = np.argwhere(matrix > 0)

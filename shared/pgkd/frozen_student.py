@@ -18,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from .data import Sample
 from .encoder import SentenceEncoder
 from .errors import UserError
+from .evaluation import log_loss
 from .student import TrainConfig, TrainResult
 
 SPEC = "minilm-frozen"
@@ -72,7 +73,7 @@ class FrozenEncoderStudent:
               progress: bool = True, description: str = "train") -> TrainResult:
         started = time.perf_counter()
         x = self.embed([s.text for s in train])
-        y = np.array([self.labels.index(s.label) for s in train])
+        y = self._targets(train)
         best = None
         for c in (1.0, 10.0, 100.0):
             with warnings.catch_warnings():
@@ -102,9 +103,11 @@ class FrozenEncoderStudent:
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def loss(self, samples: list[Sample], max_length: int = 128) -> float:
-        probs = self.predict_proba([s.text for s in samples])
-        y = np.array([self.labels.index(s.label) for s in samples])
-        return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+        return log_loss(self.predict_proba([s.text for s in samples]), self._targets(samples))
+
+    def _targets(self, samples: list[Sample]) -> np.ndarray:
+        index = {label: i for i, label in enumerate(self.labels)}
+        return np.array([index[s.label] for s in samples])
 
     def state(self) -> dict:
         return {"coef": self.coef.copy(), "intercept": self.intercept.copy()}

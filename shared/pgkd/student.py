@@ -11,7 +11,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import Sample
 from .errors import UserError
+from .evaluation import log_loss
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -83,9 +84,6 @@ class TrainResult:
     seconds: float
     samples_per_second: float
     validation_losses: list[float] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def length_bucketed_batches(ids: list[list[int]], batch_size: int, generator: torch.Generator,
@@ -265,5 +263,4 @@ class Student:
 
     def loss(self, samples: list[Sample], max_length: int = 128) -> float:
         probs = self.predict_proba([s.text for s in samples], max_length=max_length)
-        targets = self._labels_of(samples).numpy()
-        return float(-np.mean(np.log(np.clip(probs[np.arange(len(samples)), targets], 1e-12, None))))
+        return log_loss(probs, self._labels_of(samples).numpy())
