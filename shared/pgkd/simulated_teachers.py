@@ -73,6 +73,10 @@ class PoolGuidedTeacher(_PoolTeacher):
         self.embed = embed
         self._pool_vectors: np.ndarray | None = None
 
+    def describe(self) -> dict:
+        return {**super().describe(), "prior_support": self.prior_support,
+                "budget": "by class weakness (1 - F1 shrunk toward macro-F1), texts nearest to the mistakes"}
+
     @property
     def pool_vectors(self) -> np.ndarray:
         if self._pool_vectors is None:  # lazily: the pool is embedded once, on the first request
