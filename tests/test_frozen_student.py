@@ -58,3 +58,16 @@ def test_unreadable_folder_is_a_user_error(tmp_path):
     (tmp_path / "pgkd_frozen_student.json").write_text("{}")
     with pytest.raises(Exception, match="not a readable frozen-encoder student"):
         load_student(tmp_path)
+
+
+def test_embedding_cache_writes_only_when_something_new_was_encoded(tmp_path):
+    path = tmp_path / "cache.npz"
+    cache = EmbeddingCache(CountingEncoder(), path=path)
+    cache.save()
+    assert not path.exists()                       # nothing encoded, nothing written
+    cache(["a b"])
+    cache.save()
+    stamp = path.stat().st_mtime_ns
+    cache(["a b"])                                 # known text: no new vector
+    cache.save()
+    assert path.stat().st_mtime_ns == stamp

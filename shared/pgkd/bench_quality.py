@@ -71,7 +71,9 @@ def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: lis
         folder = _run_dir(out, Path(name).name, arm, seed)
         report = _existing(folder, config)
         if report is None:
-            cache = caches.setdefault(name, EmbeddingCache(path=out / "cache" / f"{Path(name).name}.npz"))
+            if name not in caches:
+                caches[name] = EmbeddingCache(path=out / "cache" / f"{Path(name).name}.npz")
+            cache = caches[name]
             report = run(config, folder, progress=False, embed=cache, keep_model=False)
             cache.save()
         else:

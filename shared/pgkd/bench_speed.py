@@ -23,7 +23,7 @@ from .data import Sample, load_dataset, make_splits
 from .distill import log
 from .errors import UserError
 from .outputs import write_json_atomic
-from .student import Student, TrainConfig, pick_device
+from .student import Student, TrainConfig, length_sorted_batches, pick_device
 
 
 def _percentile_ms(seconds: list[float], q: float) -> float:
@@ -102,10 +102,8 @@ def onnx_predictor(student: Student, path: Path, batch_size: int = 64):
 
     def predict(texts: list[str]) -> np.ndarray:
         ids = student.tokenizer(list(texts), truncation=True, max_length=128)["input_ids"]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.zeros((len(ids), len(student.labels)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+        for index in length_sorted_batches(ids, batch_size):
             batch = student.tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="np")
             logits = session.run(None, {"input_ids": batch["input_ids"].astype(np.int64),
                                         "attention_mask": batch["attention_mask"].astype(np.int64)})[0]

@@ -171,15 +171,13 @@ def _take_per_label(groups: dict[str, list[Sample]], counts: dict[str, int],
     return taken, left
 
 
-def stratified_split(rows: list[Sample], fraction: float, rng: random.Random,
-                     keep_one: bool = True) -> tuple[list[Sample], list[Sample]]:
-    """Split rows into (rest, part) where part holds `fraction` of them, stratified by label.
-
-    With keep_one, each label keeps at least one row in `rest`.
-    """
+def stratified_split(rows: list[Sample], fraction: float,
+                     rng: random.Random) -> tuple[list[Sample], list[Sample]]:
+    """Split rows into (rest, part) where part holds `fraction` of them, stratified by label;
+    each label keeps at least one row in `rest`."""
     groups = _by_label(rows)
     total = round(len(rows) * fraction)
-    capacity = {label: len(g) - (1 if keep_one else 0) for label, g in groups.items()}
+    capacity = {label: len(g) - 1 for label, g in groups.items()}
     counts = allocate({label: len(g) for label, g in groups.items()}, total, capacity=capacity)
     part, rest = _take_per_label(groups, counts, rng)
     rng.shuffle(rest)

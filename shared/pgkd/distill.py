@@ -97,12 +97,6 @@ def evaluate_student(student: "Student", samples: list[Sample], labels: list[str
     return evaluate([s.label for s in samples], probs, labels), probs
 
 
-def _training_round(result) -> TrainingRound:
-    return TrainingRound(epochs_run=result.epochs_run, best_epoch=result.best_epoch, train_loss=result.train_loss,
-                         validation_loss=result.validation_loss, samples_per_second=result.samples_per_second,
-                         seconds=result.seconds)
-
-
 def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=None,
         keep_model: bool = True) -> RunReport:
     """Run PGKD and write OUT/report.json, OUT/best/ and OUT/history.png.
@@ -160,12 +154,15 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
             improved = policy.best_cycle(history) == cycle
             if improved:
                 best_state, best_report = student.state(), report
+            test_report = (evaluate_student(student, splits.test, labels)[0]
+                           if cycle == 0 or config.track_test else None)
             if cycle == 0:
-                baseline = Scores(validation=report, test=evaluate_student(student, splits.test, labels)[0])
+                baseline = Scores(validation=report, test=test_report)
             cycles.append(CycleRecord(
                 cycle=cycle, train_size=len(train), validation=report.headline(), generated=generated,
-                test=evaluate_student(student, splits.test, labels)[0].headline() if config.track_test else None,
-                accepted=accepted, rejected=rejected, teacher_usage=usage or {}, training=_training_round(trained),
+                test=test_report.headline() if config.track_test else None,
+                accepted=accepted, rejected=rejected, teacher_usage=usage or {},
+                training=TrainingRound.model_validate(trained, from_attributes=True),
                 improved=improved, seconds=time.perf_counter() - cycle_started))
             best_cycle = policy.best_cycle(history)
             log(f"cycle {cycle:>2}: train {len(train):>5}  val {config.metric} {history[-1]:.4f}  "

@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from .student import minilm_path, pick_device
+from .student import length_sorted_batches, minilm_path, pick_device
 
 
 class SentenceEncoder:
@@ -23,11 +23,9 @@ class SentenceEncoder:
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.zeros((len(ids), self.model.config.hidden_size), dtype=np.float32)
-        for start in tqdm(range(0, len(order), self.batch_size), desc="embed", unit="batch", leave=False,
-                          disable=len(order) < 1000):
-            index = order[start:start + self.batch_size]
+        for index in tqdm(length_sorted_batches(ids, self.batch_size), desc="embed", unit="batch", leave=False,
+                          disable=len(ids) < 1000):
             batch = self.tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -32,6 +32,7 @@ class EmbeddingCache:
         self._encoder = encoder
         self.path = Path(path) if path else None
         self.vectors: dict[str, np.ndarray] = {}
+        self._unsaved = False
         if self.path and self.path.is_file():
             with np.load(self.path, allow_pickle=False) as f:
                 self.vectors = dict(zip(f["texts"].tolist(), f["vectors"], strict=True))
@@ -46,16 +47,18 @@ class EmbeddingCache:
         missing = sorted({t for t in texts if t not in self.vectors})
         if missing:
             self.vectors.update(zip(missing, self.encoder.encode(missing), strict=True))
+            self._unsaved = True
         return np.stack([self.vectors[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
     def save(self) -> None:
-        if self.path is None or not self.vectors:
+        if self.path is None or not self._unsaved:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         texts = list(self.vectors)
         tmp = self.path.with_name(self.path.name + ".tmp.npz")
         np.savez(tmp, texts=np.array(texts), vectors=np.stack([self.vectors[t] for t in texts]))
         tmp.replace(self.path)
+        self._unsaved = False
 
 
 class FrozenEncoderStudent:

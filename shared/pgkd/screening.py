@@ -14,10 +14,6 @@ from .data import Sample, normalize_text
 REASONS = ("unknown_label", "empty_text", "too_short", "too_long", "duplicate_of_known", "duplicate_in_batch")
 
 
-def _label_key(label: str) -> str:
-    return " ".join(str(label).split()).casefold()
-
-
 @dataclass
 class Screened:
     accepted: list[Sample]
@@ -30,12 +26,12 @@ class Screened:
 def screen(samples: list[Sample], taxonomy: list[str], known_texts: set[str],
            min_chars: int = 3, max_chars: int = 1000) -> Screened:
     """`known_texts` holds normalize_text() keys of every text the run must not see again."""
-    labels = {_label_key(c): c for c in taxonomy}
+    labels = {normalize_text(c): c for c in taxonomy}
     out = Screened(accepted=[])
     batch_keys: set[str] = set()
     for s in samples:
         text = " ".join(str(s.text).split())
-        label = labels.get(_label_key(s.label))
+        label = labels.get(normalize_text(str(s.label)))
         reason = None
         if label is None:
             reason = "unknown_label"

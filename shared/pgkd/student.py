@@ -99,6 +99,12 @@ def length_bucketed_batches(ids: list[list[int]], batch_size: int, generator: to
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def length_sorted_batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Inference batches of similar-length texts (least padding); callers put results back by index."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 class Student:
     def __init__(self, model, tokenizer, labels: list[str], spec: str, device: str | None = None):
         self.model = model
@@ -252,10 +258,8 @@ class Student:
         """Class probabilities, one row per text; batches hold texts of similar length."""
         self.model.eval()
         ids = self._encode(texts, max_length)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         probs = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+        for index in length_sorted_batches(ids, batch_size):
             with self._autocast():
                 logits = self.model(**self._batch([ids[i] for i in index])).logits
             probs[index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
