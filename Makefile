@@ -9,9 +9,13 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test clean
+.PHONY: setup system demo test clean
 
-setup: $(STAMP)
+setup: system $(STAMP)
+
+# Real servers the tests start on loopback ports: Redis (the services' multi-process bus).
+system:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
 # torch first, pinned: pip then takes the local CPU wheel instead of GBs of CUDA packages.
 $(STAMP): pyproject.toml

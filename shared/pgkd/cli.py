@@ -15,9 +15,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _distill_arguments(p: argparse.ArgumentParser) -> None:
+def _distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> None:
     p.add_argument("--data", required=True, help="dataset folder (train/validation/test .jsonl or .csv) or one file")
-    p.add_argument("--out", required=True, help="output folder: report.json, best/, history.png")
+    if with_out:
+        p.add_argument("--out", required=True, help="output folder: report.json, best/, history.png")
     p.add_argument("--labeled", type=int, default=1000,
                    help="labeled samples drawn from train (80/20 train/validation)")
     p.add_argument("--teacher", default="pool-guided", help="pool-guided | pool-random (simulated LLM teachers)")
@@ -58,6 +59,30 @@ def cmd_distill(args) -> int:
     print(f"stopped: {report.stop_reason}")
     print(f"wrote {args.out}/report.json, {args.out}/best/, {args.out}/history.png")
     return 0
+
+
+def cmd_submit(args) -> int:
+    from services.cli import submit_run
+
+    from .distill import DistillConfig
+    skip = ("command", "func", "progress", "run_id", "wait", "timeout", "poll")
+    config = DistillConfig(**{k: v for k, v in vars(args).items() if k not in skip})
+    return submit_run(config, args.run_id, args.wait, args.timeout, args.poll)
+
+
+def cmd_status(args) -> int:
+    from services.cli import status
+    return status(args.run_id)
+
+
+def cmd_service(args) -> int:
+    from services.cli import serve
+    return serve(args.name)
+
+
+def cmd_topics(args) -> int:
+    from services.cli import create_topics
+    return create_topics(args.partitions, args.replication_factor)
 
 
 def _read_stdin_texts() -> list[str]:
@@ -143,6 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="texts; none: JSON Lines on stdin")
     predict.set_defaults(func=cmd_predict)
 
+    submit = sub.add_parser("submit", help="submit a run to the services (PGKD_BROKER_URL, PGKD_ARTIFACTS)")
+    _distill_arguments(submit, with_out=False)
+    submit.add_argument("--run-id", default=None, help="default: DATASET-DATE-TIME-RANDOM")
+    submit.add_argument("--wait", action="store_true", help="follow the run until RunCompleted; print its report")
+    submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    submit.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    submit.set_defaults(func=cmd_submit)
+    status = sub.add_parser("status", help="a submitted run's cycles so far, and its outcome")
+    status.add_argument("run_id")
+    status.set_defaults(func=cmd_status)
+    service = sub.add_parser("service", help="run one service: trainer | evaluator | miner | generator")
+    service.add_argument("name", choices=["trainer", "evaluator", "miner", "generator"])
+    service.set_defaults(func=cmd_service)
+    topics = sub.add_parser("topics", help="create the message topics (Kafka) or consumer groups (Redis)")
+    topics_sub = topics.add_subparsers(dest="topics", required=True, parser_class=_Parser)
+    create = topics_sub.add_parser("create", help="idempotent: existing topics are left as they are")
+    create.add_argument("--partitions", type=int, default=3)
+    create.add_argument("--replication-factor", type=int, default=1)
+    create.set_defaults(func=cmd_topics)
+
     bench = sub.add_parser("bench", help="benchmarks: quality of the arms, speed of the student")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     quality = bench_sub.add_parser("quality", help="baseline, unguided, guided PGKD and ablations side by side")
@@ -196,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                              for err in e.errors())
         print(f"pgkd: error: {problems}", file=sys.stderr)
         return 2
+    except TimeoutError as e:
+        print(f"pgkd: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pgkd: interrupted; nothing was written to the output folder", file=sys.stderr)
         return 130

@@ -1,7 +1,7 @@
 """The embedded PGKD loop: train, evaluate, mine, ask the teacher, screen, add, repeat.
 
-Read `run` top to bottom: it is the whole method. Each step is an engine function the services
-call too (student.train, evaluate, mine, build_request, teacher.generate, screen, StopPolicy).
+Read `run` top to bottom: it is the whole method. The steps of a cycle are the functions above it;
+the distributed services call the same ones (steps.py), so both compute the same run.
 """
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ from pydantic import BaseModel, Field, field_validator
 from tqdm.auto import tqdm
 
 from . import __version__
-from .data import Sample, count_duplicates, label_counts, load_dataset, make_splits, normalize_text
+from .data import Dataset, Sample, Splits, count_duplicates, label_counts, load_dataset, make_splits, normalize_text
 from .evaluation import METRICS, EvalReport, evaluate
-from .mining import mine
+from .frozen_student import EmbeddingCache
+from .mining import MiningResult, mine
 from .outputs import RunOutput, write_json_atomic
-from .report import BestScores, CycleRecord, RunReport, Scores, TrainingRound, environment, plot_history
-from .screening import screen
+from .report import BestScores, CycleRecord, Provenance, RunReport, Scores, TrainingRound, environment, plot_history
+from .screening import Screened, screen
 from .simulated_teachers import TEACHERS, make_simulated_teacher
 from .stopping import StopPolicy
-from .frozen_student import EmbeddingCache
 from .student import Student, TrainConfig
 from .students import create_student
-from .teacher import build_request
+from .teacher import GeneratedBatch, GenerationRequest, build_request
 
 
 class DistillConfig(BaseModel):
@@ -92,9 +92,81 @@ def log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+# -- The steps of a cycle. The embedded loop below and the services (steps.py) call the same ones. --
+
+def make_policy(config: DistillConfig) -> StopPolicy:
+    return StopPolicy(patience=config.patience, max_cycles=config.max_cycles, sample_budget=config.sample_budget,
+                      min_delta=config.min_delta, metric=config.metric, lower_is_better=config.metric == "loss")
+
+
+def round_config(config: DistillConfig, cycle: int) -> TrainConfig:
+    """From the pretrained encoder at cycle 0; later rounds are warm-started, shorter and gentler."""
+    warm = cycle > 0 and config.warm_start
+    return config.train_config(config.cycle_epochs if warm else config.epochs, config.seed + cycle,
+                               config.cycle_learning_rate_scale if warm else 1.0)
+
+
+def fresh_student(config: DistillConfig, labels: list[str], cycle: int, embed=None):
+    """The student a round starts from when it is not warm-started."""
+    return create_student(config.student, labels, seed=config.seed + cycle, device=config.device, embed=embed)
+
+
 def evaluate_student(student: "Student", samples: list[Sample], labels: list[str]) -> tuple[EvalReport, np.ndarray]:
     probs = student.predict_proba([s.text for s in samples])
     return evaluate([s.label for s in samples], probs, labels), probs
+
+
+def mine_mistakes(config: DistillConfig, validation: list[Sample], probs: np.ndarray, labels: list[str],
+                  cycle: int) -> MiningResult:
+    return mine(validation, probs, labels, config.hard_negatives, config.misclassified, config.correct,
+                seed=config.seed + cycle)
+
+
+def samples_wanted(config: DistillConfig, generated_total: int) -> int:
+    if config.sample_budget is None:
+        return config.samples_per_cycle
+    return min(config.samples_per_cycle, config.sample_budget - generated_total)
+
+
+def teacher_request(config: DistillConfig, labels: list[str], train: list[Sample], mined: MiningResult,
+                    report: EvalReport, n: int, cycle: int) -> GenerationRequest:
+    return build_request(labels, train, mined, report, n=n, cycle=cycle, seed=config.seed,
+                         with_report=config.guidance != "no-report",
+                         with_hard_negatives=config.guidance != "no-hard-negatives")
+
+
+def known_texts(splits: Splits, train: list[Sample]) -> set[str]:
+    """Texts a teacher sample must not repeat: the training set so far, validation and test."""
+    return {normalize_text(s.text) for s in train + splits.validation + splits.test}
+
+
+def make_teacher(config: DistillConfig, splits: Splits, embed=None):
+    return make_simulated_teacher(config.teacher, splits.pool, seed=config.seed, label_noise=config.label_noise,
+                                  embed=embed)
+
+
+def dataset_duplicates(splits: Splits) -> dict[str, int]:
+    return count_duplicates({"train": splits.train + splits.validation + splits.pool, "test": splits.test})
+
+
+def assemble_report(config: DistillConfig, dataset: Dataset, splits: Splits, train: list[Sample], student,
+                    teacher: dict, cycles: list[CycleRecord], baseline: Scores, best: BestScores,
+                    stop_reason: str, seconds: float) -> RunReport:
+    return RunReport(
+        pgkd_version=__version__,
+        dataset={"name": dataset.name, "path": dataset.path, "classes": len(splits.labels), "sizes": splits.sizes(),
+                 "train_label_counts": label_counts(train), "duplicates": dataset_duplicates(splits),
+                 "notes": dataset.notes},
+        student={"spec": config.student, "parameters": student.parameter_count(), "device": str(student.device)},
+        teacher=teacher, seed=config.seed, config=config.model_dump(), cycles=cycles, baseline=baseline, best=best,
+        stop_reason=stop_reason, seconds=seconds, environment=environment())
+
+
+def log_cycle(config: DistillConfig, record: CycleRecord, history: list[float], best_cycle: int) -> None:
+    log(f"cycle {record.cycle:>2}: train {record.train_size:>5}  val {config.metric} {history[-1]:.4f}  "
+        f"acc {record.validation['accuracy']:.4f}  best {history[best_cycle]:.4f} @ {best_cycle}  "
+        f"accepted {record.accepted}/{record.generated}" + (f" rejected {record.rejected}" if record.rejected else "")
+        + f"  {record.seconds:.0f}s")
 
 
 def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=None,
@@ -111,29 +183,27 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
     labels = splits.labels
     cache = embed if isinstance(embed, EmbeddingCache) else None
     student = create_student(config.student, labels, seed=config.seed, device=config.device, embed=cache)
-    teacher = make_simulated_teacher(config.teacher, splits.pool, seed=config.seed,
-                                     label_noise=config.label_noise, embed=embed or student_embed(student))
-    policy = StopPolicy(patience=config.patience, max_cycles=config.max_cycles, sample_budget=config.sample_budget,
-                        min_delta=config.min_delta, metric=config.metric, lower_is_better=config.metric == "loss")
+    teacher = make_teacher(config, splits, embed=embed or student_embed(student))
+    policy = make_policy(config)
     log(f"pgkd: {dataset.name}: {len(labels)} classes, {splits.sizes()}; student {config.student} "
         f"({student.parameter_count() / 1e6:.1f}M parameters, {student.device}); teacher {teacher.name}"
         + (" (a simulation of an LLM teacher)" if teacher.simulated else ""))
     for note in dataset.notes:
         log(f"pgkd: note: {note}")
-    duplicates = count_duplicates({"train": splits.train + splits.validation + splits.pool, "test": splits.test})
+    duplicates = dataset_duplicates(splits)
     if any(duplicates.values()):
         log(f"pgkd: note: duplicate texts in the data (kept): {duplicates}")
 
     staging = output.open()
     try:
         train, validation = list(splits.train), splits.validation
-        known = {normalize_text(s.text) for s in splits.train + splits.validation + splits.test}
+        known = known_texts(splits, train)
         cycles: list[CycleRecord] = []
         history: list[float] = []
         generated_total = 0
         best_state = None
         cycle = 0
-        generated, accepted, rejected, usage = 0, 0, {}, None
+        provenance = Provenance()
         while True:
             cycle_started = time.perf_counter()
             # 1. Train: from the pretrained encoder at cycle 0, then warm-started from the best student.
@@ -141,12 +211,8 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
                 if config.warm_start:
                     student.load_state(best_state)
                 else:
-                    student = create_student(config.student, labels, seed=config.seed + cycle, device=config.device,
-                                             embed=cache)
-            warm = cycle > 0 and config.warm_start
-            round_config = config.train_config(config.cycle_epochs if warm else config.epochs, config.seed + cycle,
-                                               config.cycle_learning_rate_scale if warm else 1.0)
-            trained = student.train(train, validation, round_config, progress=progress,
+                    student = fresh_student(config, labels, cycle, embed=cache)
+            trained = student.train(train, validation, round_config(config, cycle), progress=progress,
                                     description=f"cycle {cycle} train")
             # 2. Evaluate on validation.
             report, probs = evaluate_student(student, validation, labels)
@@ -158,41 +224,27 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
                            if cycle == 0 or config.track_test else None)
             if cycle == 0:
                 baseline = Scores(validation=report, test=test_report)
-            cycles.append(CycleRecord(
-                cycle=cycle, train_size=len(train), validation=report.headline(), generated=generated,
-                test=test_report.headline() if config.track_test else None,
-                accepted=accepted, rejected=rejected, teacher_usage=usage or {},
-                training=TrainingRound.model_validate(trained, from_attributes=True),
-                improved=improved, seconds=time.perf_counter() - cycle_started))
-            best_cycle = policy.best_cycle(history)
-            log(f"cycle {cycle:>2}: train {len(train):>5}  val {config.metric} {history[-1]:.4f}  "
-                f"acc {report.accuracy:.4f}  best {history[best_cycle]:.4f} @ {best_cycle}  "
-                f"accepted {accepted}/{generated}" + (f" rejected {rejected}" if rejected else "")
-                + f"  {cycles[-1].seconds:.0f}s")
+            cycles.append(cycle_record(config, cycle, len(train), report, test_report, provenance, trained,
+                                       improved, time.perf_counter() - cycle_started))
+            log_cycle(config, cycles[-1], history, policy.best_cycle(history))
 
             decision = policy.decide(history, generated_total)
             if decision.stop:
                 break
             # 3. Mine the mistakes, 4. ask the teacher, 5. screen and add.
             cycle += 1
-            mined = mine(validation, probs, labels, config.hard_negatives, config.misclassified, config.correct,
-                         seed=config.seed + cycle)
-            wanted = config.samples_per_cycle
-            if config.sample_budget is not None:
-                wanted = min(wanted, config.sample_budget - generated_total)
-            request = build_request(labels, train, mined, report, n=wanted, cycle=cycle, seed=config.seed,
-                                    with_report=config.guidance != "no-report",
-                                    with_hard_negatives=config.guidance != "no-hard-negatives")
+            mined = mine_mistakes(config, validation, probs, labels, cycle)
+            request = teacher_request(config, labels, train, mined, report, samples_wanted(config, generated_total),
+                                      cycle)
             batch = teacher.generate(request)
             if not batch.samples:
-                decision.reason = "teacher_exhausted: the teacher returned no samples"
+                decision.reason = TEACHER_EXHAUSTED
                 break
             screened = screen(batch.samples, labels, known)
             known.update(normalize_text(s.text) for s in screened.accepted)
             train = train + screened.accepted
-            generated, accepted, rejected = len(batch.samples), len(screened.accepted), screened.rejected_by_reason()
-            usage = batch.usage
-            generated_total += generated
+            provenance = provenance_of(batch, screened)
+            generated_total += provenance.generated
 
         best_cycle = policy.best_cycle(history)
         student.load_state(best_state)
@@ -200,14 +252,8 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
                           test=evaluate_student(student, splits.test, labels)[0])
         if keep_model:
             student.save(staging / "best")
-        result = RunReport(
-            pgkd_version=__version__,
-            dataset={"name": dataset.name, "path": dataset.path, "classes": len(labels), "sizes": splits.sizes(),
-                     "train_label_counts": label_counts(train), "duplicates": duplicates, "notes": dataset.notes},
-            student={"spec": config.student, "parameters": student.parameter_count(), "device": str(student.device)},
-            teacher=teacher.describe(), seed=config.seed, config=config.model_dump(), cycles=cycles,
-            baseline=baseline, best=best, stop_reason=decision.reason, seconds=time.perf_counter() - started,
-            environment=environment())
+        result = assemble_report(config, dataset, splits, train, student, teacher.describe(), cycles, baseline, best,
+                                 decision.reason, time.perf_counter() - started)
         plot_history(result, staging / "history.png")
         write_json_atomic(staging / "report.json", result.model_dump(mode="json"))
         output.commit()
@@ -215,6 +261,25 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
         output.abort()
         raise
     return result
+
+
+TEACHER_EXHAUSTED = "teacher_exhausted: the teacher returned no samples"
+
+
+def provenance_of(batch: GeneratedBatch, screened: Screened) -> Provenance:
+    return Provenance(generated=len(batch.samples), accepted=len(screened.accepted),
+                      rejected=screened.rejected_by_reason(), teacher_usage=batch.usage)
+
+
+def cycle_record(config: DistillConfig, cycle: int, train_size: int, report: EvalReport,
+                 test_report: EvalReport | None, provenance: Provenance, trained, improved: bool,
+                 seconds: float) -> CycleRecord:
+    return CycleRecord(
+        cycle=cycle, train_size=train_size, validation=report.headline(),
+        test=test_report.headline() if config.track_test else None,
+        generated=provenance.generated, accepted=provenance.accepted, rejected=provenance.rejected,
+        teacher_usage=provenance.teacher_usage,
+        training=TrainingRound.model_validate(trained, from_attributes=True), improved=improved, seconds=seconds)
 
 
 def summary_table(report: RunReport) -> str:

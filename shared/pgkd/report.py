@@ -19,6 +19,14 @@ class TrainingRound(BaseModel):
     seconds: float
 
 
+class Provenance(BaseModel):
+    """Where a cycle's new training samples came from: the teacher's answer after screening."""
+    generated: int = 0
+    accepted: int = 0
+    rejected: dict[str, int] = {}
+    teacher_usage: TeacherUsage = TeacherUsage()
+
+
 class CycleRecord(BaseModel):
     cycle: int
     train_size: int

@@ -148,9 +148,11 @@ class Student:
         model = AutoModelForSequenceClassification.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        return cls(model, tokenizer, labels, spec=str(path), device=device)
+        # The spec it was created from, so a warm-started round trains the same parameters as before.
+        return cls(model, tokenizer, labels, spec=getattr(model.config, "pgkd_student", str(path)), device=device)
 
     def save(self, path: str | Path) -> None:
+        self.model.config.pgkd_student = self.spec
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 

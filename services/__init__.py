@@ -1,0 +1,25 @@
+"""The PGKD services: thin FastStream apps over the engine's steps (pgkd.steps). Start one with
+`pgkd service NAME`; configure it with PGKD_BROKER_URL, PGKD_ARTIFACTS, PGKD_TOPIC_PREFIX and
+PGKD_METRICS_PORT."""
+
+NAMES = ("trainer", "evaluator", "miner", "generator")
+
+
+def build(name: str, **options):
+    """The service called `name`, its handlers registered (options: settings, broker, store)."""
+    import importlib
+    if name not in NAMES:
+        from pgkd.errors import UserError
+        raise UserError(f"unknown service {name!r}; one of {', '.join(NAMES)}")
+    return importlib.import_module(f"services.{name}").build(**options)
+
+
+def consumer_groups(settings) -> dict[str, list[str]]:
+    """Every consumer group and the topics it reads, as the services register them."""
+    from services.runtime import make_broker
+    broker = make_broker(settings.broker_url)
+    groups: dict[str, list[str]] = {}
+    for name in NAMES:
+        service = build(name, settings=settings, broker=broker, store=object())
+        groups[service.group] = list(service.subscriptions)
+    return groups

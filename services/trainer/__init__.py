@@ -1,0 +1,15 @@
+"""trainer: trains the student of each cycle and stores its checkpoint.
+
+RunRequested (cycle 0, the labeled seed set) or SamplesGenerated (cycle k, the accepted samples)
+-> ModelTrained. Runs on a GPU node when there is one."""
+from pgkd import steps
+from pgkd.messages import RunRequested, SamplesGenerated
+
+from services.runtime import Service
+
+
+def build(**options) -> Service:
+    service = Service("trainer", **options)
+    service.consume(RunRequested, steps.train)
+    service.consume(SamplesGenerated, steps.train)
+    return service

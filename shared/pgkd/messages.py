@@ -1,0 +1,124 @@
+"""The message contracts of the distributed loop: one pydantic model per message kind.
+
+    RunRequested -> trainer -> ModelTrained -> evaluator -> CycleEvaluated -> miner -> NegativesMined
+    -> generator -> SamplesGenerated -> trainer ... until the evaluator (or the generator, when the
+    teacher has nothing left) publishes RunCompleted.
+
+Messages are small: ids, artifact references (URI + sha256), metrics and samples, never model
+weights. `cycle` is the cycle the message belongs to: cycle k mines the mistakes of student k-1,
+asks the teacher, trains student k and evaluates it; cycle 0 trains on the labeled seed set.
+Every message is keyed by (run_id, cycle, kind), which is what makes handlers idempotent.
+A consumer rejects a `schema_version` it does not know (to the dead-letter topic), so a change
+of a field's meaning must raise it.
+"""
+from __future__ import annotations
+
+import time
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .artifacts import ArtifactRef
+from .data import Sample
+from .evaluation import EvalReport
+from .mining import MiningResult
+from .report import Provenance, TrainingRound
+
+SCHEMA_VERSION = 1
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: ClassVar[str]
+    topic: ClassVar[str]
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    run_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    cycle: int = Field(ge=0)
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}/{self.kind}/{self.cycle}"
+
+
+class RunRequested(Message):
+    kind: ClassVar[str] = "run-requested"
+    topic: ClassVar[str] = "run-requested"
+    config: dict                      # a DistillConfig, whole
+    dataset: ArtifactRef              # the source dataset as submitted (content-addressed)
+    submitted_at: float = Field(default_factory=time.time)
+
+
+class ModelTrained(Message):
+    kind: ClassVar[str] = "model-trained"
+    topic: ClassVar[str] = "model-trained"
+    checkpoint: ArtifactRef
+    train_set: ArtifactRef            # the dataset version this student was trained on
+    train_size: int
+    training: TrainingRound
+    provenance: Provenance
+    best_checkpoint: ArtifactRef | None = None   # the best student before this cycle (None at cycle 0)
+    cycle_started: float
+
+
+class CycleEvaluated(Message):
+    """The stop policy said continue."""
+    kind: ClassVar[str] = "cycle-evaluated"
+    topic: ClassVar[str] = "cycle-evaluated"
+    checkpoint: ArtifactRef
+    train_set: ArtifactRef
+    best_checkpoint: ArtifactRef
+    best_cycle: int
+    validation: dict[str, float]      # headline metrics; the full report is in the run's cycle record
+    samples_generated: int            # by the teacher so far, for the sample budget
+
+
+class NegativesMined(Message):
+    kind: ClassVar[str] = "negatives-mined"
+    topic: ClassVar[str] = "negatives-mined"
+    mined: MiningResult
+    report: EvalReport                # of the student the mistakes were mined from
+    train_set: ArtifactRef
+    best_checkpoint: ArtifactRef
+    wanted: int = Field(gt=0)         # samples to ask the teacher for
+    cycle_started: float
+
+
+class SamplesGenerated(Message):
+    kind: ClassVar[str] = "samples-generated"
+    topic: ClassVar[str] = "samples-generated"
+    samples: list[Sample]             # screened: in the taxonomy, not empty, no duplicate of known text
+    provenance: Provenance
+    train_set: ArtifactRef            # the version the samples are added to
+    best_checkpoint: ArtifactRef
+    cycle_started: float
+
+
+class RunCompleted(Message):
+    kind: ClassVar[str] = "run-completed"
+    topic: ClassVar[str] = "run-completed"
+    status: Literal["completed", "failed"]
+    reason: str                       # the stop policy's reason, or what failed
+    report: ArtifactRef | None = None
+    best_checkpoint: ArtifactRef | None = None
+    best_cycle: int | None = None
+    test: dict[str, float] | None = None
+
+
+class DeadLetter(BaseModel):
+    """A message no handler could take: what it was, where it came from and why."""
+    kind: ClassVar[str] = "dead-letter"
+    topic: ClassVar[str] = "dead-letter"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    source_topic: str
+    service: str
+    reason: str
+    payload: str                      # the message as received (decoded as UTF-8, replaced where not)
+    run_id: str | None = None
+    cycle: int | None = None
+    failed_at: float = Field(default_factory=time.time)
+
+
+MESSAGES: tuple[type[Message], ...] = (RunRequested, ModelTrained, CycleEvaluated, NegativesMined, SamplesGenerated,
+                                       RunCompleted)
+TOPICS: tuple[str, ...] = tuple(m.topic for m in MESSAGES) + (DeadLetter.topic,)

@@ -1,0 +1,327 @@
+"""The distributed loop's steps: one function per service, from one message to the next.
+
+Each step reads what it needs of the run from the artifact store, calls the same engine functions
+the embedded loop calls (distill.py), writes its artifacts and returns the message to publish. The
+steps know nothing of the bus; services/ wires them to it.
+
+What a run keeps in the store, under runs/<run_id>/:
+    request.json            the RunRequested message (configuration and source dataset)
+    train/v0003.jsonl       the training set of cycle 3: the seed set plus each accepted batch
+    checkpoints/cycle-0003.tar, cycles/0003.json (the cycle's record and full validation report)
+    teacher/state-0003.json the simulated teacher's state after answering cycle 3
+    report.json, history.png, completed.json (the RunCompleted message) when the run ends
+Everything a step writes is a function of its input message, so running a step twice (a
+redelivered message) writes the same bytes again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .artifacts import ArtifactRef, ArtifactStore
+from .data import Dataset, Sample, Splits, load_dataset, make_splits
+from .distill import (
+    TEACHER_EXHAUSTED,
+    DistillConfig,
+    assemble_report,
+    cycle_record,
+    evaluate_student,
+    fresh_student,
+    known_texts,
+    make_policy,
+    make_teacher,
+    mine_mistakes,
+    provenance_of,
+    round_config,
+    samples_wanted,
+    teacher_request,
+)
+from .evaluation import EvalReport
+from .frozen_student import EmbeddingCache
+from .messages import CycleEvaluated, ModelTrained, NegativesMined, RunCompleted, RunRequested, SamplesGenerated
+from .report import BestScores, CycleRecord, Provenance, Scores, TrainingRound, plot_history
+from .screening import screen
+from .students import load_student
+
+
+class RunFiles:
+    """Keys of a run's artifacts."""
+
+    def __init__(self, run_id: str):
+        self.base = f"runs/{run_id}"
+        self.request = f"{self.base}/request.json"
+        self.teacher = f"{self.base}/teacher.json"
+        self.report = f"{self.base}/report.json"
+        self.plot = f"{self.base}/history.png"
+        self.completed = f"{self.base}/completed.json"
+        self.cycles = f"{self.base}/cycles"
+
+    def train_set(self, cycle: int) -> str:
+        return f"{self.base}/train/v{cycle:04d}.jsonl"
+
+    def checkpoint(self, cycle: int) -> str:
+        return f"{self.base}/checkpoints/cycle-{cycle:04d}.tar"
+
+    def cycle_state(self, cycle: int) -> str:
+        return f"{self.cycles}/{cycle:04d}.json"
+
+    def teacher_state(self, cycle: int) -> str:
+        return f"{self.base}/teacher/state-{cycle:04d}.json"
+
+
+class CycleState(BaseModel):
+    """What the evaluator keeps of a cycle: the report row, the full validation report, and the
+    student and training set it belongs to."""
+    record: CycleRecord
+    validation: EvalReport
+    test: EvalReport | None
+    checkpoint: ArtifactRef
+    train_set: ArtifactRef
+
+
+def checkpoint_cache() -> Path:
+    return Path(os.environ.get("PGKD_CACHE") or Path(tempfile.gettempdir()) / "pgkd-cache")
+
+
+_embeddings: EmbeddingCache | None = None
+
+
+def shared_embeddings() -> EmbeddingCache:
+    """One sentence-embedding cache per process, for the frozen-encoder student and the guided
+    teacher: MiniLM is loaded once and each text encoded once, however many cycles pass."""
+    global _embeddings
+    if _embeddings is None:
+        _embeddings = EmbeddingCache()
+    return _embeddings
+
+
+# -- submitting ----------------------------------------------------------------------------------------------
+
+def new_run_id(dataset_name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset_name)[:32] or "run"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _dataset_json(dataset: Dataset) -> dict:
+    rows = lambda samples: [s.model_dump() for s in samples]  # noqa: E731
+    return {"name": dataset.name, "path": dataset.path, "notes": dataset.notes, "train": rows(dataset.train),
+            "validation": rows(dataset.validation), "test": rows(dataset.test)}
+
+
+def submit(config: DistillConfig, store: ArtifactStore, run_id: str | None = None) -> RunRequested:
+    """Check the data here, where a mistake can still be one line on the submitter's terminal, then
+    store it (content-addressed: the same data submitted twice is stored once) and the request."""
+    dataset = load_dataset(config.data, config.text_column, config.label_column, seed=config.seed)
+    make_splits(dataset, config.labeled, config.seed, config.validation_fraction)  # raises on a bad --labeled
+    data = _dataset_json(dataset)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    key = f"datasets/{digest}.json"
+    ref = store.put_json(key, data)
+    request = RunRequested(run_id=run_id or new_run_id(dataset.name), cycle=0, config=config.model_dump(),
+                           dataset=ref)
+    store.put_json(RunFiles(request.run_id).request, request.model_dump(mode="json"))
+    return request
+
+
+# -- what every step needs of a run ------------------------------------------------------------------------
+
+@dataclass
+class RunContext:
+    request: RunRequested
+    config: DistillConfig
+    dataset: Dataset
+    splits: Splits
+    files: RunFiles
+    teacher: object | None = None     # made on the first request, then reset to a stored state per cycle
+    teacher_initial: dict | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        return self.splits.labels
+
+
+_contexts: OrderedDict[tuple[str, str], RunContext] = OrderedDict()
+
+
+def run_context(store: ArtifactStore, run_id: str) -> RunContext:
+    """The run's configuration and splits, rebuilt from the store (and kept for a few runs)."""
+    cache_key = (store.url, run_id)
+    if cache_key in _contexts:
+        _contexts.move_to_end(cache_key)
+        return _contexts[cache_key]
+    files = RunFiles(run_id)
+    request = RunRequested.model_validate(store.get_json(files.request))
+    config = DistillConfig.model_validate(request.config)
+    raw = store.get_json(request.dataset)
+    rows = lambda name: [Sample.model_validate(r) for r in raw[name]]  # noqa: E731
+    dataset = Dataset(name=raw["name"], path=raw["path"], train=rows("train"), validation=rows("validation"),
+                      test=rows("test"), notes=raw["notes"])
+    splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
+    context = RunContext(request, config, dataset, splits, files)
+    _contexts[cache_key] = context
+    while len(_contexts) > 4:
+        _contexts.popitem(last=False)
+    return context
+
+
+def _put_samples(store: ArtifactStore, key: str, samples: list[Sample]) -> ArtifactRef:
+    return store.put_bytes(key, "".join(s.model_dump_json() + "\n" for s in samples).encode())
+
+
+def read_samples_artifact(store: ArtifactStore, ref: ArtifactRef) -> list[Sample]:
+    return [Sample.model_validate_json(line) for line in store.get_bytes(ref).decode().splitlines() if line]
+
+
+def _load_checkpoint(store: ArtifactStore, ref: ArtifactRef, device: str):
+    student = load_student(store.get_folder(ref, checkpoint_cache()), device=device)
+    if hasattr(student, "embed"):
+        student.embed = shared_embeddings()
+    return student
+
+
+# -- trainer ---------------------------------------------------------------------------------------------
+
+def train(message: RunRequested | SamplesGenerated, store: ArtifactStore, progress: bool = False) -> ModelTrained:
+    """Cycle 0 from the labeled seed set; cycle k from version k-1 plus the accepted samples,
+    warm-started from the best student so far."""
+    ctx = run_context(store, message.run_id)
+    config, cycle = ctx.config, message.cycle
+    if isinstance(message, RunRequested):
+        train_set, provenance, best, started = list(ctx.splits.train), Provenance(), None, message.submitted_at
+        student = fresh_student(config, ctx.labels, 0, embed=shared_embeddings())
+    else:
+        train_set = read_samples_artifact(store, message.train_set) + message.samples
+        provenance, best, started = message.provenance, message.best_checkpoint, message.cycle_started
+        student = (_load_checkpoint(store, best, config.device) if config.warm_start
+                   else fresh_student(config, ctx.labels, cycle, embed=shared_embeddings()))
+    train_ref = _put_samples(store, ctx.files.train_set(cycle), train_set)
+    trained = student.train(train_set, ctx.splits.validation, round_config(config, cycle), progress=progress,
+                            description=f"{message.run_id} cycle {cycle} train")
+    with tempfile.TemporaryDirectory() as folder:
+        student.save(folder)
+        checkpoint = store.put_folder(ctx.files.checkpoint(cycle), folder)
+    return ModelTrained(run_id=message.run_id, cycle=cycle, checkpoint=checkpoint, train_set=train_ref,
+                        train_size=len(train_set), training=TrainingRound.model_validate(trained, from_attributes=True),
+                        provenance=provenance, best_checkpoint=best, cycle_started=started)
+
+
+# -- evaluator -------------------------------------------------------------------------------------------
+
+def cycle_states(store: ArtifactStore, ctx: RunContext, up_to: int) -> list[CycleState]:
+    """The evaluated cycles 0..up_to-1, in order; a gap means a message came out of order."""
+    states = []
+    for cycle in range(up_to):
+        key = ctx.files.cycle_state(cycle)
+        if not store.exists(key):
+            raise RuntimeError(f"run {ctx.request.run_id}: cycle {cycle} was never evaluated")
+        states.append(CycleState.model_validate(store.get_json(key)))
+    return states
+
+
+def evaluate(message: ModelTrained, store: ArtifactStore) -> CycleEvaluated | RunCompleted:
+    """Score the student on validation, record the cycle, and let the stop policy decide."""
+    ctx = run_context(store, message.run_id)
+    config, cycle, policy = ctx.config, message.cycle, make_policy(ctx.config)
+    student = _load_checkpoint(store, message.checkpoint, config.device)
+    report, _ = evaluate_student(student, ctx.splits.validation, ctx.labels)
+    states = cycle_states(store, ctx, cycle)
+    history = [s.validation.metric(config.metric) for s in states] + [report.metric(config.metric)]
+    best_cycle = policy.best_cycle(history)
+    test_report = (evaluate_student(student, ctx.splits.test, ctx.labels)[0]
+                   if cycle == 0 or config.track_test else None)
+    record = cycle_record(config, cycle, message.train_size, report, test_report, message.provenance,
+                          message.training, best_cycle == cycle, time.time() - message.cycle_started)
+    state = CycleState(record=record, validation=report, test=test_report, checkpoint=message.checkpoint,
+                       train_set=message.train_set)
+    store.put_json(ctx.files.cycle_state(cycle), state.model_dump(mode="json"))
+    states.append(state)
+    generated_total = sum(s.record.generated for s in states)
+    decision = policy.decide(history, generated_total)
+    if decision.stop:
+        return complete_run(store, ctx, states, decision.reason, cycle)
+    return CycleEvaluated(run_id=message.run_id, cycle=cycle, checkpoint=message.checkpoint,
+                          train_set=message.train_set, best_checkpoint=states[best_cycle].checkpoint,
+                          best_cycle=best_cycle, validation=report.headline(), samples_generated=generated_total)
+
+
+def complete_run(store: ArtifactStore, ctx: RunContext, states: list[CycleState], reason: str,
+                 cycle: int) -> RunCompleted:
+    """Score the best student on test and write the run's report.json and history.png."""
+    config, policy = ctx.config, make_policy(ctx.config)
+    best_cycle = policy.best_cycle([s.validation.metric(config.metric) for s in states])
+    best_state = states[best_cycle]
+    student = _load_checkpoint(store, best_state.checkpoint, config.device)
+    best = BestScores(cycle=best_cycle, validation=best_state.validation,
+                      test=evaluate_student(student, ctx.splits.test, ctx.labels)[0])
+    baseline = Scores(validation=states[0].validation, test=states[0].test)
+    teacher = (store.get_json(ctx.files.teacher) if store.exists(ctx.files.teacher)
+               else make_teacher(config, ctx.splits).describe())
+    final_train = read_samples_artifact(store, states[-1].train_set)
+    report = assemble_report(config, ctx.dataset, ctx.splits, final_train, student, teacher,
+                             [s.record for s in states], baseline, best, reason,
+                             time.time() - ctx.request.submitted_at)
+    with tempfile.TemporaryDirectory() as folder:
+        plot_history(report, Path(folder) / "history.png")
+        store.put_bytes(ctx.files.plot, (Path(folder) / "history.png").read_bytes())
+    report_ref = store.put_json(ctx.files.report, report.model_dump(mode="json"))
+    completed = RunCompleted(run_id=ctx.request.run_id, cycle=cycle, status="completed", reason=reason,
+                             report=report_ref, best_checkpoint=best_state.checkpoint, best_cycle=best_cycle,
+                             test=best.test.headline())
+    store.put_json(ctx.files.completed, completed.model_dump(mode="json"))
+    return completed
+
+
+def fail_run(store: ArtifactStore, run_id: str, cycle: int, reason: str) -> RunCompleted:
+    """A run that cannot go on ends as failed, with the reason, so nobody waits for it forever."""
+    completed = RunCompleted(run_id=run_id, cycle=cycle, status="failed", reason=reason)
+    store.put_json(RunFiles(run_id).completed, completed.model_dump(mode="json"))
+    return completed
+
+
+# -- miner -----------------------------------------------------------------------------------------------
+
+def mine(message: CycleEvaluated, store: ArtifactStore) -> NegativesMined:
+    """The mistakes of the student just evaluated, for the next cycle's teacher request."""
+    ctx = run_context(store, message.run_id)
+    cycle = message.cycle + 1
+    student = _load_checkpoint(store, message.checkpoint, ctx.config.device)
+    report, probs = evaluate_student(student, ctx.splits.validation, ctx.labels)
+    mined = mine_mistakes(ctx.config, ctx.splits.validation, probs, ctx.labels, cycle)
+    return NegativesMined(run_id=message.run_id, cycle=cycle, mined=mined, report=report,
+                          train_set=message.train_set, best_checkpoint=message.best_checkpoint,
+                          wanted=samples_wanted(ctx.config, message.samples_generated), cycle_started=time.time())
+
+
+# -- generator -------------------------------------------------------------------------------------------
+
+def generate(message: NegativesMined, store: ArtifactStore) -> SamplesGenerated | RunCompleted:
+    """Ask the teacher, screen its answer against every known text, and hand the rest on."""
+    ctx = run_context(store, message.run_id)
+    config, cycle = ctx.config, message.cycle
+    train_set = read_samples_artifact(store, message.train_set)
+    if ctx.teacher is None:
+        ctx.teacher = make_teacher(config, ctx.splits, embed=shared_embeddings())
+        ctx.teacher_initial = ctx.teacher.state()
+    teacher = ctx.teacher
+    # Start from the state the previous answer left, so a restarted generator answers the same.
+    teacher.load_state(ctx.teacher_initial if cycle == 1 else store.get_json(ctx.files.teacher_state(cycle - 1)))
+    request = teacher_request(config, ctx.labels, train_set, message.mined, message.report, message.wanted, cycle)
+    batch = teacher.generate(request)
+    store.put_json(ctx.files.teacher_state(cycle), teacher.state())
+    store.put_json(ctx.files.teacher, teacher.describe())
+    if not batch.samples:
+        return complete_run(store, ctx, cycle_states(store, ctx, cycle), TEACHER_EXHAUSTED, cycle)
+    screened = screen(batch.samples, ctx.labels, known_texts(ctx.splits, train_set))
+    return SamplesGenerated(run_id=message.run_id, cycle=cycle, samples=screened.accepted,
+                            provenance=provenance_of(batch, screened), train_set=message.train_set,
+                            best_checkpoint=message.best_checkpoint, cycle_started=message.cycle_started)

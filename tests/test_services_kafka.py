@@ -1,0 +1,132 @@
+"""The four services over Kafka, with FastStream's in-memory TestKafkaBroker (no Kafka broker can
+run on these machines): their real handlers, the real engine steps, a real artifact store."""
+import asyncio
+import json
+
+import pytest
+from conftest import make_toy_dataset
+from faststream import Context
+from faststream.kafka import TestKafkaBroker
+from pgkd import steps
+from pgkd.artifacts import ArtifactStore
+from pgkd.distill import DistillConfig, run
+from pgkd.messages import DeadLetter, RunCompleted, SamplesGenerated
+
+import services
+from services.runtime import Settings, make_broker, send
+
+CONFIG = dict(labeled=40, student="tiny", teacher="pool-random", samples_per_cycle=16, max_cycles=3, patience=5,
+              epochs=8, cycle_epochs=2, learning_rate=1e-2, head_learning_rate=1e-2, batch_size=16, seed=1)
+
+
+def comparable(report: dict) -> dict:
+    """A report without what differs between any two runs: wall times and the environment."""
+    report = json.loads(json.dumps(report))
+    report.pop("seconds"), report.pop("environment")
+    for cycle in report["cycles"]:
+        cycle.pop("seconds")
+        cycle["training"].pop("seconds"), cycle["training"].pop("samples_per_second")
+    return report
+
+
+class Bus:
+    """The four services on one in-memory Kafka broker, plus a listener on the outcome topics."""
+
+    def __init__(self, artifacts):
+        self.settings = Settings(broker_url="kafka://localhost:9092", artifacts=f"file://{artifacts}")
+        self.broker = make_broker(self.settings.broker_url)
+        self.store = ArtifactStore(self.settings.artifacts)
+        self.services = [services.build(name, settings=self.settings, broker=self.broker, store=self.store)
+                         for name in services.NAMES]
+        self.seen: dict[str, list[dict]] = {}
+        for topic in ("run-completed", "dead-letter", "model-trained", "samples-generated"):
+            self._listen(topic)
+
+    def _listen(self, topic: str) -> None:
+        @self.broker.subscriber(f"pgkd.{topic}", group_id="test-listener")
+        async def listener(message=Context("message")):
+            try:
+                self.seen.setdefault(topic, []).append(json.loads(message.body))
+            except ValueError:  # the bad messages the dead-letter test sends
+                pass
+
+    async def publish(self, body: bytes, topic: str) -> None:
+        async with TestKafkaBroker(self.broker) as broker:
+            await send(broker, body, f"pgkd.{topic}")
+
+
+@pytest.fixture
+def bus(tmp_path):
+    return Bus(tmp_path / "artifacts")
+
+
+def test_a_run_through_the_four_services_computes_what_the_embedded_run_computes(bus, tmp_path):
+    config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")), **CONFIG)
+    request = steps.submit(config, bus.store, run_id="kafka-run")
+    asyncio.run(bus.publish(request.model_dump_json().encode(), "run-requested"))
+
+    (completed,) = [RunCompleted.model_validate(m) for m in bus.seen["run-completed"]]
+    assert completed.status == "completed" and completed.reason.startswith("max_cycles")
+    assert sorted(m["cycle"] for m in bus.seen["model-trained"]) == [0, 1, 2, 3]   # nested delivery: any order
+    assert "dead-letter" not in bus.seen
+    distributed = bus.store.get_json(completed.report)
+    embedded = run(config, tmp_path / "embedded", progress=False).model_dump(mode="json")
+    assert comparable(distributed) == comparable(embedded)
+    assert bus.store.exists("runs/kafka-run/history.png")
+
+
+def test_a_redelivered_message_repeats_no_work_and_a_lost_publish_is_repeated(bus, tmp_path):
+    config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")), **{**CONFIG, "max_cycles": 2})
+    request = steps.submit(config, bus.store, run_id="redelivered")
+    asyncio.run(bus.publish(request.model_dump_json().encode(), "run-requested"))
+    report_before = bus.store.get_bytes("runs/redelivered/report.json")
+    train_set = bus.store.get_bytes("runs/redelivered/train/v0001.jsonl")
+    published = len(bus.seen["model-trained"])
+
+    # Every message of the run delivered a second time: nothing is trained or published again.
+    generated = next(m for m in bus.seen["samples-generated"] if m["cycle"] == 1)
+    asyncio.run(bus.publish(request.model_dump_json().encode(), "run-requested"))
+    asyncio.run(bus.publish(json.dumps(generated).encode(), "samples-generated"))
+    assert len(bus.seen["model-trained"]) == published
+    assert len(bus.seen["run-completed"]) == 1
+    assert bus.store.get_bytes("runs/redelivered/report.json") == report_before
+
+    # A handler that stored its output but died before publishing it: the redelivery publishes it.
+    bus.store.fs.rm(bus.store._path("runs/redelivered/handled/samples-generated-0001.published"))
+    asyncio.run(bus.publish(json.dumps(generated).encode(), "samples-generated"))
+    assert len(bus.seen["model-trained"]) == published + 1
+    first = next(m for m in bus.seen["model-trained"] if m["cycle"] == 1)
+    assert bus.seen["model-trained"][-1] == first     # the same message again, not a new round
+    assert bus.store.get_bytes("runs/redelivered/train/v0001.jsonl") == train_set
+    samples = [json.loads(line)["text"] for line in train_set.decode().splitlines()]
+    assert len(samples) == len(set(samples)) == 32 + SamplesGenerated.model_validate(generated).provenance.accepted
+
+
+def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consuming(bus, tmp_path):
+    config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")), **{**CONFIG, "max_cycles": 1})
+    good = steps.submit(config, bus.store, run_id="after-bad-ones")
+    unknown_run = good.model_copy(update={"run_id": "never-submitted"})
+    future = json.loads(good.model_dump_json()) | {"schema_version": 2}
+
+    async def scenario():
+        async with TestKafkaBroker(bus.broker) as broker:
+            await send(broker, b"\x00not json", "pgkd.model-trained")
+            await send(broker, json.dumps(future).encode(), "pgkd.run-requested")
+            await send(broker, b'{"run_id": "x", "cycle": -1}', "pgkd.negatives-mined")
+            await send(broker, unknown_run.model_dump_json().encode(), "pgkd.run-requested")
+            await send(broker, good.model_dump_json().encode(), "pgkd.run-requested")
+    asyncio.run(scenario())
+
+    letters = [DeadLetter.model_validate(m) for m in bus.seen["dead-letter"]]
+    assert [(d.source_topic, d.service) for d in letters] == [
+        ("pgkd.model-trained", "evaluator"), ("pgkd.run-requested", "trainer"),
+        ("pgkd.negatives-mined", "generator"), ("pgkd.run-requested", "trainer")]
+    assert "not a valid ModelTrained" in letters[0].reason and letters[0].payload.endswith("not json")
+    assert "schema_version" in letters[1].reason
+    assert "cycle" in letters[2].reason
+    assert "never-submitted" in letters[3].payload and "ArtifactError" in letters[3].reason
+    assert letters[3].run_id == "never-submitted"
+    # The run whose step failed ends as failed, with the reason; the good run after it completes.
+    outcomes = {m["run_id"]: RunCompleted.model_validate(m) for m in bus.seen["run-completed"]}
+    assert outcomes["never-submitted"].status == "failed" and "ArtifactError" in outcomes["never-submitted"].reason
+    assert outcomes["after-bad-ones"].status == "completed"
