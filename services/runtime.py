@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -218,4 +220,7 @@ class Service:
         acknowledging it) the one in flight within PGKD_GRACEFUL_TIMEOUT."""
         log.info("%s: broker %s, artifacts %s, topics %s*, HTTP on :%d", self.name, self.settings.broker_url,
                  self.store.url, self.settings.topic_prefix, self.settings.metrics_port)
+        # uvicorn shuts down gracefully, then raises the signal again under the handler it found:
+        # let that handler be a clean exit, not death by signal.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         asyncio.run(self.app().run(logging.WARNING, {"host": "0.0.0.0", "port": self.settings.metrics_port}))

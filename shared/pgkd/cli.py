@@ -43,6 +43,7 @@ def _distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> Non
                    help="also score test after every cycle (a diagnostic; never used for any decision)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=4e-4)
+    p.add_argument("--head-learning-rate", type=float, default=4e-3, help="for the new classification head")
     p.add_argument("--label-noise", type=float, default=0.0, help="share of teacher answers relabeled at random")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")

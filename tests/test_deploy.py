@@ -1,0 +1,704 @@
+"""Offline checks of the deployment files: nothing here needs docker, a cluster or the network.
+
+- docker-compose.yml and deploy/compose.gpu.yml against the Compose Specification's JSON schema
+  (vendored in tests/schemas/), then the facts the product relies on: one image, the commands, the
+  shared volumes, the broker URL, Kafka in KRaft mode, Prometheus and Grafana wired to them.
+- deploy/Dockerfile and its .dockerignore: the base image, user, environment, entry point, and a build
+  context that holds what `pip install .` needs and nothing heavy.
+- every manifest under k8s/ against the Kubernetes OpenAPI schemas (kubernetes-validate, strict), the
+  Strimzi KafkaTopics against the vendored Strimzi CRD schema, then the kustomization, the security
+  settings, probes, resources, GPU placement, Services and topics.
+- test_the_validators_reject_broken_documents: the validators above do fail on broken documents, so a
+  passing run means something.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+K8S = REPO / "k8s"
+COMPOSE = REPO / "docker-compose.yml"
+GPU_OVERRIDE = REPO / "deploy" / "compose.gpu.yml"
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+DOCKERIGNORE = REPO / "deploy" / "Dockerfile.dockerignore"
+PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA_DATASOURCES = REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+
+SERVICES = ("trainer", "evaluator", "miner", "generator")
+TOPIC_PREFIX = "pgkd."
+TOPICS = tuple(TOPIC_PREFIX + name for name in (
+    "run-requested", "model-trained", "cycle-evaluated", "negatives-mined", "samples-generated",
+    "run-completed", "dead-letter"))
+METRICS_PORT = 9100
+UID = 10001
+IMAGE = "pgkd"
+
+# kubernetes-validate takes the target Kubernetes version as a string such as "1.30.0" (a leading "v" is
+# dropped) and validates against the newest schemas it bundles for a version not newer than that one
+# (kubernetes-validate 1.37 bundles 1.25 to 1.37; an unknown newer version is an error). Two targets: the
+# oldest Kubernetes these manifests are meant for, and the newest the installed package knows.
+K8S_VERSIONS = tuple(dict.fromkeys(("1.30.0", kubernetes_validate.latest_version())))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def load_yaml(path: Path):
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def load_yaml_all(path: Path) -> list:
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc is not None]
+
+
+@cache
+def compose() -> dict:
+    return load_yaml(COMPOSE)
+
+
+# jsonschema recognises the drafts by their http://json-schema.org/... ids only; the compose schema names
+# its draft as https://json-schema.org/draft-07/schema, which jsonschema would not recognise and would
+# validate with the latest draft instead (with a DeprecationWarning). So the draft is read from the name.
+DRAFTS = {
+    "draft-04": jsonschema.Draft4Validator,
+    "draft-06": jsonschema.Draft6Validator,
+    "draft-07": jsonschema.Draft7Validator,
+    "2019-09": jsonschema.Draft201909Validator,
+    "2020-12": jsonschema.Draft202012Validator,
+}
+
+
+@cache
+def compose_validator() -> jsonschema.protocols.Validator:
+    schema = json.loads((SCHEMAS / "compose-spec.json").read_text(encoding="utf-8"))
+    declared = [cls for draft, cls in DRAFTS.items() if draft in schema["$schema"]]
+    assert len(declared) == 1, f"unknown draft {schema['$schema']!r}"
+    declared[0].check_schema(schema)
+    return declared[0](schema)
+
+
+def schema_errors(validator: jsonschema.protocols.Validator, document) -> list[str]:
+    return sorted(f"{'/'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+                  for error in validator.iter_errors(document))
+
+
+SHORT_VOLUME = re.compile(r"(?P<source>\$\{[^}]*\}[^:]*|[^:]+)(?::(?P<target>[^:]+))?(?::(?P<mode>[^:]+))?")
+
+
+def compose_mounts(service: dict) -> dict[str, tuple[str, bool]]:
+    """target -> (source, read_only), from the short (SOURCE:TARGET[:MODE]) or the long volume syntax."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts[volume["target"]] = (volume.get("source", ""), bool(volume.get("read_only", False)))
+            continue
+        # The source may be ${VAR:-default}, which holds a colon itself.
+        match = SHORT_VOLUME.fullmatch(volume)
+        assert match, f"cannot parse volume {volume!r}"
+        if match["target"] is None:  # anonymous volume: only a target
+            mounts[match["source"]] = ("", False)
+        else:
+            mounts[match["target"]] = (match["source"], "ro" in (match["mode"] or "").split(","))
+    return mounts
+
+
+def is_named_volume(source: str) -> bool:
+    return bool(source) and not source.startswith((".", "/", "~", "$"))
+
+
+def pgkd_image_services() -> dict[str, dict]:
+    return {name: svc for name, svc in compose()["services"].items() if svc.get("image", "").split(":")[0] == IMAGE}
+
+
+def manifest_paths() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*") if p.suffix in {".yaml", ".yml"} and p.name != "kustomization.yaml")
+
+
+@cache
+def k8s_documents() -> tuple[tuple[str, dict], ...]:
+    return tuple((path.relative_to(K8S).as_posix(), doc) for path in manifest_paths() for doc in load_yaml_all(path))
+
+
+def k8s_doc(kind: str, name: str) -> dict:
+    found = [doc for _, doc in k8s_documents() if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def k8s_docs(kind: str) -> list[dict]:
+    return [doc for _, doc in k8s_documents() if doc["kind"] == kind]
+
+
+def containers(deployment: dict) -> list[dict]:
+    pod = deployment["spec"]["template"]["spec"]
+    return pod.get("initContainers", []) + pod["containers"]
+
+
+def quantity(value) -> float:
+    """A Kubernetes resource quantity as a number (cpu in cores, memory in bytes)."""
+    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    number, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value)).groups()
+    return float(number) * (units[unit] if unit else 1)
+
+
+# Strimzi's KafkaTopic is a custom resource: kubernetes-validate bundles only the built-in kinds and raises
+# SchemaNotFoundError for it. KafkaTopics are validated instead against the openAPIV3Schema of Strimzi's
+# own CRD (vendored, see tests/schemas/README.md), made strict the way kubernetes-validate's schemas are.
+@cache
+def crd_schema(api_version: str, kind: str) -> dict:
+    crd = load_yaml(SCHEMAS / "strimzi-kafkatopic-crd.yaml")
+    group, version = api_version.split("/")
+    assert (crd["spec"]["group"], crd["spec"]["names"]["kind"]) == (group, kind), f"no vendored CRD for {kind}"
+    served = [v for v in crd["spec"]["versions"] if v["name"] == version and v["served"]]
+    assert served, f"{kind} {api_version} is not a served version of the vendored CRD"
+    return strict_schema(served[0]["schema"]["openAPIV3Schema"])
+
+
+def strict_schema(schema: dict) -> dict:
+    """Reject unknown fields, like the API server's strict field validation: every object schema that lists
+    its properties gets additionalProperties: false, unless it keeps unknown fields on purpose
+    (x-kubernetes-preserve-unknown-fields, e.g. the topic's free-form `config`)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(schema)
+    return schema
+
+
+def validate_manifest(doc: dict, version: str) -> None:
+    """Raises jsonschema.ValidationError (kubernetes_validate.ValidationError is one) if doc is invalid."""
+    group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else ""
+    if group == "kafka.strimzi.io":
+        # An OpenAPI 3.0 schema object: draft 4 is the closest JSON Schema draft. x-kubernetes-* are ignored.
+        jsonschema.Draft4Validator(crd_schema(doc["apiVersion"], doc["kind"])).validate(doc)
+        # The CRD says only `metadata: {type: object}`; the API server checks it as an ObjectMeta. Same
+        # check here through a built-in kind that has nothing but metadata.
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]},
+                                     version, strict=True)
+    else:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comment lines dropped."""
+    instructions, pending = [], ""
+    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        keyword, _, arguments = pending.strip().partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    return instructions
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Whether the build context leaves `path` out: the part of .dockerignore semantics used here (the last
+    matching pattern wins, `!` re-includes, a pattern matching a parent folder matches what is inside it)."""
+    def regex(pattern: str) -> re.Pattern:
+        out, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif pattern[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                out, i = out + "[^/]", i + 1
+            elif pattern[i] == "[":
+                end = pattern.index("]", i)
+                out, i = out + pattern[i:end + 1], end + 1
+            else:
+                out, i = out + re.escape(pattern[i]), i + 1
+        return re.compile(out)
+
+    parts = path.split("/")
+    excluded = False
+    for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = regex(line.lstrip("!").strip("/"))
+        if any(pattern.fullmatch("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            excluded = not negate
+    return excluded
+
+
+# ---------------------------------------------------------------------------------------- docker compose
+
+def test_compose_file_matches_the_compose_specification():
+    assert "version" not in compose(), "the top-level version key is obsolete"
+    assert schema_errors(compose_validator(), compose()) == []
+
+
+def test_gpu_override_matches_the_specification_and_reserves_one_gpu_for_the_trainer():
+    override = load_yaml(GPU_OVERRIDE)
+    assert schema_errors(compose_validator(), override) == []
+    assert set(override["services"]) == {"trainer"}
+    devices = override["services"]["trainer"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # The base file must run without a GPU: no device reservation or gpus anywhere in it.
+    for name, service in compose()["services"].items():
+        assert "gpus" not in service and "devices" not in str(service.get("deploy", {})), name
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_compose_runs_each_service_from_the_one_image(name):
+    service = compose()["services"][name]
+    assert service["image"] == f"{IMAGE}:latest"
+    assert service["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile"}
+    assert service["command"] == ["service", name]
+    assert "entrypoint" not in service  # the image's ENTRYPOINT ["pgkd"]
+    assert service["restart"] == "unless-stopped"
+    assert service["depends_on"] == {"topics": {"condition": "service_completed_successfully"}}
+
+    env = {key: str(value) for key, value in service["environment"].items()}
+    assert env["PGKD_BROKER_URL"].startswith("kafka://")
+    assert env["PGKD_ARTIFACTS"] == "file:///artifacts"
+    assert env["PGKD_TOPIC_PREFIX"] == TOPIC_PREFIX
+    assert env["PGKD_METRICS_PORT"] == str(METRICS_PORT)
+
+    mounts = compose_mounts(service)
+    assert mounts["/artifacts"] == ("artifacts", False)
+    assert mounts["/data"] == ("${PGKD_DATA_DIR:-./data}", True)
+
+    # Metrics reachable by Prometheus on the compose network, not published on the host.
+    assert str(METRICS_PORT) in map(str, service["expose"])
+    assert "ports" not in service
+    assert any("/healthz" in part and str(METRICS_PORT) in part for part in service["healthcheck"]["test"])
+
+
+def test_compose_broker_url_is_the_internal_kafka_listener():
+    kafka_env = {key: str(value) for key, value in compose()["services"]["kafka"]["environment"].items()}
+    advertised = dict(listener.split("://") for listener in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    internal = advertised[kafka_env["KAFKA_INTER_BROKER_LISTENER_NAME"]]
+    for name, service in pgkd_image_services().items():
+        url = urlsplit(str(service["environment"]["PGKD_BROKER_URL"]))
+        assert (url.scheme, url.netloc) == ("kafka", internal), name
+        assert url.hostname in compose()["services"], name
+
+
+def test_compose_kafka_is_a_pinned_single_node_kraft_broker():
+    kafka = compose()["services"]["kafka"]
+    repository, _, tag = kafka["image"].partition(":")
+    assert repository == "apache/kafka"
+    assert re.fullmatch(r"3\.9\.\d+|4\.\d+\.\d+", tag), f"pin a 3.9.x or 4.x tag, not {tag!r}"
+
+    env = {key: str(value) for key, value in kafka["environment"].items()}
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert not any(key.startswith("KAFKA_ZOOKEEPER") for key in env)
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
+    assert env["CLUSTER_ID"]
+
+    listeners = dict(listener.split("://") for listener in env["KAFKA_LISTENERS"].split(","))
+    protocols = dict(pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    advertised = dict(listener.split("://") for listener in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    assert set(listeners) == set(protocols)
+    assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] in listeners
+    assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] not in advertised
+    assert set(advertised.values()) == {"kafka:9092", "localhost:9094"}
+    # The host-side listener is published on the port it advertises.
+    assert any(str(port).endswith("9094:9094") for port in kafka["ports"])
+
+    # A single broker cannot hold more than one replica of the internal topics.
+    for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"):
+        assert env[key] == "1", key
+
+    test = kafka["healthcheck"]["test"]
+    assert test[0] == "CMD" and re.fullmatch(
+        r"/opt/kafka/bin/(kafka-topics|kafka-broker-api-versions)\.sh", test[1]), test
+    assert "kafka-data" in compose()["volumes"]
+    assert compose_mounts(kafka)["/var/lib/kafka/data"][0] == "kafka-data"
+
+
+def test_compose_topics_job_creates_the_topics_once_kafka_is_healthy():
+    topics = compose()["services"]["topics"]
+    assert topics["image"] == f"{IMAGE}:latest"
+    assert topics["command"][:2] == ["topics", "create"]
+    assert topics["depends_on"] == {"kafka": {"condition": "service_healthy"}}
+    assert topics["restart"] == "no"
+    assert "profiles" not in topics  # started by `up`, since the services wait for it
+
+
+def test_compose_cli_is_an_on_demand_tool():
+    cli = compose()["services"]["cli"]
+    assert cli["profiles"] == ["tools"]
+    assert cli["entrypoint"] == ["pgkd"]
+    assert "restart" not in cli
+    mounts = compose_mounts(cli)
+    assert mounts["/data"][1] and mounts["/artifacts"][0] == "artifacts"
+
+
+def test_compose_every_pgkd_container_shares_one_image_build_and_configuration():
+    services = pgkd_image_services()
+    assert set(SERVICES) | {"topics", "cli"} <= set(services)
+    assert len({json.dumps(svc["build"], sort_keys=True) for svc in services.values()}) == 1
+    assert len({json.dumps(svc["environment"], sort_keys=True) for svc in services.values()}) == 1
+    build = next(iter(services.values()))["build"]
+    assert (REPO / build["context"] / build["dockerfile"]).is_file()
+
+
+def test_compose_references_resolve():
+    """What the schema cannot see but `docker compose up` refuses: undefined services or named volumes,
+    bind-mounted files that are not in the repository, a service started by default that depends on one
+    only started with a profile."""
+    services = compose()["services"]
+    declared_volumes = set(compose().get("volumes", {}))
+    for name, service in services.items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            if "profiles" not in service:
+                assert "profiles" not in services[dependency], f"{name} needs {dependency}, which has a profile"
+        for source, _ in compose_mounts(service).values():
+            if is_named_volume(source):
+                assert source in declared_volumes, f"{name}: volume {source} is not declared"
+            elif source.startswith("./"):
+                assert (REPO / source).exists(), f"{name}: {source} does not exist"
+
+
+def test_compose_prometheus_and_grafana_use_the_files_in_deploy():
+    services = compose()["services"]
+    prometheus = services["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:") and not prometheus["image"].endswith(":latest")
+    config = compose_mounts(prometheus)["/etc/prometheus/prometheus.yml"]
+    assert (REPO / config[0]).resolve() == PROMETHEUS and config[1]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert any(str(port).endswith("9090:9090") for port in prometheus["ports"])
+
+    grafana = services["grafana"]
+    assert grafana["image"].startswith("grafana/grafana:") and not grafana["image"].endswith(":latest")
+    provisioning = compose_mounts(grafana)["/etc/grafana/provisioning"]
+    assert (REPO / provisioning[0]).resolve() == GRAFANA_DATASOURCES.parents[1]
+    assert any(str(port).endswith("3000:3000") for port in grafana["ports"])
+    assert str(grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"]) == "Viewer"
+
+
+def test_prometheus_config_scrapes_the_four_services():
+    # promtool is not installed yet: this checks the structure and the targets, not every field.
+    config = load_yaml(PROMETHEUS)
+    assert config["global"]["scrape_interval"] == "5s"
+    seconds = {key: int(config["global"][key].removesuffix("s")) for key in ("scrape_interval", "scrape_timeout")}
+    assert seconds["scrape_timeout"] <= seconds["scrape_interval"]  # Prometheus refuses the config otherwise
+
+    jobs = [job["job_name"] for job in config["scrape_configs"]]
+    assert len(jobs) == len(set(jobs))
+    targets = {}
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+        for static in job["static_configs"]:
+            for target in static["targets"]:
+                targets[target] = static.get("labels", {}).get("service")
+    assert {f"{name}:{METRICS_PORT}": name for name in SERVICES}.items() <= targets.items()
+    for target in targets:
+        assert target.split(":")[0] in compose()["services"], f"{target} is not a compose service"
+
+
+def test_grafana_provisions_the_prometheus_datasource():
+    config = load_yaml(GRAFANA_DATASOURCES)
+    assert config["apiVersion"] == 1
+    (datasource,) = [ds for ds in config["datasources"] if ds["type"] == "prometheus"]
+    assert datasource["uid"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
+    assert urlsplit(datasource["url"]).hostname in compose()["services"]
+
+
+# ------------------------------------------------------------------------------------------ Dockerfile
+
+def test_dockerfile_builds_the_one_image():
+    instructions = dockerfile_instructions()
+    keywords = [keyword for keyword, _ in instructions]
+    assert [args for keyword, args in instructions if keyword == "FROM"] == ["python:3.11-slim"]
+
+    env = {}
+    for keyword, args in instructions:
+        if keyword == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(args))
+    assert {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1"}.items() <= env.items()
+
+    runs = [args for keyword, args in instructions if keyword == "RUN"]
+    torch = next(i for i, run in enumerate(runs) if re.search(r"pip install .*torch", run))
+    project = next(i for i, run in enumerate(runs) if re.search(r"pip install \.(\s|$)", run))
+    assert torch < project, "torch must be installed before the project"
+    assert any(f"--uid {UID}" in run and f"--gid {UID}" in run for run in runs)
+
+    users = [args for keyword, args in instructions if keyword == "USER"]
+    assert users[-1] in {str(UID), f"{UID}:{UID}"}
+    assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN")
+    assert [args for keyword, args in instructions if keyword == "WORKDIR"][-1] in {"/home/pgkd", "/app"}
+    assert [args for keyword, args in instructions if keyword == "EXPOSE"] == [str(METRICS_PORT)]
+    assert json.loads(dict(instructions)["ENTRYPOINT"]) == ["pgkd"]
+    assert json.loads(dict(instructions)["CMD"]) == ["service", "trainer"]
+
+
+@pytest.mark.parametrize("path, excluded", [
+    ("pyproject.toml", False),
+    ("README.md", False),
+    ("shared/pgkd/cli.py", False),
+    ("services/trainer/app.py", False),
+    (".venv/bin/python", True),
+    (".git/HEAD", True),
+    ("runs/demo/report.json", True),
+    ("data/banking77/train.jsonl", True),
+    ("tests/test_cli.py", True),
+    ("BENCHMARKS.md", True),
+    ("shared/pgkd/__pycache__/cli.cpython-311.pyc", True),
+    ("shared/pgkd.egg-info/PKG-INFO", True),
+])
+def test_build_context_holds_the_sources_and_nothing_heavy(path, excluded):
+    assert dockerignore_excludes(path) is excluded
+
+
+def test_build_context_has_what_pip_install_needs():
+    # The files `pip install .` reads, and the readme pyproject.toml names.
+    assert (REPO / "pyproject.toml").is_file() and (REPO / "README.md").is_file()
+    assert (REPO / "shared" / "pgkd" / "__init__.py").is_file()
+    assert 'readme = "README.md"' in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------ Kubernetes
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("source, doc", k8s_documents(),
+                         ids=[f"{source}:{doc['kind']}/{doc['metadata']['name']}" for source, doc in k8s_documents()])
+def test_manifest_is_valid(source, doc, version):
+    validate_manifest(doc, version)
+
+
+def test_kustomization_lists_every_manifest_and_nothing_else():
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    assert kustomization["kind"] == "Kustomization"
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed))
+    for resource in listed:
+        assert (K8S / resource).is_file(), f"{resource} is listed but does not exist"
+    # Flat layout, so that the comparison below sees every manifest.
+    assert all(path.parent == K8S for path in manifest_paths())
+    # *.example.yaml are templates to fill in (empty credentials), never applied as they are.
+    on_disk = {path.name for path in manifest_paths() if not path.name.endswith(".example.yaml")}
+    assert set(listed) == on_disk
+
+    assert kustomization["namespace"] == "pgkd"
+    labels = dict(kustomization.get("commonLabels", {}))
+    for entry in kustomization.get("labels", []):
+        labels.update(entry["pairs"])
+    assert labels.get("app.kubernetes.io/part-of") == "pgkd"
+    # `images:` retags the image everywhere; it matches containers by image name.
+    assert [image["name"] for image in kustomization["images"]] == [IMAGE]
+    for deployment in k8s_docs("Deployment"):
+        for container in containers(deployment):
+            assert container["image"].split(":")[0] == IMAGE
+
+
+def test_namespace_and_configmap():
+    assert k8s_doc("Namespace", "pgkd")
+    for source, doc in k8s_documents():
+        assert doc["metadata"].get("namespace", "pgkd") == "pgkd", source
+    assert k8s_doc("ConfigMap", "pgkd-config")["data"] == {
+        "PGKD_BROKER_URL": "kafka://pgkd-kafka-bootstrap:9092",
+        "PGKD_ARTIFACTS": "file:///artifacts",
+        "PGKD_TOPIC_PREFIX": TOPIC_PREFIX,
+        "PGKD_METRICS_PORT": str(METRICS_PORT),
+    }
+
+
+def test_artifacts_volume_and_s3_secret_template():
+    pvc = k8s_doc("PersistentVolumeClaim", "pgkd-artifacts")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+
+    secret = k8s_doc("Secret", "pgkd-s3")
+    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_ENDPOINT_URL": ""}
+    assert "data" not in secret
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_each_service_is_a_deployment_with_its_command_configuration_and_volumes(name):
+    deployment = k8s_doc("Deployment", f"pgkd-{name}")
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    (container,) = pod["containers"]
+    assert container["args"] == ["service", name]
+    assert "command" not in container  # the image's ENTRYPOINT ["pgkd"]
+    assert {"configMapRef": {"name": "pgkd-config"}} in container["envFrom"]
+    assert {"secretRef": {"name": "pgkd-s3", "optional": True}} in container["envFrom"]
+    assert {"name": "metrics", "containerPort": METRICS_PORT} in container["ports"]
+    # Service env vars would be named PGKD_* too (Services pgkd-*) and mix with the configuration.
+    assert pod["enableServiceLinks"] is False
+
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert set(mounts.values()) <= set(volumes), "a volumeMount names no volume"
+    assert volumes[mounts["/artifacts"]]["persistentVolumeClaim"]["claimName"] == "pgkd-artifacts"
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_every_container_runs_as_non_root_with_probes_and_resources():
+    deployments = k8s_docs("Deployment")
+    assert {d["metadata"]["name"] for d in deployments} == {f"pgkd-{name}" for name in SERVICES}
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }, name
+        for container in containers(deployment):
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["capabilities"]["drop"] == ["ALL"] and "add" not in security["capabilities"], name
+            assert security.get("runAsNonRoot", True) and security.get("runAsUser", UID) != 0, name
+            assert not security.get("privileged", False), name
+            # The root filesystem is read-only: /tmp must be a volume.
+            assert "/tmp" in {mount["mountPath"] for mount in container["volumeMounts"]}, name
+
+            assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, name
+            assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, name
+            resources = container["resources"]
+            for resource in ("cpu", "memory"):
+                request, limit = resources["requests"][resource], resources["limits"][resource]
+                assert quantity(request) <= quantity(limit), f"{name}: {resource} request above limit"
+
+
+def test_trainer_runs_on_a_gpu_node_and_the_others_do_not():
+    for name in SERVICES:
+        pod = k8s_doc("Deployment", f"pgkd-{name}")["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+        if name == "trainer":
+            assert str(gpus) == "1"
+            assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        else:
+            assert gpus is None and "nodeSelector" not in pod and "tolerations" not in pod, name
+    # One GPU per pod: a rolling update would need a second GPU for the new pod before the old one stops.
+    assert k8s_doc("Deployment", "pgkd-trainer")["spec"]["strategy"] == {"type": "Recreate"}
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_each_deployment_has_a_metrics_service_for_prometheus(name):
+    service = k8s_doc("Service", f"pgkd-{name}")
+    assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == str(METRICS_PORT)
+    (port,) = service["spec"]["ports"]
+    assert port["name"] == "metrics" and port["port"] == METRICS_PORT
+    assert port["targetPort"] in {"metrics", METRICS_PORT}
+    # The selector picks this service's pods and no other deployment's.
+    selector = service["spec"]["selector"].items()
+    for deployment in k8s_docs("Deployment"):
+        picks = selector <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert picks == (deployment["metadata"]["name"] == f"pgkd-{name}"), deployment["metadata"]["name"]
+
+
+def test_kafka_topics_match_the_configuration():
+    topics = k8s_docs("KafkaTopic")
+    assert sorted(topic["spec"]["topicName"] for topic in topics) == sorted(TOPICS)
+    config = k8s_doc("ConfigMap", "pgkd-config")["data"]
+    bootstrap = urlsplit(config["PGKD_BROKER_URL"]).hostname
+    for topic in topics:
+        assert topic["apiVersion"] == "kafka.strimzi.io/v1beta2"
+        cluster = topic["metadata"]["labels"]["strimzi.io/cluster"]
+        assert cluster == "pgkd"
+        assert bootstrap == f"{cluster}-kafka-bootstrap"  # Strimzi's name for the cluster's bootstrap Service
+        assert topic["spec"]["topicName"].startswith(config["PGKD_TOPIC_PREFIX"])
+        spec = topic["spec"]
+        assert spec["partitions"] >= 1 and spec["replicas"] >= 1
+        assert int(spec["config"].get("min.insync.replicas", 1)) <= spec["replicas"]
+
+
+def test_compose_and_kubernetes_agree_on_the_configuration():
+    config = k8s_doc("ConfigMap", "pgkd-config")["data"]
+    compose_env = {key: str(value) for key, value in compose()["services"]["trainer"]["environment"].items()}
+    for key in ("PGKD_ARTIFACTS", "PGKD_TOPIC_PREFIX", "PGKD_METRICS_PORT"):
+        assert compose_env[key] == config[key], key
+    assert urlsplit(compose_env["PGKD_BROKER_URL"]).scheme == urlsplit(config["PGKD_BROKER_URL"]).scheme
+
+
+def test_kustomize_build_renders_valid_labelled_manifests():
+    """Only where kustomize or kubectl is installed: the rendered output, with namespace and labels applied."""
+    if shutil.which("kustomize"):
+        command = ["kustomize", "build", str(K8S)]
+    elif shutil.which("kubectl"):
+        command = ["kubectl", "kustomize", str(K8S)]
+    else:
+        pytest.skip("neither kustomize nor kubectl is installed")
+    rendered = [doc for doc in yaml.safe_load_all(
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=120).stdout) if doc]
+    listed = load_yaml(K8S / "kustomization.yaml")["resources"]
+    assert len(rendered) == sum(len(load_yaml_all(K8S / resource)) for resource in listed)
+    for doc in rendered:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        validate_manifest(doc, K8S_VERSIONS[-1])
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "pgkd", where
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "pgkd", where
+        if doc["kind"] == "Deployment":
+            assert doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "pgkd", where
+            assert "app.kubernetes.io/part-of" not in doc["spec"]["selector"]["matchLabels"], where
+
+
+# ------------------------------------------------------------------------------------ negative controls
+
+def test_the_validators_reject_broken_documents():
+    """Every check above must be able to fail: one broken copy of a real document per kind of mistake."""
+    trainer = k8s_doc("Deployment", "pgkd-trainer")
+
+    misspelt = copy.deepcopy(trainer)
+    misspelt["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {"path": "/healthz"}
+    wrong_type = copy.deepcopy(trainer)
+    wrong_type["spec"]["replicas"] = "one"
+    missing = copy.deepcopy(trainer)
+    del missing["spec"]["template"]["spec"]["containers"][0]["name"]
+    topic = k8s_docs("KafkaTopic")[0]
+    topic_misspelt = copy.deepcopy(topic)
+    topic_misspelt["spec"]["partition"] = 3
+    topic_zero = copy.deepcopy(topic)
+    topic_zero["spec"]["partitions"] = 0
+    topic_bad_label = copy.deepcopy(topic)
+    topic_bad_label["metadata"]["labels"]["strimzi.io/cluster"] = 1
+    for broken in (misspelt, wrong_type, missing, topic_misspelt, topic_zero, topic_bad_label):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_manifest(broken, K8S_VERSIONS[-1])
+    # A kind nobody has a schema for is an error, not a pass.
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        validate_manifest({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}},
+                          K8S_VERSIONS[-1])
+
+    unknown_key = copy.deepcopy(compose())
+    unknown_key["services"]["trainer"]["comand"] = ["service", "trainer"]
+    bad_condition = copy.deepcopy(compose())
+    bad_condition["services"]["trainer"]["depends_on"]["topics"]["condition"] = "service_done"
+    bad_volume = copy.deepcopy(compose())
+    bad_volume["volumes"]["artifacts"] = {"drivr": "local"}
+    for broken in (unknown_key, bad_condition, bad_volume):
+        assert schema_errors(compose_validator(), broken)
