@@ -65,7 +65,8 @@ def wait_for(store: ArtifactStore, run_id: str, timeout: float | None, poll: flo
         time.sleep(poll)
 
 
-def _show_cycles(store: ArtifactStore, run_id: str, shown: int) -> int:
+def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None) -> int:
+    """Print the cycles recorded after the first `shown` ones (to stderr by default, as progress)."""
     files = RunFiles(run_id)
     keys = store.list(files.cycles)
     if len(keys) <= shown:
@@ -75,7 +76,7 @@ def _show_cycles(store: ArtifactStore, run_id: str, shown: int) -> int:
     policy = make_policy(config)
     for i in range(shown, len(records)):
         history = [r.validation[config.metric] for r in records[:i + 1]]
-        log_cycle(config, records[i], history, policy.best_cycle(history))
+        log_cycle(config, records[i], history, policy.best_cycle(history), write=write)
     return len(records)
 
 
@@ -100,7 +101,7 @@ def status(run_id: str) -> int:
     config = request.config
     print(f"run {run_id}: {config['data']}, student {config['student']}, teacher {config['teacher']}, "
           f"seed {config['seed']}")
-    if not _show_cycles(store, run_id, 0):
+    if not _show_cycles(store, run_id, 0, write=print):
         print("no cycle evaluated yet")
     if store.exists(files.completed):
         return _print_completion(store, RunCompleted.model_validate(store.get_json(files.completed)))

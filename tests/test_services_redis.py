@@ -48,19 +48,23 @@ class ServiceProcesses:
         return subprocess.run([sys.executable, "-m", "pgkd.cli", *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
-    def pending(self, topic: str, service: str) -> int:
-        """Messages a consumer of `service` has read and not acknowledged."""
+    def pending(self, topic: str, service: str, pid: int | None = None) -> int:
+        """Messages the consumers of `service` (of one process, with `pid`) read and did not acknowledge."""
         try:
-            return self.redis.xpending(f"pgkd.{topic}", f"pgkd.{service}")["pending"]
+            summary = self.redis.xpending(f"pgkd.{topic}", f"pgkd.{service}")
         except redis.ResponseError:
             return 0
+        return sum(c["pending"] for c in summary["consumers"] if pid is None or f"-{pid}" in c["name"].decode())
 
-    def kill_while_busy(self, name: str, topic: str, timeout: float = 120) -> None:
-        """SIGKILL the service while it holds a message it has not finished."""
+    def wait_busy(self, name: str, topic: str, timeout: float = 120) -> None:
+        """Until the running service process holds a message from `topic` it has not finished."""
         deadline = time.monotonic() + timeout
-        while self.pending(topic, name) == 0:
+        while self.pending(topic, name, self.processes[name].pid) == 0:
             assert time.monotonic() < deadline, f"{name} never took a message from {topic}"
             time.sleep(0.02)
+
+    def kill_while_busy(self, name: str, topic: str, timeout: float = 120) -> None:
+        self.wait_busy(name, topic, timeout)
         self.processes[name].send_signal(signal.SIGKILL)
         self.processes[name].wait(10)
 
@@ -128,7 +132,7 @@ def test_a_submitted_run_completes_over_redis_and_matches_the_embedded_run(servi
     assert comparable(report) == comparable(embedded.model_dump(mode="json"))
     check_run_integrity(store, "redis-run", report)
     status = services_over_redis.pgkd("status", "redis-run")
-    assert status.returncode == 0 and "cycle  3:" in status.stderr and "report:" in status.stdout
+    assert status.returncode == 0 and "cycle  3:" in status.stdout and "report:" in status.stdout
     assert services_over_redis.stop() == {name: 0 for name in services.NAMES}     # SIGTERM: clean exits
 
 
@@ -151,6 +155,14 @@ def test_the_trainer_killed_mid_round_is_restarted_and_the_run_is_unchanged(serv
     services_over_redis.kill_while_busy("trainer", "samples-generated")
     assert services_over_redis.pending("samples-generated", "trainer") == 1   # held by the dead trainer
     services_over_redis.start("trainer")                                      # a new one takes it over
+
+    # SIGTERM while busy: the trainer finishes the round it holds, acknowledges it, and exits cleanly.
+    services_over_redis.wait_busy("trainer", "samples-generated")
+    trainer = services_over_redis.processes["trainer"]
+    trainer.send_signal(signal.SIGTERM)
+    assert trainer.wait(120) == 0
+    assert services_over_redis.pending("samples-generated", "trainer") == 0
+    services_over_redis.start("trainer")
 
     assert services_over_redis.wait_completed("trainer-crash")["status"] == "completed"
     report = store.get_json("runs/trainer-crash/report.json")

@@ -162,11 +162,12 @@ def assemble_report(config: DistillConfig, dataset: Dataset, splits: Splits, tra
         stop_reason=stop_reason, seconds=seconds, environment=environment())
 
 
-def log_cycle(config: DistillConfig, record: CycleRecord, history: list[float], best_cycle: int) -> None:
-    log(f"cycle {record.cycle:>2}: train {record.train_size:>5}  val {config.metric} {history[-1]:.4f}  "
-        f"acc {record.validation['accuracy']:.4f}  best {history[best_cycle]:.4f} @ {best_cycle}  "
-        f"accepted {record.accepted}/{record.generated}" + (f" rejected {record.rejected}" if record.rejected else "")
-        + f"  {record.seconds:.0f}s")
+def log_cycle(config: DistillConfig, record: CycleRecord, history: list[float], best_cycle: int, write=None) -> None:
+    line = (f"cycle {record.cycle:>2}: train {record.train_size:>5}  val {config.metric} {history[-1]:.4f}  "
+            f"acc {record.validation['accuracy']:.4f}  best {history[best_cycle]:.4f} @ {best_cycle}  "
+            f"accepted {record.accepted}/{record.generated}"
+            + (f" rejected {record.rejected}" if record.rejected else "") + f"  {record.seconds:.0f}s")
+    (write or log)(line)
 
 
 def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=None,
