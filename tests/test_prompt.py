@@ -42,3 +42,17 @@ def test_prompt_without_report_or_hard_negatives_leaves_those_sections_out():
     bare = render_prompt(request.model_copy(update={"report": None, "hard_negatives": []}))
     assert "## Validation report" not in bare and "## Hard negatives" not in bare
     assert "exactly 8 objects" in bare
+
+
+def test_a_prompt_reads_back_into_the_request_it_was_rendered_from():
+    from pgkd.prompt import PromptError, read_prompt
+    import pytest
+    request = _request()
+    text = render_prompt(request)
+    back = read_prompt(text)
+    assert render_prompt(back) == text
+    assert (back.n, back.taxonomy, back.examples) == (8, request.taxonomy, request.examples)
+    assert back.hard_negatives == request.hard_negatives and back.report.per_class.keys() == {
+        c for c, s in request.report.per_class.items() if s.support}
+    with pytest.raises(PromptError):
+        read_prompt("Write me a poem about cards.")

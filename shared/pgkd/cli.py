@@ -21,7 +21,22 @@ def _distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> Non
         p.add_argument("--out", required=True, help="output folder: report.json, best/, history.png")
     p.add_argument("--labeled", type=int, default=1000,
                    help="labeled samples drawn from train (80/20 train/validation)")
-    p.add_argument("--teacher", default="pool-guided", help="pool-guided | pool-random (simulated LLM teachers)")
+    p.add_argument("--teacher", default="pool-guided",
+                   help="pool-guided | pool-random (simulated LLM teachers), or an LLM: triton://HOST:PORT/MODEL, "
+                        "triton+grpc://HOST:PORT/MODEL, openai://HOST:PORT/v1?model=NAME[&key_env=VAR]")
+    llm = p.add_argument_group("LLM teacher (triton://, openai://)")
+    llm.add_argument("--teacher-timeout", type=float, default=120.0, help="seconds per call")
+    llm.add_argument("--teacher-retries", type=int, default=3,
+                     help="retries per call on timeouts, transport errors, 5xx")
+    llm.add_argument("--teacher-concurrency", type=int, default=4, help="calls in flight")
+    llm.add_argument("--teacher-max-per-call", type=int, default=32, help="samples asked for in one call")
+    llm.add_argument("--teacher-max-tokens", type=int, default=4096)
+    llm.add_argument("--teacher-temperature", type=float, default=0.7)
+    llm.add_argument("--price-prompt-per-1k", type=float, default=0.0, help="cost of 1,000 prompt tokens")
+    llm.add_argument("--price-completion-per-1k", type=float, default=0.0, help="cost of 1,000 completion tokens")
+    llm.add_argument("--teacher-cache", default="file://~/.cache/pgkd",
+                     help="where answers are cached by request (a folder URL or s3://...; none: off); "
+                          "the services use their artifact store")
     p.add_argument("--guidance", default="full", choices=["full", "no-report", "no-hard-negatives"],
                    help="what the teacher is shown: everything, or all but the validation report / hard negatives")
     p.add_argument("--student", default="minilm",
@@ -52,14 +67,15 @@ def _distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> Non
 
 
 def cmd_distill(args) -> int:
-    from .distill import DistillConfig, run, summary_table
+    from .distill import TEACHER_UNAVAILABLE, DistillConfig, run, summary_table
     options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "out", "progress")}
     config = DistillConfig(**options)
     report = run(config, args.out, progress=args.progress)
     print(summary_table(report))
     print(f"stopped: {report.stop_reason}")
     print(f"wrote {args.out}/report.json, {args.out}/best/, {args.out}/history.png")
-    return 0
+    # The run's results are written either way; a teacher that went away is still a failure to report.
+    return 1 if report.stop_reason.startswith(TEACHER_UNAVAILABLE) else 0
 
 
 def cmd_submit(args) -> int:
@@ -84,6 +100,14 @@ def cmd_service(args) -> int:
 def cmd_topics(args) -> int:
     from services.cli import create_topics
     return create_topics(args.partitions, args.replication_factor)
+
+
+def cmd_teacher_serve(args) -> int:
+    from .teacher_server import serve
+    serve(args.kind, args.data, args.labeled, args.seed, args.http_port, args.grpc_port, args.metrics_port,
+          label_noise=args.label_noise, latency=args.latency, text_column=args.text_column,
+          label_column=args.label_column)
+    return 0
 
 
 def _read_stdin_texts() -> list[str]:
@@ -188,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--partitions", type=int, default=3)
     create.add_argument("--replication-factor", type=int, default=1)
     create.set_defaults(func=cmd_topics)
+
+    teacher = sub.add_parser("teacher", help="the teacher side")
+    teacher_sub = teacher.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
+    serve = teacher_sub.add_parser("serve", help="serve a simulated teacher as a Triton LLM model (text in, JSON out)")
+    serve.add_argument("--kind", default="pool-guided", choices=["pool-guided", "pool-random"])
+    serve.add_argument("--data", required=True, help="the dataset the runs use")
+    serve.add_argument("--labeled", type=int, default=1000, help="the runs' --labeled: their samples are not served")
+    serve.add_argument("--seed", type=int, default=1, help="the runs' --seed")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--label-noise", type=float, default=0.0)
+    serve.add_argument("--latency", type=float, default=0.0, help="seconds each answer takes, like an LLM's")
+    serve.add_argument("--text-column", default="text")
+    serve.add_argument("--label-column", default="label")
+    serve.set_defaults(func=cmd_teacher_serve)
 
     bench = sub.add_parser("bench", help="benchmarks: quality of the arms, speed of the student")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)

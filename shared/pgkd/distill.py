@@ -26,7 +26,10 @@ from .simulated_teachers import TEACHERS, make_simulated_teacher
 from .stopping import StopPolicy
 from .student import Student, TrainConfig
 from .students import create_student
-from .teacher import GeneratedBatch, GenerationRequest, build_request
+from .artifacts import ArtifactStore
+from .llm_teacher import LLMSettings, LLMTeacher, ResponseCache
+from .llm_transports import is_llm_teacher
+from .teacher import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage, build_request
 
 
 class DistillConfig(BaseModel):
@@ -36,7 +39,16 @@ class DistillConfig(BaseModel):
     label_column: str = "label"
     labeled: int = Field(1000, gt=0)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
-    teacher: str = "pool-guided"
+    teacher: str = "pool-guided"          # a simulation's name, or triton://, triton+grpc://, openai:// URL
+    teacher_timeout: float = Field(120.0, gt=0)        # LLM teachers: seconds per call
+    teacher_retries: int = Field(3, ge=0)
+    teacher_concurrency: int = Field(4, gt=0)
+    teacher_max_per_call: int = Field(32, gt=0)        # samples asked for in one call
+    teacher_max_tokens: int = Field(4096, gt=0)
+    teacher_temperature: float = Field(0.7, ge=0)
+    price_prompt_per_1k: float = Field(0.0, ge=0)      # currency units per 1,000 prompt tokens
+    price_completion_per_1k: float = Field(0.0, ge=0)
+    teacher_cache: str = "file://~/.cache/pgkd"      # artifact store for LLM answers; "none" turns it off
     guidance: Literal["full", "no-report", "no-hard-negatives"] = "full"   # the paper's two ablations
     label_noise: float = Field(0.0, ge=0, le=1)
     student: str = "minilm"
@@ -73,9 +85,17 @@ class DistillConfig(BaseModel):
     @field_validator("teacher")
     @classmethod
     def _known_teacher(cls, v: str) -> str:
-        if v not in TEACHERS:
-            raise ValueError(f"unknown teacher {v!r}; one of {', '.join(TEACHERS)}")
+        if v not in TEACHERS and not is_llm_teacher(v):
+            raise ValueError(f"unknown teacher {v!r}; one of {', '.join(TEACHERS)}, or triton://HOST:PORT/MODEL, "
+                             "triton+grpc://HOST:PORT/MODEL, openai://HOST:PORT/v1?model=NAME")
         return v
+
+    def llm_settings(self) -> LLMSettings:
+        return LLMSettings(timeout=self.teacher_timeout, retries=self.teacher_retries,
+                           concurrency=self.teacher_concurrency, max_per_call=self.teacher_max_per_call,
+                           max_tokens=self.teacher_max_tokens, temperature=self.teacher_temperature,
+                           price_prompt_per_1k=self.price_prompt_per_1k,
+                           price_completion_per_1k=self.price_completion_per_1k)
 
     def train_config(self, epochs: int, seed: int, scale: float = 1.0) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, learning_rate=self.learning_rate * scale,
@@ -140,7 +160,14 @@ def known_texts(splits: Splits, train: list[Sample]) -> set[str]:
     return {normalize_text(s.text) for s in train + splits.validation + splits.test}
 
 
-def make_teacher(config: DistillConfig, splits: Splits, embed=None):
+def make_teacher(config: DistillConfig, splits: Splits, embed=None, cache_store=None):
+    """A simulated teacher by name, or an LLM teacher by URL whose answers are cached in `cache_store`
+    (default: the store named by --teacher-cache)."""
+    if is_llm_teacher(config.teacher):
+        if cache_store is None and config.teacher_cache != "none":
+            cache_store = ArtifactStore(config.teacher_cache.replace("~", str(Path.home()), 1))
+        return LLMTeacher(config.teacher, config.llm_settings(),
+                          cache=ResponseCache(cache_store) if cache_store is not None else None, seed=config.seed)
     return make_simulated_teacher(config.teacher, splits.pool, seed=config.seed, label_noise=config.label_noise,
                                   embed=embed)
 
@@ -158,8 +185,9 @@ def assemble_report(config: DistillConfig, dataset: Dataset, splits: Splits, tra
                  "train_label_counts": label_counts(train), "duplicates": dataset_duplicates(splits),
                  "notes": dataset.notes},
         student={"spec": config.student, "parameters": student.parameter_count(), "device": str(student.device)},
-        teacher=teacher, seed=config.seed, config=config.model_dump(), cycles=cycles, baseline=baseline, best=best,
-        stop_reason=stop_reason, seconds=seconds, environment=environment())
+        teacher=teacher, teacher_usage=sum((c.teacher_usage for c in cycles), TeacherUsage()), seed=config.seed,
+        config=config.model_dump(), cycles=cycles, baseline=baseline, best=best, stop_reason=stop_reason,
+        seconds=seconds, environment=environment())
 
 
 def log_cycle(config: DistillConfig, record: CycleRecord, history: list[float], best_cycle: int, write=None) -> None:
@@ -237,8 +265,12 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
             mined = mine_mistakes(config, validation, probs, labels, cycle)
             request = teacher_request(config, labels, train, mined, report, samples_wanted(config, generated_total),
                                       cycle)
-            batch = teacher.generate(request)
-            if not batch.samples:
+            try:
+                batch = teacher.generate(request)
+            except TeacherUnavailable as e:
+                decision.reason = f"{TEACHER_UNAVAILABLE}: {e}"
+                break
+            if not batch.samples and not batch.rejected:
                 decision.reason = TEACHER_EXHAUSTED
                 break
             screened = screen(batch.samples, labels, known)
@@ -265,11 +297,14 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
 
 
 TEACHER_EXHAUSTED = "teacher_exhausted: the teacher returned no samples"
+TEACHER_UNAVAILABLE = "teacher_unavailable"
 
 
 def provenance_of(batch: GeneratedBatch, screened: Screened) -> Provenance:
+    """`generated` counts the samples the teacher's answers held; `rejected` also counts, by reason,
+    answers that held none (unparseable_answer) and list items that were not samples."""
     return Provenance(generated=len(batch.samples), accepted=len(screened.accepted),
-                      rejected=screened.rejected_by_reason(), teacher_usage=batch.usage)
+                      rejected={**batch.rejected, **screened.rejected_by_reason()}, teacher_usage=batch.usage)
 
 
 def cycle_record(config: DistillConfig, cycle: int, train_size: int, report: EvalReport,

@@ -1,9 +1,13 @@
-"""The PGKD teacher prompt, rendered from a GenerationRequest (after Di Palo et al., 2024, sec. 3)."""
+"""The PGKD teacher prompt, rendered from a GenerationRequest (after Di Palo et al., 2024, sec. 3),
+and read back into one (`read_prompt`): the simulated teacher served on Triton sees only the prompt,
+as an LLM would."""
 from __future__ import annotations
 
 import json
+import re
 
-from .evaluation import EvalReport
+from .data import Sample
+from .evaluation import ClassScores, Confusion, EvalReport
 from .mining import MinedSample
 from .teacher import GenerationRequest
 
@@ -61,3 +65,67 @@ def render_prompt(request: GenerationRequest) -> str:
         ANSWER_FORMAT.format(n=request.n),
     ]
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def repair_prompt(error: str) -> str:
+    """The one follow-up an LLM gets when its answer was not the JSON asked for."""
+    return (f"Your previous answer could not be used: {error}.\n"
+            "Answer again with only the JSON list of {\"text\": ..., \"label\": ...} objects, nothing else.")
+
+
+class PromptError(ValueError):
+    """A text that is not a PGKD prompt."""
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    sections: dict[str, list[str]] = {"": []}
+    current = ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = line[3:].strip()
+            sections[current] = []
+        else:
+            sections[current].append(line)
+    return sections
+
+
+def _mined(lines: list[str]) -> list[MinedSample]:
+    return [MinedSample.model_validate_json(line) for line in lines if line.startswith("{")]
+
+
+def _read_report(lines: list[str]) -> EvalReport:
+    head = re.search(r"accuracy ([\d.]+), macro-F1 ([\d.]+), weighted-F1 ([\d.]+), loss ([\d.]+) \((\d+) samples\)",
+                     "\n".join(lines))
+    if head is None:
+        raise PromptError("validation report without its summary line")
+    per_class, confusions = {}, []
+    for line in lines:
+        if m := re.fullmatch(r"- (.+): ([\d.]+) / ([\d.]+) / ([\d.]+), (\d+)", line):
+            per_class[m[1]] = ClassScores(precision=float(m[2]), recall=float(m[3]), f1=float(m[4]),
+                                          support=int(m[5]))
+        elif m := re.fullmatch(r"- (.+) -> (.+): (\d+)", line):
+            confusions.append(Confusion(true=m[1], predicted=m[2], count=int(m[3])))
+    scored = list(per_class.values()) or [ClassScores(precision=0, recall=0, f1=0, support=0)]
+    accuracy, macro_f1, weighted_f1, loss, samples = (float(head[1]), float(head[2]), float(head[3]),
+                                                      float(head[4]), int(head[5]))
+    return EvalReport(accuracy=accuracy, macro_f1=macro_f1, weighted_f1=weighted_f1, loss=loss, samples=samples,
+                      macro_precision=sum(s.precision for s in scored) / len(scored),
+                      macro_recall=sum(s.recall for s in scored) / len(scored),
+                      weighted_precision=0.0, weighted_recall=0.0, per_class=per_class, confusions=confusions)
+
+
+def read_prompt(text: str) -> GenerationRequest:
+    """The request a PGKD prompt was rendered from, as far as the prompt shows it (scores to two
+    decimals; classes without validation samples are absent from the report)."""
+    wanted = re.search(r"write (\d+) new, realistic, labeled texts", text)
+    sections = _sections(text)
+    if wanted is None or "Classes" not in sections:
+        raise PromptError("not a PGKD prompt: no request for N labeled texts or no list of classes")
+    taxonomy = [line[2:] for line in sections["Classes"] if line.startswith("- ")]
+    examples = [Sample.model_validate_json(line) for line in sections.get("Labeled examples", [])
+                if line.startswith("{")]
+    report = _read_report(sections["Validation report"]) if "Validation report" in sections else None
+    return GenerationRequest(taxonomy=taxonomy, examples=examples, report=report, n=int(wanted[1]),
+                             hard_negatives=_mined(sections.get("Hard negatives", [])),
+                             misclassified=_mined(sections.get("Misclassified samples", [])),
+                             correct=_mined(sections.get("Correctly classified samples", [])))

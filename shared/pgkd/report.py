@@ -55,6 +55,7 @@ class RunReport(BaseModel):
     dataset: dict
     student: dict
     teacher: dict
+    teacher_usage: TeacherUsage        # the whole run's; each cycle's is in `cycles`
     seed: int
     config: dict
     cycles: list[CycleRecord]

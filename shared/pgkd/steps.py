@@ -32,6 +32,7 @@ from .artifacts import ArtifactRef, ArtifactStore
 from .data import Dataset, Sample, Splits, load_dataset, make_splits
 from .distill import (
     TEACHER_EXHAUSTED,
+    TEACHER_UNAVAILABLE,
     DistillConfig,
     assemble_report,
     cycle_record,
@@ -52,6 +53,7 @@ from .messages import CycleEvaluated, ModelTrained, NegativesMined, RunCompleted
 from .report import BestScores, CycleRecord, Provenance, Scores, TrainingRound, plot_history
 from .screening import screen
 from .students import load_student
+from .teacher import TeacherUnavailable
 
 
 class RunFiles:
@@ -310,16 +312,20 @@ def generate(message: NegativesMined, store: ArtifactStore) -> SamplesGenerated 
     config, cycle = ctx.config, message.cycle
     train_set = read_samples_artifact(store, message.train_set)
     if ctx.teacher is None:
-        ctx.teacher = make_teacher(config, ctx.splits, embed=shared_embeddings())
+        ctx.teacher = make_teacher(config, ctx.splits, embed=shared_embeddings(), cache_store=store)
         ctx.teacher_initial = ctx.teacher.state()
     teacher = ctx.teacher
     # Start from the state the previous answer left, so a restarted generator answers the same.
     teacher.load_state(ctx.teacher_initial if cycle == 1 else store.get_json(ctx.files.teacher_state(cycle - 1)))
     request = teacher_request(config, ctx.labels, train_set, message.mined, message.report, message.wanted, cycle)
-    batch = teacher.generate(request)
-    store.put_json(ctx.files.teacher_state(cycle), teacher.state())
+    try:
+        batch = teacher.generate(request)
+    except TeacherUnavailable as e:
+        store.put_json(ctx.files.teacher, teacher.describe())
+        return complete_run(store, ctx, cycle_states(store, ctx, cycle), f"{TEACHER_UNAVAILABLE}: {e}", cycle)
     store.put_json(ctx.files.teacher, teacher.describe())
-    if not batch.samples:
+    store.put_json(ctx.files.teacher_state(cycle), teacher.state())
+    if not batch.samples and not batch.rejected:
         return complete_run(store, ctx, cycle_states(store, ctx, cycle), TEACHER_EXHAUSTED, cycle)
     screened = screen(batch.samples, ctx.labels, known_texts(ctx.splits, train_set))
     return SamplesGenerated(run_id=message.run_id, cycle=cycle, samples=screened.accepted,

@@ -27,16 +27,36 @@ class GenerationRequest(BaseModel):
 
 
 class TeacherUsage(BaseModel):
+    """What asking the teacher cost. `seconds` is the sum of the calls' round-trip times."""
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    cost: float = 0.0                  # from the configured prices per 1k tokens
+    retries: int = 0
+    cache_hits: int = 0                # answers read from the response cache instead of the teacher
+    errors: dict[str, int] = {}        # failed calls by kind (timeout, transport, server_error, ...)
+
+    def __add__(self, other: "TeacherUsage") -> "TeacherUsage":
+        errors = dict(self.errors)
+        for kind, count in other.errors.items():
+            errors[kind] = errors.get(kind, 0) + count
+        return TeacherUsage(calls=self.calls + other.calls, prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+                            completion_tokens=self.completion_tokens + other.completion_tokens,
+                            seconds=self.seconds + other.seconds, cost=self.cost + other.cost,
+                            retries=self.retries + other.retries, cache_hits=self.cache_hits + other.cache_hits,
+                            errors=errors)
 
 
 class GeneratedBatch(BaseModel):
     samples: list[Sample]
     teacher: str
     usage: TeacherUsage = TeacherUsage()
+    rejected: dict[str, int] = {}      # answers or list items dropped before screening, by reason
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher cannot be reached (its calls keep failing): the cycle cannot get samples."""
 
 
 class Teacher(Protocol):

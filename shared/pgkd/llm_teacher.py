@@ -1,0 +1,246 @@
+"""The LLM teacher: the PGKD prompt to a real LLM (Triton or OpenAI-compatible), samples back.
+
+One `generate` call:
+1. splits the request into calls of at most `max_per_call` samples (one answer holds only so much)
+   and sends them concurrently (asyncio, at most `concurrency` in flight);
+2. answers a call from the response cache when the same prompt was answered before (a run resumed
+   after a crash does not pay the teacher twice);
+3. retries transient failures (timeouts, connection errors, 5xx) with exponential backoff, at most
+   `retries` times; a circuit breaker opens after `breaker_threshold` calls failed in a row, and then
+   `generate` raises TeacherUnavailable at once instead of hanging on a teacher that is down;
+4. parses each answer tolerantly (answers.py); a broken answer gets one repair request;
+5. counts usage (calls, tokens from the server or else a tokenizer, latency, cost) and every
+   dropped answer or list item by reason.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from .answers import AnswerError, parse_answer
+from .data import Sample
+from .llm_transports import Completion, TransportError, make_transport, public_url
+from .prompt import render_prompt, repair_prompt
+from .teacher import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage
+
+
+@dataclass
+class LLMSettings:
+    timeout: float = 120.0             # seconds per call
+    retries: int = 3                   # per call, on transient failures
+    backoff: float = 1.0               # seconds before the first retry; doubles each time
+    concurrency: int = 4
+    max_per_call: int = 32             # samples asked for in one call
+    max_tokens: int = 4096
+    temperature: float = 0.7
+    breaker_threshold: int = 2         # calls failed in a row (each after its retries) that open the circuit
+    breaker_cooldown: float = 60.0     # seconds the circuit stays open before one call may try again
+    price_prompt_per_1k: float = 0.0
+    price_completion_per_1k: float = 0.0
+
+
+class ResponseCache:
+    """Answers by request hash, in an artifact store (a folder or a bucket)."""
+
+    def __init__(self, store, prefix: str = "teacher-cache"):
+        self.store, self.prefix = store, prefix
+
+    def _key(self, digest: str) -> str:
+        return f"{self.prefix}/{digest[:2]}/{digest}.json"
+
+    def get(self, digest: str) -> dict | None:
+        key = self._key(digest)
+        return self.store.get_json(key) if self.store.exists(key) else None
+
+    def put(self, digest: str, value: dict) -> None:
+        self.store.put_json(self._key(digest), value)
+
+
+class CircuitBreaker:
+    def __init__(self, threshold: int, cooldown: float):
+        self.threshold, self.cooldown = threshold, cooldown
+        self.failures_in_a_row = 0
+        self.open_until = 0.0
+        self.last_error = ""
+
+    def check(self, teacher: str) -> None:
+        if self.failures_in_a_row >= self.threshold and time.monotonic() < self.open_until:
+            raise TeacherUnavailable(f"teacher {teacher} unavailable: {self.failures_in_a_row} call(s) failed in a "
+                                     f"row (last: {self.last_error})")
+
+    def failed(self, error: str) -> None:
+        self.failures_in_a_row += 1
+        self.last_error = error
+        if self.failures_in_a_row >= self.threshold:
+            self.open_until = time.monotonic() + self.cooldown
+
+    def succeeded(self) -> None:
+        self.failures_in_a_row = 0
+
+
+class LLMTeacher:
+    simulated = False
+
+    def __init__(self, spec: str, settings: LLMSettings | None = None, cache: ResponseCache | None = None,
+                 count_tokens=None, seed: int = 0):
+        self.spec = spec
+        self.name = public_url(spec)
+        self.settings = settings or LLMSettings()
+        self.transport = make_transport(spec)
+        self.cache = cache
+        self.count_tokens = count_tokens or default_token_counter()
+        self.breaker = CircuitBreaker(self.settings.breaker_threshold, self.settings.breaker_cooldown)
+        self.rng = random.Random(seed)   # only for backoff jitter
+        self.served_by: dict | None = None
+
+    def describe(self) -> dict:
+        s = self.settings
+        served = self.served_by or {}
+        return {"name": self.name, "simulated": bool(served.get("simulated", False)),
+                **({"served_model": served} if served else {}), "transport": type(self.transport).__name__,
+                "max_per_call": s.max_per_call, "max_tokens": s.max_tokens, "temperature": s.temperature,
+                "timeout": s.timeout, "retries": s.retries, "concurrency": s.concurrency,
+                "price_per_1k_tokens": {"prompt": s.price_prompt_per_1k, "completion": s.price_completion_per_1k},
+                "tokens_counted_by": "the server where it reports them, else "
+                + getattr(self.count_tokens, "name", "a token counter")}
+
+    def state(self) -> dict:  # nothing carries over between requests but the cache
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+    # -- one generation request -----------------------------------------------------------------------------
+    def generate(self, request: GenerationRequest) -> GeneratedBatch:
+        self.breaker.check(self.name)
+        return asyncio.run(self._generate(request))
+
+    async def _generate(self, request: GenerationRequest) -> GeneratedBatch:
+        per_call = self.settings.max_per_call
+        sizes = [min(per_call, request.n - i) for i in range(0, request.n, per_call)]
+        prompts = [render_prompt(request.model_copy(update={"n": size})) for size in sizes]
+        if len(prompts) > 1:  # otherwise identical prompts; a note makes each part ask for other texts
+            prompts = [p + f"\n(This is part {i + 1} of {len(prompts)} of the request: write texts unlike those "
+                       "you would write for the other parts.)\n" for i, p in enumerate(prompts)]
+        usage, dropped = TeacherUsage(), Counter()
+        limit = asyncio.Semaphore(self.settings.concurrency)
+        await self.transport.open()
+        try:
+            async def one(prompt: str):
+                async with limit:
+                    return await self._answer(prompt, request.cycle)
+            results = await asyncio.gather(*(one(p) for p in prompts), return_exceptions=True)
+        finally:
+            await self.transport.close()
+        samples: list[Sample] = []
+        unavailable = None
+        for result in results:
+            if isinstance(result, TeacherUnavailable):
+                unavailable = result
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            part_samples, part_usage, part_dropped = result
+            samples += part_samples
+            usage, dropped = usage + part_usage, dropped + part_dropped
+        if unavailable is not None and not samples:
+            raise unavailable
+        return GeneratedBatch(samples=samples, teacher=self.name, usage=usage, rejected=dict(dropped))
+
+    async def _answer(self, prompt: str, cycle: int) -> tuple[list[Sample], TeacherUsage, Counter]:
+        """One part: ask (from the cache if answered before), parse, and ask once more if broken."""
+        usage, dropped = TeacherUsage(), Counter()
+        completion = await self._call(prompt, usage)
+        try:
+            parsed = parse_answer(completion.text)
+        except AnswerError as e:
+            dropped["unparseable_answer"] += 1
+            conversation = f"{prompt}\n\n[your answer]\n{completion.text}\n\n{repair_prompt(str(e))}"
+            completion = await self._call(conversation, usage)
+            try:
+                parsed = parse_answer(completion.text)
+            except AnswerError:
+                dropped["unparseable_answer"] += 1
+                return [], usage, dropped
+        dropped.update(parsed.dropped)
+        return parsed.samples, usage, dropped
+
+    async def _call(self, prompt: str, usage: TeacherUsage) -> Completion:
+        s = self.settings
+        digest = hashlib.sha256(json.dumps([self.name, prompt, s.max_tokens, s.temperature]).encode()).hexdigest()
+        if self.cache is not None and (hit := await asyncio.to_thread(self.cache.get, digest)) is not None:
+            usage.cache_hits += 1
+            return Completion(**hit)
+        self.breaker.check(self.name)
+        for attempt in range(s.retries + 1):
+            started = time.perf_counter()
+            try:
+                completion = await asyncio.wait_for(self.transport.complete(prompt, s.max_tokens, s.temperature),
+                                                    s.timeout)
+            except (TransportError, asyncio.TimeoutError) as e:
+                error = e if isinstance(e, TransportError) else TransportError(
+                    "timeout", f"no answer within {s.timeout:g} s", transient=True)
+                usage.seconds += time.perf_counter() - started
+                usage.errors = {**usage.errors, error.kind: usage.errors.get(error.kind, 0) + 1}
+                if not error.transient:
+                    self.breaker.failed(f"{error.kind}: {error}")
+                    raise TeacherUnavailable(f"teacher {self.name} refused the request: {error}") from None
+                if attempt == s.retries:
+                    self.breaker.failed(f"{error.kind}: {error}")
+                    raise TeacherUnavailable(f"teacher {self.name}: {s.retries + 1} attempts failed "
+                                             f"(last: {error.kind}: {error})") from None
+                usage.retries += 1
+                await asyncio.sleep(s.backoff * 2 ** attempt * (0.5 + self.rng.random()))
+                continue
+            self.breaker.succeeded()
+            if completion.served_by and self.served_by is None:
+                try:
+                    self.served_by = json.loads(completion.served_by)
+                except ValueError:
+                    self.served_by = {"description": completion.served_by}
+            self._account(usage, prompt, completion, time.perf_counter() - started)
+            if self.cache is not None:
+                await asyncio.to_thread(self.cache.put, digest, completion.__dict__)
+            return completion
+        raise AssertionError("unreachable")
+
+    def _account(self, usage: TeacherUsage, prompt: str, completion: Completion, seconds: float) -> None:
+        if completion.prompt_tokens is None:
+            completion.prompt_tokens = self.count_tokens(prompt)
+        if completion.completion_tokens is None:
+            completion.completion_tokens = self.count_tokens(completion.text)
+        s = self.settings
+        usage.calls += 1
+        usage.seconds += seconds
+        usage.prompt_tokens += completion.prompt_tokens
+        usage.completion_tokens += completion.completion_tokens
+        usage.cost += (completion.prompt_tokens * s.price_prompt_per_1k
+                       + completion.completion_tokens * s.price_completion_per_1k) / 1000
+
+
+class TokenCounter:
+    """Counts tokens with a Hugging Face tokenizer when the server does not report them: an estimate
+    for another model's tokenizer, exact for the same one."""
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+        self._tokenizer = None
+        from pathlib import Path
+        self.name = f"the {Path(path).name if path else 'MiniLM (BERT WordPiece)'} tokenizer"
+
+    def __call__(self, text: str) -> int:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from .student import minilm_path
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path or str(minilm_path()))
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def default_token_counter() -> TokenCounter:
+    return TokenCounter()

@@ -1,0 +1,192 @@
+"""How a prompt reaches a teacher LLM and its answer comes back: one call, no retries (llm_teacher.py
+does those).
+
+- `triton://HOST:PORT/MODEL` (HTTP) and `triton+grpc://HOST:PORT/MODEL` (gRPC), through tritonclient:
+  a Triton LLM model with the text-in / text-out convention of Triton's vLLM and TensorRT-LLM
+  models: BYTES `text_input` in, BYTES `text_output` out; `max_tokens` and `temperature` when the
+  model takes them; token counts from `prompt_tokens` / `completion_tokens` when it reports them.
+- `openai://HOST:PORT/v1?model=NAME` (`openai+https://` for TLS): OpenAI-compatible chat completions
+  (vLLM, gateways). The API key comes from the environment variable named by `key_env` (default
+  OPENAI_API_KEY) and is never logged or recorded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int | None = None       # None: the server did not say; the teacher counts them
+    completion_tokens: int | None = None
+    served_by: str | None = None           # the model's own account of itself, when it gives one
+
+
+class TransportError(Exception):
+    """A failed call. `transient` ones (timeouts, connection errors, 5xx) are worth retrying."""
+
+    def __init__(self, kind: str, message: str, transient: bool):
+        super().__init__(message)
+        self.kind, self.transient = kind, transient
+
+
+def is_llm_teacher(spec: str) -> bool:
+    return spec.split("://", 1)[0] in ("triton", "triton+http", "triton+grpc", "openai", "openai+http", "openai+https")
+
+
+def public_url(spec: str) -> str:
+    """The teacher URL as it may be shown and recorded: without user info."""
+    parts = urlsplit(spec)
+    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+
+
+def make_transport(spec: str):
+    parts = urlsplit(spec)
+    if not parts.hostname:
+        raise UserError(f"--teacher {spec}: no host")
+    address = f"{parts.hostname}:{parts.port or (8001 if parts.scheme == 'triton+grpc' else 8000)}"
+    if parts.scheme.startswith("triton"):
+        model = parts.path.strip("/")
+        if not model or "/" in model:
+            raise UserError(f"--teacher {spec}: expected triton://HOST:PORT/MODEL")
+        return TritonTransport(address, model, grpc=parts.scheme == "triton+grpc")
+    if parts.scheme.startswith("openai"):
+        query = parse_qs(parts.query)
+        if "model" not in query:
+            raise UserError(f"--teacher {spec}: expected openai://HOST:PORT/v1?model=NAME")
+        scheme = "https" if parts.scheme == "openai+https" else "http"
+        base = f"{scheme}://{address}{parts.path.rstrip('/')}"
+        return OpenAITransport(base, query["model"][0], key_env=query.get("key_env", ["OPENAI_API_KEY"])[0])
+    raise UserError(f"--teacher {spec}: unknown scheme {parts.scheme!r}")
+
+
+class TritonTransport:
+    def __init__(self, address: str, model: str, grpc: bool = False):
+        self.address, self.model, self.grpc = address, model, grpc
+        self.name = f"triton{'+grpc' if grpc else ''}://{address}/{model}"
+        self._client = None
+        self._inputs: set[str] | None = None
+        self._outputs: set[str] | None = None
+
+    def _module(self):
+        if self.grpc:
+            import tritonclient.grpc.aio as module
+        else:
+            import tritonclient.http.aio as module
+        return module
+
+    async def open(self) -> None:
+        self._client = self._module().InferenceServerClient(self.address)
+        if self._inputs is None:  # what the model takes and reports, asked once
+            try:
+                meta = (await self._client.get_model_metadata(self.model, as_json=True) if self.grpc
+                        else await self._client.get_model_metadata(self.model))
+            except Exception as e:
+                raise _triton_error(e) from None
+            self._inputs = {i["name"] for i in meta.get("inputs", [])}
+            self._outputs = {o["name"] for o in meta.get("outputs", [])}
+            if "text_input" not in self._inputs or "text_output" not in self._outputs:
+                raise TransportError("incompatible_model", f"{self.name}: the model does not take text_input and "
+                                     "return text_output (Triton's text-in / text-out LLM convention)", False)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def complete(self, prompt: str, max_tokens: int, temperature: float) -> Completion:
+        import tritonclient.grpc as grpc_types
+        import tritonclient.http as http_types
+        types = grpc_types if self.grpc else http_types
+
+        def tensor(name: str, value, datatype: str):
+            t = types.InferInput(name, [1, 1], datatype)
+            t.set_data_from_numpy(value)
+            return t
+        inputs = [tensor("text_input", np.array([[prompt.encode()]], dtype=object), "BYTES")]
+        if "max_tokens" in self._inputs:
+            inputs.append(tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"))
+        if "temperature" in self._inputs:
+            inputs.append(tensor("temperature", np.array([[temperature]], dtype=np.float32), "FP32"))
+        wanted = [n for n in ("text_output", "prompt_tokens", "completion_tokens", "served_by") if n in self._outputs]
+        outputs = [types.InferRequestedOutput(n) for n in wanted]
+        try:
+            result = await self._client.infer(self.model, inputs, outputs=outputs)
+        except Exception as e:
+            raise _triton_error(e) from None
+
+        def first(name: str):
+            value = result.as_numpy(name) if name in wanted else None
+            return None if value is None else value.reshape(-1)[0]
+        text = first("text_output")
+        tokens = [first(n) for n in ("prompt_tokens", "completion_tokens")]
+        served_by = first("served_by")
+        return Completion(text=_text(text), prompt_tokens=None if tokens[0] is None else int(tokens[0]),
+                          completion_tokens=None if tokens[1] is None else int(tokens[1]),
+                          served_by=None if served_by is None else _text(served_by))
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _triton_error(e: Exception) -> TransportError:
+    from tritonclient.utils import InferenceServerException
+    if isinstance(e, InferenceServerException):
+        status = str(e.status() or "")
+        message = str(e.message() or e)
+        if any(s in status for s in ("UNAVAILABLE", "DEADLINE", "INTERNAL", "UNKNOWN", "RESOURCE")) or \
+                status.startswith("5") or (not status and "connect" in message.lower()):
+            return TransportError("server_error" if "INTERNAL" in status or status.startswith("5") else "transport",
+                                  f"{status} {message}".strip(), transient=True)
+        return TransportError("rejected_request", f"{status} {message}".strip(), transient=False)
+    return TransportError("transport", f"{type(e).__name__}: {e}", transient=True)  # connection refused, reset...
+
+
+class OpenAITransport:
+    def __init__(self, base_url: str, model: str, key_env: str = "OPENAI_API_KEY"):
+        self.base_url, self.model, self.key_env = base_url, model, key_env
+        self.name = f"openai {base_url} model {model}"
+        self._session = None
+
+    async def open(self) -> None:
+        import aiohttp
+        headers = {"Content-Type": "application/json"}
+        if key := os.environ.get(self.key_env):
+            headers["Authorization"] = f"Bearer {key}"
+        self._session = aiohttp.ClientSession(headers=headers)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def complete(self, prompt: str, max_tokens: int, temperature: float) -> Completion:
+        import aiohttp
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": temperature}
+        try:
+            async with self._session.post(f"{self.base_url}/chat/completions", json=body) as response:
+                text = await response.text()
+                if response.status >= 500 or response.status == 429:
+                    raise TransportError("rate_limited" if response.status == 429 else "server_error",
+                                         f"HTTP {response.status}: {text[:200]}", transient=True)
+                if response.status >= 400:
+                    raise TransportError("rejected_request", f"HTTP {response.status}: {text[:200]}", transient=False)
+        except aiohttp.ClientError as e:
+            raise TransportError("transport", f"{type(e).__name__}: {e}", transient=True) from None
+        try:
+            data = json.loads(text)
+            content = data["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise TransportError("server_error", f"not a chat completion: {text[:200]}", transient=True) from None
+        usage = data.get("usage") or {}
+        return Completion(text=content or "", prompt_tokens=usage.get("prompt_tokens"),
+                          completion_tokens=usage.get("completion_tokens"))

@@ -1,0 +1,100 @@
+"""`pgkd teacher serve`: a simulated teacher served as a Triton LLM model, on a real Triton server.
+
+The model follows the text-in / text-out convention of Triton's vLLM and TensorRT-LLM models
+(BYTES `text_input`, optional `max_tokens` and `temperature`; BYTES `text_output`, with the token
+counts as `prompt_tokens` / `completion_tokens`), so `--teacher triton://HOST:PORT/teacher` reaches
+it exactly as it would reach an LLM. It reads only the prompt, as an LLM would (prompt.read_prompt),
+answers with a JSON list drawn from the labeled pool the student never saw, and is a simulation,
+not an LLM: its answers say nothing about how well a real LLM writes samples.
+
+The server is PyTriton's bundled tritonserver, on CPU; it needs numpy<2 and the running Python's
+LIBDIR on LD_LIBRARY_PATH, which `serve` sets before it starts the server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+import threading
+import time
+
+import numpy as np
+
+from .data import load_dataset, make_splits
+from .frozen_student import EmbeddingCache
+from .llm_teacher import TokenCounter
+from .prompt import PromptError, read_prompt
+from .simulated_teachers import make_simulated_teacher
+
+MODEL_NAME = "teacher"
+
+
+class SimulatedTeacherModel:
+    """The inference function: prompts in, JSON answers out, one request at a time (the teacher
+    remembers what it gave, so two requests must not interleave)."""
+
+    def __init__(self, teacher, latency: float = 0.0):
+        self.teacher = teacher
+        # Sent with every answer, so the client's report says what answered it.
+        self.served_by = json.dumps({**teacher.describe(), "served_by": "pgkd teacher serve (PyTriton)"}).encode()
+        self.latency = latency
+        self.count_tokens = TokenCounter()
+        self._lock = threading.Lock()
+
+    def answer(self, prompt: str) -> str:
+        try:
+            request = read_prompt(prompt)
+        except (PromptError, ValueError) as e:
+            return f"I cannot answer that: {e}"   # chatter, as an LLM would give; the client rejects it
+        with self._lock:
+            batch = self.teacher.generate(request)
+        return json.dumps([s.model_dump() for s in batch.samples], ensure_ascii=False)
+
+    def __call__(self, requests: list[dict]) -> list[dict]:
+        responses = []
+        for request in requests:
+            prompts = [p.decode("utf-8", errors="replace") if isinstance(p, bytes) else str(p)
+                       for p in request["text_input"].reshape(-1)]
+            if self.latency:
+                time.sleep(self.latency)   # an LLM's response time, when a test or a demo wants one
+            answers = [self.answer(p) for p in prompts]
+            responses.append({
+                "text_output": np.array([[a.encode()] for a in answers], dtype=object),
+                "prompt_tokens": np.array([[self.count_tokens(p)] for p in prompts], dtype=np.int32),
+                "completion_tokens": np.array([[self.count_tokens(a)] for a in answers], dtype=np.int32),
+                "served_by": np.array([[self.served_by] for _ in answers], dtype=object),
+            })
+        return responses
+
+
+def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_port: int, metrics_port: int,
+          validation_fraction: float = 0.2, label_noise: float = 0.0, latency: float = 0.0,
+          text_column: str = "text", label_column: str = "label") -> None:
+    """Serve until interrupted. The pool is the train split minus the labeled samples a run with the
+    same --data, --labeled and --seed trains on, so the simulation never hands the student its own
+    samples (the client's screening would reject them anyway)."""
+    dataset = load_dataset(data, text_column, label_column, seed=seed)
+    splits = make_splits(dataset, labeled, seed, validation_fraction)
+    teacher = make_simulated_teacher(kind, splits.pool, seed=seed, label_noise=label_noise, embed=EmbeddingCache())
+    model = SimulatedTeacherModel(teacher, latency=latency)
+
+    libdir = sysconfig.get_config_var("LIBDIR")
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    config = TritonConfig(http_address="0.0.0.0", http_port=http_port, grpc_address="0.0.0.0", grpc_port=grpc_port,
+                          metrics_port=metrics_port, exit_timeout_secs=5)
+    with Triton(config=config) as triton:
+        triton.bind(model_name=MODEL_NAME, infer_func=model,
+                    inputs=[Tensor(name="text_input", dtype=bytes, shape=(1,)),
+                            Tensor(name="max_tokens", dtype=np.int32, shape=(1,), optional=True),
+                            Tensor(name="temperature", dtype=np.float32, shape=(1,), optional=True)],
+                    outputs=[Tensor(name="text_output", dtype=bytes, shape=(1,)),
+                             Tensor(name="prompt_tokens", dtype=np.int32, shape=(1,)),
+                             Tensor(name="completion_tokens", dtype=np.int32, shape=(1,)),
+                             Tensor(name="served_by", dtype=bytes, shape=(1,))],
+                    config=ModelConfig(max_batch_size=8, batching=True), strict=False)
+        print(f"pgkd: serving the simulated teacher {teacher.name} ({len(splits.pool)} pool texts; a simulation, "
+              f"not an LLM) as Triton model '{MODEL_NAME}': http :{http_port}, grpc :{grpc_port}", flush=True)
+        triton.serve()

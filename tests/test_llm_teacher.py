@@ -1,0 +1,180 @@
+"""The LLM teacher against a real local HTTP server that speaks OpenAI's chat-completions format:
+answers, usage and cost, concurrency, retries, repair, timeouts, the circuit breaker, the cache."""
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+from aiohttp import web
+from conftest import free_port
+from pgkd.answers import AnswerError, parse_answer
+from pgkd.artifacts import ArtifactStore
+from pgkd.data import Sample
+from pgkd.llm_teacher import LLMSettings, LLMTeacher, ResponseCache
+from pgkd.teacher import GenerationRequest, TeacherUnavailable
+
+TAXONOMY = ["card_lost", "refund"]
+
+
+def answer(n: int, label: str = "refund", start: int = 0) -> str:
+    return json.dumps([{"text": f"please give my money back number {start + i}", "label": label} for i in range(n)])
+
+
+class ChatServer:
+    """Replies from a script of behaviours, one per request: ("ok", content), ("status", code),
+    ("sleep", seconds, content). Records every request and the most calls seen in flight."""
+
+    def __init__(self):
+        self.ready = threading.Event()
+        self.script: list[tuple] = []
+        self.requests: list[dict] = []
+        self.in_flight = self.most_in_flight = 0
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self._run, daemon=True).start()
+        self.ready.wait(10)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        runner = web.AppRunner(app)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def handle(self, request):
+        body = await request.json()
+        self.requests.append({"body": body, "authorization": request.headers.get("Authorization")})
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            behaviour = self.script.pop(0) if self.script else ("ok", answer(2))
+            if behaviour[0] == "status":
+                return web.Response(status=behaviour[1], text="overloaded")
+            if behaviour[0] == "sleep":
+                await asyncio.sleep(behaviour[1])
+            content = behaviour[-1]
+            return web.json_response({"choices": [{"message": {"role": "assistant", "content": content}}],
+                                      "usage": {"prompt_tokens": 1000, "completion_tokens": 200}})
+        finally:
+            self.in_flight -= 1
+
+    @property
+    def url(self) -> str:
+        return f"openai://127.0.0.1:{self.port}/v1?model=test-llm&key_env=PGKD_TEST_KEY"
+
+
+@pytest.fixture
+def chat():
+    return ChatServer()
+
+
+def request(n: int) -> GenerationRequest:
+    return GenerationRequest(taxonomy=TAXONOMY, examples=[Sample(text="i lost my card", label="card_lost")],
+                             report=None, hard_negatives=[], misclassified=[], correct=[], n=n, cycle=1)
+
+
+def teacher(url: str, **settings) -> LLMTeacher:
+    options = dict(backoff=0.01, timeout=5.0) | settings
+    return LLMTeacher(url, LLMSettings(**options), count_tokens=lambda text: len(text.split()))
+
+
+def test_answers_usage_cost_and_the_key_stays_a_secret(chat, monkeypatch):
+    monkeypatch.setenv("PGKD_TEST_KEY", "sk-secret-123")
+    chat.script = [("ok", "Here you go:\n```json\n" + answer(4) + "\n```\nGood luck!")]
+    t = teacher(chat.url, price_prompt_per_1k=0.5, price_completion_per_1k=2.0)
+    batch = t.generate(request(4))
+    assert [s.label for s in batch.samples] == ["refund"] * 4 and batch.rejected == {}
+    assert (batch.usage.calls, batch.usage.prompt_tokens, batch.usage.completion_tokens) == (1, 1000, 200)
+    assert batch.usage.cost == pytest.approx(1000 / 1000 * 0.5 + 200 / 1000 * 2.0)
+    sent = chat.requests[0]
+    assert sent["authorization"] == "Bearer sk-secret-123" and sent["body"]["model"] == "test-llm"
+    assert "Answer with a JSON list of exactly 4 objects" in sent["body"]["messages"][0]["content"]
+    assert "sk-secret" not in json.dumps(t.describe()) and t.describe()["simulated"] is False
+
+
+def test_a_large_request_is_split_into_concurrent_calls(chat):
+    chat.script = [("sleep", 0.3, answer(10, start=10 * i)) for i in range(4)]
+    batch = teacher(chat.url, max_per_call=10, concurrency=4).generate(request(35))
+    assert len(chat.requests) == 4 and chat.most_in_flight >= 2
+    asked = sorted(int(r["body"]["messages"][0]["content"].split("exactly ")[1].split()[0]) for r in chat.requests)
+    assert asked == [5, 10, 10, 10] and len(batch.samples) == 40 and batch.usage.calls == 4
+    assert all("part" in r["body"]["messages"][0]["content"] for r in chat.requests)
+
+
+def test_server_errors_are_retried_with_backoff(chat):
+    chat.script = [("status", 500), ("status", 503), ("ok", answer(2))]
+    batch = teacher(chat.url, retries=3).generate(request(2))
+    assert len(batch.samples) == 2 and batch.usage.retries == 2
+    assert batch.usage.errors == {"server_error": 2} and len(chat.requests) == 3
+
+
+def test_a_broken_answer_gets_one_repair_request(chat):
+    chat.script = [("ok", "Sure! [{'text': 'single quotes are not JSON'}"), ("ok", answer(2))]
+    batch = teacher(chat.url).generate(request(2))
+    assert len(batch.samples) == 2 and batch.rejected == {"unparseable_answer": 1} and batch.usage.calls == 2
+    repair = chat.requests[1]["body"]["messages"][0]["content"]
+    assert "could not be used: no JSON list" in repair and "single quotes are not JSON" in repair
+
+
+def test_an_answer_that_stays_broken_yields_no_samples_and_says_why(chat):
+    chat.script = [("ok", "I would rather not."), ("ok", "Still no.")]
+    batch = teacher(chat.url).generate(request(2))
+    assert batch.samples == [] and batch.rejected == {"unparseable_answer": 2}
+
+
+def test_timeouts_open_the_circuit_and_the_teacher_fails_fast(chat):
+    chat.script = [("sleep", 3, answer(2))] * 10
+    t = teacher(chat.url, timeout=0.3, retries=1, breaker_threshold=1)
+    started = time.monotonic()
+    with pytest.raises(TeacherUnavailable, match="timeout"):
+        t.generate(request(2))
+    assert time.monotonic() - started < 2.5 and len(chat.requests) == 2
+    started = time.monotonic()
+    with pytest.raises(TeacherUnavailable, match=r"1 call\(s\) failed in a row"):
+        t.generate(request(2))                      # open: no call at all
+    assert time.monotonic() - started < 0.2 and len(chat.requests) == 2
+
+
+def test_a_client_error_is_not_retried(chat):
+    chat.script = [("status", 400)]
+    with pytest.raises(TeacherUnavailable, match="refused the request: HTTP 400"):
+        teacher(chat.url, retries=3).generate(request(2))
+    assert len(chat.requests) == 1
+
+
+def test_a_repeated_request_is_answered_from_the_cache(chat, tmp_path):
+    cache = ResponseCache(ArtifactStore(f"file://{tmp_path}/cache"))
+    first = teacher(chat.url)
+    first.cache = cache
+    original = first.generate(request(2))
+    second = teacher(chat.url)
+    second.cache = cache
+    again = second.generate(request(2))
+    assert again.samples == original.samples and again.usage.cache_hits == 1 and again.usage.calls == 0
+    assert len(chat.requests) == 1
+
+
+def test_answers_are_found_inside_chatter_and_fences():
+    assert len(parse_answer('{"samples": [{"text": "a b c", "label": "x"}]}').samples) == 1
+    parsed = parse_answer('Notes [1, 2] then ```\n[{"text": "a b c", "label": "x"}, {"label": "y"}, "z"]\n```')
+    assert [s.text for s in parsed.samples] == ["a b c"] and parsed.dropped == {"malformed_sample": 2}
+    with pytest.raises(AnswerError, match="begins: 'no json here'"):
+        parse_answer("no json here")
+
+
+def test_an_openai_teacher_runs_the_loop_and_records_usage(chat, toy_data, tmp_path):
+    from pgkd.distill import DistillConfig, run
+    chat.script = [("ok", answer(8, label="refund")), ("ok", json.dumps([{"text": "x y z w", "label": "pizza"}] * 3))]
+    config = DistillConfig(data=str(toy_data), labeled=40, student="tiny", teacher=chat.url, samples_per_cycle=8,
+                           max_cycles=2, epochs=2, cycle_epochs=1, learning_rate=1e-2, head_learning_rate=1e-2,
+                           batch_size=16, teacher_cache="none", price_prompt_per_1k=1.0)
+    report = run(config, tmp_path / "run", progress=False)
+    first, second = report.cycles[1], report.cycles[2]
+    assert (first.generated, first.accepted) == (8, 8)
+    assert second.accepted == 0 and second.rejected == {"unknown_label": 3}
+    assert report.teacher_usage.calls == 2 and report.teacher_usage.cost == pytest.approx(2.0)
+    assert report.stop_reason.startswith("max_cycles")

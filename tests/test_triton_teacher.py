@@ -1,0 +1,148 @@
+"""The teacher through a real Triton server: `pgkd teacher serve` (PyTriton's bundled tritonserver,
+on CPU) serving the simulated teacher, called by `pgkd distill --teacher triton://...` over HTTP and
+gRPC; and the fault paths: the server going away mid-run, a timeout, labels outside the taxonomy."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import pytest
+from conftest import free_port, make_toy_dataset
+from pgkd.distill import DistillConfig, run
+
+TINY = ["--labeled", "40", "--student", "tiny", "--samples-per-cycle", "8", "--epochs", "2", "--cycle-epochs", "1",
+        "--learning-rate", "1e-2", "--head-learning-rate", "1e-2", "--batch-size", "16", "--seed", "1",
+        "--teacher-cache", "none", "--no-progress"]
+
+
+def wait_ready(http_url: str, process: subprocess.Popen, log, timeout: float = 120) -> None:
+    import tritonclient.http as http
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the teacher server exited:\n{open(log.name).read()[-3000:]}"
+        try:
+            if http.InferenceServerClient(http_url).is_model_ready("teacher"):
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the teacher server was not ready after {timeout} s:\n{open(log.name).read()[-3000:]}")
+
+
+class TeacherServer:
+    def __init__(self, data, folder, *extra: str):
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.log = (folder / f"teacher-{self.http_port}.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pgkd.cli", "teacher", "serve", "--kind", "pool-random", "--data", str(data),
+             "--labeled", "40", "--seed", "1", "--http-port", str(self.http_port), "--grpc-port",
+             str(self.grpc_port), "--metrics-port", str(free_port()), *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_ready(f"127.0.0.1:{self.http_port}", self.process, self.log)
+
+    def kill(self) -> None:
+        """The whole server, tritonserver included, at once."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+        self.log.close()
+
+
+@pytest.fixture
+def toy(tmp_path):
+    return make_toy_dataset(tmp_path / "toy")
+
+
+@pytest.fixture
+def teacher_server(toy, tmp_path):
+    servers = []
+
+    def start(*extra: str) -> TeacherServer:
+        servers.append(TeacherServer(toy, tmp_path, *extra))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.kill()
+
+
+def distill(data, out, teacher: str, *extra: str, wait: bool = True):
+    command = [sys.executable, "-m", "pgkd.cli", "distill", "--data", str(data), "--out", str(out),
+               "--teacher", teacher, *TINY, *extra]
+    if wait:
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_distill_through_triton_over_http_and_grpc(teacher_server, toy, tmp_path):
+    server = teacher_server()
+    for scheme, port in (("triton", server.http_port), ("triton+grpc", server.grpc_port)):
+        out = tmp_path / scheme
+        result = distill(toy, out, f"{scheme}://127.0.0.1:{port}/teacher", "--max-cycles", "2")
+        assert result.returncode == 0, result.stderr
+        report = json.loads((out / "report.json").read_text())
+        usage = report["teacher_usage"]
+        assert usage["calls"] == 2 and usage["prompt_tokens"] > 500 and usage["completion_tokens"] > 50
+        assert usage["seconds"] > 0 and usage["errors"] == {}
+        assert [c["accepted"] for c in report["cycles"]] == [0, 8, 8]
+        assert report["cycles"][1]["teacher_usage"]["calls"] == 1
+        # The model says what it is: the report calls the simulation a simulation.
+        assert report["teacher"]["simulated"] is True and report["teacher"]["served_model"]["name"] == "pool-random"
+
+
+def test_a_teacher_server_that_goes_away_mid_run_ends_the_run_clearly(teacher_server, toy, tmp_path):
+    server = teacher_server("--latency", "1")
+    started = time.monotonic()
+    process = distill(toy, tmp_path / "run", f"triton://127.0.0.1:{server.http_port}/teacher", "--max-cycles", "6",
+                      "--teacher-retries", "1", "--teacher-timeout", "10", wait=False)
+    for line in process.stderr:
+        if line.startswith("cycle  1:"):
+            break
+    server.kill()
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1, err
+    assert time.monotonic() - started < 120          # no hang
+    report = json.loads((tmp_path / "run" / "report.json").read_text())   # what was done is kept
+    assert report["stop_reason"].startswith("teacher_unavailable: teacher triton://127.0.0.1")
+    assert 2 <= len(report["cycles"]) < 7 and "stopped: teacher_unavailable" in out
+
+
+def test_a_teacher_slower_than_the_timeout_fails_the_cycle_without_hanging(teacher_server, toy, tmp_path):
+    server = teacher_server("--latency", "3")
+    started = time.monotonic()
+    result = distill(toy, tmp_path / "run", f"triton+grpc://127.0.0.1:{server.grpc_port}/teacher",
+                     "--max-cycles", "3", "--teacher-retries", "1", "--teacher-timeout", "0.5")
+    assert result.returncode == 1 and time.monotonic() - started < 60
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "timeout: no answer within 0.5 s" in report["stop_reason"] and len(report["cycles"]) == 1
+
+
+def test_labels_outside_the_taxonomy_are_rejected_and_counted(toy, tmp_path, monkeypatch):
+    """A Triton model (PyTriton, in this process) that answers with labels the taxonomy lacks."""
+    monkeypatch.setenv("LD_LIBRARY_PATH", sysconfig.get_config_var("LIBDIR"))
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    def answer(requests):
+        wrong = json.dumps([{"text": f"order number {i} for a pizza", "label": "pizza"} for i in range(6)]
+                           + [{"text": "i want my money back please", "label": "refund"}])
+        return [{"text_output": np.array([[wrong.encode()]] * len(r["text_input"]), dtype=object)} for r in requests]
+
+    port = free_port()
+    with Triton(config=TritonConfig(http_port=port, grpc_port=free_port(), metrics_port=free_port())) as triton:
+        triton.bind(model_name="teacher", infer_func=answer,
+                    inputs=[Tensor(name="text_input", dtype=bytes, shape=(1,))],
+                    outputs=[Tensor(name="text_output", dtype=bytes, shape=(1,))],
+                    config=ModelConfig(max_batch_size=4), strict=False)
+        triton.run()
+        config = DistillConfig(data=str(toy), labeled=40, student="tiny", teacher=f"triton://127.0.0.1:{port}/teacher",
+                               samples_per_cycle=7, max_cycles=1, epochs=2, cycle_epochs=1, learning_rate=1e-2,
+                               head_learning_rate=1e-2, batch_size=16, teacher_cache="none")
+        report = run(config, tmp_path / "run", progress=False)
+    cycle = report.cycles[1]
+    assert (cycle.generated, cycle.accepted, cycle.rejected) == (7, 1, {"unknown_label": 6})
+    assert report.teacher_usage.prompt_tokens > 0       # no token counts from this model: counted here
+    assert report.teacher["simulated"] is False and report.stop_reason.startswith("max_cycles")
