@@ -130,3 +130,17 @@ def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consumin
     outcomes = {m["run_id"]: RunCompleted.model_validate(m) for m in bus.seen["run-completed"]}
     assert outcomes["never-submitted"].status == "failed" and "ArtifactError" in outcomes["never-submitted"].reason
     assert outcomes["after-bad-ones"].status == "completed"
+
+
+def test_the_generator_service_asks_an_llm_teacher_and_caches_its_answers_in_the_artifact_store(bus, tmp_path):
+    from test_llm_teacher import ChatServer, answer
+    chat = ChatServer()
+    chat.script = [("ok", answer(4, start=0)), ("ok", answer(4, start=4))]
+    config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")),
+                           **{**CONFIG, "max_cycles": 2, "teacher": chat.url, "samples_per_cycle": 4})
+    request = steps.submit(config, bus.store, run_id="llm-run")
+    asyncio.run(bus.publish(request.model_dump_json().encode(), "run-requested"))
+    (completed,) = [RunCompleted.model_validate(m) for m in bus.seen["run-completed"]]
+    report = bus.store.get_json(completed.report)
+    assert [c["accepted"] for c in report["cycles"]] == [0, 4, 4] and report["teacher_usage"]["calls"] == 2
+    assert len(chat.requests) == 2 and len(bus.store.list("teacher-cache")) >= 1

@@ -146,3 +146,23 @@ def test_labels_outside_the_taxonomy_are_rejected_and_counted(toy, tmp_path, mon
     assert (cycle.generated, cycle.accepted, cycle.rejected) == (7, 1, {"unknown_label": 6})
     assert report.teacher_usage.prompt_tokens > 0       # no token counts from this model: counted here
     assert report.teacher["simulated"] is False and report.stop_reason.startswith("max_cycles")
+
+
+def test_the_deployed_python_backend_model_answers_garbage_and_the_run_records_it(toy, tmp_path):
+    """deploy/triton's model with a tiny random causal LM: its answers are not JSON, so every one is
+    rejected (after one repair request each), the cycles record it, and the run stops on its policy."""
+    from triton_server import build_tiny_causal_lm, copy_model_repository, run_tritonserver
+    model = build_tiny_causal_lm(tmp_path / "lm")
+    repository = copy_model_repository(tmp_path / "models", model_name_or_path=model)
+    with run_tritonserver(repository, extra_args=["--disable-auto-complete-config"]) as server:
+        result = distill(toy, tmp_path / "run", f"triton://{server.http_url}/teacher", "--max-cycles", "2",
+                         "--teacher-max-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    for cycle in report["cycles"][1:]:
+        assert (cycle["generated"], cycle["accepted"]) == (0, 0)
+        assert cycle["rejected"] == {"unparseable_answer": 2}
+        usage = cycle["teacher_usage"]
+        assert usage["calls"] == 2 and 0 < usage["completion_tokens"] <= 32 and usage["prompt_tokens"] > 100
+    assert report["stop_reason"].startswith("max_cycles") and report["teacher"]["simulated"] is False
+    assert [c["train_size"] for c in report["cycles"]] == [32, 32, 32]      # nothing added, nothing lost
