@@ -24,10 +24,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The paper's setting on banking77: 1,000 labels, 10 cycles of 32 samples, patience 5.
+# The paper's setting on banking77: 1,000 labels, 10 cycles of 32 samples, patience 5. The teacher is
+# reached the way an LLM would be, through a real local Triton server (PyTriton, CPU); what answers
+# there is the guided simulation, not an LLM.
+TEACHER_PORT ?= 8010
 demo: setup
-	$(BIN)/pgkd distill --data $(DATA)/banking77 --labeled 1000 --teacher pool-guided --student minilm \
-	  --samples-per-cycle 32 --max-cycles 10 --patience 5 --seed 1 --out runs/demo
+	@mkdir -p runs
+	@$(BIN)/pgkd teacher serve --kind pool-guided --data $(DATA)/banking77 --labeled 1000 --seed 1 \
+	  --http-port $(TEACHER_PORT) --grpc-port $$(($(TEACHER_PORT) + 1)) --metrics-port $$(($(TEACHER_PORT) + 2)) \
+	  > runs/demo-teacher.log 2>&1 & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null' EXIT; \
+	echo "starting the teacher's Triton server on :$(TEACHER_PORT) (log: runs/demo-teacher.log)"; \
+	for i in $$(seq 120); do \
+	  curl -sf http://127.0.0.1:$(TEACHER_PORT)/v2/models/teacher/ready >/dev/null && break; \
+	  kill -0 $$server 2>/dev/null || { tail -5 runs/demo-teacher.log; exit 1; }; sleep 1; \
+	done; \
+	$(BIN)/pgkd distill --data $(DATA)/banking77 --labeled 1000 --teacher triton://127.0.0.1:$(TEACHER_PORT)/teacher \
+	  --teacher-cache none --student minilm --samples-per-cycle 32 --max-cycles 10 --patience 5 --seed 1 --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

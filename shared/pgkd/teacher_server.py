@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import sysconfig
 import threading
 import time
@@ -83,6 +85,9 @@ def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_po
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
+    # SIGTERM (docker stop, kill, make demo's cleanup) leaves through the `with` below, which stops
+    # tritonserver too; the default would leave it running without us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     config = TritonConfig(http_address="0.0.0.0", http_port=http_port, grpc_address="0.0.0.0", grpc_port=grpc_port,
                           metrics_port=metrics_port, exit_timeout_secs=5)
     with Triton(config=config) as triton:
