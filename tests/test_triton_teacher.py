@@ -166,3 +166,11 @@ def test_the_deployed_python_backend_model_answers_garbage_and_the_run_records_i
         assert usage["calls"] == 2 and 0 < usage["completion_tokens"] <= 32 and usage["prompt_tokens"] > 100
     assert report["stop_reason"].startswith("max_cycles") and report["teacher"]["simulated"] is False
     assert [c["train_size"] for c in report["cycles"]] == [32, 32, 32]      # nothing added, nothing lost
+
+
+def test_a_teacher_that_cannot_be_reached_is_one_line_before_any_training(toy, tmp_path):
+    started = time.monotonic()
+    result = distill(toy, tmp_path / "run", f"triton://127.0.0.1:{free_port()}/teacher", "--teacher-retries", "0")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--teacher: teacher triton://127.0.0.1:" in result.stderr and "cannot reach it" in result.stderr
+    assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data import Dataset, Sample, Splits, count_duplicates, label_counts, load_dataset, make_splits, normalize_text
+from .errors import UserError
 from .evaluation import METRICS, EvalReport, evaluate
 from .frozen_student import EmbeddingCache
 from .mining import MiningResult, mine
@@ -213,6 +214,11 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
     cache = embed if isinstance(embed, EmbeddingCache) else None
     student = create_student(config.student, labels, seed=config.seed, device=config.device, embed=cache)
     teacher = make_teacher(config, splits, embed=embed or student_embed(student))
+    if hasattr(teacher, "check"):
+        try:
+            teacher.check()
+        except TeacherUnavailable as e:
+            raise UserError(f"--teacher: {e}") from None
     policy = make_policy(config)
     log(f"pgkd: {dataset.name}: {len(labels)} classes, {splits.sizes()}; student {config.student} "
         f"({student.parameter_count() / 1e6:.1f}M parameters, {student.device}); teacher {teacher.name}"

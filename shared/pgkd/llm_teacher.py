@@ -120,6 +120,28 @@ class LLMTeacher:
         self.breaker.check(self.name)
         return asyncio.run(self._generate(request))
 
+    def check(self) -> None:
+        """Reach the teacher once (Triton: read the model's metadata), so that a wrong URL or a server
+        that is down is found before a run spends minutes training its first student."""
+        async def reach():
+            await self._open()
+            await self.transport.close()
+        asyncio.run(reach())
+
+    async def _open(self) -> None:
+        for attempt in range(self.settings.retries + 1):
+            try:
+                await asyncio.wait_for(self.transport.open(), self.settings.timeout)
+                return
+            except (TransportError, asyncio.TimeoutError) as e:
+                await self.transport.close()
+                transient = not isinstance(e, TransportError) or e.transient
+                if not transient or attempt == self.settings.retries:
+                    self.breaker.failed(str(e) or "timeout")
+                    raise TeacherUnavailable(f"teacher {self.name}: cannot reach it "
+                                             f"({e or 'no answer within the timeout'})") from None
+                await asyncio.sleep(self.settings.backoff * 2 ** attempt * (0.5 + self.rng.random()))
+
     async def _generate(self, request: GenerationRequest) -> GeneratedBatch:
         per_call = self.settings.max_per_call
         sizes = [min(per_call, request.n - i) for i in range(0, request.n, per_call)]
@@ -129,7 +151,7 @@ class LLMTeacher:
                        "you would write for the other parts.)\n" for i, p in enumerate(prompts)]
         usage, dropped = TeacherUsage(), Counter()
         limit = asyncio.Semaphore(self.settings.concurrency)
-        await self.transport.open()
+        await self._open()
         try:
             async def one(prompt: str):
                 async with limit:
