@@ -20,6 +20,6 @@ def consumer_groups(settings) -> dict[str, list[str]]:
     broker = make_broker(settings.broker_url)
     groups: dict[str, list[str]] = {}
     for name in NAMES:
-        service = build(name, settings=settings, broker=broker, store=object())
+        service = build(name, settings=settings, broker=broker)
         groups[service.group] = list(service.subscriptions)
     return groups

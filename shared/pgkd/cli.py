@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data", required=True, help="the dataset the runs use")
     serve.add_argument("--labeled", type=int, default=1000, help="the runs' --labeled: their samples are not served")
     serve.add_argument("--seed", type=int, default=1, help="the runs' --seed")
-    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--http-port", "--port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--label-noise", type=float, default=0.0)
