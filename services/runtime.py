@@ -28,10 +28,20 @@ from pgkd.artifacts import ArtifactStore
 from pgkd.errors import UserError
 from pgkd.messages import MESSAGES, DeadLetter, Message, RunCompleted
 from pgkd.steps import RunFiles, fail_run
-from prometheus_client import make_asgi_app
+from pgkd.metrics import LoopMetrics
+from prometheus_client import REGISTRY, make_asgi_app
 from pydantic import ValidationError
 
 log = logging.getLogger("pgkd.service")
+_metrics: LoopMetrics | None = None
+
+
+def default_metrics() -> LoopMetrics:
+    """The loop's metrics in prometheus-client's default registry, once per process."""
+    global _metrics
+    if _metrics is None:
+        _metrics = LoopMetrics(REGISTRY)
+    return _metrics
 MESSAGE_BY_KIND = {m.kind: m for m in MESSAGES}
 
 
@@ -43,6 +53,8 @@ class Settings:
     metrics_port: int = 9100
     claim_idle_ms: int = 600_000        # Redis: a message pending this long on a dead consumer is taken over
     graceful_timeout: float = 300.0     # on SIGTERM, wait this long for the message in flight
+    prometheus_url: str | None = None   # the evaluator's stop policy reads Prometheus there
+    prometheus_wait: float = 30.0       # seconds it waits for Prometheus to scrape the current cycle
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -52,20 +64,27 @@ class Settings:
                        artifacts=env.get("PGKD_ARTIFACTS"), topic_prefix=env.get("PGKD_TOPIC_PREFIX", "pgkd."),
                        metrics_port=int(env.get("PGKD_METRICS_PORT", 9100)),
                        claim_idle_ms=int(env.get("PGKD_CLAIM_IDLE_MS", 600_000)),
-                       graceful_timeout=float(env.get("PGKD_GRACEFUL_TIMEOUT", 300)))
+                       graceful_timeout=float(env.get("PGKD_GRACEFUL_TIMEOUT", 300)),
+                       prometheus_url=env.get("PGKD_PROMETHEUS_URL") or None,
+                       prometheus_wait=float(env.get("PGKD_PROMETHEUS_WAIT", 30)))
         except ValueError as e:
             raise UserError(f"service settings: {e}") from None
 
 
-def make_broker(url: str, graceful_timeout: float | None = None):
-    """`kafka://host:9092,host2:9092` or `redis://host:6379[/db]`."""
+def make_broker(url: str, graceful_timeout: float | None = None, app_name: str | None = None):
+    """`kafka://host:9092,host2:9092` or `redis://host:6379[/db]`. With `app_name`, FastStream's
+    Prometheus middleware counts and times the messages, in the default registry (/metrics)."""
     scheme, _, rest = url.partition("://")
     if scheme == "kafka" and rest:
         from faststream.kafka import KafkaBroker
-        return KafkaBroker(rest.split(","), graceful_timeout=graceful_timeout)
+        from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+        middlewares = [KafkaPrometheusMiddleware(registry=REGISTRY, app_name=app_name)] if app_name else []
+        return KafkaBroker(rest.split(","), graceful_timeout=graceful_timeout, middlewares=middlewares)
     if scheme in ("redis", "rediss") and rest:
         from faststream.redis import RedisBroker
-        return RedisBroker(url, graceful_timeout=graceful_timeout)
+        from faststream.redis.prometheus import RedisPrometheusMiddleware
+        middlewares = [RedisPrometheusMiddleware(registry=REGISTRY, app_name=app_name)] if app_name else []
+        return RedisBroker(url, graceful_timeout=graceful_timeout, middlewares=middlewares)
     raise UserError(f"PGKD_BROKER_URL={url}: expected kafka://host:port[,host:port...] or redis://host:port")
 
 
@@ -102,10 +121,12 @@ async def create_redis_groups(url: str, groups: dict[str, str]) -> None:
 class Service:
     """One service: a broker, the artifact store, and handlers registered with `consume`."""
 
-    def __init__(self, name: str, settings: Settings | None = None, broker=None, store: ArtifactStore | None = None):
+    def __init__(self, name: str, settings: Settings | None = None, broker=None, store: ArtifactStore | None = None,
+                 metrics: LoopMetrics | None = None):
         self.name = name
         self.settings = settings or Settings.from_env()
-        self.broker = broker or make_broker(self.settings.broker_url, self.settings.graceful_timeout)
+        self.broker = broker or make_broker(self.settings.broker_url, self.settings.graceful_timeout, app_name=name)
+        self.metrics = metrics or default_metrics()
         self.store = store or ArtifactStore(self.settings.artifacts)
         self.group = f"{self.settings.topic_prefix}{name}"
         self.consumer = f"{name}-{socket.gethostname()}-{os.getpid()}"
@@ -181,6 +202,7 @@ class Service:
 
     def _record_failure(self, message: Message, reason: str) -> RunCompleted:
         output = fail_run(self.store, message.run_id, message.cycle, reason)
+        self.metrics.completed(message.run_id, "failed", reason)
         self.store.put_json(self._handled_key(message) + ".json",
                             {"kind": output.kind, "message": output.model_dump(mode="json")})
         return output
@@ -194,6 +216,7 @@ class Service:
                             payload=body.decode("utf-8", errors="replace")[:100_000],
                             run_id=message.run_id if message else None, cycle=message.cycle if message else None)
         log.warning("%s: dead letter from %s: %s", self.name, topic, reason)
+        self.metrics.dead_letter(self.name, topic)
         await self.send(letter.model_dump_json().encode(), DeadLetter.topic, key=letter.run_id)
 
     async def send(self, body: bytes, topic: str, key: str | None = None) -> None:

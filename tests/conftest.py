@@ -113,3 +113,47 @@ def redis_url(tmp_path):
     yield f"redis://127.0.0.1:{port}"
     process.terminate()
     process.wait(10)
+
+
+class PrometheusServer:
+    """A real Prometheus server on a free loopback port, scraping `targets` every second."""
+
+    def __init__(self, folder: Path, targets: dict[str, int]):
+        import shutil
+        import subprocess
+        import time
+        import urllib.request
+        binary = shutil.which("prometheus")
+        if binary is None:
+            pytest.fail("prometheus is not installed: `make setup` installs it")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = folder / "prometheus.yml"
+        jobs = "".join(f"      - targets: ['127.0.0.1:{port}']\n        labels: {{service: {name}}}\n"
+                       for name, port in targets.items())
+        config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                          f"scrape_configs:\n  - job_name: pgkd\n    static_configs:\n{jobs}")
+        self.log = (folder / "prometheus.log").open("w")
+        self.process = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(150):
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"prometheus did not start:\n{(folder / 'prometheus.log').read_text()[-2000:]}")
+
+    def query(self, promql: str) -> list[dict]:
+        import urllib.parse
+        import urllib.request
+        with urllib.request.urlopen(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})) as r:
+            return json.loads(r.read())["data"]["result"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(20)
+        self.log.close()

@@ -35,12 +35,13 @@ class ServiceProcesses:
         self.store = ArtifactStore(self.env["PGKD_ARTIFACTS"])
         self.redis = redis.Redis.from_url(redis_url)
         self.processes: dict[str, subprocess.Popen] = {}
+        self.metrics_ports = {name: free_port() for name in services.NAMES}
         self.logs: list = []
 
     def start(self, name: str) -> None:
         log = (self.folder / f"{name}-{len(self.logs)}.log").open("w")
         self.logs.append(log)
-        env = {**self.env, "PGKD_METRICS_PORT": str(free_port())}
+        env = {**self.env, "PGKD_METRICS_PORT": str(self.metrics_ports[name])}
         self.processes[name] = subprocess.Popen([sys.executable, "-m", "pgkd.cli", "service", name], env=env,
                                                 stdout=log, stderr=subprocess.STDOUT)
 

@@ -1,14 +1,23 @@
-"""evaluator: scores each student on validation, records the cycle, applies the stop policy.
+"""evaluator: scores each student on validation, records the cycle, exports the run's metrics and
+applies the stop policy, reading the figures back from Prometheus (PGKD_PROMETHEUS_URL) or, without
+it, from its own metrics registry.
 
 ModelTrained -> CycleEvaluated (go on) or RunCompleted (stop: the best student, its test scores,
-the reason, report.json)."""
+the reason, where the figures came from, report.json)."""
 from pgkd import steps
 from pgkd.messages import ModelTrained
+from pgkd.metrics_readers import PrometheusReader, RegistryReader
 
 from services.runtime import Service
 
 
 def build(**options) -> Service:
     service = Service("evaluator", **options)
-    service.consume(ModelTrained, steps.evaluate)
+    settings = service.settings
+    reader = (PrometheusReader(settings.prometheus_url, wait=settings.prometheus_wait) if settings.prometheus_url
+              else RegistryReader(service.metrics.registry))
+
+    def evaluate(message, store):
+        return steps.evaluate(message, store, metrics=service.metrics, reader=reader)
+    service.consume(ModelTrained, evaluate)
     return service

@@ -1,13 +1,22 @@
 """generator: asks the teacher for samples aimed at the student's weaknesses and screens them.
 
-NegativesMined -> SamplesGenerated (or RunCompleted when the teacher has nothing left to give)."""
+NegativesMined -> SamplesGenerated (or RunCompleted when the teacher has nothing left to give or
+cannot be reached)."""
 from pgkd import steps
-from pgkd.messages import NegativesMined
+from pgkd.messages import NegativesMined, SamplesGenerated
 
 from services.runtime import Service
 
 
 def build(**options) -> Service:
     service = Service("generator", **options)
-    service.consume(NegativesMined, steps.generate)
+
+    def generate(message, store):
+        output = steps.generate(message, store)
+        if isinstance(output, SamplesGenerated):
+            p = output.provenance
+            service.metrics.generated(output.run_id, p.teacher_usage, p.accepted, p.rejected,
+                                      steps.run_teacher_usage(store, output.run_id, p))
+        return output
+    service.consume(NegativesMined, generate)
     return service

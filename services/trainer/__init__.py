@@ -10,6 +10,11 @@ from services.runtime import Service
 
 def build(**options) -> Service:
     service = Service("trainer", **options)
-    service.consume(RunRequested, steps.train)
-    service.consume(SamplesGenerated, steps.train)
+
+    def train(message, store):
+        trained = steps.train(message, store)
+        service.metrics.trained(trained.run_id, trained.cycle, trained.training)
+        return trained
+    service.consume(RunRequested, train)
+    service.consume(SamplesGenerated, train)
     return service

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, field_validator
 from tqdm.auto import tqdm
 
@@ -24,7 +25,9 @@ from .outputs import RunOutput, write_json_atomic
 from .report import BestScores, CycleRecord, Provenance, RunReport, Scores, TrainingRound, environment, plot_history
 from .screening import Screened, screen
 from .simulated_teachers import TEACHERS, make_simulated_teacher
-from .stopping import StopPolicy
+from .metrics import LoopMetrics
+from .metrics_readers import LoopFigures, RegistryReader
+from .stopping import Decision, StopPolicy
 from .student import Student, TrainConfig
 from .students import create_student
 from .artifacts import ArtifactStore
@@ -58,6 +61,9 @@ class DistillConfig(BaseModel):
     patience: int = Field(5, ge=0)
     min_delta: float = Field(0.0, ge=0)
     sample_budget: int | None = Field(None, gt=0)
+    target_score: float | None = None                 # stop once the metric reaches it
+    token_budget: int | None = Field(None, gt=0)      # stop once the teacher used this many tokens
+    cost_budget: float | None = Field(None, gt=0)     # stop once the teacher cost this much
     metric: str = "macro_f1"
     seed: int = 1
     epochs: int = Field(8, gt=0)          # first round, from the pretrained encoder
@@ -117,7 +123,9 @@ def log(message: str) -> None:
 
 def make_policy(config: DistillConfig) -> StopPolicy:
     return StopPolicy(patience=config.patience, max_cycles=config.max_cycles, sample_budget=config.sample_budget,
-                      min_delta=config.min_delta, metric=config.metric, lower_is_better=config.metric == "loss")
+                      min_delta=config.min_delta, metric=config.metric, lower_is_better=config.metric == "loss",
+                      target_score=config.target_score, token_budget=config.token_budget,
+                      cost_budget=config.cost_budget)
 
 
 def round_config(config: DistillConfig, cycle: int) -> TrainConfig:
@@ -229,6 +237,10 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
     if any(duplicates.values()):
         log(f"pgkd: note: duplicate texts in the data (kept): {duplicates}")
 
+    # The stop policy reads the same metric names here as from Prometheus when the services run.
+    registry = CollectorRegistry()
+    metrics, reader, run_name = LoopMetrics(registry), RegistryReader(registry), Path(out).name
+    run_usage = TeacherUsage()
     staging = output.open()
     try:
         train, validation = list(splits.train), splits.validation
@@ -262,8 +274,12 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
             cycles.append(cycle_record(config, cycle, len(train), report, test_report, provenance, trained,
                                        improved, time.perf_counter() - cycle_started))
             log_cycle(config, cycles[-1], history, policy.best_cycle(history))
+            metrics.trained(run_name, cycle, trained)
+            metrics.cycle_evaluated(run_name, cycle, report.headline(), config.metric, history,
+                                    policy.best_cycle(history), cycles[-1].seconds)
 
-            decision = policy.decide(history, generated_total)
+            figures = reader.read(run_name, config.metric, cycle)
+            decision = decide(policy, figures, generated_total)
             if decision.stop:
                 break
             # 3. Mine the mistakes, 4. ask the teacher, 5. screen and add.
@@ -274,17 +290,21 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
             try:
                 batch = teacher.generate(request)
             except TeacherUnavailable as e:
-                decision.reason = f"{TEACHER_UNAVAILABLE}: {e}"
+                decision = Decision(stop=True, reason=f"{TEACHER_UNAVAILABLE}: {e}", source="teacher")
                 break
             if not batch.samples and not batch.rejected:
-                decision.reason = TEACHER_EXHAUSTED
+                decision = Decision(stop=True, reason=TEACHER_EXHAUSTED, source="teacher")
                 break
             screened = screen(batch.samples, labels, known)
             known.update(normalize_text(s.text) for s in screened.accepted)
             train = train + screened.accepted
             provenance = provenance_of(batch, screened)
             generated_total += provenance.generated
+            run_usage = run_usage + batch.usage
+            metrics.generated(run_name, batch.usage, provenance.accepted, provenance.rejected, run_usage)
 
+        metrics.completed(run_name, "completed", decision.reason)
+        log(f"pgkd: stop: {decision.reason} (decided from: {decision.source})")
         best_cycle = policy.best_cycle(history)
         student.load_state(best_state)
         best = BestScores(cycle=best_cycle, validation=best_report,
@@ -300,6 +320,12 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
         output.abort()
         raise
     return result
+
+
+def decide(policy: StopPolicy, figures: LoopFigures, generated_total: int) -> Decision:
+    decision = policy.decide(figures.history, generated_total, figures.tokens, figures.cost)
+    decision.source = figures.source
+    return decision
 
 
 TEACHER_EXHAUSTED = "teacher_exhausted: the teacher returned no samples"

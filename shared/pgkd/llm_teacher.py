@@ -239,6 +239,7 @@ class LLMTeacher:
         s = self.settings
         usage.calls += 1
         usage.seconds += seconds
+        usage.call_seconds = usage.call_seconds + [round(seconds, 6)]
         usage.prompt_tokens += completion.prompt_tokens
         usage.completion_tokens += completion.completion_tokens
         usage.cost += (completion.prompt_tokens * s.price_prompt_per_1k

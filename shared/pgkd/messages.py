@@ -103,6 +103,7 @@ class RunCompleted(Message):
     best_checkpoint: ArtifactRef | None = None
     best_cycle: int | None = None
     test: dict[str, float] | None = None
+    decided_from: str | None = None   # where the stop policy read its figures (prometheus, run records...)
 
 
 class DeadLetter(BaseModel):

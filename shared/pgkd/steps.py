@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -36,6 +37,7 @@ from .distill import (
     DistillConfig,
     assemble_report,
     cycle_record,
+    decide,
     evaluate_student,
     fresh_student,
     known_texts,
@@ -50,10 +52,14 @@ from .distill import (
 from .evaluation import EvalReport
 from .frozen_student import EmbeddingCache
 from .messages import CycleEvaluated, ModelTrained, NegativesMined, RunCompleted, RunRequested, SamplesGenerated
+from .metrics import LoopMetrics
+from .metrics_readers import LoopFigures, MetricsUnavailable
 from .report import BestScores, CycleRecord, Provenance, Scores, TrainingRound, plot_history
 from .screening import screen
 from .students import load_student
-from .teacher import TeacherUnavailable
+from .teacher import TeacherUnavailable, TeacherUsage
+
+log = logging.getLogger("pgkd.steps")
 
 
 class RunFiles:
@@ -230,8 +236,11 @@ def cycle_states(store: ArtifactStore, ctx: RunContext, up_to: int) -> list[Cycl
     return states
 
 
-def evaluate(message: ModelTrained, store: ArtifactStore) -> CycleEvaluated | RunCompleted:
-    """Score the student on validation, record the cycle, and let the stop policy decide."""
+def evaluate(message: ModelTrained, store: ArtifactStore, metrics: LoopMetrics | None = None,
+             reader=None) -> CycleEvaluated | RunCompleted:
+    """Score the student on validation, record the cycle, export the run's metrics, and let the stop
+    policy decide on what `reader` (Prometheus, or a metrics registry) reads back; without a reader,
+    or when it cannot answer, on the run's own records, saying so."""
     ctx = run_context(store, message.run_id)
     config, cycle, policy = ctx.config, message.cycle, make_policy(ctx.config)
     student = _load_checkpoint(store, message.checkpoint, config.device)
@@ -247,17 +256,46 @@ def evaluate(message: ModelTrained, store: ArtifactStore) -> CycleEvaluated | Ru
                        train_set=message.train_set)
     store.put_json(ctx.files.cycle_state(cycle), state.model_dump(mode="json"))
     states.append(state)
+    if metrics is not None:  # every cycle again: a restarted evaluator exports the whole run
+        for s in states:
+            c = s.record.cycle
+            metrics.cycle_evaluated(message.run_id, c, s.record.validation, config.metric, history[:c + 1],
+                                    policy.best_cycle(history[:c + 1]), record.seconds if c == cycle else None)
     generated_total = sum(s.record.generated for s in states)
-    decision = policy.decide(history, generated_total)
+    usage = sum((s.record.teacher_usage for s in states), TeacherUsage())
+    figures = LoopFigures(history, usage.prompt_tokens + usage.completion_tokens, usage.cost, "run records")
+    if reader is not None:
+        try:
+            read = reader.read(message.run_id, config.metric, cycle)
+            # Spend: the larger of what the metrics and the records say (the generator's gauges can
+            # only be ahead of the records, never behind, unless its metrics were lost).
+            figures = LoopFigures(read.history, max(read.tokens, figures.tokens), max(read.cost, figures.cost),
+                                  read.source)
+        except MetricsUnavailable as e:
+            figures.source = f"run records, because {e}"
+            log.warning("evaluator: run %s cycle %d: deciding on the run's records: %s", message.run_id, cycle, e)
+    decision = decide(policy, figures, generated_total)
+    log.info("evaluator: run %s cycle %d: %s (decided from: %s)", message.run_id, cycle,
+             decision.reason if decision.stop else "continue", decision.source)
     if decision.stop:
-        return complete_run(store, ctx, states, decision.reason, cycle)
+        if metrics is not None:
+            metrics.completed(message.run_id, "completed", decision.reason)
+        return complete_run(store, ctx, states, decision.reason, cycle, decided_from=decision.source)
     return CycleEvaluated(run_id=message.run_id, cycle=cycle, checkpoint=message.checkpoint,
                           train_set=message.train_set, best_checkpoint=states[best_cycle].checkpoint,
                           best_cycle=best_cycle, validation=report.headline(), samples_generated=generated_total)
 
 
+def run_teacher_usage(store: ArtifactStore, run_id: str, provenance: Provenance) -> TeacherUsage:
+    """The run's teacher usage so far: the evaluated cycles' records plus a cycle just generated."""
+    ctx = run_context(store, run_id)
+    keys = store.list(ctx.files.cycles)
+    return sum((CycleState.model_validate(store.get_json(k)).record.teacher_usage for k in keys),
+               provenance.teacher_usage)
+
+
 def complete_run(store: ArtifactStore, ctx: RunContext, states: list[CycleState], reason: str,
-                 cycle: int) -> RunCompleted:
+                 cycle: int, decided_from: str = "teacher") -> RunCompleted:
     """Score the best student on test and write the run's report.json and history.png."""
     config, policy = ctx.config, make_policy(ctx.config)
     best_cycle = policy.best_cycle([s.validation.metric(config.metric) for s in states])
@@ -278,7 +316,7 @@ def complete_run(store: ArtifactStore, ctx: RunContext, states: list[CycleState]
     report_ref = store.put_json(ctx.files.report, report.model_dump(mode="json"))
     completed = RunCompleted(run_id=ctx.request.run_id, cycle=cycle, status="completed", reason=reason,
                              report=report_ref, best_checkpoint=best_state.checkpoint, best_cycle=best_cycle,
-                             test=best.test.headline())
+                             test=best.test.headline(), decided_from=decided_from)
     store.put_json(ctx.files.completed, completed.model_dump(mode="json"))
     return completed
 

@@ -36,6 +36,7 @@ class TeacherUsage(BaseModel):
     retries: int = 0
     cache_hits: int = 0                # answers read from the response cache instead of the teacher
     errors: dict[str, int] = {}        # failed calls by kind (timeout, transport, server_error, ...)
+    call_seconds: list[float] = []     # the round trip of each answered call
 
     def __add__(self, other: "TeacherUsage") -> "TeacherUsage":
         errors = dict(self.errors)
@@ -45,7 +46,7 @@ class TeacherUsage(BaseModel):
                             completion_tokens=self.completion_tokens + other.completion_tokens,
                             seconds=self.seconds + other.seconds, cost=self.cost + other.cost,
                             retries=self.retries + other.retries, cache_hits=self.cache_hits + other.cache_hits,
-                            errors=errors)
+                            errors=errors, call_seconds=self.call_seconds + other.call_seconds)
 
 
 class GeneratedBatch(BaseModel):

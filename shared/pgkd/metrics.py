@@ -1,0 +1,124 @@
+"""The loop's Prometheus metrics: what the stop policy reads and what operators watch.
+
+One `LoopMetrics` per registry: the services use prometheus-client's default registry (served on
+/metrics), an embedded run a registry of its own. Label sets stay bounded: `run` and `cycle` (a run
+has at most max_cycles + 1 cycles), a metric name, a reason or kind from a fixed set; never a text
+or a sample id.
+"""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from .evaluation import METRICS
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class LoopMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        self.registry = registry
+        r = dict(registry=registry)
+        # evaluator
+        self.validation_score = Gauge("pgkd_validation_score", "Validation metric of a cycle's student",
+                                      ["run", "cycle", "metric"], **r)
+        self.best_score = Gauge("pgkd_best_score", "Best validation value of the stop policy's metric so far",
+                                ["run", "metric"], **r)
+        self.best_cycle = Gauge("pgkd_best_cycle", "Cycle of the best student so far", ["run"], **r)
+        self.cycles_since_improvement = Gauge("pgkd_cycles_since_improvement",
+                                              "Cycles evaluated since the best one", ["run"], **r)
+        self.last_cycle = Gauge("pgkd_last_cycle", "Last evaluated cycle", ["run"], **r)
+        self.last_cycle_time = Gauge("pgkd_last_cycle_timestamp_seconds", "When the last cycle was evaluated",
+                                     ["run"], **r)
+        self.cycle_duration = Histogram("pgkd_cycle_duration_seconds", "Wall time of a cycle, mining to evaluation",
+                                        buckets=DURATION_BUCKETS, **r)
+        self.run_stopped = Gauge("pgkd_run_stopped", "1 when the stop policy ended the run, by reason",
+                                 ["run", "reason"], **r)
+        self.runs_completed = Counter("pgkd_runs_completed", "Runs ended, by status", ["status"], **r)
+        # trainer
+        self.train_loss = Gauge("pgkd_train_loss", "Training loss of a cycle's last epoch", ["run", "cycle"], **r)
+        self.train_validation_loss = Gauge("pgkd_train_validation_loss", "Best validation loss within the round",
+                                           ["run", "cycle"], **r)
+        self.train_samples_per_second = Gauge("pgkd_train_samples_per_second", "Training throughput of a round",
+                                              ["run", "cycle"], **r)
+        self.train_duration = Histogram("pgkd_train_duration_seconds", "Wall time of a training round",
+                                        buckets=DURATION_BUCKETS, **r)
+        # generator
+        self.teacher_calls = Counter("pgkd_teacher_calls", "Calls answered by the teacher", **r)
+        self.teacher_tokens = Counter("pgkd_teacher_tokens", "Teacher tokens", ["kind"], **r)
+        self.teacher_cost = Counter("pgkd_teacher_cost", "Teacher cost, from the configured prices", **r)
+        self.teacher_errors = Counter("pgkd_teacher_errors", "Failed teacher calls, by kind", ["kind"], **r)
+        self.teacher_cache_hits = Counter("pgkd_teacher_cache_hits", "Answers read from the response cache", **r)
+        self.teacher_latency = Histogram("pgkd_teacher_latency_seconds", "Round trip of one teacher call",
+                                         buckets=LATENCY_BUCKETS, **r)
+        self.run_teacher_tokens = Gauge("pgkd_run_teacher_tokens", "A run's teacher tokens so far",
+                                        ["run", "kind"], **r)
+        self.run_teacher_cost = Gauge("pgkd_run_teacher_cost", "A run's teacher cost so far", ["run"], **r)
+        self.samples_accepted = Counter("pgkd_samples_accepted", "Generated samples added to training", **r)
+        self.samples_rejected = Counter("pgkd_samples_rejected", "Generated samples or answers dropped, by reason",
+                                        ["reason"], **r)
+        # every service
+        self.dead_letters = Counter("pgkd_dead_letters", "Messages sent to the dead-letter topic",
+                                    ["service", "topic"], **r)
+
+    # -- what each step reports ----------------------------------------------------------------------------
+    def cycle_evaluated(self, run: str, cycle: int, scores: dict[str, float], metric: str, history: list[float],
+                        best_cycle: int, seconds: float | None) -> None:
+        for name in METRICS:
+            self.validation_score.labels(run, str(cycle), name).set(scores[name])
+        self.best_score.labels(run, metric).set(history[best_cycle])
+        self.best_cycle.labels(run).set(best_cycle)
+        self.cycles_since_improvement.labels(run).set(len(history) - 1 - best_cycle)
+        self.last_cycle.labels(run).set(cycle)
+        self.last_cycle_time.labels(run).set(time.time())
+        if seconds is not None:
+            self.cycle_duration.observe(seconds)
+
+    def trained(self, run: str, cycle: int, training) -> None:
+        self.train_loss.labels(run, str(cycle)).set(training.train_loss)
+        self.train_validation_loss.labels(run, str(cycle)).set(training.validation_loss)
+        self.train_samples_per_second.labels(run, str(cycle)).set(training.samples_per_second)
+        self.train_duration.observe(training.seconds)
+
+    def generated(self, run: str, usage, accepted: int, rejected: dict[str, int], run_usage) -> None:
+        """`usage` is this cycle's, `run_usage` the run's so far (kept in gauges that survive restarts
+        of the generator, unlike counters)."""
+        self.teacher_calls.inc(usage.calls)
+        self.teacher_tokens.labels("prompt").inc(usage.prompt_tokens)
+        self.teacher_tokens.labels("completion").inc(usage.completion_tokens)
+        self.teacher_cost.inc(usage.cost)
+        self.teacher_cache_hits.inc(usage.cache_hits)
+        for kind, count in usage.errors.items():
+            self.teacher_errors.labels(kind).inc(count)
+        for seconds in usage.call_seconds:
+            self.teacher_latency.observe(seconds)
+        self.run_teacher_tokens.labels(run, "prompt").set(run_usage.prompt_tokens)
+        self.run_teacher_tokens.labels(run, "completion").set(run_usage.completion_tokens)
+        self.run_teacher_cost.labels(run).set(run_usage.cost)
+        self.samples_accepted.inc(accepted)
+        for reason, count in rejected.items():
+            self.samples_rejected.labels(reason).inc(count)
+
+    def completed(self, run: str, status: str, reason: str) -> None:
+        self.runs_completed.labels(status).inc()
+        if status == "completed":
+            self.run_stopped.labels(run, reason.split(":", 1)[0]).set(1)
+
+    def dead_letter(self, service: str, topic: str) -> None:
+        self.dead_letters.labels(service, topic).inc()
+
+
+def exported_names(metrics: LoopMetrics) -> set[str]:
+    """Every series name this module exports (counters with _total, histograms with their parts)."""
+    names = set()
+    for collector in (v for v in vars(metrics).values() if hasattr(v, "describe")):
+        for family in collector.describe():
+            if family.type == "counter":
+                names |= {family.name + "_total", family.name + "_created"}
+            elif family.type == "histogram":
+                names |= {family.name + s for s in ("_bucket", "_sum", "_count", "_created")}
+            else:
+                names.add(family.name)
+    return names

@@ -1,0 +1,79 @@
+"""The stop decision taken from Prometheus: the services export the loop's metrics, a real
+Prometheus server scrapes them, and the evaluator's stop policy reads them back with PromQL."""
+import json
+import os
+import time
+
+import pytest
+
+from conftest import PrometheusServer, make_toy_dataset
+from pgkd import steps
+from pgkd.artifacts import ArtifactStore
+from pgkd.distill import DistillConfig
+from pgkd.messages import (CycleEvaluated, ModelTrained, NegativesMined, RunCompleted, RunRequested,
+                           SamplesGenerated)
+from pgkd.metrics_readers import PrometheusReader
+from test_services_kafka import CONFIG
+from test_services_redis import ServiceProcesses, cli_options
+
+import services
+
+PATIENCE = {**CONFIG, "patience": 2, "max_cycles": 6}
+
+
+@pytest.fixture
+def services_over_redis(redis_url, tmp_path):
+    processes = ServiceProcesses(redis_url, tmp_path)
+    yield processes
+    for process in processes.processes.values():
+        if process.poll() is None:
+            process.kill()
+
+
+def test_the_run_stops_on_patience_read_from_prometheus(services_over_redis, tmp_path):
+    processes = services_over_redis
+    prometheus = PrometheusServer(tmp_path, processes.metrics_ports)
+    try:
+        processes.env["PGKD_PROMETHEUS_URL"] = prometheus.url
+        data = make_toy_dataset(tmp_path / "toy")
+        submitted = processes.pgkd("submit", "--data", str(data), "--run-id", "watched", *cli_options(PATIENCE))
+        assert submitted.returncode == 0, submitted.stderr
+        for name in services.NAMES:
+            processes.start(name)
+        completed = RunCompleted.model_validate(processes.wait_completed("watched"))
+        assert completed.status == "completed", processes.log_tails()
+        report = processes.store.get_json(completed.report)
+        scores = [c["validation"]["macro_f1"] for c in report["cycles"]]
+        best = scores.index(max(scores))
+        # Stopped by patience, at the first cycle two cycles past the best, on figures from Prometheus.
+        assert completed.reason == "patience: no macro_f1 improvement for 2 cycles"
+        assert completed.cycle == best + 2 == len(scores) - 1 < PATIENCE["max_cycles"]
+        assert completed.decided_from == "prometheus"
+        # What the policy read is there for anyone to query, and the decision is a metric too.
+        series = prometheus.query('pgkd_validation_score{run="watched",metric="macro_f1"}')
+        assert sorted((int(s["metric"]["cycle"]), float(s["value"][1])) for s in series) == list(enumerate(scores))
+        assert {s["metric"]["service"] for s in series} == {"evaluator"}
+        for _ in range(50):  # set as the run ended: wait for the next scrape
+            stopped = prometheus.query('pgkd_run_stopped{run="watched"}')
+            if stopped:
+                break
+            time.sleep(0.2)
+        assert [(s["metric"]["reason"], s["value"][1]) for s in stopped] == [("patience", "1")]
+        assert prometheus.query('sum(faststream_received_messages_total{service="trainer"})')
+    finally:
+        prometheus.stop()
+
+
+def test_without_prometheus_the_evaluator_says_it_decided_on_the_run_records(tmp_path):
+    store = ArtifactStore(f"file://{tmp_path}/artifacts")
+    config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")), **{**CONFIG, "max_cycles": 1})
+    reader = PrometheusReader("http://127.0.0.1:9", wait=1, timeout=1)   # nothing listens there
+    message = steps.submit(config, store, run_id="blind")
+    route = {RunRequested: steps.train, SamplesGenerated: steps.train, CycleEvaluated: steps.mine,
+             NegativesMined: steps.generate,
+             ModelTrained: lambda m, s: steps.evaluate(m, s, reader=reader)}
+    while not isinstance(message, RunCompleted):
+        message = route[type(message)](message, store)
+    assert message.reason.startswith("max_cycles")
+    assert message.decided_from.startswith("run records, because Prometheus at http://127.0.0.1:9 cannot be queried")
+    assert os.path.exists(tmp_path / "artifacts" / "runs" / "blind" / "report.json") and json
