@@ -140,6 +140,7 @@ class Service:
     def consume(self, message_type: type[Message], step: Callable[[Message, ArtifactStore], Message]) -> None:
         topic = self.topic(message_type.topic)
         self.subscriptions.append(topic)
+        self.metrics.consuming(topic)
 
         async def handle(message=Context("message")) -> None:
             await self.handle(topic, message.body, message_type, step)
@@ -216,7 +217,7 @@ class Service:
                             payload=body.decode("utf-8", errors="replace")[:100_000],
                             run_id=message.run_id if message else None, cycle=message.cycle if message else None)
         log.warning("%s: dead letter from %s: %s", self.name, topic, reason)
-        self.metrics.dead_letter(self.name, topic)
+        self.metrics.dead_letter(topic)
         await self.send(letter.model_dump_json().encode(), DeadLetter.topic, key=letter.run_id)
 
     async def send(self, body: bytes, topic: str, key: str | None = None) -> None:

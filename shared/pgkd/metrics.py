@@ -12,6 +12,10 @@ import time
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from .evaluation import METRICS
+from .screening import REASONS
+
+TEACHER_ERROR_KINDS = ("timeout", "transport", "server_error", "rate_limited", "rejected_request", "incompatible_model")
+REJECTION_REASONS = (*REASONS, "unparseable_answer", "malformed_sample")
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -60,8 +64,17 @@ class LoopMetrics:
         self.samples_rejected = Counter("pgkd_samples_rejected", "Generated samples or answers dropped, by reason",
                                         ["reason"], **r)
         # every service
-        self.dead_letters = Counter("pgkd_dead_letters", "Messages sent to the dead-letter topic",
-                                    ["service", "topic"], **r)
+        # The service is the scrape target's label; a label of our own would clash with it.
+        self.dead_letters = Counter("pgkd_dead_letters", "Messages sent to the dead-letter topic, by source topic",
+                                    ["topic"], **r)
+        # Children of labelled counters exist at 0 from the start, so rate() and increase() see the
+        # first increment instead of a series born at its value.
+        for kind in TEACHER_ERROR_KINDS:
+            self.teacher_errors.labels(kind)
+        for reason in REJECTION_REASONS:
+            self.samples_rejected.labels(reason)
+        for prompt_or_completion in ("prompt", "completion"):
+            self.teacher_tokens.labels(prompt_or_completion)
 
     # -- what each step reports ----------------------------------------------------------------------------
     def cycle_evaluated(self, run: str, cycle: int, scores: dict[str, float], metric: str, history: list[float],
@@ -102,12 +115,15 @@ class LoopMetrics:
             self.samples_rejected.labels(reason).inc(count)
 
     def completed(self, run: str, status: str, reason: str) -> None:
+        """A failed run counts as stopped too (reason "failed"), so it does not look stalled."""
         self.runs_completed.labels(status).inc()
-        if status == "completed":
-            self.run_stopped.labels(run, reason.split(":", 1)[0]).set(1)
+        self.run_stopped.labels(run, reason.split(":", 1)[0] if status == "completed" else "failed").set(1)
 
-    def dead_letter(self, service: str, topic: str) -> None:
-        self.dead_letters.labels(service, topic).inc()
+    def consuming(self, topic: str) -> None:
+        self.dead_letters.labels(topic)
+
+    def dead_letter(self, topic: str) -> None:
+        self.dead_letters.labels(topic).inc()
 
 
 def exported_names(metrics: LoopMetrics) -> set[str]:
