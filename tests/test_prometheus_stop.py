@@ -60,6 +60,12 @@ def test_the_run_stops_on_patience_read_from_prometheus(services_over_redis, tmp
             time.sleep(0.2)
         assert [(s["metric"]["reason"], s["value"][1]) for s in stopped] == [("patience", "1")]
         assert prometheus.query('sum(faststream_received_messages_total{service="trainer"})')
+        # The reader the evaluator used, asked again: the same history, and the generator's spend gauges.
+        figures = PrometheusReader(prometheus.url, wait=5).read("watched", "macro_f1", completed.cycle)
+        assert figures.history == scores and figures.source == "prometheus" and figures.tokens == 0
+        spend = prometheus.query('pgkd_run_teacher_tokens{run="watched"}')
+        assert {(s["metric"]["kind"], s["metric"]["service"]) for s in spend} == {("prompt", "generator"),
+                                                                                  ("completion", "generator")}
     finally:
         prometheus.stop()
 
