@@ -10,7 +10,8 @@
 - every manifest under k8s/ against the Kubernetes OpenAPI schemas (kubernetes-validate, strict), the
   Strimzi KafkaTopics against the vendored Strimzi CRD schema, then the kustomization, the security
   settings, probes, resources, GPU placement, Services and topics, for the four pgkd services and,
-  with its own expectations, the Triton teacher.
+  with its own expectations, the Triton teacher. The opt-in monitoring component k8s/monitoring/
+  (Prometheus Operator kinds) is tests/test_k8s_monitoring.py's.
 - test_the_validators_reject_broken_documents: the validators above do fail on broken documents, so a
   passing run means something.
 """
@@ -34,6 +35,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 K8S = REPO / "k8s"
+# A kustomize Component that users opt into, with the Prometheus Operator's kinds: tests/test_k8s_monitoring.py.
+K8S_MONITORING = K8S / "monitoring"
 COMPOSE = REPO / "docker-compose.yml"
 GPU_OVERRIDE = REPO / "deploy" / "compose.gpu.yml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -140,7 +143,9 @@ def pgkd_image_services() -> dict[str, dict]:
 
 
 def manifest_paths() -> list[Path]:
-    return sorted(p for p in K8S.rglob("*") if p.suffix in {".yaml", ".yml"} and p.name != "kustomization.yaml")
+    """The base's manifests: not those of the monitoring component."""
+    return sorted(p for p in K8S.rglob("*") if p.suffix in {".yaml", ".yml"} and p.name != "kustomization.yaml"
+                  and K8S_MONITORING not in p.parents)
 
 
 @cache
@@ -607,8 +612,9 @@ def test_kustomization_lists_every_manifest_and_nothing_else():
     assert len(listed) == len(set(listed))
     for resource in listed:
         assert (K8S / resource).is_file(), f"{resource} is listed but does not exist"
-    # Flat layout, so that the comparison below sees every manifest.
+    # Flat layout, so that the comparison below sees every manifest; the one folder is the monitoring component.
     assert all(path.parent == K8S for path in manifest_paths())
+    assert [path for path in K8S.iterdir() if path.is_dir()] == [K8S_MONITORING]
     # *.example.yaml are templates to fill in (empty credentials), never applied as they are.
     on_disk = {path.name for path in manifest_paths() if not path.name.endswith(".example.yaml")}
     assert set(listed) == on_disk
@@ -638,6 +644,8 @@ def test_namespace_and_configmap():
         "PGKD_ARTIFACTS": "file:///artifacts",
         "PGKD_TOPIC_PREFIX": TOPIC_PREFIX,
         "PGKD_METRICS_PORT": str(METRICS_PORT),
+        # kube-prometheus-stack's Prometheus (tests/test_k8s_monitoring.py).
+        "PGKD_PROMETHEUS_URL": "http://prometheus-operated.monitoring.svc:9090",
     }
 
 

@@ -91,7 +91,10 @@ class PrometheusReader:
 
         def total(promql: str) -> float:
             return sum(float(r["value"][1]) for r in self.query(promql))
-        return LoopFigures(history=_history(values, cycle, f"Prometheus at {self.url}"),
-                           tokens=int(total(f'last_over_time(pgkd_run_teacher_tokens{{run="{run}"}}[7d])')),
-                           cost=total(f'last_over_time(pgkd_run_teacher_cost{{run="{run}"}}[7d])'),
+        # max: two series of one gauge (a restarted or a second generator) are the same run total seen
+        # twice, not two spends.
+        tokens = f'max by (kind) (last_over_time(pgkd_run_teacher_tokens{{run="{run}"}}[7d]))'
+        cost = f'max(last_over_time(pgkd_run_teacher_cost{{run="{run}"}}[7d]))'
+        return LoopFigures(history=_history(values, cycle, f"Prometheus at {self.url}"), tokens=int(total(tokens)),
+                           cost=total(cost),
                            source=self.source)
