@@ -157,3 +157,14 @@ class PrometheusServer:
         self.process.terminate()
         self.process.wait(20)
         self.log.close()
+
+
+@pytest.fixture
+def services_over_redis(redis_url, tmp_path):
+    """The four services, started by the test with `.start(name)`; killed at the end if still running."""
+    from service_processes import ServiceProcesses
+    processes = ServiceProcesses(redis_url, tmp_path)
+    yield processes
+    for process in processes.processes.values():
+        if process.poll() is None:
+            process.kill()

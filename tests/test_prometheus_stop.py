@@ -4,7 +4,6 @@ import json
 import os
 import time
 
-import pytest
 
 from conftest import PrometheusServer, make_toy_dataset
 from pgkd import steps
@@ -14,20 +13,11 @@ from pgkd.messages import (CycleEvaluated, ModelTrained, NegativesMined, RunComp
                            SamplesGenerated)
 from pgkd.metrics_readers import PrometheusReader
 from test_services_kafka import CONFIG
-from test_services_redis import ServiceProcesses, cli_options
+from service_processes import cli_options
 
 import services
 
 PATIENCE = {**CONFIG, "patience": 2, "max_cycles": 6}
-
-
-@pytest.fixture
-def services_over_redis(redis_url, tmp_path):
-    processes = ServiceProcesses(redis_url, tmp_path)
-    yield processes
-    for process in processes.processes.values():
-        if process.poll() is None:
-            process.kill()
 
 
 def test_the_run_stops_on_patience_read_from_prometheus(services_over_redis, tmp_path):
