@@ -57,7 +57,6 @@ class ModelTrained(Message):
     train_size: int
     training: TrainingRound
     provenance: Provenance
-    best_checkpoint: ArtifactRef | None = None   # the best student before this cycle (None at cycle 0)
     cycle_started: float
 
 

@@ -205,12 +205,12 @@ def train(message: RunRequested | SamplesGenerated, store: ArtifactStore, progre
     ctx = run_context(store, message.run_id)
     config, cycle = ctx.config, message.cycle
     if isinstance(message, RunRequested):
-        train_set, provenance, best, started = list(ctx.splits.train), Provenance(), None, message.submitted_at
+        train_set, provenance, started = list(ctx.splits.train), Provenance(), message.submitted_at
         student = fresh_student(config, ctx.labels, 0, embed=shared_embeddings())
     else:
         train_set = read_samples_artifact(store, message.train_set) + message.samples
-        provenance, best, started = message.provenance, message.best_checkpoint, message.cycle_started
-        student = (_load_checkpoint(store, best, config.device) if config.warm_start
+        provenance, started = message.provenance, message.cycle_started
+        student = (_load_checkpoint(store, message.best_checkpoint, config.device) if config.warm_start
                    else fresh_student(config, ctx.labels, cycle, embed=shared_embeddings()))
     train_ref = _put_samples(store, ctx.files.train_set(cycle), train_set)
     trained = student.train(train_set, ctx.splits.validation, round_config(config, cycle), progress=progress,
@@ -220,7 +220,7 @@ def train(message: RunRequested | SamplesGenerated, store: ArtifactStore, progre
         checkpoint = store.put_folder(ctx.files.checkpoint(cycle), folder)
     return ModelTrained(run_id=message.run_id, cycle=cycle, checkpoint=checkpoint, train_set=train_ref,
                         train_size=len(train_set), training=TrainingRound.model_validate(trained, from_attributes=True),
-                        provenance=provenance, best_checkpoint=best, cycle_started=started)
+                        provenance=provenance, cycle_started=started)
 
 
 # -- evaluator -------------------------------------------------------------------------------------------
