@@ -128,9 +128,10 @@ def make_policy(config: DistillConfig) -> StopPolicy:
                       cost_budget=config.cost_budget)
 
 
-def round_config(config: DistillConfig, cycle: int) -> TrainConfig:
-    """From the pretrained encoder at cycle 0; later rounds are warm-started, shorter and gentler."""
-    warm = cycle > 0 and config.warm_start
+def round_config(config: DistillConfig, cycle: int, warm: bool | None = None) -> TrainConfig:
+    """From the pretrained encoder at cycle 0; later rounds are warm-started, shorter and gentler
+    (as is a cycle 0 that starts from an earlier student: `warm`)."""
+    warm = cycle > 0 and config.warm_start if warm is None else warm
     return config.train_config(config.cycle_epochs if warm else config.epochs, config.seed + cycle,
                                config.cycle_learning_rate_scale if warm else 1.0)
 

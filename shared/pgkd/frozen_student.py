@@ -112,6 +112,20 @@ class FrozenEncoderStudent:
         index = {label: i for i, label in enumerate(self.labels)}
         return np.array([index[s.label] for s in samples])
 
+    def with_labels(self, labels: list[str]) -> "FrozenEncoderStudent":
+        """This student for a taxonomy that grew (the head is refitted by the next `train` anyway)."""
+        dropped = sorted(set(self.labels) - set(labels))
+        if dropped:
+            raise ValueError(f"labels can be added, not removed: {dropped[:5]}")
+        rows = {label: i for i, label in enumerate(self.labels)}
+        coef = np.zeros((len(labels), self.coef.shape[1]), dtype=np.float32)
+        intercept = np.full(len(labels), -1e4, dtype=np.float32)
+        for i, label in enumerate(labels):
+            if label in rows:
+                coef[i], intercept[i] = self.coef[rows[label]], self.intercept[rows[label]]
+        self.labels, self.coef, self.intercept = list(labels), coef, intercept
+        return self
+
     def state(self) -> dict:
         return {"coef": self.coef.copy(), "intercept": self.intercept.copy()}
 

@@ -8,6 +8,8 @@ Messages are small: ids, artifact references (URI + sha256), metrics and samples
 weights. `cycle` is the cycle the message belongs to: cycle k mines the mistakes of student k-1,
 asks the teacher, trains student k and evaluates it; cycle 0 trains on the labeled seed set.
 Every message is keyed by (run_id, cycle, kind), which is what makes handlers idempotent.
+Human-labeled samples come in on their own topic (LabeledSample), for the ingest service, which
+starts runs of its own (pgkd.stream).
 A consumer rejects a `schema_version` it does not know (to the dead-letter topic), so a change
 of a field's meaning must raise it.
 """
@@ -47,6 +49,7 @@ class RunRequested(Message):
     config: dict                      # a DistillConfig, whole
     dataset: ArtifactRef              # the source dataset as submitted (content-addressed)
     submitted_at: float = Field(default_factory=time.time)
+    start_from: ArtifactRef | None = None   # a checkpoint cycle 0 is warm-started from (a stream's best student)
 
 
 class ModelTrained(Message):
@@ -119,6 +122,17 @@ class DeadLetter(BaseModel):
     failed_at: float = Field(default_factory=time.time)
 
 
+class LabeledSample(BaseModel):
+    """A human-labeled sample streamed to the ingest service (pgkd.stream). Producers write it
+    without a schema_version; other fields a labeling tool adds are ignored."""
+    model_config = ConfigDict(extra="ignore")
+    topic: ClassVar[str] = "labeled-samples"
+    text: str
+    label: str
+    source: str | None = None         # who labeled it (an agent, a tool, a queue)
+    id: str | None = None             # the producer's id, kept with the sample
+
+
 MESSAGES: tuple[type[Message], ...] = (RunRequested, ModelTrained, CycleEvaluated, NegativesMined, SamplesGenerated,
                                        RunCompleted)
-TOPICS: tuple[str, ...] = tuple(m.topic for m in MESSAGES) + (DeadLetter.topic,)
+TOPICS: tuple[str, ...] = tuple(m.topic for m in MESSAGES) + (LabeledSample.topic, DeadLetter.topic)

@@ -126,18 +126,34 @@ def _dataset_json(dataset: Dataset) -> dict:
             "validation": rows(dataset.validation), "test": rows(dataset.test)}
 
 
+def _put_dataset(store: ArtifactStore, data: dict) -> ArtifactRef:
+    """Content-addressed: the same data submitted twice is stored once."""
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return store.put_json(f"datasets/{digest}.json", data)
+
+
 def submit(config: DistillConfig, store: ArtifactStore, run_id: str | None = None) -> RunRequested:
     """Check the data here, where a mistake can still be one line on the submitter's terminal, then
-    store it (content-addressed: the same data submitted twice is stored once) and the request."""
+    store it and the request."""
     dataset = load_dataset(config.data, config.text_column, config.label_column, seed=config.seed)
     make_splits(dataset, config.labeled, config.seed, config.validation_fraction)  # raises on a bad --labeled
-    data = _dataset_json(dataset)
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-    key = f"datasets/{digest}.json"
-    ref = store.put_json(key, data)
     request = RunRequested(run_id=run_id or new_run_id(dataset.name), cycle=0, config=config.model_dump(),
-                           dataset=ref)
+                           dataset=_put_dataset(store, _dataset_json(dataset)))
     store.put_json(RunFiles(request.run_id).request, request.model_dump(mode="json"))
+    return request
+
+
+def submit_splits(config: DistillConfig, name: str, splits: Splits, store: ArtifactStore, run_id: str,
+                  start_from: ArtifactRef | None = None) -> RunRequested:
+    """A run on splits made elsewhere (a stream's grown dataset), not drawn from a file: the dataset
+    artifact holds them as they are, and cycle 0 may warm-start from a checkpoint."""
+    rows = lambda samples: [s.model_dump() for s in samples]  # noqa: E731
+    data = {"name": name, "path": config.data, "notes": [], "splits": {
+        "labels": splits.labels, "train": rows(splits.train), "validation": rows(splits.validation),
+        "pool": rows(splits.pool), "test": rows(splits.test)}}
+    request = RunRequested(run_id=run_id, cycle=0, config=config.model_dump(), dataset=_put_dataset(store, data),
+                           start_from=start_from)
+    store.put_json(RunFiles(run_id).request, request.model_dump(mode="json"))
     return request
 
 
@@ -171,10 +187,18 @@ def run_context(store: ArtifactStore, run_id: str) -> RunContext:
     request = RunRequested.model_validate(store.get_json(files.request))
     config = DistillConfig.model_validate(request.config)
     raw = store.get_json(request.dataset)
-    rows = lambda name: [Sample.model_validate(r) for r in raw[name]]  # noqa: E731
-    dataset = Dataset(name=raw["name"], path=raw["path"], train=rows("train"), validation=rows("validation"),
-                      test=rows("test"), notes=raw["notes"])
-    splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
+    if "splits" in raw:  # made by submit_splits
+        given = raw["splits"]
+        rows = lambda name: [Sample.model_validate(r) for r in given[name]]  # noqa: E731
+        splits = Splits(labels=given["labels"], train=rows("train"), validation=rows("validation"), pool=rows("pool"),
+                        test=rows("test"))
+        dataset = Dataset(name=raw["name"], path=raw["path"], train=splits.train + splits.pool,
+                          validation=splits.validation, test=splits.test, notes=raw["notes"])
+    else:
+        rows = lambda name: [Sample.model_validate(r) for r in raw[name]]  # noqa: E731
+        dataset = Dataset(name=raw["name"], path=raw["path"], train=rows("train"), validation=rows("validation"),
+                          test=rows("test"), notes=raw["notes"])
+        splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
     context = RunContext(request, config, dataset, splits, files)
     _contexts[cache_key] = context
     while len(_contexts) > 4:
@@ -204,16 +228,20 @@ def train(message: RunRequested | SamplesGenerated, store: ArtifactStore, progre
     warm-started from the best student so far."""
     ctx = run_context(store, message.run_id)
     config, cycle = ctx.config, message.cycle
+    warm = None
     if isinstance(message, RunRequested):
         train_set, provenance, started = list(ctx.splits.train), Provenance(), message.submitted_at
-        student = fresh_student(config, ctx.labels, 0, embed=shared_embeddings())
+        if message.start_from is not None:  # a stream's run: from its best student, its head grown to new labels
+            student, warm = _load_checkpoint(store, message.start_from, config.device).with_labels(ctx.labels), True
+        else:
+            student = fresh_student(config, ctx.labels, 0, embed=shared_embeddings())
     else:
         train_set = read_samples_artifact(store, message.train_set) + message.samples
         provenance, started = message.provenance, message.cycle_started
         student = (_load_checkpoint(store, message.best_checkpoint, config.device) if config.warm_start
                    else fresh_student(config, ctx.labels, cycle, embed=shared_embeddings()))
     train_ref = _put_samples(store, ctx.files.train_set(cycle), train_set)
-    trained = student.train(train_set, ctx.splits.validation, round_config(config, cycle), progress=progress,
+    trained = student.train(train_set, ctx.splits.validation, round_config(config, cycle, warm), progress=progress,
                             description=f"{message.run_id} cycle {cycle} train")
     with tempfile.TemporaryDirectory() as folder:
         student.save(folder)
@@ -369,3 +397,20 @@ def generate(message: NegativesMined, store: ArtifactStore) -> SamplesGenerated 
     return SamplesGenerated(run_id=message.run_id, cycle=cycle, samples=screened.accepted,
                             provenance=provenance_of(batch, screened), train_set=message.train_set,
                             best_checkpoint=message.best_checkpoint, cycle_started=message.cycle_started)
+
+
+# -- all of a run, in this process -----------------------------------------------------------------------
+
+def run_in_process(message: RunRequested, store: ArtifactStore) -> RunCompleted:
+    """A submitted run's steps one after the other, as the services would call them (benchmarks, tests)."""
+    while not isinstance(message, RunCompleted):
+        if isinstance(message, (RunRequested, SamplesGenerated)):
+            message = train(message, store)
+        elif isinstance(message, ModelTrained):
+            message = evaluate(message, store)
+        elif isinstance(message, CycleEvaluated):
+            message = mine(message, store)
+        else:
+            message = generate(message, store)
+    return message
+

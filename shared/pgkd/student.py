@@ -156,6 +156,35 @@ class Student:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
+    def with_labels(self, labels: list[str]) -> "Student":
+        """This student for a taxonomy that grew: each known label keeps its row of the classification
+        head, a new label gets a freshly initialised one. Labels are never taken away."""
+        labels = list(labels)
+        if labels == self.labels:
+            return self
+        dropped = sorted(set(self.labels) - set(labels))
+        if dropped:
+            raise ValueError(f"labels can be added, not removed: {dropped[:5]}")
+        old = getattr(self.model, "classifier", None)
+        if not isinstance(old, torch.nn.Linear):
+            raise ValueError(f"{type(self.model).__name__}: no linear `classifier` head to extend")
+        head = torch.nn.Linear(old.in_features, len(labels), device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            head.weight.normal_(0.0, getattr(self.model.config, "initializer_range", 0.02))
+            head.bias.zero_()
+            for i, label in enumerate(labels):
+                if label in self.label_index:
+                    head.weight[i] = old.weight[self.label_index[label]]
+                    head.bias[i] = old.bias[self.label_index[label]]
+        self.model.classifier = head
+        self.model.num_labels = len(labels)
+        self.model.config.num_labels = len(labels)
+        self.model.config.id2label = dict(enumerate(labels))
+        self.model.config.label2id = {label: i for i, label in enumerate(labels)}
+        self.labels = labels
+        self.label_index = {label: i for i, label in enumerate(labels)}
+        return self
+
     def state(self) -> dict[str, torch.Tensor]:
         """A real copy of the weights (on CPU), not a view that later training would change."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
