@@ -16,6 +16,8 @@ from .screening import REASONS
 
 TEACHER_ERROR_KINDS = ("timeout", "transport", "server_error", "rate_limited", "rejected_request", "incompatible_model")
 REJECTION_REASONS = (*REASONS, "unparseable_answer", "malformed_sample")
+# Why ingest rejects a streamed sample (pgkd.stream): the first word of its dead letter's reason.
+INGEST_REJECTIONS = ("not_json", "invalid_fields", "empty_text", "too_short", "oversized", "unknown_label")
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -63,6 +65,24 @@ class LoopMetrics:
         self.samples_accepted = Counter("pgkd_samples_accepted", "Generated samples added to training", **r)
         self.samples_rejected = Counter("pgkd_samples_rejected", "Generated samples or answers dropped, by reason",
                                         ["reason"], **r)
+        # ingest
+        self.ingest_messages = Counter("pgkd_ingest_messages", "Streamed labeled samples, by outcome "
+                                       "(accepted, duplicate, rejected)", ["outcome"], **r)
+        self.ingest_rejected = Counter("pgkd_ingest_rejected", "Streamed samples rejected, by reason", ["reason"], **r)
+        self.stream_samples = Gauge("pgkd_stream_samples", "Samples a stream stored, by split", ["stream", "split"],
+                                    **r)
+        self.stream_new_samples = Gauge("pgkd_stream_new_samples", "Samples accepted since the stream's last run "
+                                        "started", ["stream"], **r)
+        self.stream_window_accuracy = Gauge("pgkd_stream_window_accuracy", "The current student's accuracy on the "
+                                            "last window of new samples", ["stream"], **r)
+        self.stream_reference_accuracy = Gauge("pgkd_stream_reference_accuracy", "The current student's validation "
+                                               "accuracy, which the drift trigger compares against", ["stream"], **r)
+        self.stream_runs = Counter("pgkd_stream_runs_triggered", "Runs a stream started, by trigger (count, drift)",
+                                   ["trigger"], **r)
+        self.stream_decisions = Counter("pgkd_stream_decisions", "Stream runs decided: whether the new student "
+                                        "replaced the current one (replaced, kept)", ["outcome"], **r)
+        self.stream_current_score = Gauge("pgkd_stream_current_score", "The current student's validation score "
+                                          "when it became current", ["stream", "metric"], **r)
         # every service
         # The service is the scrape target's label; a label of our own would clash with it.
         self.dead_letters = Counter("pgkd_dead_letters", "Messages sent to the dead-letter topic, by source topic",
@@ -75,6 +95,14 @@ class LoopMetrics:
             self.samples_rejected.labels(reason)
         for prompt_or_completion in ("prompt", "completion"):
             self.teacher_tokens.labels(prompt_or_completion)
+        for outcome in ("accepted", "duplicate", "rejected"):
+            self.ingest_messages.labels(outcome)
+        for reason in INGEST_REJECTIONS:
+            self.ingest_rejected.labels(reason)
+        for trigger in ("count", "drift"):
+            self.stream_runs.labels(trigger)
+        for outcome in ("replaced", "kept"):
+            self.stream_decisions.labels(outcome)
 
     # -- what each step reports ----------------------------------------------------------------------------
     def cycle_evaluated(self, run: str, cycle: int, scores: dict[str, float], metric: str, history: list[float],
@@ -118,6 +146,23 @@ class LoopMetrics:
         """A failed run counts as stopped too (reason "failed"), so it does not look stalled."""
         self.runs_completed.labels(status).inc()
         self.run_stopped.labels(run, reason.split(":", 1)[0] if status == "completed" else "failed").set(1)
+
+    def ingested(self, outcome: str, reason: str | None = None) -> None:
+        self.ingest_messages.labels(outcome).inc()
+        if reason:
+            self.ingest_rejected.labels(reason).inc()
+
+    def stream_state(self, stream) -> None:
+        """A stream's gauges from its state (pgkd.stream.Stream), after each change."""
+        name, state = stream.state.name, stream.state
+        for split in ("train", "validation"):
+            self.stream_samples.labels(name, split).set(sum(s.split == split for s in stream.samples))
+        self.stream_new_samples.labels(name).set(stream.new_samples())
+        if state.drift_checks:
+            self.stream_window_accuracy.labels(name).set(state.drift_checks[-1].accuracy)
+        if state.current is not None:
+            self.stream_reference_accuracy.labels(name).set(state.current.validation_accuracy)
+            self.stream_current_score.labels(name, stream.metric).set(state.current.validation_score)
 
     def consuming(self, topic: str) -> None:
         self.dead_letters.labels(topic)

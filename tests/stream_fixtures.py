@@ -1,0 +1,43 @@
+"""What the stream tests share: a completed base run in an artifact store, and streams of new
+labeled samples drawn like the toy dataset's (so the student knows them) but never in it."""
+import json
+import random
+from pathlib import Path
+
+from conftest import TOY_CLASSES, make_toy_dataset, toy_text
+from pgkd import steps
+from pgkd.artifacts import ArtifactStore
+from pgkd.data import normalize_text, read_samples
+from pgkd.distill import DistillConfig
+from pgkd.messages import RunCompleted
+
+# MiniLM frozen with a logistic head: learns the toy classes perfectly in seconds, so a stream with
+# remapped labels is plainly wrong to it.
+BASE_CONFIG = dict(labeled=40, student="minilm-frozen", teacher="pool-random", samples_per_cycle=16, max_cycles=1,
+                   patience=5, seed=1)
+LABELS = sorted(TOY_CLASSES)
+REMAP = dict(zip(LABELS, LABELS[1:] + LABELS[:1]))   # every label to the next one
+
+
+def base_run(folder: Path, store: ArtifactStore, run_id: str = "base", **options) -> tuple[Path, RunCompleted]:
+    data = make_toy_dataset(folder / "toy")
+    config = DistillConfig(data=str(data), **{**BASE_CONFIG, **options})
+    return data, steps.run_in_process(steps.submit(config, store, run_id=run_id), store)
+
+
+def new_samples(data: Path, n: int, seed: int = 7, remap: dict | None = None) -> list[dict]:
+    """`n` toy samples whose texts are in no split of `data` and distinct from each other."""
+    rng = random.Random(seed)
+    seen = {normalize_text(s.text) for split in ("train", "test") for s in read_samples(data / f"{split}.jsonl")}
+    rows = []
+    while len(rows) < n:
+        label = LABELS[len(rows) % len(LABELS)]
+        text = toy_text(rng, label)
+        if normalize_text(text) not in seen:
+            seen.add(normalize_text(text))
+            rows.append({"text": text, "label": (remap or {}).get(label, label), "id": f"s{len(rows)}"})
+    return rows
+
+
+def body(row) -> bytes:
+    return json.dumps(row).encode()
