@@ -1,16 +1,17 @@
-"""The PGKD services: thin FastStream apps over the engine's steps (pgkd.steps). Start one with
-`pgkd service NAME`; configure it with PGKD_BROKER_URL, PGKD_ARTIFACTS, PGKD_TOPIC_PREFIX and
-PGKD_METRICS_PORT."""
+"""The PGKD services: thin FastStream apps over the engine's steps (pgkd.steps) and streams
+(pgkd.stream). Start one with `pgkd service NAME`; configure it with PGKD_BROKER_URL,
+PGKD_ARTIFACTS, PGKD_TOPIC_PREFIX and PGKD_METRICS_PORT (ingest: PGKD_STREAM_*)."""
 
-NAMES = ("trainer", "evaluator", "miner", "generator")
+NAMES = ("trainer", "evaluator", "miner", "generator")      # the distillation loop
+ALL = NAMES + ("ingest",)                                  # and the stream of new labeled data
 
 
 def build(name: str, **options):
     """The service called `name`, its handlers registered (options: settings, broker, store)."""
     import importlib
-    if name not in NAMES:
+    if name not in ALL:
         from pgkd.errors import UserError
-        raise UserError(f"unknown service {name!r}; one of {', '.join(NAMES)}")
+        raise UserError(f"unknown service {name!r}; one of {', '.join(ALL)}")
     return importlib.import_module(f"services.{name}").build(**options)
 
 
@@ -19,7 +20,7 @@ def consumer_groups(settings) -> dict[str, list[str]]:
     from services.runtime import make_broker
     broker = make_broker(settings.broker_url)
     groups: dict[str, list[str]] = {}
-    for name in NAMES:
+    for name in ALL:
         service = build(name, settings=settings, broker=broker)
         groups[service.group] = list(service.subscriptions)
     return groups

@@ -1,18 +1,22 @@
 """The commands that talk to the services: `pgkd service`, `pgkd submit`, `pgkd status`,
-`pgkd topics create`. (pgkd.cli parses the arguments and calls these.)"""
+`pgkd topics create`, `pgkd send`, `pgkd stream status`. (pgkd.cli parses the arguments and calls these.)"""
 from __future__ import annotations
 
 import asyncio
+import csv
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from pgkd.artifacts import ArtifactStore
 from pgkd.distill import DistillConfig, log_cycle, make_policy, summary_table
 from pgkd.errors import UserError
-from pgkd.messages import TOPICS, RunCompleted, RunRequested
+from pgkd.messages import TOPICS, LabeledSample, RunCompleted, RunRequested
 from pgkd.report import RunReport
 from pgkd.steps import CycleState, RunFiles, submit
+from tqdm.auto import tqdm
 
 from services import NAMES, build, consumer_groups
 from services.runtime import Settings, broker_kind, create_redis_groups, make_broker, send
@@ -20,7 +24,9 @@ from services.runtime import Settings, broker_kind, create_redis_groups, make_br
 
 def serve(name: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    build(name).run()
+    service = build(name)
+    service.prepare()
+    service.run()
     return 0
 
 
@@ -145,4 +151,131 @@ def create_kafka_topics(bootstrap: list[str], topics: list[str], partitions: int
         raise UserError(f"kafka {','.join(bootstrap)}: {type(e).__name__}: {e}") from None
 
 
-__all__ = ["NAMES", "serve", "submit_run", "status", "create_topics"]
+# -- the stream of labeled samples ---------------------------------------------------------------------------
+
+def read_sample_messages(path: Path, text_column: str, label_column: str, source: str | None) -> list[bytes]:
+    """One message per row of a JSON Lines or CSV file. A JSON line goes as it is (its columns renamed
+    to text and label if need be), even when it is not a sample: the ingest service is the one that
+    validates, and rejects with a reason, so what it rejects is seen where everything else is."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    rename = lambda row: {("text" if k == text_column else "label" if k == label_column else k): v  # noqa: E731
+                          for k, v in row.items()}
+    with_source = lambda row: {**row, "source": source} if source and "source" not in row else row  # noqa: E731
+    bodies: list[bytes] = []
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            if path.suffix.lower() == ".csv":
+                reader = csv.DictReader(f)
+                missing = {text_column, label_column} - set(reader.fieldnames or [])
+                if missing:
+                    raise UserError(f"{path}:1: missing column(s) {', '.join(sorted(missing))} "
+                                    f"(columns: {', '.join(reader.fieldnames or [])})")
+                for row in reader:
+                    row = {k: v for k, v in row.items() if k is not None and v not in (None, "")
+                           or k in (text_column, label_column)}
+                    bodies.append(json.dumps(with_source(rename(row)), ensure_ascii=False).encode())
+            else:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        row = None
+                    if isinstance(row, dict) and (source or (text_column, label_column) != ("text", "label")):
+                        bodies.append(json.dumps(with_source(rename(row)), ensure_ascii=False).encode())
+                    else:
+                        bodies.append(line.rstrip("\r\n").encode())
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: unreadable CSV ({e})") from None
+    return bodies
+
+
+def send_samples(path: str, text_column: str = "text", label_column: str = "label", source: str | None = None,
+                 progress: bool = True, producer=None) -> int:
+    """`pgkd send FILE`: each row to the labeled-samples topic, with kafka-python's producer for Kafka
+    and the FastStream Redis broker's for Redis."""
+    settings = Settings.from_env()
+    bodies = read_sample_messages(Path(path), text_column, label_column, source)
+    topic = settings.topic_prefix + LabeledSample.topic
+    bar = tqdm(total=len(bodies), desc=f"send {Path(path).name}", unit="sample", disable=not progress)
+    scheme, _, rest = settings.broker_url.partition("://")
+    if scheme == "kafka" and rest:
+        _send_kafka(rest.split(","), topic, bodies, bar, producer)
+    else:
+        make_broker(settings.broker_url)   # checks the URL
+        asyncio.run(_send_redis(settings, topic, bodies, bar))
+    bar.close()
+    print(f"sent {len(bodies)} sample(s) from {path} to {topic} ({settings.broker_url}); "
+          "the ingest service validates them: rejected ones go to the dead-letter topic with the reason")
+    return 0
+
+
+def _send_kafka(bootstrap: list[str], topic: str, bodies: list[bytes], bar, producer=None) -> None:
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+    try:
+        producer = producer or KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
+                                             client_id="pgkd-send")
+        futures = []
+        for body in bodies:
+            futures.append(producer.send(topic, value=body))
+            bar.update(1)
+        producer.flush()
+        for future in futures:
+            future.get(timeout=60)   # raises what the broker answered, for the first sample it refused
+    except KafkaError as e:
+        raise UserError(f"kafka {','.join(bootstrap)}: cannot send to {topic}: {type(e).__name__}: {e}") from None
+    finally:
+        if producer is not None:
+            producer.close()
+
+
+async def _send_redis(settings: Settings, topic: str, bodies: list[bytes], bar) -> None:
+    # The groups first, or an ingest service that starts later would skip what was sent before.
+    await create_redis_groups(settings.broker_url, {t: g for g, topics in consumer_groups(settings).items()
+                                                    for t in topics})
+    broker = make_broker(settings.broker_url)
+    try:
+        async with broker:
+            for body in bodies:
+                await send(broker, body, topic)
+                bar.update(1)
+    except (OSError, asyncio.TimeoutError) as e:
+        raise UserError(f"PGKD_BROKER_URL={settings.broker_url}: cannot publish ({e})") from None
+
+
+def stream_status(name: str) -> int:
+    """What a stream holds, its current student, its runs and their decisions, its last drift check."""
+    from pgkd.stream import StreamState
+    store = ArtifactStore(Settings.from_env().artifacts)
+    key = f"streams/{name}/state.json"
+    if not store.exists(key):
+        raise UserError(f"stream {name}: not found in {store.url}")
+    state = StreamState.model_validate(store.get_json(key))
+    splits = [store.get_json(k)["split"] for k in store.list(f"streams/{name}/samples")]
+    since = len(splits) - (state.runs[-1].samples_through if state.runs else 0)
+    print(f"stream {name}: base run {state.base_run}, {len(state.labels)} labels, {len(splits)} samples stored "
+          f"({splits.count('train')} train, {splits.count('validation')} validation), {since} since the last run")
+    current = state.current
+    print(f"current student: run {current.run_id}, validation accuracy {current.validation_accuracy:.4f}, "
+          f"score {current.validation_score:.4f}: {current.checkpoint.uri}" if current
+          else "current student: none yet (the base run has not completed)")
+    for run in state.runs:
+        outcome = (("replaced the current student" if run.decision.replaced else "kept the current student")
+                   + f": {run.decision.reason}") if run.decision else "running"
+        print(f"run {run.run_id} ({run.trigger}; train {run.train_size}, validation {run.validation_size}): "
+              f"{outcome}")
+    if state.drift_checks:
+        check = state.drift_checks[-1]
+        print(f"last drift check: accuracy {check.accuracy:.4f} on samples {check.through - check.window + 1}-"
+              f"{check.through}, validation {check.reference:.4f}{' (drift)' if check.drifted else ''}")
+    if state.pending_trigger:
+        print(f"waiting to start: {state.pending_trigger}")
+    return 0
+
+
+__all__ = ["NAMES", "serve", "submit_run", "status", "create_topics", "send_samples", "stream_status"]

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 from faststream import AckPolicy, Context
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
@@ -138,14 +138,23 @@ class Service:
 
     # -- consuming -----------------------------------------------------------------------------------------
     def consume(self, message_type: type[Message], step: Callable[[Message, ArtifactStore], Message]) -> None:
+        """Call the engine step on each message of its topic and publish what it returns, once."""
         topic = self.topic(message_type.topic)
+
+        async def handle(body: bytes) -> None:
+            await self.handle(topic, body, message_type, step)
+        self.subscribe(topic, handle, message_type.kind)
+
+    def subscribe(self, topic: str, handler: Callable[[bytes], Awaitable[None]], kind: str) -> None:
+        """Deliver each message's body from `topic` (full name) to `handler`, in this service's consumer
+        group; acknowledged when the handler returns, redelivered when it raises."""
         self.subscriptions.append(topic)
         self.metrics.consuming(topic)
 
         async def handle(message=Context("message")) -> None:
-            await self.handle(topic, message.body, message_type, step)
+            await handler(message.body)
 
-        handle.__name__ = f"{self.name}_{message_type.kind.replace('-', '_')}"
+        handle.__name__ = f"{self.name}_{kind.replace('-', '_')}"
         if broker_kind(self.broker) == "kafka":
             # Offsets are committed after the handler: a crash means redelivery, not loss. A long
             # training round must not count as a dead consumer, hence the long poll interval.
@@ -153,7 +162,9 @@ class Service:
                                    ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=3_600_000)(handle)
         else:
             from faststream.redis import StreamSub
-            self.broker.subscriber(stream=StreamSub(topic, group=self.group, consumer=self.consumer),
+            # One message read at a time: a batch would sit pending, unhandled, long enough for the
+            # reclaiming subscriber below to take it for a dead consumer's and handle it twice.
+            self.broker.subscriber(stream=StreamSub(topic, group=self.group, consumer=self.consumer, max_records=1),
                                    ack_policy=AckPolicy.NACK_ON_ERROR)(handle)
             # Redis does not hand a dead consumer's pending messages to anyone by itself: this second
             # subscriber claims those idle longer than PGKD_CLAIM_IDLE_MS (XAUTOCLAIM).
@@ -224,6 +235,12 @@ class Service:
         await send(self.broker, body, self.topic(topic), key)
 
     # -- running ---------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Before serving: read what the service needs (a bad setting raises UserError: one line, exit 2)."""
+
+    async def started(self) -> None:
+        """Once the broker is connected: work left over from a previous process."""
+
     def app(self) -> AsgiFastStream:
         @get
         async def alive(scope) -> AsgiResponse:
@@ -233,7 +250,7 @@ class Service:
             if broker_kind(self.broker) == "redis":
                 await create_redis_groups(self.settings.broker_url, {topic: self.group for topic in self.subscriptions})
 
-        return AsgiFastStream(self.broker, on_startup=[create_groups], asgi_routes=[
+        return AsgiFastStream(self.broker, on_startup=[create_groups], after_startup=[self.started], asgi_routes=[
             ("/metrics", make_asgi_app()),
             ("/healthz", alive),
             ("/readyz", make_ping_asgi(self.broker, timeout=5.0)),

@@ -1,4 +1,4 @@
-"""The four services as separate OS processes (`pgkd service NAME`) over a real Redis server, for the
+"""The services as separate OS processes (`pgkd service NAME`) over a real Redis server, for the
 tests that run, kill and restart them."""
 import os
 import signal
@@ -29,13 +29,13 @@ class ServiceProcesses:
         self.store = ArtifactStore(self.env["PGKD_ARTIFACTS"])
         self.redis = redis.Redis.from_url(redis_url)
         self.processes: dict[str, subprocess.Popen] = {}
-        self.metrics_ports = {name: free_port() for name in services.NAMES}
+        self.metrics_ports = {name: free_port() for name in services.ALL}
         self.logs: list = []
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, **env: str) -> None:
         log = (self.folder / f"{name}-{len(self.logs)}.log").open("w")
         self.logs.append(log)
-        env = {**self.env, "PGKD_METRICS_PORT": str(self.metrics_ports[name])}
+        env = {**self.env, **env, "PGKD_METRICS_PORT": str(self.metrics_ports[name])}
         self.processes[name] = subprocess.Popen([sys.executable, "-m", "pgkd.cli", "service", name], env=env,
                                                 stdout=log, stderr=subprocess.STDOUT)
 
@@ -70,6 +70,12 @@ class ServiceProcesses:
                 pytest.fail(f"run {run_id} did not complete; logs:\n{self.log_tails()}")
             time.sleep(0.2)
         return self.store.get_json(f"runs/{run_id}/completed.json")
+
+    def bodies(self, topic: str) -> list[bytes]:
+        """The messages of a topic (a Redis stream), as the services published them."""
+        from faststream.redis.parser.binary import BinaryMessageFormatV1
+        return [BinaryMessageFormatV1.parse(fields[b"__data__"])[0]
+                for _, fields in self.redis.xrange(f"pgkd.{topic}")]
 
     def log_tails(self) -> str:
         return "\n".join(f"--- {log.name}\n{open(log.name).read()[-3000:]}" for log in self.logs)

@@ -1,4 +1,5 @@
-"""`pgkd topics create`, `pgkd submit` and `pgkd status` where they meet the outside world."""
+"""`pgkd topics create`, `pgkd submit`, `pgkd status`, `pgkd send` and `pgkd service ingest` where they
+meet the outside world."""
 import subprocess
 import sys
 
@@ -27,12 +28,14 @@ def test_topics_create_on_redis_makes_every_consumer_group_once(env, redis_url):
         result = pgkd("topics", "create", env=env)
         assert result.returncode == 0, result.stderr
     client = redis.Redis.from_url(redis_url)
-    groups = {stream: [g["name"].decode() for g in client.xinfo_groups(stream)]
+    groups = {stream: sorted(g["name"].decode() for g in client.xinfo_groups(stream))
               for stream in (f"pgkd.{t}" for t in ("run-requested", "model-trained", "cycle-evaluated",
-                                                    "negatives-mined", "samples-generated"))}
+                                                    "negatives-mined", "samples-generated", "labeled-samples",
+                                                    "run-completed"))}
     assert groups == {"pgkd.run-requested": ["pgkd.trainer"], "pgkd.samples-generated": ["pgkd.trainer"],
                       "pgkd.model-trained": ["pgkd.evaluator"], "pgkd.cycle-evaluated": ["pgkd.miner"],
-                      "pgkd.negatives-mined": ["pgkd.generator"]}
+                      "pgkd.negatives-mined": ["pgkd.generator"], "pgkd.labeled-samples": ["pgkd.ingest"],
+                      "pgkd.run-completed": ["pgkd.ingest"]}
 
 
 class RecordingAdmin:
@@ -58,7 +61,7 @@ def test_kafka_topics_are_created_once_with_the_asked_partitions():
     topics = [f"pgkd.{t}" for t in TOPICS]
     created = create_kafka_topics(["k:9092"], topics, partitions=6, replication_factor=3, admin=admin)
     assert created == [t for t in topics if t not in ("pgkd.run-requested", "pgkd.model-trained")]
-    assert all(p == 6 and r == 3 for _, p, r in admin.created) and len(topics) == 7
+    assert all(p == 6 and r == 3 for _, p, r in admin.created) and len(topics) == 8
 
 
 def test_submit_checks_its_input_before_publishing_anything(env, tmp_path, redis_url):
@@ -83,3 +86,82 @@ def test_submit_without_wait_publishes_one_request_and_status_follows_it(env, tm
     assert missing.returncode == 2 and "run nope: not found" in missing.stderr
     waited = pgkd("submit", "--data", str(data), "--labeled", "40", "--wait", "--timeout", "1", env=env)
     assert waited.returncode == 1 and "not completed after 1 s" in waited.stderr
+
+
+class Delivery:
+    """What kafka-python's send returns, as far as `pgkd send` uses it."""
+
+    def __init__(self, error=None):
+        self.error = error
+
+    def get(self, timeout):
+        if self.error:
+            raise self.error
+
+
+class RecordingProducer:
+    """Stands in for kafka-python's KafkaProducer: keeps what was sent; refuses a topic when told to."""
+
+    def __init__(self, refuse: bool = False):
+        self.sent, self.refuse, self.flushed, self.closed = [], refuse, False, False
+
+    def send(self, topic, value):
+        from kafka.errors import KafkaTimeoutError
+        self.sent.append((topic, value))
+        return Delivery(KafkaTimeoutError("topic not available") if self.refuse else None)
+
+    def flush(self):
+        self.flushed = True
+
+    def close(self):
+        self.closed = True
+
+
+def test_send_reads_json_lines_and_csv_and_hands_every_row_to_the_producer(tmp_path, monkeypatch, capsys):
+    from pgkd.errors import UserError
+
+    from services.cli import send_samples
+    monkeypatch.setenv("PGKD_BROKER_URL", "kafka://k1:9092,k2:9092")
+    lines = tmp_path / "corrections.jsonl"
+    lines.write_text('{"text": "lost my card", "label": "card_lost", "id": "t1"}\n\nnot json\n')
+    producer = RecordingProducer()
+    assert send_samples(str(lines), progress=False, producer=producer) == 0
+    assert producer.sent == [("pgkd.labeled-samples", b'{"text": "lost my card", "label": "card_lost", "id": "t1"}'),
+                             ("pgkd.labeled-samples", b"not json")]     # ingest rejects it, with the reason
+    assert producer.flushed and producer.closed
+    assert "sent 2 sample(s)" in capsys.readouterr().out
+
+    table = tmp_path / "tickets.csv"
+    table.write_text("body,intent,agent\n\"refund, please\",refund,ann\nempty one,,\n")
+    producer = RecordingProducer()
+    send_samples(str(table), text_column="body", label_column="intent", source="support", progress=False,
+                 producer=producer)
+    import json
+    assert [json.loads(value) for _, value in producer.sent] == [
+        {"text": "refund, please", "label": "refund", "agent": "ann", "source": "support"},
+        {"text": "empty one", "label": "", "source": "support"}]
+
+    with pytest.raises(UserError, match="cannot send to pgkd.labeled-samples: KafkaTimeoutError"):
+        send_samples(str(lines), progress=False, producer=RecordingProducer(refuse=True))
+    with pytest.raises(UserError, match="missing column"):
+        send_samples(str(table), progress=False, producer=RecordingProducer())
+
+
+def test_send_over_redis_and_the_bad_inputs_of_send_and_ingest(env, tmp_path, redis_url):
+    rows = tmp_path / "samples.jsonl"
+    rows.write_text("".join(f'{{"text": "sample {i}", "label": "refund"}}\n' for i in range(25)))
+    sent = pgkd("send", str(rows), env=env)
+    assert sent.returncode == 0 and "sent 25 sample(s)" in sent.stdout and "25/25" in sent.stderr
+    client = redis.Redis.from_url(redis_url)
+    assert client.xlen("pgkd.labeled-samples") == 25
+    assert [g["name"].decode() for g in client.xinfo_groups("pgkd.labeled-samples")] == ["pgkd.ingest"]
+
+    missing = pgkd("send", str(tmp_path / "nope.jsonl"), env=env)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no such file" in missing.stderr
+    no_base = pgkd("service", "ingest", env=env)
+    assert no_base.returncode == 2 and no_base.stderr.count("\n") == 1
+    assert "set PGKD_STREAM_BASE_RUN" in no_base.stderr
+    bad_setting = pgkd("service", "ingest", env={**env, "PGKD_STREAM_TRIGGER_COUNT": "-3"})
+    assert bad_setting.returncode == 2 and "PGKD_STREAM_TRIGGER_COUNT='-3'" in bad_setting.stderr
+    status = pgkd("stream", "status", "nope", env=env)
+    assert status.returncode == 2 and "stream nope: not found" in status.stderr

@@ -100,6 +100,16 @@ def cmd_service(args) -> int:
     return serve(args.name)
 
 
+def cmd_send(args) -> int:
+    from services.cli import send_samples
+    return send_samples(args.file, args.text_column, args.label_column, args.source, progress=args.progress)
+
+
+def cmd_stream_status(args) -> int:
+    from services.cli import stream_status
+    return stream_status(args.name)
+
+
 def cmd_topics(args) -> int:
     from services.cli import create_topics
     return create_topics(args.partitions, args.replication_factor)
@@ -184,6 +194,18 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
+def cmd_bench_stream(args) -> int:
+    from pathlib import Path
+
+    from .bench_stream import markdown, run_stream_bench
+    result = run_stream_bench(Path(args.data), Path(args.out), student=args.student, labeled=args.labeled,
+                              size=args.size, bad_percent=args.bad_percent, trigger_count=args.trigger_count,
+                              max_cycles=args.max_cycles, seed=args.seed, progress=args.progress)
+    print(markdown(result), end="")
+    print(f"wrote {args.out}/stream.json, stream.md, artifacts/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pgkd", description="Performance-Guided Knowledge Distillation")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -206,9 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="a submitted run's cycles so far, and its outcome")
     status.add_argument("run_id")
     status.set_defaults(func=cmd_status)
-    service = sub.add_parser("service", help="run one service: trainer | evaluator | miner | generator")
-    service.add_argument("name", choices=["trainer", "evaluator", "miner", "generator"])
+    service = sub.add_parser("service", help="run one service: trainer | evaluator | miner | generator | ingest")
+    service.add_argument("name", choices=["trainer", "evaluator", "miner", "generator", "ingest"])
     service.set_defaults(func=cmd_service)
+    send = sub.add_parser("send", help="stream a JSON Lines or CSV file of labeled samples to the ingest service")
+    send.add_argument("file", help="rows with text and label (and optional source, id)")
+    send.add_argument("--text-column", default="text")
+    send.add_argument("--label-column", default="label")
+    send.add_argument("--source", default=None, help="who labeled them, for rows that do not say")
+    send.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    send.set_defaults(func=cmd_send)
+    stream = sub.add_parser("stream", help="the streams of labeled samples that keep the student current")
+    stream_sub = stream.add_subparsers(dest="stream_command", required=True, parser_class=_Parser)
+    stream_status = stream_sub.add_parser("status", help="a stream's samples, current student, runs and decisions")
+    stream_status.add_argument("name", nargs="?", default="default", help="the stream (PGKD_STREAM; default: default)")
+    stream_status.set_defaults(func=cmd_stream_status)
     topics = sub.add_parser("topics", help="create the message topics (Kafka) or consumer groups (Redis)")
     topics_sub = topics.add_subparsers(dest="topics", required=True, parser_class=_Parser)
     create = topics_sub.add_parser("create", help="idempotent: existing topics are left as they are")
@@ -270,6 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--quick", action="store_true", help="fewer samples and calls: about a minute")
     speed.add_argument("--out", default="runs/bench/speed")
     speed.set_defaults(func=cmd_bench_speed)
+    stream = bench_sub.add_parser("stream", help="a stream of new labeled data with bad messages in it: the "
+                                                 "triggered run and its decision")
+    stream.add_argument("--data", default="../shared/data/banking77")
+    stream.add_argument("--student", default="minilm-frozen")
+    stream.add_argument("--labeled", type=int, default=1000, help="labels of the base run")
+    stream.add_argument("--size", type=int, default=1000, help="messages streamed (new labels from the pool)")
+    stream.add_argument("--bad-percent", type=float, default=5.0, help="share of bad messages among them")
+    stream.add_argument("--trigger-count", type=int, default=500, help="new samples that start a run")
+    stream.add_argument("--max-cycles", type=int, default=3)
+    stream.add_argument("--seed", type=int, default=1)
+    stream.add_argument("--out", default="runs/bench/stream")
+    stream.add_argument("--no-progress", dest="progress", action="store_false")
+    stream.set_defaults(func=cmd_bench_stream)
     return parser
 
 

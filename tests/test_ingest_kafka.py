@@ -1,0 +1,83 @@
+"""The ingest service over Kafka, with FastStream's in-memory TestKafkaBroker, beside the four loop
+services: the base run, the stream, the dead letters, a triggered run and its decision, all through
+the real handlers."""
+import asyncio
+
+from conftest import make_toy_dataset
+from faststream.kafka import TestKafkaBroker
+from pgkd import steps
+from pgkd.distill import DistillConfig
+from pgkd.messages import DeadLetter, RunCompleted
+from pgkd.stream import StreamSettings
+from stream_fixtures import BASE_CONFIG, REMAP, body, new_samples
+from test_services_kafka import Bus
+
+import services
+from services.runtime import send
+
+BAD = {  # one message for each reason ingest rejects
+    b"this is not json": "not_json",
+    b'{"text": "no label here"}': "invalid_fields",
+    b'{"text": "   ", "label": "refund"}': "empty_text",
+    body({"text": "refund " * 400, "label": "refund"}): "oversized",
+    body({"text": "please close my account", "label": "close_account"}): "unknown_label",
+}
+
+
+def stream_over_kafka(tmp_path, **settings):
+    """The loop's four services and ingest on one in-memory broker, the base run completed through them."""
+    bus = Bus(tmp_path / "artifacts")
+    ingest = services.build("ingest", settings=bus.settings, broker=bus.broker, store=bus.store,
+                            stream_settings=StreamSettings(base_run="base", **settings))
+    data = make_toy_dataset(tmp_path / "toy")
+    request = steps.submit(DistillConfig(data=str(data), **BASE_CONFIG), bus.store, run_id="base")
+    ingest.prepare()                       # `pgkd service ingest` does this before serving
+    assert ingest.stream.state.current is None
+    asyncio.run(bus.publish(request.model_dump_json().encode(), "run-requested"))
+    assert ingest.stream.state.current.run_id == "base"    # from the base run's RunCompleted
+    return bus, ingest, data
+
+
+def stream(bus, ingest, bodies: list[bytes]) -> None:
+    async def scenario():
+        async with TestKafkaBroker(bus.broker) as broker:
+            await ingest.started()
+            for b in bodies:
+                await send(broker, b, "pgkd.labeled-samples")
+    asyncio.run(scenario())
+
+
+def test_a_stream_with_remapped_labels_triggers_a_run_through_the_services_and_bad_messages_are_dead_lettered(
+        tmp_path):
+    bus, ingest, data = stream_over_kafka(tmp_path, trigger_count=1000, drift_window=40, drift_margin=0.2)
+    remapped = [body(r) for r in new_samples(data, 40, remap=REMAP)]
+    stream(bus, ingest, remapped[:20] + list(BAD) + remapped[20:])
+
+    letters = [DeadLetter.model_validate(m) for m in bus.seen["dead-letter"]]
+    assert [(d.payload.encode(), d.reason.split(":")[0]) for d in letters] == list(BAD.items())
+    assert {(d.service, d.source_topic) for d in letters} == {("ingest", "pgkd.labeled-samples")}
+    assert len(bus.store.list("streams/default/samples")) == 40
+
+    state = ingest.stream.state
+    (run,) = state.runs
+    assert run.run_id == "default-0001" and run.trigger.startswith("drift: accuracy") and run.published
+    completed = {m["run_id"]: RunCompleted.model_validate(m) for m in bus.seen["run-completed"]}
+    assert completed["default-0001"].status == "completed"
+    assert bus.store.get_json("runs/default-0001/request.json")["start_from"] == \
+        completed["base"].best_checkpoint.model_dump()
+    decision = run.decision
+    assert decision is not None and decision.current_run == "base"
+    assert decision.replaced == (decision.new_score > decision.current_score)
+    assert bus.store.exists("streams/default/decisions/default-0001.json")
+    metrics = ingest.metrics
+    assert metrics.stream_runs.labels("drift")._value.get() == 1
+    assert metrics.ingest_messages.labels("rejected")._value.get() == len(BAD)
+
+
+def test_a_stream_from_the_training_distribution_does_not_trigger_a_run(tmp_path):
+    bus, ingest, data = stream_over_kafka(tmp_path, trigger_count=1000, drift_window=40, drift_margin=0.2)
+    stream(bus, ingest, [body(r) for r in new_samples(data, 80)])
+    state = ingest.stream.state
+    assert len(state.drift_checks) == 2 and not any(c.drifted for c in state.drift_checks)
+    assert state.runs == [] and "dead-letter" not in bus.seen
+    assert [m["run_id"] for m in bus.seen["run-completed"]] == ["base"]

@@ -1,0 +1,124 @@
+"""The ingest service as an OS process over a real Redis server, fed by `pgkd send`: a stream with
+bad messages in it, a run it triggers through the four loop services, and a restart mid-stream."""
+import json
+import signal
+import time
+
+import pytest
+from pgkd.messages import DeadLetter
+from stream_fixtures import base_run, new_samples
+from test_services_kafka import CONFIG
+
+import services
+
+BASE = {**CONFIG, "max_cycles": 1}   # the tiny student: the test is about the stream, not the student
+
+
+def bad_rows(n: int) -> list[tuple[str, str]]:
+    """`n` bad lines of a JSON Lines file and the reason ingest must give for each, in turn."""
+    kinds = [('{"text": "   ", "label": "refund"}', "empty_text"),
+             ('{"text": "please close my account %d", "label": "close_account"}', "unknown_label"),
+             (json.dumps({"text": "refund my money " * 200 + "%d", "label": "refund"}), "oversized"),
+             ('{"text": "cut off mid-line %d", "label": ', "not_json")]
+    rows = []
+    for i in range(n):
+        line, reason = kinds[i % len(kinds)]
+        rows.append((line.replace("%d", str(i)) if "%d" in line else line + " " * i, reason))
+    return rows
+
+
+def stream_file(path, good: list[dict], bad: list[tuple[str, str]]) -> dict[str, str]:
+    """Good and bad lines interleaved (a bad one every 20 lines); returns each bad line's reason."""
+    lines, reasons = [], {}
+    bad = list(bad)
+    for i, row in enumerate(good):
+        lines.append(json.dumps(row))
+        if i % 19 == 18 and bad:
+            line, reason = bad.pop(0)
+            lines.append(line)
+            reasons[line] = reason
+    for line, reason in bad:
+        lines.append(line)
+        reasons[line] = reason
+    path.write_text("\n".join(lines) + "\n")
+    return reasons
+
+
+def wait_until(condition, what: str, processes, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not after {timeout:.0f} s; logs:\n{processes.log_tails()}")
+        time.sleep(0.25)
+
+
+def stored_texts(store) -> list[str]:
+    return [store.get_json(k)["text"] for k in store.list("streams/default/samples")]
+
+
+def test_a_thousand_streamed_samples_five_percent_bad_are_stored_once_dead_lettered_and_trigger_a_run(
+        services_over_redis, tmp_path):
+    processes, store = services_over_redis, services_over_redis.store
+    data, _ = base_run(tmp_path, store, **BASE)
+    good = new_samples(data, 950)
+    reasons = stream_file(tmp_path / "stream.jsonl", good, bad_rows(50))
+    for name in services.NAMES:
+        processes.start(name)
+    processes.start("ingest", PGKD_STREAM_BASE_RUN="base", PGKD_STREAM_TRIGGER_COUNT="500",
+                    PGKD_STREAM_DRIFT_WINDOW="100000")
+    sent = processes.pgkd("send", str(tmp_path / "stream.jsonl"), "--no-progress")
+    assert sent.returncode == 0, sent.stderr
+    assert "sent 1000 sample(s)" in sent.stdout
+
+    wait_until(lambda: len(processes.bodies("dead-letter")) >= 50 and len(stored_texts(store)) >= 950,
+               "all 1000 samples handled", processes)
+    letters = [DeadLetter.model_validate_json(b) for b in processes.bodies("dead-letter")]
+    assert sorted((d.payload, d.reason.split(":")[0]) for d in letters) == sorted(reasons.items())
+    assert {d.service for d in letters} == {"ingest"}
+    texts = stored_texts(store)
+    assert sorted(texts) == sorted(r["text"] for r in good)          # every good one, once
+
+    wait_until(lambda: store.exists("streams/default/decisions/default-0001.json"), "the triggered run decided",
+               processes, timeout=300)
+    state = store.get_json("streams/default/state.json")
+    (run,) = state["runs"]
+    assert run["trigger"] == "count: 500 new samples >= 500" and run["samples_through"] == 500
+    completed = store.get_json("runs/default-0001/completed.json")
+    assert completed["status"] == "completed"
+    decision = run["decision"]
+    assert decision["replaced"] == (decision["new_score"] > decision["current_score"])
+    assert state["current"]["run_id"] == ("default-0001" if decision["replaced"] else "base")
+    status = processes.pgkd("stream", "status")
+    assert status.returncode == 0, status.stderr
+    assert "950 samples stored" in status.stdout and "run default-0001 (count: 500" in status.stdout
+    assert processes.stop() == {name: 0 for name in services.ALL}
+
+
+def test_ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(services_over_redis, tmp_path):
+    processes, store = services_over_redis, services_over_redis.store
+    data, _ = base_run(tmp_path, store, **BASE)
+    good = new_samples(data, 570)
+    reasons = stream_file(tmp_path / "stream.jsonl", good, bad_rows(30))
+    settings = dict(PGKD_STREAM_BASE_RUN="base", PGKD_STREAM_TRIGGER_COUNT="100000", PGKD_STREAM_DRIFT_WINDOW="100000")
+    sent = processes.pgkd("send", str(tmp_path / "stream.jsonl"), "--no-progress")   # all waiting in Redis
+    assert sent.returncode == 0, sent.stderr
+    processes.start("ingest", **settings)
+    wait_until(lambda: len(store.list("streams/default/samples")) >= 150, "150 samples stored", processes)
+    processes.processes["ingest"].send_signal(signal.SIGKILL)
+    processes.processes["ingest"].wait(10)
+    assert len(store.list("streams/default/samples")) < 570           # killed in the middle of the stream
+
+    processes.start("ingest", **settings)
+    wait_until(lambda: len(store.list("streams/default/samples")) >= 570 and
+               len(processes.bodies("dead-letter")) >= 30, "the rest of the stream handled", processes)
+    time.sleep(2)   # anything left to redeliver would show up now
+    texts = stored_texts(store)
+    assert len(texts) == len(set(texts)) == 570 and set(texts) == {r["text"] for r in good}
+    seqs = sorted(store.get_json(k)["seq"] for k in store.list("streams/default/samples"))
+    assert seqs == list(range(1, 571))
+    letters = [DeadLetter.model_validate_json(b) for b in processes.bodies("dead-letter")]
+    # Dead letters are at least once: the message in hand when the process died may be sent twice.
+    assert {(d.payload, d.reason.split(":")[0]) for d in letters} == set(reasons.items())
+    assert 30 <= len(letters) <= 31
+    assert processes.pending("labeled-samples", "ingest") == 0      # everything acknowledged
+    assert processes.stop()["ingest"] == 0
