@@ -9,9 +9,9 @@
   image, its model repository and command.
 - every manifest under k8s/ against the Kubernetes OpenAPI schemas (kubernetes-validate, strict), the
   Strimzi KafkaTopics against the vendored Strimzi CRD schema, then the kustomization, the security
-  settings, probes, resources, GPU placement, Services and topics, for the four pgkd services and,
-  with its own expectations, the Triton teacher. The opt-in monitoring component k8s/monitoring/
-  (Prometheus Operator kinds) is tests/test_k8s_monitoring.py's.
+  settings, probes, resources, GPU placement, Services and topics, for the five pgkd services (ingest: one
+  replica, and the PGKD_STREAM_* configuration) and, with its own expectations, the Triton teacher. The
+  opt-in monitoring component k8s/monitoring/ (Prometheus Operator kinds) is tests/test_k8s_monitoring.py's.
 - test_the_validators_reject_broken_documents: the validators above do fail on broken documents, so a
   passing run means something.
 """
@@ -46,11 +46,20 @@ DOCKERIGNORE = REPO / "deploy" / "Dockerfile.dockerignore"
 PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_DATASOURCES = REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 
-SERVICES = ("trainer", "evaluator", "miner", "generator")
+SERVICES = ("trainer", "evaluator", "miner", "generator", "ingest")
 TOPIC_PREFIX = "pgkd."
 TOPICS = tuple(TOPIC_PREFIX + name for name in (
     "run-requested", "model-trained", "cycle-evaluated", "negatives-mined", "samples-generated",
-    "run-completed", "dead-letter"))
+    "run-completed", "labeled-samples", "dead-letter"))
+# ingest's configuration (pgkd.stream.StreamSettings) and its defaults, as the deploy files spell them; the
+# base run has none (it is set once, before a stream first starts).
+STREAM_DEFAULTS = {
+    "PGKD_STREAM": "default", "PGKD_STREAM_BASE_RUN": "", "PGKD_STREAM_TRIGGER_COUNT": "500",
+    "PGKD_STREAM_DRIFT_WINDOW": "200", "PGKD_STREAM_DRIFT_MARGIN": "0.1", "PGKD_STREAM_VALIDATION_PERCENT": "20",
+    "PGKD_STREAM_NEW_LABELS": "reject", "PGKD_STREAM_MIN_CHARS": "1", "PGKD_STREAM_MAX_CHARS": "2000",
+}
+# The stream's state has one writer: ingest runs as one container / pod, never two at once.
+SINGLE_WRITERS = ("ingest",)
 METRICS_PORT = 9100
 UID = 10001
 IMAGE = "pgkd"
@@ -339,6 +348,30 @@ def test_compose_runs_each_service_from_the_one_image(name):
     assert any("/healthz" in part and str(METRICS_PORT) in part for part in service["healthcheck"]["test"])
 
 
+def test_compose_ingest_has_the_stream_configuration():
+    env = {key: str(value) for key, value in compose()["services"]["ingest"]["environment"].items()}
+    stream = {key: value for key, value in env.items() if key.startswith("PGKD_STREAM")}
+    assert set(stream) == set(STREAM_DEFAULTS)
+    for key, default in STREAM_DEFAULTS.items():
+        # Passed through from the environment of `docker compose`, with the code's default otherwise.
+        assert stream[key] == "${%s:-%s}" % (key, default), key
+    # One container: no replicas, no scaling.
+    assert "scale" not in compose()["services"]["ingest"]
+    assert compose()["services"]["ingest"].get("deploy", {}).get("replicas", 1) == 1
+
+
+def test_the_stream_defaults_are_the_codes():
+    """STREAM_DEFAULTS (and so compose and the ConfigMap) name every setting ingest reads, with its default."""
+    from pgkd.stream import StreamSettings
+    variables = {field: StreamSettings.variable(field) for field in StreamSettings.model_fields}
+    assert set(variables.values()) == set(STREAM_DEFAULTS)
+    for field, name in variables.items():
+        default = StreamSettings.model_fields[field].default
+        assert STREAM_DEFAULTS[name] == ("" if default is None else str(default)), name
+    # Every default parses back to the same settings (an empty value means "not set").
+    assert StreamSettings.from_env(STREAM_DEFAULTS) == StreamSettings()
+
+
 def test_compose_teacher_is_triton_built_from_deploy_triton():
     teacher = compose()["services"]["teacher"]
     assert teacher["image"] == f"{TEACHER_IMAGE}:latest"
@@ -491,7 +524,7 @@ def test_compose_prometheus_and_grafana_use_the_files_in_deploy():
     assert str(grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"]) == "Viewer"
 
 
-def test_prometheus_config_scrapes_the_four_services():
+def test_prometheus_config_scrapes_the_services():
     # promtool is not installed yet: this checks the structure and the targets, not every field.
     config = load_yaml(PROMETHEUS)
     assert config["global"]["scrape_interval"] == "5s"
@@ -646,6 +679,8 @@ def test_namespace_and_configmap():
         "PGKD_METRICS_PORT": str(METRICS_PORT),
         # kube-prometheus-stack's Prometheus (tests/test_k8s_monitoring.py).
         "PGKD_PROMETHEUS_URL": "http://prometheus-operated.monitoring.svc:9090",
+        # ingest's; the base run is left for the operator to set.
+        **STREAM_DEFAULTS,
     }
 
 
@@ -681,13 +716,13 @@ def test_each_service_is_a_deployment_with_its_command_configuration_and_volumes
     assert "emptyDir" in volumes[mounts["/tmp"]]
 
 
-def test_the_deployments_are_the_four_services_and_the_teacher():
+def test_the_deployments_are_the_services_and_the_teacher():
     assert {d["metadata"]["name"] for d in k8s_docs("Deployment")} == \
         {f"pgkd-{name}" for name in SERVICES} | {"pgkd-teacher"}
 
 
 def test_every_pgkd_container_runs_as_non_root_with_probes_and_resources():
-    """The four pgkd services; the teacher (another image) has its own test below."""
+    """The pgkd services; the teacher (another image) has its own test below."""
     for deployment in (k8s_doc("Deployment", f"pgkd-{name}") for name in SERVICES):
         name = deployment["metadata"]["name"]
         pod = deployment["spec"]["template"]["spec"]
@@ -711,6 +746,15 @@ def test_every_pgkd_container_runs_as_non_root_with_probes_and_resources():
             for resource in ("cpu", "memory"):
                 request, limit = resources["requests"][resource], resources["limits"][resource]
                 assert quantity(request) <= quantity(limit), f"{name}: {resource} request above limit"
+
+
+def test_ingest_runs_as_one_replica_that_stops_before_the_next_starts():
+    for name in SINGLE_WRITERS:
+        deployment = k8s_doc("Deployment", f"pgkd-{name}")
+        assert deployment["spec"]["replicas"] == 1, name
+        # RollingUpdate (the default) would run the new pod beside the old one: two writers for a while.
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}, name
+    assert "HorizontalPodAutoscaler" not in {doc["kind"] for _, doc in k8s_documents()}
 
 
 def test_trainer_and_teacher_run_on_a_gpu_node_and_the_others_do_not():
@@ -881,6 +925,10 @@ def test_compose_and_kubernetes_agree_on_the_configuration():
     compose_env = {key: str(value) for key, value in compose()["services"]["trainer"]["environment"].items()}
     for key in ("PGKD_ARTIFACTS", "PGKD_TOPIC_PREFIX", "PGKD_METRICS_PORT"):
         assert compose_env[key] == config[key], key
+    # ingest's settings: compose's default (`${NAME:-default}`) is the ConfigMap's value.
+    ingest_env = {key: str(value) for key, value in compose()["services"]["ingest"]["environment"].items()}
+    for key in STREAM_DEFAULTS:
+        assert ingest_env[key] == "${%s:-%s}" % (key, config[key]), key
     assert urlsplit(compose_env["PGKD_BROKER_URL"]).scheme == urlsplit(config["PGKD_BROKER_URL"]).scheme
 
 

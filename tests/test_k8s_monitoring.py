@@ -7,7 +7,7 @@ dashboard sidecar), offline: no cluster needed.
 - `kubectl kustomize` of the base with the component, both ways of enabling it (an overlay, and
   `components: [monitoring]` in k8s/kustomization.yaml): every document valid, the base unchanged, the
   monitoring resources in the namespace pgkd;
-- the ServiceMonitors select exactly the four pgkd Services (the teacher's: only the teacher's), and a real
+- the ServiceMonitors select exactly the five pgkd Services (the teacher's: only the teacher's), and a real
   Prometheus given the operator's relabelings followed by ours labels their targets job="pgkd" (job="teacher")
   and service=<name>, with one label set per service whichever pod serves it;
 - the copies of deploy/ files: prometheusrule.yaml's groups are those of deploy/prometheus/rules/pgkd.rules.yml,
@@ -78,7 +78,7 @@ RULE_HEADER = """\
 # Change the rules there, then rewrite this copy (kustomize reads no file outside this folder):
 #   PGKD_UPDATE_GENERATED=1 .venv/bin/python -m pytest tests/test_k8s_monitoring.py
 # spec.groups is the rules file's `groups`, its comments included (its header explains the rules). They expect
-# job="pgkd" and service=<trainer|evaluator|miner|generator> on the services' series: servicemonitor.yaml.
+# job="pgkd" and service=<trainer|evaluator|miner|generator|ingest> on the services' series: servicemonitor.yaml.
 apiVersion: monitoring.coreos.com/v1
 kind: PrometheusRule
 metadata:
@@ -311,7 +311,7 @@ def services(docs: list[dict]) -> list[dict]:
     return [doc for doc in docs if doc["kind"] == "Service"] + [STRIMZI_SERVICE]
 
 
-def test_the_service_monitors_select_the_four_services_and_the_teacher(rendered):
+def test_the_service_monitors_select_the_services_and_the_teacher(rendered):
     expected = {SERVICE_MONITOR: {f"pgkd-{name}": METRICS_PORT for name in SERVICES},
                 TEACHER_MONITOR: {"pgkd-teacher": TRITON_PORTS["metrics"]}}
     for name, ports in expected.items():

@@ -52,7 +52,9 @@ DASHBOARD_PROVISIONING = GRAFANA / "provisioning" / "dashboards" / "pgkd.yml"
 DASHBOARD_MOUNT = "/etc/grafana/dashboards"   # where docker-compose.yml mounts deploy/grafana/dashboards
 
 ALERTS = {"PgkdRunStalled", "PgkdTeacherErrorRatioHigh", "PgkdDeadLettersGrowing", "PgkdNoImprovement",
-          "PgkdServiceDown"}
+          "PgkdServiceDown", "PgkdIngestRejecting"}
+# The pgkd services, as deploy/prometheus/prometheus.yml labels their targets (service=<name>).
+SERVICES = ("trainer", "evaluator", "miner", "generator", "ingest")
 SEVERITIES = {"info", "warning", "critical"}
 # Labels every scraped series gets from deploy/prometheus/prometheus.yml.
 TARGET_LABELS = {"job", "instance", "service"}
@@ -273,7 +275,7 @@ def test_promtool_check_config_accepts_the_config_and_loads_its_rule_files():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     pgkd = {target: static["labels"]["service"] for static in jobs["pgkd"]["static_configs"]
             for target in static["targets"]}
-    assert pgkd == {f"{name}:9100": name for name in ("trainer", "evaluator", "miner", "generator")}
+    assert pgkd == {f"{name}:9100": name for name in SERVICES}
     assert [(static["targets"], static["labels"]) for static in jobs["teacher"]["static_configs"]] == \
         [(["teacher:8002"], {"service": "teacher"})]
 
@@ -293,6 +295,10 @@ def test_promtool_check_rules_accepts_the_rules():
     # The no-improvement threshold is stated where an operator reads it.
     assert "threshold: 3" in alerting_rules()["PgkdNoImprovement"]["annotations"]["description"]
     assert "patience is 5" in alerting_rules()["PgkdNoImprovement"]["annotations"]["description"]
+    # More than half of the streamed samples rejected, held for 15 minutes.
+    rejecting = alerting_rules()["PgkdIngestRejecting"]
+    assert rejecting["for"] == "15m" and rejecting["labels"]["severity"] == "warning"
+    assert "[15m]" in rejecting["expr"] and "> 0.5" in rejecting["expr"], rejecting["expr"]
 
 
 def test_promtool_test_rules_passes_and_covers_every_alert_firing_and_quiet():
@@ -459,6 +465,10 @@ def test_every_metric_and_label_in_the_rules_and_the_dashboard_is_exported():
     assert {"pgkd_validation_score", "pgkd_last_cycle_timestamp_seconds", "pgkd_run_stopped",
             "pgkd_teacher_latency_seconds_bucket", "pgkd_dead_letters_total", "up",
             "faststream_received_processed_messages_total", "pgkd:teacher_error_ratio:rate10m"} <= names
+    # and the stream's (ingest).
+    assert {"pgkd_ingest_messages_total", "pgkd_ingest_rejected_total", "pgkd_stream_samples",
+            "pgkd_stream_new_samples", "pgkd_stream_window_accuracy", "pgkd_stream_reference_accuracy",
+            "pgkd_stream_runs_triggered_total", "pgkd_stream_decisions_total"} <= names
 
 
 def test_the_name_check_can_fail():
@@ -519,3 +529,10 @@ def test_dashboard_shows_a_run_with_the_prometheus_datasource():
     for metric in ("pgkd_validation_score", "pgkd_best_score", "pgkd_cycles_since_improvement", "pgkd_run_stopped",
                    "pgkd_run_teacher_tokens", "pgkd_train_loss", "pgkd_train_samples_per_second"):
         assert any(re.search(rf'{metric}\{{run="\$run"\}}', e) for e in exprs), metric
+    # The stream's panels under a row of their own, not limited to the selected run.
+    rows = [panel["title"] for panel in panels if panel["type"] == "row"]
+    assert rows[-1] == "Stream (ingest)", rows
+    stream_panels = [panel for panel in panels if panel["gridPos"]["y"] > max(
+        p["gridPos"]["y"] for p in panels if p["type"] == "row")]
+    assert len(stream_panels) == 5 and all(
+        "$run" not in target["expr"] for panel in stream_panels for target in panel["targets"])
