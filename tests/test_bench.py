@@ -74,3 +74,29 @@ def test_bench_quality_honours_zero_cycles(tmp_path):
                  "--max-cycles", "0", "--out", str(out), "--no-progress"]) == 0
     runs = json.loads((out / "quality.json").read_text())["runs"]
     assert {r["cycles"] for r in runs} == {0} and {r["arm"] for r in runs} == {"baseline", "pool-random"}
+
+
+def test_bench_stream_counts_every_message_and_records_the_triggered_run_and_its_decision(tmp_path, capsys):
+    data = make_toy_dataset(tmp_path / "toy")
+    out = tmp_path / "stream"
+    argv = ["bench", "stream", "--data", str(data), "--labeled", "40", "--size", "100", "--bad-percent", "8",
+            "--trigger-count", "40", "--max-cycles", "1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads((out / "stream.json").read_text())
+    assert result["sent"] == 100 and result["rejected"] == {"empty_text": 2, "not_json": 2, "oversized": 2,
+                                                            "unknown_label": 2}
+    assert result["accepted"] + result["duplicates"] == 92 and result["duplicates"] == 0   # the pool is new data
+    assert sum(result["stored"].values()) == 92
+    (first, second) = result["runs"]      # 92 accepted, a run every 40
+    assert first["trigger"] == "count: 40 new samples >= 40" and first["from_base"]
+    decision = first["decision"]
+    assert decision["replaced"] == (decision["new_score"] > decision["current_score"])
+    assert result["current_student"] in ("base", "bench-0001", "bench-0002")
+    assert "| bench-0001 | count |" in (out / "stream.md").read_text()
+    assert main(argv) == 0                   # an earlier result is replaced, not mixed in
+    assert len(json.loads((out / "stream.json").read_text())["runs"]) == 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main([*argv[:-3], "--out", str(tmp_path / "other"), "--no-progress"]) == 2
+    assert "holds more than an earlier `bench stream` wrote" in capsys.readouterr().err
