@@ -81,3 +81,30 @@ def test_a_stream_from_the_training_distribution_does_not_trigger_a_run(tmp_path
     assert len(state.drift_checks) == 2 and not any(c.drifted for c in state.drift_checks)
     assert state.runs == [] and "dead-letter" not in bus.seen
     assert [m["run_id"] for m in bus.seen["run-completed"]] == ["base"]
+
+
+def test_a_run_recorded_but_never_published_is_published_when_ingest_starts_again(tmp_path):
+    bus, ingest, data = stream_over_kafka(tmp_path, trigger_count=10, drift_window=1000)
+    # What a crash between recording a run and publishing it leaves: the run in the state only.
+    for row in new_samples(data, 10):
+        ingest.stream.ingest(body(row))
+    request = ingest.stream.start_run(ingest.stream.due_trigger())
+    assert not bus.store.exists(f"runs/{request.run_id}/completed.json")
+
+    ingest.prepare()               # a new process reads the stream back ...
+    stream(bus, ingest, [])        # ... and, once connected, publishes what was never published
+    (run,) = ingest.stream.state.runs
+    assert run.published and run.decision is not None and run.decision.current_run == "base"
+    assert [m["run_id"] for m in bus.seen["run-completed"]] == ["base", request.run_id]
+
+
+def test_a_decision_that_cannot_be_made_is_recorded_and_the_stream_goes_on(tmp_path):
+    bus, ingest, data = stream_over_kafka(tmp_path, trigger_count=10, drift_window=1000)
+    for row in new_samples(data, 10):
+        ingest.stream.ingest(body(row))
+    request = ingest.stream.start_run(ingest.stream.due_trigger())
+    completed = steps.run_in_process(request, bus.store)
+    corrupt = completed.best_checkpoint.model_copy(update={"sha256": "0" * 64})   # not what the store holds
+    decision = ingest.stream.run_completed(completed.model_copy(update={"best_checkpoint": corrupt}))
+    assert not decision.replaced and decision.reason.startswith("could not compare the students (ArtifactError")
+    assert ingest.stream.running is None and ingest.stream.state.current.run_id == "base"

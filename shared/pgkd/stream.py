@@ -399,7 +399,13 @@ class Stream:
             decision = Decision(run_id=run.run_id, replaced=False, metric=metric, current_run=state.current.run_id,
                                 reason=f"the run failed ({completed.reason}); the current student stays")
         else:
-            decision = self._compare(completed, metric)
+            try:
+                decision = self._compare(completed, metric)
+            except Exception as e:  # a decision that cannot be made must not hold the stream's next runs
+                log.exception("stream %s: run %s: cannot compare the students", state.name, run.run_id)
+                decision = Decision(run_id=run.run_id, replaced=False, metric=metric, current_run=state.current.run_id,
+                                    reason=f"could not compare the students ({type(e).__name__}: {e}); "
+                                           "the current student stays")
         run.decision = decision
         self.store.put_json(f"{self.base}/decisions/{run.run_id}.json", decision.model_dump(mode="json"))
         self._save()
