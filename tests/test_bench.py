@@ -92,6 +92,10 @@ def test_bench_stream_counts_every_message_and_records_the_triggered_run_and_its
     decision = first["decision"]
     assert decision["replaced"] == (decision["new_score"] > decision["current_score"])
     assert result["current_student"] in ("base", "bench-0001", "bench-0002")
+    state = json.loads((out / "artifacts" / "streams" / "bench" / "state.json").read_text())
+    replaced = [r for r in state["runs"] if r["decision"]["replaced"]]
+    # A student that became current is judged for drift only on samples it was not trained on.
+    assert state["drift_checked_through"] >= max([r["samples_through"] for r in replaced], default=0)
     assert "| bench-0001 | count |" in (out / "stream.md").read_text()
     assert main(argv) == 0                   # an earlier result is replaced, not mixed in
     assert len(json.loads((out / "stream.json").read_text())["runs"]) == 2

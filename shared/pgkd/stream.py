@@ -407,6 +407,8 @@ class Stream:
                                     reason=f"could not compare the students ({type(e).__name__}: {e}); "
                                            "the current student stays")
         run.decision = decision
+        if decision.replaced:   # judge the new student for drift only on samples it was not trained on
+            state.drift_checked_through = max(state.drift_checked_through, run.samples_through)
         self.store.put_json(f"{self.base}/decisions/{run.run_id}.json", decision.model_dump(mode="json"))
         self._save()
         log.info("stream %s: run %s: %s", state.name, run.run_id, decision.reason)
