@@ -23,7 +23,7 @@ from .artifacts import ArtifactStore
 from .distill import DistillConfig, evaluate_student, log
 from .errors import UserError
 from .outputs import write_json_atomic
-from .steps import _load_checkpoint, run_context, run_in_process, submit
+from .steps import load_checkpoint, run_context, run_in_process, submit
 from .stream import Rejected, Stream, StreamSettings
 
 
@@ -93,7 +93,7 @@ def _run_and_decide(stream: Stream, store: ArtifactStore, trigger: str, base_che
     completed = run_in_process(request, store)
     decision = stream.run_completed(completed)
     ctx = run_context(store, request.run_id)
-    test = {name: evaluate_student(_load_checkpoint(store, ref, ctx.config.device), ctx.splits.test,
+    test = {name: evaluate_student(load_checkpoint(store, ref, ctx.config.device), ctx.splits.test,
                                    ctx.labels)[0].headline()
             for name, ref in (("current", current_checkpoint), ("new", completed.best_checkpoint))}
     entry = next(r for r in stream.state.runs if r.run_id == request.run_id)

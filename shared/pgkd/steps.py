@@ -214,7 +214,8 @@ def read_samples_artifact(store: ArtifactStore, ref: ArtifactRef) -> list[Sample
     return [Sample.model_validate_json(line) for line in store.get_bytes(ref).decode().splitlines() if line]
 
 
-def _load_checkpoint(store: ArtifactStore, ref: ArtifactRef, device: str):
+def load_checkpoint(store: ArtifactStore, ref: ArtifactRef, device: str):
+    """A stored student, unpacked once into the local checkpoint cache."""
     student = load_student(store.get_folder(ref, checkpoint_cache()), device=device)
     if hasattr(student, "embed"):
         student.embed = shared_embeddings()
@@ -232,13 +233,13 @@ def train(message: RunRequested | SamplesGenerated, store: ArtifactStore, progre
     if isinstance(message, RunRequested):
         train_set, provenance, started = list(ctx.splits.train), Provenance(), message.submitted_at
         if message.start_from is not None:  # a stream's run: from its best student, its head grown to new labels
-            student, warm = _load_checkpoint(store, message.start_from, config.device).with_labels(ctx.labels), True
+            student, warm = load_checkpoint(store, message.start_from, config.device).with_labels(ctx.labels), True
         else:
             student = fresh_student(config, ctx.labels, 0, embed=shared_embeddings())
     else:
         train_set = read_samples_artifact(store, message.train_set) + message.samples
         provenance, started = message.provenance, message.cycle_started
-        student = (_load_checkpoint(store, message.best_checkpoint, config.device) if config.warm_start
+        student = (load_checkpoint(store, message.best_checkpoint, config.device) if config.warm_start
                    else fresh_student(config, ctx.labels, cycle, embed=shared_embeddings()))
     train_ref = _put_samples(store, ctx.files.train_set(cycle), train_set)
     trained = student.train(train_set, ctx.splits.validation, round_config(config, cycle, warm), progress=progress,
@@ -271,7 +272,7 @@ def evaluate(message: ModelTrained, store: ArtifactStore, metrics: LoopMetrics |
     or when it cannot answer, on the run's own records, saying so."""
     ctx = run_context(store, message.run_id)
     config, cycle, policy = ctx.config, message.cycle, make_policy(ctx.config)
-    student = _load_checkpoint(store, message.checkpoint, config.device)
+    student = load_checkpoint(store, message.checkpoint, config.device)
     report, _ = evaluate_student(student, ctx.splits.validation, ctx.labels)
     states = cycle_states(store, ctx, cycle)
     history = [s.validation.metric(config.metric) for s in states] + [report.metric(config.metric)]
@@ -328,7 +329,7 @@ def complete_run(store: ArtifactStore, ctx: RunContext, states: list[CycleState]
     config, policy = ctx.config, make_policy(ctx.config)
     best_cycle = policy.best_cycle([s.validation.metric(config.metric) for s in states])
     best_state = states[best_cycle]
-    student = _load_checkpoint(store, best_state.checkpoint, config.device)
+    student = load_checkpoint(store, best_state.checkpoint, config.device)
     best = BestScores(cycle=best_cycle, validation=best_state.validation,
                       test=evaluate_student(student, ctx.splits.test, ctx.labels)[0])
     baseline = Scores(validation=states[0].validation, test=states[0].test)
@@ -362,7 +363,7 @@ def mine(message: CycleEvaluated, store: ArtifactStore) -> NegativesMined:
     """The mistakes of the student just evaluated, for the next cycle's teacher request."""
     ctx = run_context(store, message.run_id)
     cycle = message.cycle + 1
-    student = _load_checkpoint(store, message.checkpoint, ctx.config.device)
+    student = load_checkpoint(store, message.checkpoint, ctx.config.device)
     report, probs = evaluate_student(student, ctx.splits.validation, ctx.labels)
     mined = mine_mistakes(ctx.config, ctx.splits.validation, probs, ctx.labels, cycle)
     return NegativesMined(run_id=message.run_id, cycle=cycle, mined=mined, report=report,

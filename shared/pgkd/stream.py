@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from typing import Literal
 
@@ -40,7 +39,7 @@ from .errors import UserError
 from .evaluation import evaluate
 from .messages import LabeledSample, RunCompleted, RunRequested
 from .metrics import INGEST_REJECTIONS
-from .steps import CycleState, RunFiles, _load_checkpoint, read_samples_artifact, run_context, submit_splits
+from .steps import CycleState, RunFiles, load_checkpoint, read_samples_artifact, run_context, submit_splits
 
 log = logging.getLogger("pgkd.stream")
 
@@ -418,7 +417,7 @@ class Stream:
         state, validation = self.state, self.validation_set()
         digest = hashlib.sha256("".join(s.model_dump_json() + "\n" for s in validation).encode()).hexdigest()
         device = self._base_config().device
-        new_student = _load_checkpoint(self.store, completed.best_checkpoint, device)
+        new_student = load_checkpoint(self.store, completed.best_checkpoint, device)
         new, current = (score(new_student, validation, state.labels),
                         score(self._current_student(), validation, state.labels))
         lower_is_better = metric == "loss"
@@ -446,7 +445,7 @@ class Stream:
     def _current_student(self):
         ref = self.state.current.checkpoint
         if self._student is None or self._student[0] != ref.sha256:
-            self._student = (ref.sha256, _load_checkpoint(self.store, ref, self._base_config().device))
+            self._student = (ref.sha256, load_checkpoint(self.store, ref, self._base_config().device))
         return self._student[1]
 
 
@@ -460,6 +459,3 @@ def _unique(samples: list[Sample]) -> list[Sample]:
             out.append(s)
     return out
 
-
-def stream_names(store: ArtifactStore) -> list[str]:
-    return [re.sub(r"^streams/", "", k) for k in store.list("streams")]
