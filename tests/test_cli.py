@@ -57,15 +57,6 @@ def test_bad_data_files(capsys, tmp_path):
         capsys, ["distill", *TINY, "--data", str(broken), "--out", str(tmp_path / "o")])
 
 
-def test_refuses_to_overwrite_a_folder_it_did_not_write(capsys, toy_data, tmp_path):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "thesis.tex").write_text("precious")
-    assert "is not empty and holds no report.json" in _bad(
-        capsys, ["distill", *TINY, "--data", str(toy_data), "--out", str(out)])
-    assert (out / "thesis.tex").read_text() == "precious"
-
-
 def test_distill_then_predict(capsys, toy_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert main(["distill", "--data", str(toy_data), "--out", str(out), "--labeled", "40", "--student", "tiny",

@@ -216,7 +216,17 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
     EmbeddingCache is shared with the frozen-encoder student, so each text is encoded once.
     Without `keep_model` (benchmarks) OUT/best/ is not written."""
     started = time.perf_counter()
-    output = RunOutput(out)                       # checks OUT before any work
+    output = RunOutput(out)
+    staging = output.open()                       # checks OUT before any work
+    try:
+        return _run(config, output, staging, Path(out).name, started, progress, embed, keep_model)
+    except BaseException:
+        output.abort()
+        raise
+
+
+def _run(config: DistillConfig, output: RunOutput, staging: Path, run_name: str, started: float, progress: bool,
+         embed, keep_model: bool) -> RunReport:
     dataset = load_dataset(config.data, config.text_column, config.label_column, seed=config.seed)
     splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
     labels = splits.labels
@@ -240,86 +250,81 @@ def run(config: DistillConfig, out: str | Path, progress: bool = True, embed=Non
 
     # The stop policy reads the same metric names here as from Prometheus when the services run.
     registry = CollectorRegistry()
-    metrics, reader, run_name = LoopMetrics(registry), RegistryReader(registry), Path(out).name
+    metrics, reader = LoopMetrics(registry), RegistryReader(registry)
     run_usage = TeacherUsage()
-    staging = output.open()
-    try:
-        train, validation = list(splits.train), splits.validation
-        known = known_texts(splits, train)
-        cycles: list[CycleRecord] = []
-        history: list[float] = []
-        generated_total = 0
-        best_state = None
-        cycle = 0
-        provenance = Provenance()
-        while True:
-            cycle_started = time.perf_counter()
-            # 1. Train: from the pretrained encoder at cycle 0, then warm-started from the best student.
-            if cycle > 0:
-                if config.warm_start:
-                    student.load_state(best_state)
-                else:
-                    student = fresh_student(config, labels, cycle, embed=cache)
-            trained = student.train(train, validation, round_config(config, cycle), progress=progress,
-                                    description=f"cycle {cycle} train")
-            # 2. Evaluate on validation.
-            report, probs = evaluate_student(student, validation, labels)
-            history.append(report.metric(config.metric))
-            improved = policy.best_cycle(history) == cycle
-            if improved:
-                best_state, best_report = student.state(), report
-            test_report = (evaluate_student(student, splits.test, labels)[0]
-                           if cycle == 0 or config.track_test else None)
-            if cycle == 0:
-                baseline = Scores(validation=report, test=test_report)
-            cycles.append(cycle_record(config, cycle, len(train), report, test_report, provenance, trained,
-                                       improved, time.perf_counter() - cycle_started))
-            log_cycle(config, cycles[-1], history, policy.best_cycle(history))
-            metrics.trained(run_name, cycle, trained)
-            metrics.cycle_evaluated(run_name, cycle, report.headline(), config.metric, history,
-                                    policy.best_cycle(history), cycles[-1].seconds)
+    train, validation = list(splits.train), splits.validation
+    known = known_texts(splits, train)
+    cycles: list[CycleRecord] = []
+    history: list[float] = []
+    generated_total = 0
+    best_state = None
+    cycle = 0
+    provenance = Provenance()
+    while True:
+        cycle_started = time.perf_counter()
+        # 1. Train: from the pretrained encoder at cycle 0, then warm-started from the best student.
+        if cycle > 0:
+            if config.warm_start:
+                student.load_state(best_state)
+            else:
+                student = fresh_student(config, labels, cycle, embed=cache)
+        trained = student.train(train, validation, round_config(config, cycle), progress=progress,
+                                description=f"cycle {cycle} train")
+        # 2. Evaluate on validation.
+        report, probs = evaluate_student(student, validation, labels)
+        history.append(report.metric(config.metric))
+        improved = policy.best_cycle(history) == cycle
+        if improved:
+            best_state, best_report = student.state(), report
+        test_report = (evaluate_student(student, splits.test, labels)[0]
+                       if cycle == 0 or config.track_test else None)
+        if cycle == 0:
+            baseline = Scores(validation=report, test=test_report)
+        cycles.append(cycle_record(config, cycle, len(train), report, test_report, provenance, trained,
+                                   improved, time.perf_counter() - cycle_started))
+        log_cycle(config, cycles[-1], history, policy.best_cycle(history))
+        metrics.trained(run_name, cycle, trained)
+        metrics.cycle_evaluated(run_name, cycle, report.headline(), config.metric, history,
+                                policy.best_cycle(history), cycles[-1].seconds)
 
-            figures = reader.read(run_name, config.metric, cycle)
-            decision = decide(policy, figures, generated_total)
-            if decision.stop:
-                break
-            # 3. Mine the mistakes, 4. ask the teacher, 5. screen and add.
-            cycle += 1
-            mined = mine_mistakes(config, validation, probs, labels, cycle)
-            request = teacher_request(config, labels, train, mined, report, samples_wanted(config, generated_total),
-                                      cycle)
-            try:
-                batch = teacher.generate(request)
-            except TeacherUnavailable as e:
-                decision = Decision(stop=True, reason=f"{TEACHER_UNAVAILABLE}: {e}", source="teacher")
-                break
-            if not batch.samples and not batch.rejected:
-                decision = Decision(stop=True, reason=TEACHER_EXHAUSTED, source="teacher")
-                break
-            screened = screen(batch.samples, labels, known)
-            known.update(normalize_text(s.text) for s in screened.accepted)
-            train = train + screened.accepted
-            provenance = provenance_of(batch, screened)
-            generated_total += provenance.generated
-            run_usage = run_usage + batch.usage
-            metrics.generated(run_name, batch.usage, provenance.accepted, provenance.rejected, run_usage)
+        figures = reader.read(run_name, config.metric, cycle)
+        decision = decide(policy, figures, generated_total)
+        if decision.stop:
+            break
+        # 3. Mine the mistakes, 4. ask the teacher, 5. screen and add.
+        cycle += 1
+        mined = mine_mistakes(config, validation, probs, labels, cycle)
+        request = teacher_request(config, labels, train, mined, report, samples_wanted(config, generated_total),
+                                  cycle)
+        try:
+            batch = teacher.generate(request)
+        except TeacherUnavailable as e:
+            decision = Decision(stop=True, reason=f"{TEACHER_UNAVAILABLE}: {e}", source="teacher")
+            break
+        if not batch.samples and not batch.rejected:
+            decision = Decision(stop=True, reason=TEACHER_EXHAUSTED, source="teacher")
+            break
+        screened = screen(batch.samples, labels, known)
+        known.update(normalize_text(s.text) for s in screened.accepted)
+        train = train + screened.accepted
+        provenance = provenance_of(batch, screened)
+        generated_total += provenance.generated
+        run_usage = run_usage + batch.usage
+        metrics.generated(run_name, batch.usage, provenance.accepted, provenance.rejected, run_usage)
 
-        metrics.completed(run_name, "completed", decision.reason)
-        log(f"pgkd: stop: {decision.reason} (decided from: {decision.source})")
-        best_cycle = policy.best_cycle(history)
-        student.load_state(best_state)
-        best = BestScores(cycle=best_cycle, validation=best_report,
-                          test=evaluate_student(student, splits.test, labels)[0])
-        if keep_model:
-            student.save(staging / "best")
-        result = assemble_report(config, dataset, splits, train, student, teacher.describe(), cycles, baseline, best,
-                                 decision.reason, time.perf_counter() - started)
-        plot_history(result, staging / "history.png")
-        write_json_atomic(staging / "report.json", result.model_dump(mode="json"))
-        output.commit()
-    except BaseException:
-        output.abort()
-        raise
+    metrics.completed(run_name, "completed", decision.reason)
+    log(f"pgkd: stop: {decision.reason} (decided from: {decision.source})")
+    best_cycle = policy.best_cycle(history)
+    student.load_state(best_state)
+    best = BestScores(cycle=best_cycle, validation=best_report,
+                      test=evaluate_student(student, splits.test, labels)[0])
+    if keep_model:
+        student.save(staging / "best")
+    result = assemble_report(config, dataset, splits, train, student, teacher.describe(), cycles, baseline, best,
+                             decision.reason, time.perf_counter() - started)
+    plot_history(result, staging / "history.png")
+    write_json_atomic(staging / "report.json", result.model_dump(mode="json"))
+    output.commit()
     return result
 
 

@@ -1,17 +1,25 @@
-"""A run's output folder, written so that a failed or killed run never looks like a result.
+"""A run's output folder: pgkd replaces only what it wrote there, and a failed run leaves no result.
 
-Everything goes to a hidden sibling staging folder; only a finished run replaces OUT, by rename.
+pgkd owns the entries it writes in OUT (`report.json`, `best/`, `history.png`) and records every file
+it wrote in a manifest, `OUT/.pgkd-run.json`. A later run into the same OUT replaces the files that
+manifest lists and nothing else: a user's notes beside the result stay, and a folder pgkd did not
+write (no manifest) is refused before any work. The run writes into a hidden staging folder inside
+OUT (same file system, so every move is a rename); only a finished run moves its files into place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from . import __version__
 from .errors import UserError
 
-MARKER = "report.json"
+MANIFEST = ".pgkd-run.json"
+STAGING = ".pgkd-staging"
+WRITTEN_BY = "pgkd"
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -20,31 +28,138 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file below `folder`, as POSIX paths relative to it."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest pgkd wrote in `folder`, or None where there is none (or it is not pgkd's)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("written_by") != WRITTEN_BY or \
+            not isinstance(manifest.get("files"), dict):
+        return None
+    return manifest
+
+
 class RunOutput:
+    """`open()` checks OUT and makes the staging folder (before any work), `commit()` puts the finished
+    run in place, `abort()` removes what the run staged."""
+
     def __init__(self, out: str | Path):
         self.out = Path(out)
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"--out {self.out}: exists and is not a folder")
-        if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / MARKER).is_file():
-            # Never delete a folder we did not write.
-            raise UserError(f"--out {self.out}: folder exists, is not empty and holds no {MARKER}; "
-                            "choose another --out")
-        self.staging = self.out.parent / f".{self.out.name}.partial"
+        self.staging = self.out / STAGING
+        self._created_out = False
 
+    # -- before any work --------------------------------------------------------------------------------
     def open(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.staging, ignore_errors=True)  # left over by a killed run
-        self.staging.mkdir()
+        self._check_path()
+        self._check_owned()
+        try:
+            if not self.out.exists():
+                self.out.mkdir(parents=True)
+                self._created_out = True
+            if self.staging.exists():
+                self._remove_stale_staging()
+            self.staging.mkdir()
+            # The staging folder carries a manifest too, so a later run knows it may remove it.
+            write_json_atomic(self.staging / MANIFEST, {"written_by": WRITTEN_BY, "state": "staging", "files": {}})
+        except OSError as e:
+            self.abort()
+            raise UserError(f"--out {self.out}: cannot write there ({e.strerror or e})") from None
         return self.staging
 
+    def _check_path(self) -> None:
+        for folder in [self.out, *self.out.parents]:
+            if folder.exists():
+                if not folder.is_dir():
+                    what = "exists and is not a folder" if folder == self.out else f"{folder} is a file, not a folder"
+                    raise UserError(f"--out {self.out}: {what}")
+                break
+
+    def _check_owned(self) -> set[str]:
+        """The files of OUT that pgkd wrote; refuses an OUT where a run would touch anything else."""
+        if not self.out.is_dir() or all(p.name == STAGING for p in self.out.iterdir()):
+            return set()
+        manifest = read_manifest(self.out)
+        if manifest is None:
+            raise UserError(f"--out {self.out}: folder exists, is not empty and was not written by pgkd (no {MANIFEST}); "
+                            "choose another --out")
+        owned = set(manifest["files"])
+        for entry in sorted(RESULT_ENTRIES | {rel.split("/", 1)[0] for rel in owned}):
+            path = self.out / entry
+            if not path.exists():
+                continue
+            files = [entry] if not path.is_dir() else [f"{entry}/{rel}" for rel in _files_under(path)]
+            foreign = [rel for rel in files if rel not in owned]
+            if foreign:
+                raise UserError(f"--out {self.out}: {foreign[0]} was not written by pgkd, and a run replaces "
+                                f"{entry}; move it elsewhere or choose another --out")
+        return owned
+
+    def _remove_stale_staging(self) -> None:
+        """A staging folder left by a killed run is removed only if it is pgkd's."""
+        try:
+            state = json.loads((self.staging / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            state = None
+        if not isinstance(state, dict) or state.get("written_by") != WRITTEN_BY:
+            raise UserError(f"--out {self.out}: {self.staging} exists and was not written by pgkd; move it elsewhere")
+        shutil.rmtree(self.staging)
+
+    # -- after the work ---------------------------------------------------------------------------------
     def commit(self) -> Path:
-        old = self.out.parent / f".{self.out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.out.exists():
-            os.replace(self.out, old)
-        os.replace(self.staging, self.out)
-        shutil.rmtree(old, ignore_errors=True)
+        owned = self._check_owned()        # again: files may have been added while the run worked
+        new = [rel for rel in _files_under(self.staging) if rel != MANIFEST]
+        files = {rel: {"bytes": (self.staging / rel).stat().st_size, "sha256": _sha256(self.staging / rel)}
+                 for rel in new}
+        # While entries are swapped OUT's manifest lists the old files and the new ones, so a crash
+        # part-way leaves nothing of pgkd's unaccounted for; report.json goes last, so until then the
+        # folder holds no result.
+        journal = {rel: {} for rel in owned} | files
+        write_json_atomic(self.out / MANIFEST, self._manifest(journal, "replacing"))
+        for rel in sorted(owned, key=lambda r: r != "report.json"):
+            path = self.out / rel
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+            self._remove_empty_parents(path)
+        entries = sorted((p.name for p in self.staging.iterdir() if p.name != MANIFEST),
+                         key=lambda name: name == "report.json")
+        for name in entries:
+            os.replace(self.staging / name, self.out / name)
+        write_json_atomic(self.out / MANIFEST, self._manifest(files, "complete"))
+        shutil.rmtree(self.staging)
         return self.out
+
+    def _remove_empty_parents(self, path: Path) -> None:
+        for folder in path.parents:
+            if folder == self.out or not folder.is_dir() or any(folder.iterdir()):
+                return
+            folder.rmdir()
+
+    @staticmethod
+    def _manifest(files: dict, state: str) -> dict:
+        return {"written_by": WRITTEN_BY, "pgkd_version": __version__, "state": state,
+                "note": "pgkd replaces the files listed here when a run writes to this folder again; "
+                        "it leaves everything else alone",
+                "files": files}
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+        if self._created_out and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+
+# The entries of OUT a run writes; each must be wholly pgkd's before a run may replace it.
+RESULT_ENTRIES = frozenset({"report.json", "best", "history.png"})
