@@ -15,11 +15,12 @@ from pgkd.distill import DistillConfig, log_cycle, make_policy, summary_table
 from pgkd.errors import UserError
 from pgkd.messages import TOPICS, LabeledSample, RunCompleted, RunRequested
 from pgkd.report import RunReport
-from pgkd.steps import CycleState, RunFiles, submit
+from pgkd.steps import CycleState, RunFiles, prepare_request, record_request
 from tqdm.auto import tqdm
 
 from services import NAMES, build, consumer_groups
-from services.runtime import Settings, broker_kind, create_redis_groups, make_broker, send
+from services.runtime import (CONNECT_TIMEOUT, Settings, broker_errors, broker_kind, connected, create_redis_groups,
+                              make_broker, send)
 
 
 def serve(name: str) -> int:
@@ -30,24 +31,31 @@ def serve(name: str) -> int:
     return 0
 
 
-async def _publish_request(settings: Settings, request: RunRequested) -> None:
+async def _publish_request(settings: Settings, store: ArtifactStore, request: RunRequested) -> None:
+    """Record the run, then publish it. The broker is reached first, so an unreachable one leaves no
+    run behind; a publish that fails after that marks the run as not submitted."""
     broker = make_broker(settings.broker_url)
     if broker_kind(broker) == "redis":  # groups first, or services that start later would skip the request
         await create_redis_groups(settings.broker_url, {t: g for g, topics in consumer_groups(settings).items()
                                                         for t in topics})
-    try:
-        async with broker:
+    files = RunFiles(request.run_id)
+    async with connected(broker, settings.broker_url):
+        record_request(store, request)
+        try:
             await send(broker, request.model_dump_json().encode(), settings.topic_prefix + request.topic,
                        key=request.run_id)
-    except (OSError, asyncio.TimeoutError) as e:
-        raise UserError(f"PGKD_BROKER_URL={settings.broker_url}: cannot publish ({e})") from None
+        except broker_errors() as e:
+            store.put_json(files.not_submitted, {"run_id": request.run_id, "broker": settings.broker_url,
+                                                 "reason": f"{type(e).__name__}: {e}"})
+            raise UserError(f"PGKD_BROKER_URL={settings.broker_url}: cannot publish run {request.run_id} "
+                            f"({type(e).__name__}: {e}); it is recorded as not submitted") from None
 
 
 def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: float | None, poll: float) -> int:
     settings = Settings.from_env()
     store = ArtifactStore(settings.artifacts)
-    request = submit(config, store, run_id)
-    asyncio.run(_publish_request(settings, request))
+    request = prepare_request(config, store, run_id)
+    asyncio.run(_publish_request(settings, store, request))
     print(f"submitted run {request.run_id} (artifacts {store.uri(RunFiles(request.run_id).base)})")
     if not wait:
         return 0
@@ -103,6 +111,10 @@ def status(run_id: str) -> int:
     files = RunFiles(run_id)
     if not store.exists(files.request):
         raise UserError(f"run {run_id}: not found in {store.url}")
+    if store.exists(files.not_submitted):
+        reason = store.get_json(files.not_submitted)["reason"]
+        print(f"run {run_id}: not submitted (publishing it failed: {reason})", file=sys.stderr)
+        return 1
     request = RunRequested.model_validate(store.get_json(files.request))
     config = request.config
     print(f"run {run_id}: {config['data']}, student {config['student']}, teacher {config['teacher']}, "
@@ -137,7 +149,8 @@ def create_kafka_topics(bootstrap: list[str], topics: list[str], partitions: int
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
     try:
-        admin = admin or KafkaAdminClient(bootstrap_servers=bootstrap, client_id="pgkd-topics")
+        admin = admin or KafkaAdminClient(bootstrap_servers=bootstrap, client_id="pgkd-topics",
+                                          bootstrap_timeout_ms=int(CONNECT_TIMEOUT * 1000))
         missing = [t for t in topics if t not in set(admin.list_topics())]
         created = []
         for topic in missing:  # one at a time: another creator racing us costs one topic, not the batch
@@ -148,7 +161,13 @@ def create_kafka_topics(bootstrap: list[str], topics: list[str], partitions: int
                 pass
         return created
     except KafkaError as e:
-        raise UserError(f"kafka {','.join(bootstrap)}: {type(e).__name__}: {e}") from None
+        raise UserError(f"kafka {','.join(bootstrap)}: cannot create topics ({_kafka_reason(e)})") from None
+
+
+def _kafka_reason(e: Exception) -> str:
+    """kafka-python's errors already start with their class name; say it once."""
+    text = str(e)
+    return text if text.startswith(type(e).__name__) else f"{type(e).__name__}: {text}"
 
 
 # -- the stream of labeled samples ---------------------------------------------------------------------------
@@ -219,7 +238,7 @@ def _send_kafka(bootstrap: list[str], topic: str, bodies: list[bytes], bar, prod
     from kafka.errors import KafkaError
     try:
         producer = producer or KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                                             client_id="pgkd-send")
+                                             client_id="pgkd-send", bootstrap_timeout_ms=int(CONNECT_TIMEOUT * 1000))
         futures = []
         for body in bodies:
             futures.append(producer.send(topic, value=body))
@@ -228,7 +247,7 @@ def _send_kafka(bootstrap: list[str], topic: str, bodies: list[bytes], bar, prod
         for future in futures:
             future.get(timeout=60)   # raises what the broker answered, for the first sample it refused
     except KafkaError as e:
-        raise UserError(f"kafka {','.join(bootstrap)}: cannot send to {topic}: {type(e).__name__}: {e}") from None
+        raise UserError(f"kafka {','.join(bootstrap)}: cannot send to {topic} ({_kafka_reason(e)})") from None
     finally:
         if producer is not None:
             producer.close()
@@ -239,13 +258,14 @@ async def _send_redis(settings: Settings, topic: str, bodies: list[bytes], bar) 
     await create_redis_groups(settings.broker_url, {t: g for g, topics in consumer_groups(settings).items()
                                                     for t in topics})
     broker = make_broker(settings.broker_url)
-    try:
-        async with broker:
+    async with connected(broker, settings.broker_url):
+        try:
             for body in bodies:
                 await send(broker, body, topic)
                 bar.update(1)
-    except (OSError, asyncio.TimeoutError) as e:
-        raise UserError(f"PGKD_BROKER_URL={settings.broker_url}: cannot publish ({e})") from None
+        except broker_errors() as e:
+            raise UserError(f"PGKD_BROKER_URL={settings.broker_url}: cannot publish after {bar.n} of "
+                            f"{len(bodies)} sample(s) ({type(e).__name__}: {e})") from None
 
 
 def stream_status(name: str) -> int:

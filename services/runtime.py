@@ -13,6 +13,7 @@ nothing happens if it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -92,6 +93,60 @@ def broker_kind(broker) -> str:
     return "kafka" if type(broker).__name__.startswith("Kafka") else "redis"
 
 
+def broker_errors() -> tuple[type[BaseException], ...]:
+    """What a broker that is down or unreachable raises, from either client library."""
+    from aiokafka.errors import KafkaError
+    from redis.exceptions import RedisError
+    return OSError, asyncio.TimeoutError, KafkaError, RedisError
+
+
+@contextlib.asynccontextmanager
+async def connected(broker, url: str):
+    """The broker, connected for a command (not a service): one that cannot be reached is one line,
+    and its client is closed either way (no 'Unclosed AIOKafkaProducer')."""
+    try:
+        if broker_kind(broker) == "kafka":
+            await asyncio.wait_for(_bootstrap_kafka(url), CONNECT_TIMEOUT)
+        await asyncio.wait_for(broker.connect(), CONNECT_TIMEOUT)
+    except broker_errors() as e:
+        await _quietly_stop(broker)
+        raise UserError(f"PGKD_BROKER_URL={url}: cannot reach the broker ({_reason(e)})") from None
+    try:
+        yield broker
+    finally:
+        await _quietly_stop(broker)
+
+
+CONNECT_TIMEOUT = 10.0   # seconds a command (submit, send, topics) waits for the broker to answer
+
+
+async def _bootstrap_kafka(url: str) -> None:
+    """Reach the Kafka brokers with a client of our own first: FastStream leaves the producer of a
+    broker that failed to connect unclosed, and aiokafka then warns about it at exit."""
+    from aiokafka.client import AIOKafkaClient
+    client = AIOKafkaClient(bootstrap_servers=url.partition("://")[2].split(","))
+    quiet = logging.getLogger("aiokafka")
+    level, quiet.level = quiet.level, logging.CRITICAL   # the one line we raise says it
+    try:
+        await client.bootstrap()
+    finally:
+        quiet.setLevel(level)
+        await client.close()
+
+
+async def _quietly_stop(broker) -> None:
+    try:
+        await broker.stop()
+    except Exception:  # noqa: BLE001 -- closing a client that never connected; the first error is the one to show
+        pass
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
+    return str(e).strip() or type(e).__name__
+
+
 async def send(broker, body: bytes, topic: str, key: str | None = None) -> None:
     """Publish to a Kafka topic (keyed by run, so one run's messages stay in one partition, in
     order) or to the Redis stream of the same name."""
@@ -106,7 +161,7 @@ async def create_redis_groups(url: str, groups: dict[str, str]) -> None:
     FastStream, a group starts at the stream's end, and a run submitted before the service first
     started would wait forever."""
     import redis.asyncio as redis
-    client = redis.from_url(url)
+    client = redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
     try:
         for stream, group in groups.items():
             try:
@@ -114,6 +169,8 @@ async def create_redis_groups(url: str, groups: dict[str, str]) -> None:
             except redis.ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
+    except redis.ConnectionError as e:
+        raise UserError(f"PGKD_BROKER_URL={url}: cannot reach the broker ({_reason(e)})") from None
     finally:
         await client.aclose()
 

@@ -141,7 +141,7 @@ def test_send_reads_json_lines_and_csv_and_hands_every_row_to_the_producer(tmp_p
         {"text": "refund, please", "label": "refund", "agent": "ann", "source": "support"},
         {"text": "empty one", "label": "", "source": "support"}]
 
-    with pytest.raises(UserError, match="cannot send to pgkd.labeled-samples: KafkaTimeoutError"):
+    with pytest.raises(UserError, match=r"cannot send to pgkd.labeled-samples \(KafkaTimeoutError"):
         send_samples(str(lines), progress=False, producer=RecordingProducer(refuse=True))
     with pytest.raises(UserError, match="missing column"):
         send_samples(str(table), progress=False, producer=RecordingProducer())
@@ -165,3 +165,45 @@ def test_send_over_redis_and_the_bad_inputs_of_send_and_ingest(env, tmp_path, re
     assert bad_setting.returncode == 2 and "PGKD_STREAM_TRIGGER_COUNT='-3'" in bad_setting.stderr
     status = pgkd("stream", "status", "nope", env=env)
     assert status.returncode == 2 and "stream nope: not found" in status.stderr
+
+
+@pytest.mark.parametrize("scheme", ["redis", "kafka"])
+def test_an_unreachable_broker_is_one_line_and_leaves_no_run_behind(tmp_path, scheme):
+    """Nothing listens on the port: submit, send and topics create each say so in one line, exit 2,
+    close their clients, and submit records no run that `status` would then call running."""
+    import os
+
+    from conftest import free_port
+    data = make_toy_dataset(tmp_path / "toy")
+    env = {**os.environ, "PGKD_BROKER_URL": f"{scheme}://127.0.0.1:{free_port()}",
+           "PGKD_ARTIFACTS": f"file://{tmp_path}/artifacts"}
+    (tmp_path / "s.jsonl").write_text('{"text": "lost my card", "label": "card_lost"}\n')
+    for args in (["submit", "--data", str(data), "--labeled", "40", "--student", "tiny", "--run-id", "never"],
+                 ["send", str(tmp_path / "s.jsonl"), "--no-progress"], ["topics", "create"]):
+        result = pgkd(*args, env=env)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "127.0.0.1" in result.stderr and ("cannot reach" in result.stderr or "bootstrap" in result.stderr)
+    status = pgkd("status", "never", env=env)
+    assert status.returncode == 2 and "run never: not found" in status.stderr
+
+
+def test_a_publish_that_fails_after_the_run_was_recorded_marks_it_not_submitted(tmp_path, redis_url, monkeypatch,
+                                                                                capsys):
+    """The broker answered, then the publish failed: the run is recorded as not submitted, and
+    `status` says so instead of `running` forever."""
+    import services.cli
+    from pgkd.cli import main
+    data = make_toy_dataset(tmp_path / "toy")
+    monkeypatch.setenv("PGKD_BROKER_URL", redis_url)
+    monkeypatch.setenv("PGKD_ARTIFACTS", f"file://{tmp_path}/artifacts")
+
+    async def broken_send(*args, **kwargs):
+        raise ConnectionError("connection reset by peer")
+    monkeypatch.setattr(services.cli, "send", broken_send)
+    assert main(["submit", "--data", str(data), "--labeled", "40", "--student", "tiny", "--run-id", "lost"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot publish run lost" in err and "recorded as not submitted" in err
+    assert main(["status", "lost"]) == 1
+    captured = capsys.readouterr()
+    assert "run lost: not submitted" in captured.err and "running" not in captured.out

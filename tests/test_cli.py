@@ -82,3 +82,56 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
                              "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"pgkd: error: {tmp_path / 'nope'}: no such file or folder"]
+
+
+@pytest.mark.parametrize("teacher, message", [
+    ("triton://:abc/x", "no host"),
+    ("triton+grpc://h:x/m", "the port must be a number from 1 to 65535"),
+    ("openai://h:abc/v1?model=m", "the port must be a number from 1 to 65535"),
+    ("triton://127.0.0.1:99999/x", "the port must be a number from 1 to 65535"),
+    ("triton://", "no host"),
+    ("triton://h:8000/", "expected triton://HOST:PORT/MODEL"),
+    ("openai://h:8000/v1", "expected openai://HOST:PORT/v1?model=NAME"),
+])
+def test_a_malformed_teacher_url_is_one_line(capsys, toy_data, tmp_path, teacher, message):
+    out = tmp_path / "out"
+    err = _bad(capsys, ["distill", *TINY, "--data", str(toy_data), "--out", str(out), "--teacher", teacher])
+    assert f"--teacher {teacher}: {message}" in err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def saved_student(tmp_path_factory):
+    from pgkd.student import Student
+    folder = tmp_path_factory.mktemp("student") / "best"
+    Student.create("tiny", ["a", "b"], seed=0).save(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "model.safetensors").unlink(), "no file named model.safetensors"),
+    (lambda f: open(f / "model.safetensors", "r+b").truncate(1000), "SafetensorError"),
+    (lambda f: (f / "config.json").write_text("{not json"), "not a readable saved student"),
+])
+def test_a_damaged_student_folder_is_one_line(capsys, saved_student, tmp_path, damage, message):
+    import shutil
+    folder = tmp_path / "damaged"
+    shutil.copytree(saved_student, folder)
+    damage(folder)
+    err = _bad(capsys, ["predict", "--model", str(folder), "hello"])
+    assert f"{folder}: not a readable saved student" in err and message in err
+
+
+def test_predict_refuses_text_that_is_not_utf8(capsys, saved_student, monkeypatch):
+    import io
+    # Python hands undecodable bytes of an argument over as lone surrogates (b"caf\xe9" -> "caf\udce9").
+    assert "argument 2: not UTF-8 text" in _bad(capsys, ["predict", "--model", str(saved_student), "ok",
+                                                         b"caf\xe9".decode("utf-8", "surrogateescape")])
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')))
+    assert "stdin:2: not UTF-8 text (byte 0xe9" in _bad(capsys, ["predict", "--model", str(saved_student)])
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b'{"text": "\\udcff"}\n')))
+    assert "stdin:1: not UTF-8 text" in _bad(capsys, ["predict", "--model", str(saved_student)])
+    # A byte-order mark (Excel's "UTF-8" files) is not text.
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO('\ufeff{"text": "café"}\n'.encode())))
+    assert main(["predict", "--model", str(saved_student)]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "café"

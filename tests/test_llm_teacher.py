@@ -30,6 +30,7 @@ class ChatServer:
         self.script: list[tuple] = []
         self.requests: list[dict] = []
         self.in_flight = self.most_in_flight = 0
+        self.model_list: list[str] | int | None = None
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self._run, daemon=True).start()
@@ -39,11 +40,20 @@ class ChatServer:
         asyncio.set_event_loop(self.loop)
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_get("/v1/models", self.models)
         runner = web.AppRunner(app)
         self.loop.run_until_complete(runner.setup())
         self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
         self.ready.set()
         self.loop.run_forever()
+
+    async def models(self, request):
+        """`GET /models`: 404 by default (servers without the list), else what `model_list` says."""
+        if self.model_list is None:
+            return web.Response(status=404)
+        if isinstance(self.model_list, int):
+            return web.Response(status=self.model_list)
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.model_list]})
 
     async def handle(self, request):
         body = await request.json()
@@ -178,3 +188,30 @@ def test_an_openai_teacher_runs_the_loop_and_records_usage(chat, toy_data, tmp_p
     assert second.accepted == 0 and second.rejected == {"unknown_label": 3}
     assert report.teacher_usage.calls == 2 and report.teacher_usage.cost == pytest.approx(2.0)
     assert report.stop_reason.startswith("max_cycles")
+
+
+def test_check_reaches_the_server_before_any_call_and_says_what_is_wrong(chat):
+    teacher(chat.url).check()                      # no /models list (404): the server answered
+    chat.model_list = ["test-llm", "other"]
+    teacher(chat.url).check()
+    chat.model_list = ["other"]
+    with pytest.raises(TeacherUnavailable, match="model 'test-llm' is not served there"):
+        teacher(chat.url).check()
+    chat.model_list = 401
+    with pytest.raises(TeacherUnavailable, match="refused the key in PGKD_TEST_KEY"):
+        teacher(chat.url).check()
+    assert chat.requests == []                    # reaching it asked for no completion
+
+
+def test_an_unreachable_openai_teacher_stops_the_run_before_any_training(toy_data, tmp_path, capsys):
+    """As a Triton teacher does: one error line, exit 2, nothing written (it used to train cycle 0)."""
+    from conftest import free_port
+    from pgkd.cli import main
+    out = tmp_path / "run"
+    assert main(["distill", "--data", str(toy_data), "--out", str(out), "--labeled", "40", "--student", "tiny",
+                 "--teacher", f"openai://127.0.0.1:{free_port()}/v1?model=x", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cycle 0" not in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("pgkd: error: teacher openai://127.0.0.1:")
+    assert "cannot reach it (transport: ClientConnectorError" in err
+    assert not out.exists()

@@ -123,9 +123,26 @@ def cmd_teacher_serve(args) -> int:
     return 0
 
 
+def _utf8_text(text: str, where: str) -> str:
+    """A text that really is UTF-8: Python hands undecodable bytes (in arguments, or on stdin under a C
+    locale) over as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (an undecodable byte or a lone surrogate at character {e.start + 1})") from None
+    return text
+
+
 def _read_stdin_texts() -> list[str]:
     texts = []
-    for number, line in enumerate(sys.stdin, start=1):
+    stream = getattr(sys.stdin, "buffer", sys.stdin)     # bytes where there are bytes: decoded strictly below
+    for number, line in enumerate(stream, start=1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"stdin:{number}: not UTF-8 text (byte 0x{line[e.start]:02x} at byte {e.start + 1})") \
+                    from None
         if not line.strip():
             continue
         try:
@@ -135,13 +152,13 @@ def _read_stdin_texts() -> list[str]:
         text = row.get("text") if isinstance(row, dict) else row if isinstance(row, str) else None
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"stdin:{number}: expected a JSON object with a non-empty \"text\"")
-        texts.append(text)
+        texts.append(_utf8_text(text, f"stdin:{number}"))
     return texts
 
 
 def cmd_predict(args) -> int:
     from .students import load_student
-    texts = args.texts or _read_stdin_texts()
+    texts = [_utf8_text(t, f"argument {i}") for i, t in enumerate(args.texts, start=1)] or _read_stdin_texts()
     if not texts:
         raise UserError("no texts: give them as arguments or as JSON Lines on stdin")
     student = load_student(args.model, device=args.device)
@@ -320,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _validation_problem(err: dict) -> str:
+    """One option's problem as `--option: what is wrong` (said once, without pydantic's prefix)."""
+    option = f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}"
+    message = err["msg"].removeprefix("Value error, ")
+    return message if message.startswith(option) else f"{option}: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -328,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgkd: error: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:
-        problems = "; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
-                             for err in e.errors())
+        problems = "; ".join(_validation_problem(err) for err in e.errors())
         print(f"pgkd: error: {problems}", file=sys.stderr)
         return 2
     except TimeoutError as e:

@@ -32,7 +32,7 @@ from .student import Student, TrainConfig
 from .students import create_student
 from .artifacts import ArtifactStore
 from .llm_teacher import LLMSettings, LLMTeacher, ResponseCache
-from .llm_transports import is_llm_teacher
+from .llm_transports import TeacherURL, is_llm_teacher
 from .teacher import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage, build_request
 
 
@@ -92,7 +92,9 @@ class DistillConfig(BaseModel):
     @field_validator("teacher")
     @classmethod
     def _known_teacher(cls, v: str) -> str:
-        if v not in TEACHERS and not is_llm_teacher(v):
+        if is_llm_teacher(v):
+            TeacherURL.parse(v)
+        elif v not in TEACHERS:
             raise ValueError(f"unknown teacher {v!r}; one of {', '.join(TEACHERS)}, or triton://HOST:PORT/MODEL, "
                              "triton+grpc://HOST:PORT/MODEL, openai://HOST:PORT/v1?model=NAME")
         return v
@@ -233,15 +235,16 @@ def _run(config: DistillConfig, output: RunOutput, staging: Path, run_name: str,
     cache = embed if isinstance(embed, EmbeddingCache) else None
     student = create_student(config.student, labels, seed=config.seed, device=config.device, embed=cache)
     teacher = make_teacher(config, splits, embed=embed or student_embed(student))
-    if hasattr(teacher, "check"):
-        try:
-            teacher.check()
-        except TeacherUnavailable as e:
-            raise UserError(f"--teacher: {e}") from None
-    policy = make_policy(config)
     log(f"pgkd: {dataset.name}: {len(labels)} classes, {splits.sizes()}; student {config.student} "
         f"({student.parameter_count() / 1e6:.1f}M parameters, {student.device}); teacher {teacher.name}"
         + (" (a simulation of an LLM teacher)" if teacher.simulated else ""))
+    if hasattr(teacher, "check"):
+        log(f"pgkd: reaching the teacher at {teacher.name} (up to {teacher.check_timeout:g} s an attempt)")
+        try:
+            teacher.check()
+        except TeacherUnavailable as e:
+            raise UserError(str(e)) from None
+    policy = make_policy(config)
     for note in dataset.notes:
         log(f"pgkd: note: {note}")
     duplicates = dataset_duplicates(splits)

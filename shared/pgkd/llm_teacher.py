@@ -44,6 +44,10 @@ class LLMSettings:
     price_completion_per_1k: float = 0.0
 
 
+CHECK_TIMEOUT = 10.0    # seconds one attempt to reach the teacher before a run may take
+CHECK_ATTEMPTS = 2
+
+
 class ResponseCache:
     """Answers by request hash, in an artifact store (a folder or a bucket)."""
 
@@ -121,12 +125,31 @@ class LLMTeacher:
         return asyncio.run(self._generate(request))
 
     def check(self) -> None:
-        """Reach the teacher once (Triton: read the model's metadata), so that a wrong URL or a server
-        that is down is found before a run spends minutes training its first student."""
+        """Reach the teacher once, before a run spends minutes training its first student, so that a
+        wrong URL, a server that is down or one that never answers is found at once. Each attempt is
+        bounded by `check_timeout`, not by the (long) per-call timeout."""
+        limit = self.check_timeout
+
         async def reach():
-            await self._open()
-            await self.transport.close()
-        asyncio.run(reach())
+            try:
+                await asyncio.wait_for(self.transport.reach(), limit)
+            finally:
+                await self.transport.close()
+        for attempt in range(CHECK_ATTEMPTS):
+            try:
+                asyncio.run(reach())
+                return
+            except (TransportError, asyncio.TimeoutError) as e:
+                reason = (f"no answer within {limit:g} s" if isinstance(e, asyncio.TimeoutError)
+                          else f"{e.kind}: {e}")
+                if (isinstance(e, TransportError) and not e.transient) or attempt == CHECK_ATTEMPTS - 1:
+                    raise TeacherUnavailable(f"teacher {self.name}: cannot reach it ({reason}"
+                                             f"{'' if attempt == 0 else f'; {attempt + 1} attempts'})") from None
+                time.sleep(self.settings.backoff)
+
+    @property
+    def check_timeout(self) -> float:
+        return min(self.settings.timeout, CHECK_TIMEOUT)
 
     async def _open(self) -> None:
         for attempt in range(self.settings.retries + 1):
@@ -136,10 +159,10 @@ class LLMTeacher:
             except (TransportError, asyncio.TimeoutError) as e:
                 await self.transport.close()
                 transient = not isinstance(e, TransportError) or e.transient
+                reason = str(e) or f"no answer within {self.settings.timeout:g} s"
                 if not transient or attempt == self.settings.retries:
-                    self.breaker.failed(str(e) or "timeout")
-                    raise TeacherUnavailable(f"teacher {self.name}: cannot reach it "
-                                             f"({e or 'no answer within the timeout'})") from None
+                    self.breaker.failed(reason)
+                    raise TeacherUnavailable(f"teacher {self.name}: cannot reach it ({reason})") from None
                 await asyncio.sleep(self.settings.backoff * 2 ** attempt * (0.5 + self.rng.random()))
 
     async def _generate(self, request: GenerationRequest) -> GeneratedBatch:

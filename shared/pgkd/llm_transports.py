@@ -18,7 +18,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .errors import UserError
 
 
 @dataclass
@@ -37,34 +36,74 @@ class TransportError(Exception):
         self.kind, self.transient = kind, transient
 
 
+SCHEMES = ("triton", "triton+http", "triton+grpc", "openai", "openai+http", "openai+https")
+
+
 def is_llm_teacher(spec: str) -> bool:
-    return spec.split("://", 1)[0] in ("triton", "triton+http", "triton+grpc", "openai", "openai+http", "openai+https")
+    return spec.split("://", 1)[0] in SCHEMES
+
+
+@dataclass
+class TeacherURL:
+    """A teacher URL taken apart and checked: a malformed one is a ValueError that says what is wrong."""
+    scheme: str
+    host: str
+    port: int
+    path: str
+    query: dict[str, list[str]]
+
+    @classmethod
+    def parse(cls, spec: str) -> "TeacherURL":
+        parts = urlsplit(spec)
+        if parts.scheme not in SCHEMES:
+            raise ValueError(f"--teacher {spec}: unknown scheme {parts.scheme!r}")
+        if not parts.hostname:
+            raise ValueError(f"--teacher {spec}: no host (expected {_EXPECTED[parts.scheme.split('+')[0]]})")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"--teacher {spec}: the port must be a number from 1 to 65535") from None
+        if port == 0:
+            raise ValueError(f"--teacher {spec}: the port must be a number from 1 to 65535")
+        url = cls(parts.scheme, parts.hostname, port or (8001 if parts.scheme == "triton+grpc" else 8000),
+                  parts.path, parse_qs(parts.query))
+        if url.is_triton and (not url.model or "/" in url.model):
+            raise ValueError(f"--teacher {spec}: expected {_EXPECTED['triton']}")
+        if not url.is_triton and not url.model:
+            raise ValueError(f"--teacher {spec}: expected {_EXPECTED['openai']}")
+        return url
+
+    @property
+    def is_triton(self) -> bool:
+        return self.scheme.startswith("triton")
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def model(self) -> str:
+        if self.is_triton:
+            return self.path.strip("/")
+        return self.query.get("model", [""])[0]
+
+
+_EXPECTED = {"triton": "triton://HOST:PORT/MODEL", "openai": "openai://HOST:PORT/v1?model=NAME"}
 
 
 def public_url(spec: str) -> str:
     """The teacher URL as it may be shown and recorded: without user info."""
-    parts = urlsplit(spec)
-    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    parts, url = urlsplit(spec), TeacherURL.parse(spec)
+    return parts._replace(netloc=url.address if parts.port else url.host).geturl()
 
 
 def make_transport(spec: str):
-    parts = urlsplit(spec)
-    if not parts.hostname:
-        raise UserError(f"--teacher {spec}: no host")
-    address = f"{parts.hostname}:{parts.port or (8001 if parts.scheme == 'triton+grpc' else 8000)}"
-    if parts.scheme.startswith("triton"):
-        model = parts.path.strip("/")
-        if not model or "/" in model:
-            raise UserError(f"--teacher {spec}: expected triton://HOST:PORT/MODEL")
-        return TritonTransport(address, model, grpc=parts.scheme == "triton+grpc")
-    if parts.scheme.startswith("openai"):
-        query = parse_qs(parts.query)
-        if "model" not in query:
-            raise UserError(f"--teacher {spec}: expected openai://HOST:PORT/v1?model=NAME")
-        scheme = "https" if parts.scheme == "openai+https" else "http"
-        base = f"{scheme}://{address}{parts.path.rstrip('/')}"
-        return OpenAITransport(base, query["model"][0], key_env=query.get("key_env", ["OPENAI_API_KEY"])[0])
-    raise UserError(f"--teacher {spec}: unknown scheme {parts.scheme!r}")
+    url = TeacherURL.parse(spec)
+    if url.is_triton:
+        return TritonTransport(url.address, url.model, grpc=url.scheme == "triton+grpc")
+    scheme = "https" if url.scheme == "openai+https" else "http"
+    base = f"{scheme}://{url.address}{url.path.rstrip('/')}"
+    return OpenAITransport(base, url.model, key_env=url.query.get("key_env", ["OPENAI_API_KEY"])[0])
 
 
 class TritonTransport:
@@ -95,6 +134,11 @@ class TritonTransport:
             if "text_input" not in self._inputs or "text_output" not in self._outputs:
                 raise TransportError("incompatible_model", f"{self.name}: the model does not take text_input and "
                                      "return text_output (Triton's text-in / text-out LLM convention)", False)
+
+    async def reach(self) -> None:
+        """The server answers and serves a model of the text-in / text-out convention."""
+        self._inputs = None
+        await self.open()
 
     async def close(self) -> None:
         if self._client is not None:
@@ -162,6 +206,31 @@ class OpenAITransport:
         if key := os.environ.get(self.key_env):
             headers["Authorization"] = f"Bearer {key}"
         self._session = aiohttp.ClientSession(headers=headers)
+
+    async def reach(self) -> None:
+        """The server answers (`GET /models`, which OpenAI-compatible servers serve) and accepts the
+        key; where it lists its models, the one asked for is among them."""
+        import aiohttp
+        await self.open()
+        try:
+            async with self._session.get(f"{self.base_url}/models") as response:
+                text = await response.text()
+        except aiohttp.ClientError as e:
+            raise TransportError("transport", f"{type(e).__name__}: {e}", transient=True) from None
+        if response.status in (401, 403):
+            raise TransportError("rejected_request", f"HTTP {response.status}: the server refused the key in "
+                                 f"{self.key_env}", transient=False)
+        if response.status >= 500:
+            raise TransportError("server_error", f"HTTP {response.status}: {text[:200]}", transient=True)
+        if response.status != 200:
+            return   # a server without the list (404, 405): it answered, which is what is checked
+        try:
+            served = [m["id"] for m in json.loads(text)["data"]]
+        except (ValueError, KeyError, TypeError):
+            return
+        if served and self.model not in served:
+            raise TransportError("rejected_request", f"model {self.model!r} is not served there (it serves "
+                                 f"{', '.join(served[:10])})", transient=False)
 
     async def close(self) -> None:
         if self._session is not None:

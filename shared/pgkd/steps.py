@@ -68,6 +68,7 @@ class RunFiles:
     def __init__(self, run_id: str):
         self.base = f"runs/{run_id}"
         self.request = f"{self.base}/request.json"
+        self.not_submitted = f"{self.base}/not_submitted.json"     # the request was recorded, its publish failed
         self.teacher = f"{self.base}/teacher.json"
         self.report = f"{self.base}/report.json"
         self.plot = f"{self.base}/history.png"
@@ -133,14 +134,25 @@ def _put_dataset(store: ArtifactStore, data: dict) -> ArtifactRef:
 
 
 def submit(config: DistillConfig, store: ArtifactStore, run_id: str | None = None) -> RunRequested:
+    """Check and store the data, and record the run (in-process callers; `pgkd submit` records only
+    once the bus is known to be reachable)."""
+    request = prepare_request(config, store, run_id)
+    record_request(store, request)
+    return request
+
+
+def prepare_request(config: DistillConfig, store: ArtifactStore, run_id: str | None = None) -> RunRequested:
     """Check the data here, where a mistake can still be one line on the submitter's terminal, then
-    store it and the request."""
+    store it (content-addressed). The run itself is not recorded: `record_request` does that."""
     dataset = load_dataset(config.data, config.text_column, config.label_column, seed=config.seed)
     make_splits(dataset, config.labeled, config.seed, config.validation_fraction)  # raises on a bad --labeled
-    request = RunRequested(run_id=run_id or new_run_id(dataset.name), cycle=0, config=config.model_dump(),
-                           dataset=_put_dataset(store, _dataset_json(dataset)))
+    return RunRequested(run_id=run_id or new_run_id(dataset.name), cycle=0, config=config.model_dump(),
+                        dataset=_put_dataset(store, _dataset_json(dataset)))
+
+
+def record_request(store: ArtifactStore, request: RunRequested) -> None:
+    """The run's request in the store, where every service reads its configuration."""
     store.put_json(RunFiles(request.run_id).request, request.model_dump(mode="json"))
-    return request
 
 
 def submit_splits(config: DistillConfig, name: str, splits: Splits, store: ArtifactStore, run_id: str,

@@ -145,9 +145,13 @@ class Student:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: not a saved student (no config.json)")
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        except Exception as e:  # noqa: BLE001 -- a damaged folder fails in many libraries' own ways
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{path}: not a readable saved student ({type(e).__name__}: {first[:200]})") from None
         # The spec it was created from, so a warm-started round trains the same parameters as before.
         return cls(model, tokenizer, labels, spec=getattr(model.config, "pgkd_student", str(path)), device=device)
 
