@@ -183,7 +183,7 @@ def read_sample_messages(path: Path, text_column: str, label_column: str, source
     with_source = lambda row: {**row, "source": source} if source and "source" not in row else row  # noqa: E731
     bodies: list[bytes] = []
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:   # -sig: a byte-order mark (Excel) is not text
             if path.suffix.lower() == ".csv":
                 reader = csv.DictReader(f)
                 missing = {text_column, label_column} - set(reader.fieldnames or [])

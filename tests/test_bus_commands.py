@@ -132,7 +132,8 @@ def test_send_reads_json_lines_and_csv_and_hands_every_row_to_the_producer(tmp_p
     assert "sent 2 sample(s)" in capsys.readouterr().out
 
     table = tmp_path / "tickets.csv"
-    table.write_text("body,intent,agent\n\"refund, please\",refund,ann\nempty one,,\n")
+    # Saved by Excel as "CSV UTF-8": a byte-order mark before the header.
+    table.write_bytes("body,intent,agent\n\"refund, please\",refund,ann\nempty one,,\n".encode("utf-8-sig"))
     producer = RecordingProducer()
     send_samples(str(table), text_column="body", label_column="intent", source="support", progress=False,
                  producer=producer)

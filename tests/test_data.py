@@ -22,6 +22,17 @@ def test_reads_jsonl_and_csv_with_configurable_columns(tmp_path):
     assert read_samples(c, "t", "y")[0] == Sample(text="hello, there", label="greet")
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    """Excel's "CSV UTF-8" and some editors' JSON Lines start with U+FEFF; it must not rename the
+    first column ('\ufefftext') or break the first line's JSON."""
+    c = tmp_path / "excel.csv"
+    c.write_bytes("text,label\ncafé latte,order\nrefund me,refund\n".encode("utf-8-sig"))
+    j = tmp_path / "bom.jsonl"
+    j.write_bytes('{"text": "café latte", "label": "order"}\n'.encode("utf-8-sig"))
+    assert read_samples(c) == [Sample(text="café latte", label="order"), Sample(text="refund me", label="refund")]
+    assert read_samples(j) == [Sample(text="café latte", label="order")]
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"text": "  ", "label": "a"}', "empty text"),
     ('{"text": "hi"}', "missing label"),

@@ -28,6 +28,7 @@ def test_two_cycles_with_the_real_minilm_student(banking10, tmp_path, capsys):
     assert main(["distill", "--data", str(banking10), "--out", str(out), "--labeled", "100", "--student", "minilm",
                  "--teacher", "pool-guided", "--samples-per-cycle", "16", "--max-cycles", "2", "--epochs", "4",
                  "--cycle-epochs", "1", "--seed", "1", "--no-progress"]) == 0
+    assert "embed" not in capsys.readouterr().err     # --no-progress: no sentence-encoder bars either (1,200 pool texts)
     report = json.loads((out / "report.json").read_text())
     assert [c["cycle"] for c in report["cycles"]] == [0, 1, 2]
     assert report["student"]["parameters"] > 20_000_000               # the real 22.7M-parameter encoder

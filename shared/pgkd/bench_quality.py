@@ -72,7 +72,7 @@ def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: lis
         report = _existing(folder, config)
         if report is None:
             if name not in caches:
-                caches[name] = EmbeddingCache(path=out / "cache" / f"{Path(name).name}.npz")
+                caches[name] = EmbeddingCache(path=out / "cache" / f"{Path(name).name}.npz", progress=progress)
             cache = caches[name]
             report = run(config, folder, progress=False, embed=cache, keep_model=False)
             cache.save()

@@ -47,7 +47,7 @@ def read_samples(path: Path, text_column: str = "text", label_column: str = "lab
         raise UserError(f"{path}: no such file")
     samples: list[Sample] = []
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:   # -sig: a byte-order mark (Excel) is not text
             if path.suffix.lower() == ".csv":
                 reader = csv.DictReader(f)
                 missing = {text_column, label_column} - set(reader.fieldnames or [])

@@ -112,11 +112,6 @@ class DistillConfig(BaseModel):
                            patience=2 if epochs > 3 else 1, seed=seed)
 
 
-def student_embed(student):
-    """The frozen-encoder student's embeddings serve the guided teacher too: one encoder, one cache."""
-    return getattr(student, "embed", None)
-
-
 def log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
@@ -232,9 +227,10 @@ def _run(config: DistillConfig, output: RunOutput, staging: Path, run_name: str,
     dataset = load_dataset(config.data, config.text_column, config.label_column, seed=config.seed)
     splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
     labels = splits.labels
-    cache = embed if isinstance(embed, EmbeddingCache) else None
+    # One sentence encoder for the frozen student and the guided teacher; it loads on first use.
+    cache = embed if isinstance(embed, EmbeddingCache) else EmbeddingCache(progress=progress) if embed is None else None
     student = create_student(config.student, labels, seed=config.seed, device=config.device, embed=cache)
-    teacher = make_teacher(config, splits, embed=embed or student_embed(student))
+    teacher = make_teacher(config, splits, embed=embed or cache)
     log(f"pgkd: {dataset.name}: {len(labels)} classes, {splits.sizes()}; student {config.student} "
         f"({student.parameter_count() / 1e6:.1f}M parameters, {student.device}); teacher {teacher.name}"
         + (" (a simulation of an LLM teacher)" if teacher.simulated else ""))

@@ -12,20 +12,21 @@ from .student import length_sorted_batches, minilm_path, pick_device
 
 class SentenceEncoder:
     def __init__(self, path: str | None = None, device: str | None = None, batch_size: int = 128,
-                 max_length: int = 128):
+                 max_length: int = 128, progress: bool = True):
         source = path or str(minilm_path())
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.device = pick_device(device)
         self.model = AutoModel.from_pretrained(source).to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = max_length
+        self.progress = progress       # a bar for long encodings (1,000 texts and more)
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
         out = np.zeros((len(ids), self.model.config.hidden_size), dtype=np.float32)
         for index in tqdm(length_sorted_batches(ids, self.batch_size), desc="embed", unit="batch", leave=False,
-                          disable=len(ids) < 1000):
+                          disable=not self.progress or len(ids) < 1000):
             batch = self.tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

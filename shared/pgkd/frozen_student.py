@@ -28,8 +28,9 @@ MARKER = "pgkd_frozen_student.json"
 class EmbeddingCache:
     """Sentence embeddings by text: each text is encoded once per process, or once ever with a file."""
 
-    def __init__(self, encoder: SentenceEncoder | None = None, path: str | Path | None = None):
+    def __init__(self, encoder: SentenceEncoder | None = None, path: str | Path | None = None, progress: bool = True):
         self._encoder = encoder
+        self.progress = progress
         self.path = Path(path) if path else None
         self.vectors: dict[str, np.ndarray] = {}
         self._unsaved = False
@@ -40,7 +41,7 @@ class EmbeddingCache:
     @property
     def encoder(self) -> SentenceEncoder:
         if self._encoder is None:
-            self._encoder = SentenceEncoder()
+            self._encoder = SentenceEncoder(progress=self.progress)
         return self._encoder
 
     def __call__(self, texts: list[str]) -> np.ndarray:
