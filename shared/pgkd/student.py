@@ -105,6 +105,11 @@ def length_sorted_batches(ids: list[list[int]], batch_size: int) -> list[list[in
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+# An epoch is better only if it lowers the best validation loss by more than this: noise of the last
+# digits must not reset patience.
+MIN_LOSS_GAIN = 1e-4
+
+
 class Student:
     def __init__(self, model, tokenizer, labels: list[str], spec: str, device: str | None = None):
         self.model = model
@@ -258,7 +263,7 @@ class Student:
             validation_loss = self.loss(validation, config.max_length) if validation else train_loss
             validation_losses.append(validation_loss)
             bar.set_postfix(epoch=epoch, train_loss=f"{train_loss:.3f}", val_loss=f"{validation_loss:.3f}")
-            if validation_loss < best_loss - 1e-4:
+            if validation_loss < best_loss - MIN_LOSS_GAIN:
                 best_loss, best_epoch, best_state, epochs_without_gain = validation_loss, epoch, self.state(), 0
             else:
                 epochs_without_gain += 1
