@@ -12,12 +12,12 @@ def build(name: str, **options):
     if name not in ALL:
         from pgkd.errors import UserError
         raise UserError(f"unknown service {name!r}; one of {', '.join(ALL)}")
-    return importlib.import_module(f"services.{name}").build(**options)
+    return importlib.import_module(f"pgkd_services.{name}").build(**options)
 
 
 def consumer_groups(settings) -> dict[str, list[str]]:
     """Every consumer group and the topics it reads, as the services register them."""
-    from services.runtime import make_broker
+    from pgkd_services.runtime import make_broker
     broker = make_broker(settings.broker_url)
     groups: dict[str, list[str]] = {}
     for name in ALL:

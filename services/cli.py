@@ -1,7 +1,9 @@
 """The commands that talk to the services: `pgkd service`, `pgkd submit`, `pgkd status`,
-`pgkd topics create`, `pgkd send`, `pgkd stream status`. (pgkd.cli parses the arguments and calls these.)"""
+`pgkd topics create`, `pgkd send`, `pgkd stream status`. `register` adds them to the `pgkd` command
+(an entry point in the group `pgkd.commands`: the engine's CLI does not import the services)."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import json
@@ -10,16 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-from pgkd.artifacts import ArtifactStore
-from pgkd.distill import DistillConfig, log_cycle, make_policy, summary_table
+from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.loop.embedded import DistillConfig, log_cycle, make_policy, summary_table
 from pgkd.errors import UserError
-from pgkd.messages import TOPICS, LabeledSample, RunCompleted, RunRequested
-from pgkd.report import RunReport
-from pgkd.steps import CycleState, RunFiles, prepare_request, record_request
+from pgkd.distributed.messages import TOPICS, LabeledSample, RunCompleted, RunRequested
+from pgkd.loop.report import RunReport
+from pgkd.distributed.steps import CycleState, RunFiles, prepare_request, record_request
 from tqdm.auto import tqdm
 
-from services import NAMES, build, consumer_groups
-from services.runtime import (CONNECT_TIMEOUT, Settings, broker_errors, broker_kind, connected, create_redis_groups,
+from pgkd_services import ALL, build, consumer_groups
+from pgkd_services.runtime import (CONNECT_TIMEOUT, Settings, broker_errors, broker_kind, connected, create_redis_groups,
                               make_broker, send)
 
 
@@ -298,4 +300,51 @@ def stream_status(name: str) -> int:
     return 0
 
 
-__all__ = ["NAMES", "serve", "submit_run", "status", "create_topics", "send_samples", "stream_status"]
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+def register(sub, distill_arguments) -> None:
+    """Add the bus commands to `pgkd`'s subcommands; `distill_arguments` adds a run's options."""
+    from pgkd.cli import Parser
+    submit = sub.add_parser("submit", help="submit a run to the services (PGKD_BROKER_URL, PGKD_ARTIFACTS)")
+    distill_arguments(submit, with_out=False)
+    submit.add_argument("--run-id", default=None, help="default: DATASET-DATE-TIME-RANDOM")
+    submit.add_argument("--wait", action="store_true", help="follow the run until RunCompleted; print its report")
+    submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    submit.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    submit.set_defaults(func=_submit)
+    status_parser = sub.add_parser("status", help="a submitted run's cycles so far, and its outcome")
+    status_parser.add_argument("run_id")
+    status_parser.set_defaults(func=lambda args: status(args.run_id))
+    service = sub.add_parser("service", help="run one service: trainer | evaluator | miner | generator | ingest")
+    service.add_argument("name", choices=list(ALL))
+    service.set_defaults(func=lambda args: serve(args.name))
+    send_parser = sub.add_parser("send", help="stream a JSON Lines or CSV file of labeled samples to the ingest "
+                                              "service")
+    send_parser.add_argument("file", help="rows with text and label (and optional source, id)")
+    send_parser.add_argument("--text-column", default="text")
+    send_parser.add_argument("--label-column", default="label")
+    send_parser.add_argument("--source", default=None, help="who labeled them, for rows that do not say")
+    send_parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    send_parser.set_defaults(func=lambda args: send_samples(args.file, args.text_column, args.label_column,
+                                                            args.source, progress=args.progress))
+    stream = sub.add_parser("stream", help="the streams of labeled samples that keep the student current")
+    stream_sub = stream.add_subparsers(dest="stream_command", required=True, parser_class=Parser)
+    stream_status_parser = stream_sub.add_parser("status", help="a stream's samples, current student, runs and "
+                                                                "decisions")
+    stream_status_parser.add_argument("name", nargs="?", default="default",
+                                      help="the stream (PGKD_STREAM; default: default)")
+    stream_status_parser.set_defaults(func=lambda args: stream_status(args.name))
+    topics = sub.add_parser("topics", help="create the message topics (Kafka) or consumer groups (Redis)")
+    topics_sub = topics.add_subparsers(dest="topics", required=True, parser_class=Parser)
+    create = topics_sub.add_parser("create", help="idempotent: existing topics are left as they are")
+    create.add_argument("--partitions", type=int, default=3)
+    create.add_argument("--replication-factor", type=int, default=1)
+    create.set_defaults(func=lambda args: create_topics(args.partitions, args.replication_factor))
+
+
+def _submit(args) -> int:
+    skip = ("command", "func", "progress", "run_id", "wait", "timeout", "poll")
+    config = DistillConfig(**{k: v for k, v in vars(args).items() if k not in skip})
+    return submit_run(config, args.run_id, args.wait, args.timeout, args.poll)

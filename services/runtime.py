@@ -25,11 +25,11 @@ from typing import Awaitable, Callable
 
 from faststream import AckPolicy, Context
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
-from pgkd.artifacts import ArtifactStore
+from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.errors import UserError
-from pgkd.messages import MESSAGES, DeadLetter, Message, RunCompleted
-from pgkd.steps import RunFiles, fail_run
-from pgkd.metrics import LoopMetrics
+from pgkd.distributed.messages import MESSAGES, DeadLetter, Message, RunCompleted
+from pgkd.distributed.steps import RunFiles, fail_run
+from pgkd.distributed.metrics import LoopMetrics
 from prometheus_client import REGISTRY, make_asgi_app
 from pydantic import ValidationError
 

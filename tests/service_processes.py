@@ -9,9 +9,9 @@ import time
 import pytest
 import redis
 from conftest import free_port
-from pgkd.artifacts import ArtifactStore
+from pgkd.distributed.artifacts import ArtifactStore
 
-import services
+import pgkd_services as services
 
 
 def cli_options(options: dict) -> list[str]:

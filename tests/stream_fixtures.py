@@ -5,11 +5,11 @@ import random
 from pathlib import Path
 
 from conftest import TOY_CLASSES, make_toy_dataset, toy_text
-from pgkd import steps
-from pgkd.artifacts import ArtifactStore
+from pgkd.distributed import steps
+from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples
-from pgkd.distill import DistillConfig
-from pgkd.messages import RunCompleted
+from pgkd.loop.embedded import DistillConfig
+from pgkd.distributed.messages import RunCompleted
 
 # MiniLM frozen with a logistic head: learns the toy classes perfectly in seconds, so a stream with
 # remapped labels is plainly wrong to it.

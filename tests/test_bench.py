@@ -3,7 +3,7 @@ import json
 
 from pgkd.cli import main
 
-from pgkd.student import Student
+from pgkd.students.finetuned import Student
 
 from conftest import TOY_CLASSES, make_toy_dataset
 

@@ -7,9 +7,9 @@ import pytest
 import redis
 from conftest import make_toy_dataset
 from kafka.errors import TopicAlreadyExistsError
-from pgkd.messages import TOPICS
+from pgkd.distributed.messages import TOPICS
 
-from services.cli import create_kafka_topics
+from pgkd_services.cli import create_kafka_topics
 
 
 def pgkd(*args, env):
@@ -120,7 +120,7 @@ class RecordingProducer:
 def test_send_reads_json_lines_and_csv_and_hands_every_row_to_the_producer(tmp_path, monkeypatch, capsys):
     from pgkd.errors import UserError
 
-    from services.cli import send_samples
+    from pgkd_services.cli import send_samples
     monkeypatch.setenv("PGKD_BROKER_URL", "kafka://k1:9092,k2:9092")
     lines = tmp_path / "corrections.jsonl"
     lines.write_text('{"text": "lost my card", "label": "card_lost", "id": "t1"}\n\nnot json\n')
@@ -193,7 +193,7 @@ def test_a_publish_that_fails_after_the_run_was_recorded_marks_it_not_submitted(
                                                                                 capsys):
     """The broker answered, then the publish failed: the run is recorded as not submitted, and
     `status` says so instead of `running` forever."""
-    import services.cli
+    import pgkd_services.cli
     from pgkd.cli import main
     data = make_toy_dataset(tmp_path / "toy")
     monkeypatch.setenv("PGKD_BROKER_URL", redis_url)
@@ -201,7 +201,7 @@ def test_a_publish_that_fails_after_the_run_was_recorded_marks_it_not_submitted(
 
     async def broken_send(*args, **kwargs):
         raise ConnectionError("connection reset by peer")
-    monkeypatch.setattr(services.cli, "send", broken_send)
+    monkeypatch.setattr(pgkd_services.cli, "send", broken_send)
     assert main(["submit", "--data", str(data), "--labeled", "40", "--student", "tiny", "--run-id", "lost"]) == 2
     err = capsys.readouterr().err
     assert "cannot publish run lost" in err and "recorded as not submitted" in err

@@ -3,9 +3,9 @@ import json
 
 import pytest
 from conftest import bag_of_words_embed
-from pgkd.distill import DistillConfig, run
-from pgkd.student import Student
-from pgkd.teacher import GeneratedBatch
+from pgkd.loop.embedded import DistillConfig, run
+from pgkd.students.finetuned import Student
+from pgkd.teachers.contract import GeneratedBatch
 
 
 def _config(data, **overrides):
@@ -57,7 +57,7 @@ def test_a_failed_run_leaves_no_result_and_keeps_the_previous_one(toy_data, tmp_
     def broken(self, request) -> GeneratedBatch:
         raise RuntimeError("teacher crashed")
 
-    monkeypatch.setattr("pgkd.simulated_teachers.PoolRandomTeacher.generate", broken)
+    monkeypatch.setattr("pgkd.teachers.simulated.PoolRandomTeacher.generate", broken)
     with pytest.raises(RuntimeError, match="teacher crashed"):
         run(_config(toy_data, teacher="pool-random"), out, progress=False)
     assert (out / "report.json").read_text() == previous

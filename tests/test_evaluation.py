@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from pgkd.evaluation import evaluate
+from pgkd.loop.evaluation import evaluate
 
 
 def test_scores_match_a_hand_computed_example():

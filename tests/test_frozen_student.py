@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from pgkd.data import Sample, load_dataset, make_splits
-from pgkd.frozen_student import EmbeddingCache, FrozenEncoderStudent
-from pgkd.student import TrainConfig
+from pgkd.students.frozen import EmbeddingCache, FrozenEncoderStudent
+from pgkd.students.finetuned import TrainConfig
 from pgkd.students import create_student, load_student
 
 from conftest import bag_of_words_embed

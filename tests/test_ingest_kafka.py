@@ -5,15 +5,15 @@ import asyncio
 
 from conftest import make_toy_dataset
 from faststream.kafka import TestKafkaBroker
-from pgkd import steps
-from pgkd.distill import DistillConfig
-from pgkd.messages import DeadLetter, RunCompleted
+from pgkd.distributed import steps
+from pgkd.loop.embedded import DistillConfig
+from pgkd.distributed.messages import DeadLetter, RunCompleted
 from pgkd.stream import StreamSettings
 from stream_fixtures import BASE_CONFIG, REMAP, body, new_samples
 from test_services_kafka import Bus
 
-import services
-from services.runtime import send
+import pgkd_services as services
+from pgkd_services.runtime import send
 
 BAD = {  # one message for each reason ingest rejects
     b"this is not json": "not_json",

@@ -5,11 +5,11 @@ import signal
 import time
 
 import pytest
-from pgkd.messages import DeadLetter
+from pgkd.distributed.messages import DeadLetter
 from stream_fixtures import base_run, new_samples
 from test_services_kafka import CONFIG
 
-import services
+import pgkd_services as services
 
 BASE = {**CONFIG, "max_cycles": 1}   # the tiny student: the test is about the stream, not the student
 

@@ -8,11 +8,11 @@ import time
 import pytest
 from aiohttp import web
 from conftest import free_port
-from pgkd.answers import AnswerError, parse_answer
-from pgkd.artifacts import ArtifactStore
+from pgkd.teachers.answers import AnswerError, parse_answer
+from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import Sample
-from pgkd.llm_teacher import LLMSettings, LLMTeacher, ResponseCache
-from pgkd.teacher import GenerationRequest, TeacherUnavailable
+from pgkd.teachers.llm import LLMSettings, LLMTeacher, ResponseCache
+from pgkd.teachers.contract import GenerationRequest, TeacherUnavailable
 
 TAXONOMY = ["card_lost", "refund"]
 
@@ -177,7 +177,7 @@ def test_answers_are_found_inside_chatter_and_fences():
 
 
 def test_an_openai_teacher_runs_the_loop_and_records_usage(chat, toy_data, tmp_path):
-    from pgkd.distill import DistillConfig, run
+    from pgkd.loop.embedded import DistillConfig, run
     chat.script = [("ok", answer(8, label="refund")), ("ok", json.dumps([{"text": "x y z w", "label": "pizza"}] * 3))]
     config = DistillConfig(data=str(toy_data), labeled=40, student="tiny", teacher=chat.url, samples_per_cycle=8,
                            max_cycles=2, epochs=2, cycle_epochs=1, learning_rate=1e-2, head_learning_rate=1e-2,

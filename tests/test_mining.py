@@ -1,6 +1,6 @@
 import numpy as np
 from pgkd.data import Sample
-from pgkd.mining import mine
+from pgkd.loop.mining import mine
 
 
 def _case():

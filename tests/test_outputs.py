@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from pgkd.cli import main
 from pgkd.errors import UserError
-from pgkd.outputs import MANIFEST, STAGING, RunOutput
+from pgkd.loop.outputs import MANIFEST, STAGING, RunOutput
 
 TINY = ["--student", "tiny", "--labeled", "40", "--epochs", "1", "--max-cycles", "0", "--no-progress"]
 
@@ -129,7 +129,7 @@ def test_an_unwritable_out_is_one_line_before_any_work(capsys, toy_data, tmp_pat
         if os.access(locked, os.W_OK):
             pytest.skip("neither chattr +i nor permissions can make a folder unwritable here")
     loaded = []
-    monkeypatch.setattr("pgkd.distill.load_dataset", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("pgkd.loop.embedded.load_dataset", lambda *a, **k: loaded.append(1))
     try:
         assert _distill(toy_data, locked / "out") == 2
         assert f"--out {locked / 'out'}: cannot write there" in _one_error_line(capsys)

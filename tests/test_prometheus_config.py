@@ -39,7 +39,7 @@ import yaml
 from faststream.prometheus.container import MetricsContainer
 from prometheus_client import CollectorRegistry
 
-from pgkd.metrics import LoopMetrics, exported_names
+from pgkd.distributed.metrics import LoopMetrics, exported_names
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"

@@ -6,16 +6,16 @@ import time
 
 
 from conftest import PrometheusServer, make_toy_dataset
-from pgkd import steps
-from pgkd.artifacts import ArtifactStore
-from pgkd.distill import DistillConfig
-from pgkd.messages import (CycleEvaluated, ModelTrained, NegativesMined, RunCompleted, RunRequested,
+from pgkd.distributed import steps
+from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.loop.embedded import DistillConfig
+from pgkd.distributed.messages import (CycleEvaluated, ModelTrained, NegativesMined, RunCompleted, RunRequested,
                            SamplesGenerated)
-from pgkd.metrics_readers import PrometheusReader
+from pgkd.distributed.metrics_readers import PrometheusReader
 from test_services_kafka import CONFIG
 from service_processes import cli_options
 
-import services
+import pgkd_services as services
 
 # min_delta 1.0: no macro-F1 (in [0, 1]) can improve on another by more, so cycle 0 stays the best on
 # any CPU and patience ends the run at cycle 2, whatever the scores.

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 from pgkd.data import Sample
-from pgkd.evaluation import evaluate
-from pgkd.mining import mine
-from pgkd.prompt import render_prompt
-from pgkd.teacher import build_request
+from pgkd.loop.evaluation import evaluate
+from pgkd.loop.mining import mine
+from pgkd.teachers.prompt import render_prompt
+from pgkd.teachers.contract import build_request
 
 GOLDEN = Path(__file__).parent / "golden" / "prompt.txt"
 
@@ -45,7 +45,7 @@ def test_prompt_without_report_or_hard_negatives_leaves_those_sections_out():
 
 
 def test_a_prompt_reads_back_into_the_request_it_was_rendered_from():
-    from pgkd.prompt import PromptError, read_prompt
+    from pgkd.teachers.prompt import PromptError, read_prompt
     import pytest
     request = _request()
     text = render_prompt(request)

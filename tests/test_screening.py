@@ -1,5 +1,5 @@
 from pgkd.data import Sample, normalize_text
-from pgkd.screening import screen
+from pgkd.loop.screening import screen
 
 
 def test_each_rejection_reason_and_label_normalisation():

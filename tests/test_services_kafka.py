@@ -7,13 +7,13 @@ import pytest
 from conftest import make_toy_dataset
 from faststream import Context
 from faststream.kafka import TestKafkaBroker
-from pgkd import steps
-from pgkd.artifacts import ArtifactStore
-from pgkd.distill import DistillConfig, run
-from pgkd.messages import DeadLetter, RunCompleted, SamplesGenerated
+from pgkd.distributed import steps
+from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.loop.embedded import DistillConfig, run
+from pgkd.distributed.messages import DeadLetter, RunCompleted, SamplesGenerated
 
-import services
-from services.runtime import Settings, make_broker, send
+import pgkd_services as services
+from pgkd_services.runtime import Settings, make_broker, send
 
 CONFIG = dict(labeled=40, student="tiny", teacher="pool-random", samples_per_cycle=16, max_cycles=3, patience=5,
               epochs=8, cycle_epochs=2, learning_rate=1e-2, head_learning_rate=1e-2, batch_size=16, seed=1)

@@ -7,13 +7,13 @@ import sys
 import time
 
 from conftest import make_toy_dataset
-from pgkd.artifacts import ArtifactStore
+from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text
-from pgkd.distill import DistillConfig, run
+from pgkd.loop.embedded import DistillConfig, run
 from service_processes import ServiceProcesses, cli_options
 from test_services_kafka import CONFIG, comparable
 
-import services
+import pgkd_services as services
 
 OPTIONS = {k: str(v) for k, v in CONFIG.items()}
 

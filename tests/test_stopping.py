@@ -1,4 +1,4 @@
-from pgkd.stopping import StopPolicy
+from pgkd.loop.stopping import StopPolicy
 
 
 def test_patience_counts_cycles_since_the_best():
@@ -38,8 +38,8 @@ def test_target_score_and_teacher_budgets():
 
 
 def test_the_embedded_run_decides_from_its_metrics_registry(toy_data, tmp_path, caplog):
-    from pgkd.distill import DistillConfig, run
-    from pgkd.metrics_readers import MetricsUnavailable, RegistryReader
+    from pgkd.loop.embedded import DistillConfig, run
+    from pgkd.distributed.metrics_readers import MetricsUnavailable, RegistryReader
     from prometheus_client import CollectorRegistry
     config = DistillConfig(data=str(toy_data), labeled=40, student="tiny", teacher="pool-random", samples_per_cycle=8,
                            max_cycles=3, patience=5, epochs=2, cycle_epochs=1, learning_rate=1e-2,

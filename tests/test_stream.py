@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from pgkd.artifacts import ArtifactStore
+from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples
 from pgkd.errors import UserError
-from pgkd.student import Student
-from pgkd.steps import run_context, run_in_process
+from pgkd.students.finetuned import Student
+from pgkd.distributed.steps import run_context, run_in_process
 from pgkd.stream import Rejected, Stream, StreamSettings, parse_sample, route, text_key
 from pgkd.students import load_student
 from stream_fixtures import LABELS, REMAP, base_run, body, new_samples

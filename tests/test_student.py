@@ -3,7 +3,7 @@ import pytest
 import torch
 from pgkd.data import load_dataset, make_splits
 from pgkd.errors import UserError
-from pgkd.student import MIN_LOSS_GAIN, Student, TrainConfig, length_bucketed_batches
+from pgkd.students.finetuned import MIN_LOSS_GAIN, Student, TrainConfig, length_bucketed_batches
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from conftest import bag_of_words_embed
 from pgkd.data import Sample
-from pgkd.evaluation import ClassScores, EvalReport, evaluate
-from pgkd.mining import MinedSample
-from pgkd.simulated_teachers import PoolGuidedTeacher, PoolRandomTeacher, make_simulated_teacher
-from pgkd.teacher import GenerationRequest
+from pgkd.loop.evaluation import ClassScores, EvalReport, evaluate
+from pgkd.loop.mining import MinedSample
+from pgkd.teachers.simulated import PoolGuidedTeacher, PoolRandomTeacher, make_simulated_teacher
+from pgkd.teachers.contract import GenerationRequest
 
 LABELS = ["a", "b", "c", "d"]
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 from conftest import free_port, make_toy_dataset
-from pgkd.distill import DistillConfig, run
+from pgkd.loop.embedded import DistillConfig, run
 
 TINY = ["--labeled", "40", "--student", "tiny", "--samples-per-cycle", "8", "--epochs", "2", "--cycle-epochs", "1",
         "--learning-rate", "1e-2", "--head-learning-rate", "1e-2", "--batch-size", "16", "--seed", "1",

@@ -4,11 +4,11 @@ it, from its own metrics registry.
 
 ModelTrained -> CycleEvaluated (go on) or RunCompleted (stop: the best student, its test scores,
 the reason, where the figures came from, report.json)."""
-from pgkd import steps
-from pgkd.messages import ModelTrained
-from pgkd.metrics_readers import PrometheusReader, RegistryReader
+from pgkd.distributed import steps
+from pgkd.distributed.messages import ModelTrained
+from pgkd.distributed.metrics_readers import PrometheusReader, RegistryReader
 
-from services.runtime import Service
+from pgkd_services.runtime import Service
 
 
 def build(**options) -> Service:

@@ -2,10 +2,10 @@
 
 NegativesMined -> SamplesGenerated (or RunCompleted when the teacher has nothing left to give or
 cannot be reached)."""
-from pgkd import steps
-from pgkd.messages import NegativesMined, SamplesGenerated
+from pgkd.distributed import steps
+from pgkd.distributed.messages import NegativesMined, SamplesGenerated
 
-from services.runtime import Service
+from pgkd_services.runtime import Service
 
 
 def build(**options) -> Service:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pgkd.messages import LabeledSample, RunCompleted, RunRequested
+from pgkd.distributed.messages import LabeledSample, RunCompleted, RunRequested
 from pgkd.stream import Rejected, Stream, StreamSettings
 from pydantic import ValidationError
 
-from services.runtime import Service
+from pgkd_services.runtime import Service
 
 log = logging.getLogger("pgkd.service")
 

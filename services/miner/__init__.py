@@ -1,10 +1,10 @@
 """miner: finds the student's hard negatives, misclassified and correct samples on validation.
 
 CycleEvaluated -> NegativesMined (with the per-class report, for the teacher)."""
-from pgkd import steps
-from pgkd.messages import CycleEvaluated
+from pgkd.distributed import steps
+from pgkd.distributed.messages import CycleEvaluated
 
-from services.runtime import Service
+from pgkd_services.runtime import Service
 
 
 def build(**options) -> Service:

@@ -2,10 +2,10 @@
 
 RunRequested (cycle 0, the labeled seed set) or SamplesGenerated (cycle k, the accepted samples)
 -> ModelTrained. Runs on a GPU node when there is one."""
-from pgkd import steps
-from pgkd.messages import RunRequested, SamplesGenerated
+from pgkd.distributed import steps
+from pgkd.distributed.messages import RunRequested, SamplesGenerated
 
-from services.runtime import Service
+from pgkd_services.runtime import Service
 
 
 def build(**options) -> Service:

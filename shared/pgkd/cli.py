@@ -1,4 +1,6 @@
-"""The `pgkd` command. Bad input prints one line on stderr and exits 2."""
+"""The `pgkd` command: the engine's commands (distill, predict, teacher serve, bench), and those that
+installed packages register (the services' submit, status, service, send, stream, topics). Bad input
+prints one line on stderr and exits 2."""
 from __future__ import annotations
 
 import argparse
@@ -7,15 +9,23 @@ import sys
 
 from pydantic import ValidationError
 
-from .errors import UserError
+from pgkd.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, instead of usage + error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> None:
+def _command_plugins():
+    """The `register(subparsers, distill_arguments)` functions of installed packages (entry points in
+    the group `pgkd.commands`): the engine knows its own commands only, the services add theirs."""
+    from importlib.metadata import entry_points
+    return [entry.load() for entry in sorted(entry_points(group="pgkd.commands"), key=lambda e: e.name)]
+
+
+def distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> None:
+    """The options of a run (`pgkd distill`; `pgkd submit` takes them too)."""
     p.add_argument("--data", required=True, help="dataset folder (train/validation/test .jsonl or .csv) or one file")
     if with_out:
         p.add_argument("--out", required=True, help="output folder: report.json, best/, history.png")
@@ -70,7 +80,7 @@ def _distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> Non
 
 
 def cmd_distill(args) -> int:
-    from .distill import TEACHER_UNAVAILABLE, DistillConfig, run, summary_table
+    from pgkd.loop.embedded import TEACHER_UNAVAILABLE, DistillConfig, run, summary_table
     options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "out", "progress")}
     config = DistillConfig(**options)
     report = run(config, args.out, progress=args.progress)
@@ -81,42 +91,8 @@ def cmd_distill(args) -> int:
     return 1 if report.stop_reason.startswith(TEACHER_UNAVAILABLE) else 0
 
 
-def cmd_submit(args) -> int:
-    from services.cli import submit_run
-
-    from .distill import DistillConfig
-    skip = ("command", "func", "progress", "run_id", "wait", "timeout", "poll")
-    config = DistillConfig(**{k: v for k, v in vars(args).items() if k not in skip})
-    return submit_run(config, args.run_id, args.wait, args.timeout, args.poll)
-
-
-def cmd_status(args) -> int:
-    from services.cli import status
-    return status(args.run_id)
-
-
-def cmd_service(args) -> int:
-    from services.cli import serve
-    return serve(args.name)
-
-
-def cmd_send(args) -> int:
-    from services.cli import send_samples
-    return send_samples(args.file, args.text_column, args.label_column, args.source, progress=args.progress)
-
-
-def cmd_stream_status(args) -> int:
-    from services.cli import stream_status
-    return stream_status(args.name)
-
-
-def cmd_topics(args) -> int:
-    from services.cli import create_topics
-    return create_topics(args.partitions, args.replication_factor)
-
-
 def cmd_teacher_serve(args) -> int:
-    from .teacher_server import serve
+    from pgkd.teachers.server import serve
     serve(args.kind, args.data, args.labeled, args.seed, args.http_port, args.grpc_port, args.metrics_port,
           label_noise=args.label_noise, latency=args.latency, text_column=args.text_column,
           label_column=args.label_column)
@@ -157,7 +133,7 @@ def _read_stdin_texts() -> list[str]:
 
 
 def cmd_predict(args) -> int:
-    from .students import load_student
+    from pgkd.students import load_student
     texts = [_utf8_text(t, f"argument {i}") for i, t in enumerate(args.texts, start=1)] or _read_stdin_texts()
     if not texts:
         raise UserError("no texts: give them as arguments or as JSON Lines on stdin")
@@ -177,7 +153,7 @@ def _csv(kind):
 def cmd_bench_quality(args) -> int:
     from pathlib import Path
 
-    from .bench_quality import run_quality
+    from pgkd.bench.quality import run_quality
     quick = args.quick
     options = {"student": args.student, "labeled": args.labeled, "samples_per_cycle": args.samples_per_cycle,
                "max_cycles": args.max_cycles if args.max_cycles is not None else (3 if quick else 10),
@@ -190,7 +166,7 @@ def cmd_bench_quality(args) -> int:
     seeds = args.seeds or ([1] if quick else [1, 2, 3])
     summary = run_quality(Path(args.data_dir), datasets, args.arms, seeds, Path(args.out), options,
                           progress=args.progress)
-    from .bench_quality import markdown
+    from pgkd.bench.quality import markdown
     print(markdown(summary), end="")
     print(f"wrote {args.out}/quality.json, quality.md, quality.png ({summary['seconds']:.0f} s)")
     return 0
@@ -199,7 +175,7 @@ def cmd_bench_quality(args) -> int:
 def cmd_bench_speed(args) -> int:
     from pathlib import Path
 
-    from .bench_speed import markdown, run_speed
+    from pgkd.bench.speed import markdown, run_speed
     quick = args.quick
     result = run_speed(Path(args.data), Path(args.out), student_spec=args.student,
                        train_samples=200 if quick else args.train_samples, epochs=1 if quick else args.epochs,
@@ -214,7 +190,7 @@ def cmd_bench_speed(args) -> int:
 def cmd_bench_stream(args) -> int:
     from pathlib import Path
 
-    from .bench_stream import markdown, run_stream_bench
+    from pgkd.bench.stream import markdown, run_stream_bench
     result = run_stream_bench(Path(args.data), Path(args.out), student=args.student, labeled=args.labeled,
                               size=args.size, bad_percent=args.bad_percent, trigger_count=args.trigger_count,
                               max_cycles=args.max_cycles, seed=args.seed, progress=args.progress)
@@ -224,10 +200,10 @@ def cmd_bench_stream(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pgkd", description="Performance-Guided Knowledge Distillation")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="pgkd", description="Performance-Guided Knowledge Distillation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     distill = sub.add_parser("distill", help="run PGKD in this process")
-    _distill_arguments(distill)
+    distill_arguments(distill)
     distill.set_defaults(func=cmd_distill)
     predict = sub.add_parser("predict", help="classify texts with a saved student")
     predict.add_argument("--model", required=True, help="a student folder, e.g. OUT/best")
@@ -235,40 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="texts; none: JSON Lines on stdin")
     predict.set_defaults(func=cmd_predict)
 
-    submit = sub.add_parser("submit", help="submit a run to the services (PGKD_BROKER_URL, PGKD_ARTIFACTS)")
-    _distill_arguments(submit, with_out=False)
-    submit.add_argument("--run-id", default=None, help="default: DATASET-DATE-TIME-RANDOM")
-    submit.add_argument("--wait", action="store_true", help="follow the run until RunCompleted; print its report")
-    submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
-    submit.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
-    submit.set_defaults(func=cmd_submit)
-    status = sub.add_parser("status", help="a submitted run's cycles so far, and its outcome")
-    status.add_argument("run_id")
-    status.set_defaults(func=cmd_status)
-    service = sub.add_parser("service", help="run one service: trainer | evaluator | miner | generator | ingest")
-    service.add_argument("name", choices=["trainer", "evaluator", "miner", "generator", "ingest"])
-    service.set_defaults(func=cmd_service)
-    send = sub.add_parser("send", help="stream a JSON Lines or CSV file of labeled samples to the ingest service")
-    send.add_argument("file", help="rows with text and label (and optional source, id)")
-    send.add_argument("--text-column", default="text")
-    send.add_argument("--label-column", default="label")
-    send.add_argument("--source", default=None, help="who labeled them, for rows that do not say")
-    send.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    send.set_defaults(func=cmd_send)
-    stream = sub.add_parser("stream", help="the streams of labeled samples that keep the student current")
-    stream_sub = stream.add_subparsers(dest="stream_command", required=True, parser_class=_Parser)
-    stream_status = stream_sub.add_parser("status", help="a stream's samples, current student, runs and decisions")
-    stream_status.add_argument("name", nargs="?", default="default", help="the stream (PGKD_STREAM; default: default)")
-    stream_status.set_defaults(func=cmd_stream_status)
-    topics = sub.add_parser("topics", help="create the message topics (Kafka) or consumer groups (Redis)")
-    topics_sub = topics.add_subparsers(dest="topics", required=True, parser_class=_Parser)
-    create = topics_sub.add_parser("create", help="idempotent: existing topics are left as they are")
-    create.add_argument("--partitions", type=int, default=3)
-    create.add_argument("--replication-factor", type=int, default=1)
-    create.set_defaults(func=cmd_topics)
+    for register in _command_plugins():   # the bus commands (pgkd_services) register themselves here
+        register(sub, distill_arguments)
 
     teacher = sub.add_parser("teacher", help="the teacher side")
-    teacher_sub = teacher.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
+    teacher_sub = teacher.add_subparsers(dest="teacher_command", required=True, parser_class=Parser)
     serve = teacher_sub.add_parser("serve", help="serve a simulated teacher as a Triton LLM model (text in, JSON out)")
     serve.add_argument("--kind", default="pool-guided", choices=["pool-guided", "pool-random"])
     serve.add_argument("--data", required=True, help="the dataset the runs use")
@@ -284,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_teacher_serve)
 
     bench = sub.add_parser("bench", help="benchmarks: quality of the arms, speed of the student")
-    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=Parser)
     quality = bench_sub.add_parser("quality", help="baseline, unguided, guided PGKD and ablations side by side")
     quality.add_argument("--data-dir", default="../shared/data", help="folder holding the dataset folders")
     quality.add_argument("--datasets", type=_csv(str), default=None,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .allocation import allocate
-from .errors import UserError
+from pgkd.teachers.allocation import allocate
+from pgkd.errors import UserError
 
 SPLIT_NAMES = ("train", "validation", "test")
 FORMATS = (".jsonl", ".json", ".csv")

@@ -15,25 +15,25 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, field_validator
 from tqdm.auto import tqdm
 
-from . import __version__
-from .data import Dataset, Sample, Splits, count_duplicates, label_counts, load_dataset, make_splits, normalize_text
-from .errors import UserError
-from .evaluation import METRICS, EvalReport, evaluate
-from .frozen_student import EmbeddingCache
-from .mining import MiningResult, mine
-from .outputs import RunOutput, write_json_atomic
-from .report import BestScores, CycleRecord, Provenance, RunReport, Scores, TrainingRound, environment, plot_history
-from .screening import Screened, screen
-from .simulated_teachers import TEACHERS, make_simulated_teacher
-from .metrics import LoopMetrics
-from .metrics_readers import LoopFigures, RegistryReader
-from .stopping import Decision, StopPolicy
-from .student import Student, TrainConfig
-from .students import create_student
-from .artifacts import ArtifactStore
-from .llm_teacher import LLMSettings, LLMTeacher, ResponseCache
-from .llm_transports import TeacherURL, is_llm_teacher
-from .teacher import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage, build_request
+from pgkd import __version__
+from pgkd.data import Dataset, Sample, Splits, count_duplicates, label_counts, load_dataset, make_splits, normalize_text
+from pgkd.errors import UserError
+from pgkd.loop.evaluation import METRICS, EvalReport, evaluate
+from pgkd.students.frozen import EmbeddingCache
+from pgkd.loop.mining import MiningResult, mine
+from pgkd.loop.outputs import RunOutput, write_json_atomic
+from pgkd.loop.report import BestScores, CycleRecord, Provenance, RunReport, Scores, TrainingRound, environment, plot_history
+from pgkd.loop.screening import Screened, screen
+from pgkd.teachers.simulated import TEACHERS, make_simulated_teacher
+from pgkd.distributed.metrics import LoopMetrics
+from pgkd.distributed.metrics_readers import LoopFigures, RegistryReader
+from pgkd.loop.stopping import Decision, StopPolicy
+from pgkd.students.finetuned import Student, TrainConfig
+from pgkd.students import create_student
+from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.teachers.llm import LLMSettings, LLMTeacher, ResponseCache
+from pgkd.teachers.transports import TeacherURL, is_llm_teacher
+from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage, build_request
 
 
 class DistillConfig(BaseModel):

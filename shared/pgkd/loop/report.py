@@ -6,8 +6,8 @@ from importlib import metadata
 
 from pydantic import BaseModel
 
-from .evaluation import EvalReport
-from .teacher import TeacherUsage
+from pgkd.loop.evaluation import EvalReport
+from pgkd.teachers.contract import TeacherUsage
 
 
 class TrainingRound(BaseModel):

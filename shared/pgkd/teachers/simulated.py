@@ -16,9 +16,9 @@ from typing import Callable
 
 import numpy as np
 
-from .allocation import allocate
-from .data import Sample
-from .teacher import GeneratedBatch, GenerationRequest, TeacherUsage
+from pgkd.teachers.allocation import allocate
+from pgkd.data import Sample
+from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUsage
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -151,7 +151,7 @@ def make_simulated_teacher(name: str, pool: list[Sample], seed: int, label_noise
         return PoolRandomTeacher(pool, seed=seed, label_noise=label_noise)
     if name == "pool-guided":
         if embed is None:
-            from .frozen_student import EmbeddingCache
+            from pgkd.students.frozen import EmbeddingCache
             embed = EmbeddingCache()  # loads MiniLM on the first request, not before
         return PoolGuidedTeacher(pool, embed=embed, seed=seed, label_noise=label_noise)
     raise ValueError(f"unknown simulated teacher {name!r}")

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from .data import Sample
-from .encoder import SentenceEncoder
-from .errors import UserError
-from .evaluation import log_loss
-from .student import TrainConfig, TrainResult
+from pgkd.data import Sample
+from pgkd.students.encoder import SentenceEncoder
+from pgkd.errors import UserError
+from pgkd.loop.evaluation import log_loss
+from pgkd.students.finetuned import TrainConfig, TrainResult
 
 SPEC = "minilm-frozen"
 MARKER = "pgkd_frozen_student.json"

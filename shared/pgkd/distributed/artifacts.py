@@ -19,7 +19,7 @@ from pathlib import Path
 import fsspec
 from pydantic import BaseModel
 
-from .errors import UserError
+from pgkd.errors import UserError
 
 DEFAULT_ARTIFACTS = "file://./artifacts"
 

@@ -22,11 +22,11 @@ import time
 
 import numpy as np
 
-from .data import load_dataset, make_splits
-from .frozen_student import EmbeddingCache
-from .llm_teacher import TokenCounter
-from .prompt import PromptError, read_prompt
-from .simulated_teachers import make_simulated_teacher
+from pgkd.data import load_dataset, make_splits
+from pgkd.students.frozen import EmbeddingCache
+from pgkd.teachers.llm import TokenCounter
+from pgkd.teachers.prompt import PromptError, read_prompt
+from pgkd.teachers.simulated import make_simulated_teacher
 
 MODEL_NAME = "teacher"
 

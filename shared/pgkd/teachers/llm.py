@@ -22,11 +22,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from .answers import AnswerError, parse_answer
-from .data import Sample
-from .llm_transports import Completion, TransportError, make_transport, public_url
-from .prompt import render_prompt, repair_prompt
-from .teacher import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage
+from pgkd.teachers.answers import AnswerError, parse_answer
+from pgkd.data import Sample
+from pgkd.teachers.transports import Completion, TransportError, make_transport, public_url
+from pgkd.teachers.prompt import render_prompt, repair_prompt
+from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage
 
 
 @dataclass
@@ -283,7 +283,7 @@ class TokenCounter:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from .student import minilm_path
+            from pgkd.students.finetuned import minilm_path
             self._tokenizer = AutoTokenizer.from_pretrained(self.path or str(minilm_path()))
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 

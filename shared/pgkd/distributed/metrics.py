@@ -11,8 +11,8 @@ import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from .evaluation import METRICS
-from .screening import REASONS
+from pgkd.loop.evaluation import METRICS
+from pgkd.loop.screening import REASONS
 
 TEACHER_ERROR_KINDS = ("timeout", "transport", "server_error", "rate_limited", "rejected_request", "incompatible_model")
 REJECTION_REASONS = (*REASONS, "unparseable_answer", "malformed_sample")

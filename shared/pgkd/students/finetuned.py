@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import Sample
-from .errors import UserError
-from .evaluation import log_loss
+from pgkd.data import Sample
+from pgkd.errors import UserError
+from pgkd.loop.evaluation import log_loss
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -29,9 +29,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .artifacts import ArtifactRef, ArtifactStore
-from .data import Dataset, Sample, Splits, load_dataset, make_splits
-from .distill import (
+from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
+from pgkd.data import Dataset, Sample, Splits, load_dataset, make_splits
+from pgkd.loop.embedded import (
     TEACHER_EXHAUSTED,
     TEACHER_UNAVAILABLE,
     DistillConfig,
@@ -49,17 +49,17 @@ from .distill import (
     samples_wanted,
     teacher_request,
 )
-from .evaluation import EvalReport
-from .frozen_student import EmbeddingCache
-from .messages import CycleEvaluated, ModelTrained, NegativesMined, RunCompleted, RunRequested, SamplesGenerated
-from .metrics import LoopMetrics
-from .metrics_readers import LoopFigures, MetricsUnavailable
-from .report import BestScores, CycleRecord, Provenance, Scores, TrainingRound, plot_history
-from .screening import screen
-from .students import load_student
-from .teacher import TeacherUnavailable, TeacherUsage
+from pgkd.loop.evaluation import EvalReport
+from pgkd.students.frozen import EmbeddingCache
+from pgkd.distributed.messages import CycleEvaluated, ModelTrained, NegativesMined, RunCompleted, RunRequested, SamplesGenerated
+from pgkd.distributed.metrics import LoopMetrics
+from pgkd.distributed.metrics_readers import LoopFigures, MetricsUnavailable
+from pgkd.loop.report import BestScores, CycleRecord, Provenance, Scores, TrainingRound, plot_history
+from pgkd.loop.screening import screen
+from pgkd.students import load_student
+from pgkd.teachers.contract import TeacherUnavailable, TeacherUsage
 
-log = logging.getLogger("pgkd.steps")
+log = logging.getLogger("pgkd.distributed.steps")
 
 
 class RunFiles:

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Sample, load_dataset, make_splits
-from .distill import log
-from .errors import UserError
-from .outputs import write_json_atomic
-from .student import Student, TrainConfig, length_sorted_batches, pick_device
+from pgkd.data import Sample, load_dataset, make_splits
+from pgkd.loop.embedded import log
+from pgkd.errors import UserError
+from pgkd.loop.outputs import write_json_atomic
+from pgkd.students.finetuned import Student, TrainConfig, length_sorted_batches, pick_device
 
 
 def _percentile_ms(seconds: list[float], q: float) -> float:

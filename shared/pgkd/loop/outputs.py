@@ -14,8 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
-from . import __version__
-from .errors import UserError
+from pgkd import __version__
+from pgkd.errors import UserError
 
 MANIFEST = ".pgkd-run.json"
 STAGING = ".pgkd-staging"

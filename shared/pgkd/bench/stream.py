@@ -19,12 +19,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .artifacts import ArtifactStore
-from .distill import DistillConfig, evaluate_student, log
-from .errors import UserError
-from .outputs import write_json_atomic
-from .steps import load_checkpoint, run_context, run_in_process, submit
-from .stream import Rejected, Stream, StreamSettings
+from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.loop.embedded import DistillConfig, evaluate_student, log
+from pgkd.errors import UserError
+from pgkd.loop.outputs import write_json_atomic
+from pgkd.distributed.steps import load_checkpoint, run_context, run_in_process, submit
+from pgkd.stream import Rejected, Stream, StreamSettings
 
 
 def bad_messages(n: int, labels: list[str], rng: random.Random) -> list[bytes]:

@@ -20,11 +20,11 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .artifacts import ArtifactRef
-from .data import Sample
-from .evaluation import EvalReport
-from .mining import MiningResult
-from .report import Provenance, TrainingRound
+from pgkd.distributed.artifacts import ArtifactRef
+from pgkd.data import Sample
+from pgkd.loop.evaluation import EvalReport
+from pgkd.loop.mining import MiningResult
+from pgkd.loop.report import Provenance, TrainingRound
 
 SCHEMA_VERSION = 1
 

@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from .student import length_sorted_batches, minilm_path, pick_device
+from pgkd.students.finetuned import length_sorted_batches, minilm_path, pick_device
 
 
 class SentenceEncoder:

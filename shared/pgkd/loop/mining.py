@@ -6,7 +6,7 @@ import random
 import numpy as np
 from pydantic import BaseModel
 
-from .data import Sample
+from pgkd.data import Sample
 
 
 class MinedSample(BaseModel):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import re
 
-from .data import Sample
-from .evaluation import ClassScores, Confusion, EvalReport
-from .mining import MinedSample
-from .teacher import GenerationRequest
+from pgkd.data import Sample
+from pgkd.loop.evaluation import ClassScores, Confusion, EvalReport
+from pgkd.loop.mining import MinedSample
+from pgkd.teachers.contract import GenerationRequest
 
 INSTRUCTIONS = """\
 You are the teacher in a knowledge-distillation loop. A small student model classifies texts into

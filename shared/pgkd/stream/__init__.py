@@ -32,14 +32,14 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from .artifacts import ArtifactRef, ArtifactStore
-from .data import Sample, Splits, normalize_text
-from .distill import DistillConfig
-from .errors import UserError
-from .evaluation import evaluate
-from .messages import LabeledSample, RunCompleted, RunRequested
-from .metrics import INGEST_REJECTIONS
-from .steps import CycleState, RunFiles, load_checkpoint, read_samples_artifact, run_context, submit_splits
+from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
+from pgkd.data import Sample, Splits, normalize_text
+from pgkd.loop.embedded import DistillConfig
+from pgkd.errors import UserError
+from pgkd.loop.evaluation import evaluate
+from pgkd.distributed.messages import LabeledSample, RunCompleted, RunRequested
+from pgkd.distributed.metrics import INGEST_REJECTIONS
+from pgkd.distributed.steps import CycleState, RunFiles, load_checkpoint, read_samples_artifact, run_context, submit_splits
 
 log = logging.getLogger("pgkd.stream")
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .frozen_student import MARKER, SPEC, EmbeddingCache, FrozenEncoderStudent
-from .student import Student
+from pgkd.students.frozen import MARKER, SPEC, EmbeddingCache, FrozenEncoderStudent
+from pgkd.students.finetuned import Student
 
 
 def create_student(spec: str, labels: list[str], seed: int = 0, device: str | None = None,

@@ -10,9 +10,9 @@ from typing import Protocol
 
 from pydantic import BaseModel, Field
 
-from .data import Sample
-from .evaluation import EvalReport
-from .mining import MinedSample, MiningResult
+from pgkd.data import Sample
+from pgkd.loop.evaluation import EvalReport
+from pgkd.loop.mining import MinedSample, MiningResult
 
 
 class GenerationRequest(BaseModel):

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .distill import DistillConfig, log, run
-from .errors import UserError
-from .frozen_student import EmbeddingCache
-from .outputs import write_json_atomic
-from .report import RunReport
+from pgkd.loop.embedded import DistillConfig, log, run
+from pgkd.errors import UserError
+from pgkd.students.frozen import EmbeddingCache
+from pgkd.loop.outputs import write_json_atomic
+from pgkd.loop.report import RunReport
 
 ARMS = {
     "pool-random": {"teacher": "pool-random"},

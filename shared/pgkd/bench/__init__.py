@@ -1,0 +1,1 @@
+"""The benchmarks: quality of the arms, speed of the student, the stream."""
