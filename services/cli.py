@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 from pgkd.distributed.artifacts import ArtifactStore
-from pgkd.loop.embedded import DistillConfig, log_cycle, make_policy, summary_table
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.cycle import log_cycle
+from pgkd.loop.report import summary_table
 from pgkd.errors import UserError
 from pgkd.distributed.messages import TOPICS, LabeledSample, RunCompleted, RunRequested
 from pgkd.loop.report import RunReport
@@ -89,10 +91,8 @@ def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None) -> i
         return shown
     config = DistillConfig.model_validate(store.get_json(files.request)["config"])
     records = [CycleState.model_validate(store.get_json(k)).record for k in keys]
-    policy = make_policy(config)
     for i in range(shown, len(records)):
-        history = [r.validation[config.metric] for r in records[:i + 1]]
-        log_cycle(config, records[i], history, policy.best_cycle(history), write=write)
+        log_cycle(config, records[i], [r.validation[config.metric] for r in records[:i + 1]], write=write)
     return len(records)
 
 

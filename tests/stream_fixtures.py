@@ -8,7 +8,7 @@ from conftest import TOY_CLASSES, make_toy_dataset, toy_text
 from pgkd.distributed import steps
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples
-from pgkd.loop.embedded import DistillConfig
+from pgkd.loop.config import DistillConfig
 from pgkd.distributed.messages import RunCompleted
 
 # MiniLM frozen with a logistic head: learns the toy classes perfectly in seconds, so a stream with

@@ -3,7 +3,8 @@ import json
 
 import pytest
 from conftest import bag_of_words_embed
-from pgkd.loop.embedded import DistillConfig, run
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.embedded import run
 from pgkd.students.finetuned import Student
 from pgkd.teachers.contract import GeneratedBatch
 
@@ -18,7 +19,7 @@ def _config(data, **overrides):
 
 def test_two_cycles_write_a_complete_run(toy_data, tmp_path):
     out = tmp_path / "run"
-    report = run(_config(toy_data), out, progress=False, embed=bag_of_words_embed)
+    report = run(_config(toy_data), out, progress=False, embed=bag_of_words_embed).report
     saved = json.loads((out / "report.json").read_text())
     assert saved["stop_reason"].startswith("max_cycles")
     assert [c["cycle"] for c in saved["cycles"]] == [0, 1, 2]
@@ -45,13 +46,13 @@ def test_patience_stops_the_loop(toy_data, tmp_path):
     # min_delta 1.0: no macro-F1 (in [0, 1]) can improve on another by more, so one cycle of patience
     # ends the run on any CPU.
     report = run(_config(toy_data, max_cycles=8, patience=1, min_delta=1.0), tmp_path / "run", progress=False,
-                 embed=bag_of_words_embed)
+                 embed=bag_of_words_embed).report
     assert report.stop_reason.startswith("patience") and len(report.cycles) == 2 and report.best.cycle == 0
 
 
 def test_a_failed_run_leaves_no_result_and_keeps_the_previous_one(toy_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    run(_config(toy_data, max_cycles=0), out, progress=False)
+    run(_config(toy_data, max_cycles=0), out, progress=False).report
     previous = (out / "report.json").read_text()
 
     def broken(self, request) -> GeneratedBatch:
@@ -59,21 +60,21 @@ def test_a_failed_run_leaves_no_result_and_keeps_the_previous_one(toy_data, tmp_
 
     monkeypatch.setattr("pgkd.teachers.simulated.PoolRandomTeacher.generate", broken)
     with pytest.raises(RuntimeError, match="teacher crashed"):
-        run(_config(toy_data, teacher="pool-random"), out, progress=False)
+        run(_config(toy_data, teacher="pool-random"), out, progress=False).report
     assert (out / "report.json").read_text() == previous
     assert not (tmp_path / ".run.partial").exists()
 
 
 def test_sample_budget_caps_what_the_teacher_is_asked_for(toy_data, tmp_path):
     report = run(_config(toy_data, teacher="pool-random", max_cycles=5, sample_budget=24), tmp_path / "run",
-                 progress=False)
+                 progress=False).report
     assert [c.generated for c in report.cycles] == [0, 16, 8]
     assert report.stop_reason.startswith("sample_budget")
 
 
 def test_same_seed_same_run(toy_data, tmp_path):
-    a = run(_config(toy_data, teacher="pool-random", max_cycles=1), tmp_path / "a", progress=False)
-    b = run(_config(toy_data, teacher="pool-random", max_cycles=1), tmp_path / "b", progress=False)
+    a = run(_config(toy_data, teacher="pool-random", max_cycles=1), tmp_path / "a", progress=False).report
+    b = run(_config(toy_data, teacher="pool-random", max_cycles=1), tmp_path / "b", progress=False).report
     assert [c.validation for c in a.cycles] == [c.validation for c in b.cycles]
     assert a.best.test == b.best.test
 
@@ -86,7 +87,7 @@ def test_the_kept_student_is_exactly_the_best_cycles_student(toy_data, tmp_path)
     report = run(_config(toy_data, teacher="pool-random", max_cycles=2, patience=5, min_delta=1.0, track_test=True,
                          labeled=24, epochs=2, learning_rate=3e-3, head_learning_rate=3e-3,
                          cycle_learning_rate_scale=1),
-                 tmp_path / "run", progress=False)
+                 tmp_path / "run", progress=False).report
     assert report.best.cycle == 0 and all(c.test is not None for c in report.cycles)
     assert report.cycles[2].test["loss"] != report.cycles[0].test["loss"]
     assert report.best.test.loss == report.cycles[0].test["loss"] == report.baseline.test.loss

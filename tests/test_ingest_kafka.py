@@ -6,7 +6,7 @@ import asyncio
 from conftest import make_toy_dataset
 from faststream.kafka import TestKafkaBroker
 from pgkd.distributed import steps
-from pgkd.loop.embedded import DistillConfig
+from pgkd.loop.config import DistillConfig
 from pgkd.distributed.messages import DeadLetter, RunCompleted
 from pgkd.stream import StreamSettings
 from stream_fixtures import BASE_CONFIG, REMAP, body, new_samples

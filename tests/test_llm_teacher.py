@@ -177,12 +177,13 @@ def test_answers_are_found_inside_chatter_and_fences():
 
 
 def test_an_openai_teacher_runs_the_loop_and_records_usage(chat, toy_data, tmp_path):
-    from pgkd.loop.embedded import DistillConfig, run
+    from pgkd.loop.config import DistillConfig
+    from pgkd.loop.embedded import run
     chat.script = [("ok", answer(8, label="refund")), ("ok", json.dumps([{"text": "x y z w", "label": "pizza"}] * 3))]
     config = DistillConfig(data=str(toy_data), labeled=40, student="tiny", teacher=chat.url, samples_per_cycle=8,
                            max_cycles=2, epochs=2, cycle_epochs=1, learning_rate=1e-2, head_learning_rate=1e-2,
                            batch_size=16, teacher_cache="none", price_prompt_per_1k=1.0)
-    report = run(config, tmp_path / "run", progress=False)
+    report = run(config, tmp_path / "run", progress=False).report
     first, second = report.cycles[1], report.cycles[2]
     assert (first.generated, first.accepted) == (8, 8)
     assert second.accepted == 0 and second.rejected == {"unknown_label": 3}

@@ -8,7 +8,7 @@ import time
 from conftest import PrometheusServer, make_toy_dataset
 from pgkd.distributed import steps
 from pgkd.distributed.artifacts import ArtifactStore
-from pgkd.loop.embedded import DistillConfig
+from pgkd.loop.config import DistillConfig
 from pgkd.distributed.messages import (CycleEvaluated, ModelTrained, NegativesMined, RunCompleted, RunRequested,
                            SamplesGenerated)
 from pgkd.distributed.metrics_readers import PrometheusReader

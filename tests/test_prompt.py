@@ -8,7 +8,8 @@ from pgkd.data import Sample
 from pgkd.loop.evaluation import evaluate
 from pgkd.loop.mining import mine
 from pgkd.teachers.prompt import render_prompt
-from pgkd.teachers.contract import build_request
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.cycle import build_request
 
 GOLDEN = Path(__file__).parent / "golden" / "prompt.txt"
 
@@ -25,7 +26,7 @@ def _request():
     train = [Sample(text="When will my card arrive?", label="card_arrival"),
              Sample(text="I lost my card yesterday", label="lost_or_stolen_card"),
              Sample(text="Refund still missing", label="refund_not_showing_up")]
-    return build_request(labels, train, mined, report, n=8, cycle=1, seed=1)
+    return build_request(DistillConfig(data="-", seed=1), labels, train, mined, report, n=8, cycle=1)
 
 
 def test_prompt_matches_golden_file():

@@ -9,7 +9,8 @@ from faststream import Context
 from faststream.kafka import TestKafkaBroker
 from pgkd.distributed import steps
 from pgkd.distributed.artifacts import ArtifactStore
-from pgkd.loop.embedded import DistillConfig, run
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.embedded import run
 from pgkd.distributed.messages import DeadLetter, RunCompleted, SamplesGenerated
 
 import pgkd_services as services
@@ -70,7 +71,7 @@ def test_a_run_through_the_four_services_computes_what_the_embedded_run_computes
     assert sorted(m["cycle"] for m in bus.seen["model-trained"]) == [0, 1, 2, 3]   # nested delivery: any order
     assert "dead-letter" not in bus.seen
     distributed = bus.store.get_json(completed.report)
-    embedded = run(config, tmp_path / "embedded", progress=False).model_dump(mode="json")
+    embedded = run(config, tmp_path / "embedded", progress=False).report.model_dump(mode="json")
     assert comparable(distributed) == comparable(embedded)
     assert bus.store.exists("runs/kafka-run/history.png")
 

@@ -9,7 +9,8 @@ import time
 from conftest import make_toy_dataset
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text
-from pgkd.loop.embedded import DistillConfig, run
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.embedded import run
 from service_processes import ServiceProcesses, cli_options
 from test_services_kafka import CONFIG, comparable
 
@@ -47,7 +48,7 @@ def test_a_submitted_run_completes_over_redis_and_matches_the_embedded_run(servi
 
     store = services_over_redis.store
     report = store.get_json("runs/redis-run/report.json")
-    embedded = run(DistillConfig(data=str(data), **CONFIG), tmp_path / "embedded", progress=False)
+    embedded = run(DistillConfig(data=str(data), **CONFIG), tmp_path / "embedded", progress=False).report
     assert comparable(report) == comparable(embedded.model_dump(mode="json"))
     check_run_integrity(store, "redis-run", report)
     status = services_over_redis.pgkd("status", "redis-run")
@@ -87,7 +88,7 @@ def test_the_trainer_killed_mid_round_is_restarted_and_the_run_is_unchanged(serv
     report = store.get_json("runs/trainer-crash/report.json")
     check_run_integrity(store, "trainer-crash", report)
     assert report["stop_reason"].startswith("max_cycles") and len(report["cycles"]) == 5
-    embedded = run(DistillConfig(data=str(data), **CRASH_CONFIG), tmp_path / "embedded", progress=False)
+    embedded = run(DistillConfig(data=str(data), **CRASH_CONFIG), tmp_path / "embedded", progress=False).report
     assert comparable(report) == comparable(embedded.model_dump(mode="json"))
     assert services_over_redis.pending("samples-generated", "trainer") == 0
 

@@ -38,13 +38,14 @@ def test_target_score_and_teacher_budgets():
 
 
 def test_the_embedded_run_decides_from_its_metrics_registry(toy_data, tmp_path, caplog):
-    from pgkd.loop.embedded import DistillConfig, run
+    from pgkd.loop.config import DistillConfig
+    from pgkd.loop.embedded import run
     from pgkd.distributed.metrics_readers import MetricsUnavailable, RegistryReader
     from prometheus_client import CollectorRegistry
     config = DistillConfig(data=str(toy_data), labeled=40, student="tiny", teacher="pool-random", samples_per_cycle=8,
                            max_cycles=3, patience=5, epochs=2, cycle_epochs=1, learning_rate=1e-2,
                            head_learning_rate=1e-2, batch_size=16, target_score=0.0)
-    report = run(config, tmp_path / "run", progress=False)
+    report = run(config, tmp_path / "run", progress=False).report
     assert report.stop_reason.startswith("target_score") and len(report.cycles) == 1
     import pytest
     with pytest.raises(MetricsUnavailable, match="no value for cycle"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,7 +281,12 @@ def test_concurrent_requests_with_mixed_settings_all_succeed(served):
         assert_completion(served, prompt, results[index], max_tokens)
     # The dynamic batcher did batch: fewer execute() calls than requests. (Requests that arrive while
     # one is being generated queue up and are delivered together.)
+    # Triton updates its statistics after it has sent a response, so the last one may lag: wait for it.
+    deadline = time.monotonic() + 10
     inferences, executions = counts()
+    while inferences - inferences_before < len(cases) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        inferences, executions = counts()
     assert inferences - inferences_before == len(cases)
     assert executions - executions_before < len(cases)
 

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 from conftest import free_port, make_toy_dataset
-from pgkd.loop.embedded import DistillConfig, run
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.embedded import run
 
 TINY = ["--labeled", "40", "--student", "tiny", "--samples-per-cycle", "8", "--epochs", "2", "--cycle-epochs", "1",
         "--learning-rate", "1e-2", "--head-learning-rate", "1e-2", "--batch-size", "16", "--seed", "1",
@@ -141,7 +142,7 @@ def test_labels_outside_the_taxonomy_are_rejected_and_counted(toy, tmp_path, mon
         config = DistillConfig(data=str(toy), labeled=40, student="tiny", teacher=f"triton://127.0.0.1:{port}/teacher",
                                samples_per_cycle=7, max_cycles=1, epochs=2, cycle_epochs=1, learning_rate=1e-2,
                                head_learning_rate=1e-2, batch_size=16, teacher_cache="none")
-        report = run(config, tmp_path / "run", progress=False)
+        report = run(config, tmp_path / "run", progress=False).report
     cycle = report.cycles[1]
     assert (cycle.generated, cycle.accepted, cycle.rejected) == (7, 1, {"unknown_label": 6})
     assert report.teacher_usage.prompt_tokens > 0       # no token counts from this model: counted here

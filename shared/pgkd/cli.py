@@ -80,10 +80,13 @@ def distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> None
 
 
 def cmd_distill(args) -> int:
-    from pgkd.loop.embedded import TEACHER_UNAVAILABLE, DistillConfig, run, summary_table
+    from pgkd.loop.config import DistillConfig
+    from pgkd.loop.cycle import TEACHER_UNAVAILABLE
+    from pgkd.loop.embedded import run
+    from pgkd.loop.report import summary_table
     options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "out", "progress")}
     config = DistillConfig(**options)
-    report = run(config, args.out, progress=args.progress)
+    report = run(config, args.out, progress=args.progress).report
     print(summary_table(report))
     print(f"stopped: {report.stop_reason}")
     print(f"wrote {args.out}/report.json, {args.out}/best/, {args.out}/history.png")

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pgkd.loop.embedded import DistillConfig, log, run
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.cycle import log
+from pgkd.loop.embedded import run
 from pgkd.errors import UserError
 from pgkd.students.frozen import EmbeddingCache
 from pgkd.loop.outputs import write_json_atomic
@@ -74,7 +76,7 @@ def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: lis
             if name not in caches:
                 caches[name] = EmbeddingCache(path=out / "cache" / f"{Path(name).name}.npz", progress=progress)
             cache = caches[name]
-            report = run(config, folder, progress=False, embed=cache, keep_model=False)
+            report = run(config, folder, progress=False, embed=cache, keep_model=False).report
             cache.save()
         else:
             log(f"bench: {folder} done before, reused")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pgkd.data import Sample, load_dataset, make_splits
-from pgkd.loop.embedded import log
+from pgkd.loop.cycle import log
 from pgkd.errors import UserError
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.students.finetuned import Student, TrainConfig, length_sorted_batches, pick_device

@@ -20,7 +20,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pgkd.distributed.artifacts import ArtifactStore
-from pgkd.loop.embedded import DistillConfig, evaluate_student, log
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.cycle import evaluate_student, log
 from pgkd.errors import UserError
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.distributed.steps import load_checkpoint, run_context, run_in_process, submit

@@ -31,33 +31,28 @@ from pydantic import BaseModel
 
 from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
 from pgkd.data import Dataset, Sample, Splits, load_dataset, make_splits
-from pgkd.loop.embedded import (
-    TEACHER_EXHAUSTED,
-    TEACHER_UNAVAILABLE,
-    DistillConfig,
-    assemble_report,
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.cycle import (
     cycle_record,
-    decide,
+    evaluate_cycle,
     evaluate_student,
+    finish,
     fresh_student,
-    known_texts,
-    make_policy,
     make_teacher,
-    mine_mistakes,
-    provenance_of,
-    round_config,
-    samples_wanted,
-    teacher_request,
+    mine_cycle,
+    round_student,
+    stop_decision,
+    teach,
+    train_round,
 )
 from pgkd.loop.evaluation import EvalReport
 from pgkd.students.frozen import EmbeddingCache
 from pgkd.distributed.messages import CycleEvaluated, ModelTrained, NegativesMined, RunCompleted, RunRequested, SamplesGenerated
 from pgkd.distributed.metrics import LoopMetrics
-from pgkd.distributed.metrics_readers import LoopFigures, MetricsUnavailable
-from pgkd.loop.report import BestScores, CycleRecord, Provenance, Scores, TrainingRound, plot_history
-from pgkd.loop.screening import screen
+from pgkd.distributed.metrics_readers import MetricsUnavailable
+from pgkd.loop.report import CycleRecord, Provenance, TrainingRound, plot_history
 from pgkd.students import load_student
-from pgkd.teachers.contract import TeacherUnavailable, TeacherUsage
+from pgkd.teachers.contract import TeacherUsage
 
 log = logging.getLogger("pgkd.distributed.steps")
 
@@ -251,11 +246,11 @@ def train(message: RunRequested | SamplesGenerated, store: ArtifactStore, progre
     else:
         train_set = read_samples_artifact(store, message.train_set) + message.samples
         provenance, started = message.provenance, message.cycle_started
-        student = (load_checkpoint(store, message.best_checkpoint, config.device) if config.warm_start
-                   else fresh_student(config, ctx.labels, cycle, embed=shared_embeddings()))
+        student = round_student(config, ctx.labels, cycle, embed=shared_embeddings(),
+                                best=lambda: load_checkpoint(store, message.best_checkpoint, config.device))
     train_ref = _put_samples(store, ctx.files.train_set(cycle), train_set)
-    trained = student.train(train_set, ctx.splits.validation, round_config(config, cycle, warm), progress=progress,
-                            description=f"{message.run_id} cycle {cycle} train")
+    trained = train_round(config, student, train_set, ctx.splits.validation, cycle, warm, progress=progress,
+                          name=f"{message.run_id} ")
     with tempfile.TemporaryDirectory() as folder:
         student.save(folder)
         checkpoint = store.put_folder(ctx.files.checkpoint(cycle), folder)
@@ -283,18 +278,16 @@ def evaluate(message: ModelTrained, store: ArtifactStore, metrics: LoopMetrics |
     policy decide on what `reader` (Prometheus, or a metrics registry) reads back; without a reader,
     or when it cannot answer, on the run's own records, saying so."""
     ctx = run_context(store, message.run_id)
-    config, cycle, policy = ctx.config, message.cycle, make_policy(ctx.config)
+    config, cycle, policy = ctx.config, message.cycle, ctx.config.policy()
     student = load_checkpoint(store, message.checkpoint, config.device)
-    report, _ = evaluate_student(student, ctx.splits.validation, ctx.labels)
+    evaluation = evaluate_cycle(config, student, ctx.splits, cycle)
     states = cycle_states(store, ctx, cycle)
-    history = [s.validation.metric(config.metric) for s in states] + [report.metric(config.metric)]
+    history = [s.validation.metric(config.metric) for s in states] + [evaluation.validation.metric(config.metric)]
     best_cycle = policy.best_cycle(history)
-    test_report = (evaluate_student(student, ctx.splits.test, ctx.labels)[0]
-                   if cycle == 0 or config.track_test else None)
-    record = cycle_record(config, cycle, message.train_size, report, test_report, message.provenance,
-                          message.training, best_cycle == cycle, time.time() - message.cycle_started)
-    state = CycleState(record=record, validation=report, test=test_report, checkpoint=message.checkpoint,
-                       train_set=message.train_set)
+    record = cycle_record(config, cycle, message.train_size, evaluation, message.provenance, message.training,
+                          best_cycle == cycle, time.time() - message.cycle_started)
+    state = CycleState(record=record, validation=evaluation.validation, test=evaluation.test,
+                       checkpoint=message.checkpoint, train_set=message.train_set)
     store.put_json(ctx.files.cycle_state(cycle), state.model_dump(mode="json"))
     states.append(state)
     if metrics is not None:  # every cycle again: a restarted evaluator exports the whole run
@@ -302,20 +295,20 @@ def evaluate(message: ModelTrained, store: ArtifactStore, metrics: LoopMetrics |
             c = s.record.cycle
             metrics.cycle_evaluated(message.run_id, c, s.record.validation, config.metric, history[:c + 1],
                                     policy.best_cycle(history[:c + 1]), record.seconds if c == cycle else None)
-    generated_total = sum(s.record.generated for s in states)
-    usage = sum((s.record.teacher_usage for s in states), TeacherUsage())
-    figures = LoopFigures(history, usage.prompt_tokens + usage.completion_tokens, usage.cost, "run records")
+    records = [s.record for s in states]
+    decision = stop_decision(config, history, records)
     if reader is not None:
         try:
             read = reader.read(message.run_id, config.metric, cycle)
             # Spend: the larger of what the metrics and the records say (the generator's gauges can
             # only be ahead of the records, never behind, unless its metrics were lost).
-            figures = LoopFigures(read.history, max(read.tokens, figures.tokens), max(read.cost, figures.cost),
-                                  read.source)
+            usage = sum((r.teacher_usage for r in records), TeacherUsage())
+            decision = stop_decision(config, read.history, records, read.source,
+                                     tokens=max(read.tokens, usage.prompt_tokens + usage.completion_tokens),
+                                     cost=max(read.cost, usage.cost))
         except MetricsUnavailable as e:
-            figures.source = f"run records, because {e}"
+            decision.source = f"run records, because {e}"
             log.warning("evaluator: run %s cycle %d: deciding on the run's records: %s", message.run_id, cycle, e)
-    decision = decide(policy, figures, generated_total)
     log.info("evaluator: run %s cycle %d: %s (decided from: %s)", message.run_id, cycle,
              decision.reason if decision.stop else "continue", decision.source)
     if decision.stop:
@@ -324,7 +317,8 @@ def evaluate(message: ModelTrained, store: ArtifactStore, metrics: LoopMetrics |
         return complete_run(store, ctx, states, decision.reason, cycle, decided_from=decision.source)
     return CycleEvaluated(run_id=message.run_id, cycle=cycle, checkpoint=message.checkpoint,
                           train_set=message.train_set, best_checkpoint=states[best_cycle].checkpoint,
-                          best_cycle=best_cycle, validation=report.headline(), samples_generated=generated_total)
+                          best_cycle=best_cycle, validation=evaluation.validation.headline(),
+                          samples_generated=sum(r.generated for r in records))
 
 
 def run_teacher_usage(store: ArtifactStore, run_id: str, provenance: Provenance) -> TeacherUsage:
@@ -338,26 +332,22 @@ def run_teacher_usage(store: ArtifactStore, run_id: str, provenance: Provenance)
 def complete_run(store: ArtifactStore, ctx: RunContext, states: list[CycleState], reason: str,
                  cycle: int, decided_from: str = "teacher") -> RunCompleted:
     """Score the best student on test and write the run's report.json and history.png."""
-    config, policy = ctx.config, make_policy(ctx.config)
-    best_cycle = policy.best_cycle([s.validation.metric(config.metric) for s in states])
+    config = ctx.config
+    best_cycle = config.policy().best_cycle([s.validation.metric(config.metric) for s in states])
     best_state = states[best_cycle]
     student = load_checkpoint(store, best_state.checkpoint, config.device)
-    best = BestScores(cycle=best_cycle, validation=best_state.validation,
-                      test=evaluate_student(student, ctx.splits.test, ctx.labels)[0])
-    baseline = Scores(validation=states[0].validation, test=states[0].test)
     teacher = (store.get_json(ctx.files.teacher) if store.exists(ctx.files.teacher)
                else make_teacher(config, ctx.splits).describe())
-    final_train = read_samples_artifact(store, states[-1].train_set)
-    report = assemble_report(config, ctx.dataset, ctx.splits, final_train, student, teacher,
-                             [s.record for s in states], baseline, best, reason,
-                             time.time() - ctx.request.submitted_at)
+    report = finish(config, ctx.dataset, ctx.splits, student, best_cycle, [s.record for s in states],
+                    [s.validation for s in states], states[0].test, read_samples_artifact(store, states[-1].train_set),
+                    teacher, reason, time.time() - ctx.request.submitted_at)
     with tempfile.TemporaryDirectory() as folder:
         plot_history(report, Path(folder) / "history.png")
         store.put_bytes(ctx.files.plot, (Path(folder) / "history.png").read_bytes())
     report_ref = store.put_json(ctx.files.report, report.model_dump(mode="json"))
     completed = RunCompleted(run_id=ctx.request.run_id, cycle=cycle, status="completed", reason=reason,
                              report=report_ref, best_checkpoint=best_state.checkpoint, best_cycle=best_cycle,
-                             test=best.test.headline(), decided_from=decided_from)
+                             test=report.best.test.headline(), decided_from=decided_from)
     store.put_json(ctx.files.completed, completed.model_dump(mode="json"))
     return completed
 
@@ -377,10 +367,10 @@ def mine(message: CycleEvaluated, store: ArtifactStore) -> NegativesMined:
     cycle = message.cycle + 1
     student = load_checkpoint(store, message.checkpoint, ctx.config.device)
     report, probs = evaluate_student(student, ctx.splits.validation, ctx.labels)
-    mined = mine_mistakes(ctx.config, ctx.splits.validation, probs, ctx.labels, cycle)
+    mined = mine_cycle(ctx.config, ctx.splits.validation, probs, ctx.labels, cycle)
     return NegativesMined(run_id=message.run_id, cycle=cycle, mined=mined, report=report,
                           train_set=message.train_set, best_checkpoint=message.best_checkpoint,
-                          wanted=samples_wanted(ctx.config, message.samples_generated), cycle_started=time.time())
+                          wanted=ctx.config.samples_wanted(message.samples_generated), cycle_started=time.time())
 
 
 # -- generator -------------------------------------------------------------------------------------------
@@ -396,19 +386,13 @@ def generate(message: NegativesMined, store: ArtifactStore) -> SamplesGenerated 
     teacher = ctx.teacher
     # Start from the state the previous answer left, so a restarted generator answers the same.
     teacher.load_state(ctx.teacher_initial if cycle == 1 else store.get_json(ctx.files.teacher_state(cycle - 1)))
-    request = teacher_request(config, ctx.labels, train_set, message.mined, message.report, message.wanted, cycle)
-    try:
-        batch = teacher.generate(request)
-    except TeacherUnavailable as e:
-        store.put_json(ctx.files.teacher, teacher.describe())
-        return complete_run(store, ctx, cycle_states(store, ctx, cycle), f"{TEACHER_UNAVAILABLE}: {e}", cycle)
+    lesson = teach(config, teacher, ctx.splits, train_set, message.mined, message.report, message.wanted, cycle)
     store.put_json(ctx.files.teacher, teacher.describe())
+    if lesson.stop_reason:
+        return complete_run(store, ctx, cycle_states(store, ctx, cycle), lesson.stop_reason, cycle)
     store.put_json(ctx.files.teacher_state(cycle), teacher.state())
-    if not batch.samples and not batch.rejected:
-        return complete_run(store, ctx, cycle_states(store, ctx, cycle), TEACHER_EXHAUSTED, cycle)
-    screened = screen(batch.samples, ctx.labels, known_texts(ctx.splits, train_set))
-    return SamplesGenerated(run_id=message.run_id, cycle=cycle, samples=screened.accepted,
-                            provenance=provenance_of(batch, screened), train_set=message.train_set,
+    return SamplesGenerated(run_id=message.run_id, cycle=cycle, samples=lesson.accepted,
+                            provenance=lesson.provenance, train_set=message.train_set,
                             best_checkpoint=message.best_checkpoint, cycle_started=message.cycle_started)
 
 

@@ -103,3 +103,13 @@ def plot_history(report: RunReport, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summary_table(report: RunReport) -> str:
+    b, d = report.baseline.test, report.best.test
+    rows = [("", "test accuracy", "test macro-F1"),
+            ("baseline (cycle 0)", f"{b.accuracy:.4f}", f"{b.macro_f1:.4f}"),
+            (f"distilled (cycle {report.best.cycle})", f"{d.accuracy:.4f}", f"{d.macro_f1:.4f}"),
+            ("change", f"{d.accuracy - b.accuracy:+.4f}", f"{d.macro_f1 - b.macro_f1:+.4f}")]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{r[0]:<{width}}  {r[1]:>13}  {r[2]:>13}" for r in rows)

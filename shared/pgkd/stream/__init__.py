@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
 from pgkd.data import Sample, Splits, normalize_text
-from pgkd.loop.embedded import DistillConfig
+from pgkd.loop.config import DistillConfig
 from pgkd.errors import UserError
 from pgkd.loop.evaluation import evaluate
 from pgkd.distributed.messages import LabeledSample, RunCompleted, RunRequested

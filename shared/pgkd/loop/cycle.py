@@ -1,0 +1,213 @@
+"""One PGKD cycle, phase by phase, written once: train, evaluate and decide, mine, teach (ask the
+teacher and screen its answer), and finish the run. The embedded run (embedded.py) calls them in
+order in one process; each service calls one of them (pgkd.distributed.steps), so both compute the
+same run."""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pgkd import __version__
+from pgkd.data import Dataset, Sample, Splits, count_duplicates, label_counts, normalize_text
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.evaluation import EvalReport, evaluate
+from pgkd.loop.mining import MiningResult, mine
+from pgkd.loop.report import BestScores, CycleRecord, Provenance, RunReport, Scores, TrainingRound, environment
+from pgkd.loop.screening import screen
+from pgkd.loop.stopping import Decision
+from pgkd.students import create_student
+from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage
+
+TEACHER_EXHAUSTED = "teacher_exhausted: the teacher returned no samples"
+TEACHER_UNAVAILABLE = "teacher_unavailable"
+
+
+def log(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+# -- 1. train ----------------------------------------------------------------------------------------------
+
+def fresh_student(config: DistillConfig, labels: list[str], cycle: int, embed=None):
+    """A student from the pretrained encoder, seeded by the cycle."""
+    return create_student(config.student, labels, seed=config.seed + cycle, device=config.device, embed=embed)
+
+
+def round_student(config: DistillConfig, labels: list[str], cycle: int, best, embed=None):
+    """The student a cycle's round trains: warm-started from the best so far (`best()` gives it), or
+    fresh with --no-warm-start."""
+    return best() if config.warm_start else fresh_student(config, labels, cycle, embed)
+
+
+def train_round(config: DistillConfig, student, train: list[Sample], validation: list[Sample], cycle: int,
+                warm: bool | None = None, progress: bool = False, name: str = ""):
+    return student.train(train, validation, config.round_config(cycle, warm), progress=progress,
+                         description=f"{name}cycle {cycle} train")
+
+
+# -- 2. evaluate and decide --------------------------------------------------------------------------------
+
+def evaluate_student(student, samples: list[Sample], labels: list[str]) -> tuple[EvalReport, np.ndarray]:
+    probs = student.predict_proba([s.text for s in samples])
+    return evaluate([s.label for s in samples], probs, labels), probs
+
+
+@dataclass
+class Evaluation:
+    validation: EvalReport
+    probs: np.ndarray                # the student's validation probabilities, for mining
+    test: EvalReport | None          # at cycle 0 (the baseline) and with --track-test only
+
+
+def evaluate_cycle(config: DistillConfig, student, splits: Splits, cycle: int) -> Evaluation:
+    report, probs = evaluate_student(student, splits.validation, splits.labels)
+    test = evaluate_student(student, splits.test, splits.labels)[0] if cycle == 0 or config.track_test else None
+    return Evaluation(report, probs, test)
+
+
+def cycle_record(config: DistillConfig, cycle: int, train_size: int, evaluation: Evaluation,
+                 provenance: Provenance, trained, improved: bool, seconds: float) -> CycleRecord:
+    return CycleRecord(
+        cycle=cycle, train_size=train_size, validation=evaluation.validation.headline(),
+        test=evaluation.test.headline() if config.track_test else None,
+        generated=provenance.generated, accepted=provenance.accepted, rejected=provenance.rejected,
+        teacher_usage=provenance.teacher_usage,
+        training=TrainingRound.model_validate(trained, from_attributes=True), improved=improved, seconds=seconds)
+
+
+def stop_decision(config: DistillConfig, history: list[float], cycles: list[CycleRecord],
+                  source: str = "run records", tokens: int | None = None, cost: float | None = None) -> Decision:
+    """The stop policy on the metric's history and the run's spend: the samples generated and the
+    teacher's tokens and cost (as the records say, unless a metrics reader says more)."""
+    usage = sum((c.teacher_usage for c in cycles), TeacherUsage())
+    decision = config.policy().decide(history, sum(c.generated for c in cycles),
+                                      usage.prompt_tokens + usage.completion_tokens if tokens is None else tokens,
+                                      usage.cost if cost is None else cost)
+    decision.source = source
+    return decision
+
+
+def log_cycle(config: DistillConfig, record: CycleRecord, history: list[float], write=None) -> None:
+    best_cycle = config.policy().best_cycle(history)
+    line = (f"cycle {record.cycle:>2}: train {record.train_size:>5}  val {config.metric} {history[-1]:.4f}  "
+            f"acc {record.validation['accuracy']:.4f}  best {history[best_cycle]:.4f} @ {best_cycle}  "
+            f"accepted {record.accepted}/{record.generated}"
+            + (f" rejected {record.rejected}" if record.rejected else "") + f"  {record.seconds:.0f}s")
+    (write or log)(line)
+
+
+# -- 3. mine -----------------------------------------------------------------------------------------------
+
+def mine_cycle(config: DistillConfig, validation: list[Sample], probs: np.ndarray, labels: list[str],
+               cycle: int) -> MiningResult:
+    """The student's hard negatives, misclassified and correct samples, for cycle `cycle`'s request."""
+    return mine(validation, probs, labels, config.hard_negatives, config.misclassified, config.correct,
+                seed=config.seed + cycle)
+
+
+# -- 4. teach: ask the teacher, screen its answer ----------------------------------------------------------
+
+def build_request(config: DistillConfig, taxonomy: list[str], train: list[Sample], mined: MiningResult,
+                  report: EvalReport, n: int, cycle: int, examples_per_class: int = 1,
+                  max_examples: int = 40) -> GenerationRequest:
+    """The guidance of one cycle, less what --guidance leaves out. Few-shot examples come from the
+    weakest classes first (by validation F1 when the report is shown), so a long taxonomy still fits
+    a prompt."""
+    with_report = config.guidance != "no-report"
+    rng = random.Random(config.seed * 1_000_003 + cycle)
+    by_label: dict[str, list[Sample]] = {}
+    for s in train:
+        by_label.setdefault(s.label, []).append(s)
+    order = list(taxonomy)
+    if with_report:
+        order.sort(key=lambda c: report.per_class[c].f1 if report.per_class[c].support else 1.0)
+    examples: list[Sample] = []
+    for label in order:
+        group = by_label.get(label, [])
+        examples.extend(rng.sample(group, min(examples_per_class, len(group))))
+        if len(examples) >= max_examples:
+            break
+    return GenerationRequest(taxonomy=taxonomy, examples=examples[:max_examples],
+                             report=report if with_report else None,
+                             hard_negatives=mined.hard_negatives if config.guidance != "no-hard-negatives" else [],
+                             misclassified=mined.misclassified, correct=mined.correct, n=n, cycle=cycle)
+
+
+def known_texts(splits: Splits, train: list[Sample]) -> set[str]:
+    """Texts a teacher sample must not repeat: the training set so far, validation and test."""
+    return {normalize_text(s.text) for s in train + splits.validation + splits.test}
+
+
+@dataclass
+class Lesson:
+    """What one request to the teacher gave: the screened samples, and their provenance; or why the
+    run must stop (the teacher is unavailable, or has nothing left to give)."""
+    accepted: list[Sample] = field(default_factory=list)
+    provenance: Provenance = field(default_factory=Provenance)
+    stop_reason: str | None = None
+
+
+def teach(config: DistillConfig, teacher, splits: Splits, train: list[Sample], mined: MiningResult,
+          report: EvalReport, wanted: int, cycle: int) -> Lesson:
+    request = build_request(config, splits.labels, train, mined, report, wanted, cycle)
+    try:
+        batch = teacher.generate(request)
+    except TeacherUnavailable as e:
+        return Lesson(stop_reason=f"{TEACHER_UNAVAILABLE}: {e}")
+    if not batch.samples and not batch.rejected:
+        return Lesson(stop_reason=TEACHER_EXHAUSTED)
+    screened = screen(batch.samples, splits.labels, known_texts(splits, train))
+    return Lesson(accepted=screened.accepted, provenance=provenance_of(batch, screened))
+
+
+def provenance_of(batch: GeneratedBatch, screened) -> Provenance:
+    """`generated` counts the samples the teacher's answers held; `rejected` also counts, by reason,
+    answers that held none (unparseable_answer) and list items that were not samples."""
+    return Provenance(generated=len(batch.samples), accepted=len(screened.accepted),
+                      rejected={**batch.rejected, **screened.rejected_by_reason()}, teacher_usage=batch.usage)
+
+
+# -- 5. finish ---------------------------------------------------------------------------------------------
+
+def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student, best_cycle: int,
+           cycles: list[CycleRecord], validation_reports: list[EvalReport], baseline_test: EvalReport,
+           final_train: list[Sample], teacher: dict, stop_reason: str, seconds: float) -> RunReport:
+    """The run's report: the kept student (the best cycle's) scored once on test, against the baseline."""
+    best = BestScores(cycle=best_cycle, validation=validation_reports[best_cycle],
+                      test=evaluate_student(best_student, splits.test, splits.labels)[0])
+    return RunReport(
+        pgkd_version=__version__,
+        dataset={"name": dataset.name, "path": dataset.path, "classes": len(splits.labels), "sizes": splits.sizes(),
+                 "train_label_counts": label_counts(final_train), "duplicates": dataset_duplicates(splits),
+                 "notes": dataset.notes},
+        student={"spec": config.student, "parameters": best_student.parameter_count(),
+                 "device": str(best_student.device)},
+        teacher=teacher, teacher_usage=sum((c.teacher_usage for c in cycles), TeacherUsage()), seed=config.seed,
+        config=config.model_dump(), cycles=cycles,
+        baseline=Scores(validation=validation_reports[0], test=baseline_test), best=best, stop_reason=stop_reason,
+        seconds=seconds, environment=environment())
+
+
+def dataset_duplicates(splits: Splits) -> dict[str, int]:
+    return count_duplicates({"train": splits.train + splits.validation + splits.pool, "test": splits.test})
+
+
+def make_teacher(config: DistillConfig, splits: Splits, embed=None, cache_store=None):
+    """A simulated teacher by name, or an LLM teacher by URL whose answers are cached in `cache_store`
+    (default: the store named by --teacher-cache)."""
+    from pgkd.teachers.llm import LLMTeacher, ResponseCache
+    from pgkd.teachers.simulated import make_simulated_teacher
+    from pgkd.teachers.transports import is_llm_teacher
+    if is_llm_teacher(config.teacher):
+        if cache_store is None and config.teacher_cache != "none":
+            from pgkd.distributed.artifacts import ArtifactStore
+            cache_store = ArtifactStore(config.teacher_cache.replace("~", str(Path.home()), 1))
+        return LLMTeacher(config.teacher, config.llm_settings(),
+                          cache=ResponseCache(cache_store) if cache_store is not None else None, seed=config.seed)
+    return make_simulated_teacher(config.teacher, splits.pool, seed=config.seed, label_noise=config.label_noise,
+                                  embed=embed)
