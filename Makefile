@@ -44,7 +44,9 @@ demo: setup
 	$(BIN)/pgkd distill --data $(DATA)/banking77 --labeled 1000 --teacher triton://127.0.0.1:$(TEACHER_PORT)/teacher \
 	  --teacher-cache none --student minilm --samples-per-cycle 32 --max-cycles 10 --patience 5 --seed 1 --out runs/demo
 
+# lint-imports: the architecture's contracts (pyproject.toml [tool.importlinter]).
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

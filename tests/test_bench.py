@@ -3,7 +3,7 @@ import json
 
 from pgkd.cli import main
 
-from pgkd.students.finetuned import Student
+from pgkd.students.finetuned import FineTunedStudent
 
 from conftest import TOY_CLASSES, make_toy_dataset
 
@@ -45,7 +45,7 @@ def test_bench_quality_rejects_unknown_arms(tmp_path, capsys):
 
 def test_bench_speed_tiny(tmp_path, capsys):
     data = make_toy_dataset(tmp_path / "toy")
-    shipped = Student.create("tiny", sorted(TOY_CLASSES), seed=5)
+    shipped = FineTunedStudent.create("tiny", sorted(TOY_CLASSES), seed=5)
     shipped.save(tmp_path / "shipped")
     out = tmp_path / "speed"
     argv = ["bench", "speed", "--data", str(data), "--student", "tiny", "--train-samples", "48", "--epochs", "1",
@@ -61,7 +61,7 @@ def test_bench_speed_tiny(tmp_path, capsys):
     assert abs(result["accuracy"]["onnx_fp32_change_points"]) <= 100 / result["accuracy"]["test_samples"] + 1e-9
     assert result["ceiling"]["matmul_gflops"] > 0 and 0 < result["ceiling"]["pgkd_share_of_ceiling"]
     assert "training, samples/s" in (out / "speed.md").read_text()
-    Student.create("tiny", ["other", "labels"]).save(tmp_path / "foreign")
+    FineTunedStudent.create("tiny", ["other", "labels"]).save(tmp_path / "foreign")
     capsys.readouterr()
     assert main([*argv, "--no-onnx", "--model", str(tmp_path / "foreign")]) == 2
     assert "its labels are not the classes of" in capsys.readouterr().err

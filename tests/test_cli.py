@@ -102,9 +102,9 @@ def test_a_malformed_teacher_url_is_one_line(capsys, toy_data, tmp_path, teacher
 
 @pytest.fixture(scope="module")
 def saved_student(tmp_path_factory):
-    from pgkd.students.finetuned import Student
+    from pgkd.students.finetuned import FineTunedStudent
     folder = tmp_path_factory.mktemp("student") / "best"
-    Student.create("tiny", ["a", "b"], seed=0).save(folder)
+    FineTunedStudent.create("tiny", ["a", "b"], seed=0).save(folder)
     return folder
 
 

@@ -5,7 +5,7 @@ import pytest
 from conftest import bag_of_words_embed
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
-from pgkd.students.finetuned import Student
+from pgkd.students.finetuned import FineTunedStudent
 from pgkd.teachers.contract import GeneratedBatch
 
 
@@ -34,7 +34,7 @@ def test_two_cycles_write_a_complete_run(toy_data, tmp_path):
     scores = [c["validation"]["macro_f1"] for c in saved["cycles"]]
     assert saved["best"]["cycle"] == scores.index(max(scores))
     assert saved["best"]["validation"]["macro_f1"] == pytest.approx(max(scores))
-    best = Student.load(out / "best")
+    best = FineTunedStudent.load(out / "best")
     assert best.labels == sorted({"card_lost", "refund", "transfer", "pin_change"})
     assert saved["best"]["validation"]["samples"] == 8 and saved["best"]["test"]["samples"] == 60
     assert (out / "history.png").stat().st_size > 1000

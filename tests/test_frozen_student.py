@@ -3,7 +3,7 @@ import pytest
 
 from pgkd.data import Sample, load_dataset, make_splits
 from pgkd.students.frozen import EmbeddingCache, FrozenEncoderStudent
-from pgkd.students.finetuned import TrainConfig
+from pgkd.students.contract import TrainConfig
 from pgkd.students import create_student, load_student
 
 from conftest import bag_of_words_embed

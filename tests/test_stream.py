@@ -7,7 +7,7 @@ import pytest
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples
 from pgkd.errors import UserError
-from pgkd.students.finetuned import Student
+from pgkd.students.finetuned import FineTunedStudent
 from pgkd.distributed.steps import run_context, run_in_process
 from pgkd.stream import Rejected, Stream, StreamSettings, parse_sample, route, text_key
 from pgkd.students import load_student
@@ -169,7 +169,7 @@ def test_a_new_label_is_rejected_unless_the_stream_extends_its_taxonomy_and_then
 
 
 def test_a_grown_head_keeps_what_the_student_knew_of_the_old_labels():
-    student = Student.create("tiny", LABELS, seed=3)
+    student = FineTunedStudent.create("tiny", LABELS, seed=3)
     texts = ["lost my card", "send money to my account"]
     before = student.predict_proba(texts)
     student.with_labels(["aaa_new"] + LABELS)

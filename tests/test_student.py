@@ -3,7 +3,8 @@ import pytest
 import torch
 from pgkd.data import load_dataset, make_splits
 from pgkd.errors import UserError
-from pgkd.students.finetuned import MIN_LOSS_GAIN, Student, TrainConfig, length_bucketed_batches
+from pgkd.students.contract import TrainConfig
+from pgkd.students.finetuned import MIN_LOSS_GAIN, FineTunedStudent, length_bucketed_batches
 
 
 @pytest.fixture
@@ -12,7 +13,7 @@ def toy_splits(toy_data):
 
 
 def _train(splits, seed=0, epochs=8):
-    student = Student.create("tiny", splits.labels, seed=seed)
+    student = FineTunedStudent.create("tiny", splits.labels, seed=seed)
     result = student.train(splits.train, splits.validation,
                            TrainConfig(epochs=epochs, batch_size=16, learning_rate=1e-2, head_learning_rate=1e-2,
                                        freeze_word_embeddings=False, patience=3, seed=seed), progress=False)
@@ -53,7 +54,7 @@ def replay_early_stopping(losses: list[float], patience: int, epochs: int) -> tu
 def test_early_stopping_follows_its_rule_and_keeps_the_best_epoch(toy_splits):
     """Where a too-high learning rate takes the losses depends on the CPU's float kernels (one AMD
     machine stopped at epoch 6, another ran all 8), so this asserts the rule on whatever losses came."""
-    student = Student.create("tiny", toy_splits.labels, seed=0)
+    student = FineTunedStudent.create("tiny", toy_splits.labels, seed=0)
     result = student.train(toy_splits.train, toy_splits.validation,
                            TrainConfig(epochs=8, learning_rate=0.5, head_learning_rate=0.5, warmup_ratio=0.0,
                                        patience=1, seed=0), progress=False)
@@ -69,7 +70,7 @@ def test_early_stopping_follows_its_rule_and_keeps_the_best_epoch(toy_splits):
 ])
 def test_early_stopping_on_scripted_losses_stops_and_restores_exactly(toy_splits, monkeypatch, losses, patience,
                                                                       expected):
-    student = Student.create("tiny", toy_splits.labels, seed=0)
+    student = FineTunedStudent.create("tiny", toy_splits.labels, seed=0)
     scripted, snapshots = iter(losses), []
 
     def loss(samples, max_length=128):
@@ -90,7 +91,7 @@ def test_save_load_round_trip_and_length_sorted_inference(tmp_path, toy_splits):
     student, _ = _train(toy_splits, epochs=1)
     texts = [s.text for s in toy_splits.test][:20] + ["a much longer text " * 10]
     student.save(tmp_path / "m")
-    loaded = Student.load(tmp_path / "m")
+    loaded = FineTunedStudent.load(tmp_path / "m")
     assert loaded.labels == student.labels
     batched = loaded.predict_proba(texts, batch_size=8)
     one_by_one = np.concatenate([loaded.predict_proba([t], batch_size=1) for t in texts])
@@ -117,6 +118,6 @@ def test_length_bucketed_batches_cover_every_index_once():
 
 def test_unknown_student_and_missing_folder_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="unknown student 'no-such-model-xyz'"):
-        Student.create("no-such-model-xyz", ["a", "b"])
+        FineTunedStudent.create("no-such-model-xyz", ["a", "b"])
     with pytest.raises(UserError, match="not a saved student"):
-        Student.load(tmp_path)
+        FineTunedStudent.load(tmp_path)

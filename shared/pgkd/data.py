@@ -130,6 +130,29 @@ def load_dataset(path: str | Path, text_column: str = "text", label_column: str 
         validation = []
         notes.append(f"test is a stratified {test_fraction:.0%} of {path.name} (seed {seed})")
         name = path.stem
+    return _checked_dataset(name, str(path), train, validation, test, notes)
+
+
+def dataset_from_samples(rows: list, text_column: str = "text", label_column: str = "label",
+                         test_fraction: float = 0.2, seed: int = 0, name: str = "samples") -> Dataset:
+    """A dataset from labeled samples in memory (Samples or dicts), as from one file: a stratified
+    `test_fraction` is held out as test."""
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+        raise UserError("data: expected a dataset folder, a file, or a list of labeled samples")
+    samples = []
+    for i, row in enumerate(rows):
+        if isinstance(row, Sample):
+            row = row.model_dump()
+        if not isinstance(row, dict):
+            raise UserError(f"data[{i}]: expected a Sample or a dict with {text_column!r} and {label_column!r}")
+        samples.append(_check_row(row.get(text_column), row.get(label_column), f"data[{i}]"))
+    train, test = stratified_split(samples, test_fraction, random.Random(seed))
+    return _checked_dataset(name, "python:samples", train, [], test,
+                            [f"test is a stratified {test_fraction:.0%} of the {len(samples)} samples (seed {seed})"])
+
+
+def _checked_dataset(name: str, path: str, train: list[Sample], validation: list[Sample], test: list[Sample],
+                     notes: list[str]) -> Dataset:
     if not train:
         raise UserError(f"{path}: the train split is empty")
     if not test:
@@ -138,7 +161,7 @@ def load_dataset(path: str | Path, text_column: str = "text", label_column: str 
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise UserError(f"{path}: {len(unknown)} label(s) in test that train never had: {shown}")
-    return Dataset(name=name, path=str(path), train=train, validation=validation, test=test, notes=notes)
+    return Dataset(name=name, path=path, train=train, validation=validation, test=test, notes=notes)
 
 
 def count_duplicates(splits: dict[str, list[Sample]]) -> dict[str, int]:

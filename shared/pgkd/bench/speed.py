@@ -1,8 +1,8 @@
 """`pgkd bench speed`: how fast the student trains and answers, next to the usual Hugging Face tools.
 
 All in one run, on the same model, data, batch size and machine:
-- training throughput of `Student.train` against `transformers.Trainer`;
-- inference throughput and latency (p50 / p99 at batch 1 and 32) of `Student.predict_proba`
+- training throughput of `FineTunedStudent.train` against `transformers.Trainer`;
+- inference throughput and latency (p50 / p99 at batch 1 and 32) of `FineTunedStudent.predict_proba`
   against `pipeline("text-classification")`;
 - the student exported to ONNX and run with ONNX Runtime, fp32 and dynamically quantized to int8:
   throughput and the change in test accuracy;
@@ -23,7 +23,8 @@ from pgkd.data import Sample, load_dataset, make_splits
 from pgkd.loop.cycle import log
 from pgkd.errors import UserError
 from pgkd.loop.outputs import write_json_atomic
-from pgkd.students.finetuned import Student, TrainConfig, length_sorted_batches, pick_device
+from pgkd.students.contract import TrainConfig
+from pgkd.students.finetuned import FineTunedStudent, length_sorted_batches, pick_device
 
 
 def _percentile_ms(seconds: list[float], q: float) -> float:
@@ -50,7 +51,7 @@ def _accuracy(probs: np.ndarray, samples: list[Sample], labels: list[str]) -> fl
     return float(np.mean([labels[i] == s.label for i, s in zip(probs.argmax(1), samples, strict=True)]))
 
 
-def train_with_hf_trainer(student: Student, train: list[Sample], config: TrainConfig) -> dict:
+def train_with_hf_trainer(student: FineTunedStudent, train: list[Sample], config: TrainConfig) -> dict:
     """The same model, data and hyperparameters through transformers.Trainer."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -73,7 +74,7 @@ def train_with_hf_trainer(student: Student, train: list[Sample], config: TrainCo
     return {"samples": samples, "seconds": seconds, "samples_per_second": samples / seconds}
 
 
-def export_onnx(student: Student, path: Path) -> Path:
+def export_onnx(student: FineTunedStudent, path: Path) -> Path:
     class Logits(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
@@ -93,7 +94,7 @@ def export_onnx(student: Student, path: Path) -> Path:
     return path
 
 
-def onnx_predictor(student: Student, path: Path, batch_size: int = 64):
+def onnx_predictor(student: FineTunedStudent, path: Path, batch_size: int = 64):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -129,7 +130,7 @@ def matmul_rate(device: torch.device, size: int = 1024, repeats: int = 20) -> fl
     return 2 * size ** 3 * repeats / (time.perf_counter() - started)
 
 
-def student_flops_per_text(student: Student, tokens: float) -> float:
+def student_flops_per_text(student: FineTunedStudent, tokens: float) -> float:
     """Forward FLOPs of one text of `tokens` tokens: 2 per weight per token outside the embedding
     tables, plus attention's two T x T products per layer."""
     config = student.model.config
@@ -147,7 +148,7 @@ def run_speed(data: Path, out: Path, student_spec: str = "minilm", train_samples
     dev = pick_device(device)
     dataset = load_dataset(data)
     splits = make_splits(dataset, min(len(dataset.train), max(train_samples * 5 // 4, len(dataset.labels))), seed)
-    shipped = Student.load(model, device=device) if model is not None else None
+    shipped = FineTunedStudent.load(model, device=device) if model is not None else None
     if shipped is not None and shipped.labels != splits.labels:
         raise UserError(f"--model {model}: its labels are not the classes of {data}")
     train = splits.train[:train_samples]
@@ -162,16 +163,16 @@ def run_speed(data: Path, out: Path, student_spec: str = "minilm", train_samples
                                "latency_calls": latency_calls, "seed": seed,
                                "inference_model": str(model) if model else "the student trained above"}}
 
-    log("speed: training with Student.train ...")
-    ours = Student.create(student_spec, splits.labels, seed=seed, device=device)
+    log("speed: training with FineTunedStudent.train ...")
+    ours = FineTunedStudent.create(student_spec, splits.labels, seed=seed, device=device)
     trained = ours.train(train, [], config, progress=False)
     log("speed: training with transformers.Trainer ...")
-    theirs = Student.create(student_spec, splits.labels, seed=seed, device=device)
+    theirs = FineTunedStudent.create(student_spec, splits.labels, seed=seed, device=device)
     hf = train_with_hf_trainer(theirs, train, config)
     result["training"] = {
         "pgkd_samples_per_second": trained.samples_per_second, "trainer_samples_per_second": hf["samples_per_second"],
         "ratio": trained.samples_per_second / hf["samples_per_second"],
-        "note": "same model, data, batch size, epochs, learning rate and schedule; Student.train freezes the word "
+        "note": "same model, data, batch size, epochs, learning rate and schedule; FineTunedStudent.train freezes the word "
                 "embeddings and batches texts of similar length, the Trainer trains every weight in random batches"}
 
     if shipped is not None:

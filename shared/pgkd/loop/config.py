@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from pgkd.loop.evaluation import METRICS
 from pgkd.loop.stopping import StopPolicy
-from pgkd.students.finetuned import TrainConfig
+from pgkd.students.contract import TrainConfig
 from pgkd.teachers.llm import LLMSettings
 from pgkd.teachers.simulated import TEACHERS
 from pgkd.teachers.transports import TeacherURL, is_llm_teacher
@@ -70,6 +70,8 @@ class DistillConfig(BaseModel):
     @field_validator("teacher")
     @classmethod
     def _known_teacher(cls, v: str) -> str:
+        if v.startswith("python:"):          # an object given to pgkd.distill, recorded by name
+            return v
         if is_llm_teacher(v):
             TeacherURL.parse(v)
         elif v not in TEACHERS:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from pgkd import __version__
 from pgkd.data import Dataset, Sample, Splits, count_duplicates, label_counts, normalize_text
+from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.evaluation import EvalReport, evaluate
 from pgkd.loop.mining import MiningResult, mine
@@ -21,6 +22,7 @@ from pgkd.loop.report import BestScores, CycleRecord, Provenance, RunReport, Sco
 from pgkd.loop.screening import screen
 from pgkd.loop.stopping import Decision
 from pgkd.students import create_student
+from pgkd.students.contract import TrainResult
 from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage
 
 TEACHER_EXHAUSTED = "teacher_exhausted: the teacher returned no samples"
@@ -45,9 +47,10 @@ def round_student(config: DistillConfig, labels: list[str], cycle: int, best, em
 
 
 def train_round(config: DistillConfig, student, train: list[Sample], validation: list[Sample], cycle: int,
-                warm: bool | None = None, progress: bool = False, name: str = ""):
-    return student.train(train, validation, config.round_config(cycle, warm), progress=progress,
-                         description=f"{name}cycle {cycle} train")
+                warm: bool | None = None, progress: bool = False, name: str = "") -> TrainResult:
+    trained = student.train(train, validation, config.round_config(cycle, warm), progress=progress,
+                            description=f"{name}cycle {cycle} train")
+    return trained if trained is not None else TrainResult(samples=len(train))   # a student that reports nothing
 
 
 # -- 2. evaluate and decide --------------------------------------------------------------------------------
@@ -185,12 +188,16 @@ def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student
         dataset={"name": dataset.name, "path": dataset.path, "classes": len(splits.labels), "sizes": splits.sizes(),
                  "train_label_counts": label_counts(final_train), "duplicates": dataset_duplicates(splits),
                  "notes": dataset.notes},
-        student={"spec": config.student, "parameters": best_student.parameter_count(),
-                 "device": str(best_student.device)},
+        student={"spec": config.student, "parameters": parameter_count(best_student),
+                 "device": str(getattr(best_student, "device", "cpu"))},
         teacher=teacher, teacher_usage=sum((c.teacher_usage for c in cycles), TeacherUsage()), seed=config.seed,
         config=config.model_dump(), cycles=cycles,
         baseline=Scores(validation=validation_reports[0], test=baseline_test), best=best, stop_reason=stop_reason,
         seconds=seconds, environment=environment())
+
+
+def parameter_count(student) -> int | None:
+    return student.parameter_count() if callable(getattr(student, "parameter_count", None)) else None
 
 
 def dataset_duplicates(splits: Splits) -> dict[str, int]:
@@ -203,6 +210,8 @@ def make_teacher(config: DistillConfig, splits: Splits, embed=None, cache_store=
     from pgkd.teachers.llm import LLMTeacher, ResponseCache
     from pgkd.teachers.simulated import make_simulated_teacher
     from pgkd.teachers.transports import is_llm_teacher
+    if config.teacher.startswith("python:"):
+        raise UserError(f"--teacher {config.teacher}: a teacher object is given to pgkd.distill, not named")
     if is_llm_teacher(config.teacher):
         if cache_store is None and config.teacher_cache != "none":
             from pgkd.distributed.artifacts import ArtifactStore

@@ -20,6 +20,7 @@ from pgkd.loop.cycle import (
     log_cycle,
     make_teacher,
     mine_cycle,
+    parameter_count,
     round_student,
     stop_decision,
     teach,
@@ -130,8 +131,10 @@ def restored(student, state):
 def announce(config: DistillConfig, dataset: Dataset, splits: Splits, student, teacher) -> None:
     """What runs, said before the first (long) round; an LLM teacher is reached once first."""
     name = getattr(teacher, "name", type(teacher).__name__)
+    parameters = parameter_count(student)
     log(f"pgkd: {dataset.name}: {len(splits.labels)} classes, {splits.sizes()}; student {config.student} "
-        f"({student.parameter_count() / 1e6:.1f}M parameters, {student.device}); teacher {name}"
+        f"({'' if parameters is None else f'{parameters / 1e6:.1f}M parameters, '}"
+        f"{getattr(student, 'device', 'cpu')}); teacher {name}"
         + (" (a simulation of an LLM teacher)" if getattr(teacher, "simulated", False) else ""))
     for note in dataset.notes:
         log(f"pgkd: note: {note}")
@@ -139,8 +142,8 @@ def announce(config: DistillConfig, dataset: Dataset, splits: Splits, student, t
     if any(duplicates.values()):
         log(f"pgkd: note: duplicate texts in the data (kept): {duplicates}")
     if hasattr(teacher, "check"):
-        log(f"pgkd: reaching the teacher at {name}"
-            + (f" (up to {teacher.check_timeout:g} s an attempt)" if hasattr(teacher, "check_timeout") else ""))
+        if hasattr(teacher, "check_timeout"):    # an LLM teacher, reached over the network
+            log(f"pgkd: reaching the teacher at {name} (up to {teacher.check_timeout:g} s an attempt)")
         try:
             teacher.check()
         except TeacherUnavailable as e:

@@ -1,6 +1,6 @@
 """The student: a Hugging Face sequence-classification model and its training loop.
 
-`Student.create("minilm" | "tiny" | HF id | folder, labels)` builds one; `train` fine-tunes it with a
+`FineTunedStudent.create("minilm" | "tiny" | HF id | folder, labels)` builds one; `train` fine-tunes it with a
 plain torch loop (AdamW, linear warmup and decay, gradient clipping, dynamic padding, early stopping
 on validation loss within the round); `predict_proba` runs batched, length-sorted inference;
 `save` / `load` keep a Hugging Face model folder with the label map in its config.
@@ -11,7 +11,6 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pgkd.data import Sample
+from pgkd.students.contract import TrainConfig, TrainResult, predicted_labels
 from pgkd.errors import UserError
 from pgkd.loop.evaluation import log_loss
 
@@ -59,33 +59,6 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 4e-4
-    head_learning_rate: float = 4e-3   # the classification head starts from random weights
-    freeze_word_embeddings: bool = True  # a third of MiniLM's weights; few labels do not need them moved
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    max_length: int = 128
-    patience: int = 2          # epochs without a lower validation loss before the round stops
-    seed: int = 0
-
-
-@dataclass
-class TrainResult:
-    epochs_run: int
-    best_epoch: int
-    train_loss: float
-    validation_loss: float
-    samples: int
-    seconds: float
-    samples_per_second: float
-    validation_losses: list[float] = field(default_factory=list)
-
-
 def length_bucketed_batches(ids: list[list[int]], batch_size: int, generator: torch.Generator,
                             bucket_batches: int = 16) -> list[list[int]]:
     """Shuffled batches of similar-length texts: shuffle, sort within buckets of a few batches
@@ -110,7 +83,7 @@ def length_sorted_batches(ids: list[list[int]], batch_size: int) -> list[list[in
 MIN_LOSS_GAIN = 1e-4
 
 
-class Student:
+class FineTunedStudent:
     def __init__(self, model, tokenizer, labels: list[str], spec: str, device: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -122,7 +95,7 @@ class Student:
 
     # ---- building, saving, loading -------------------------------------------------------------
     @classmethod
-    def create(cls, spec: str, labels: list[str], seed: int = 0, device: str | None = None) -> "Student":
+    def create(cls, spec: str, labels: list[str], seed: int = 0, device: str | None = None) -> "FineTunedStudent":
         """A new student for `labels`: pretrained encoder, freshly initialised classification head."""
         seed_everything(seed)
         label_maps = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -146,7 +119,7 @@ class Student:
         return cls(model, tokenizer, labels, spec, device)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> "Student":
+    def load(cls, path: str | Path, device: str | None = None) -> "FineTunedStudent":
         path = Path(path)
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: not a saved student (no config.json)")
@@ -165,7 +138,7 @@ class Student:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
-    def with_labels(self, labels: list[str]) -> "Student":
+    def with_labels(self, labels: list[str]) -> "FineTunedStudent":
         """This student for a taxonomy that grew: each known label keeps its row of the classification
         head, a new label gets a freshly initialised one. Labels are never taken away."""
         labels = list(labels)
@@ -200,6 +173,10 @@ class Student:
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state)
+
+    def predict(self, texts: list[str]) -> list[str]:
+        """The label of each text."""
+        return predicted_labels(self, texts)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

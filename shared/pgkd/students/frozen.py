@@ -1,7 +1,7 @@
 """A cheap student for CPUs: the MiniLM encoder frozen, each text embedded once (cached), and a
 logistic-regression head trained per round in about a second.
 
-Same interface as `Student` (train / predict_proba / state / save / load), so the loop, the
+Same interface as `FineTunedStudent` (train / predict_proba / state / save / load), so the loop, the
 benchmarks and `pgkd predict` take either. The head's regularisation strength is picked on
 validation loss, the counterpart of the fine-tuned student's early stopping.
 """
@@ -19,7 +19,7 @@ from pgkd.data import Sample
 from pgkd.students.encoder import SentenceEncoder
 from pgkd.errors import UserError
 from pgkd.loop.evaluation import log_loss
-from pgkd.students.finetuned import TrainConfig, TrainResult
+from pgkd.students.contract import TrainConfig, TrainResult, predicted_labels
 
 SPEC = "minilm-frozen"
 MARKER = "pgkd_frozen_student.json"
@@ -132,6 +132,10 @@ class FrozenEncoderStudent:
 
     def load_state(self, state: dict) -> None:
         self.coef, self.intercept = state["coef"].copy(), state["intercept"].copy()
+
+    def predict(self, texts: list[str]) -> list[str]:
+        """The label of each text."""
+        return predicted_labels(self, texts)
 
     def parameter_count(self) -> int:
         return int(self.coef.size + self.intercept.size + sum(p.numel() for p in self.embed.encoder.model.parameters()))

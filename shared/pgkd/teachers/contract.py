@@ -24,6 +24,11 @@ class GenerationRequest(BaseModel):
     n: int = Field(gt=0)
     cycle: int = 0
 
+    def prompt(self) -> str:
+        """The PGKD prompt an LLM teacher is sent for this request (pgkd.teachers.prompt)."""
+        from pgkd.teachers.prompt import render_prompt
+        return render_prompt(self)
+
 
 class TeacherUsage(BaseModel):
     """What asking the teacher cost. `seconds` is the sum of the calls' round-trip times."""
@@ -60,9 +65,15 @@ class TeacherUnavailable(RuntimeError):
 
 
 class Teacher(Protocol):
+    """What the loop asks of a teacher. `check()` (reach it before any training) is optional. A
+    user's object needs `generate` only: pgkd.api.ObjectTeacher gives it the rest."""
     name: str
-    simulated: bool
+    simulated: bool          # True for the simulations of an LLM teacher, said in every report
 
     def generate(self, request: GenerationRequest) -> GeneratedBatch: ...
 
     def describe(self) -> dict: ...
+
+    def state(self) -> dict: ...                 # what carries over between requests (a restarted
+                                                 # generator answers the same)
+    def load_state(self, state: dict) -> None: ...

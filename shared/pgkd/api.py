@@ -1,0 +1,93 @@
+"""The Python API: `pgkd.distill` and `pgkd.load_student`, small on purpose.
+
+    import pgkd
+    result = pgkd.distill("data/tickets.csv", teacher=MyLLM(), student="minilm", out="runs/tickets")
+    result.report.best.test.macro_f1, result.student.predict(["where is my refund?"])
+
+`data` is a dataset folder, a file, or a list of labeled samples; `teacher` a simulation's name, an
+LLM URL, or any object with `generate(request)`; `student` a name, a model folder, or any object
+with the student contract (pgkd.Student); the options are those of `pgkd distill`."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from pgkd.data import Sample, dataset_from_samples, load_dataset
+from pgkd.errors import UserError
+from pgkd.loop.config import DistillConfig
+from pgkd.loop.embedded import DistillResult, run
+from pgkd.teachers.contract import GeneratedBatch, GenerationRequest
+
+
+def distill(data, teacher="pool-guided", student="minilm", out: str | Path | None = None, progress: bool = True,
+            **options) -> DistillResult:
+    """Run PGKD in this process and return the report and the best student (written to `out` too,
+    when given: report.json, best/, history.png)."""
+    unknown = sorted(set(options) - set(DistillConfig.model_fields))
+    if unknown:
+        raise TypeError(f"pgkd.distill: unknown option(s) {', '.join(unknown)}; the options are those of "
+                        f"`pgkd distill`: {', '.join(f for f in DistillConfig.model_fields if f not in ('data',))}")
+    teacher_object = None if isinstance(teacher, str) else ObjectTeacher(teacher)
+    student_object = None if isinstance(student, (str, Path)) else student
+    config = DistillConfig(data=str(data) if isinstance(data, (str, Path)) else "python:samples",
+                           teacher=teacher if teacher_object is None else f"python:{teacher_object.name}",
+                           student=str(student) if student_object is None else f"python:{type(student).__qualname__}",
+                           **options)
+    if isinstance(data, (str, Path)):
+        dataset = load_dataset(data, config.text_column, config.label_column, seed=config.seed)
+    else:
+        dataset = dataset_from_samples(list(data), config.text_column, config.label_column, seed=config.seed)
+    return run(config, out, progress=progress, dataset=dataset, teacher=teacher_object, student=student_object)
+
+
+def load_student(path: str | Path, device: str | None = None):
+    """A student saved by a run (OUT/best): `predict(texts)` gives labels, `predict_proba` probabilities."""
+    from pgkd.students import load_student as load
+    return load(path, device=device)
+
+
+class ObjectTeacher:
+    """A user's teacher object made a whole teacher: only `generate(request)` is required; it may
+    return pgkd.Samples, dicts with text and label, or a GeneratedBatch. `name`, `simulated`,
+    `describe()`, `state()`, `load_state()` and `check()` are taken from it where it has them."""
+
+    def __init__(self, teacher):
+        if not callable(getattr(teacher, "generate", None)):
+            raise UserError(f"teacher {teacher!r}: expected a teacher name, an LLM URL, or an object with a "
+                            "generate(request) method")
+        self.teacher = teacher
+        self.name = str(getattr(teacher, "name", type(teacher).__name__))
+        self.simulated = bool(getattr(teacher, "simulated", False))
+
+    def generate(self, request: GenerationRequest) -> GeneratedBatch:
+        answer = self.teacher.generate(request)
+        if isinstance(answer, GeneratedBatch):
+            return answer
+        samples, dropped = [], Counter()
+        for item in answer or []:
+            if isinstance(item, Sample):
+                samples.append(item)
+            elif isinstance(item, dict) and isinstance(item.get("text"), str) and isinstance(item.get("label"), str) \
+                    and item["text"].strip():
+                samples.append(Sample(text=item["text"], label=item["label"]))
+            else:
+                dropped["malformed_sample"] += 1     # counted in the cycle's `rejected`, like an LLM's
+        return GeneratedBatch(samples=samples, teacher=self.name, rejected=dict(dropped))
+
+    def describe(self) -> dict:
+        if callable(getattr(self.teacher, "describe", None)):
+            return self.teacher.describe()
+        return {"name": self.name, "simulated": self.simulated, "kind": "python object",
+                "class": f"{type(self.teacher).__module__}.{type(self.teacher).__qualname__}"}
+
+    def state(self) -> dict:
+        return self.teacher.state() if callable(getattr(self.teacher, "state", None)) else {}
+
+    def load_state(self, state: dict) -> None:
+        if callable(getattr(self.teacher, "load_state", None)):
+            self.teacher.load_state(state)
+
+    def check(self) -> None:
+        if callable(getattr(self.teacher, "check", None)):
+            self.teacher.check()
+

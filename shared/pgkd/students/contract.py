@@ -1,0 +1,64 @@
+"""The student contract: what the loop asks of a student, ours or a user's.
+
+A student is anything with these methods; `pgkd.distill(..., student=obj)` takes such an object as
+it is. `device` and `parameter_count()` are optional (they are recorded in the report)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from pgkd.data import Sample
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 4e-4
+    head_learning_rate: float = 4e-3   # the classification head starts from random weights
+    freeze_word_embeddings: bool = True  # a third of MiniLM's weights; few labels do not need them moved
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    patience: int = 2          # epochs without a lower validation loss before the round stops
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int = 0
+    best_epoch: int = 0
+    train_loss: float = float("nan")
+    validation_loss: float = float("nan")
+    samples: int = 0
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    validation_losses: list[float] = field(default_factory=list)
+
+
+@runtime_checkable
+class Student(Protocol):
+    labels: list[str]
+
+    def train(self, train: list[Sample], validation: list[Sample], config: TrainConfig, progress: bool = True,
+              description: str = "train") -> TrainResult | None:
+        """Fit on `train` (`validation` is there for early stopping); the round's figures, if it has them."""
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """One row per text, one column per label (in `labels` order), rows summing to 1."""
+
+    def state(self) -> Any:
+        """A copy of what was learned, that later training does not change (the best cycle's is kept)."""
+
+    def load_state(self, state: Any) -> None: ...
+
+    def save(self, path: str | Path) -> None: ...
+
+
+def predicted_labels(student, texts: list[str]) -> list[str]:
+    """The label a student gives each text."""
+    return [student.labels[i] for i in np.asarray(student.predict_proba(list(texts))).argmax(axis=1)]
