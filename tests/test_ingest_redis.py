@@ -82,7 +82,7 @@ def test_a_thousand_streamed_samples_five_percent_bad_are_stored_once_dead_lette
                processes, timeout=300)
     state = store.get_json("streams/default/state.json")
     (run,) = state["runs"]
-    assert run["trigger"] == "count: 500 new samples >= 500" and run["samples_through"] == 500
+    assert run["trigger"] == {"kind": "count", "detail": "500 new samples >= 500"} and run["samples_through"] == 500
     completed = store.get_json("runs/default-0001/completed.json")
     assert completed["status"] == "completed"
     decision = run["decision"]

@@ -89,7 +89,7 @@ def test_enough_new_samples_start_one_warm_started_run_on_the_grown_dataset_and_
     assert stream.due_trigger() is None
     stream.ingest(body(rows[19]))
     trigger = stream.due_trigger()
-    assert trigger.startswith("count: 20 new samples")
+    assert trigger.kind == "count" and trigger.detail.startswith("20 new samples")
 
     request = stream.start_run(trigger)
     assert request.run_id == "default-0001" and request.start_from == base.best_checkpoint
@@ -118,7 +118,7 @@ def test_enough_new_samples_start_one_warm_started_run_on_the_grown_dataset_and_
     assert decision.replaced == (decision.new_score > decision.current_score)
     assert stream.state.current.run_id == ("default-0001" if decision.replaced else "base")
     assert stream.run_completed(completed) is None      # redelivered: decided once
-    assert stream.due_trigger().startswith("count: 25 new samples")
+    assert str(stream.due_trigger()).startswith("count: 25 new samples")
 
 
 def test_a_stream_whose_labels_were_remapped_triggers_a_run_and_one_from_the_same_distribution_does_not(tmp_path):
@@ -142,7 +142,7 @@ def test_a_stream_whose_labels_were_remapped_triggers_a_run_and_one_from_the_sam
         remapped.check_drift()
     (check,) = remapped.state.drift_checks
     assert check.drifted and check.accuracy < 0.1
-    assert remapped.due_trigger().startswith("drift: accuracy")
+    assert remapped.due_trigger().kind == "drift" and remapped.due_trigger().detail.startswith("accuracy")
     assert remapped.start_run(remapped.due_trigger()).run_id == "remapped-0001"
 
 
@@ -196,3 +196,29 @@ def test_a_stream_needs_its_base_run_and_sane_settings(tmp_path):
 
 def test_text_keys_ignore_case_and_spacing():
     assert text_key("Lost  my CARD") == text_key("lost my card ") != text_key("lost my cards")
+
+
+def test_take_says_what_to_do_with_each_message_and_finished_what_follows_a_run(tmp_path):
+    """The one entry point per incoming sample, as ingest and `pgkd bench stream` use it: store it,
+    dead-letter it (with the reason), or start a run (with a typed trigger) and publish it."""
+    store = ArtifactStore(f"file://{tmp_path}/artifacts")
+    data, base = base_run(tmp_path, store)
+    stream = Stream(store, StreamSettings(base_run="base", trigger_count=3, drift_window=1000))
+    stream.open()
+    rows = new_samples(data, 4)
+    first = stream.take(body(rows[0]))
+    assert (first.outcome, first.rejected, first.started, first.publish) == ("accepted", None, None, [])
+    assert stream.take(body(rows[0])).outcome == "duplicate"
+    bad = stream.take(b'{"text": "lost my card", "label": "pizza"}')
+    assert bad.outcome == "rejected" and bad.rejected.reason == "unknown_label" and bad.publish == []
+    stream.take(body(rows[1]))
+    third = stream.take(body(rows[2]))
+    assert third.outcome == "accepted" and third.started.kind == "count" and str(third.started) == \
+        "count: 3 new samples >= 3"
+    assert [r.run_id for r in third.publish] == ["default-0001"]
+    assert [r.run_id for r in stream.resume().publish] == ["default-0001"]      # not published yet: again
+    stream.published("default-0001")
+    assert stream.take(body(rows[3])).publish == []                           # one run at a time
+    after = stream.finished(run_in_process(third.publish[0], store))
+    assert after.outcome == "decided" and after.decision.run_id == "default-0001"
+    assert stream.finished(run_in_process(third.publish[0], store)).outcome == "ignored"   # decided once

@@ -10,7 +10,7 @@ import asyncio
 import logging
 
 from pgkd.distributed.messages import LabeledSample, RunCompleted, RunRequested
-from pgkd.stream import Rejected, Stream, StreamSettings
+from pgkd.stream import Stream, StreamSettings, StreamStep
 from pydantic import ValidationError
 
 from pgkd_services.runtime import Service
@@ -33,17 +33,13 @@ class IngestService(Service):
         self.metrics.stream_state(self.stream)
 
     async def started(self) -> None:
-        """A run recorded but never published (a crash in between), or a trigger that came due."""
-        async with self._busy:
-            requests = await asyncio.to_thread(self._runs_to_publish)
-        await self._publish_runs(requests)
+        await self._apply(await self._step(self.stream.resume))
 
     async def on_sample(self, body: bytes) -> None:
-        async with self._busy:   # not held while publishing: an in-memory test broker delivers in this call
-            rejected, requests = await asyncio.to_thread(self._ingest, body)
-        if rejected is not None:
-            await self.dead_letter(self.topic(LabeledSample.topic), body, str(rejected))
-        await self._publish_runs(requests)
+        step = await self._step(self.stream.take, body)
+        if step.rejected is not None:
+            await self.dead_letter(self.topic(LabeledSample.topic), body, str(step.rejected))
+        await self._apply(step)
 
     async def on_run_completed(self, body: bytes) -> None:
         try:
@@ -51,38 +47,24 @@ class IngestService(Service):
         except ValidationError as e:
             await self.dead_letter(self.topic(RunCompleted.topic), body, f"not a valid RunCompleted: {e.errors()[0]}")
             return
-        async with self._busy:
-            requests = await asyncio.to_thread(self._decide, completed)
-        await self._publish_runs(requests)
+        await self._apply(await self._step(self.stream.finished, completed))
 
-    # -- the work, in a worker thread, one message at a time ---------------------------------------------------
-    def _ingest(self, body: bytes) -> tuple[Rejected | None, list[RunRequested]]:
-        try:
-            outcome = self.stream.ingest(body)
-        except Rejected as e:
-            self.metrics.ingested("rejected", e.reason)
-            return e, []
-        self.metrics.ingested(outcome)
-        if outcome == "accepted":
-            self.stream.check_drift()
-        return None, self._runs_to_publish()
-
-    def _decide(self, completed: RunCompleted) -> list[RunRequested]:
-        decision = self.stream.run_completed(completed)
-        if decision is not None:
-            self.metrics.stream_decisions.labels("replaced" if decision.replaced else "kept").inc()
-        return self._runs_to_publish()
-
-    def _runs_to_publish(self) -> list[RunRequested]:
-        trigger = self.stream.due_trigger()
-        if trigger is not None:
-            self.stream.start_run(trigger)
-            self.metrics.stream_runs.labels(trigger.split(":", 1)[0]).inc()
+    async def _step(self, entry, *args) -> StreamStep:
+        """One of the stream's entry points, in a worker thread, one message at a time; its metrics."""
+        async with self._busy:   # not held while publishing: an in-memory test broker delivers in this call
+            step = await asyncio.to_thread(entry, *args)
+        if step.outcome in ("accepted", "duplicate", "rejected"):
+            self.metrics.ingested(step.outcome, step.rejected.reason if step.rejected else None)
+        if step.decision is not None:
+            self.metrics.stream_decisions.labels("replaced" if step.decision.replaced else "kept").inc()
+        if step.started is not None:
+            self.metrics.stream_runs.labels(step.started.kind).inc()
         self.metrics.stream_state(self.stream)
-        return [r for r in self.stream.unpublished() if r.run_id not in self._publishing]
+        return step
 
-    async def _publish_runs(self, requests: list[RunRequested]) -> None:
-        for request in requests:
+    async def _apply(self, step: StreamStep) -> None:
+        """Publish the runs the step asks for (those another message is not publishing already)."""
+        for request in [r for r in step.publish if r.run_id not in self._publishing]:
             self._publishing.add(request.run_id)
             try:
                 await self.publish(request)

@@ -3,7 +3,7 @@
 A base run distills the few-label setting; then a stream of `size` messages arrives: labeled
 samples the base student never saw (the base run's pool, standing in for new human labels) with
 `bad_percent` of bad messages among them (empty, unknown label, oversized, not JSON). Each message
-goes through the stream exactly as the ingest service handles it (pgkd.stream.Stream); a trigger
+goes through the stream exactly as the ingest service handles it (pgkd.stream.Stream.take); a trigger
 runs the warm-started run on the grown dataset here, in this process (the steps the services
 run), and the stream decides whether its student replaces the current one. The test scores are
 a diagnostic beside the decision, never part of it.
@@ -25,7 +25,7 @@ from pgkd.loop.cycle import evaluate_student, log
 from pgkd.errors import UserError
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.distributed.steps import load_checkpoint, run_context, run_in_process, submit
-from pgkd.stream import Rejected, Stream, StreamSettings
+from pgkd.stream import Stream, StreamSettings, StreamStep
 
 
 def bad_messages(n: int, labels: list[str], rng: random.Random) -> list[bytes]:
@@ -65,15 +65,13 @@ def run_stream_bench(data: Path, out: Path, student: str = "minilm-frozen", labe
     stream.open()
     outcomes, rejected, runs = Counter(), Counter(), []
     for body in tqdm(messages, desc="stream", unit="message", disable=not progress):
-        try:
-            outcomes[stream.ingest(body)] += 1
-        except Rejected as e:
-            rejected[e.reason] += 1
-            continue
-        stream.check_drift()
-        trigger = stream.due_trigger()
-        if trigger:
-            runs.append(_run_and_decide(stream, store, trigger, base.best_checkpoint))
+        step = stream.take(body)             # what the ingest service does with each message
+        outcomes[step.outcome] += 1
+        if step.rejected is not None:
+            rejected[step.rejected.reason] += 1
+        while step.publish:                  # a run, and any that its end lets start
+            entry, step = _run_and_decide(stream, store, step.publish[0], step.started, base.best_checkpoint)
+            runs.append(entry)
     result = {"data": str(data), "student": student, "labeled": labeled, "seed": seed, "max_cycles": max_cycles,
               "trigger_count": trigger_count, "sent": len(messages), "accepted": outcomes["accepted"],
               "duplicates": outcomes["duplicate"], "rejected": dict(sorted(rejected.items())),
@@ -86,22 +84,23 @@ def run_stream_bench(data: Path, out: Path, student: str = "minilm-frozen", labe
     return result
 
 
-def _run_and_decide(stream: Stream, store: ArtifactStore, trigger: str, base_checkpoint) -> dict:
-    request = stream.start_run(trigger)
+def _run_and_decide(stream: Stream, store: ArtifactStore, request, trigger, base_checkpoint) -> tuple[dict, StreamStep]:
+    """The triggered run, here in this process through the services' steps, and the stream's decision."""
     stream.published(request.run_id)
     log(f"bench stream: {request.run_id} ({trigger})")
     current_checkpoint = request.start_from
     completed = run_in_process(request, store)
-    decision = stream.run_completed(completed)
+    after = stream.finished(completed)
+    decision = after.decision
     ctx = run_context(store, request.run_id)
     test = {name: evaluate_student(load_checkpoint(store, ref, ctx.config.device), ctx.splits.test,
                                    ctx.labels)[0].headline()
             for name, ref in (("current", current_checkpoint), ("new", completed.best_checkpoint))}
     entry = next(r for r in stream.state.runs if r.run_id == request.run_id)
-    return {"run_id": request.run_id, "trigger": trigger, "train_size": entry.train_size,
+    return {"run_id": request.run_id, "trigger": str(trigger), "train_size": entry.train_size,
             "validation_size": entry.validation_size, "best_cycle": completed.best_cycle,
             "stop_reason": completed.reason, "decision": decision.model_dump(), "test": test,
-            "from_base": current_checkpoint == base_checkpoint}
+            "from_base": current_checkpoint == base_checkpoint}, after
 
 
 def markdown(result: dict) -> str:

@@ -20,7 +20,7 @@ from pgkd.loop.evaluation import EvalReport, evaluate
 from pgkd.loop.mining import MiningResult, mine
 from pgkd.loop.report import BestScores, CycleRecord, Provenance, RunReport, Scores, TrainingRound, environment
 from pgkd.loop.screening import screen
-from pgkd.loop.stopping import Decision
+from pgkd.loop.stopping import StopDecision
 from pgkd.students import create_student
 from pgkd.students.contract import TrainResult
 from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage
@@ -84,7 +84,7 @@ def cycle_record(config: DistillConfig, cycle: int, train_size: int, evaluation:
 
 
 def stop_decision(config: DistillConfig, history: list[float], cycles: list[CycleRecord],
-                  source: str = "run records", tokens: int | None = None, cost: float | None = None) -> Decision:
+                  source: str = "run records", tokens: int | None = None, cost: float | None = None) -> StopDecision:
     """The stop policy on the metric's history and the run's spend: the samples generated and the
     teacher's tokens and cost (as the records say, unless a metrics reader says more)."""
     usage = sum((c.teacher_usage for c in cycles), TeacherUsage())

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 
-class Decision(BaseModel):
+class StopDecision(BaseModel):
     stop: bool
     reason: str = ""
     source: str = "run records"   # where the figures came from: "prometheus", "metrics registry", ...
@@ -40,22 +40,22 @@ class StopPolicy:
         return (over - value if self.lower_is_better else value - over) > self.min_delta
 
     def decide(self, history: list[float], samples_generated: int = 0, tokens: int = 0,
-               cost: float = 0.0) -> Decision:
+               cost: float = 0.0) -> StopDecision:
         cycles_done = len(history) - 1
         since_best = cycles_done - self.best_cycle(history)
         best = history[self.best_cycle(history)]
         if self.target_score is not None and (best <= self.target_score if self.lower_is_better
                                               else best >= self.target_score):
-            return Decision(stop=True, reason=f"target_score: {self.metric} {best:.4f} reached {self.target_score}")
+            return StopDecision(stop=True, reason=f"target_score: {self.metric} {best:.4f} reached {self.target_score}")
         if self.patience and since_best >= self.patience:
-            return Decision(stop=True, reason=f"patience: no {self.metric} improvement for {since_best} cycles")
+            return StopDecision(stop=True, reason=f"patience: no {self.metric} improvement for {since_best} cycles")
         if cycles_done >= self.max_cycles:
-            return Decision(stop=True, reason=f"max_cycles: {self.max_cycles} cycles done")
+            return StopDecision(stop=True, reason=f"max_cycles: {self.max_cycles} cycles done")
         if self.sample_budget is not None and samples_generated >= self.sample_budget:
-            return Decision(stop=True, reason=f"sample_budget: {samples_generated} of {self.sample_budget} "
+            return StopDecision(stop=True, reason=f"sample_budget: {samples_generated} of {self.sample_budget} "
                                               "samples generated")
         if self.token_budget is not None and tokens >= self.token_budget:
-            return Decision(stop=True, reason=f"token_budget: {tokens} of {self.token_budget} teacher tokens spent")
+            return StopDecision(stop=True, reason=f"token_budget: {tokens} of {self.token_budget} teacher tokens spent")
         if self.cost_budget is not None and cost >= self.cost_budget:
-            return Decision(stop=True, reason=f"cost_budget: {cost:.4f} of {self.cost_budget} spent on the teacher")
-        return Decision(stop=False)
+            return StopDecision(stop=True, reason=f"cost_budget: {cost:.4f} of {self.cost_budget} spent on the teacher")
+        return StopDecision(stop=False)

@@ -1,0 +1,77 @@
+"""What a stream remembers (streams/<name>/state.json): the taxonomy, the current student, the runs
+and their decisions, the drift checks, a trigger waiting for the running run to end."""
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from pgkd.distributed.artifacts import ArtifactRef
+
+
+class Trigger(BaseModel):
+    """Why a stream run starts: enough new samples (count), or the current student's accuracy on new
+    samples fell (drift)."""
+    kind: Literal["count", "drift"]
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+class CurrentStudent(BaseModel):
+    run_id: str
+    checkpoint: ArtifactRef
+    train_set: ArtifactRef        # what it was trained on: the next run's training set starts from it
+    labels: list[str]
+    validation_accuracy: float    # when it became current: the drift trigger's reference
+    validation_score: float       # the same, in the run's metric
+    since: float
+
+
+class PromotionDecision(BaseModel):
+    """Whether a stream run's student replaced the current one, and on what evidence."""
+    run_id: str
+    replaced: bool
+    reason: str
+    metric: str
+    new_score: float | None = None
+    current_score: float | None = None
+    new_accuracy: float | None = None
+    current_accuracy: float | None = None
+    current_run: str | None = None          # the student the new one was measured against
+    validation_size: int = 0
+    validation_sha256: str = ""
+    decided_at: float = Field(default_factory=time.time)
+
+
+class StreamRun(BaseModel):
+    run_id: str
+    trigger: Trigger
+    samples_through: int          # accepted samples (by seq) its dataset holds
+    train_size: int
+    validation_size: int
+    started_at: float
+    published: bool = False
+    decision: PromotionDecision | None = None
+
+
+class DriftCheck(BaseModel):
+    through: int                  # the last sample (seq) of the window
+    window: int
+    accuracy: float
+    reference: float              # the current student's validation accuracy
+    drifted: bool
+    checked_at: float = Field(default_factory=time.time)
+
+
+class StreamState(BaseModel):
+    name: str
+    base_run: str
+    labels: list[str]
+    current: CurrentStudent | None = None
+    runs: list[StreamRun] = []
+    drift_checked_through: int = 0
+    drift_checks: list[DriftCheck] = []     # the latest few
+    pending_trigger: Trigger | None = None  # fired while a run was going
