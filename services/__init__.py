@@ -1,4 +1,4 @@
-"""The PGKD services: thin FastStream apps over the engine's steps (pgkd.steps) and streams
+"""The PGKD services: thin FastStream apps over the engine's steps (pgkd.distributed.steps) and streams
 (pgkd.stream). Start one with `pgkd service NAME`; configure it with PGKD_BROKER_URL,
 PGKD_ARTIFACTS, PGKD_TOPIC_PREFIX and PGKD_METRICS_PORT (ingest: PGKD_STREAM_*)."""
 

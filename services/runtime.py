@@ -1,7 +1,7 @@
 """What every service shares: the broker named by PGKD_BROKER_URL, topic names, at-least-once
 handling made idempotent, the dead-letter topic, and the HTTP side (/metrics, /healthz, /readyz).
 
-A service is a FastStream app whose handlers are engine steps (pgkd.steps): decode the message,
+A service is a FastStream app whose handlers are engine steps (pgkd.distributed.steps): decode the message,
 call the step, publish what it returns. The same code runs over Kafka (production) and Redis
 Streams (multi-process tests, small installs); only `make_broker` knows which.
 

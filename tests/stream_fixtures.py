@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 from conftest import TOY_CLASSES, make_toy_dataset, toy_text
+from pgkd.bench.stream import run_through_steps
 from pgkd.distributed import steps
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples
@@ -22,7 +23,7 @@ REMAP = dict(zip(LABELS, LABELS[1:] + LABELS[:1]))   # every label to the next o
 def base_run(folder: Path, store: ArtifactStore, run_id: str = "base", **options) -> tuple[Path, RunCompleted]:
     data = make_toy_dataset(folder / "toy")
     config = DistillConfig(data=str(data), **{**BASE_CONFIG, **options})
-    return data, steps.run_in_process(steps.submit(config, store, run_id=run_id), store)
+    return data, run_through_steps(steps.submit(config, store, run_id=run_id), store)
 
 
 def new_samples(data: Path, n: int, seed: int = 7, remap: dict | None = None) -> list[dict]:

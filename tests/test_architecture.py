@@ -50,3 +50,29 @@ def test_a_forbidden_import_breaks_a_contract(copy, module, line, broken):
     result = lint(copy)
     assert result.returncode != 0
     assert f"{broken}" in result.stdout and "BROKEN" in result.stdout, result.stdout
+
+
+def test_the_wheel_ships_pgkd_and_pgkd_services_and_no_top_level_services(tmp_path):
+    """`services` is a name other projects use too; installed, the services are `pgkd_services`, and
+    they add their commands to `pgkd` through an entry point (the engine's CLI imports none of them)."""
+    import zipfile
+    source = tmp_path / "source"          # built from a copy: the build leaves its metadata beside the sources
+    for part in ("shared/pgkd", "services"):
+        shutil.copytree(REPO / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
+                            "-w", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("pgkd-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"pgkd", "pgkd_services"}
+    # Every package of the source tree is in it (pyproject.toml lists them: a new one must be added there).
+    in_tree = {f"pgkd/{p.parent.relative_to(REPO / 'shared' / 'pgkd').as_posix()}".rstrip("/.")
+               for p in (REPO / "shared" / "pgkd").rglob("__init__.py")} | \
+              {f"pgkd_services/{p.parent.relative_to(REPO / 'services').as_posix()}".rstrip("/.")
+               for p in (REPO / "services").rglob("__init__.py")}
+    assert {n.rsplit("/", 1)[0] for n in names if n.endswith("__init__.py")} == in_tree
+    assert "[pgkd.commands]\nservices = pgkd_services.cli:register" in entry_points

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pgkd.distributed.messages import LabeledSample, RunCompleted, RunRequested
+from pgkd.distributed.messages import LabeledSample, RunCompleted
 from pgkd.stream import Stream, StreamSettings, StreamStep
 from pydantic import ValidationError
 

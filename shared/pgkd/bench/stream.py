@@ -24,8 +24,26 @@ from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import evaluate_student, log
 from pgkd.errors import UserError
 from pgkd.loop.outputs import write_json_atomic
-from pgkd.distributed.steps import load_checkpoint, run_context, run_in_process, submit
+from pgkd.distributed import steps
+from pgkd.distributed.messages import CycleEvaluated, ModelTrained, RunCompleted, RunRequested, SamplesGenerated
+from pgkd.distributed.steps import load_checkpoint, run_context, submit
 from pgkd.stream import Stream, StreamSettings, StreamStep
+
+
+def run_through_steps(message: RunRequested, store: ArtifactStore) -> RunCompleted:
+    """A submitted run's steps one after another, as the services call them (trainer, evaluator,
+    miner, generator), in this process: a stream's runs are runs of the services, so the benchmark
+    measures what they do. (`pgkd distill` and `pgkd.distill` run the same phases embedded.)"""
+    while not isinstance(message, RunCompleted):
+        if isinstance(message, (RunRequested, SamplesGenerated)):
+            message = steps.train(message, store)
+        elif isinstance(message, ModelTrained):
+            message = steps.evaluate(message, store)
+        elif isinstance(message, CycleEvaluated):
+            message = steps.mine(message, store)
+        else:
+            message = steps.generate(message, store)
+    return message
 
 
 def bad_messages(n: int, labels: list[str], rng: random.Random) -> list[bytes]:
@@ -52,7 +70,7 @@ def run_stream_bench(data: Path, out: Path, student: str = "minilm-frozen", labe
     config = DistillConfig(data=str(data), student=student, labeled=labeled, max_cycles=max_cycles, seed=seed,
                            teacher="pool-guided")
     log(f"bench stream: base run on {data} ({labeled} labels, student {student}, up to {max_cycles} cycles)")
-    base = run_in_process(submit(config, store, run_id="base"), store)
+    base = run_through_steps(submit(config, store, run_id="base"), store)
     splits = run_context(store, "base").splits
     rng = random.Random(seed)
     n_bad = round(size * bad_percent / 100)
@@ -89,7 +107,7 @@ def _run_and_decide(stream: Stream, store: ArtifactStore, request, trigger, base
     stream.published(request.run_id)
     log(f"bench stream: {request.run_id} ({trigger})")
     current_checkpoint = request.start_from
-    completed = run_in_process(request, store)
+    completed = run_through_steps(request, store)
     after = stream.finished(completed)
     decision = after.decision
     ctx = run_context(store, request.run_id)

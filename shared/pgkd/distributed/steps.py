@@ -1,7 +1,7 @@
 """The distributed loop's steps: one function per service, from one message to the next.
 
-Each step reads what it needs of the run from the artifact store, calls the same engine functions
-the embedded loop calls (distill.py), writes its artifacts and returns the message to publish. The
+Each step reads what it needs of the run from the artifact store, calls the phase of the cycle the
+embedded loop calls (pgkd.loop.cycle), writes its artifacts and returns the message to publish. The
 steps know nothing of the bus; services/ wires them to it.
 
 What a run keeps in the store, under runs/<run_id>/:
@@ -394,20 +394,3 @@ def generate(message: NegativesMined, store: ArtifactStore) -> SamplesGenerated 
     return SamplesGenerated(run_id=message.run_id, cycle=cycle, samples=lesson.accepted,
                             provenance=lesson.provenance, train_set=message.train_set,
                             best_checkpoint=message.best_checkpoint, cycle_started=message.cycle_started)
-
-
-# -- all of a run, in this process -----------------------------------------------------------------------
-
-def run_in_process(message: RunRequested, store: ArtifactStore) -> RunCompleted:
-    """A submitted run's steps one after the other, as the services would call them (benchmarks, tests)."""
-    while not isinstance(message, RunCompleted):
-        if isinstance(message, (RunRequested, SamplesGenerated)):
-            message = train(message, store)
-        elif isinstance(message, ModelTrained):
-            message = evaluate(message, store)
-        elif isinstance(message, CycleEvaluated):
-            message = mine(message, store)
-        else:
-            message = generate(message, store)
-    return message
-

@@ -1,4 +1,4 @@
-"""How a prompt reaches a teacher LLM and its answer comes back: one call, no retries (llm_teacher.py
+"""How a prompt reaches a teacher LLM and its answer comes back: one call, no retries (llm.py
 does those).
 
 - `triton://HOST:PORT/MODEL` (HTTP) and `triton+grpc://HOST:PORT/MODEL` (gRPC), through tritonclient:

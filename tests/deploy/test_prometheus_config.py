@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry
 
 from pgkd.distributed.metrics import LoopMetrics, exported_names
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 RULES = PROMETHEUS_DIR / "rules" / "pgkd.rules.yml"

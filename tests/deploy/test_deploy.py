@@ -1,7 +1,7 @@
 """Offline checks of the deployment files: nothing here needs docker, a cluster or the network.
 
 - docker-compose.yml and deploy/compose.gpu.yml against the Compose Specification's JSON schema
-  (vendored in tests/schemas/), then the facts the product relies on: one image, the commands, the
+  (vendored in tests/deploy/schemas/), then the facts the product relies on: one image, the commands, the
   shared volumes, the broker URL, Kafka in KRaft mode, Prometheus and Grafana wired to them, the Triton
   teacher (image, shared memory, Hugging Face cache, health check, profile) and the GPU reservations.
 - deploy/Dockerfile and its .dockerignore: the base image, user, environment, entry point, and a build
@@ -11,7 +11,7 @@
   Strimzi KafkaTopics against the vendored Strimzi CRD schema, then the kustomization, the security
   settings, probes, resources, GPU placement, Services and topics, for the five pgkd services (ingest: one
   replica, and the PGKD_STREAM_* configuration) and, with its own expectations, the Triton teacher. The
-  opt-in monitoring component k8s/monitoring/ (Prometheus Operator kinds) is tests/test_k8s_monitoring.py's.
+  opt-in monitoring component k8s/monitoring/ (Prometheus Operator kinds) is tests/deploy/test_k8s_monitoring.py's.
 - test_the_validators_reject_broken_documents: the validators above do fail on broken documents, so a
   passing run means something.
 """
@@ -32,10 +32,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 K8S = REPO / "k8s"
-# A kustomize Component that users opt into, with the Prometheus Operator's kinds: tests/test_k8s_monitoring.py.
+# A kustomize Component that users opt into, with the Prometheus Operator's kinds: tests/deploy/test_k8s_monitoring.py.
 K8S_MONITORING = K8S / "monitoring"
 COMPOSE = REPO / "docker-compose.yml"
 GPU_OVERRIDE = REPO / "deploy" / "compose.gpu.yml"
@@ -186,7 +186,7 @@ def quantity(value) -> float:
 
 # Strimzi's KafkaTopic is a custom resource: kubernetes-validate bundles only the built-in kinds and raises
 # SchemaNotFoundError for it. KafkaTopics are validated instead against the openAPIV3Schema of Strimzi's
-# own CRD (vendored, see tests/schemas/README.md), made strict the way kubernetes-validate's schemas are.
+# own CRD (vendored, see tests/deploy/schemas/README.md), made strict the way kubernetes-validate's schemas are.
 @cache
 def crd_schema(api_version: str, kind: str) -> dict:
     crd = load_yaml(SCHEMAS / "strimzi-kafkatopic-crd.yaml")
@@ -668,30 +668,66 @@ def test_kustomization_lists_every_manifest_and_nothing_else():
             assert container["image"] == f"{expected}:latest", deployment["metadata"]["name"]
 
 
-def test_namespace_and_configmap():
+def settings_the_code_reads() -> set[str]:
+    """Every PGKD_* variable the services read: their Settings (by reading how it is built) and the
+    stream's settings (one variable per field)."""
+    from pgkd.stream import StreamSettings
+
+    from pgkd_services.runtime import Settings
+    import inspect
+    read = set(re.findall(r'"(PGKD_[A-Z_]+)"', inspect.getsource(Settings.from_env)))
+    return read | {StreamSettings.variable(field) for field in StreamSettings.model_fields}
+
+
+def test_the_configmap_sets_only_what_the_code_reads_and_in_the_one_namespace():
+    """A key the services never read is a setting that silently does nothing."""
+    data = k8s_doc("ConfigMap", "pgkd-config")["data"]
+    unread = set(data) - settings_the_code_reads()
+    assert not unread, f"the ConfigMap sets {sorted(unread)}, which no service reads"
+    assert {"PGKD_BROKER_URL", "PGKD_ARTIFACTS"} <= set(data)
+    assert {key: data[key] for key in STREAM_DEFAULTS} == STREAM_DEFAULTS     # the code's defaults, said once
     assert k8s_doc("Namespace", "pgkd")
     for source, doc in k8s_documents():
         assert doc["metadata"].get("namespace", "pgkd") == "pgkd", source
-    assert k8s_doc("ConfigMap", "pgkd-config")["data"] == {
-        "PGKD_BROKER_URL": "kafka://pgkd-kafka-bootstrap:9092",
-        "PGKD_ARTIFACTS": "file:///artifacts",
-        "PGKD_TOPIC_PREFIX": TOPIC_PREFIX,
-        "PGKD_METRICS_PORT": str(METRICS_PORT),
-        # kube-prometheus-stack's Prometheus (tests/test_k8s_monitoring.py).
-        "PGKD_PROMETHEUS_URL": "http://prometheus-operated.monitoring.svc:9090",
-        # ingest's; the base run is left for the operator to set.
-        **STREAM_DEFAULTS,
-    }
 
 
-def test_artifacts_volume_and_s3_secret_template():
-    pvc = k8s_doc("PersistentVolumeClaim", "pgkd-artifacts")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
-
+def test_everything_a_pod_refers_to_exists_so_it_would_schedule():
+    """A pod whose claim, ConfigMap or required Secret is missing, or whose probe names a port it does
+    not open, never becomes ready; a claim several pods share across nodes must be ReadWriteMany."""
+    claims = {doc["metadata"]["name"]: doc for doc in k8s_docs("PersistentVolumeClaim")}
+    configmaps = {doc["metadata"]["name"] for doc in k8s_docs("ConfigMap")}
+    secrets = {doc["metadata"]["name"] for doc in k8s_docs("Secret")}
+    claimed_by: dict[str, int] = {}
+    for deployment in k8s_docs("Deployment"):
+        name, pod = deployment["metadata"]["name"], deployment["spec"]["template"]["spec"]
+        volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+        for volume in volumes.values():
+            if "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                assert claim in claims, f"{name}: no PersistentVolumeClaim {claim}"
+                claimed_by[claim] = claimed_by.get(claim, 0) + 1
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in configmaps or volume["configMap"].get("optional"), name
+        for container in containers(deployment):
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert source["configMapRef"]["name"] in configmaps, f"{name}: {source}"
+                if "secretRef" in source:
+                    ref = source["secretRef"]
+                    assert ref.get("optional") or ref["name"] in secrets, f"{name}: a required Secret {ref['name']}"
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, f"{name}: the mount {mount['mountPath']} names no volume"
+            ports = {port.get("name") for port in container.get("ports", [])} | \
+                    {port["containerPort"] for port in container.get("ports", [])}
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if probe in container and "httpGet" in container[probe]:
+                    assert container[probe]["httpGet"]["port"] in ports, f"{name}: {probe} on a port it does not open"
+    for claim, pods in claimed_by.items():
+        if pods > 1:
+            assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], f"{claim} is mounted by {pods} pods"
+    # The S3 credentials are a template to fill in: it must hold no secret of its own.
     secret = k8s_doc("Secret", "pgkd-s3")
-    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_ENDPOINT_URL": ""}
-    assert "data" not in secret
+    assert "data" not in secret and not any(secret["stringData"].values())
 
 
 @pytest.mark.parametrize("name", SERVICES)

@@ -8,7 +8,8 @@ from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples
 from pgkd.errors import UserError
 from pgkd.students.finetuned import FineTunedStudent
-from pgkd.distributed.steps import run_context, run_in_process
+from pgkd.bench.stream import run_through_steps
+from pgkd.distributed.steps import run_context
 from pgkd.stream import Rejected, Stream, StreamSettings, parse_sample, route, text_key
 from pgkd.students import load_student
 from stream_fixtures import LABELS, REMAP, base_run, body, new_samples
@@ -110,7 +111,7 @@ def test_enough_new_samples_start_one_warm_started_run_on_the_grown_dataset_and_
         stream.ingest(body(row))
     assert stream.due_trigger() is None
 
-    completed = run_in_process(request, store)
+    completed = run_through_steps(request, store)
     assert completed.status == "completed"
     decision = stream.run_completed(completed)
     assert store.get_json("streams/default/decisions/default-0001.json") == decision.model_dump(mode="json")
@@ -161,7 +162,7 @@ def test_a_new_label_is_rejected_unless_the_stream_extends_its_taxonomy_and_then
     assert [growing.ingest(body(r)) for r in closing] == ["accepted"] * 12
     assert growing.state.labels == sorted(LABELS + ["close_account"])
     request = growing.start_run(growing.due_trigger())
-    completed = run_in_process(request, store)
+    completed = run_through_steps(request, store)
     student = load_student(store.get_folder(completed.best_checkpoint, tmp_path / "cache"))
     assert student.labels == growing.state.labels and student.model.classifier.out_features == 5
     decision = growing.run_completed(completed)
@@ -219,6 +220,6 @@ def test_take_says_what_to_do_with_each_message_and_finished_what_follows_a_run(
     assert [r.run_id for r in stream.resume().publish] == ["default-0001"]      # not published yet: again
     stream.published("default-0001")
     assert stream.take(body(rows[3])).publish == []                           # one run at a time
-    after = stream.finished(run_in_process(third.publish[0], store))
+    after = stream.finished(run_through_steps(third.publish[0], store))
     assert after.outcome == "decided" and after.decision.run_id == "default-0001"
-    assert stream.finished(run_in_process(third.publish[0], store)).outcome == "ignored"   # decided once
+    assert stream.finished(run_through_steps(third.publish[0], store)).outcome == "ignored"   # decided once

@@ -5,6 +5,7 @@ import asyncio
 
 from conftest import make_toy_dataset
 from faststream.kafka import TestKafkaBroker
+from pgkd.bench.stream import run_through_steps
 from pgkd.distributed import steps
 from pgkd.loop.config import DistillConfig
 from pgkd.distributed.messages import DeadLetter, RunCompleted
@@ -103,7 +104,7 @@ def test_a_decision_that_cannot_be_made_is_recorded_and_the_stream_goes_on(tmp_p
     for row in new_samples(data, 10):
         ingest.stream.ingest(body(row))
     request = ingest.stream.start_run(ingest.stream.due_trigger())
-    completed = steps.run_in_process(request, bus.store)
+    completed = run_through_steps(request, bus.store)
     corrupt = completed.best_checkpoint.model_copy(update={"sha256": "0" * 64})   # not what the store holds
     decision = ingest.stream.run_completed(completed.model_copy(update={"best_checkpoint": corrupt}))
     assert not decision.replaced and decision.reason.startswith("could not compare the students (ArtifactError")

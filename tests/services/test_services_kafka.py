@@ -134,7 +134,7 @@ def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consumin
 
 
 def test_the_generator_service_asks_an_llm_teacher_and_caches_its_answers_in_the_artifact_store(bus, tmp_path):
-    from test_llm_teacher import ChatServer, answer
+    from chat_server import ChatServer, answer
     chat = ChatServer()
     chat.script = [("ok", answer(4, start=0)), ("ok", answer(4, start=4))]
     config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")),
