@@ -111,6 +111,8 @@ def test_a_saved_student_loads_and_predicts(tmp_path):
 def test_bad_arguments_say_what_is_wrong(tmp_path):
     with pytest.raises(TypeError, match="unknown option.*max_cycle\\b"):
         pgkd.distill(tmp_path, max_cycle=3)
+    with pytest.raises(TypeError, match="warm_start=False"):
+        pgkd.distill(tmp_path, student=CentroidStudent(["a"]), warm_start=False)
     with pytest.raises(pgkd.errors.UserError, match="an object with a generate"):
         pgkd.distill(make_toy_dataset(tmp_path / "toy"), teacher=object())
     with pytest.raises(pgkd.errors.UserError, match=r"data\[1\]: empty text"):

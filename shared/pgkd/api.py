@@ -29,6 +29,9 @@ def distill(data, teacher="pool-guided", student="minilm", out: str | Path | Non
                         f"`pgkd distill`: {', '.join(f for f in DistillConfig.model_fields if f not in ('data',))}")
     teacher_object = None if isinstance(teacher, str) else ObjectTeacher(teacher)
     student_object = None if isinstance(student, (str, Path)) else student
+    if student_object is not None and options.get("warm_start") is False:
+        raise TypeError("pgkd.distill: warm_start=False retrains a fresh student each cycle, which pgkd can make "
+                        "from a student's name or folder, not from an object")
     config = DistillConfig(data=str(data) if isinstance(data, (str, Path)) else "python:samples",
                            teacher=teacher if teacher_object is None else f"python:{teacher_object.name}",
                            student=str(student) if student_object is None else f"python:{type(student).__qualname__}",

@@ -104,22 +104,23 @@ def distill_splits(config: DistillConfig, dataset: Dataset, splits: Splits, prog
         log_cycle(config, cycles[-1], history)
         decision = stop_decision(config, history, cycles)
         if decision.stop:
+            stop_reason = decision.reason
             break
         # 4. Mine the student's mistakes, 5. ask the teacher for samples aimed at them, screen, add.
         cycle += 1
         mined = mine_cycle(config, validation, evaluation.probs, labels, cycle)
         lesson = teach(config, teacher, splits, train, mined, evaluation.validation,
                        config.samples_wanted(sum(c.generated for c in cycles)), cycle)
-        if lesson.stop_reason:
-            decision.reason = lesson.stop_reason
+        if lesson.stop_reason:           # the teacher is unavailable, or has nothing left to give
+            stop_reason = lesson.stop_reason
             break
         train, provenance = train + lesson.accepted, lesson.provenance
 
-    log(f"pgkd: stop: {decision.reason}")
+    log(f"pgkd: stop: {stop_reason}")
     best_cycle = config.policy().best_cycle(history)
     best = restored(student, best_state)
     report = finish(config, dataset, splits, best, best_cycle, cycles, reports, baseline_test, train,
-                    describe(teacher), decision.reason, time.perf_counter() - started)
+                    describe(teacher), stop_reason, time.perf_counter() - started)
     return DistillResult(report=report, student=best)
 
 
