@@ -76,3 +76,37 @@ def test_a_submitted_run_completes_over_the_real_broker_and_matches_the_embedded
         for process in processes.processes.values():
             if process.poll() is None:
                 process.kill()
+
+
+def test_the_trainer_killed_mid_round_over_the_real_broker_is_redelivered_its_message(kafka_url, tmp_path):
+    """SIGKILL while the trainer holds cycle 1's SamplesGenerated (its offset not committed): a new
+    trainer in the same consumer group is given it again, and the run completes unchanged."""
+    import signal
+    import time
+
+    from test_services_redis import CRASH_CONFIG, check_run_integrity
+    processes = ServiceProcesses(kafka_url, tmp_path)
+    try:
+        assert processes.pgkd("topics", "create").returncode == 0
+        data = make_toy_dataset(tmp_path / "toy", train_per_class=300)
+        submitted = processes.pgkd("submit", "--data", str(data), "--run-id", "crash", *cli_options(
+            {k: str(v) for k, v in CRASH_CONFIG.items()}))
+        assert submitted.returncode == 0, submitted.stderr
+        for name in services.NAMES:
+            processes.start(name)
+        store, deadline = processes.store, time.monotonic() + 240
+        while not store.exists("runs/crash/train/v0001.jsonl"):      # written as the cycle-1 round starts
+            assert time.monotonic() < deadline, processes.log_tails()
+            time.sleep(0.05)
+        processes.processes["trainer"].send_signal(signal.SIGKILL)
+        processes.processes["trainer"].wait(10)
+        processes.start("trainer")
+        assert processes.wait_completed("crash", timeout=300)["status"] == "completed"
+        report = store.get_json("runs/crash/report.json")
+        check_run_integrity(store, "crash", report)
+        embedded = run(DistillConfig(data=str(data), **CRASH_CONFIG), tmp_path / "embedded", progress=False).report
+        assert comparable(report) == comparable(embedded.model_dump(mode="json"))
+    finally:
+        for process in processes.processes.values():
+            if process.poll() is None:
+                process.kill()
