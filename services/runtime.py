@@ -125,8 +125,8 @@ async def _bootstrap_kafka(url: str) -> None:
     broker that failed to connect unclosed, and aiokafka then warns about it at exit."""
     from aiokafka.client import AIOKafkaClient
     client = AIOKafkaClient(bootstrap_servers=url.partition("://")[2].split(","))
-    quiet = logging.getLogger("aiokafka")
-    level, quiet.level = quiet.level, logging.CRITICAL   # the one line we raise says it
+    quiet, level = logging.getLogger("aiokafka"), logging.getLogger("aiokafka").level
+    quiet.setLevel(logging.CRITICAL)       # the one line we raise says what failed
     try:
         await client.bootstrap()
     finally:
