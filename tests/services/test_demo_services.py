@@ -67,9 +67,15 @@ class Demo:
     def wait_for(self, text: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while not any(text in line for line in self.stderr):
-            assert self.process.poll() is None, "".join(self.stderr)
-            assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{''.join(self.stderr)}"
+            assert self.process.poll() is None, f"exited before {text!r}:\n{self.output()}"
+            assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{self.output()}"
             time.sleep(0.1)
+
+    def output(self) -> str:
+        """What it printed on stderr, and the end of each log, for a failure's message."""
+        logs = "".join(f"--- {log.name}\n{log.read_text(errors='replace')[-1500:]}\n"
+                       for log in sorted(self.folder.glob("*.log")))
+        return "".join(self.stderr) + logs
 
     def finish(self, timeout: float = 240) -> tuple[int, str, str]:
         stdout = self.process.stdout.read()
@@ -107,7 +113,7 @@ def demo(tmp_path):
 def test_a_run_on_the_local_cluster_prints_its_cycles_and_table_and_stops_everything(demo):
     d = demo()
     code, stdout, stderr = d.finish()
-    assert code == 0, stderr
+    assert code == 0, d.output()
     cycles = [line for line in stderr.splitlines() if line.startswith("cycle ")]
     assert [line.split(":")[0] for line in cycles] == [f"cycle  {i}" for i in range(TINY["max_cycles"] + 1)]
     assert "baseline (cycle 0)" in stdout and "distilled (cycle" in stdout and "test macro-F1" in stdout
@@ -134,11 +140,11 @@ def test_an_interrupt_stops_everything_it_started(demo, sig):
         d.wait_for("local: prometheus")
         deadline = time.monotonic() + 60
         while not d.saw("service trainer"):
-            assert time.monotonic() < deadline, "".join(d.stderr)
+            assert time.monotonic() < deadline, d.output()
             time.sleep(0.1)
         d.process.send_signal(sig)
     code, _, stderr = d.finish(timeout=60)
-    assert code == 128 + sig, stderr
+    assert code == 128 + sig, d.output()
     assert "interrupted; everything it started is stopped" in stderr
     assert d.saw("tansu") and d.saw("teacher serve") and d.saw("service generator")
     assert d.left_behind() == []
