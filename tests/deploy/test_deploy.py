@@ -8,7 +8,7 @@
   context that holds what `pip install .` needs and nothing heavy; deploy/triton/Dockerfile: the Triton
   image, its model repository and command.
 - every manifest under k8s/ against the Kubernetes OpenAPI schemas (kubernetes-validate, strict), the
-  Strimzi KafkaTopics against the vendored Strimzi CRD schema, then the kustomization, the security
+  Strimzi KafkaTopics and KafkaUsers against the vendored Strimzi CRD schemas, then the kustomization, the security
   settings, probes, resources, GPU placement, Services and topics, for the five pgkd services (ingest: one
   replica, and the PGKD_STREAM_* configuration) and, with its own expectations, the Triton teacher. The
   opt-in monitoring component k8s/monitoring/ (Prometheus Operator kinds) is tests/deploy/test_k8s_monitoring.py's.
@@ -184,12 +184,16 @@ def quantity(value) -> float:
     return float(number) * (units[unit] if unit else 1)
 
 
-# Strimzi's KafkaTopic is a custom resource: kubernetes-validate bundles only the built-in kinds and raises
-# SchemaNotFoundError for it. KafkaTopics are validated instead against the openAPIV3Schema of Strimzi's
-# own CRD (vendored, see tests/deploy/schemas/README.md), made strict the way kubernetes-validate's schemas are.
+# Strimzi's KafkaTopic and KafkaUser are custom resources: kubernetes-validate bundles only the built-in kinds
+# and raises SchemaNotFoundError for them. They are validated instead against the openAPIV3Schema of Strimzi's
+# own CRDs (vendored, see tests/deploy/schemas/README.md), made strict the way kubernetes-validate's schemas are.
+STRIMZI_CRDS = {"KafkaTopic": "strimzi-kafkatopic-crd.yaml", "KafkaUser": "strimzi-kafkauser-crd.yaml"}
+
+
 @cache
 def crd_schema(api_version: str, kind: str) -> dict:
-    crd = load_yaml(SCHEMAS / "strimzi-kafkatopic-crd.yaml")
+    assert kind in STRIMZI_CRDS, f"no vendored CRD for {kind}"
+    crd = load_yaml(SCHEMAS / STRIMZI_CRDS[kind])
     group, version = api_version.split("/")
     assert (crd["spec"]["group"], crd["spec"]["names"]["kind"]) == (group, kind), f"no vendored CRD for {kind}"
     served = [v for v in crd["spec"]["versions"] if v["name"] == version and v["served"]]
@@ -669,14 +673,15 @@ def test_kustomization_lists_every_manifest_and_nothing_else():
 
 
 def settings_the_code_reads() -> set[str]:
-    """Every PGKD_* variable the services read: their Settings (by reading how it is built) and the
-    stream's settings (one variable per field)."""
+    """Every PGKD_* variable the services read: their Settings (by reading how it is built), the
+    stream's settings (one variable per field) and the Kafka security settings (kafka_security.VARIABLES)."""
     from pgkd.stream import StreamSettings
 
+    from pgkd_services.kafka_security import VARIABLES as KAFKA_SECURITY
     from pgkd_services.runtime import Settings
     import inspect
     read = set(re.findall(r'"(PGKD_[A-Z_]+)"', inspect.getsource(Settings.from_env)))
-    return read | {StreamSettings.variable(field) for field in StreamSettings.model_fields}
+    return read | {StreamSettings.variable(field) for field in StreamSettings.model_fields} | set(KAFKA_SECURITY)
 
 
 def test_the_configmap_sets_only_what_the_code_reads_and_in_the_one_namespace():
