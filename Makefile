@@ -13,11 +13,11 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: system $(STAMP)
 
-# Real servers the tests start on loopback ports: Redis (the services' multi-process bus) and
-# Prometheus with promtool (the stop policy's metrics, the alert rules).
+# Real servers the tests start on loopback ports: Prometheus with promtool (the stop policy's
+# metrics, the alert rules). The Kafka-protocol broker (Tansu) comes in a Python wheel, below.
 system:
-	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-	  { apt-get update -qq && apt-get install -y -qq redis-server prometheus >/dev/null; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
 
 # torch first, pinned: pip then takes the local CPU wheel instead of GBs of CUDA packages.
 $(STAMP): pyproject.toml

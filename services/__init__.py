@@ -12,7 +12,9 @@ def build(name: str, **options):
     if name not in ALL:
         from pgkd.errors import UserError
         raise UserError(f"unknown service {name!r}; one of {', '.join(ALL)}")
-    return importlib.import_module(f"pgkd_services.{name}").build(**options)
+    service = importlib.import_module(f"pgkd_services.{name}").build(**options)
+    service.listen()
+    return service
 
 
 def consumer_groups(settings) -> dict[str, list[str]]:

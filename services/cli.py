@@ -22,9 +22,8 @@ from pgkd.loop.report import RunReport
 from pgkd.distributed.steps import CycleState, RunFiles, prepare_request, record_request
 from tqdm.auto import tqdm
 
-from pgkd_services import ALL, build, consumer_groups
-from pgkd_services.runtime import (CONNECT_TIMEOUT, Settings, broker_errors, broker_kind, connected, create_redis_groups,
-                              make_broker, send)
+from pgkd_services import ALL, build, kafka_security
+from pgkd_services.runtime import CONNECT_TIMEOUT, Settings, bootstrap_servers, broker_errors, connected, make_broker, send
 
 
 def serve(name: str) -> int:
@@ -39,9 +38,6 @@ async def _publish_request(settings: Settings, store: ArtifactStore, request: Ru
     """Record the run, then publish it. The broker is reached first, so an unreachable one leaves no
     run behind; a publish that fails after that marks the run as not submitted."""
     broker = make_broker(settings.broker_url)
-    if broker_kind(broker) == "redis":  # groups first, or services that start later would skip the request
-        await create_redis_groups(settings.broker_url, {t: g for g, topics in consumer_groups(settings).items()
-                                                        for t in topics})
     files = RunFiles(request.run_id)
     async with connected(broker, settings.broker_url):
         record_request(store, request)
@@ -130,17 +126,10 @@ def status(run_id: str) -> int:
 
 
 def create_topics(partitions: int, replication_factor: int) -> int:
-    """Kafka: every topic, through kafka-python's admin client. Redis: every stream and consumer
-    group. Both idempotent: what exists is left as it is."""
+    """Every topic, through kafka-python's admin client; idempotent: what exists is left as it is."""
     settings = Settings.from_env()
     topics = [settings.topic_prefix + t for t in TOPICS]
-    if broker_kind(make_broker(settings.broker_url)) == "redis":
-        groups = consumer_groups(settings)
-        asyncio.run(create_redis_groups(settings.broker_url, {t: g for g, ts in groups.items() for t in ts}))
-        print(f"redis: consumer groups ready for {', '.join(sorted({t for ts in groups.values() for t in ts}))}")
-        return 0
-    created = create_kafka_topics(settings.broker_url.partition("://")[2].split(","), topics, partitions,
-                                  replication_factor)
+    created = create_kafka_topics(bootstrap_servers(settings.broker_url), topics, partitions, replication_factor)
     print(f"kafka: created {len(created)} topic(s){': ' + ', '.join(created) if created else ''}; "
           f"{len(topics) - len(created)} existed")
     return 0
@@ -152,7 +141,8 @@ def create_kafka_topics(bootstrap: list[str], topics: list[str], partitions: int
     from kafka.errors import KafkaError, TopicAlreadyExistsError
     try:
         admin = admin or KafkaAdminClient(bootstrap_servers=bootstrap, client_id="pgkd-topics",
-                                          bootstrap_timeout_ms=int(CONNECT_TIMEOUT * 1000))
+                                          bootstrap_timeout_ms=int(CONNECT_TIMEOUT * 1000),
+                                          **kafka_security.current().kafka_python())
         missing = [t for t in topics if t not in set(admin.list_topics())]
         created = []
         for topic in missing:  # one at a time: another creator racing us costs one topic, not the batch
@@ -217,18 +207,12 @@ def read_sample_messages(path: Path, text_column: str, label_column: str, source
 
 def send_samples(path: str, text_column: str = "text", label_column: str = "label", source: str | None = None,
                  progress: bool = True, producer=None) -> int:
-    """`pgkd send FILE`: each row to the labeled-samples topic, with kafka-python's producer for Kafka
-    and the FastStream Redis broker's for Redis."""
+    """`pgkd send FILE`: each row to the labeled-samples topic, with kafka-python's producer."""
     settings = Settings.from_env()
     bodies = read_sample_messages(Path(path), text_column, label_column, source)
     topic = settings.topic_prefix + LabeledSample.topic
     bar = tqdm(total=len(bodies), desc=f"send {Path(path).name}", unit="sample", disable=not progress)
-    scheme, _, rest = settings.broker_url.partition("://")
-    if scheme == "kafka" and rest:
-        _send_kafka(rest.split(","), topic, bodies, bar, producer)
-    else:
-        make_broker(settings.broker_url)   # checks the URL
-        asyncio.run(_send_redis(settings, topic, bodies, bar))
+    _send_kafka(bootstrap_servers(settings.broker_url), topic, bodies, bar, producer)
     bar.close()
     print(f"sent {len(bodies)} sample(s) from {path} to {topic} ({settings.broker_url}); "
           "the ingest service validates them: rejected ones go to the dead-letter topic with the reason")
@@ -240,7 +224,8 @@ def _send_kafka(bootstrap: list[str], topic: str, bodies: list[bytes], bar, prod
     from kafka.errors import KafkaError
     try:
         producer = producer or KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                                             client_id="pgkd-send", bootstrap_timeout_ms=int(CONNECT_TIMEOUT * 1000))
+                                             client_id="pgkd-send", bootstrap_timeout_ms=int(CONNECT_TIMEOUT * 1000),
+                                             **kafka_security.current().kafka_python())
         futures = []
         for body in bodies:
             futures.append(producer.send(topic, value=body))
@@ -253,21 +238,6 @@ def _send_kafka(bootstrap: list[str], topic: str, bodies: list[bytes], bar, prod
     finally:
         if producer is not None:
             producer.close()
-
-
-async def _send_redis(settings: Settings, topic: str, bodies: list[bytes], bar) -> None:
-    # The groups first, or an ingest service that starts later would skip what was sent before.
-    await create_redis_groups(settings.broker_url, {t: g for g, topics in consumer_groups(settings).items()
-                                                    for t in topics})
-    broker = make_broker(settings.broker_url)
-    async with connected(broker, settings.broker_url):
-        try:
-            for body in bodies:
-                await send(broker, body, topic)
-                bar.update(1)
-        except broker_errors() as e:
-            raise UserError(f"PGKD_BROKER_URL={settings.broker_url}: cannot publish after {bar.n} of "
-                            f"{len(bodies)} sample(s) ({type(e).__name__}: {e})") from None
 
 
 def stream_status(name: str) -> int:
@@ -336,7 +306,7 @@ def register(sub, distill_arguments) -> None:
     stream_status_parser.add_argument("name", nargs="?", default="default",
                                       help="the stream (PGKD_STREAM; default: default)")
     stream_status_parser.set_defaults(func=lambda args: stream_status(args.name))
-    topics = sub.add_parser("topics", help="create the message topics (Kafka) or consumer groups (Redis)")
+    topics = sub.add_parser("topics", help="create the message topics")
     topics_sub = topics.add_subparsers(dest="topics", required=True, parser_class=Parser)
     create = topics_sub.add_parser("create", help="idempotent: existing topics are left as they are")
     create.add_argument("--partitions", type=int, default=3)

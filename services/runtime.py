@@ -2,8 +2,8 @@
 handling made idempotent, the dead-letter topic, and the HTTP side (/metrics, /healthz, /readyz).
 
 A service is a FastStream app whose handlers are engine steps (pgkd.distributed.steps): decode the message,
-call the step, publish what it returns. The same code runs over Kafka (production) and Redis
-Streams (multi-process tests, small installs); only `make_broker` knows which.
+call the step, publish what it returns. The bus is Kafka: Apache Kafka in production, the
+Kafka-compatible Tansu broker in the multi-process tests, FastStream's in-memory broker in the fast ones.
 
 Delivery is at least once: a message is acknowledged after its result is published. A handler
 records its output under the run's `handled/` folder in the artifact store before publishing, so a
@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from pgkd.distributed.steps import RunFiles, fail_run
 from pgkd.distributed.metrics import LoopMetrics
 from prometheus_client import REGISTRY, make_asgi_app
 from pydantic import ValidationError
+
+from pgkd_services import kafka_security
 
 log = logging.getLogger("pgkd.service")
 _metrics: LoopMetrics | None = None
@@ -52,7 +53,6 @@ class Settings:
     artifacts: str | None
     topic_prefix: str = "pgkd."
     metrics_port: int = 9100
-    claim_idle_ms: int = 600_000        # Redis: a message pending this long on a dead consumer is taken over
     graceful_timeout: float = 300.0     # on SIGTERM, wait this long for the message in flight
     prometheus_url: str | None = None   # the evaluator's stop policy reads Prometheus there
     prometheus_wait: float = 30.0       # seconds it waits for Prometheus to scrape the current cycle
@@ -60,11 +60,11 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         env = os.environ
+        kafka_security.current()   # PGKD_KAFKA_*: a bad one fails a service at start, a command before any work
         try:
-            return cls(broker_url=env.get("PGKD_BROKER_URL", "redis://127.0.0.1:6379"),
+            return cls(broker_url=env.get("PGKD_BROKER_URL", "kafka://127.0.0.1:9092"),
                        artifacts=env.get("PGKD_ARTIFACTS"), topic_prefix=env.get("PGKD_TOPIC_PREFIX", "pgkd."),
                        metrics_port=int(env.get("PGKD_METRICS_PORT", 9100)),
-                       claim_idle_ms=int(env.get("PGKD_CLAIM_IDLE_MS", 600_000)),
                        graceful_timeout=float(env.get("PGKD_GRACEFUL_TIMEOUT", 300)),
                        prometheus_url=env.get("PGKD_PROMETHEUS_URL") or None,
                        prometheus_wait=float(env.get("PGKD_PROMETHEUS_WAIT", 30)))
@@ -73,31 +73,32 @@ class Settings:
 
 
 def make_broker(url: str, graceful_timeout: float | None = None, app_name: str | None = None):
-    """`kafka://host:9092,host2:9092` or `redis://host:6379[/db]`. With `app_name`, FastStream's
-    Prometheus middleware counts and times the messages, in the default registry (/metrics)."""
+    """`kafka://host:9092,host2:9092`. With `app_name`, FastStream's Prometheus middleware counts and
+    times the messages, in the default registry (/metrics)."""
+    from faststream.kafka import KafkaBroker
+    from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+    middlewares = [KafkaPrometheusMiddleware(registry=REGISTRY, app_name=app_name)] if app_name else []
+    return KafkaBroker(bootstrap_servers(url), graceful_timeout=graceful_timeout, middlewares=middlewares,
+                       security=kafka_security.current().faststream())
+
+
+def bootstrap_servers(url: str) -> list[str]:
+    """The host:port list of `kafka://host:port[,host:port...]`; anything else is one line."""
     scheme, _, rest = url.partition("://")
-    if scheme == "kafka" and rest:
-        from faststream.kafka import KafkaBroker
-        from faststream.kafka.prometheus import KafkaPrometheusMiddleware
-        middlewares = [KafkaPrometheusMiddleware(registry=REGISTRY, app_name=app_name)] if app_name else []
-        return KafkaBroker(rest.split(","), graceful_timeout=graceful_timeout, middlewares=middlewares)
-    if scheme in ("redis", "rediss") and rest:
-        from faststream.redis import RedisBroker
-        from faststream.redis.prometheus import RedisPrometheusMiddleware
-        middlewares = [RedisPrometheusMiddleware(registry=REGISTRY, app_name=app_name)] if app_name else []
-        return RedisBroker(url, graceful_timeout=graceful_timeout, middlewares=middlewares)
-    raise UserError(f"PGKD_BROKER_URL={url}: expected kafka://host:port[,host:port...] or redis://host:port")
-
-
-def broker_kind(broker) -> str:
-    return "kafka" if type(broker).__name__.startswith("Kafka") else "redis"
+    servers = [s.strip() for s in rest.split(",") if s.strip()]
+    if scheme != "kafka" or not servers:
+        raise UserError(f"PGKD_BROKER_URL={url}: expected kafka://host:port[,host:port...]")
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UserError(f"PGKD_BROKER_URL={url}: {server!r} is not host:port")
+    return servers
 
 
 def broker_errors() -> tuple[type[BaseException], ...]:
-    """What a broker that is down or unreachable raises, from either client library."""
+    """What a broker that is down or unreachable raises."""
     from aiokafka.errors import KafkaError
-    from redis.exceptions import RedisError
-    return OSError, asyncio.TimeoutError, KafkaError, RedisError
+    return OSError, asyncio.TimeoutError, KafkaError
 
 
 @contextlib.asynccontextmanager
@@ -105,8 +106,7 @@ async def connected(broker, url: str):
     """The broker, connected for a command (not a service): one that cannot be reached is one line,
     and its client is closed either way (no 'Unclosed AIOKafkaProducer')."""
     try:
-        if broker_kind(broker) == "kafka":
-            await asyncio.wait_for(_bootstrap_kafka(url), CONNECT_TIMEOUT)
+        await asyncio.wait_for(_bootstrap_kafka(url), CONNECT_TIMEOUT)
         await asyncio.wait_for(broker.connect(), CONNECT_TIMEOUT)
     except broker_errors() as e:
         await _quietly_stop(broker)
@@ -124,11 +124,20 @@ async def _bootstrap_kafka(url: str) -> None:
     """Reach the Kafka brokers with a client of our own first: FastStream leaves the producer of a
     broker that failed to connect unclosed, and aiokafka then warns about it at exit."""
     from aiokafka.client import AIOKafkaClient
-    client = AIOKafkaClient(bootstrap_servers=url.partition("://")[2].split(","))
+    from aiokafka.errors import KafkaError
+    security = kafka_security.current()
+    client = AIOKafkaClient(bootstrap_servers=bootstrap_servers(url), **security.aiokafka())
     quiet, level = logging.getLogger("aiokafka"), logging.getLogger("aiokafka").level
     quiet.setLevel(logging.CRITICAL)       # the one line we raise says what failed
     try:
         await client.bootstrap()
+    except (KeyError, ValueError) as e:
+        if not security.uses_sasl:
+            raise
+        # aiokafka's SCRAM client fails so on a refusal it cannot parse (Tansu answers `e=unknown-user`)
+        detail = "the server's answer has no signature" if isinstance(e, KeyError) else str(e)
+        raise KafkaError(f"SASL {security.sasl_mechanism} authentication as {security.sasl_username} failed: "
+                         f"{detail}") from None
     finally:
         quiet.setLevel(level)
         await client.close()
@@ -148,31 +157,8 @@ def _reason(e: BaseException) -> str:
 
 
 async def send(broker, body: bytes, topic: str, key: str | None = None) -> None:
-    """Publish to a Kafka topic (keyed by run, so one run's messages stay in one partition, in
-    order) or to the Redis stream of the same name."""
-    if broker_kind(broker) == "kafka":
-        await broker.publish(body, topic, key=key.encode() if key else None)
-    else:
-        await broker.publish(body, stream=topic)
-
-
-async def create_redis_groups(url: str, groups: dict[str, str]) -> None:
-    """Create each stream's consumer group from the stream's start, unless it exists. Left to
-    FastStream, a group starts at the stream's end, and a run submitted before the service first
-    started would wait forever."""
-    import redis.asyncio as redis
-    client = redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
-    try:
-        for stream, group in groups.items():
-            try:
-                await client.xgroup_create(stream, group, id="0", mkstream=True)
-            except redis.ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
-    except redis.ConnectionError as e:
-        raise UserError(f"PGKD_BROKER_URL={url}: cannot reach the broker ({_reason(e)})") from None
-    finally:
-        await client.aclose()
+    """Publish to a Kafka topic, keyed by run: one run's messages stay in one partition, in order."""
+    await broker.publish(body, topic, key=key.encode() if key else None)
 
 
 class Service:
@@ -186,9 +172,9 @@ class Service:
         self.metrics = metrics or default_metrics()
         self.store = store or ArtifactStore(self.settings.artifacts)
         self.group = f"{self.settings.topic_prefix}{name}"
-        self.consumer = f"{name}-{socket.gethostname()}-{os.getpid()}"
         self._busy = asyncio.Lock()     # one message at a time: steps are heavy and share the process's cache
         self.subscriptions: list[str] = []   # topics this service consumes, as group `self.group`
+        self._handlers: dict[str, Callable[[bytes], Awaitable[None]]] = {}
 
     def topic(self, name: str) -> str:
         return f"{self.settings.topic_prefix}{name}"
@@ -204,30 +190,25 @@ class Service:
 
     def subscribe(self, topic: str, handler: Callable[[bytes], Awaitable[None]], kind: str) -> None:
         """Deliver each message's body from `topic` (full name) to `handler`, in this service's consumer
-        group; acknowledged when the handler returns, redelivered when it raises."""
+        group, once `listen` has run; acknowledged when the handler returns, redelivered when it raises."""
         self.subscriptions.append(topic)
+        self._handlers[topic] = handler
         self.metrics.consuming(topic)
 
-        async def handle(message=Context("message")) -> None:
-            await handler(message.body)
+    def listen(self) -> None:
+        """One Kafka consumer for all the service's topics. Two consumers in one group would rebalance
+        each other: on SIGTERM the idle one leaves first, the busy one's partitions are revoked in
+        the middle of its message, and its commit after the message goes stale (redelivered)."""
+        handlers = dict(self._handlers)
 
-        handle.__name__ = f"{self.name}_{kind.replace('-', '_')}"
-        if broker_kind(self.broker) == "kafka":
-            # Offsets are committed after the handler: a crash means redelivery, not loss. A long
-            # training round must not count as a dead consumer, hence the long poll interval.
-            self.broker.subscriber(topic, group_id=self.group, auto_offset_reset="earliest",
-                                   ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=3_600_000)(handle)
-        else:
-            from faststream.redis import StreamSub
-            # One message read at a time: a batch would sit pending, unhandled, long enough for the
-            # reclaiming subscriber below to take it for a dead consumer's and handle it twice.
-            self.broker.subscriber(stream=StreamSub(topic, group=self.group, consumer=self.consumer, max_records=1),
-                                   ack_policy=AckPolicy.NACK_ON_ERROR)(handle)
-            # Redis does not hand a dead consumer's pending messages to anyone by itself: this second
-            # subscriber claims those idle longer than PGKD_CLAIM_IDLE_MS (XAUTOCLAIM).
-            self.broker.subscriber(stream=StreamSub(topic, group=self.group, consumer=f"{self.consumer}-reclaim",
-                                                    min_idle_time=self.settings.claim_idle_ms),
-                                   ack_policy=AckPolicy.NACK_ON_ERROR)(handle)
+        async def handle(message=Context("message")) -> None:
+            await handlers[message.raw_message.topic](message.body)
+
+        handle.__name__ = f"{self.name}_messages"
+        # Offsets are committed after the handler: a crash means redelivery, not loss. A long training
+        # round must not count as a dead consumer, hence the long poll interval.
+        self.broker.subscriber(*handlers, group_id=self.group, auto_offset_reset="earliest",
+                               ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=3_600_000)(handle)
 
     async def handle(self, topic: str, body: bytes, message_type: type[Message], step) -> None:
         try:
@@ -237,6 +218,13 @@ class Service:
                                  for err in e.errors()[:3])
             await self.dead_letter(topic, body, f"not a valid {message_type.__name__}: {problems}")
             return
+        if not await asyncio.to_thread(self.store.exists, RunFiles(message.run_id).request):
+            # Every run is recorded before its first message is published: this one belongs to none,
+            # and failing "its" run would write a record for a run that never was.
+            await self.dead_letter(topic, body, f"run {message.run_id!r} is not recorded in {self.store.url}",
+                                   message)
+            return
+        log.info("%s: run %s cycle %d: %s received", self.name, message.run_id, message.cycle, message.kind)
         async with self._busy:  # not held while publishing: an in-memory test broker delivers in this call
             started = time.perf_counter()
             try:
@@ -303,11 +291,7 @@ class Service:
         async def alive(scope) -> AsgiResponse:
             return AsgiResponse(b"ok", 200)
 
-        async def create_groups() -> None:
-            if broker_kind(self.broker) == "redis":
-                await create_redis_groups(self.settings.broker_url, {topic: self.group for topic in self.subscriptions})
-
-        return AsgiFastStream(self.broker, on_startup=[create_groups], after_startup=[self.started], asgi_routes=[
+        return AsgiFastStream(self.broker, after_startup=[self.started], asgi_routes=[
             ("/metrics", make_asgi_app()),
             ("/healthz", alive),
             ("/readyz", make_ping_asgi(self.broker, timeout=5.0)),

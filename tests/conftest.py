@@ -86,35 +86,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def redis_url(tmp_path):
-    """A real Redis server on a free loopback port, for as long as the test runs."""
-    import shutil
-    import subprocess
-    import time
-
-    import redis
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed: `make setup` installs it")
-    port = free_port()
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        process.kill()
-        pytest.fail("redis-server did not start")
-    yield f"redis://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(10)
-
-
 class PrometheusServer:
     """A real Prometheus server on a free loopback port, scraping `targets` every second."""
 
@@ -194,11 +165,12 @@ def kafka_url(tmp_path):
 
 
 @pytest.fixture
-def services_over_redis(redis_url, tmp_path):
-    """The four services, started by the test with `.start(name)`; killed at the end if still running."""
+def services_over_kafka(kafka_url, tmp_path):
+    """The services as OS processes over the real broker, its topics created (3 partitions each);
+    started by the test with `.start(name)`, killed at the end if still running."""
     from service_processes import ServiceProcesses
-    processes = ServiceProcesses(redis_url, tmp_path)
+    processes = ServiceProcesses(kafka_url, tmp_path)
+    created = processes.pgkd("topics", "create")
+    assert created.returncode == 0, created.stderr
     yield processes
-    for process in processes.processes.values():
-        if process.poll() is None:
-            process.kill()
+    processes.kill_all()

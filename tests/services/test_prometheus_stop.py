@@ -22,8 +22,8 @@ import pgkd_services as services
 PATIENCE = {**CONFIG, "patience": 2, "max_cycles": 6, "min_delta": 1.0}
 
 
-def test_the_run_stops_on_patience_read_from_prometheus(services_over_redis, tmp_path):
-    processes = services_over_redis
+def test_the_run_stops_on_patience_read_from_prometheus(services_over_kafka, tmp_path):
+    processes = services_over_kafka
     prometheus = PrometheusServer(tmp_path, processes.metrics_ports)
     try:
         processes.env["PGKD_PROMETHEUS_URL"] = prometheus.url

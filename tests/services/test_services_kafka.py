@@ -2,6 +2,7 @@
 run on these machines): their real handlers, the real engine steps, a real artifact store."""
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 from conftest import make_toy_dataset
@@ -107,6 +108,9 @@ def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consumin
     config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")), **{**CONFIG, "max_cycles": 1})
     good = steps.submit(config, bus.store, run_id="after-bad-ones")
     unknown_run = good.model_copy(update={"run_id": "never-submitted"})
+    other = DistillConfig(data=str(make_toy_dataset(tmp_path / "other", seed=1)), **{**CONFIG, "max_cycles": 1})
+    broken = steps.submit(other, bus.store, run_id="broken-dataset")
+    Path(broken.dataset.uri.removeprefix("file://")).write_bytes(b"damaged")   # recorded, then its data lost
     future = json.loads(good.model_dump_json()) | {"schema_version": 2}
 
     async def scenario():
@@ -115,21 +119,25 @@ def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consumin
             await send(broker, json.dumps(future).encode(), "pgkd.run-requested")
             await send(broker, b'{"run_id": "x", "cycle": -1}', "pgkd.negatives-mined")
             await send(broker, unknown_run.model_dump_json().encode(), "pgkd.run-requested")
+            await send(broker, broken.model_dump_json().encode(), "pgkd.run-requested")
             await send(broker, good.model_dump_json().encode(), "pgkd.run-requested")
     asyncio.run(scenario())
 
     letters = [DeadLetter.model_validate(m) for m in bus.seen["dead-letter"]]
     assert [(d.source_topic, d.service) for d in letters] == [
         ("pgkd.model-trained", "evaluator"), ("pgkd.run-requested", "trainer"),
-        ("pgkd.negatives-mined", "generator"), ("pgkd.run-requested", "trainer")]
+        ("pgkd.negatives-mined", "generator"), ("pgkd.run-requested", "trainer"), ("pgkd.run-requested", "trainer")]
     assert "not a valid ModelTrained" in letters[0].reason and letters[0].payload.endswith("not json")
     assert "schema_version" in letters[1].reason
     assert "cycle" in letters[2].reason
-    assert "never-submitted" in letters[3].payload and "ArtifactError" in letters[3].reason
+    assert "never-submitted" in letters[3].payload and "run 'never-submitted' is not recorded" in letters[3].reason
     assert letters[3].run_id == "never-submitted"
-    # The run whose step failed ends as failed, with the reason; the good run after it completes.
+    # A message of no recorded run is parked, not failed: no record is made up for a run that never was.
     outcomes = {m["run_id"]: RunCompleted.model_validate(m) for m in bus.seen["run-completed"]}
-    assert outcomes["never-submitted"].status == "failed" and "ArtifactError" in outcomes["never-submitted"].reason
+    assert "never-submitted" not in outcomes and not bus.store.exists("runs/never-submitted")
+    # A recorded run whose step fails ends as failed, with the reason; the good run after it completes.
+    assert "ArtifactError" in letters[4].reason and letters[4].run_id == "broken-dataset"
+    assert outcomes["broken-dataset"].status == "failed" and "ArtifactError" in outcomes["broken-dataset"].reason
     assert outcomes["after-bad-ones"].status == "completed"
 
 

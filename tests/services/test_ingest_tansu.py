@@ -1,7 +1,7 @@
-"""The ingest service as an OS process over a real Redis server, fed by `pgkd send`: a stream with
-bad messages in it, a run it triggers through the four loop services, and a restart mid-stream."""
+"""The ingest service as an OS process over the real Kafka-protocol broker (Tansu: Kafka-compatible,
+not Apache Kafka), fed by `pgkd send`: a stream with bad messages in it, a run it triggers through
+the four loop services, and a SIGKILL mid-stream."""
 import json
-import signal
 import time
 
 import pytest
@@ -57,8 +57,8 @@ def stored_texts(store) -> list[str]:
 
 
 def test_a_thousand_streamed_samples_five_percent_bad_are_stored_once_dead_lettered_and_trigger_a_run(
-        services_over_redis, tmp_path):
-    processes, store = services_over_redis, services_over_redis.store
+        services_over_kafka, tmp_path):
+    processes, store = services_over_kafka, services_over_kafka.store
     data, _ = base_run(tmp_path, store, **BASE)
     good = new_samples(data, 950)
     reasons = stream_file(tmp_path / "stream.jsonl", good, bad_rows(50))
@@ -94,18 +94,17 @@ def test_a_thousand_streamed_samples_five_percent_bad_are_stored_once_dead_lette
     assert processes.stop() == {name: 0 for name in services.ALL}
 
 
-def test_ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(services_over_redis, tmp_path):
-    processes, store = services_over_redis, services_over_redis.store
+def test_ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(services_over_kafka, tmp_path):
+    processes, store = services_over_kafka, services_over_kafka.store
     data, _ = base_run(tmp_path, store, **BASE)
     good = new_samples(data, 570)
     reasons = stream_file(tmp_path / "stream.jsonl", good, bad_rows(30))
     settings = dict(PGKD_STREAM_BASE_RUN="base", PGKD_STREAM_TRIGGER_COUNT="100000", PGKD_STREAM_DRIFT_WINDOW="100000")
-    sent = processes.pgkd("send", str(tmp_path / "stream.jsonl"), "--no-progress")   # all waiting in Redis
+    sent = processes.pgkd("send", str(tmp_path / "stream.jsonl"), "--no-progress")   # all waiting in the topic
     assert sent.returncode == 0, sent.stderr
     processes.start("ingest", **settings)
     wait_until(lambda: len(store.list("streams/default/samples")) >= 150, "150 samples stored", processes)
-    processes.processes["ingest"].send_signal(signal.SIGKILL)
-    processes.processes["ingest"].wait(10)
+    processes.kill("ingest")
     assert len(store.list("streams/default/samples")) < 570           # killed in the middle of the stream
 
     processes.start("ingest", **settings)
@@ -120,5 +119,5 @@ def test_ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(ser
     # Dead letters are at least once: the message in hand when the process died may be sent twice.
     assert {(d.payload, d.reason.split(":")[0]) for d in letters} == set(reasons.items())
     assert 30 <= len(letters) <= 31
-    assert processes.pending("labeled-samples", "ingest") == 0      # everything acknowledged
+    assert processes.uncommitted("labeled-samples", "ingest") == 0      # everything committed
     assert processes.stop()["ingest"] == 0
