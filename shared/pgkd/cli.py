@@ -149,6 +149,22 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
+    from pgkd.distributed.steps import export_checkpoint
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out}: not empty")
+    try:
+        export_checkpoint(ArtifactStore(args.artifacts), args.checkpoint, out)
+    except ArtifactError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {out}/ (a Hugging Face model folder: pgkd predict --model {out})")
+    return 0
+
+
 def _csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
@@ -202,6 +218,19 @@ def cmd_bench_stream(args) -> int:
     return 0
 
 
+def cmd_bench_bus(args) -> int:
+    from pathlib import Path
+
+    from pgkd.bench.bus import markdown, run_bus_bench
+    from pgkd.loop.config import DistillConfig
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "bench", "func", "out", "progress", "repeats")}
+    result = run_bus_bench(DistillConfig(**options), Path(args.out), repeats=args.repeats)
+    print(markdown(result), end="")
+    print(f"wrote {args.out}/bus.json, bus.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pgkd", description="Performance-Guided Knowledge Distillation")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -213,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.add_argument("texts", nargs="*", help="texts; none: JSON Lines on stdin")
     predict.set_defaults(func=cmd_predict)
+    export = sub.add_parser("export", help="a student in the artifact store (a run's checkpoint) as a model folder")
+    export.add_argument("checkpoint", help="its URI, e.g. the best student's that `pgkd submit --wait` prints")
+    export.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    export.add_argument("--artifacts", default=None, help="the artifact store's URL (default: PGKD_ARTIFACTS)")
+    export.set_defaults(func=cmd_export)
 
     for register in _command_plugins():   # the bus commands (pgkd_services) register themselves here
         register(sub, distill_arguments)
@@ -284,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--out", default="runs/bench/stream")
     stream.add_argument("--no-progress", dest="progress", action="store_false")
     stream.set_defaults(func=cmd_bench_stream)
+    bus = bench_sub.add_parser("bus", help="the distributed loop's cost: the same run embedded and through the "
+                                           "services' steps and the artifact store, side by side")
+    distill_arguments(bus, with_out=False)
+    bus.add_argument("--repeats", type=int, default=1, help="runs of each, alternating")
+    bus.add_argument("--out", default="runs/bench/bus")
+    bus.set_defaults(func=cmd_bench_bus, max_cycles=3)
     return parser
 
 

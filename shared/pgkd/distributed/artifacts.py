@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import uuid
 from pathlib import Path
@@ -56,13 +57,16 @@ class ArtifactStore:
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
-    def _path_of_uri(self, uri: str) -> str:
+    def key_of(self, uri: str) -> str:
         if not uri.startswith(self.url + "/"):
             raise ArtifactError(f"{uri}: not in this artifact store ({self.url})")
-        return self._path(uri[len(self.url) + 1:])
+        return uri[len(self.url) + 1:]
+
+    def _path_of_uri(self, uri: str) -> str:
+        return self._path(self.key_of(uri))
 
     # -- bytes ---------------------------------------------------------------------------------------------
-    def put_bytes(self, key: str, data: bytes) -> ArtifactRef:
+    def put_bytes(self, key: str, data: bytes, digest: str | None = None) -> ArtifactRef:
         path = self._path(key)
         if self.local:
             self.fs.makedirs(os.path.dirname(path), exist_ok=True)
@@ -74,7 +78,7 @@ class ArtifactStore:
             os.replace(tmp, path)
         else:
             self.fs.pipe_file(path, data)
-        return ArtifactRef(uri=self.uri(key), sha256=sha256_of(data), size=len(data))
+        return ArtifactRef(uri=self.uri(key), sha256=digest or sha256_of(data), size=len(data))
 
     def get_bytes(self, ref: ArtifactRef | str) -> bytes:
         """By reference (checked against its sha256) or by key."""
@@ -105,31 +109,113 @@ class ArtifactStore:
     def get_json(self, ref: ArtifactRef | str):
         return json.loads(self.get_bytes(ref))
 
-    # -- folders (model checkpoints) as one tar artifact --------------------------------------------------
+    # -- folders (model checkpoints) as a manifest of content-addressed files -----------------------------
+    # A folder is stored as a JSON manifest (file name -> sha256 and size) and one blob per file under
+    # blobs/sha256/<digest>, written only when the store lacks it: a file with the same bytes in another
+    # checkpoint (a tokenizer, the frozen word embeddings of every cycle) is stored once. The
+    # manifest's sha256 covers every file's, so a reference to it names the whole folder, immutably.
+    def put_files(self, key: str, files: dict[str, bytes], cache: str | Path | None = None) -> ArtifactRef:
+        """Store a folder given as {relative path: bytes}; with `cache`, also leave it unpacked there,
+        so that this machine never reads back what it wrote."""
+        entries = {}
+        for name, data in sorted(files.items()):
+            digest = sha256_of(data)
+            blob = blob_key(digest)
+            if not self.exists(blob):
+                self.put_bytes(blob, data, digest=digest)
+            entries[name] = {"sha256": digest, "size": len(data)}
+        ref = self.put_json(key, {"format": MANIFEST_FORMAT, "files": entries})
+        if cache is not None:
+            _unpack(Path(cache), ref.sha256, entries, lambda name, entry: files[name])
+        return ref
+
     def put_folder(self, key: str, folder: str | Path) -> ArtifactRef:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for path in sorted(Path(folder).rglob("*")):
-                if path.is_file():
-                    info = tar.gettarinfo(str(path), arcname=str(path.relative_to(folder)))
-                    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""  # same bytes, same sha
-                    with path.open("rb") as f:
-                        tar.addfile(info, f)
-        return self.put_bytes(key, buffer.getvalue())
+        folder = Path(folder)
+        return self.put_files(key, {str(p.relative_to(folder)): p.read_bytes()
+                                    for p in sorted(folder.rglob("*")) if p.is_file()})
 
     def get_folder(self, ref: ArtifactRef, cache: str | Path) -> Path:
-        """Unpack into `cache/<sha256>/` once; later calls reuse it."""
-        target = Path(cache) / ref.sha256
+        """The folder unpacked into `cache/<sha256>/` once; later calls reuse it. Each file is checked
+        against its sha256 and kept in `cache/blobs/`, so a file shared by several checkpoints is read
+        from the store once. (A checkpoint stored as one tar, before manifests, still unpacks.)"""
+        cache = Path(cache)
+        target = cache / ref.sha256
         if (target / ".complete").is_file():
             return target
-        staging = Path(cache) / f".{ref.sha256}.{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
-        with tarfile.open(fileobj=io.BytesIO(self.get_bytes(ref)), mode="r") as tar:
-            tar.extractall(staging, filter="data")
-        (staging / ".complete").touch()
-        try:
-            os.replace(staging, target)
-        except OSError:  # another worker unpacked it first
-            import shutil
-            shutil.rmtree(staging, ignore_errors=True)
+        data = self.get_bytes(ref)
+        if not data.startswith(b"{"):
+            return _untar(cache, ref.sha256, data)
+        manifest = json.loads(data)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ArtifactError(f"{ref.uri}: not a folder manifest ({manifest.get('format')!r})")
+        return _unpack(cache, ref.sha256, manifest["files"], lambda name, entry: self._blob(entry, cache))
+
+    def _blob(self, entry: dict, cache: Path) -> Path:
+        """A blob in the local cache, fetched and checked first if it is not there."""
+        path = cache / "blobs" / entry["sha256"]
+        if not path.is_file():
+            data = self.get_bytes(ArtifactRef(uri=self.uri(blob_key(entry["sha256"])), **entry))
+            _write_new(path, data)
+        return path
+
+
+MANIFEST_FORMAT = "pgkd-folder/1"
+
+
+def blob_key(digest: str) -> str:
+    return f"blobs/sha256/{digest}"
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _unpack(cache: Path, digest: str, entries: dict, source) -> Path:
+    """`cache/<digest>/`, each file hard-linked to its blob in `cache/blobs/` (copied where links do not
+    work). `source(name, entry)` gives the file's bytes, or the path of its blob in the cache already.
+    Folders in the cache are shared: read them, copy them, never write into them."""
+    target = cache / digest
+    if (target / ".complete").is_file():
         return target
+    for name in entries:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"{name}: a file name outside its folder")
+    staging = cache / f".{digest}.{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        for name, entry in entries.items():
+            blob = cache / "blobs" / entry["sha256"]
+            got = source(name, entry)
+            if not isinstance(got, Path) and not blob.is_file():
+                _write_new(blob, got)
+            path = staging / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(blob, path)
+            except OSError:
+                shutil.copyfile(blob, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _commit(staging, target)
+
+
+def _untar(cache: Path, digest: str, data: bytes) -> Path:
+    staging = cache / f".{digest}.{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        tar.extractall(staging, filter="data")
+    return _commit(staging, cache / digest)
+
+
+def _commit(staging: Path, target: Path) -> Path:
+    (staging / ".complete").touch()
+    try:
+        os.replace(staging, target)
+    except OSError:  # another worker unpacked it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

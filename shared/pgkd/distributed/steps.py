@@ -7,7 +7,11 @@ steps know nothing of the bus; services/ wires them to it.
 What a run keeps in the store, under runs/<run_id>/:
     request.json            the RunRequested message (configuration and source dataset)
     train/v0003.jsonl       the training set of cycle 3: the seed set plus each accepted batch
-    checkpoints/cycle-0003.tar, cycles/0003.json (the cycle's record and full validation report)
+    checkpoints/cycle-0003.json  the student of cycle 3: a manifest of its Hugging Face folder's files,
+                            each a content-addressed blob under blobs/sha256/ of the store (shared by
+                            every checkpoint that holds the same bytes: the frozen word embeddings)
+    cycles/0003.json        the cycle's record and full validation report
+    probs/0003.npy          the student's validation probabilities, which the miner mines
     teacher/state-0003.json the simulated teacher's state after answering cycle 3
     report.json, history.png, completed.json (the RunCompleted message) when the run ends
 Everything a step writes is a function of its input message, so running a step twice (a
@@ -16,10 +20,12 @@ redelivered message) writes the same bytes again.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -27,9 +33,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel
 
-from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
+from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore, sha256_of
 from pgkd.data import Dataset, Sample, Splits, load_dataset, make_splits
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import (
@@ -74,10 +81,13 @@ class RunFiles:
         return f"{self.base}/train/v{cycle:04d}.jsonl"
 
     def checkpoint(self, cycle: int) -> str:
-        return f"{self.base}/checkpoints/cycle-{cycle:04d}.tar"
+        return f"{self.base}/checkpoints/cycle-{cycle:04d}.json"
 
     def cycle_state(self, cycle: int) -> str:
         return f"{self.cycles}/{cycle:04d}.json"
+
+    def validation_probs(self, cycle: int) -> str:
+        return f"{self.base}/probs/{cycle:04d}.npy"
 
     def teacher_state(self, cycle: int) -> str:
         return f"{self.base}/teacher/state-{cycle:04d}.json"
@@ -91,6 +101,7 @@ class CycleState(BaseModel):
     test: EvalReport | None
     checkpoint: ArtifactRef
     train_set: ArtifactRef
+    validation_probs: ArtifactRef | None = None   # the student's, a row per validation sample (none in older runs)
 
 
 def checkpoint_cache() -> Path:
@@ -107,6 +118,13 @@ def shared_embeddings() -> EmbeddingCache:
     if _embeddings is None:
         _embeddings = EmbeddingCache()
     return _embeddings
+
+
+def forget_process_state() -> None:
+    """What a fresh process has: no sentence embeddings, no run contexts (benchmarks, tests)."""
+    global _embeddings
+    _embeddings = None
+    _contexts.clear()
 
 
 # -- submitting ----------------------------------------------------------------------------------------------
@@ -221,12 +239,36 @@ def read_samples_artifact(store: ArtifactStore, ref: ArtifactRef) -> list[Sample
     return [Sample.model_validate_json(line) for line in store.get_bytes(ref).decode().splitlines() if line]
 
 
+def store_checkpoint(store: ArtifactStore, key: str, student) -> ArtifactRef:
+    """The student's Hugging Face folder as a manifest of content-addressed files: only the files
+    that changed are written (training leaves the word embeddings as they are), and the folder is
+    left unpacked in this machine's checkpoint cache, so that no service here reads it back."""
+    if hasattr(student, "checkpoint_files"):
+        files = student.checkpoint_files()
+    else:   # any other student: the folder its `save` writes
+        with tempfile.TemporaryDirectory() as folder:
+            student.save(folder)
+            files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return store.put_files(key, files, cache=checkpoint_cache())
+
+
 def load_checkpoint(store: ArtifactStore, ref: ArtifactRef, device: str):
     """A stored student, unpacked once into the local checkpoint cache."""
     student = load_student(store.get_folder(ref, checkpoint_cache()), device=device)
     if hasattr(student, "embed"):
         student.embed = shared_embeddings()
     return student
+
+
+def export_checkpoint(store: ArtifactStore, uri: str, out: str | Path) -> Path:
+    """A stored checkpoint, named by its URI alone, as a model folder of its own: each file is checked
+    against the sha256 its manifest gives."""
+    data = store.get_bytes(store.key_of(uri))
+    ref = ArtifactRef(uri=uri, sha256=sha256_of(data), size=len(data))
+    with tempfile.TemporaryDirectory() as cache:
+        shutil.copytree(store.get_folder(ref, cache), out, ignore=shutil.ignore_patterns(".complete"),
+                        dirs_exist_ok=True)
+    return Path(out)
 
 
 # -- trainer ---------------------------------------------------------------------------------------------
@@ -251,9 +293,7 @@ def train(message: RunRequested | SamplesGenerated, store: ArtifactStore, progre
     train_ref = _put_samples(store, ctx.files.train_set(cycle), train_set)
     trained = train_round(config, student, train_set, ctx.splits.validation, cycle, warm, progress=progress,
                           name=f"{message.run_id} ")
-    with tempfile.TemporaryDirectory() as folder:
-        student.save(folder)
-        checkpoint = store.put_folder(ctx.files.checkpoint(cycle), folder)
+    checkpoint = store_checkpoint(store, ctx.files.checkpoint(cycle), student)
     return ModelTrained(run_id=message.run_id, cycle=cycle, checkpoint=checkpoint, train_set=train_ref,
                         train_size=len(train_set), training=TrainingRound.model_validate(trained, from_attributes=True),
                         provenance=provenance, cycle_started=started)
@@ -286,8 +326,11 @@ def evaluate(message: ModelTrained, store: ArtifactStore, metrics: LoopMetrics |
     best_cycle = policy.best_cycle(history)
     record = cycle_record(config, cycle, message.train_size, evaluation, message.provenance, message.training,
                           best_cycle == cycle, time.time() - message.cycle_started)
+    probs = io.BytesIO()
+    np.save(probs, np.asarray(evaluation.probs), allow_pickle=False)
     state = CycleState(record=record, validation=evaluation.validation, test=evaluation.test,
-                       checkpoint=message.checkpoint, train_set=message.train_set)
+                       checkpoint=message.checkpoint, train_set=message.train_set,
+                       validation_probs=store.put_bytes(ctx.files.validation_probs(cycle), probs.getvalue()))
     store.put_json(ctx.files.cycle_state(cycle), state.model_dump(mode="json"))
     states.append(state)
     if metrics is not None:  # every cycle again: a restarted evaluator exports the whole run
@@ -362,11 +405,17 @@ def fail_run(store: ArtifactStore, run_id: str, cycle: int, reason: str) -> RunC
 # -- miner -----------------------------------------------------------------------------------------------
 
 def mine(message: CycleEvaluated, store: ArtifactStore) -> NegativesMined:
-    """The mistakes of the student just evaluated, for the next cycle's teacher request."""
+    """The mistakes of the student just evaluated, for the next cycle's teacher request: mined from
+    the validation probabilities the evaluator stored, as the embedded run mines its evaluation's
+    (the student runs again only for a cycle recorded without them, or for another checkpoint)."""
     ctx = run_context(store, message.run_id)
     cycle = message.cycle + 1
-    student = load_checkpoint(store, message.checkpoint, ctx.config.device)
-    report, probs = evaluate_student(student, ctx.splits.validation, ctx.labels)
+    state = CycleState.model_validate(store.get_json(ctx.files.cycle_state(message.cycle)))
+    if state.validation_probs is not None and state.checkpoint == message.checkpoint:
+        report, probs = state.validation, np.load(io.BytesIO(store.get_bytes(state.validation_probs)))
+    else:
+        student = load_checkpoint(store, message.checkpoint, ctx.config.device)
+        report, probs = evaluate_student(student, ctx.splits.validation, ctx.labels)
     mined = mine_cycle(ctx.config, ctx.splits.validation, probs, ctx.labels, cycle)
     return NegativesMined(run_id=message.run_id, cycle=cycle, mined=mined, report=report,
                           train_set=message.train_set, best_checkpoint=message.best_checkpoint,

@@ -7,14 +7,17 @@ on validation loss within the round); `predict_proba` runs batched, length-sorte
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
 
 from pgkd.data import Sample
@@ -78,6 +81,9 @@ def length_sorted_batches(ids: list[list[int]], batch_size: int) -> list[list[in
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+# The weight shards of `checkpoint_files`: the input embeddings, then everything else.
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
 # An epoch is better only if it lowers the best validation loss by more than this: noise of the last
 # digits must not reset patience.
 MIN_LOSS_GAIN = 1e-4
@@ -137,6 +143,29 @@ class FineTunedStudent:
         self.model.config.pgkd_student = self.spec
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """The Hugging Face folder `save` writes, in memory, with the weights in two shards: the input
+        embeddings (frozen in every round but the tiny student's, so the same bytes cycle after cycle,
+        which a content-addressed store keeps once) and the rest. `load` reads it as it is."""
+        self.model.config.pgkd_student = self.spec
+        embeddings = self.model.get_input_embeddings().weight
+        self.model.config.architectures = [type(self.model).__name__]
+        self.model.config.dtype = str(embeddings.dtype).removeprefix("torch.")
+        shards: dict[str, dict[str, torch.Tensor]] = {SHARDS[0]: {}, SHARDS[1]: {}}
+        for name, tensor in self.model.state_dict().items():
+            shard = SHARDS[0] if tensor.data_ptr() == embeddings.data_ptr() else SHARDS[1]
+            shards[shard][name] = tensor.detach().to("cpu").contiguous()
+        files = {shard: safetensors_save(tensors, metadata={"format": "pt"}) for shard, tensors in shards.items()}
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for ts in shards.values()
+                                                for t in ts.values())},
+                 "weight_map": {name: shard for shard, tensors in shards.items() for name in sorted(tensors)}}
+        files["model.safetensors.index.json"] = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+        with tempfile.TemporaryDirectory() as folder:   # config and tokenizer: small files, as save writes them
+            self.model.config.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+            files |= {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+        return files
 
     def with_labels(self, labels: list[str]) -> "FineTunedStudent":
         """This student for a taxonomy that grew: each known label keeps its row of the classification
