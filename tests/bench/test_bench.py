@@ -105,3 +105,17 @@ def test_bench_stream_counts_every_message_and_records_the_triggered_run_and_its
     capsys.readouterr()
     assert main([*argv[:-3], "--out", str(tmp_path / "other"), "--no-progress"]) == 2
     assert "holds more than an earlier `bench stream` wrote" in capsys.readouterr().err
+
+
+def test_bench_bus_runs_embedded_and_through_the_steps_and_finds_the_same_report(tmp_path, capsys):
+    data = make_toy_dataset(tmp_path / "toy")
+    out = tmp_path / "bus"
+    assert main(["bench", "bus", "--data", str(data), "--student", "tiny", "--teacher", "pool-random",
+                 "--labeled", "40", "--samples-per-cycle", "8", "--max-cycles", "1", "--epochs", "1",
+                 "--cycle-epochs", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "bus.json").read_text())
+    assert result["reports_identical"] and result["cycles"] == 2 and result["config"]["max_cycles"] == 1
+    assert len(result["wall"]["embedded"]) == len(result["wall"]["steps"]) == 1 and result["ratio"] > 0
+    assert result["steps_seconds"]["store_checkpoint"] > 0 and result["store_bytes"]["write"] > 0
+    assert not (out / "work").exists()           # the steps' store and cache are removed after each run
+    assert "Ratio of the wall times" in capsys.readouterr().out
