@@ -78,8 +78,10 @@ def make_broker(url: str, graceful_timeout: float | None = None, app_name: str |
     from faststream.kafka import KafkaBroker
     from faststream.kafka.prometheus import KafkaPrometheusMiddleware
     middlewares = [KafkaPrometheusMiddleware(registry=REGISTRY, app_name=app_name)] if app_name else []
+    # Topics come from `pgkd topics create` (or Strimzi's KafkaTopics): a service whose Kafka user may
+    # only read and write its own topics must not try to create them when it subscribes.
     return KafkaBroker(bootstrap_servers(url), graceful_timeout=graceful_timeout, middlewares=middlewares,
-                       security=kafka_security.current().faststream())
+                       security=kafka_security.current().faststream(), allow_auto_create_topics=False)
 
 
 def bootstrap_servers(url: str) -> list[str]:
