@@ -167,6 +167,8 @@ class LocalCluster:
                                         f"{self.log_path(name)}\n{self.tail(name)}") from None
                     continue
                 del self._starting[name]
+                if process.poll() is not None:    # a command that has done its work
+                    del self.processes[name]
                 if message:
                     self.say(message)
             if self._starting and time.monotonic() > deadline:
@@ -243,7 +245,9 @@ def _exited_cleanly(process: subprocess.Popen) -> None:
 
 
 def _stop_sessions(processes: list[subprocess.Popen]) -> None:
-    """Each process and what it started (its session: the same process group), gracefully if they can."""
+    """Each process and what it started (its session: the same process group), gracefully if they can.
+    One already reaped is left alone: its group's id may since belong to a process not ours."""
+    processes = [p for p in processes if p.returncode is None]
     def signal_group(process, sig) -> None:
         try:
             os.killpg(process.pid, sig)
