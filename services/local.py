@@ -30,9 +30,9 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 from pgkd.errors import UserError
-
 from pgkd_services import NAMES
 
 MARKER = ".pgkd-local-cluster"   # a folder holding it is ours to empty at the next start
@@ -77,7 +77,7 @@ class LocalCluster:
                     "PGKD_GRACEFUL_TIMEOUT": "5"}
 
     # -- starting -----------------------------------------------------------------------------------------
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> Self:
         """Tansu, then Prometheus and the topics (`pgkd topics create`) side by side."""
         self._prepare_folder()
         try:
@@ -322,9 +322,8 @@ def _parse(argv: list[str]):
 
 def _check(args) -> None:
     """Bad options are one line now, not after the cluster has started."""
-    from pydantic import ValidationError
-
     from pgkd.loop.config import DistillConfig
+    from pydantic import ValidationError
     try:
         DistillConfig(**{k: v for k, v in vars(args).items() if k not in ("folder", "serve_teacher", "progress")})
     except ValidationError as e:

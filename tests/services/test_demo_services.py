@@ -103,7 +103,7 @@ def demo(tmp_path):
     for d in demos:          # a failed test still leaves nothing running
         if d.process.poll() is None:
             os.killpg(d.process.pid, signal.SIGKILL)
-        for (pid, _), _ in d.seen.items():
+        for pid, _ in d.seen:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
