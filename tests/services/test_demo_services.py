@@ -83,10 +83,17 @@ class Demo:
         self._reader.join(10)
         return code, stdout, "".join(self.stderr)
 
-    def left_behind(self) -> list[str]:
-        table = process_table()
-        return [command for (pid, started), command in self.seen.items()
-                if pid in table and table[pid][1] == started]
+    def left_behind(self, grace: float = 10.0) -> list[str]:
+        """What is still running, after `grace` seconds for the stragglers that end by themselves once
+        their parent has (multiprocessing's resource tracker, tidying up after a service)."""
+        deadline = time.monotonic() + grace
+        while True:
+            table = process_table()
+            alive = [command for (pid, started), command in self.seen.items()
+                     if pid in table and table[pid][1] == started]
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.2)
 
     def saw(self, word: str) -> bool:
         return any(word in command for command in self.seen.values())
