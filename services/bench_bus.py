@@ -17,21 +17,12 @@ import time
 from pathlib import Path
 
 from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.loop.report import without_times
 
 from pgkd_services.local import LocalCluster
 
 OPTIONS = ("--labeled 1000 --teacher pool-guided --student minilm --samples-per-cycle 32 --max-cycles 3 "
            "--patience 5 --seed 1")   # `make demo`'s, 3 cycles, the guided simulation in process
-
-
-def comparable(report: dict) -> dict:
-    """A report without what differs between any two runs: wall times and the environment."""
-    report = json.loads(json.dumps(report))
-    report.pop("seconds", None), report.pop("environment", None)
-    for cycle in report["cycles"]:
-        cycle.pop("seconds", None)
-        cycle["training"].pop("seconds", None), cycle["training"].pop("samples_per_second", None)
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
               "ratio": round(services_wall / embedded_wall, 4),
               "embedded_training_seconds": round(sum(c["training"]["seconds"] for c in embedded_report["cycles"]), 1),
               "services_training_seconds": round(sum(c["training"]["seconds"] for c in services_report["cycles"]), 1),
-              "reports_equal_but_times": comparable(services_report) == comparable(embedded_report),
+              "reports_equal_but_times": without_times(services_report) == without_times(embedded_report),
               "validation": {"embedded": [c["validation"]["macro_f1"] for c in embedded_report["cycles"]],
                              "services": [c["validation"]["macro_f1"] for c in services_report["cycles"]]}}
     (out / "bus.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     options = ["--data", str(Path(args.data).resolve()), *args.run_options.split()]
     results = [measure(out / f"replicas-{n}", n, spread_run_ids(args.runs), options) for n in args.replicas]
-    report = {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "data": args.data, "run_options": args.run_options, "results": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "replicas.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -21,8 +21,6 @@ import copy
 import json
 import re
 import shlex
-import shutil
-import subprocess
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -975,14 +973,8 @@ def test_compose_and_kubernetes_agree_on_the_configuration():
 
 def test_kustomize_build_renders_valid_labelled_manifests():
     """Only where kustomize or kubectl is installed: the rendered output, with namespace and labels applied."""
-    if shutil.which("kustomize"):
-        command = ["kustomize", "build", str(K8S)]
-    elif shutil.which("kubectl"):
-        command = ["kubectl", "kustomize", str(K8S)]
-    else:
-        pytest.skip("neither kustomize nor kubectl is installed")
-    rendered = [doc for doc in yaml.safe_load_all(
-        subprocess.run(command, check=True, capture_output=True, text=True, timeout=120).stdout) if doc]
+    from test_k8s_monitoring import kustomize
+    rendered = kustomize(K8S)
     listed = load_yaml(K8S / "kustomization.yaml")["resources"]
     assert len(rendered) == sum(len(load_yaml_all(K8S / resource)) for resource in listed)
     for doc in rendered:

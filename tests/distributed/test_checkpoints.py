@@ -3,7 +3,6 @@
 Any process anywhere loads a checkpoint from the store alone; the process that wrote it, and any
 other on its machine, never reads it back; a changed byte in the store is an error, not another
 student; and a round that leaves the word embeddings frozen stores only what it changed."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import evaluate_student
 from pgkd.loop.embedded import run
+from pgkd.loop.report import without_times
 from pgkd.students import load_student
 from pgkd.students.contract import TrainConfig
 from pgkd.students.finetuned import FineTunedStudent
@@ -103,15 +103,6 @@ def test_a_round_with_frozen_word_embeddings_stores_only_the_weights_it_changed(
     assert shards["model-00002-of-00002.safetensors"]["size"] < added
     np.testing.assert_array_equal(steps.load_checkpoint(store, ref, "cpu").predict_proba(TEXTS),
                                   student.predict_proba(TEXTS))
-
-
-def without_times(report: dict) -> dict:
-    report = json.loads(json.dumps(report))
-    report.pop("seconds"), report.pop("environment")
-    for cycle in report["cycles"]:
-        cycle.pop("seconds")
-        cycle["training"].pop("seconds"), cycle["training"].pop("samples_per_second")
-    return report
 
 
 def test_the_steps_in_one_process_compute_the_embedded_run_and_never_read_a_checkpoint_back(

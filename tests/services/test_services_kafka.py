@@ -12,6 +12,7 @@ from pgkd.distributed import steps
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
+from pgkd.loop.report import without_times
 from pgkd.distributed.messages import DeadLetter, RunCompleted, SamplesGenerated
 
 import pgkd_services as services
@@ -19,16 +20,6 @@ from pgkd_services.runtime import Settings, make_broker, send
 
 CONFIG = dict(labeled=40, student="tiny", teacher="pool-random", samples_per_cycle=16, max_cycles=3, patience=5,
               epochs=8, cycle_epochs=2, learning_rate=1e-2, head_learning_rate=1e-2, batch_size=16, seed=1)
-
-
-def comparable(report: dict) -> dict:
-    """A report without what differs between any two runs: wall times and the environment."""
-    report = json.loads(json.dumps(report))
-    report.pop("seconds"), report.pop("environment")
-    for cycle in report["cycles"]:
-        cycle.pop("seconds")
-        cycle["training"].pop("seconds"), cycle["training"].pop("samples_per_second")
-    return report
 
 
 class Bus:
@@ -73,7 +64,7 @@ def test_a_run_through_the_four_services_computes_what_the_embedded_run_computes
     assert "dead-letter" not in bus.seen
     distributed = bus.store.get_json(completed.report)
     embedded = run(config, tmp_path / "embedded", progress=False).report.model_dump(mode="json")
-    assert comparable(distributed) == comparable(embedded)
+    assert without_times(distributed) == without_times(embedded)
     assert bus.store.exists("runs/kafka-run/history.png")
 
 

@@ -17,9 +17,10 @@ from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
 from pgkd.distributed.messages import TOPICS, DeadLetter, SamplesGenerated
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
+from pgkd.loop.report import without_times
 from pgkd.loop.report import Provenance
 from service_processes import ServiceProcesses, cli_options
-from test_services_kafka import CONFIG, comparable
+from test_services_kafka import CONFIG
 
 import pgkd_services as services
 
@@ -41,7 +42,7 @@ def check_run_integrity(store: ArtifactStore, run_id: str, report: dict) -> None
 
 
 def embedded_report(data, config: dict, folder) -> dict:
-    return comparable(run(DistillConfig(data=str(data), **config), folder, progress=False).report.model_dump(mode="json"))
+    return without_times(run(DistillConfig(data=str(data), **config), folder, progress=False).report.model_dump(mode="json"))
 
 
 def pgkd(*args, env, timeout=120):
@@ -108,7 +109,7 @@ def test_a_submitted_run_completes_over_the_real_broker_past_poison_messages(ser
     assert [line.split(":")[0] for line in submitted.stderr.splitlines() if line.startswith("cycle")] == \
         ["cycle  0", "cycle  1", "cycle  2", "cycle  3"]
     report = processes.store.get_json("runs/tansu-run/report.json")
-    assert comparable(report) == embedded_report(data, CONFIG, tmp_path / "embedded")
+    assert without_times(report) == embedded_report(data, CONFIG, tmp_path / "embedded")
     check_run_integrity(processes.store, "tansu-run", report)
 
     letters = [DeadLetter.model_validate_json(b) for b in processes.bodies("dead-letter")]
@@ -172,7 +173,7 @@ def test_each_service_killed_mid_message_is_redelivered_it_and_sigterm_finishes_
     report = processes.store.get_json("runs/crash/report.json")
     check_run_integrity(processes.store, "crash", report)
     assert report["stop_reason"].startswith("max_cycles") and len(report["cycles"]) == 5
-    assert comparable(report) == embedded_report(data, KILL_CONFIG, tmp_path / "embedded")
+    assert without_times(report) == embedded_report(data, KILL_CONFIG, tmp_path / "embedded")
     for label, kind in kills:
         assert processes.uncommitted(kind, label) == 0
 
@@ -216,4 +217,4 @@ def test_two_replicas_of_every_service_complete_three_runs_at_once_and_survive_a
         report = processes.store.get_json(f"runs/{run_id}/report.json")
         check_run_integrity(processes.store, run_id, report)
         config = {**CONFIG, "max_cycles": 4, "seed": seed}
-        assert comparable(report) == embedded_report(data, config, tmp_path / f"embedded-{run_id}"), run_id
+        assert without_times(report) == embedded_report(data, config, tmp_path / f"embedded-{run_id}"), run_id

@@ -26,6 +26,7 @@ from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import log
 from pgkd.loop.embedded import run
 from pgkd.loop.outputs import write_json_atomic
+from pgkd.loop.report import without_times
 
 STEPS = {"train": steps.train, "evaluate": steps.evaluate, "mine": steps.mine, "generate": steps.generate}
 
@@ -114,15 +115,6 @@ def embedded(config: DistillConfig) -> dict:
     return {"wall": time.perf_counter() - started, "report": report}
 
 
-def comparable(report: dict) -> dict:
-    """A report without what differs between any two runs: wall times and the environment."""
-    report = {k: v for k, v in report.items() if k not in ("seconds", "environment")}
-    report["cycles"] = [{**{k: v for k, v in c.items() if k != "seconds"},
-                         "training": {k: v for k, v in c["training"].items()
-                                      if k not in ("seconds", "samples_per_second")}} for c in report["cycles"]]
-    return report
-
-
 def outside_training(entry: dict) -> float:
     """The run's wall time less its students' training rounds."""
     return entry["wall"] - sum(c["training"]["seconds"] for c in entry["report"]["cycles"])
@@ -138,7 +130,7 @@ def run_bus_bench(config: DistillConfig, out: Path, repeats: int = 1) -> dict:
         log(f"bench bus: {repeat + 1}/{repeats}: embedded {runs[-1]['wall']:.1f} s; through the steps")
         runs.append({"kind": "steps", **through_steps(config, out / "work", f"bus-{repeat}")})
         log(f"bench bus: {repeat + 1}/{repeats}: through the steps {runs[-1]['wall']:.1f} s")
-    first = comparable(runs[0]["report"])
+    first = without_times(runs[0]["report"])
     wall = {kind: [r["wall"] for r in runs if r["kind"] == kind] for kind in ("embedded", "steps")}
     outside = {kind: [outside_training(r) for r in runs if r["kind"] == kind] for kind in ("embedded", "steps")}
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -154,7 +146,7 @@ def run_bus_bench(config: DistillConfig, out: Path, repeats: int = 1) -> dict:
         "store_bytes": {k: mean([r["store_bytes"][k] for r in steps_runs]) for k in ("write", "read")},
         "stored_bytes": mean([r["stored_bytes"] for r in steps_runs]),
         "cycles": len(runs[0]["report"]["cycles"]),
-        "reports_identical": all(comparable(r["report"]) == first for r in runs),
+        "reports_identical": all(without_times(r["report"]) == first for r in runs),
     }
     (out / "bus.md").write_text(markdown(result))
     write_json_atomic(out / "bus.json", result)

@@ -66,6 +66,16 @@ class RunReport(BaseModel):
     environment: dict
 
 
+def without_times(report: dict) -> dict:
+    """A report (as JSON) without what differs between any two runs of the same configuration: wall
+    times and the environment. Two runs that compute the same thing are equal in it."""
+    report = {k: v for k, v in report.items() if k not in ("seconds", "environment")}
+    report["cycles"] = [{**{k: v for k, v in c.items() if k != "seconds"},
+                         "training": {k: v for k, v in c["training"].items()
+                                      if k not in ("seconds", "samples_per_second")}} for c in report["cycles"]]
+    return report
+
+
 def environment() -> dict:
     def version(package: str) -> str:
         try:
