@@ -1,9 +1,10 @@
 """The PGKD services: thin FastStream apps over the engine's steps (pgkd.distributed.steps) and streams
-(pgkd.stream). Start one with `pgkd service NAME`; configure it with PGKD_BROKER_URL,
-PGKD_ARTIFACTS, PGKD_TOPIC_PREFIX and PGKD_METRICS_PORT (ingest: PGKD_STREAM_*)."""
+(pgkd.stream) and serving (pgkd.serving). Start one with `pgkd service NAME`; configure it with
+PGKD_BROKER_URL, PGKD_ARTIFACTS, PGKD_TOPIC_PREFIX and PGKD_METRICS_PORT (ingest: PGKD_STREAM_*;
+deployer: PGKD_SERVING_*)."""
 
 NAMES = ("trainer", "evaluator", "miner", "generator")      # the distillation loop
-ALL = NAMES + ("ingest",)                                  # and the stream of new labeled data
+ALL = NAMES + ("ingest", "deployer")      # the stream of new labeled data; the sidecar of each student server
 
 
 def build(name: str, **options):
@@ -23,6 +24,12 @@ def consumer_groups(settings) -> dict[str, list[str]]:
     broker = make_broker(settings.broker_url)
     groups: dict[str, list[str]] = {}
     for name in ALL:
-        service = build(name, settings=settings, broker=broker)
+        extra = {}
+        if name == "deployer":   # its group is per server replica: `pgkd.deployer.REPLICA`
+            from pathlib import Path
+
+            from pgkd_services.deployer import ServingSettings
+            extra["serving"] = ServingSettings(Path("."), replica="REPLICA")
+        service = build(name, settings=settings, broker=broker, **extra)
         groups[service.group] = list(service.subscriptions)
     return groups

@@ -51,10 +51,11 @@ async def _publish_request(settings: Settings, store: ArtifactStore, request: Ru
                             f"({type(e).__name__}: {e}); it is recorded as not submitted") from None
 
 
-def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: float | None, poll: float) -> int:
+def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: float | None, poll: float,
+               promote: bool = False) -> int:
     settings = Settings.from_env()
     store = ArtifactStore(settings.artifacts)
-    request = prepare_request(config, store, run_id)
+    request = prepare_request(config, store, run_id).model_copy(update={"promote": promote})
     asyncio.run(_publish_request(settings, store, request))
     print(f"submitted run {request.run_id} (artifacts {store.uri(RunFiles(request.run_id).base)})")
     if not wait:
@@ -283,11 +284,13 @@ def register(sub, distill_arguments) -> None:
     submit.add_argument("--wait", action="store_true", help="follow the run until RunCompleted; print its report")
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
     submit.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    submit.add_argument("--promote", action="store_true",
+                        help="once completed, serve its best student: StudentPromoted for the deployers")
     submit.set_defaults(func=_submit)
     status_parser = sub.add_parser("status", help="a submitted run's cycles so far, and its outcome")
     status_parser.add_argument("run_id")
     status_parser.set_defaults(func=lambda args: status(args.run_id))
-    service = sub.add_parser("service", help="run one service: trainer | evaluator | miner | generator | ingest")
+    service = sub.add_parser("service", help="run one service: " + " | ".join(ALL))
     service.add_argument("name", choices=list(ALL))
     service.set_defaults(func=lambda args: serve(args.name))
     send_parser = sub.add_parser("send", help="stream a JSON Lines or CSV file of labeled samples to the ingest "
@@ -315,6 +318,6 @@ def register(sub, distill_arguments) -> None:
 
 
 def _submit(args) -> int:
-    skip = ("command", "func", "progress", "run_id", "wait", "timeout", "poll")
+    skip = ("command", "func", "progress", "run_id", "wait", "timeout", "poll", "promote")
     config = DistillConfig(**{k: v for k, v in vars(args).items() if k not in skip})
-    return submit_run(config, args.run_id, args.wait, args.timeout, args.poll)
+    return submit_run(config, args.run_id, args.wait, args.timeout, args.poll, promote=args.promote)

@@ -240,23 +240,27 @@ class Service:
             log.info("%s: run %s cycle %d: %s already handled; nothing to do", self.name, message.run_id,
                      message.cycle, message.kind)
             return
+        outputs = output if isinstance(output, list) else [output]
         log.info("%s: run %s cycle %d: %s -> %s (%.1f s)", self.name, message.run_id, message.cycle,
-                 message.kind, output.kind, time.perf_counter() - started)
-        await self.publish(output)
+                 message.kind, " + ".join(o.kind for o in outputs), time.perf_counter() - started)
+        for out in outputs:
+            await self.publish(out)
         await asyncio.to_thread(self.store.put_bytes, self._handled_key(message) + ".published", b"")
 
     def _handled_key(self, message: Message) -> str:
         return f"{RunFiles(message.run_id).base}/handled/{message.kind}-{message.cycle:04d}"
 
-    def _run_once(self, message: Message, step) -> tuple[Message, bool]:
-        """The step's output, computed once: (output, not yet published)."""
+    def _run_once(self, message: Message, step) -> tuple[Message | list[Message], bool]:
+        """The step's output (a message, or a list of them), computed once: (output, not yet published)."""
         key = self._handled_key(message)
         if self.store.exists(key + ".json"):
             record = self.store.get_json(key + ".json")
-            output = MESSAGE_BY_KIND[record["kind"]].model_validate(record["message"])
-            return output, not self.store.exists(key + ".published")
+            outputs = [MESSAGE_BY_KIND[r["kind"]].model_validate(r["message"]) for r in record.get("also", [record])]
+            return outputs if "also" in record else outputs[0], not self.store.exists(key + ".published")
         output = step(message, self.store)
-        self.store.put_json(key + ".json", {"kind": output.kind, "message": output.model_dump(mode="json")})
+        outputs = output if isinstance(output, list) else [output]
+        records = [{"kind": o.kind, "message": o.model_dump(mode="json")} for o in outputs]
+        self.store.put_json(key + ".json", records[0] if len(records) == 1 else {**records[0], "also": records})
         return output, True
 
     def _record_failure(self, message: Message, reason: str) -> RunCompleted:

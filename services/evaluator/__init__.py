@@ -3,7 +3,8 @@ applies the stop policy, reading the figures back from Prometheus (PGKD_PROMETHE
 it, from its own metrics registry.
 
 ModelTrained -> CycleEvaluated (go on) or RunCompleted (stop: the best student, its test scores,
-the reason, where the figures came from, report.json)."""
+the reason, where the figures came from, report.json), and StudentPromoted for a run submitted
+with --promote."""
 from pgkd.distributed import steps
 from pgkd.distributed.messages import ModelTrained
 from pgkd.distributed.metrics_readers import PrometheusReader, RegistryReader
@@ -18,6 +19,6 @@ def build(**options) -> Service:
               else RegistryReader(service.metrics.registry))
 
     def evaluate(message, store):
-        return steps.evaluate(message, store, metrics=service.metrics, reader=reader)
+        return steps.with_promotion(store, steps.evaluate(message, store, metrics=service.metrics, reader=reader))
     service.consume(ModelTrained, evaluate)
     return service

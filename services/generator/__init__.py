@@ -17,6 +17,6 @@ def build(**options) -> Service:
             p = output.provenance
             service.metrics.generated(output.run_id, p.teacher_usage, p.accepted, p.rejected,
                                       steps.run_teacher_usage(store, output.run_id, p))
-        return output
+        return steps.with_promotion(store, output)
     service.consume(NegativesMined, generate)
     return service

@@ -3,13 +3,14 @@
 LabeledSample (labeled-samples) -> stored once, or the dead-letter topic with the reason; a trigger
 (enough new samples, or drift) -> RunRequested, warm-started from the current student on the grown
 dataset. RunCompleted (run-completed) of a stream run -> the decision: does its student replace
-the current one. Configured with PGKD_STREAM_* (pgkd.stream.StreamSettings); run one replica."""
+the current one; when it does (and for the base run's student), StudentPromoted. Configured with
+PGKD_STREAM_* (pgkd.stream.StreamSettings); run one replica."""
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from pgkd.distributed.messages import LabeledSample, RunCompleted
+from pgkd.distributed.messages import LabeledSample, RunCompleted, StudentPromoted
 from pgkd.stream import Stream, StreamSettings, StreamStep
 from pydantic import ValidationError
 
@@ -23,7 +24,7 @@ class IngestService(Service):
         super().__init__("ingest", **options)
         self.stream_settings = stream_settings
         self.stream: Stream | None = None
-        self._publishing: set[str] = set()   # runs this process is publishing right now
+        self._publishing: set[str] = set()   # message keys this process is publishing right now
         self.subscribe(self.topic(LabeledSample.topic), self.on_sample, "labeled-sample")
         self.subscribe(self.topic(RunCompleted.topic), self.on_run_completed, "run-completed")
 
@@ -63,15 +64,16 @@ class IngestService(Service):
         return step
 
     async def _apply(self, step: StreamStep) -> None:
-        """Publish the runs the step asks for (those another message is not publishing already)."""
-        for request in [r for r in step.publish if r.run_id not in self._publishing]:
-            self._publishing.add(request.run_id)
+        """Publish the runs and promotions the step asks for (those another message is not publishing already)."""
+        for message in [m for m in step.publish if m.key not in self._publishing]:
+            self._publishing.add(message.key)
             try:
-                await self.publish(request)
+                await self.publish(message)
+                done = self.stream.promotion_published if isinstance(message, StudentPromoted) else self.stream.published
                 async with self._busy:
-                    await asyncio.to_thread(self.stream.published, request.run_id)
+                    await asyncio.to_thread(done, message.run_id)
             finally:
-                self._publishing.discard(request.run_id)
+                self._publishing.discard(message.key)
 
 
 def build(**options) -> IngestService:

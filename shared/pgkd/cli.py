@@ -1,6 +1,6 @@
-"""The `pgkd` command: the engine's commands (distill, predict, teacher serve, bench), and those that
-installed packages register (the services' submit, status, service, send, stream, topics). Bad input
-prints one line on stderr and exits 2."""
+"""The `pgkd` command: the engine's commands (distill, predict, export, serve, classify, teacher serve,
+bench), and those that installed packages register (the services' submit, status, service, send,
+stream, topics). Bad input prints one line on stderr and exits 2."""
 from __future__ import annotations
 
 import argparse
@@ -149,19 +149,81 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _student_source(model: str, artifacts: str | None, device: str = "cpu"):
+    """The student `pgkd export` and `pgkd serve` take: a student folder, or a checkpoint's URI in
+    the artifact store (what `pgkd submit --wait` prints); and where it came from, for the manifest."""
+    from pathlib import Path
+
+    from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
+    from pgkd.distributed.steps import load_checkpoint
+    from pgkd.students import load_student
+    if Path(model).is_dir():
+        return load_student(model, device=device), {"folder": str(Path(model).resolve())}
+    if "://" not in model:
+        raise UserError(f"{model}: not a folder, nor a checkpoint URI of the artifact store")
+    store = ArtifactStore(artifacts)
+    try:
+        data = store.get_bytes(store.key_of(model))
+        ref = ArtifactRef(uri=model, sha256=sha256_of(data), size=len(data))
+        return load_checkpoint(store, ref, device), {"checkpoint": model, "sha256": ref.sha256}
+    except ArtifactError as e:
+        raise UserError(str(e)) from None
+
+
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
-    from pgkd.distributed.steps import export_checkpoint
+    from pgkd.serving.repository import is_repository, write_version
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out}: not empty")
+    if args.format == "hf":
+        from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
+        from pgkd.distributed.steps import export_checkpoint
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"--out {out}: not empty")
+        try:
+            export_checkpoint(ArtifactStore(args.artifacts), args.model, out)
+        except ArtifactError as e:
+            raise UserError(str(e)) from None
+        print(f"wrote {out}/ (a Hugging Face model folder: pgkd predict --model {out})")
+        return 0
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_repository(out))):
+        raise UserError(f"--out {out}: neither new, empty, nor a model repository (pgkd writes only its own)")
+    student, source = _student_source(args.model, args.artifacts)
+    version = write_version(out, student, source, model=args.model_name, fmt=args.format, int8=args.int8,
+                            gpu=args.gpu)
+    print(f"wrote {version.path}/ (version {version.number} of {args.model_name}, {args.format}"
+          f"{', int8' if args.int8 else ''}): pgkd serve --model {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from pgkd.serving.repository import check_repository, is_repository, write_version
+    from pgkd.serving.server import serve_repository
+    if is_repository(Path(args.model)):
+        repository = Path(args.model)
+    else:
+        student, source = _student_source(args.model, args.artifacts)
+        repository = Path(args.repository or tempfile.mkdtemp(prefix="pgkd-serve-"))
+        write_version(repository, student, source, model=args.model_name, fmt=args.format, int8=args.int8)
+    check_repository(repository, args.model_name)
+    return serve_repository(repository, args.model_name, args.http_port, args.grpc_port, args.metrics_port)
+
+
+def cmd_classify(args) -> int:
+    from pgkd.serving.client import ServingError, classify
+    texts = [_utf8_text(t, f"argument {i}") for i, t in enumerate(args.texts, start=1)] or _read_stdin_texts()
+    if not texts:
+        raise UserError("no texts: give them as arguments or as JSON Lines on stdin")
     try:
-        export_checkpoint(ArtifactStore(args.artifacts), args.checkpoint, out)
-    except ArtifactError as e:
-        raise UserError(str(e)) from None
-    print(f"wrote {out}/ (a Hugging Face model folder: pgkd predict --model {out})")
+        answers = classify(args.url, texts, model=args.model_name, batch_size=args.batch_size, timeout=args.timeout)
+    except ServingError as e:
+        print(f"pgkd: {e}", file=sys.stderr)
+        return 1
+    for answer in answers:
+        print(json.dumps(answer, ensure_ascii=False))
     return 0
 
 
@@ -242,11 +304,38 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.add_argument("texts", nargs="*", help="texts; none: JSON Lines on stdin")
     predict.set_defaults(func=cmd_predict)
-    export = sub.add_parser("export", help="a student in the artifact store (a run's checkpoint) as a model folder")
-    export.add_argument("checkpoint", help="its URI, e.g. the best student's that `pgkd submit --wait` prints")
-    export.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    export = sub.add_parser("export", help="a student as the next version of a Triton model repository "
+                                           "(or, --format hf, a stored checkpoint as a model folder)")
+    export.add_argument("model", help="a student folder (OUT/best), or a checkpoint's URI in the artifact store")
+    export.add_argument("--out", required=True, help="the model repository (new, empty, or one pgkd wrote)")
+    export.add_argument("--format", default="onnx", choices=["onnx", "torch", "hf"],
+                        help="onnx (ONNX Runtime), torch (TorchScript), hf (a checkpoint as a Hugging Face folder)")
+    export.add_argument("--int8", action="store_true", help="ONNX dynamically quantized to int8 (see BENCHMARKS.md)")
+    export.add_argument("--gpu", action="store_true", help="a GPU instance in config.pbtxt (KIND_GPU)")
+    export.add_argument("--model-name", default="student", help="the model's name in the repository")
     export.add_argument("--artifacts", default=None, help="the artifact store's URL (default: PGKD_ARTIFACTS)")
     export.set_defaults(func=cmd_export)
+    serve_student = sub.add_parser("serve", help="serve a student on a real Triton server (HTTP, gRPC, metrics)")
+    serve_student.add_argument("--model", required=True,
+                               help="a model repository (pgkd export), a student folder, or a checkpoint URI")
+    serve_student.add_argument("--http-port", type=int, default=8000)
+    serve_student.add_argument("--grpc-port", type=int, default=8001)
+    serve_student.add_argument("--metrics-port", type=int, default=8002)
+    serve_student.add_argument("--repository", default=None,
+                               help="for a student folder or checkpoint: where to write its repository "
+                                    "(default: a new temporary folder)")
+    serve_student.add_argument("--format", default="onnx", choices=["onnx", "torch"])
+    serve_student.add_argument("--int8", action="store_true")
+    serve_student.add_argument("--model-name", default="student")
+    serve_student.add_argument("--artifacts", default=None, help="the artifact store's URL (default: PGKD_ARTIFACTS)")
+    serve_student.set_defaults(func=cmd_serve)
+    classify = sub.add_parser("classify", help="classify texts with a served student (pgkd serve)")
+    classify.add_argument("--url", required=True, help="http://HOST:PORT or grpc://HOST:PORT")
+    classify.add_argument("--model-name", default="student")
+    classify.add_argument("--batch-size", type=int, default=64, help="texts per request")
+    classify.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    classify.add_argument("texts", nargs="*", help="texts; none: JSON Lines on stdin")
+    classify.set_defaults(func=cmd_classify)
 
     for register in _command_plugins():   # the bus commands (pgkd_services) register themselves here
         register(sub, distill_arguments)

@@ -9,7 +9,8 @@ weights. `cycle` is the cycle the message belongs to: cycle k mines the mistakes
 asks the teacher, trains student k and evaluates it; cycle 0 trains on the labeled seed set.
 Every message is keyed by (run_id, cycle, kind), which is what makes handlers idempotent.
 Human-labeled samples come in on their own topic (LabeledSample), for the ingest service, which
-starts runs of its own (pgkd.stream).
+starts runs of its own (pgkd.stream). A student to serve goes out as StudentPromoted (from the
+stream's decision, or a run submitted with --promote), for the deployers beside the student servers.
 A consumer rejects a `schema_version` it does not know (to the dead-letter topic), so a change
 of a field's meaning must raise it.
 """
@@ -50,6 +51,7 @@ class RunRequested(Message):
     dataset: ArtifactRef              # the source dataset as submitted (content-addressed)
     submitted_at: float = Field(default_factory=time.time)
     start_from: ArtifactRef | None = None   # a checkpoint cycle 0 is warm-started from (a stream's best student)
+    promote: bool = False             # completed, its best student goes to serving (StudentPromoted)
 
 
 class ModelTrained(Message):
@@ -108,6 +110,21 @@ class RunCompleted(Message):
     decided_from: str | None = None   # where the stop policy read its figures (prometheus, run records...)
 
 
+class StudentPromoted(Message):
+    """A student to serve: the stream kept it (it beat the current one, or it is the stream's first),
+    or a run submitted with --promote completed. The deployer beside each student server writes it
+    as the next version of `model` and has the server switch to it. `cycle`: the run's best cycle."""
+    kind: ClassVar[str] = "student-promoted"
+    topic: ClassVar[str] = "student-promoted"
+    checkpoint: ArtifactRef
+    model: str = Field("student", pattern=r"^[A-Za-z0-9_.-]{1,64}$")   # the served model it becomes
+    scores: dict[str, float]          # validation (and test, for a completed run)
+    decision: str                     # why it was promoted
+    source: Literal["stream", "run"]
+    stream: str | None = None
+    promoted_at: float = Field(default_factory=time.time)
+
+
 class DeadLetter(BaseModel):
     """A message no handler could take: what it was, where it came from and why."""
     kind: ClassVar[str] = "dead-letter"
@@ -134,5 +151,5 @@ class LabeledSample(BaseModel):
 
 
 MESSAGES: tuple[type[Message], ...] = (RunRequested, ModelTrained, CycleEvaluated, NegativesMined, SamplesGenerated,
-                                       RunCompleted)
+                                       RunCompleted, StudentPromoted)
 TOPICS: tuple[str, ...] = tuple(m.topic for m in MESSAGES) + (LabeledSample.topic, DeadLetter.topic)

@@ -83,6 +83,12 @@ class LoopMetrics:
                                         "replaced the current one (replaced, kept)", ["outcome"], **r)
         self.stream_current_score = Gauge("pgkd_stream_current_score", "The current student's validation score "
                                           "when it became current", ["stream", "metric"], **r)
+        # deployer
+        self.serving_promotions = Counter("pgkd_serving_promotions", "Promoted students a deployer took, by outcome "
+                                          "(deployed, failed, skipped: not newer than the one served)",
+                                          ["model", "outcome"], **r)
+        self.serving_version = Gauge("pgkd_serving_version", "The model version a deployer's server serves", ["model"],
+                                     **r)
         # every service
         # The service is the scrape target's label; a label of our own would clash with it.
         self.dead_letters = Counter("pgkd_dead_letters", "Messages sent to the dead-letter topic, by source topic",

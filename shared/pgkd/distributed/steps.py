@@ -54,7 +54,15 @@ from pgkd.loop.cycle import (
 )
 from pgkd.loop.evaluation import EvalReport
 from pgkd.students.frozen import EmbeddingCache
-from pgkd.distributed.messages import CycleEvaluated, ModelTrained, NegativesMined, RunCompleted, RunRequested, SamplesGenerated
+from pgkd.distributed.messages import (
+    CycleEvaluated,
+    ModelTrained,
+    NegativesMined,
+    RunCompleted,
+    RunRequested,
+    SamplesGenerated,
+    StudentPromoted,
+)
 from pgkd.distributed.metrics import LoopMetrics
 from pgkd.distributed.metrics_readers import MetricsUnavailable
 from pgkd.loop.report import CycleRecord, Provenance, TrainingRound, plot_history
@@ -400,6 +408,44 @@ def fail_run(store: ArtifactStore, run_id: str, cycle: int, reason: str) -> RunC
     completed = RunCompleted(run_id=run_id, cycle=cycle, status="failed", reason=reason)
     store.put_json(RunFiles(run_id).completed, completed.model_dump(mode="json"))
     return completed
+
+
+# -- promotion to serving ---------------------------------------------------------------------------------
+
+def latest_promotion_key(model: str) -> str:
+    return f"promotions/{model}/latest.json"
+
+
+def record_promotion(store: ArtifactStore, promoted: StudentPromoted) -> StudentPromoted:
+    """Keep `promoted` as its model's latest promotion (unless a later one is kept already): a
+    deployer that starts beside a new server replica serves that one first."""
+    key = latest_promotion_key(promoted.model)
+    kept = latest_promotion(store, promoted.model)
+    if kept is None or kept.promoted_at <= promoted.promoted_at:
+        store.put_json(key, promoted.model_dump(mode="json"))
+    return promoted
+
+
+def latest_promotion(store: ArtifactStore, model: str) -> StudentPromoted | None:
+    key = latest_promotion_key(model)
+    return StudentPromoted.model_validate(store.get_json(key)) if store.exists(key) else None
+
+
+def with_promotion(store: ArtifactStore, output):
+    """A run submitted with --promote that completed: its RunCompleted and its best student's
+    StudentPromoted. Any other output as it is."""
+    if not isinstance(output, RunCompleted) or output.status != "completed":
+        return output
+    request = RunRequested.model_validate(store.get_json(RunFiles(output.run_id).request))
+    if not request.promote:
+        return output
+    best = CycleState.model_validate(store.get_json(RunFiles(output.run_id).cycle_state(output.best_cycle)))
+    scores = {f"validation_{k}": v for k, v in best.validation.headline().items()}
+    scores |= {f"test_{k}": v for k, v in (output.test or {}).items()}
+    promoted = StudentPromoted(run_id=output.run_id, cycle=output.best_cycle, checkpoint=output.best_checkpoint,
+                               scores=scores, source="run",
+                               decision=f"run {output.run_id} completed ({output.reason}); submitted with --promote")
+    return [output, record_promotion(store, promoted)]
 
 
 # -- miner -----------------------------------------------------------------------------------------------

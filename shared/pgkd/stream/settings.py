@@ -20,6 +20,7 @@ class StreamSettings(BaseModel):
     trigger_count: int = Field(500, gt=0)
     drift_window: int = Field(200, gt=0)
     drift_margin: float = Field(0.1, ge=0, le=1)
+    serving_model: str = Field("student", pattern=r"^[A-Za-z0-9_.-]{1,64}$")   # the served model it keeps current
 
     @classmethod
     def from_env(cls, env=None) -> "StreamSettings":

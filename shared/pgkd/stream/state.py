@@ -75,3 +75,4 @@ class StreamState(BaseModel):
     drift_checked_through: int = 0
     drift_checks: list[DriftCheck] = []     # the latest few
     pending_trigger: Trigger | None = None  # fired while a run was going
+    unpublished_promotions: list[dict] = []  # StudentPromoted messages decided, not yet on the bus

@@ -12,8 +12,16 @@ from typing import Literal
 
 from pgkd.data import Sample, Splits, normalize_text
 from pgkd.distributed.artifacts import ArtifactStore
-from pgkd.distributed.messages import RunCompleted, RunRequested
-from pgkd.distributed.steps import CycleState, RunFiles, load_checkpoint, read_samples_artifact, run_context, submit_splits
+from pgkd.distributed.messages import RunCompleted, RunRequested, StudentPromoted
+from pgkd.distributed.steps import (
+    CycleState,
+    RunFiles,
+    load_checkpoint,
+    read_samples_artifact,
+    record_promotion,
+    run_context,
+    submit_splits,
+)
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.stream.promotion import compare, score
@@ -32,7 +40,7 @@ class StreamStep:
     rejected: Rejected | None = None
     decision: PromotionDecision | None = None
     started: Trigger | None = None
-    publish: list[RunRequested] = field(default_factory=list)
+    publish: list[RunRequested | StudentPromoted] = field(default_factory=list)
 
 
 class Stream:
@@ -226,9 +234,23 @@ class Stream:
                 r.published = True
         self._save()
 
-    def unpublished(self) -> list[RunRequested]:
+    def unpublished(self) -> list[RunRequested | StudentPromoted]:
+        """The runs to start and the students to serve that are not on the bus yet."""
         return [RunRequested.model_validate(self.store.get_json(RunFiles(r.run_id).request))
-                for r in self.state.runs if not r.published]
+                for r in self.state.runs if not r.published] + \
+            [StudentPromoted.model_validate(p) for p in self.state.unpublished_promotions]
+
+    def promotion_published(self, run_id: str) -> None:
+        self.state.unpublished_promotions = [p for p in self.state.unpublished_promotions if p["run_id"] != run_id]
+        self._save()
+
+    def _promote(self, completed: RunCompleted, scores: dict[str, float], decision: str) -> None:
+        """The new current student goes to serving: a StudentPromoted, kept until it is published."""
+        promoted = record_promotion(self.store, StudentPromoted(
+            run_id=completed.run_id, cycle=completed.best_cycle, checkpoint=completed.best_checkpoint,
+            model=self.settings.serving_model, scores=scores, decision=decision, source="stream",
+            stream=self.state.name))
+        self.state.unpublished_promotions.append(promoted.model_dump(mode="json"))
 
     # -- a finished run --------------------------------------------------------------------------------------
     def validation_set(self) -> list[Sample]:
@@ -251,6 +273,8 @@ class Stream:
                                            labels=run_context(self.store, completed.run_id).labels,
                                            validation_accuracy=best.validation.accuracy,
                                            validation_score=best.validation.metric(self.metric), since=time.time())
+            self._promote(completed, {f"validation_{k}": v for k, v in best.validation.headline().items()},
+                          f"the first student of stream {state.name} (its base run)")
             self._save()
             log.info("stream %s: current student: run %s cycle %d (validation accuracy %.4f)", state.name,
                      completed.run_id, completed.best_cycle, best.validation.accuracy)
@@ -275,6 +299,8 @@ class Stream:
         run.decision = decision
         if decision.replaced:   # judge the new student for drift only on samples it was not trained on
             state.drift_checked_through = max(state.drift_checked_through, run.samples_through)
+            self._promote(completed, {f"validation_{metric}": decision.new_score,
+                                      "validation_accuracy": decision.new_accuracy}, decision.reason)
         self.store.put_json(f"{self.base}/decisions/{run.run_id}.json", decision.model_dump(mode="json"))
         self._save()
         log.info("stream %s: run %s: %s", state.name, run.run_id, decision.reason)

@@ -1,0 +1,127 @@
+"""deployer: keeps a student server serving the newest promoted student. Run one beside each server
+(a sidecar in its pod): each has a consumer group of its own, so every server gets every promotion.
+
+StudentPromoted (student-promoted) -> the checkpoint written as the next version of the model
+repository, which the server (Triton, explicit model control) loads without a restart. A promotion
+that cannot be deployed (a checkpoint that does not match its sha256, a version the server fails to
+load) leaves the served version as it is: a dead letter with the reason, a log line, and
+pgkd_serving_promotions{outcome="failed"}. On start it deploys the model's latest promotion from
+the artifact store if the server has not got it (a new replica).
+
+Settings: PGKD_SERVING_REPOSITORY (the model repository the server reads), PGKD_SERVING_URL (the
+server's HTTP host:port, default 127.0.0.1:8000), PGKD_SERVING_MODEL (student),
+PGKD_SERVING_FORMAT (onnx | torch), PGKD_SERVING_INT8 (0 | 1), PGKD_SERVING_GPU (0 | 1: a GPU
+instance in the config.pbtxt it writes first), PGKD_SERVING_REPLICA (this server's name in the
+consumer group; default: the host name)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgkd.distributed.artifacts import ArtifactError
+from pgkd.distributed.messages import StudentPromoted
+from pgkd.distributed.steps import latest_promotion
+from pgkd.errors import UserError
+from pgkd.serving.deploy import DeployFailed, deploy_promotion
+from pgkd.serving.repository import FORMATS
+from pydantic import ValidationError
+
+from pgkd_services.runtime import Service
+
+log = logging.getLogger("pgkd.service")
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    repository: Path
+    http_address: str = "127.0.0.1:8000"
+    model: str = "student"
+    format: str = "onnx"
+    int8: bool = False
+    replica: str = "local"
+    gpu: bool = False
+
+    @classmethod
+    def from_env(cls, env=None) -> "ServingSettings":
+        env = os.environ if env is None else env
+        repository = env.get("PGKD_SERVING_REPOSITORY")
+        if not repository:
+            raise UserError("PGKD_SERVING_REPOSITORY: not set (the model repository the student server reads)")
+        fmt = env.get("PGKD_SERVING_FORMAT", "onnx")
+        if fmt not in FORMATS:
+            raise UserError(f"PGKD_SERVING_FORMAT={fmt}: one of {', '.join(FORMATS)}")
+        flags = {name: env.get(f"PGKD_SERVING_{name.upper()}", "0") for name in ("int8", "gpu")}
+        for name, value in flags.items():
+            if value not in ("0", "1"):
+                raise UserError(f"PGKD_SERVING_{name.upper()}={value}: 0 or 1")
+        address = env.get("PGKD_SERVING_URL", "127.0.0.1:8000").removeprefix("http://").rstrip("/")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"PGKD_SERVING_URL={address}: expected HOST:PORT (the server's HTTP endpoint)")
+        return cls(Path(repository), address, env.get("PGKD_SERVING_MODEL", "student"), fmt, flags["int8"] == "1",
+                   env.get("PGKD_SERVING_REPLICA") or socket.gethostname(), flags["gpu"] == "1")
+
+
+class DeployerService(Service):
+    def __init__(self, serving: ServingSettings | None = None, **options):
+        super().__init__("deployer", **options)
+        self.serving = serving or ServingSettings.from_env()
+        self.group = f"{self.settings.topic_prefix}deployer.{self.serving.replica}"
+        self.subscribe(self.topic(StudentPromoted.topic), self.on_promoted, "student-promoted")
+
+    def prepare(self) -> None:
+        try:
+            self.serving.repository.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"PGKD_SERVING_REPOSITORY={self.serving.repository}: {e.strerror}") from None
+        self.metrics.serving_promotions.labels(self.serving.model, "failed")
+
+    async def started(self) -> None:
+        latest = await asyncio.to_thread(latest_promotion, self.store, self.serving.model)
+        if latest is not None:
+            await self._deploy(latest, None)
+
+    async def on_promoted(self, body: bytes) -> None:
+        try:
+            promoted = StudentPromoted.model_validate_json(body)
+        except ValidationError as e:
+            await self.dead_letter(self.topic(StudentPromoted.topic), body,
+                                   f"not a valid StudentPromoted: {e.errors()[0]['msg']} at "
+                                   f"{'.'.join(str(x) for x in e.errors()[0]['loc'])}")
+            return
+        if promoted.model != self.serving.model:
+            return   # another server's model
+        await self._deploy(promoted, body)
+
+    async def _deploy(self, promoted: StudentPromoted, body: bytes | None) -> None:
+        s = self.serving
+        log.info("deployer: run %s cycle %d: %s received for model %s (%s)", promoted.run_id, promoted.cycle,
+                 promoted.kind, s.model, promoted.decision)
+        try:
+            async with self._busy:
+                version = await asyncio.to_thread(deploy_promotion, self.store, promoted, s.repository,
+                                                  s.http_address, s.format, s.int8, s.gpu)
+        except (DeployFailed, ArtifactError, UserError) as e:
+            reason = f"model {s.model}: run {promoted.run_id}'s student not deployed: {e}"
+            log.error("deployer: %s", reason)
+            self.metrics.serving_promotions.labels(s.model, "failed").inc()
+            if body is not None:
+                await self.dead_letter(self.topic(StudentPromoted.topic), body, reason, promoted)
+            return
+        if version is None:
+            log.info("deployer: run %s: model %s already serves this promotion or a later one", promoted.run_id,
+                     s.model)
+            self.metrics.serving_promotions.labels(s.model, "skipped").inc()
+            return
+        self.metrics.serving_promotions.labels(s.model, "deployed").inc()
+        self.metrics.serving_version.labels(s.model).set(version.number)
+        log.info("deployer: run %s cycle %d: model %s serves version %d", promoted.run_id, promoted.cycle, s.model,
+                 version.number)
+
+
+def build(**options) -> DeployerService:
+    return DeployerService(**options)

@@ -1,0 +1,191 @@
+"""A Triton model repository of students: `REPO/student/config.pbtxt` and one folder per version
+(`1/`, `2/`, ...), each complete in itself (model.py, the weights, tokenizer.json, pgkd-version.json).
+
+A version is written in a staging folder and renamed into place, its manifest (the sha256 of every
+file) written last, so a server never sees half a version; a version without a manifest, or whose
+files do not match it, is refused by `check_repository` and fails to load in Triton (model.py checks
+it too). A version that failed to load is moved to `rejected/` and its number is never reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgkd.errors import UserError
+from pgkd.serving.triton_model import MANIFEST, check_version_folder
+
+MODEL_NAME = "student"
+FORMATS = ("onnx", "torch")
+HANDLER = Path(__file__).with_name("triton_model.py")
+MAX_BATCH_SIZE = 64
+MAX_TEXT_CHARS = 10_000
+
+CONFIG = """\
+# A distilled pgkd student (written by `pgkd export`): one Python-backend model that tokenizes and runs
+# the student (ONNX Runtime or TorchScript, per version: see N/pgkd-version.json). Text in, label out.
+#   text           BYTES [1]   ->   label BYTES [1], probability FP32 [1], probabilities FP32 [-1]
+# The label map is labels.txt (Triton's classification extension: request `class_count` for the top k).
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch_size}
+
+input [
+  {{ name: "text" data_type: TYPE_STRING dims: [ 1 ] }}
+]
+output [
+  {{ name: "label" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "probability" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "probabilities" data_type: TYPE_FP32 dims: [ -1 ] label_filename: "labels.txt" }}
+]
+
+# Requests that arrive within 2 ms of each other are run as one batch.
+dynamic_batching {{
+  preferred_batch_size: [ {max_batch_size} ]
+  max_queue_delay_microseconds: 2000
+}}
+
+# One instance per CPU; with `pgkd export --gpu`, KIND_GPU (ONNX Runtime's CUDA provider, or torch on CUDA).
+instance_group [
+  {{ count: 1 kind: {kind} }}
+]
+
+# Only the newest version serves; loading version N+1 (Triton's load API, which `pgkd serve` and the
+# deployer call) swaps it in without a restart, and a version that fails to load leaves N serving.
+version_policy: {{ latest: {{ num_versions: 1 }} }}
+
+parameters [
+  {{ key: "max_text_chars" value: {{ string_value: "{max_text_chars}" }} }},
+  {{ key: "inference_batch_size" value: {{ string_value: "{max_batch_size}" }} }}
+]
+"""
+
+
+@dataclass(frozen=True)
+class Version:
+    number: int
+    path: Path
+    manifest: dict
+
+
+def model_folder(repository: Path, model: str = MODEL_NAME) -> Path:
+    return Path(repository) / model
+
+
+def _numbers(folder: Path, under: str = "") -> list[int]:
+    base = folder / under if under else folder
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()) if base.is_dir() else []
+
+
+def versions(repository: Path, model: str = MODEL_NAME) -> list[int]:
+    return _numbers(model_folder(repository, model))
+
+
+def is_repository(path: Path) -> bool:
+    """A folder holding at least one model folder with a config.pbtxt."""
+    return Path(path).is_dir() and any(Path(path).glob("*/config.pbtxt"))
+
+
+def check_repository(repository: Path, model: str = MODEL_NAME) -> Version:
+    """The version a server would load (the newest), checked; UserError when there is none or it is
+    half-written or damaged."""
+    folder = model_folder(repository, model)
+    if not (folder / "config.pbtxt").is_file():
+        raise UserError(f"{repository}: not a model repository of {model!r} (no {model}/config.pbtxt)")
+    numbers = versions(repository, model)
+    if not numbers:
+        raise UserError(f"{folder}: no version folder (1/, 2/, ...)")
+    path = folder / str(numbers[-1])
+    try:
+        return Version(numbers[-1], path, check_version_folder(path))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{e}; remove it or export again") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_config(repository: Path, labels: list[str], model: str = MODEL_NAME, gpu: bool = False) -> None:
+    """config.pbtxt (kept when there is one: a user may have tuned it) and labels.txt (the label map
+    of the version being written: a taxonomy may grow between versions)."""
+    folder = model_folder(repository, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "config.pbtxt").is_file():
+        _write_atomic(folder / "config.pbtxt", CONFIG.format(name=model, max_batch_size=MAX_BATCH_SIZE,
+                                                             kind="KIND_GPU" if gpu else "KIND_CPU",
+                                                             max_text_chars=MAX_TEXT_CHARS))
+    _write_atomic(folder / "labels.txt", "".join(f"{label}\n" for label in labels))
+
+
+def write_version(repository: Path, student, source: dict, model: str = MODEL_NAME, fmt: str = "onnx",
+                  int8: bool = False, gpu: bool = False) -> Version:
+    """The student as the next version of `model` in `repository` (created if needed). `source` says
+    where the student came from (a folder, a run's checkpoint, a promotion): it goes in the manifest."""
+    from pgkd.serving.export import export_onnx, export_torchscript, quantize_int8, tokenizer_of
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+    if int8 and fmt != "onnx":
+        raise UserError("--int8 needs --format onnx (dynamic quantization is ONNX Runtime's)")
+    folder = model_folder(repository, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    number = max(versions(repository, model) + _numbers(folder, "rejected") + [0]) + 1
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{number}-", dir=folder))
+    staging.chmod(0o755)   # mkdtemp's 0700 would hide the version from a server running as another user
+    try:
+        tokenizer = tokenizer_of(student)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            shutil.copyfile(Path(tmp) / "tokenizer.json", staging / "tokenizer.json")
+        if fmt == "onnx":
+            weights = staging / "model.onnx"
+            if int8:
+                with tempfile.TemporaryDirectory() as tmp:
+                    quantize_int8(export_onnx(student, Path(tmp) / "fp32.onnx"), weights)
+            else:
+                export_onnx(student, weights)
+        else:
+            export_torchscript(student, staging / "model.pt")
+        shutil.copyfile(HANDLER, staging / "model.py")
+        manifest = {"format": fmt, "precision": "int8" if int8 else "fp32", "labels": list(student.labels),
+                    "max_length": 128, "pad_token_id": int(tokenizer.pad_token_id or 0),
+                    "student": getattr(student, "spec", type(student).__name__), "source": source,
+                    "written_at": time.time(),
+                    "files": {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}}
+        _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        write_config(repository, list(student.labels), model, gpu)
+        path = folder / str(number)
+        os.rename(staging, path)   # atomic: the version appears whole or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Version(number, path, manifest)
+
+
+def reject_version(repository: Path, number: int, model: str = MODEL_NAME) -> Path:
+    """Move a version that failed to load out of Triton's sight, to `rejected/N` (kept to look at)."""
+    folder = model_folder(repository, model)
+    target = folder / "rejected" / str(number)
+    target.parent.mkdir(exist_ok=True)
+    os.rename(folder / str(number), target)
+    remaining = versions(repository, model)
+    if remaining:   # labels.txt back to the label map of the version that goes on serving
+        labels = json.loads((folder / str(remaining[-1]) / MANIFEST).read_text(encoding="utf-8"))["labels"]
+        _write_atomic(folder / "labels.txt", "".join(f"{label}\n" for label in labels))
+    return target

@@ -1,0 +1,54 @@
+"""`pgkd serve`: a model repository of students on a real Triton server, until SIGTERM or Ctrl-C.
+
+Triton runs with explicit model control: it loads the newest version at start, and a new version
+(from `pgkd export --out REPO` or the deployer) is swapped in by its load API, without a restart.
+Here the server is the tritonserver bundled with PyTriton (Python backend only: the student's ONNX
+graph runs in ONNX Runtime inside the Python-backend model); NGC's tritonserver image runs the same
+repository (deploy/triton/Dockerfile.student adds onnxruntime and tokenizers to it).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+from pgkd.errors import UserError
+from pgkd.serving.repository import MODEL_NAME, check_repository
+from pgkd.serving.tritonserver import TritonServerError, run_tritonserver
+
+
+def explicit_control(model: str = MODEL_NAME) -> list[str]:
+    """tritonserver arguments: load `model` at start, then only when asked (the repository API)."""
+    return ["--model-control-mode=explicit", f"--load-model={model}"]
+
+
+def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int = 8000, grpc_port: int = 8001,
+                     metrics_port: int = 8002, address: str = "0.0.0.0") -> int:
+    version = check_repository(repository, model)
+    stop = {"signal": None}
+
+    def leave(signum, _frame):
+        stop["signal"] = signum
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, leave)
+    try:
+        with run_tritonserver(repository, models=[model], ports=(http_port, grpc_port, metrics_port), address=address,
+                              extra_args=explicit_control(model), workdir=Path(repository) / ".tritonserver",
+                              attempts=1) as server:
+            print(f"pgkd: serving {model} version {version.number} ({len(version.manifest['labels'])} labels, "
+                  f"{version.manifest['format']} {version.manifest['precision']}) from {repository}: "
+                  f"http :{http_port}, grpc :{grpc_port}, metrics :{metrics_port}/metrics; "
+                  f"pgkd classify --url http://127.0.0.1:{http_port} TEXT", flush=True)
+            code = server.process.wait()
+            print(f"pgkd: tritonserver exited with code {code}; log {server.log_path}", file=sys.stderr)
+            return 1
+    except TritonServerError as e:
+        message = str(e)
+        if "address already in use" in message.lower():
+            raise UserError(f"a port of --http-port {http_port} / --grpc-port {grpc_port} / --metrics-port "
+                            f"{metrics_port} is taken") from None
+        print(f"pgkd: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pgkd: stopped serving", file=sys.stderr)
+        return 0
