@@ -213,7 +213,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from pgkd.serving.client import ServingError, classify
+    from pgkd.serving.client import Endpoint, ServingError, classify
+    Endpoint.parse(args.url)   # a bad URL is said before stdin is read
     texts = [_utf8_text(t, f"argument {i}") for i, t in enumerate(args.texts, start=1)] or _read_stdin_texts()
     if not texts:
         raise UserError("no texts: give them as arguments or as JSON Lines on stdin")

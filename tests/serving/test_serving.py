@@ -1,0 +1,195 @@
+"""The distilled student served on the real Triton server here (the tritonserver bundled with PyTriton):
+`pgkd export` writes the model repository, the server loads it, `pgkd classify` over HTTP and gRPC
+answers as `pgkd predict` does; bad requests are answered with an error and the server keeps serving;
+a version that fails to load leaves the old one serving."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import make_toy_dataset
+from pgkd.data import load_dataset
+from pgkd.serving.client import StudentClient, classify
+from pgkd.serving.deploy import DeployFailed, activate
+from pgkd.serving.repository import check_repository, versions, write_version
+from pgkd.serving.server import explicit_control
+from pgkd.serving.tritonserver import run_tritonserver, tritonserver_unavailable_reason
+from pgkd.students import create_student, load_student
+from pgkd.students.contract import TrainConfig
+
+pytestmark = pytest.mark.skipif(tritonserver_unavailable_reason() is not None,
+                                reason=tritonserver_unavailable_reason() or "")
+
+TEXTS = ["my card was stolen from my wallet", "please send money to my payee account", "reset my pin code now",
+         "i want a refund of my money back", "héllo — ünïcode ✓ text", "card"]
+
+
+def pgkd(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The command as a user runs it (a process: its exit code and its whole stderr)."""
+    return subprocess.run([sys.executable, "-m", "pgkd.cli", *args], capture_output=True, text=True, input=stdin,
+                          timeout=300)
+
+
+def pgkd_here(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    """The command in this process (seconds cheaper than a new one): exit code, stdout, stderr."""
+    import io
+
+    from pgkd.cli import main
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A trained tiny student saved as a folder, exported with `pgkd export` as ONNX (model `student`)
+    and as TorchScript (`student_torch`), both on one server."""
+    folder = tmp_path_factory.mktemp("serving")
+    data = load_dataset(make_toy_dataset(folder / "toy"))
+    student = create_student("tiny", data.labels, seed=3)
+    student.train(data.train, [], TrainConfig(epochs=3, seed=3), progress=False)
+    student.save(folder / "best")
+    repository = folder / "repo"
+    for name, fmt in (("student", "onnx"), ("student_torch", "torch")):
+        done = pgkd("export", str(folder / "best"), "--out", str(repository), "--format", fmt, "--model-name", name)
+        assert done.returncode == 0, done.stderr
+    with run_tritonserver(repository, models=["student", "student_torch"],
+                          extra_args=[*explicit_control("student"), "--load-model=student_torch"]) as server:
+        yield folder, repository, server
+
+
+def test_classify_over_http_and_grpc_answers_as_pgkd_predict(served, capsys, monkeypatch):
+    folder, repository, server = served
+    code, out, err = pgkd_here(capsys, monkeypatch, "predict", "--model", str(folder / "best"), *TEXTS)
+    assert code == 0, err
+    expected = [json.loads(line) for line in out.splitlines()]
+    done = pgkd("classify", "--url", f"http://{server.http_url}", *TEXTS)
+    assert done.returncode == 0, done.stderr
+    runs = {"http, a process": done.stdout}
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS)   # JSON Lines on stdin, as predict takes them
+    code, runs["grpc, stdin"], err = pgkd_here(capsys, monkeypatch, "classify", "--url", f"grpc://{server.grpc_url}",
+                                               stdin=lines)
+    assert code == 0, err
+    for how, stdout in runs.items():
+        answers = [json.loads(line) for line in stdout.splitlines()]
+        assert [a["text"] for a in answers] == TEXTS, how
+        assert [a["label"] for a in answers] == [e["label"] for e in expected], how
+        assert np.allclose([a["probability"] for a in answers], [e["probability"] for e in expected], atol=2e-3), how
+
+
+def test_the_python_client_batches_and_both_formats_give_the_students_probabilities(served):
+    folder, _, server = served
+    student = load_student(folder / "best")
+    texts = [f"{t} {i}" for i in range(40) for t in TEXTS[:4]]          # 160 texts: three requests of 64
+    expected = student.predict_proba(texts)
+    for model in ("student", "student_torch"):
+        answers = classify(f"http://{server.http_url}", texts, model=model, batch_size=64)
+        assert [a["label"] for a in answers] == [student.labels[i] for i in expected.argmax(1)]
+    with StudentClient(f"grpc://{server.grpc_url}") as client:
+        result = client.infer(texts[:10])
+    assert np.allclose(result["probabilities"], expected[:10], atol=1e-3)
+    assert result["version"] == "1"
+
+
+def _raw_request(server, values: list[bytes]):
+    """A request as any Triton client may send it, bypassing pgkd's client checks."""
+    import tritonclient.http as http
+    data = np.array([[v] for v in values], dtype=np.object_)
+    inputs = [http.InferInput("text", list(data.shape), "BYTES")]
+    inputs[0].set_data_from_numpy(data)
+    with http.InferenceServerClient(server.http_url) as client:
+        return client.infer("student", inputs)
+
+
+def test_a_bad_request_gets_its_own_error_and_the_server_keeps_serving(served, capsys, monkeypatch):
+    from tritonclient.utils import InferenceServerException
+    _, _, server = served
+    for values, says in (([b"fine", "x".encode() * 100_000], "text 2: 100000 characters, more than the 10000"),
+                         ([b"   "], "text 1: empty"),
+                         ([b"ok", b"\xff\xfe broken"], "text 2: not UTF-8")):
+        with pytest.raises(InferenceServerException, match=says):
+            _raw_request(server, values)
+    assert classify(f"http://{server.http_url}", ["my card was stolen"])[0]["label"]
+    # pgkd classify: one line, exit 2, for what it can tell before sending, and for what the server refused
+    for args, says in ((["--url", f"http://{server.http_url}", "x" * 100_000], "text 1: 100000 characters"),
+                       (["--url", "ftp://nowhere"], "expected http://HOST:PORT or grpc://HOST:PORT")):
+        code, _, err = pgkd_here(capsys, monkeypatch, "classify", *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+    code, _, err = pgkd_here(capsys, monkeypatch, "classify", "--url", f"http://{server.http_url}",
+                             stdin='{"text": 42}\n')
+    assert code == 2 and 'non-empty "text"' in err
+    from pgkd.errors import UserError
+    for texts in ([], [42]):
+        with pytest.raises(UserError):
+            classify(f"http://{server.http_url}", texts)
+    assert server.process.poll() is None
+
+
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving_and_is_set_aside(served):
+    folder, repository, server = served
+    before = (repository / "student" / "labels.txt").read_text()
+    renamed = load_student(folder / "best").with_labels(load_student(folder / "best").labels + ["a_new_label"])
+    version = write_version(repository, renamed, {"test": "damaged"})
+    assert (repository / "student" / "labels.txt").read_text() != before
+    (version.path / "model.onnx").write_bytes(b"not an onnx graph")       # damaged after its manifest
+    with pytest.raises(DeployFailed, match="model.onnx does not match the sha256") as failed:
+        activate(repository, version, server.http_url)
+    assert "version 1 goes on serving" in str(failed.value)
+    assert versions(repository) == [1] and (repository / "student" / "rejected" / str(version.number)).is_dir()
+    assert (repository / "student" / "labels.txt").read_text() == before
+    answers = classify(f"http://{server.http_url}", TEXTS)
+    assert all(a["label"] != "a_new_label" for a in answers)
+    with StudentClient(f"http://{server.http_url}") as client:
+        assert client.infer(TEXTS[:1])["version"] == "1"
+    assert check_repository(repository).number == 1
+    # the next version gets a number never used before (Triton may remember the rejected one)
+    assert write_version(repository, renamed, {"test": "next"}).number == version.number + 1
+    shutil.rmtree(repository / "student" / str(version.number + 1))
+
+
+def test_export_and_serve_refuse_bad_input_with_one_line(served, tmp_path, capsys, monkeypatch):
+    folder, repository, _ = served
+    not_a_student = tmp_path / "notes"
+    not_a_student.mkdir()
+    (not_a_student / "todo.txt").write_text("buy milk")
+    cases = [
+        (["export", str(not_a_student), "--out", str(tmp_path / "r1")], "not a saved student"),
+        (["export", str(folder / "best"), "--out", str(not_a_student)], "neither new, empty, nor a model repository"),
+        (["export", str(folder / "best"), "--out", str(tmp_path / "r2"), "--format", "torch", "--int8"],
+         "--int8 needs --format onnx"),
+        (["export", "nowhere/at/all", "--out", str(tmp_path / "r3")], "not a folder, nor a checkpoint URI"),
+    ]
+    half = tmp_path / "half"
+    shutil.copytree(repository / "student", half / "student", ignore=shutil.ignore_patterns("rejected"))
+    (half / "student" / "1" / "pgkd-version.json").unlink()           # as if the copy stopped half-way
+    cases.append((["serve", "--model", str(half), "--http-port", "1"], "no pgkd-version.json"))
+    for args, says in cases:
+        code, _, err = pgkd_here(capsys, monkeypatch, *args)
+        assert code == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1 and says in err, (args, err)
+    done = pgkd(*cases[0][0])     # and as a process: no traceback on its way out
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"pgkd: error: {not_a_student}: not a saved student (no config.json)"]
+    assert [p.name for p in not_a_student.iterdir()] == ["todo.txt"]   # nothing written into a user's folder
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_the_frozen_encoder_student_exports_to_the_same_probabilities(tmp_path):
+    """The frozen-encoder student (MiniLM, mean pooling, a linear head) as one ONNX graph."""
+    import onnxruntime as ort
+    from pgkd.serving.export import export_onnx, tokenizer_of
+    data = load_dataset(make_toy_dataset(tmp_path / "toy", train_per_class=15, test_per_class=2))
+    student = create_student("minilm-frozen", data.labels, seed=1)
+    student.train(data.train, data.train[:8], TrainConfig(seed=1), progress=False)
+    session = ort.InferenceSession(str(export_onnx(student, tmp_path / "frozen.onnx")))
+    batch = tokenizer_of(student)(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="np")
+    logits = session.run(None, {"input_ids": batch["input_ids"].astype(np.int64),
+                                "attention_mask": batch["attention_mask"].astype(np.int64)})[0]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert np.allclose(probs, student.predict_proba(TEXTS), atol=1e-4)
