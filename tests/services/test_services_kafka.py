@@ -13,7 +13,7 @@ from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times
-from pgkd.distributed.messages import DeadLetter, RunCompleted, SamplesGenerated
+from pgkd.distributed.messages import DeadLetter, RunCompleted, SamplesGenerated, StudentPromoted
 
 import pgkd_services as services
 from pgkd_services.runtime import Settings, make_broker, send
@@ -32,7 +32,7 @@ class Bus:
         self.services = [services.build(name, settings=self.settings, broker=self.broker, store=self.store)
                          for name in services.NAMES]
         self.seen: dict[str, list[dict]] = {}
-        for topic in ("run-completed", "dead-letter", "model-trained", "samples-generated"):
+        for topic in ("run-completed", "dead-letter", "model-trained", "samples-generated", "student-promoted"):
             self._listen(topic)
 
     def _listen(self, topic: str) -> None:
@@ -61,11 +61,27 @@ def test_a_run_through_the_four_services_computes_what_the_embedded_run_computes
     (completed,) = [RunCompleted.model_validate(m) for m in bus.seen["run-completed"]]
     assert completed.status == "completed" and completed.reason.startswith("max_cycles")
     assert sorted(m["cycle"] for m in bus.seen["model-trained"]) == [0, 1, 2, 3]   # nested delivery: any order
-    assert "dead-letter" not in bus.seen
+    assert "dead-letter" not in bus.seen and "student-promoted" not in bus.seen   # not submitted with --promote
     distributed = bus.store.get_json(completed.report)
     embedded = run(config, tmp_path / "embedded", progress=False).report.model_dump(mode="json")
     assert without_times(distributed) == without_times(embedded)
     assert bus.store.exists("runs/kafka-run/history.png")
+
+
+def test_a_run_submitted_with_promote_ends_with_its_best_student_promoted_once(bus, tmp_path):
+    config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")), **{**CONFIG, "max_cycles": 1})
+    request = steps.prepare_request(config, bus.store, run_id="promoted").model_copy(update={"promote": True})
+    steps.record_request(bus.store, request)        # as `pgkd submit --promote` does
+    asyncio.run(bus.publish(request.model_dump_json().encode(), "run-requested"))
+    (completed,) = [RunCompleted.model_validate(m) for m in bus.seen["run-completed"]]
+    (promoted,) = [StudentPromoted.model_validate(m) for m in bus.seen["student-promoted"]]
+    assert (promoted.run_id, promoted.cycle, promoted.checkpoint, promoted.source, promoted.model) == \
+        ("promoted", completed.best_cycle, completed.best_checkpoint, "run", "student")
+    assert promoted.scores["test_accuracy"] == completed.test["accuracy"] and "validation_macro_f1" in promoted.scores
+    assert steps.latest_promotion(bus.store, "student") == promoted     # what a new server replica starts from
+    last = max(bus.seen["model-trained"], key=lambda m: m["cycle"])
+    asyncio.run(bus.publish(json.dumps(last).encode(), "model-trained"))    # redelivered: nothing again
+    assert len(bus.seen["student-promoted"]) == len(bus.seen["run-completed"]) == 1
 
 
 def test_a_redelivered_message_repeats_no_work_and_a_lost_publish_is_repeated(bus, tmp_path):

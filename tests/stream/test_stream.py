@@ -84,6 +84,10 @@ def test_enough_new_samples_start_one_warm_started_run_on_the_grown_dataset_and_
     stream = Stream(store, StreamSettings(base_run="base", trigger_count=20, drift_window=1000))
     stream.open()
     assert stream.state.current.run_id == "base" and stream.state.current.checkpoint == base.best_checkpoint
+    [first_student] = stream.unpublished()          # the base run's student goes to serving first
+    assert (first_student.kind, first_student.run_id, first_student.checkpoint) == \
+        ("student-promoted", "base", base.best_checkpoint)
+    stream.promotion_published("base")
     rows = new_samples(data, 45)
     for row in rows[:19]:
         stream.ingest(body(row))
@@ -118,6 +122,9 @@ def test_enough_new_samples_start_one_warm_started_run_on_the_grown_dataset_and_
     assert decision.validation_size == len(stream.validation_set()) > len(splits["validation"])
     assert decision.replaced == (decision.new_score > decision.current_score)
     assert stream.state.current.run_id == ("default-0001" if decision.replaced else "base")
+    promoted = [m for m in stream.unpublished() if m.kind == "student-promoted"]
+    assert [(m.run_id, m.checkpoint, m.source, m.decision) for m in promoted] == \
+        ([("default-0001", completed.best_checkpoint, "stream", decision.reason)] if decision.replaced else [])
     assert stream.run_completed(completed) is None      # redelivered: decided once
     assert str(stream.due_trigger()).startswith("count: 25 new samples")
 
@@ -206,6 +213,8 @@ def test_take_says_what_to_do_with_each_message_and_finished_what_follows_a_run(
     data, base = base_run(tmp_path, store)
     stream = Stream(store, StreamSettings(base_run="base", trigger_count=3, drift_window=1000))
     stream.open()
+    assert [(m.kind, m.run_id) for m in stream.resume().publish] == [("student-promoted", "base")]
+    stream.promotion_published("base")
     rows = new_samples(data, 4)
     first = stream.take(body(rows[0]))
     assert (first.outcome, first.rejected, first.started, first.publish) == ("accepted", None, None, [])

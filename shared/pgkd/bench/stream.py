@@ -25,7 +25,14 @@ from pgkd.loop.cycle import evaluate_student, log
 from pgkd.errors import UserError
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.distributed import steps
-from pgkd.distributed.messages import CycleEvaluated, ModelTrained, RunCompleted, RunRequested, SamplesGenerated
+from pgkd.distributed.messages import (
+    CycleEvaluated,
+    ModelTrained,
+    RunCompleted,
+    RunRequested,
+    SamplesGenerated,
+    StudentPromoted,
+)
 from pgkd.distributed.steps import load_checkpoint, run_context, submit
 from pgkd.stream import Stream, StreamSettings, StreamStep
 
@@ -81,14 +88,19 @@ def run_stream_bench(data: Path, out: Path, student: str = "minilm-frozen", labe
 
     stream = Stream(store, StreamSettings(stream="bench", base_run="base", trigger_count=trigger_count))
     stream.open()
-    outcomes, rejected, runs = Counter(), Counter(), []
+    outcomes, rejected, runs, promoted = Counter(), Counter(), [], []
     for body in tqdm(messages, desc="stream", unit="message", disable=not progress):
         step = stream.take(body)             # what the ingest service does with each message
         outcomes[step.outcome] += 1
         if step.rejected is not None:
             rejected[step.rejected.reason] += 1
         while step.publish:                  # a run, and any that its end lets start
-            entry, step = _run_and_decide(stream, store, step.publish[0], step.started, base.best_checkpoint)
+            message = step.publish.pop(0)
+            if isinstance(message, StudentPromoted):   # no student server here: the promotion is only counted
+                stream.promotion_published(message.run_id)
+                promoted.append(message.run_id)
+                continue
+            entry, step = _run_and_decide(stream, store, message, step.started, base.best_checkpoint)
             runs.append(entry)
     result = {"data": str(data), "student": student, "labeled": labeled, "seed": seed, "max_cycles": max_cycles,
               "trigger_count": trigger_count, "sent": len(messages), "accepted": outcomes["accepted"],
@@ -96,7 +108,7 @@ def run_stream_bench(data: Path, out: Path, student: str = "minilm-frozen", labe
               "stored": {"train": sum(s.split == "train" for s in stream.samples),
                          "validation": sum(s.split == "validation" for s in stream.samples)},
               "drift_checks": [c.model_dump() for c in stream.state.drift_checks], "runs": runs,
-              "current_student": stream.state.current.run_id, "seconds": time.perf_counter() - started}
+              "current_student": stream.state.current.run_id, "promoted": promoted, "seconds": time.perf_counter() - started}
     (out / "stream.md").write_text(markdown(result))
     write_json_atomic(out / "stream.json", result)
     return result
