@@ -14,7 +14,8 @@ import pytest
 from conftest import make_toy_dataset
 from pgkd.data import Sample, normalize_text
 from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
-from pgkd.distributed.messages import TOPICS, DeadLetter, SamplesGenerated
+from pgkd.distributed.messages import TOPICS, DeadLetter, RunCompleted, SamplesGenerated, StudentPromoted
+from pgkd.distributed.steps import RunFiles
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times
@@ -103,7 +104,7 @@ def test_a_submitted_run_completes_over_the_real_broker_past_poison_messages(ser
 
     data = make_toy_dataset(tmp_path / "toy")
     submitted = processes.pgkd("submit", "--data", str(data), "--run-id", "tansu-run", "--wait", "--timeout",
-                               "240", *cli_options(CONFIG), timeout=300)
+                               "240", "--promote", *cli_options(CONFIG), timeout=300)
     assert submitted.returncode == 0, f"{submitted.stderr}\n{processes.log_tails()}"
     assert "stopped: max_cycles" in submitted.stdout
     assert [line.split(":")[0] for line in submitted.stderr.splitlines() if line.startswith("cycle")] == \
@@ -111,6 +112,10 @@ def test_a_submitted_run_completes_over_the_real_broker_past_poison_messages(ser
     report = processes.store.get_json("runs/tansu-run/report.json")
     assert without_times(report) == embedded_report(data, CONFIG, tmp_path / "embedded")
     check_run_integrity(processes.store, "tansu-run", report)
+
+    (promoted,) = [StudentPromoted.model_validate_json(b) for b in processes.bodies("student-promoted")]   # --promote
+    completed = RunCompleted.model_validate(processes.store.get_json(RunFiles("tansu-run").completed))
+    assert (promoted.run_id, promoted.checkpoint, promoted.source) == ("tansu-run", completed.best_checkpoint, "run")
 
     letters = [DeadLetter.model_validate_json(b) for b in processes.bodies("dead-letter")]
     # A dead letter keeps the first 100,000 characters of what it parks: named here by their index.
