@@ -269,6 +269,18 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from pathlib import Path
+
+    from pgkd.bench.serve import markdown, run_serve_bench
+    result = run_serve_bench(Path(args.model), Path(args.data), Path(args.out), price_per_cpu_hour=args.price_per_cpu_hour,
+                             calls=args.calls, clients=args.clients, client_calls=args.client_calls,
+                             test_texts=args.test_texts)
+    print(markdown(result), end="")
+    print(f"wrote {args.out}/serve.json, serve.md")
+    return 0
+
+
 def cmd_bench_stream(args) -> int:
     from pathlib import Path
 
@@ -395,6 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--quick", action="store_true", help="fewer samples and calls: about a minute")
     speed.add_argument("--out", default="runs/bench/speed")
     speed.set_defaults(func=cmd_bench_speed)
+    serve_bench = bench_sub.add_parser("serve", help="the student answering traffic: in-process torch and ONNX "
+                                                     "(fp32, int8) against the served model over HTTP and gRPC")
+    serve_bench.add_argument("--model", default="runs/demo/best", help="a fine-tuned student folder (make demo's)")
+    serve_bench.add_argument("--data", default="../shared/data/banking77", help="its dataset: the test split is used")
+    serve_bench.add_argument("--price-per-cpu-hour", type=float, default=0.05, help="for the cost per million texts")
+    serve_bench.add_argument("--calls", type=int, default=60, help="calls per latency measurement at batch 1")
+    serve_bench.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    serve_bench.add_argument("--client-calls", type=int, default=20, help="one-text calls per concurrent client")
+    serve_bench.add_argument("--test-texts", type=int, default=None, help="the first N test texts (default: all)")
+    serve_bench.add_argument("--out", default="runs/bench/serve")
+    serve_bench.set_defaults(func=cmd_bench_serve)
     stream = bench_sub.add_parser("stream", help="a stream of new labeled data with bad messages in it: the "
                                                  "triggered run and its decision")
     stream.add_argument("--data", default="../shared/data/banking77")

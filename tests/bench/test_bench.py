@@ -67,6 +67,30 @@ def test_bench_speed_tiny(tmp_path, capsys):
     assert "its labels are not the classes of" in capsys.readouterr().err
 
 
+def test_bench_serve_tiny(tmp_path, capsys):
+    """Every path measured in one run, on the served model too; at most a near-tie apart in answers."""
+    from pgkd.serving.tritonserver import tritonserver_unavailable_reason
+    if tritonserver_unavailable_reason():
+        pytest.skip(tritonserver_unavailable_reason())
+    data = make_toy_dataset(tmp_path / "toy", train_per_class=10, test_per_class=10)
+    FineTunedStudent.create("tiny", sorted(TOY_CLASSES), seed=5).save(tmp_path / "shipped")
+    out = tmp_path / "serve"
+    assert main(["bench", "serve", "--model", str(tmp_path / "shipped"), "--data", str(data), "--calls", "3",
+                 "--clients", "3", "--client-calls", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "serve.json").read_text())
+    assert list(result["paths"]) == ["torch", "onnx_fp32", "onnx_int8", "served_http", "served_grpc"]
+    for name, path in result["paths"].items():
+        assert [row["batch"] for row in path["latency"]] == [1, 32, 64], name
+        assert path["concurrent"]["clients"] == 3 and path["test"]["texts_per_second"] > 0, name
+        if name != "onnx_int8":   # the same function of the text: one near-tie at most
+            assert path["test"]["agreement_with_torch"] >= 1 - 1 / 40 - 1e-9, name
+    assert set(result["serving_overhead_at_batch_64"]) == {"served_http_vs_onnx_fp32", "served_grpc_vs_onnx_fp32",
+                                                           "served_http_vs_torch", "served_grpc_vs_torch"}
+    assert "served (Triton), gRPC" in (out / "serve.md").read_text()
+    assert "Table 5 (theirs" in capsys.readouterr().out
+    assert main(["bench", "serve", "--model", str(tmp_path / "nowhere"), "--data", str(data)]) == 2
+
+
 def test_bench_quality_honours_zero_cycles(tmp_path):
     make_toy_dataset(tmp_path / "data" / "toy")
     out = tmp_path / "q"

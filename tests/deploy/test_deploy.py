@@ -3,15 +3,22 @@
 - docker-compose.yml and deploy/compose.gpu.yml against the Compose Specification's JSON schema
   (vendored in tests/deploy/schemas/), then the facts the product relies on: one image, the commands, the
   shared volumes, the broker URL, Kafka in KRaft mode, Prometheus and Grafana wired to them, the Triton
-  teacher (image, shared memory, Hugging Face cache, health check, profile) and the GPU reservations.
-- deploy/Dockerfile and its .dockerignore: the base image, user, environment, entry point, and a build
-  context that holds what `pip install .` needs and nothing heavy; deploy/triton/Dockerfile: the Triton
-  image, its model repository and command.
-- every manifest under k8s/ against the Kubernetes OpenAPI schemas (kubernetes-validate, strict), the
-  Strimzi KafkaTopics and KafkaUsers against the vendored Strimzi CRD schemas, then the kustomization, the security
-  settings, probes, resources, GPU placement, Services and topics, for the five pgkd services (ingest: one
-  replica, and the PGKD_STREAM_* configuration) and, with its own expectations, the Triton teacher. The
-  opt-in monitoring component k8s/monitoring/ (Prometheus Operator kinds) is tests/deploy/test_k8s_monitoring.py's.
+  teacher (image, shared memory, Hugging Face cache, health check, profile), the student server and its
+  deployer (profile `serving`: the student-server image, explicit model control, the shared model volume,
+  the deployer's settings as the code parses them) and the GPU reservations.
+- deploy/Dockerfile and its .dockerignore: the base image, user, environment, entry point, what the deployer
+  imports, and a build context that holds what `pip install .` needs and nothing heavy; deploy/triton/Dockerfile:
+  the Triton image, its model repository and command; deploy/triton/Dockerfile.student: the student server's
+  Triton image, its packages, command and empty build context.
+- every manifest under k8s/ against the Kubernetes OpenAPI schemas (kubernetes-validate, strict; the
+  HorizontalPodAutoscaler too, a built-in kind), the Strimzi KafkaTopics and KafkaUsers against the vendored
+  Strimzi CRD schemas, then the kustomization, the security settings, probes, resources, GPU placement,
+  Services and topics, for the five pgkd services (ingest: one replica, and the PGKD_STREAM_* configuration)
+  and, with their own expectations, the Triton teacher and the student server (Triton and the deployer
+  sidecar in one pod, Triton's endpoints as probes, the autoscaler on Triton's CPU, the GPU Component
+  k8s/student-gpu/ rendered with kustomize). The opt-in monitoring component k8s/monitoring/ (Prometheus
+  Operator kinds) is tests/deploy/test_k8s_monitoring.py's; the Kafka users and network policies are
+  tests/deploy/test_k8s_kafka_security.py's.
 - test_the_validators_reject_broken_documents: the validators above do fail on broken documents, so a
   passing run means something.
 """
@@ -35,11 +42,16 @@ SCHEMAS = Path(__file__).resolve().parent / "schemas"
 K8S = REPO / "k8s"
 # A kustomize Component that users opt into, with the Prometheus Operator's kinds: tests/deploy/test_k8s_monitoring.py.
 K8S_MONITORING = K8S / "monitoring"
+# A kustomize Component that users opt into: the student server on GPU nodes (tested here).
+K8S_STUDENT_GPU = K8S / "student-gpu"
+K8S_COMPONENTS = (K8S_MONITORING, K8S_STUDENT_GPU)
 COMPOSE = REPO / "docker-compose.yml"
 GPU_OVERRIDE = REPO / "deploy" / "compose.gpu.yml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
 TEACHER_DOCKERFILE = REPO / "deploy" / "triton" / "Dockerfile"
 TEACHER_MODELS = REPO / "deploy" / "triton" / "models"
+STUDENT_DOCKERFILE = REPO / "deploy" / "triton" / "Dockerfile.student"
+STUDENT_DOCKERIGNORE = REPO / "deploy" / "triton" / "Dockerfile.student.dockerignore"
 DOCKERIGNORE = REPO / "deploy" / "Dockerfile.dockerignore"
 PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_DATASOURCES = REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
@@ -48,13 +60,14 @@ SERVICES = ("trainer", "evaluator", "miner", "generator", "ingest")
 TOPIC_PREFIX = "pgkd."
 TOPICS = tuple(TOPIC_PREFIX + name for name in (
     "run-requested", "model-trained", "cycle-evaluated", "negatives-mined", "samples-generated",
-    "run-completed", "labeled-samples", "dead-letter"))
+    "run-completed", "student-promoted", "labeled-samples", "dead-letter"))
 # ingest's configuration (pgkd.stream.StreamSettings) and its defaults, as the deploy files spell them; the
 # base run has none (it is set once, before a stream first starts).
 STREAM_DEFAULTS = {
     "PGKD_STREAM": "default", "PGKD_STREAM_BASE_RUN": "", "PGKD_STREAM_TRIGGER_COUNT": "500",
     "PGKD_STREAM_DRIFT_WINDOW": "200", "PGKD_STREAM_DRIFT_MARGIN": "0.1", "PGKD_STREAM_VALIDATION_PERCENT": "20",
     "PGKD_STREAM_NEW_LABELS": "reject", "PGKD_STREAM_MIN_CHARS": "1", "PGKD_STREAM_MAX_CHARS": "2000",
+    "PGKD_STREAM_SERVING_MODEL": "student",
 }
 # The stream's state has one writer: ingest runs as one container / pod, never two at once.
 SINGLE_WRITERS = ("ingest",)
@@ -70,8 +83,22 @@ TEACHER_MODEL_NAME = "teacher"
 TEACHER_DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 TRITON_COMMAND = ["tritonserver", "--model-repository=/models"]
-# The deployments that run on a GPU (one each), in compose (deploy/compose.gpu.yml) and Kubernetes.
+# The deployments that run on a GPU (one each), in compose (deploy/compose.gpu.yml) and Kubernetes. The student
+# server runs on one only when asked: deploy/compose.gpu.yml in compose, the Component k8s/student-gpu/.
 GPU_SERVICES = ("trainer", "teacher")
+COMPOSE_GPU_SERVICES = GPU_SERVICES + ("student-server",)
+
+# The student server: NVIDIA Triton (deploy/triton/Dockerfile.student) serving the model `student`
+# (pgkd.serving.repository.MODEL_NAME) with explicit model control, and the deployer (`pgkd service deployer`,
+# the one pgkd image) that writes its model repository and has it load each promoted student. In compose
+# two services sharing the volume student-models; on Kubernetes one Deployment, the deployer a sidecar.
+STUDENT_IMAGE = "pgkd-student-server"
+STUDENT_SERVER = "student-server"             # the compose service, the k8s component label
+STUDENT_DEPLOYMENT = "pgkd-student-server"
+STUDENT_UID = 1000                            # the Triton image's triton-server, as the teacher
+STUDENT_MODEL_REPOSITORY = "/models"
+STUDENT_VOLUME = "student-models"
+SERVING_PROFILE = "serving"
 
 # kubernetes-validate takes the target Kubernetes version as a string such as "1.30.0" (a leading "v" is
 # dropped) and validates against the newest schemas it bundles for a version not newer than that one
@@ -150,9 +177,9 @@ def pgkd_image_services() -> dict[str, dict]:
 
 
 def manifest_paths() -> list[Path]:
-    """The base's manifests: not those of the monitoring component."""
+    """The base's manifests: not those of the components (monitoring, student-gpu)."""
     return sorted(p for p in K8S.rglob("*") if p.suffix in {".yaml", ".yml"} and p.name != "kustomization.yaml"
-                  and K8S_MONITORING not in p.parents)
+                  and not any(component in p.parents for component in K8S_COMPONENTS))
 
 
 @cache
@@ -250,6 +277,24 @@ def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     return instructions
 
 
+def dockerfile_args(path: Path) -> dict[str, str]:
+    """ARG name -> its default ("" when it has none)."""
+    args = {}
+    for keyword, arguments in dockerfile_instructions(path):
+        if keyword == "ARG":
+            name, _, default = shlex.split(arguments)[0].partition("=")
+            args[name] = default
+    return args
+
+
+def dockerfile_resolved(path: Path) -> list[tuple[str, str]]:
+    """The instructions with ${ARG} replaced by the ARG defaults, the way `docker build` without --build-arg
+    sees the file."""
+    args = dockerfile_args(path)
+    return [(keyword, re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], arguments))
+            for keyword, arguments in dockerfile_instructions(path)]
+
+
 def duration_seconds(value: str) -> float:
     """A compose duration (`1m30s`, `30m`, `500ms`) in seconds."""
     units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
@@ -269,7 +314,67 @@ def env_vars(container: dict) -> dict[str, dict]:
     return {entry["name"]: entry for entry in container.get("env", [])}
 
 
-def dockerignore_excludes(path: str) -> bool:
+def container_named(deployment: dict, name: str) -> dict:
+    (found,) = [c for c in containers(deployment) if c["name"] == name]
+    return found
+
+
+def compose_default(value) -> str:
+    """A compose value with its `${NAME:-default}` parts replaced by their defaults (an environment of
+    `docker compose` that sets none of them)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+
+
+def student_command() -> list[str]:
+    """The student server's command: Triton on the model repository, under the explicit model control that
+    pgkd runs Triton with (pgkd.serving.server.explicit_control: load `student` at start, then through the
+    repository API), kept up while the repository is still empty."""
+    from pgkd.serving.repository import MODEL_NAME
+    from pgkd.serving.server import explicit_control
+    return ["tritonserver", f"--model-repository={STUDENT_MODEL_REPOSITORY}", *explicit_control(MODEL_NAME),
+            "--exit-on-error=false"]
+
+
+def student_model() -> str:
+    from pgkd.serving.repository import MODEL_NAME
+    return MODEL_NAME
+
+
+class RecordingEnv(dict):
+    """An environment that remembers which variables were read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def serving_settings(env: dict):
+    """The deployer's settings (pgkd_services.deployer.ServingSettings) as it reads them from `env`."""
+    from pgkd_services.deployer import ServingSettings
+    return ServingSettings.from_env(env)
+
+
+@cache
+def serving_variables() -> frozenset[str]:
+    """Every PGKD_SERVING_* variable the deployer reads: those ServingSettings.from_env asks for."""
+    env = RecordingEnv({"PGKD_SERVING_REPOSITORY": STUDENT_MODEL_REPOSITORY})
+    serving_settings(env)
+    return frozenset(env.read)
+
+
+def dockerignore_excludes(path: str, dockerignore: Path = DOCKERIGNORE) -> bool:
     """Whether the build context leaves `path` out: the part of .dockerignore semantics used here (the last
     matching pattern wins, `!` re-includes, a pattern matching a parent folder matches what is inside it)."""
     def regex(pattern: str) -> re.Pattern:
@@ -292,7 +397,7 @@ def dockerignore_excludes(path: str) -> bool:
 
     parts = path.split("/")
     excluded = False
-    for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
+    for line in dockerignore.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -310,15 +415,26 @@ def test_compose_file_matches_the_compose_specification():
     assert schema_errors(compose_validator(), compose()) == []
 
 
-def test_gpu_override_matches_the_specification_and_reserves_one_gpu_for_the_trainer_and_the_teacher():
+def test_gpu_override_matches_the_specification_and_reserves_one_gpu_for_the_trainer_teacher_and_student():
     override = load_yaml(GPU_OVERRIDE)
     assert schema_errors(compose_validator(), override) == []
-    assert set(override["services"]) == set(GPU_SERVICES)
-    for name in GPU_SERVICES:
+    assert set(override["services"]) == set(COMPOSE_GPU_SERVICES) | {"deployer"}
+    reservation = {"resources": {"reservations": {"devices": [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]}}}
+    for name in override["services"]:
         assert name in compose()["services"], f"the override names {name}, which the base file lacks"
+    for name in GPU_SERVICES:
         # Only the reservation: everything else comes from the base file.
-        assert override["services"][name] == {"deploy": {"resources": {"reservations": {"devices": [
-            {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]}}}}, name
+        assert override["services"][name] == {"deploy": reservation}, name
+    # The student server: the reservation, and its image built with ONNX Runtime's CUDA provider (an ARG of
+    # Dockerfile.student, merged into the base file's build); its deployer writes a GPU instance.
+    assert override["services"][STUDENT_SERVER] == {"deploy": reservation,
+                                                     "build": {"args": {"ONNXRUNTIME": "onnxruntime-gpu"}}}
+    assert "ONNXRUNTIME" in dockerfile_args(STUDENT_DOCKERFILE)
+    assert override["services"]["deployer"] == {"environment": {"PGKD_SERVING_GPU": "1"}}
+    assert "PGKD_SERVING_GPU" not in compose()["services"]["deployer"]["environment"]
+    gpu_env = {**compose()["services"]["deployer"]["environment"], **override["services"]["deployer"]["environment"]}
+    assert serving_settings({k: compose_default(v) for k, v in gpu_env.items()}).gpu is True
     # The base file must run without a GPU: no device reservation or gpus anywhere in it.
     for name, service in compose()["services"].items():
         assert "gpus" not in service and "devices" not in str(service.get("deploy", {})), name
@@ -421,6 +537,79 @@ def test_compose_no_service_depends_on_the_teacher():
     assert "depends_on" not in compose()["services"]["teacher"]
 
 
+def test_compose_student_server_is_triton_built_from_dockerfile_student():
+    server = compose()["services"][STUDENT_SERVER]
+    assert server["image"] == f"{STUDENT_IMAGE}:latest"
+    assert server["build"] == {"context": "deploy/triton", "dockerfile": "Dockerfile.student"}
+    assert (REPO / server["build"]["context"] / server["build"]["dockerfile"]).resolve() == STUDENT_DOCKERFILE
+    # The image's command, spelled out, and the one pgkd runs Triton with; the NGC entry point is kept.
+    assert server["command"] == student_command()
+    assert json.loads(dict(dockerfile_instructions(STUDENT_DOCKERFILE))["CMD"]) == student_command()
+    assert "entrypoint" not in server and "environment" not in server
+    assert server["restart"] == "unless-stopped"
+    # Opt-in with its deployer: the NGC image is large.
+    assert server["profiles"] == [SERVING_PROFILE]
+
+    # The model repository: the volume the deployer writes, read-only here.
+    assert compose_mounts(server) == {STUDENT_MODEL_REPOSITORY: (STUDENT_VOLUME, True)}
+    assert STUDENT_VOLUME in compose()["volumes"]
+    # HTTP and gRPC published on the loopback interface only, on host ports the teacher does not take;
+    # metrics on the compose network.
+    published = {int(port.split(":")[2]): int(port.split(":")[1]) for port in server["ports"]}
+    assert all(port.startswith("127.0.0.1:") for port in server["ports"])
+    assert set(published) == {TRITON_PORTS["http"], TRITON_PORTS["grpc"]}
+    teacher_host_ports = {int(port.split(":")[1]) for port in compose()["services"]["teacher"]["ports"]}
+    all_host_ports = [int(str(port).split(":")[-2]) for svc in compose()["services"].values()
+                      for port in svc.get("ports", [])]
+    assert not set(published.values()) & teacher_host_ports
+    assert len(all_host_ports) == len(set(all_host_ports)), "two services publish the same host port"
+    assert str(TRITON_PORTS["metrics"]) in map(str, server["expose"])
+    # The Python backend's shared memory: above Docker's 64 MB.
+    assert compose_bytes(server["shm_size"]) > 64 * 2**20
+
+    # Healthy once the student is loaded (not once Triton is up: the repository may still be empty).
+    healthcheck = server["healthcheck"]
+    assert healthcheck["test"][:2] == ["CMD", "curl"]
+    assert urlsplit(healthcheck["test"][-1])[1:3] == (f"localhost:{TRITON_PORTS['http']}",
+                                                      f"/v2/models/{student_model()}/ready")
+    assert "gpus" not in server and "deploy" not in server  # the GPU comes from deploy/compose.gpu.yml
+    # Nothing waits for it to be healthy: that needs a promotion, which may never come.
+    for name, service in compose()["services"].items():
+        depends_on = service.get("depends_on", {})
+        if isinstance(depends_on, dict):   # the short form (a list) waits for no health
+            assert depends_on.get(STUDENT_SERVER, {}).get("condition") != "service_healthy", name
+
+
+def test_compose_deployer_runs_the_one_image_beside_the_student_server():
+    deployer, server = compose()["services"]["deployer"], compose()["services"][STUDENT_SERVER]
+    assert deployer["image"] == f"{IMAGE}:latest"
+    assert deployer["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile"}
+    assert deployer["command"] == ["service", "deployer"]
+    assert "entrypoint" not in deployer  # the image's ENTRYPOINT ["pgkd"]
+    assert deployer["restart"] == "unless-stopped"
+    assert deployer["profiles"] == server["profiles"]
+    # Kafka first (it consumes student-promoted), and the server started, not healthy: the server becomes
+    # healthy only once the deployer has loaded a student into it.
+    assert deployer["depends_on"] == {"topics": {"condition": "service_completed_successfully"},
+                                      STUDENT_SERVER: {"condition": "service_started"}}
+    assert "depends_on" not in server
+
+    # Its settings, as the deployer parses them (compose's defaults taken).
+    env = {key: compose_default(value) for key, value in deployer["environment"].items()}
+    settings = serving_settings(env)
+    mounts = compose_mounts(deployer)
+    assert mounts[str(settings.repository)] == (STUDENT_VOLUME, False)   # writes what the server reads
+    assert compose_mounts(server)[str(settings.repository)][0] == STUDENT_VOLUME
+    assert mounts["/artifacts"] == ("artifacts", False)                   # the promoted checkpoints
+    assert settings.http_address == f"{STUDENT_SERVER}:{TRITON_PORTS['http']}"
+    assert settings.model == student_model() == env["PGKD_STREAM_SERVING_MODEL"]
+    assert (settings.format, settings.int8, settings.gpu) == ("onnx", False, False)
+    assert settings.replica == "compose"
+
+    assert str(METRICS_PORT) in map(str, deployer["expose"]) and "ports" not in deployer
+    assert any("/healthz" in part and str(METRICS_PORT) in part for part in deployer["healthcheck"]["test"])
+
+
 def test_compose_broker_url_is_the_internal_kafka_listener():
     kafka_env = {key: str(value) for key, value in compose()["services"]["kafka"]["environment"].items()}
     advertised = dict(listener.split("://") for listener in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(","))
@@ -484,11 +673,22 @@ def test_compose_cli_is_an_on_demand_tool():
 
 def test_compose_every_pgkd_container_shares_one_image_build_and_configuration():
     services = pgkd_image_services()
-    assert set(SERVICES) | {"topics", "cli"} <= set(services)
+    assert set(SERVICES) | {"topics", "cli", "deployer"} <= set(services)
     assert len({json.dumps(svc["build"], sort_keys=True) for svc in services.values()}) == 1
-    assert len({json.dumps(svc["environment"], sort_keys=True) for svc in services.values()}) == 1
+    # One configuration, the deployer's adding the settings of its own server (and nothing else) to it.
+    shared = services["trainer"]["environment"]
+    for name, service in services.items():
+        env = service["environment"]
+        if name == "deployer":
+            assert env.items() >= shared.items()
+            assert set(env) - set(shared) == {"PGKD_SERVING_REPOSITORY", "PGKD_SERVING_URL", "PGKD_SERVING_REPLICA"}
+        else:
+            assert env == shared, name
     build = next(iter(services.values()))["build"]
     assert (REPO / build["context"] / build["dockerfile"]).is_file()
+    # Every PGKD_* setting there is one the code reads (a misspelt one would silently do nothing).
+    unread = {key for env in (svc["environment"] for svc in services.values()) for key in env} - settings_the_code_reads()
+    assert not unread, f"compose sets {sorted(unread)}, which no service reads"
 
 
 def test_compose_references_resolve():
@@ -542,6 +742,13 @@ def test_prometheus_config_scrapes_the_services():
             for target in static["targets"]:
                 targets[target] = static.get("labels", {}).get("service")
     assert {f"{name}:{METRICS_PORT}": name for name in SERVICES}.items() <= targets.items()
+    # The student server's Triton and its deployer, each a job of its own (optional, like the teacher).
+    assert {f"{STUDENT_SERVER}:{TRITON_PORTS['metrics']}": STUDENT_SERVER,
+            f"deployer:{METRICS_PORT}": "deployer"}.items() <= targets.items()
+    jobs = {target: job["job_name"] for job in config["scrape_configs"] for static in job["static_configs"]
+            for target in static["targets"]}
+    assert jobs[f"{STUDENT_SERVER}:{TRITON_PORTS['metrics']}"] == STUDENT_SERVER
+    assert jobs[f"deployer:{METRICS_PORT}"] == "deployer"
     for target in targets:
         assert target.split(":")[0] in compose()["services"], f"{target} is not a compose service"
 
@@ -582,6 +789,66 @@ def test_dockerfile_builds_the_one_image():
     assert [args for keyword, args in instructions if keyword == "EXPOSE"] == [str(METRICS_PORT)]
     assert json.loads(dict(instructions)["ENTRYPOINT"]) == ["pgkd"]
     assert json.loads(dict(instructions)["CMD"]) == ["service", "trainer"]
+
+
+def test_the_one_image_has_what_the_deployer_imports():
+    """The deployer exports each promoted student to ONNX (pgkd/serving/export.py: torch's exporter imports
+    onnx, --int8 onnxruntime); pyproject.toml has them in an extra only, so the image must install them."""
+    import ast
+    import sys
+    tree = ast.parse((REPO / "shared" / "pgkd" / "serving" / "export.py").read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    third_party = imported - set(sys.stdlib_module_names) - {"pgkd", "__future__"}
+    assert {"torch", "numpy", "onnx", "onnxruntime"} <= third_party
+
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.M | re.S)[1]
+    base = {re.match(r"[A-Za-z0-9_.-]+", spec)[0].lower() for spec in re.findall(r'"([^"]+)"', dependencies)}
+    runs = [args for keyword, args in dockerfile_instructions() if keyword == "RUN"]
+    (project,) = [run for run in runs if re.search(r"pip install \.(\s|$)", run)]
+    installed = {re.match(r"[A-Za-z0-9_.-]+", spec)[0].lower()
+                 for spec in re.findall(r'"([^"]+)"', project.split("pip install .", 1)[1])}
+    for module in sorted(third_party):
+        assert module in base or module in installed, f"the deployer imports {module}, which the image lacks"
+    # With the bounds pyproject.toml gives them (its `bench` extra).
+    for spec in re.findall(r'"([^"]+)"', project.split("pip install .", 1)[1]):
+        assert f'"{spec}"' in pyproject, f"{spec}: not the bound of pyproject.toml"
+
+
+def test_student_server_dockerfile_is_triton_with_what_the_student_model_imports():
+    instructions = dockerfile_resolved(STUDENT_DOCKERFILE)
+    (base,) = [arguments for keyword, arguments in instructions if keyword == "FROM"]
+    (teacher_base,) = [arguments for keyword, arguments in dockerfile_resolved(TEACHER_DOCKERFILE) if keyword == "FROM"]
+    # The teacher's Triton release: the two images share its layers.
+    assert base == teacher_base
+    assert dockerfile_args(STUDENT_DOCKERFILE)["TRITON_VERSION"] == dockerfile_args(TEACHER_DOCKERFILE)["TRITON_VERSION"]
+
+    # What model.py (pgkd/serving/triton_model.py) imports, installed into the image's Python: numpy below 2
+    # (the Python backend of these releases), tokenizers, onnxruntime by default (an ARG for onnxruntime-gpu).
+    (install,) = [run for keyword, run in instructions if keyword == "RUN" and "pip install" in run]
+    packages = shlex.split(install.split("pip install", 1)[1])
+    assert {"numpy<2", "tokenizers", "onnxruntime"} <= set(packages)
+    assert dockerfile_args(STUDENT_DOCKERFILE)["ONNXRUNTIME"] == "onnxruntime"
+    model_py = (REPO / "shared" / "pgkd" / "serving" / "triton_model.py").read_text(encoding="utf-8")
+    for module in ("numpy", "tokenizers", "onnxruntime"):
+        assert re.search(rf"^\s*(import|from) {module}\b", model_py, re.M), module
+
+    # Nothing copied in: the repository is a volume, and the build context is empty.
+    assert not [keyword for keyword, _ in instructions if keyword in ("COPY", "ADD")]
+    for path in ("models/teacher/config.pbtxt", "Dockerfile", "README.md"):
+        assert dockerignore_excludes(path, STUDENT_DOCKERIGNORE), path
+    # /models belongs to the deployer's user, so that a fresh volume mounted there is writable by it.
+    assert any(re.search(rf"install -d -o {UID} -g {UID} .*{STUDENT_MODEL_REPOSITORY}\b", run)
+               for keyword, run in instructions if keyword == "RUN")
+    assert any(re.search(rf"install -d -o pgkd -g pgkd .*{STUDENT_MODEL_REPOSITORY}\b", run)
+               for keyword, run in dockerfile_instructions() if keyword == "RUN")
+    exposed = {int(port) for keyword, ports in instructions if keyword == "EXPOSE" for port in ports.split()}
+    assert exposed == set(TRITON_PORTS.values())
+    assert json.loads(dict(instructions)["CMD"]) == student_command()
+    assert "ENTRYPOINT" not in dict(instructions)   # NGC's entry point runs the command
 
 
 @pytest.mark.parametrize("path, excluded", [
@@ -647,9 +914,13 @@ def test_kustomization_lists_every_manifest_and_nothing_else():
     assert len(listed) == len(set(listed))
     for resource in listed:
         assert (K8S / resource).is_file(), f"{resource} is listed but does not exist"
-    # Flat layout, so that the comparison below sees every manifest; the one folder is the monitoring component.
+    # Flat layout, so that the comparison below sees every manifest; the folders are the opt-in components.
     assert all(path.parent == K8S for path in manifest_paths())
-    assert [path for path in K8S.iterdir() if path.is_dir()] == [K8S_MONITORING]
+    assert sorted(path for path in K8S.iterdir() if path.is_dir()) == sorted(K8S_COMPONENTS)
+    for component in K8S_COMPONENTS:
+        kind = load_yaml(component / "kustomization.yaml")
+        assert (kind["apiVersion"], kind["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component"), component
+    assert "components" not in kustomization   # off by default
     # *.example.yaml are templates to fill in (empty credentials), never applied as they are.
     on_disk = {path.name for path in manifest_paths() if not path.name.endswith(".example.yaml")}
     assert set(listed) == on_disk
@@ -659,27 +930,31 @@ def test_kustomization_lists_every_manifest_and_nothing_else():
     for entry in kustomization.get("labels", []):
         labels.update(entry["pairs"])
     assert labels.get("app.kubernetes.io/part-of") == "pgkd"
-    assert "teacher.yaml" in listed
+    assert {"teacher.yaml", "student-server.yaml"} <= set(listed)
     # `images:` retags the images everywhere; it matches containers by image name.
     images = {image["name"]: image for image in kustomization["images"]}
-    assert list(images) == [IMAGE, TEACHER_IMAGE]
+    assert list(images) == [IMAGE, TEACHER_IMAGE, STUDENT_IMAGE]
     assert all(image["newName"] == name and image["newTag"] == "latest" for name, image in images.items())
+    # Every container runs the one pgkd image, but the teacher's and the student server's Triton.
+    special = {("pgkd-teacher", "teacher"): TEACHER_IMAGE, (STUDENT_DEPLOYMENT, "triton"): STUDENT_IMAGE}
     for deployment in k8s_docs("Deployment"):
-        expected = TEACHER_IMAGE if deployment["metadata"]["name"] == "pgkd-teacher" else IMAGE
         for container in containers(deployment):
-            assert container["image"] == f"{expected}:latest", deployment["metadata"]["name"]
+            expected = special.get((deployment["metadata"]["name"], container["name"]), IMAGE)
+            assert container["image"] == f"{expected}:latest", (deployment["metadata"]["name"], container["name"])
 
 
 def settings_the_code_reads() -> set[str]:
     """Every PGKD_* variable the services read: their Settings (by reading how it is built), the
-    stream's settings (one variable per field) and the Kafka security settings (kafka_security.VARIABLES)."""
+    stream's settings (one variable per field), the Kafka security settings (kafka_security.VARIABLES) and
+    the deployer's serving settings (those ServingSettings.from_env reads)."""
     from pgkd.stream import StreamSettings
 
     from pgkd_services.kafka_security import VARIABLES as KAFKA_SECURITY
     from pgkd_services.runtime import Settings
     import inspect
     read = set(re.findall(r'"(PGKD_[A-Z_]+)"', inspect.getsource(Settings.from_env)))
-    return read | {StreamSettings.variable(field) for field in StreamSettings.model_fields} | set(KAFKA_SECURITY)
+    return (read | {StreamSettings.variable(field) for field in StreamSettings.model_fields} | set(KAFKA_SECURITY)
+            | serving_variables())
 
 
 def test_the_configmap_sets_only_what_the_code_reads_and_in_the_one_namespace():
@@ -755,9 +1030,9 @@ def test_each_service_is_a_deployment_with_its_command_configuration_and_volumes
     assert "emptyDir" in volumes[mounts["/tmp"]]
 
 
-def test_the_deployments_are_the_services_and_the_teacher():
+def test_the_deployments_are_the_services_the_teacher_and_the_student_server():
     assert {d["metadata"]["name"] for d in k8s_docs("Deployment")} == \
-        {f"pgkd-{name}" for name in SERVICES} | {"pgkd-teacher"}
+        {f"pgkd-{name}" for name in SERVICES} | {"pgkd-teacher", STUDENT_DEPLOYMENT}
 
 
 def test_every_pgkd_container_runs_as_non_root_with_probes_and_resources():
@@ -793,7 +1068,10 @@ def test_ingest_runs_as_one_replica_that_stops_before_the_next_starts():
         assert deployment["spec"]["replicas"] == 1, name
         # RollingUpdate (the default) would run the new pod beside the old one: two writers for a while.
         assert deployment["spec"]["strategy"] == {"type": "Recreate"}, name
-    assert "HorizontalPodAutoscaler" not in {doc["kind"] for _, doc in k8s_documents()}
+    # Nothing scales it: the one autoscaler is the student server's.
+    targets = {hpa["spec"]["scaleTargetRef"]["name"] for hpa in k8s_docs("HorizontalPodAutoscaler")}
+    assert targets == {STUDENT_DEPLOYMENT}
+    assert not targets & {f"pgkd-{name}" for name in SINGLE_WRITERS}
 
 
 def test_trainer_and_teacher_run_on_a_gpu_node_and_the_others_do_not():
@@ -943,7 +1221,210 @@ def test_compose_and_kubernetes_agree_on_the_teacher():
     assert published <= {port["containerPort"] for port in container["ports"]}
 
 
+def student_pod() -> tuple[dict, dict, dict]:
+    """The student server's pod spec, its Triton container and its deployer sidecar."""
+    deployment = k8s_doc("Deployment", STUDENT_DEPLOYMENT)
+    pod = deployment["spec"]["template"]["spec"]
+    return pod, container_named(deployment, "triton"), container_named(deployment, "deployer")
+
+
+def test_student_server_runs_triton_and_the_deployer_sidecar_on_one_model_repository():
+    deployment = k8s_doc("Deployment", STUDENT_DEPLOYMENT)
+    pod, triton, deployer = student_pod()
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert labels["app.kubernetes.io/component"] == STUDENT_SERVER
+    assert labels["pgkd.io/kafka-client"] == "true"   # the deployer consumes student-promoted
+    # The autoscaler owns the replica count: a `replicas` here would reset it on every apply.
+    assert "replicas" not in deployment["spec"]
+    # A new pod serves beside the old one until it is ready, never fewer ready pods than wanted.
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    # Triton first: the kubelet starts the deployer once Triton's postStart hook has returned.
+    assert [c["name"] for c in pod["containers"]] == ["triton", "deployer"] and "initContainers" not in pod
+    assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False
+
+    assert triton["image"] == f"{STUDENT_IMAGE}:latest" and triton["imagePullPolicy"] == "IfNotPresent"
+    assert triton["args"] == student_command() and "command" not in triton   # the NGC entry point runs it
+    assert "envFrom" not in triton and "env" not in triton                    # not the pgkd configuration
+    assert {port["name"]: port["containerPort"] for port in triton["ports"]} == TRITON_PORTS
+
+    assert deployer["image"] == f"{IMAGE}:latest" and deployer["imagePullPolicy"] == "IfNotPresent"
+    assert deployer["args"] == ["service", "deployer"] and "command" not in deployer
+    assert {"configMapRef": {"name": "pgkd-config"}} in deployer["envFrom"]
+    assert {"secretRef": {"name": "pgkd-s3", "optional": True}} in deployer["envFrom"]
+    (metrics_port,) = deployer["ports"]
+    assert metrics_port["containerPort"] == METRICS_PORT
+    # Port names are unique within a pod: `metrics` is Triton's.
+    names = [port["name"] for container in pod["containers"] for port in container["ports"]]
+    assert len(names) == len(set(names)) and all(len(name) <= 15 for name in names)
+
+    env = env_vars(deployer)
+    assert env["PGKD_SERVING_REPLICA"] == {"name": "PGKD_SERVING_REPLICA",
+                                           "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    # Its settings, as the deployer parses them from the ConfigMap and its own env (the pod's name as the replica).
+    config = k8s_doc("ConfigMap", "pgkd-config")["data"]
+    settings = serving_settings({**config, **{name: entry["value"] for name, entry in env.items() if "value" in entry},
+                                 "PGKD_SERVING_REPLICA": "pgkd-student-server-7d9c5b-x2x4q"})
+    assert settings.http_address == f"127.0.0.1:{TRITON_PORTS['http']}"   # the same pod
+    assert settings.model == student_model() == config["PGKD_STREAM_SERVING_MODEL"]
+    assert (settings.format, settings.int8, settings.gpu) == ("onnx", False, False)
+    assert set(env) <= serving_variables(), "the deployer's env sets a variable it does not read"
+
+    # One model repository per pod, the deployer writing it and Triton reading it.
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    triton_mounts = {mount["mountPath"]: mount for mount in triton["volumeMounts"]}
+    deployer_mounts = {mount["mountPath"]: mount for mount in deployer["volumeMounts"]}
+    repository = str(settings.repository)
+    assert repository == STUDENT_MODEL_REPOSITORY == triton["args"][1].split("=", 1)[1]
+    assert triton_mounts[repository]["name"] == deployer_mounts[repository]["name"]
+    assert "emptyDir" in volumes[deployer_mounts[repository]["name"]]
+    assert triton_mounts[repository].get("readOnly") is True and not deployer_mounts[repository].get("readOnly")
+    assert volumes[deployer_mounts["/artifacts"]["name"]]["persistentVolumeClaim"]["claimName"] == "pgkd-artifacts"
+    # The Python backend's shared memory: a memory volume, bounded, within Triton's memory limit.
+    shm = volumes[triton_mounts["/dev/shm"]["name"]]["emptyDir"]
+    assert shm["medium"] == "Memory"
+    assert 64 * 2**20 < quantity(shm["sizeLimit"]) < quantity(triton["resources"]["limits"]["memory"])
+    for container in (triton, deployer):
+        assert "emptyDir" in volumes[{m["mountPath"]: m["name"] for m in container["volumeMounts"]}["/tmp"]]
+
+
+def test_student_server_probes_are_tritons_endpoints_and_the_deployers():
+    _, triton, deployer = student_pod()
+    model = student_model()
+    assert triton["readinessProbe"]["httpGet"] == {"path": f"/v2/models/{model}/ready", "port": "http"}
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    startup = triton["startupProbe"]
+    assert startup["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    budget = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * startup["failureThreshold"]
+    assert budget >= 5 * 60
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert triton[probe].get("initialDelaySeconds", 0) == 0, probe  # the startup probe does the waiting
+    # The postStart hook holds the deployer back until Triton is live, for a bounded time.
+    hook = " ".join(triton["lifecycle"]["postStart"]["exec"]["command"])
+    assert f"curl -sf http://127.0.0.1:{TRITON_PORTS['http']}/v2/health/live" in hook
+    assert re.search(r"seq (\d+)", hook) and int(re.search(r"seq (\d+)", hook)[1]) <= startup["failureThreshold"] * 5
+    assert hook.rstrip().endswith("exit 1")
+
+    # The deployer: the services' startup and liveness probes on its own port; no readiness probe (its
+    # /readyz is the broker's reachability, and a Kafka outage must not take the servers out of the Service).
+    port = deployer["ports"][0]["name"]
+    assert deployer["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+    assert deployer["startupProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+    assert "readinessProbe" not in deployer
+
+
+def test_student_server_runs_as_the_images_non_root_users_with_resources():
+    pod, triton, deployer = student_pod()
+    # Two images, two users: fsGroup the pgkd one (the artifacts volume), each container its image's user.
+    assert pod["securityContext"] == {"runAsNonRoot": True, "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}}
+    for container, uid in ((triton, STUDENT_UID), (deployer, UID)):
+        security = container["securityContext"]
+        assert (security["runAsUser"], security["runAsGroup"]) == (uid, uid), container["name"]
+        assert security["allowPrivilegeEscalation"] is False, container["name"]
+        assert security["capabilities"] == {"drop": ["ALL"]}, container["name"]
+        assert not security.get("privileged", False), container["name"]
+        for resource in ("cpu", "memory"):
+            request, limit = container["resources"]["requests"][resource], container["resources"]["limits"][resource]
+            assert quantity(request) <= quantity(limit), f"{container['name']}: {resource} request above limit"
+    # As the pgkd services, the deployer's root filesystem is read-only; Triton's is not, as the teacher's.
+    assert deployer["securityContext"]["readOnlyRootFilesystem"] is True
+    assert triton["securityContext"]["readOnlyRootFilesystem"] is False
+    # On CPU by default: no GPU, no GPU node (the Component student-gpu/ adds both).
+    assert "nvidia.com/gpu" not in triton["resources"]["limits"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+
+
+def test_student_server_service_exposes_http_grpc_and_both_metrics_ports():
+    service = k8s_doc("Service", STUDENT_DEPLOYMENT)
+    _, triton, deployer = student_pod()
+    ports = {port["name"]: port for port in service["spec"]["ports"]}
+    container_ports = {port["name"]: port["containerPort"] for c in (triton, deployer) for port in c["ports"]}
+    assert set(ports) == set(container_ports)
+    for name, port in ports.items():
+        assert port["targetPort"] in {name, container_ports[name]} and port["port"] == container_ports[name], name
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == str(TRITON_PORTS["metrics"])
+    # Not selected by the ServiceMonitor `pgkd`, which keeps one series per Service: this one has replicas.
+    assert "pgkd.io/metrics" not in service["metadata"]["labels"]
+    selector = service["spec"]["selector"].items()
+    for deployment in k8s_docs("Deployment"):
+        picks = selector <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert picks == (deployment["metadata"]["name"] == STUDENT_DEPLOYMENT), deployment["metadata"]["name"]
+
+
+def test_the_autoscaler_scales_the_student_server_on_tritons_cpu():
+    (hpa,) = k8s_docs("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    deployment = k8s_doc(target["kind"], target["name"])
+    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", STUDENT_DEPLOYMENT)
+    assert deployment["apiVersion"] == target["apiVersion"]
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    # Triton's CPU alone: the deployer's (an ONNX export per promotion) must not add servers.
+    assert metric["type"] == "ContainerResource"
+    resource = metric["containerResource"]
+    assert (resource["name"], resource["container"]) == ("cpu", "triton")
+    container = container_named(deployment, resource["container"])
+    assert quantity(container["resources"]["requests"]["cpu"]) > 0   # utilization is against the request
+    assert resource["target"]["type"] == "Utilization" and 0 < resource["target"]["averageUtilization"] < 100
+    # The way to Triton's queue time is written down beside it.
+    assert "nv_inference_queue_duration_us" in (K8S / "student-server.yaml").read_text(encoding="utf-8")
+
+
+def test_the_student_gpu_component_adds_a_gpu_and_nothing_else(tmp_path):
+    """Only where kustomize or kubectl is installed: the base with the Component, rendered from an overlay."""
+    from test_k8s_monitoring import kustomize, write_yaml
+    import os
+    write_yaml(tmp_path / "kustomization.yaml", {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S, tmp_path)], "components": [os.path.relpath(K8S_STUDENT_GPU, tmp_path)]})
+    base, gpu = kustomize(K8S), kustomize(tmp_path)
+
+    def key(doc):
+        return doc["kind"], doc["metadata"]["name"]
+    assert [key(doc) for doc in gpu] == [key(doc) for doc in base]
+    changed = [key(doc) for doc, before in zip(gpu, base) if doc != before]
+    assert changed == [("Deployment", STUDENT_DEPLOYMENT)]
+    (deployment,) = [doc for doc in gpu if key(doc) == changed[0]]
+    validate_manifest(deployment, K8S_VERSIONS[-1])
+    pod = deployment["spec"]["template"]["spec"]
+    triton, deployer = container_named(deployment, "triton"), container_named(deployment, "deployer")
+    # The GPU placement of the trainer and the teacher.
+    trainer = k8s_doc("Deployment", "pgkd-trainer")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == trainer["nodeSelector"] and pod["tolerations"] == trainer["tolerations"]
+    assert str(triton["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert "nvidia.com/gpu" not in deployer["resources"]["limits"]
+    env = env_vars(deployer)
+    assert env["PGKD_SERVING_GPU"] == {"name": "PGKD_SERVING_GPU", "value": "1"}
+    config = k8s_doc("ConfigMap", "pgkd-config")["data"]
+    settings = serving_settings({**config, **{name: entry["value"] for name, entry in env.items() if "value" in entry}})
+    assert settings.gpu is True
+    # Everything else of the Deployment as in the base.
+    (before,) = [doc for doc in base if key(doc) == changed[0]]
+    assert container_named(before, "deployer")["env"] == [e for e in deployer["env"] if e["name"] != "PGKD_SERVING_GPU"]
+
+
+def test_compose_and_kubernetes_agree_on_the_student_server():
+    server, deployer = compose()["services"][STUDENT_SERVER], compose()["services"]["deployer"]
+    _, triton, sidecar = student_pod()
+    assert server["command"] == triton["args"]
+    assert server["image"] == triton["image"] and deployer["image"] == sidecar["image"]
+    assert deployer["command"] == sidecar["args"]
+    # The health check is the readiness probe.
+    assert urlsplit(server["healthcheck"]["test"][-1]).path == triton["readinessProbe"]["httpGet"]["path"]
+    published = {int(port.rsplit(":", 1)[1]) for port in server["ports"]}
+    assert published <= {port["containerPort"] for port in triton["ports"]}
+    assert compose_default(deployer["environment"]["PGKD_SERVING_REPOSITORY"]) == \
+        env_vars(sidecar)["PGKD_SERVING_REPOSITORY"]["value"]
+    # The shared settings: compose's default is the ConfigMap's value.
+    config = k8s_doc("ConfigMap", "pgkd-config")["data"]
+    for key in ("PGKD_SERVING_MODEL", "PGKD_SERVING_FORMAT", "PGKD_SERVING_INT8", "PGKD_STREAM_SERVING_MODEL"):
+        assert compose_default(deployer["environment"][key]) == config[key], key
+
+
 def test_kafka_topics_match_the_configuration():
+    from pgkd.distributed.messages import TOPICS as CODE_TOPICS
+    assert sorted(TOPICS) == sorted(TOPIC_PREFIX + topic for topic in CODE_TOPICS)   # the code's topics
     topics = k8s_docs("KafkaTopic")
     assert sorted(topic["spec"]["topicName"] for topic in topics) == sorted(TOPICS)
     config = k8s_doc("ConfigMap", "pgkd-config")["data"]
@@ -962,8 +1443,13 @@ def test_kafka_topics_match_the_configuration():
 def test_compose_and_kubernetes_agree_on_the_configuration():
     config = k8s_doc("ConfigMap", "pgkd-config")["data"]
     compose_env = {key: str(value) for key, value in compose()["services"]["trainer"]["environment"].items()}
-    for key in ("PGKD_ARTIFACTS", "PGKD_TOPIC_PREFIX", "PGKD_METRICS_PORT"):
+    for key in ("PGKD_ARTIFACTS", "PGKD_TOPIC_PREFIX", "PGKD_METRICS_PORT", "PGKD_SERVING_MODEL"):
         assert compose_env[key] == config[key], key
+    # The same keys, but for the broker's TLS files (compose runs PLAINTEXT) and where Prometheus is.
+    assert set(config) - set(compose_env) <= {"PGKD_KAFKA_SECURITY_PROTOCOL", "PGKD_KAFKA_CA_FILE",
+                                              "PGKD_KAFKA_CERT_FILE", "PGKD_KAFKA_KEY_FILE"}
+    assert set(compose_env) == set(config) - {"PGKD_KAFKA_SECURITY_PROTOCOL", "PGKD_KAFKA_CA_FILE",
+                                              "PGKD_KAFKA_CERT_FILE", "PGKD_KAFKA_KEY_FILE"}
     # ingest's settings: compose's default (`${NAME:-default}`) is the ConfigMap's value.
     ingest_env = {key: str(value) for key, value in compose()["services"]["ingest"]["environment"].items()}
     for key in STREAM_DEFAULTS:
@@ -1012,8 +1498,18 @@ def test_the_validators_reject_broken_documents():
     teacher_misspelt["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["httpGet"]["paht"] = "/v2/health/live"
     teacher_bad_port = copy.deepcopy(k8s_doc("Service", "pgkd-teacher"))
     teacher_bad_port["spec"]["ports"][0]["port"] = "http"
+    hpa = k8s_doc("HorizontalPodAutoscaler", STUDENT_DEPLOYMENT)
+    hpa_misspelt = copy.deepcopy(hpa)
+    hpa_misspelt["spec"]["metrics"][0]["containerResource"]["containr"] = "triton"
+    hpa_bad_type = copy.deepcopy(hpa)
+    hpa_bad_type["spec"]["maxReplicas"] = "four"
+    student = k8s_doc("Deployment", STUDENT_DEPLOYMENT)
+    student_bad_hook = copy.deepcopy(student)
+    student_bad_hook["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["postStart"]["exec"]["command"] = "curl"
+    student_bad_env = copy.deepcopy(student)
+    student_bad_env["spec"]["template"]["spec"]["containers"][1]["env"][2]["valueFrom"]["fieldRef"]["path"] = "x"
     for broken in (misspelt, wrong_type, missing, topic_misspelt, topic_zero, topic_bad_label, teacher_misspelt,
-                   teacher_bad_port):
+                   teacher_bad_port, hpa_misspelt, hpa_bad_type, student_bad_hook, student_bad_env):
         with pytest.raises(jsonschema.ValidationError):
             validate_manifest(broken, K8S_VERSIONS[-1])
     # A kind nobody has a schema for is an error, not a pass.
@@ -1031,5 +1527,17 @@ def test_the_validators_reject_broken_documents():
     bad_shm["services"]["teacher"]["shm_size"] = ["2gb"]
     bad_gpu = copy.deepcopy(load_yaml(GPU_OVERRIDE))
     bad_gpu["services"]["teacher"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilites"] = ["gpu"]
-    for broken in (unknown_key, bad_condition, bad_volume, bad_shm, bad_gpu):
+    bad_healthcheck = copy.deepcopy(compose())
+    bad_healthcheck["services"][STUDENT_SERVER]["healthcheck"]["start_perod"] = "2m"
+    bad_build_args = copy.deepcopy(load_yaml(GPU_OVERRIDE))
+    bad_build_args["services"][STUDENT_SERVER]["build"]["args"] = "ONNXRUNTIME=onnxruntime-gpu"
+    for broken in (unknown_key, bad_condition, bad_volume, bad_shm, bad_gpu, bad_healthcheck, bad_build_args):
         assert schema_errors(compose_validator(), broken)
+
+    # The deployer's settings parser rejects what the deploy files could get wrong.
+    from pgkd.errors import UserError
+    for env in ({"PGKD_SERVING_REPOSITORY": "/models", "PGKD_SERVING_URL": "http://student-server"},
+                {"PGKD_SERVING_REPOSITORY": "/models", "PGKD_SERVING_GPU": "true"},
+                {"PGKD_SERVING_URL": "student-server:8000"}):
+        with pytest.raises(UserError):
+            serving_settings(env)

@@ -3,6 +3,7 @@
 Any process anywhere loads a checkpoint from the store alone; the process that wrote it, and any
 other on its machine, never reads it back; a changed byte in the store is an error, not another
 student; and a round that leaves the word embeddings frozen stores only what it changed."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -125,15 +126,20 @@ def test_the_steps_in_one_process_compute_the_embedded_run_and_never_read_a_chec
     assert without_times(store.get_json(completed.report)) == without_times(embedded)
 
 
-def test_pgkd_export_writes_a_stored_student_as_a_model_folder(tmp_path, writer_cache, capsys):
+def test_pgkd_export_writes_a_stored_student_as_a_model_folder_or_a_served_version(tmp_path, writer_cache, capsys):
     store = ArtifactStore(f"file://{tmp_path}/store")
     student = FineTunedStudent.create("tiny", LABELS, seed=3)
     ref = steps.store_checkpoint(store, "runs/r/checkpoints/cycle-0002.json", student)
     out = tmp_path / "best"
-    assert main(["export", ref.uri, "--out", str(out), "--artifacts", store.url]) == 0
+    assert main(["export", ref.uri, "--out", str(out), "--artifacts", store.url, "--format", "hf"]) == 0
     assert (out / "config.json").is_file() and not (out / ".complete").exists()
     np.testing.assert_array_equal(load_student(out).predict_proba(TEXTS), student.predict_proba(TEXTS))
-    assert main(["export", ref.uri, "--out", str(out), "--artifacts", store.url]) == 2          # not empty
+    assert main(["export", ref.uri, "--out", str(out), "--artifacts", store.url, "--format", "hf"]) == 2  # not empty
     assert main(["export", store.uri("runs/r/none.json"), "--out", str(tmp_path / "x"),
                  "--artifacts", store.url]) == 2
     assert "missing" in capsys.readouterr().err
+    # the default: the next version of a Triton model repository, which says where it came from
+    assert main(["export", ref.uri, "--out", str(tmp_path / "models"), "--artifacts", store.url]) == 0
+    assert main(["export", ref.uri, "--out", str(tmp_path / "models"), "--artifacts", store.url]) == 0
+    manifest = json.loads((tmp_path / "models" / "student" / "2" / "pgkd-version.json").read_text())
+    assert manifest["source"] == {"checkpoint": ref.uri, "sha256": ref.sha256} and manifest["labels"] == LABELS

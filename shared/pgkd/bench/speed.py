@@ -4,8 +4,8 @@ All in one run, on the same model, data, batch size and machine:
 - training throughput of `FineTunedStudent.train` against `transformers.Trainer`;
 - inference throughput and latency (p50 / p99 at batch 1 and 32) of `FineTunedStudent.predict_proba`
   against `pipeline("text-classification")`;
-- the student exported to ONNX and run with ONNX Runtime, fp32 and dynamically quantized to int8:
-  throughput and the change in test accuracy;
+- the student exported to ONNX and run with ONNX Runtime, fp32 and dynamically quantized to int8
+  (pgkd.serving.export, as `pgkd export` writes them): throughput and the change in test accuracy;
 - the hardware ceiling: this machine's measured matrix-multiply rate against the student's FLOPs per text.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pgkd.loop.cycle import log
 from pgkd.errors import UserError
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.students.contract import TrainConfig
+from pgkd.serving.export import export_onnx, quantize_int8
 from pgkd.students.finetuned import FineTunedStudent, length_sorted_batches, pick_device
 
 
@@ -72,26 +73,6 @@ def train_with_hf_trainer(student: FineTunedStudent, train: list[Sample], config
         seconds = time.perf_counter() - started
     samples = len(train) * config.epochs
     return {"samples": samples, "seconds": seconds, "samples_per_second": samples / seconds}
-
-
-def export_onnx(student: FineTunedStudent, path: Path) -> Path:
-    class Logits(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    model = Logits(student.model.to("cpu").eval())
-    example = student.tokenizer(["an example text", "another"], padding=True, return_tensors="pt")
-    torch.onnx.export(model, (example["input_ids"], example["attention_mask"]), str(path),
-                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                      dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
-                                    "attention_mask": {0: "batch", 1: "tokens"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=False)
-    student.model.to(student.device)
-    return path
 
 
 def onnx_predictor(student: FineTunedStudent, path: Path, batch_size: int = 64):
@@ -202,11 +183,9 @@ def run_speed(data: Path, out: Path, student_spec: str = "minilm", train_samples
     result["accuracy"] = {"test_samples": len(splits.test), "torch": torch_accuracy}
     if onnx and dev.type == "cpu":
         log("speed: ONNX Runtime, fp32 and int8 ...")
-        from onnxruntime.quantization import QuantType, quantize_dynamic
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = export_onnx(ours, Path(tmp) / "student.onnx")
-            int8 = Path(tmp) / "student.int8.onnx"
-            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+            int8 = quantize_int8(fp32, Path(tmp) / "student.int8.onnx")
             for name, path in (("onnx_fp32", fp32), ("onnx_int8", int8)):
                 predict = onnx_predictor(ours, path, batch_size=batch_size)
                 predict(texts[:64])
