@@ -202,14 +202,25 @@ def cmd_serve(args) -> int:
 
     from pgkd.serving.repository import check_repository, is_repository, write_version
     from pgkd.serving.server import serve_repository
+    temporary = None
     if is_repository(Path(args.model)):
         repository = Path(args.model)
     else:
         student, source = _student_source(args.model, args.artifacts)
-        repository = Path(args.repository or tempfile.mkdtemp(prefix="pgkd-serve-"))
+        if args.repository is None:
+            repository = temporary = Path(tempfile.mkdtemp(prefix="pgkd-serve-"))
+        else:
+            repository = Path(args.repository)
+            if repository.exists() and any(repository.iterdir()) and not is_repository(repository):
+                raise UserError(f"--repository {repository}: neither new, empty, nor a model repository")
         write_version(repository, student, source, model=args.model_name, fmt=args.format, int8=args.int8)
-    check_repository(repository, args.model_name)
-    return serve_repository(repository, args.model_name, args.http_port, args.grpc_port, args.metrics_port)
+    try:
+        check_repository(repository, args.model_name)
+        return serve_repository(repository, args.model_name, args.http_port, args.grpc_port, args.metrics_port)
+    finally:
+        if temporary is not None:   # the repository pgkd made for this server alone
+            import shutil
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def cmd_classify(args) -> int:

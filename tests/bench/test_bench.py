@@ -69,9 +69,6 @@ def test_bench_speed_tiny(tmp_path, capsys):
 
 def test_bench_serve_tiny(tmp_path, capsys):
     """Every path measured in one run, on the served model too; at most a near-tie apart in answers."""
-    from pgkd.serving.tritonserver import tritonserver_unavailable_reason
-    if tritonserver_unavailable_reason():
-        pytest.skip(tritonserver_unavailable_reason())
     data = make_toy_dataset(tmp_path / "toy", train_per_class=10, test_per_class=10)
     FineTunedStudent.create("tiny", sorted(TOY_CLASSES), seed=5).save(tmp_path / "shipped")
     out = tmp_path / "serve"

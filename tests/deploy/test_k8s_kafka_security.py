@@ -1,7 +1,9 @@
 """The secured cluster on Kubernetes: a Strimzi KafkaUser per service whose ACLs are exactly what the
-service consumes and publishes (read from the code, so they cannot drift apart), the TLS files mounted
-where the ConfigMap's PGKD_KAFKA_* point, and the NetworkPolicies. The manifests themselves are validated
-with the others (test_deploy.test_manifest_is_valid: the KafkaUsers against Strimzi's vendored CRD).
+service consumes and publishes (read from the code, so they cannot drift apart; the deployer's consumer
+group, one per student server replica, as a prefix), the TLS files mounted where the ConfigMap's PGKD_KAFKA_*
+point (the deployer's in its sidecar of the student server pod), and the NetworkPolicies. The manifests
+themselves are validated with the others (test_deploy.test_manifest_is_valid: the KafkaUsers against
+Strimzi's vendored CRD).
 """
 from __future__ import annotations
 
@@ -9,18 +11,40 @@ import ast
 import copy
 import importlib
 import inspect
+import re
 import typing
 
 import pytest
 from pgkd.distributed import steps
-from pgkd.distributed.messages import DeadLetter, LabeledSample, Message, RunCompleted, RunRequested
+from pgkd.distributed.messages import (MESSAGES, DeadLetter, LabeledSample, Message, RunCompleted, RunRequested,
+                                       StudentPromoted)
 from pgkd.stream.stream import StreamStep
 from pgkd_services import ALL, consumer_groups
+from pgkd_services.deployer import DeployerService, ServingSettings
 from pgkd_services.kafka_security import VARIABLES, KafkaSecurity
 from pgkd_services.runtime import Settings
-from test_deploy import K8S_VERSIONS, SERVICES, TOPIC_PREFIX, containers, k8s_doc, k8s_docs, validate_manifest
+from test_deploy import (K8S_VERSIONS, SERVICES, STUDENT_DEPLOYMENT, TOPIC_PREFIX, container_named, containers,
+                         k8s_doc, k8s_docs, validate_manifest)
 
 CLUSTER = "pgkd"
+# The services that run as a sidecar in another Deployment: name -> (Deployment, container).
+SIDECARS = {"deployer": (STUDENT_DEPLOYMENT, "deployer")}
+# A consumer group the code names per replica: consumer_groups() builds it with this placeholder.
+REPLICA = "REPLICA"
+
+
+def workload_container(name: str) -> tuple[dict, dict]:
+    """The workload a service (or the commands' Job, `cli`) runs in, and its container."""
+    if name == "cli":
+        workload = k8s_doc("Job", "pgkd-submit")
+        (container,) = containers(workload)
+    elif name in SIDECARS:
+        workload = k8s_doc("Deployment", SIDECARS[name][0])
+        container = container_named(workload, SIDECARS[name][1])
+    else:
+        workload = k8s_doc("Deployment", f"pgkd-{name}")
+        (container,) = containers(workload)
+    return workload, container
 
 
 def message_types(annotation) -> set[type[Message]]:
@@ -34,17 +58,28 @@ def message_types(annotation) -> set[type[Message]]:
     return found
 
 
+def constructed_messages(function) -> set[type[Message]]:
+    """The Message classes a function builds (`StudentPromoted(...)`), read from its source."""
+    tree = ast.parse(inspect.getsource(function))
+    by_name = {message.__name__: message for message in MESSAGES}
+    return {by_name[node.func.id] for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in by_name}
+
+
 def published_by(name: str) -> set[str]:
     """The topics a service publishes, read from its module: what the engine steps it calls return (their
-    return annotations), what the stream steps it applies ask for (StreamStep.publish), RunCompleted when it
-    consumes through Service.consume (a failed step ends its run), and the dead-letter topic (every
-    service parks the messages it cannot take there)."""
+    return annotations; for a step without one, such as steps.with_promotion, which passes its argument
+    through, the messages it builds), what the stream steps it applies ask for (StreamStep.publish),
+    RunCompleted when it consumes through Service.consume (a failed step ends its run), and the dead-letter
+    topic (every service parks the messages it cannot take there)."""
     tree = ast.parse(inspect.getsource(importlib.import_module(f"pgkd_services.{name}")))
     attributes = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute)]
     published: set[type] = set()
     for node in attributes:
         if isinstance(node.value, ast.Name) and node.value.id == "steps" and callable(getattr(steps, node.attr, None)):
-            published |= message_types(typing.get_type_hints(getattr(steps, node.attr)).get("return"))
+            step = getattr(steps, node.attr)
+            returned = typing.get_type_hints(step).get("return")
+            published |= message_types(returned) if returned is not None else constructed_messages(step)
         if node.attr == "publish" and isinstance(node.value, ast.Name) and node.value.id == "step":
             published |= message_types(typing.get_type_hints(StreamStep)["publish"])
     if any(node.attr == "consume" for node in attributes):
@@ -61,29 +96,56 @@ def consumed_by(tmp_path) -> dict[str, set[str]]:
 
 
 def acls(user: dict) -> set[tuple[str, str, str]]:
-    """(resource type, name, operation) of every rule of a KafkaUser; only literal allow rules are expected."""
+    """(resource type, name, operation) of every rule of a KafkaUser; only allow rules are expected, literal
+    ones, but for prefix rules on groups, given as the prefix followed by `*`."""
     rules = set()
     for rule in user["spec"]["authorization"]["acls"]:
         resource = rule["resource"]
-        assert rule.get("type", "allow") == "allow" and resource.get("patternType", "literal") == "literal", rule
+        pattern = resource.get("patternType", "literal")
+        assert rule.get("type", "allow") == "allow" and pattern in ("literal", "prefix"), rule
+        assert pattern == "literal" or resource["type"] == "group", rule     # topics are always named in full
         assert "host" not in rule and "operation" not in rule, rule
-        rules |= {(resource["type"], resource["name"], operation) for operation in rule["operations"]}
+        name = resource["name"] + ("*" if pattern == "prefix" else "")
+        rules |= {(resource["type"], name, operation) for operation in rule["operations"]}
     return rules
 
 
+def group_rule(group: str) -> str:
+    """A service's consumer group as its KafkaUser names it: the group itself, or for a group named per
+    replica (built with the placeholder REPLICA) the prefix before the replica's name, followed by `*`."""
+    return group.removesuffix(REPLICA) + "*" if group.endswith(REPLICA) else group
+
+
 def test_the_derivation_reads_what_the_services_do():
-    """An anchor for the two readers above: the loop as the README draws it."""
+    """An anchor for the two readers above: the loop as the README draws it, and the promotions to serving."""
     assert published_by("trainer") == {"pgkd.model-trained", "pgkd.run-completed", "pgkd.dead-letter"}
-    assert published_by("ingest") == {"pgkd.run-requested", "pgkd.dead-letter"}
+    assert published_by("ingest") == {"pgkd.run-requested", "pgkd.student-promoted", "pgkd.dead-letter"}
+    assert published_by("evaluator") == {"pgkd.cycle-evaluated", "pgkd.run-completed", "pgkd.student-promoted",
+                                         "pgkd.dead-letter"}
+    assert published_by("deployer") == {"pgkd.dead-letter"}
+    assert constructed_messages(steps.with_promotion) == {StudentPromoted}
+
+
+def test_the_deployers_group_is_one_per_replica_under_one_prefix(tmp_path):
+    """Every replica in a group of its own (each deploys every promotion), all under the prefix of its ACL."""
+    settings = Settings(broker_url="kafka://127.0.0.1:9092", artifacts=f"file://{tmp_path}", topic_prefix=TOPIC_PREFIX)
+    groups = {replica: DeployerService(ServingSettings(tmp_path / "models", replica=replica), settings=settings).group
+              for replica in ("pgkd-student-server-7d9c5b-x2x4q", "pgkd-student-server-7d9c5b-k8r2n", "compose")}
+    assert len(set(groups.values())) == len(groups)
+    (rule,) = [name for kind, name, _ in acls(k8s_doc("KafkaUser", "pgkd-deployer")) if kind == "group"]
+    assert rule.endswith("*")
+    for replica, group in groups.items():
+        assert group == rule.removesuffix("*") + replica
 
 
 def test_each_service_reads_only_what_it_consumes_and_writes_only_what_it_publishes(tmp_path):
     consumed = consumed_by(tmp_path)
-    assert set(ALL) == set(SERVICES)
+    assert set(ALL) == set(SERVICES) | set(SIDECARS)
     for name in ALL:
         user = k8s_doc("KafkaUser", f"pgkd-{name}")
-        group = f"{TOPIC_PREFIX}{name}"
-        expected = ({("topic", topic, "Read") for topic in consumed[group]} | {("group", group, "Read")}
+        (group,) = [group for group in consumed if group.startswith(f"{TOPIC_PREFIX}{name}")
+                    and group.removeprefix(f"{TOPIC_PREFIX}{name}") in ("", f".{REPLICA}")]
+        expected = ({("topic", topic, "Read") for topic in consumed[group]} | {("group", group_rule(group), "Read")}
                     | {("topic", topic, "Write") for topic in published_by(name)})
         assert acls(user) == expected, name
 
@@ -96,13 +158,17 @@ def test_the_commands_user_may_publish_runs_and_labeled_samples_only():
 
 def test_every_user_is_a_tls_identity_of_the_cluster_with_simple_authorization():
     users = k8s_docs("KafkaUser")
-    assert {u["metadata"]["name"] for u in users} == {f"pgkd-{name}" for name in (*SERVICES, "cli")}
+    assert {u["metadata"]["name"] for u in users} == {f"pgkd-{name}" for name in (*SERVICES, *SIDECARS, "cli")}
     for user in users:
         assert user["metadata"]["labels"]["strimzi.io/cluster"] == CLUSTER
         assert user["spec"]["authentication"] == {"type": "tls"}
         assert user["spec"]["authorization"]["type"] == "simple"
         for resource_type, name, operation in acls(user):      # no wildcard, no cluster rights
-            assert resource_type in ("topic", "group") and name.startswith(TOPIC_PREFIX) and "*" not in name
+            assert resource_type in ("topic", "group") and name.startswith(TOPIC_PREFIX), name
+            # A prefix only for groups, and never a bare pgkd. (all of pgkd's groups): pgkd.<service>.
+            assert "*" not in name.removesuffix("*"), name
+            if name.endswith("*"):
+                assert resource_type == "group" and re.fullmatch(rf"{re.escape(TOPIC_PREFIX)}[a-z]+\.\*", name), name
             assert operation in ("Read", "Write")
 
 
@@ -119,12 +185,11 @@ def pod_files(pod: dict, container: dict) -> dict[str, tuple[str, str]]:
     return files
 
 
-@pytest.mark.parametrize("name", (*SERVICES, "cli"))
+@pytest.mark.parametrize("name", (*SERVICES, *SIDECARS, "cli"))
 def test_each_pod_mounts_the_cluster_ca_and_its_own_certificate_where_the_configmap_points(name):
     config = k8s_doc("ConfigMap", "pgkd-config")["data"]
-    workload = k8s_doc("Job", "pgkd-submit") if name == "cli" else k8s_doc("Deployment", f"pgkd-{name}")
+    workload, container = workload_container(name)
     pod = workload["spec"]["template"]["spec"]
-    (container,) = containers(workload)
     assert {"configMapRef": {"name": "pgkd-config"}} in container["envFrom"]
     files = pod_files(pod, container)
     assert files[config["PGKD_KAFKA_CA_FILE"]] == (f"{CLUSTER}-cluster-ca-cert", "ca.crt")
@@ -145,7 +210,7 @@ def test_the_configmap_sets_tls_with_client_certificates_for_the_tls_listener():
 
 def test_only_prometheus_reaches_the_services_and_the_generator_the_teacher():
     policies = {p["metadata"]["name"]: p["spec"] for p in k8s_docs("NetworkPolicy")}
-    assert set(policies) == {"pgkd-services", "pgkd-teacher"}
+    assert set(policies) == {"pgkd-services", "pgkd-teacher", STUDENT_DEPLOYMENT}
     prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
 
@@ -168,6 +233,32 @@ def test_only_prometheus_reaches_the_services_and_the_generator_the_teacher():
     assert teacher["ingress"] == [
         {"from": [generator], "ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}]},
         {"from": [prometheus], "ports": [{"port": "metrics", "protocol": "TCP"}]}]
+
+
+def test_clients_in_the_namespace_reach_the_student_server_and_only_prometheus_its_metrics():
+    policy = k8s_doc("NetworkPolicy", STUDENT_DEPLOYMENT)["spec"]
+    deployment = k8s_doc("Deployment", STUDENT_DEPLOYMENT)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "pgkd",
+                                                     "app.kubernetes.io/component": "student-server"}}
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    # The other policies do not select these pods (a second policy would only add to this one).
+    from test_k8s_monitoring import selects
+    for other in k8s_docs("NetworkPolicy"):
+        assert selects(other["spec"]["podSelector"], labels) == (other["metadata"]["name"] == STUDENT_DEPLOYMENT)
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    # Any pod of the namespace (no namespaceSelector: this one only) on HTTP and gRPC; Prometheus on the
+    # metrics ports of Triton and of the deployer.
+    assert policy["ingress"] == [
+        {"from": [{"podSelector": {}}], "ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}]},
+        {"from": [prometheus], "ports": [{"port": "metrics", "protocol": "TCP"}, {"port": "deploy-metrics", "protocol": "TCP"}]}]
+    # The named ports are the pod's: Triton's 8000, 8001, 8002 and the deployer's metrics port.
+    pod_ports = {port["name"]: port["containerPort"] for container in containers(deployment) for port in container["ports"]}
+    assert {name: pod_ports[name] for name in ("http", "grpc", "metrics", "deploy-metrics")} == \
+        {"http": 8000, "grpc": 8001, "metrics": 8002, "deploy-metrics": 9100}
+    assert set(pod_ports) == {"http", "grpc", "metrics", "deploy-metrics"}   # nothing left unlisted
 
 
 def test_the_kafka_user_validator_rejects_broken_users():

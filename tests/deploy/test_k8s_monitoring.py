@@ -7,9 +7,11 @@ dashboard sidecar), offline: no cluster needed.
 - `kubectl kustomize` of the base with the component, both ways of enabling it (an overlay, and
   `components: [monitoring]` in k8s/kustomization.yaml): every document valid, the base unchanged, the
   monitoring resources in the namespace pgkd;
-- the ServiceMonitors select exactly the five pgkd Services (the teacher's: only the teacher's), and a real
-  Prometheus given the operator's relabelings followed by ours labels their targets job="pgkd" (job="teacher")
-  and service=<name>, with one label set per service whichever pod serves it;
+- the ServiceMonitors select exactly the five pgkd Services (the teacher's: only the teacher's; the student
+  server's: only its Service, two endpoints), and a real Prometheus given the operator's relabelings followed
+  by ours labels their targets job="pgkd" (job="teacher") and service=<name>, with one label set per service
+  whichever pod serves it; the student server's job="student-server" (Triton) and job="deployer", one label
+  set per pod (its replicas are separate servers), the `pod` label kept for a Prometheus adapter;
 - the copies of deploy/ files: prometheusrule.yaml's groups are those of deploy/prometheus/rules/pgkd.rules.yml,
   pgkd.json is deploy/grafana/dashboards/pgkd.json byte for byte;
 - PGKD_PROMETHEUS_URL is the in-cluster address of kube-prometheus-stack's Prometheus.
@@ -38,8 +40,8 @@ import pytest
 import yaml
 
 from conftest import free_port
-from test_deploy import (K8S, K8S_VERSIONS, METRICS_PORT, REPO, SCHEMAS, SERVICES, TRITON_PORTS, duration_seconds,
-                         k8s_doc, load_yaml, load_yaml_all, strict_schema, validate_manifest)
+from test_deploy import (K8S, K8S_VERSIONS, METRICS_PORT, REPO, SCHEMAS, SERVICES, STUDENT_DEPLOYMENT, TRITON_PORTS,
+                         duration_seconds, k8s_doc, load_yaml, load_yaml_all, strict_schema, validate_manifest)
 
 MONITORING = K8S / "monitoring"
 RULES = REPO / "deploy" / "prometheus" / "rules" / "pgkd.rules.yml"
@@ -51,8 +53,11 @@ UPDATE = os.environ.get("PGKD_UPDATE_GENERATED") == "1"
 NAMESPACE = "pgkd"
 PART_OF = {"app.kubernetes.io/part-of": "pgkd"}
 SERVICE_MONITOR, TEACHER_MONITOR, RULE, DASHBOARD_CONFIGMAP = "pgkd", "pgkd-teacher", "pgkd", "pgkd-grafana-dashboard"
+STUDENT_MONITOR = "pgkd-student-server"
 MONITORING_RESOURCES = {("ServiceMonitor", SERVICE_MONITOR), ("ServiceMonitor", TEACHER_MONITOR),
-                        ("PrometheusRule", RULE), ("ConfigMap", DASHBOARD_CONFIGMAP)}
+                        ("ServiceMonitor", STUDENT_MONITOR), ("PrometheusRule", RULE), ("ConfigMap", DASHBOARD_CONFIGMAP)}
+# The student server's endpoints, in order: Service port -> (job, container) of its targets.
+STUDENT_ENDPOINTS = {"metrics": ("student-server", "triton"), "deploy-metrics": ("deployer", "deployer")}
 # kube-prometheus-stack's Prometheus, as the Prometheus Operator exposes it (the Service prometheus-operated, in
 # the Prometheus' namespace, here the usual `monitoring`).
 PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
@@ -311,9 +316,11 @@ def services(docs: list[dict]) -> list[dict]:
     return [doc for doc in docs if doc["kind"] == "Service"] + [STRIMZI_SERVICE]
 
 
-def test_the_service_monitors_select_the_services_and_the_teacher(rendered):
-    expected = {SERVICE_MONITOR: {f"pgkd-{name}": METRICS_PORT for name in SERVICES},
-                TEACHER_MONITOR: {"pgkd-teacher": TRITON_PORTS["metrics"]}}
+def test_the_service_monitors_select_the_services_the_teacher_and_the_student_server(rendered):
+    # monitor -> Service -> the ports its endpoints scrape, in order.
+    expected = {SERVICE_MONITOR: {f"pgkd-{name}": [METRICS_PORT] for name in SERVICES},
+                TEACHER_MONITOR: {"pgkd-teacher": [TRITON_PORTS["metrics"]]},
+                STUDENT_MONITOR: {STUDENT_DEPLOYMENT: [TRITON_PORTS["metrics"], METRICS_PORT]}}
     for name, ports in expected.items():
         monitor = rendered_doc(rendered, "ServiceMonitor", name)
         spec = monitor["spec"]
@@ -321,15 +328,21 @@ def test_the_service_monitors_select_the_services_and_the_teacher(rendered):
         assert "namespaceSelector" not in spec, name
         selected = [svc for svc in services(rendered) if selects(spec["selector"], svc["metadata"]["labels"])]
         assert {svc["metadata"]["name"] for svc in selected} == set(ports), name
-        (endpoint,) = spec["endpoints"]
-        assert endpoint["path"] == "/metrics" and endpoint.get("scheme", "http") == "http", name
         for svc in selected:
-            port = {p["name"]: p["port"] for p in svc["spec"]["ports"]}.get(endpoint["port"])
-            assert port == ports[svc["metadata"]["name"]], (name, svc["metadata"]["name"])
-        # Scraped often enough for the evaluator, which waits PROMETHEUS_WAIT for a cycle's scores.
-        assert duration_seconds(endpoint["interval"]) == 15
-        assert duration_seconds(endpoint["interval"]) <= PROMETHEUS_WAIT / 2
-        assert not endpoint.get("honorLabels", False), name  # job/service/instance are Prometheus' to set
+            by_name = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+            assert [by_name.get(endpoint["port"]) for endpoint in spec["endpoints"]] == ports[svc["metadata"]["name"]], \
+                (name, svc["metadata"]["name"])
+        for endpoint in spec["endpoints"]:
+            assert endpoint["path"] == "/metrics" and endpoint.get("scheme", "http") == "http", name
+            # Scraped often enough for the evaluator, which waits PROMETHEUS_WAIT for a cycle's scores.
+            assert duration_seconds(endpoint["interval"]) == 15
+            assert duration_seconds(endpoint["interval"]) <= PROMETHEUS_WAIT / 2
+            assert not endpoint.get("honorLabels", False), name  # job/service/instance are Prometheus' to set
+    # Every metrics port of the student server's Service is scraped.
+    service = rendered_doc(rendered, "Service", STUDENT_DEPLOYMENT)
+    scraped = [endpoint["port"] for endpoint in rendered_doc(rendered, "ServiceMonitor", STUDENT_MONITOR)["spec"]["endpoints"]]
+    assert scraped == list(STUDENT_ENDPOINTS)
+    assert {p["name"] for p in service["spec"]["ports"]} - set(scraped) == {"http", "grpc"}
 
 
 def sanitize(name: str) -> str:
@@ -466,6 +479,10 @@ def test_prometheus_labels_the_targets_as_the_rules_expect(renders, tmp_path):
         monitor = rendered_doc(rendered, "ServiceMonitor", name)
         (endpoint,) = monitor["spec"]["endpoints"]
         configs.append(scrape_config(f"serviceMonitor/{NAMESPACE}/{name}/0", monitor, endpoint, targets))
+    # The student server's: one scrape configuration per endpoint, as the operator writes them.
+    student = rendered_doc(rendered, "ServiceMonitor", STUDENT_MONITOR)
+    for index, endpoint in enumerate(student["spec"]["endpoints"]):
+        configs.append(scrape_config(f"serviceMonitor/{NAMESPACE}/{STUDENT_MONITOR}/{index}", student, endpoint, targets))
     # A control: the same ServiceMonitor without its relabelings gets the operator's labels instead, which the
     # rules would not match (so the comparison below can fail).
     control = copy.deepcopy(rendered_doc(rendered, "ServiceMonitor", SERVICE_MONITOR))
@@ -484,6 +501,13 @@ def test_prometheus_labels_the_targets_as_the_rules_expect(renders, tmp_path):
     assert canonical(pools[f"serviceMonitor/{NAMESPACE}/{SERVICE_MONITOR}/0"]) == \
         canonical(expected("pgkd", name) for name in SERVICES for _ in "ab")
     assert pools[f"serviceMonitor/{NAMESPACE}/{TEACHER_MONITOR}/0"] == [expected("teacher", "teacher")] * 2
+    # The student server: one label set per pod (instance and pod: the pod's name), Triton's as job
+    # student-server, the deployer's as job deployer, as deploy/prometheus/prometheus.yml names them.
+    for index, (port, (job, container)) in enumerate(STUDENT_ENDPOINTS.items()):
+        pods = [f"{STUDENT_DEPLOYMENT}-5d9c7b-{replica}" for replica in "ab"]
+        assert canonical(pools[f"serviceMonitor/{NAMESPACE}/{STUDENT_MONITOR}/{index}"]) == canonical(
+            {"job": job, "service": job, "instance": pod, "pod": pod, "namespace": NAMESPACE, "container": container,
+             "endpoint": port} for pod in pods)
     for labels in pools["control"]:
         assert labels["job"] == labels["service"] == f"pgkd-{labels['container']}"
         assert "pod" in labels and labels["instance"].startswith("127.0.0.1:")

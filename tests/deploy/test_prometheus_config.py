@@ -271,13 +271,19 @@ def test_promtool_check_config_accepts_the_config_and_loads_its_rule_files():
     assert checked, f"promtool did not load {RULES.relative_to(REPO)}:\n{output}"
     assert int(checked[1]) == len(rules())
 
-    # The scrape configuration stays as it was, plus the optional Triton teacher.
+    # The scrape configuration stays as it was, plus the optional Triton teacher, and the optional student
+    # server's Triton and deployer (profile `serving`), each a job of its own: up{job="pgkd"} is the five services.
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"pgkd", "teacher", "student-server", "deployer"}
     pgkd = {target: static["labels"]["service"] for static in jobs["pgkd"]["static_configs"]
             for target in static["targets"]}
     assert pgkd == {f"{name}:9100": name for name in SERVICES}
     assert [(static["targets"], static["labels"]) for static in jobs["teacher"]["static_configs"]] == \
         [(["teacher:8002"], {"service": "teacher"})]
+    assert [(static["targets"], static["labels"]) for static in jobs["student-server"]["static_configs"]] == \
+        [(["student-server:8002"], {"service": "student-server"})]
+    assert [(static["targets"], static["labels"]) for static in jobs["deployer"]["static_configs"]] == \
+        [(["deployer:9100"], {"service": "deployer"})]
 
 
 def test_promtool_check_rules_accepts_the_rules():

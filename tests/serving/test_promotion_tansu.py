@@ -17,12 +17,7 @@ from pgkd.data import load_dataset
 from pgkd.distributed.messages import DeadLetter, StudentPromoted
 from pgkd.distributed.steps import store_checkpoint
 from pgkd.serving.client import StudentClient
-from pgkd.serving.repository import write_version
-from pgkd.serving.tritonserver import tritonserver_unavailable_reason
 from pgkd.students import create_student
-
-pytestmark = pytest.mark.skipif(tritonserver_unavailable_reason() is not None,
-                                reason=tritonserver_unavailable_reason() or "")
 
 PROBES = ["my card was stolen from my wallet", "please send money to my payee account", "reset my pin code now",
           "i want a refund of my money back"]
@@ -91,12 +86,13 @@ def test_a_promotion_swaps_the_served_student_with_no_failed_request(services_ov
     expected = {"1": old.predict_proba(PROBES), "2": new.predict_proba(PROBES)}
     assert np.abs(expected["1"] - expected["2"]).max() > 0.05     # the versions are told apart by their answers
 
-    repository = tmp_path / "models"
-    write_version(repository, old, {"test": "the student served first"})
+    repository = tmp_path / "models"      # `pgkd serve` exports the student folder into it as version 1
+    old.save(tmp_path / "old")
     http, grpc, metrics = free_port(), free_port(), free_port()
     server_log = tmp_path / "serve.log"
     with server_log.open("w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "pgkd.cli", "serve", "--model", str(repository),
+        server = subprocess.Popen([sys.executable, "-m", "pgkd.cli", "serve", "--model", str(tmp_path / "old"),
+                                   "--repository", str(repository),
                                    "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
                                   stdout=log, stderr=subprocess.STDOUT, env=processes.env)
     try:

@@ -17,12 +17,9 @@ from pgkd.serving.client import StudentClient, classify
 from pgkd.serving.deploy import DeployFailed, activate
 from pgkd.serving.repository import check_repository, versions, write_version
 from pgkd.serving.server import explicit_control
-from pgkd.serving.tritonserver import run_tritonserver, tritonserver_unavailable_reason
+from pgkd.serving.tritonserver import run_tritonserver
 from pgkd.students import create_student, load_student
 from pgkd.students.contract import TrainConfig
-
-pytestmark = pytest.mark.skipif(tritonserver_unavailable_reason() is not None,
-                                reason=tritonserver_unavailable_reason() or "")
 
 TEXTS = ["my card was stolen from my wallet", "please send money to my payee account", "reset my pin code now",
          "i want a refund of my money back", "héllo — ünïcode ✓ text", "card"]
