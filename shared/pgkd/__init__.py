@@ -5,6 +5,8 @@ Distillation, Di Palo et al., EMNLP 2024).
     result = pgkd.distill("data/banking77", teacher="pool-guided", student="minilm")
     print(result.report.best.test.accuracy)
     print(result.student.predict(["I still have not received my card"]))
+    pgkd.export("runs/demo/best", "models")           # a Triton model repository: `pgkd serve --model models`
+    pgkd.classify("http://127.0.0.1:8000", ["I still have not received my card"])
 
 The names below load on first use, so `import pgkd` stays cheap (no torch until a run needs it).
 """
@@ -16,6 +18,7 @@ _EXPORTS = {
     "Student": "pgkd.students.contract", "TrainConfig": "pgkd.students.contract", "TrainResult": "pgkd.students.contract",
     "Teacher": "pgkd.teachers.contract", "GenerationRequest": "pgkd.teachers.contract",
     "GeneratedBatch": "pgkd.teachers.contract",
+    "export": "pgkd.serving", "classify": "pgkd.serving",
 }
 __all__ = ["__version__", *_EXPORTS]
 

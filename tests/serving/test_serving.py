@@ -80,13 +80,17 @@ def test_classify_over_http_and_grpc_answers_as_pgkd_predict(served, capsys, mon
         assert np.allclose([a["probability"] for a in answers], [e["probability"] for e in expected], atol=2e-3), how
 
 
-def test_the_python_client_batches_and_both_formats_give_the_students_probabilities(served):
+def test_the_python_api_exports_and_the_client_batches_and_both_formats_give_the_students_probabilities(
+        served, tmp_path):
+    import pgkd
     folder, _, server = served
     student = load_student(folder / "best")
+    version = pgkd.export(student, tmp_path / "models", fmt="torch")
+    assert (version.number, version.manifest["format"], version.manifest["labels"]) == (1, "torch", student.labels)
     texts = [f"{t} {i}" for i in range(40) for t in TEXTS[:4]]          # 160 texts: three requests of 64
     expected = student.predict_proba(texts)
     for model in ("student", "student_torch"):
-        answers = classify(f"http://{server.http_url}", texts, model=model, batch_size=64)
+        answers = pgkd.classify(f"http://{server.http_url}", texts, model=model, batch_size=64)
         assert [a["label"] for a in answers] == [student.labels[i] for i in expected.argmax(1)]
     with StudentClient(f"grpc://{server.grpc_url}") as client:
         result = client.infer(texts[:10])
