@@ -792,10 +792,12 @@ def test_dockerfile_builds_the_one_image():
 
 
 def test_the_one_image_has_what_the_deployer_imports():
-    """The deployer exports each promoted student to ONNX (pgkd/serving/export.py: torch's exporter imports
-    onnx, --int8 onnxruntime); pyproject.toml has them in an extra only, so the image must install them."""
+    """The deployer exports each promoted student to ONNX (pgkd/serving/export.py: torch's TorchScript exporter
+    imports onnx, --int8 onnxruntime.quantization): the image's `pip install .` must bring them, and the
+    packages it installs must hold every service `pgkd service NAME` starts."""
     import ast
     import sys
+    import tomllib
     tree = ast.parse((REPO / "shared" / "pgkd" / "serving" / "export.py").read_text(encoding="utf-8"))
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
@@ -804,18 +806,21 @@ def test_the_one_image_has_what_the_deployer_imports():
     third_party = imported - set(sys.stdlib_module_names) - {"pgkd", "__future__"}
     assert {"torch", "numpy", "onnx", "onnxruntime"} <= third_party
 
-    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
-    dependencies = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.M | re.S)[1]
-    base = {re.match(r"[A-Za-z0-9_.-]+", spec)[0].lower() for spec in re.findall(r'"([^"]+)"', dependencies)}
-    runs = [args for keyword, args in dockerfile_instructions() if keyword == "RUN"]
-    (project,) = [run for run in runs if re.search(r"pip install \.(\s|$)", run)]
-    installed = {re.match(r"[A-Za-z0-9_.-]+", spec)[0].lower()
-                 for spec in re.findall(r'"([^"]+)"', project.split("pip install .", 1)[1])}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    base = {re.match(r"[A-Za-z0-9_.-]+", spec)[0].lower() for spec in project["project"]["dependencies"]}
+    # And what the Dockerfile installs besides (torch from its index), ARG defaults substituted.
+    runs = [args for keyword, args in dockerfile_resolved(DOCKERFILE) if keyword == "RUN" and "pip install" in args]
+    specs = [re.fullmatch(r"([A-Za-z0-9_.-]+)(?:[<>=!~].*)?", word) for run in runs
+             for command in re.findall(r"pip install (.*?)(?:&&|$)", run) for word in shlex.split(command)
+             if not word.startswith("-")]
+    installed = {spec[1].lower() for spec in specs if spec}
     for module in sorted(third_party):
         assert module in base or module in installed, f"the deployer imports {module}, which the image lacks"
-    # With the bounds pyproject.toml gives them (its `bench` extra).
-    for spec in re.findall(r'"([^"]+)"', project.split("pip install .", 1)[1]):
-        assert f'"{spec}"' in pyproject, f"{spec}: not the bound of pyproject.toml"
+
+    from pgkd_services import ALL
+    packages = set(project["tool"]["setuptools"]["packages"])
+    assert {f"pgkd_services.{name}" for name in ALL} <= packages, "a service the image would not have"
+    assert {"pgkd.serving", "pgkd.distributed"} <= packages
 
 
 def test_student_server_dockerfile_is_triton_with_what_the_student_model_imports():
@@ -834,7 +839,7 @@ def test_student_server_dockerfile_is_triton_with_what_the_student_model_imports
     assert dockerfile_args(STUDENT_DOCKERFILE)["ONNXRUNTIME"] == "onnxruntime"
     model_py = (REPO / "shared" / "pgkd" / "serving" / "triton_model.py").read_text(encoding="utf-8")
     for module in ("numpy", "tokenizers", "onnxruntime"):
-        assert re.search(rf"^\s*(import|from) {module}\b", model_py, re.M), module
+        assert re.search(rf"^\s*(import|from) {module}\b", model_py, re.MULTILINE), module
 
     # Nothing copied in: the repository is a volume, and the build context is empty.
     assert not [keyword for keyword, _ in instructions if keyword in ("COPY", "ADD")]
@@ -894,7 +899,7 @@ def test_teacher_dockerfile_is_triton_with_the_model_repository():
     assert json.loads(dict(instructions)["CMD"]) == TRITON_COMMAND
     # The model that runs name in their URL (triton://HOST:8000/teacher).
     config = (TEACHER_MODELS / TEACHER_MODEL_NAME / "config.pbtxt").read_text(encoding="utf-8")
-    assert re.search(r'^name:\s*"%s"' % TEACHER_MODEL_NAME, config, re.M)
+    assert re.search(r'^name:\s*"%s"' % TEACHER_MODEL_NAME, config, re.MULTILINE)
     assert f'string_value: "{TEACHER_DEFAULT_MODEL}"' in config
 
 
@@ -947,11 +952,11 @@ def settings_the_code_reads() -> set[str]:
     """Every PGKD_* variable the services read: their Settings (by reading how it is built), the
     stream's settings (one variable per field), the Kafka security settings (kafka_security.VARIABLES) and
     the deployer's serving settings (those ServingSettings.from_env reads)."""
-    from pgkd.stream import StreamSettings
+    import inspect
 
+    from pgkd.stream import StreamSettings
     from pgkd_services.kafka_security import VARIABLES as KAFKA_SECURITY
     from pgkd_services.runtime import Settings
-    import inspect
     read = set(re.findall(r'"(PGKD_[A-Z_]+)"', inspect.getsource(Settings.from_env)))
     return (read | {StreamSettings.variable(field) for field in StreamSettings.model_fields} | set(KAFKA_SECURITY)
             | serving_variables())
@@ -1373,8 +1378,9 @@ def test_the_autoscaler_scales_the_student_server_on_tritons_cpu():
 
 def test_the_student_gpu_component_adds_a_gpu_and_nothing_else(tmp_path):
     """Only where kustomize or kubectl is installed: the base with the Component, rendered from an overlay."""
-    from test_k8s_monitoring import kustomize, write_yaml
     import os
+
+    from test_k8s_monitoring import kustomize, write_yaml
     write_yaml(tmp_path / "kustomization.yaml", {
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
         "resources": [os.path.relpath(K8S, tmp_path)], "components": [os.path.relpath(K8S_STUDENT_GPU, tmp_path)]})

@@ -16,15 +16,31 @@ import typing
 
 import pytest
 from pgkd.distributed import steps
-from pgkd.distributed.messages import (MESSAGES, DeadLetter, LabeledSample, Message, RunCompleted, RunRequested,
-                                       StudentPromoted)
+from pgkd.distributed.messages import (
+    MESSAGES,
+    DeadLetter,
+    LabeledSample,
+    Message,
+    RunCompleted,
+    RunRequested,
+    StudentPromoted,
+)
 from pgkd.stream.stream import StreamStep
 from pgkd_services import ALL, consumer_groups
 from pgkd_services.deployer import DeployerService, ServingSettings
 from pgkd_services.kafka_security import VARIABLES, KafkaSecurity
 from pgkd_services.runtime import Settings
-from test_deploy import (K8S_VERSIONS, SERVICES, STUDENT_DEPLOYMENT, TOPIC_PREFIX, container_named, containers,
-                         k8s_doc, k8s_docs, validate_manifest)
+from test_deploy import (
+    K8S_VERSIONS,
+    SERVICES,
+    STUDENT_DEPLOYMENT,
+    TOPIC_PREFIX,
+    container_named,
+    containers,
+    k8s_doc,
+    k8s_docs,
+    validate_manifest,
+)
 
 CLUSTER = "pgkd"
 # The services that run as a sidecar in another Deployment: name -> (Deployment, container).
