@@ -1250,7 +1250,12 @@ def test_student_server_runs_triton_and_the_deployer_sidecar_on_one_model_reposi
 
     assert triton["image"] == f"{STUDENT_IMAGE}:latest" and triton["imagePullPolicy"] == "IfNotPresent"
     assert triton["args"] == student_command() and "command" not in triton   # the NGC entry point runs it
-    assert "envFrom" not in triton and "env" not in triton                    # not the pgkd configuration
+    assert "envFrom" not in triton                                            # not the pgkd configuration
+    # only the thread count of the student's runtime, from the container's own CPU limit (model.py reads it)
+    assert triton["env"] == [{"name": "PGKD_SERVING_THREADS", "valueFrom": {"resourceFieldRef": {
+        "containerName": "triton", "resource": "limits.cpu", "divisor": "1"}}}]
+    assert "PGKD_SERVING_THREADS" in (REPO / "shared" / "pgkd" / "serving" / "triton_model.py").read_text()
+    assert "cpu" in triton["resources"]["limits"]
     assert {port["name"]: port["containerPort"] for port in triton["ports"]} == TRITON_PORTS
 
     assert deployer["image"] == f"{IMAGE}:latest" and deployer["imagePullPolicy"] == "IfNotPresent"

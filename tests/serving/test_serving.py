@@ -154,6 +154,16 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving_and_is_set_asid
     shutil.rmtree(repository / "student" / str(version.number + 1))
 
 
+def test_a_server_that_does_not_answer_is_no_verdict_on_the_version(tmp_path):
+    from conftest import free_port
+    student = create_student("tiny", ["a", "b"], seed=1)
+    write_version(tmp_path / "models", student, {"test": "first"})
+    second = write_version(tmp_path / "models", student, {"test": "second"})
+    with pytest.raises(DeployFailed, match="version 2 written, not loaded: the server does not answer"):
+        activate(tmp_path / "models", second, f"127.0.0.1:{free_port()}", wait_s=0)
+    assert versions(tmp_path / "models") == [1, 2]         # kept: the server loads it when it starts
+
+
 def test_export_and_serve_refuse_bad_input_with_one_line(served, tmp_path, capsys, monkeypatch):
     folder, repository, _ = served
     not_a_student = tmp_path / "notes"

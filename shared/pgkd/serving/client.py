@@ -20,6 +20,10 @@ class ServingError(RuntimeError):
     """The server could not be reached or did not answer (not the request's fault)."""
 
 
+class ServerUnreachable(ServingError):
+    """Nothing answered at the address (not started yet, or gone)."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     protocol: str      # "http" | "grpc"
@@ -137,7 +141,7 @@ def load_model(http_address: str, model: str = MODEL_NAME, timeout: float = 300.
         body = e.read().decode("utf-8", errors="replace")
         raise ServingError(f"{model}: the server did not load the new version: {body.strip()[:500]}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise ServingError(f"http://{http_address}: {e}") from None
+        raise ServerUnreachable(f"http://{http_address}: {getattr(e, 'reason', e)}") from None
 
 
 def served_version(http_address: str, model: str = MODEL_NAME, timeout: float = 10.0) -> str | None:

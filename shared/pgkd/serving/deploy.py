@@ -5,9 +5,10 @@ leaves the old one serving and is moved to `rejected/`, with the server's reason
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
-from pgkd.serving.client import ServingError, load_model, served_version
+from pgkd.serving.client import ServerUnreachable, ServingError, load_model, served_version
 from pgkd.serving.repository import MODEL_NAME, Version, model_folder, reject_version, versions, write_version
 
 KEEP_VERSIONS = 3   # version folders kept on disk (only the newest serves): a few to roll back to by hand
@@ -17,13 +18,31 @@ class DeployFailed(RuntimeError):
     """The new version did not replace the served one; the message says why."""
 
 
-def activate(repository: Path, version: Version, http_address: str, model: str = MODEL_NAME) -> None:
-    """Have the server at `http_address` serve `version`, or reject it (DeployFailed)."""
+def _load(http_address: str, model: str, wait_s: float) -> None:
+    """The load request, repeated while nothing answers (a server still starting) for `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return load_model(http_address, model)
+        except ServerUnreachable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def activate(repository: Path, version: Version, http_address: str, model: str = MODEL_NAME,
+             wait_s: float = 120.0) -> None:
+    """Have the server at `http_address` serve `version`, or reject it (DeployFailed). A server that
+    does not answer for `wait_s` seconds is no verdict on the version: it stays in the repository
+    (the newest, so the server loads it when it starts) and DeployFailed says so."""
     try:
-        load_model(http_address, model)
+        _load(http_address, model, wait_s)
         serving = served_version(http_address, model)
         if serving != str(version.number):
             raise ServingError(f"the server serves version {serving}, not {version.number}")
+    except ServerUnreachable as e:
+        raise DeployFailed(f"version {version.number} written, not loaded: the server does not answer ({e}); "
+                           "it serves that version when it starts") from None
     except ServingError as e:
         reject_version(repository, version.number, model)
         reason = str(e).split("\n\nAt:")[0].strip()   # the Python backend appends its traceback

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,14 +74,21 @@ class TritonPythonModel:
 
         gpu = args.get("model_instance_kind") == "GPU"
         device_id = int(args.get("model_instance_device_id", 0) or 0)
+        # The runtimes take every core of the machine by default; in a container limited to fewer,
+        # PGKD_SERVING_THREADS (Kubernetes: the container's CPU limit) says how many are there.
+        threads = int(os.environ.get("PGKD_SERVING_THREADS", "0") or 0)
         if self.manifest["format"] == "onnx":
             import onnxruntime as ort
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
             providers = (["CUDAExecutionProvider"] if gpu and "CUDAExecutionProvider" in ort.get_available_providers()
                          else []) + ["CPUExecutionProvider"]
-            session = ort.InferenceSession(str(folder / "model.onnx"), providers=providers)
+            session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers)
             self._logits = lambda ids, mask: session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         else:
             import torch
+            if threads:
+                torch.set_num_threads(threads)
             device = torch.device("cuda", device_id) if gpu and torch.cuda.is_available() else torch.device("cpu")
             module = torch.jit.load(str(folder / "model.pt"), map_location=device).eval()
 
