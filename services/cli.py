@@ -19,7 +19,7 @@ from pgkd.loop.report import summary_table
 from pgkd.errors import UserError
 from pgkd.distributed.messages import TOPICS, LabeledSample, RunCompleted, RunRequested
 from pgkd.loop.report import RunReport
-from pgkd.distributed.steps import CycleState, RunFiles, prepare_request, record_request
+from pgkd.distributed.runs import RunFiles
 from tqdm.auto import tqdm
 
 from pgkd_services import ALL, build, kafka_security
@@ -38,6 +38,7 @@ async def _publish_request(settings: Settings, store: ArtifactStore, request: Ru
     """Record the run, then publish it. The broker is reached first, so an unreachable one leaves no
     run behind; a publish that fails after that marks the run as not submitted."""
     broker = make_broker(settings.broker_url)
+    from pgkd.distributed.steps import record_request
     files = RunFiles(request.run_id)
     async with connected(broker, settings.broker_url):
         record_request(store, request)
@@ -53,6 +54,7 @@ async def _publish_request(settings: Settings, store: ArtifactStore, request: Ru
 
 def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: float | None, poll: float,
                promote: bool = False) -> int:
+    from pgkd.distributed.steps import prepare_request
     settings = Settings.from_env()
     store = ArtifactStore(settings.artifacts)
     request = prepare_request(config, store, run_id).model_copy(update={"promote": promote})
@@ -82,6 +84,7 @@ def wait_for(store: ArtifactStore, run_id: str, timeout: float | None, poll: flo
 
 def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None) -> int:
     """Print the cycles recorded after the first `shown` ones (to stderr by default, as progress)."""
+    from pgkd.distributed.steps import CycleState
     files = RunFiles(run_id)
     keys = store.list(files.cycles)
     if len(keys) <= shown:

@@ -27,7 +27,7 @@ from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.errors import UserError
 from pgkd.distributed.messages import MESSAGES, DeadLetter, Message, RunCompleted
-from pgkd.distributed.steps import RunFiles, fail_run
+from pgkd.distributed.runs import RunFiles, fail_run
 from pgkd.distributed.metrics import LoopMetrics
 from prometheus_client import REGISTRY, make_asgi_app
 from pydantic import ValidationError

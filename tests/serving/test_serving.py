@@ -193,7 +193,7 @@ def test_export_and_serve_refuse_bad_input_with_one_line(served, tmp_path, capsy
 def test_the_frozen_encoder_student_exports_to_the_same_probabilities(tmp_path):
     """The frozen-encoder student (MiniLM, mean pooling, a linear head) as one ONNX graph."""
     import onnxruntime as ort
-    from pgkd.serving.export import export_onnx, tokenizer_of
+    from pgkd.serving.graph import export_onnx, tokenizer_of
     data = load_dataset(make_toy_dataset(tmp_path / "toy", train_per_class=15, test_per_class=2))
     student = create_student("minilm-frozen", data.labels, seed=1)
     student.train(data.train, data.train[:8], TrainConfig(seed=1), progress=False)

@@ -29,7 +29,7 @@ from pgkd.errors import UserError
 from pgkd.loop.cycle import log
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.serving.client import StudentClient
-from pgkd.serving.export import export_onnx, quantize_int8
+from pgkd.serving.graph import export_onnx, quantize_int8
 from pgkd.serving.repository import write_version
 from pgkd.serving.server import explicit_control
 from pgkd.serving.tritonserver import run_tritonserver

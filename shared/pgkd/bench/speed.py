@@ -5,7 +5,7 @@ All in one run, on the same model, data, batch size and machine:
 - inference throughput and latency (p50 / p99 at batch 1 and 32) of `FineTunedStudent.predict_proba`
   against `pipeline("text-classification")`;
 - the student exported to ONNX and run with ONNX Runtime, fp32 and dynamically quantized to int8
-  (pgkd.serving.export, as `pgkd export` writes them): throughput and the change in test accuracy;
+  (pgkd.serving.graph, as `pgkd export` writes them): throughput and the change in test accuracy;
 - the hardware ceiling: this machine's measured matrix-multiply rate against the student's FLOPs per text.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pgkd.loop.cycle import log
 from pgkd.errors import UserError
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.students.contract import TrainConfig
-from pgkd.serving.export import export_onnx, quantize_int8
+from pgkd.serving.graph import export_onnx, quantize_int8
 from pgkd.students.finetuned import FineTunedStudent, length_sorted_batches, pick_device
 
 

@@ -64,41 +64,13 @@ from pgkd.distributed.messages import (
     StudentPromoted,
 )
 from pgkd.distributed.metrics import LoopMetrics
+from pgkd.distributed.runs import RunFiles, fail_run  # noqa: F401 -- the services and tests take them from here too
 from pgkd.distributed.metrics_readers import MetricsUnavailable
 from pgkd.loop.report import CycleRecord, Provenance, TrainingRound, plot_history
 from pgkd.students import load_student
 from pgkd.teachers.contract import TeacherUsage
 
 log = logging.getLogger("pgkd.distributed.steps")
-
-
-class RunFiles:
-    """Keys of a run's artifacts."""
-
-    def __init__(self, run_id: str):
-        self.base = f"runs/{run_id}"
-        self.request = f"{self.base}/request.json"
-        self.not_submitted = f"{self.base}/not_submitted.json"     # the request was recorded, its publish failed
-        self.teacher = f"{self.base}/teacher.json"
-        self.report = f"{self.base}/report.json"
-        self.plot = f"{self.base}/history.png"
-        self.completed = f"{self.base}/completed.json"
-        self.cycles = f"{self.base}/cycles"
-
-    def train_set(self, cycle: int) -> str:
-        return f"{self.base}/train/v{cycle:04d}.jsonl"
-
-    def checkpoint(self, cycle: int) -> str:
-        return f"{self.base}/checkpoints/cycle-{cycle:04d}.json"
-
-    def cycle_state(self, cycle: int) -> str:
-        return f"{self.cycles}/{cycle:04d}.json"
-
-    def validation_probs(self, cycle: int) -> str:
-        return f"{self.base}/probs/{cycle:04d}.npy"
-
-    def teacher_state(self, cycle: int) -> str:
-        return f"{self.base}/teacher/state-{cycle:04d}.json"
 
 
 class CycleState(BaseModel):
@@ -400,13 +372,6 @@ def complete_run(store: ArtifactStore, ctx: RunContext, states: list[CycleState]
                              report=report_ref, best_checkpoint=best_state.checkpoint, best_cycle=best_cycle,
                              test=report.best.test.headline(), decided_from=decided_from)
     store.put_json(ctx.files.completed, completed.model_dump(mode="json"))
-    return completed
-
-
-def fail_run(store: ArtifactStore, run_id: str, cycle: int, reason: str) -> RunCompleted:
-    """A run that cannot go on ends as failed, with the reason, so nobody waits for it forever."""
-    completed = RunCompleted(run_id=run_id, cycle=cycle, status="failed", reason=reason)
-    store.put_json(RunFiles(run_id).completed, completed.model_dump(mode="json"))
     return completed
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 from pydantic import BaseModel
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 # The metrics a stop policy or a benchmark can name.
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "loss")
@@ -52,6 +51,7 @@ def evaluate(targets: list[str], probs: np.ndarray, labels: list[str], top_confu
 
     Macro averages run over the classes the split holds (support > 0): a 200-sample validation set
     of a 150-class taxonomy lacks some classes, and they say nothing about the student."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support   # a second to import
     index = {label: i for i, label in enumerate(labels)}
     y_true = np.array([index[t] for t in targets])
     y_pred = probs.argmax(axis=1)

@@ -1,5 +1,5 @@
 """Serving the distilled student: a Triton model repository of versioned students (repository.py,
-the graphs in export.py, the Python-backend model in triton_model.py), the server here (server.py,
+the graphs in graph.py, the Python-backend model in triton_model.py), the server here (server.py,
 over the bundled tritonserver in tritonserver.py), the client (client.py), and a new version into
 a running server without a restart (deploy.py).
 

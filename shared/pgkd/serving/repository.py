@@ -138,7 +138,7 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
                   int8: bool = False, gpu: bool = False) -> Version:
     """The student as the next version of `model` in `repository` (created if needed). `source` says
     where the student came from (a folder, a run's checkpoint, a promotion): it goes in the manifest."""
-    from pgkd.serving.export import export_onnx, export_torchscript, quantize_int8, tokenizer_of
+    from pgkd.serving.graph import export_onnx, export_torchscript, quantize_int8, tokenizer_of
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: one of {', '.join(FORMATS)}")
     if int8 and fmt != "onnx":

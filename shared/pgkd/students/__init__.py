@@ -1,21 +1,37 @@
 """The students: the contract (contract.py), the fine-tuned Hugging Face student (finetuned.py), the
-frozen-encoder one (frozen.py) and its sentence encoder (encoder.py); which one a name or a folder means."""
+frozen-encoder one (frozen.py) and its sentence encoder (encoder.py); which one a name or a folder means.
+
+The student classes load on first use (torch and transformers take seconds to import), so that a
+module needing only the contract, and a command that trains nothing, start quickly."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from pgkd.students.frozen import MARKER, SPEC, EmbeddingCache, FrozenEncoderStudent
-from pgkd.students.finetuned import FineTunedStudent
+SPEC = "minilm-frozen"                 # the frozen-encoder student's name
+MARKER = "pgkd_frozen_student.json"    # the file that marks a saved frozen-encoder student
+
+_LAZY = {"FineTunedStudent": "pgkd.students.finetuned", "FrozenEncoderStudent": "pgkd.students.frozen",
+         "EmbeddingCache": "pgkd.students.frozen"}
 
 
-def create_student(spec: str, labels: list[str], seed: int = 0, device: str | None = None,
-                   embed: EmbeddingCache | None = None):
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pgkd.students' has no attribute {name!r}")
+
+
+def create_student(spec: str, labels: list[str], seed: int = 0, device: str | None = None, embed=None):
     if spec == SPEC:
+        from pgkd.students.frozen import FrozenEncoderStudent
         return FrozenEncoderStudent(labels, embed=embed, seed=seed)
+    from pgkd.students.finetuned import FineTunedStudent
     return FineTunedStudent.create(spec, labels, seed=seed, device=device)
 
 
 def load_student(path: str | Path, device: str | None = None):
     if (Path(path) / MARKER).is_file():
+        from pgkd.students.frozen import FrozenEncoderStudent
         return FrozenEncoderStudent.load(path)
+    from pgkd.students.finetuned import FineTunedStudent
     return FineTunedStudent.load(path, device=device)

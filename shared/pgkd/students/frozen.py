@@ -19,10 +19,9 @@ from pgkd.data import Sample
 from pgkd.students.encoder import SentenceEncoder
 from pgkd.errors import UserError
 from pgkd.loop.evaluation import log_loss
+from pgkd.students import MARKER, SPEC
 from pgkd.students.contract import TrainConfig, TrainResult, predicted_labels
 
-SPEC = "minilm-frozen"
-MARKER = "pgkd_frozen_student.json"
 
 
 class EmbeddingCache:

@@ -1,0 +1,42 @@
+"""Where a run's artifacts are (RunFiles), and ending a run as failed: what the commands and the
+services' runtime need of a run without the engine's steps (which import torch)."""
+from __future__ import annotations
+
+from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.distributed.messages import RunCompleted
+
+
+class RunFiles:
+    """Keys of a run's artifacts."""
+
+    def __init__(self, run_id: str):
+        self.base = f"runs/{run_id}"
+        self.request = f"{self.base}/request.json"
+        self.not_submitted = f"{self.base}/not_submitted.json"     # the request was recorded, its publish failed
+        self.teacher = f"{self.base}/teacher.json"
+        self.report = f"{self.base}/report.json"
+        self.plot = f"{self.base}/history.png"
+        self.completed = f"{self.base}/completed.json"
+        self.cycles = f"{self.base}/cycles"
+
+    def train_set(self, cycle: int) -> str:
+        return f"{self.base}/train/v{cycle:04d}.jsonl"
+
+    def checkpoint(self, cycle: int) -> str:
+        return f"{self.base}/checkpoints/cycle-{cycle:04d}.json"
+
+    def cycle_state(self, cycle: int) -> str:
+        return f"{self.cycles}/{cycle:04d}.json"
+
+    def validation_probs(self, cycle: int) -> str:
+        return f"{self.base}/probs/{cycle:04d}.npy"
+
+    def teacher_state(self, cycle: int) -> str:
+        return f"{self.base}/teacher/state-{cycle:04d}.json"
+
+
+def fail_run(store: ArtifactStore, run_id: str, cycle: int, reason: str) -> RunCompleted:
+    """A run that cannot go on ends as failed, with the reason, so nobody waits for it forever."""
+    completed = RunCompleted(run_id=run_id, cycle=cycle, status="failed", reason=reason)
+    store.put_json(RunFiles(run_id).completed, completed.model_dump(mode="json"))
+    return completed
