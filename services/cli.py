@@ -23,7 +23,7 @@ from pgkd.distributed.runs import RunFiles
 from tqdm.auto import tqdm
 
 from pgkd_services import ALL, build, kafka_security
-from pgkd_services.runtime import CONNECT_TIMEOUT, Settings, bootstrap_servers, broker_errors, connected, make_broker, send
+from pgkd_services.runtime import Settings, bootstrap_servers, connect_timeout, broker_errors, connected, make_broker, send
 
 
 def serve(name: str) -> int:
@@ -145,7 +145,7 @@ def create_kafka_topics(bootstrap: list[str], topics: list[str], partitions: int
     from kafka.errors import KafkaError, TopicAlreadyExistsError
     try:
         admin = admin or KafkaAdminClient(bootstrap_servers=bootstrap, client_id="pgkd-topics",
-                                          bootstrap_timeout_ms=int(CONNECT_TIMEOUT * 1000),
+                                          bootstrap_timeout_ms=int(connect_timeout() * 1000),
                                           **kafka_security.current().kafka_python())
         missing = [t for t in topics if t not in set(admin.list_topics())]
         created = []
@@ -228,7 +228,7 @@ def _send_kafka(bootstrap: list[str], topic: str, bodies: list[bytes], bar, prod
     from kafka.errors import KafkaError
     try:
         producer = producer or KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                                             client_id="pgkd-send", bootstrap_timeout_ms=int(CONNECT_TIMEOUT * 1000),
+                                             client_id="pgkd-send", bootstrap_timeout_ms=int(connect_timeout() * 1000),
                                              **kafka_security.current().kafka_python())
         futures = []
         for body in bodies:

@@ -108,8 +108,8 @@ async def connected(broker, url: str):
     """The broker, connected for a command (not a service): one that cannot be reached is one line,
     and its client is closed either way (no 'Unclosed AIOKafkaProducer')."""
     try:
-        await asyncio.wait_for(_bootstrap_kafka(url), CONNECT_TIMEOUT)
-        await asyncio.wait_for(broker.connect(), CONNECT_TIMEOUT)
+        await asyncio.wait_for(_bootstrap_kafka(url), connect_timeout())
+        await asyncio.wait_for(broker.connect(), connect_timeout())
     except broker_errors() as e:
         await _quietly_stop(broker)
         raise UserError(f"PGKD_BROKER_URL={url}: cannot reach the broker ({_reason(e)})") from None
@@ -119,7 +119,16 @@ async def connected(broker, url: str):
         await _quietly_stop(broker)
 
 
-CONNECT_TIMEOUT = 10.0   # seconds a command (submit, send, topics) waits for the broker to answer
+def connect_timeout() -> float:
+    """Seconds a command (submit, send, topics) waits for the broker to answer: PGKD_CONNECT_TIMEOUT, 10."""
+    value = os.environ.get("PGKD_CONNECT_TIMEOUT", "10")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise UserError(f"PGKD_CONNECT_TIMEOUT={value}: expected a number of seconds above 0")
+    return seconds
 
 
 async def _bootstrap_kafka(url: str) -> None:
@@ -154,7 +163,7 @@ async def _quietly_stop(broker) -> None:
 
 def _reason(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
-        return f"no answer within {CONNECT_TIMEOUT:g} s"
+        return f"no answer within {connect_timeout():g} s"
     return str(e).strip() or type(e).__name__
 
 

@@ -188,7 +188,11 @@ def cmd_export(args) -> int:
         return 0
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_repository(out))):
         raise UserError(f"--out {out}: neither new, empty, nor a model repository (pgkd writes only its own)")
+    if args.int8 and args.format != "onnx":
+        raise UserError("--int8 needs --format onnx (dynamic quantization is ONNX Runtime's)")
     student, source = _student_source(args.model, args.artifacts)
+    print(f"pgkd: exporting {args.model} ({len(student.labels)} labels) as {args.format}"
+          f"{' int8' if args.int8 else ''} ...", file=sys.stderr, flush=True)   # seconds to a minute
     version = write_version(out, student, source, model=args.model_name, fmt=args.format, int8=args.int8,
                             gpu=args.gpu)
     print(f"wrote {version.path}/ (version {version.number} of {args.model_name}, {args.format}"
@@ -213,7 +217,8 @@ def cmd_serve(args) -> int:
             repository = Path(args.repository)
             if repository.exists() and any(repository.iterdir()) and not is_repository(repository):
                 raise UserError(f"--repository {repository}: neither new, empty, nor a model repository")
-        write_version(repository, student, source, model=args.model_name, fmt=args.format, int8=args.int8)
+        write_version(repository, student, source, model=args.model_name, fmt=args.format, int8=args.int8,
+                      gpu=args.gpu)
     try:
         check_repository(repository, args.model_name)
         return serve_repository(repository, args.model_name, args.http_port, args.grpc_port, args.metrics_port)
@@ -350,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: a new temporary folder)")
     serve_student.add_argument("--format", default="onnx", choices=["onnx", "torch"])
     serve_student.add_argument("--int8", action="store_true")
+    serve_student.add_argument("--gpu", action="store_true", help="a GPU instance (a repository's own config decides)")
     serve_student.add_argument("--model-name", default="student")
     serve_student.add_argument("--artifacts", default=None, help="the artifact store's URL (default: PGKD_ARTIFACTS)")
     serve_student.set_defaults(func=cmd_serve)

@@ -113,7 +113,7 @@ def test_an_unreachable_broker_is_one_line_and_leaves_no_run_behind(tmp_path):
     from conftest import free_port
     data = make_toy_dataset(tmp_path / "toy")
     env = {**os.environ, "PGKD_BROKER_URL": f"kafka://127.0.0.1:{free_port()}",
-           "PGKD_ARTIFACTS": f"file://{tmp_path}/artifacts"}
+           "PGKD_ARTIFACTS": f"file://{tmp_path}/artifacts", "PGKD_CONNECT_TIMEOUT": "2"}
     (tmp_path / "s.jsonl").write_text('{"text": "lost my card", "label": "card_lost"}\n')
     for args in (["submit", "--data", str(data), "--labeled", "40", "--student", "tiny", "--run-id", "never"],
                  ["send", str(tmp_path / "s.jsonl"), "--no-progress"], ["topics", "create"]):
@@ -123,6 +123,9 @@ def test_an_unreachable_broker_is_one_line_and_leaves_no_run_behind(tmp_path):
         assert "127.0.0.1" in result.stderr and ("cannot reach" in result.stderr or "bootstrap" in result.stderr)
     status = pgkd("status", "never", env=env)
     assert status.returncode == 2 and "run never: not found" in status.stderr
+    bad = pgkd("topics", "create", env={**env, "PGKD_CONNECT_TIMEOUT": "soon"})
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "pgkd: error: PGKD_CONNECT_TIMEOUT=soon: expected a number of seconds above 0"
 
 
 def test_a_publish_that_fails_after_the_run_was_recorded_marks_it_not_submitted(tmp_path, kafka_url, monkeypatch,

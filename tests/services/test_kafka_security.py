@@ -419,7 +419,7 @@ def test_the_password_stays_out_of_repr_and_of_kafka_pythons_debug_log(caplog, m
                                              sasl_username="u", sasl_password=PASSWORD))
     assert PASSWORD not in repr(security) and PASSWORD not in str(security)
     monkeypatch.setattr(kafka_security, "current", lambda: security)
-    monkeypatch.setattr("pgkd_services.cli.CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setenv("PGKD_CONNECT_TIMEOUT", "1")
     logging.getLogger("kafka").setLevel(logging.NOTSET)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(UserError) as raised:

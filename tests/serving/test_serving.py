@@ -116,6 +116,16 @@ def test_a_bad_request_gets_its_own_error_and_the_server_keeps_serving(served, c
                          ([b"ok", b"\xff\xfe broken"], "text 2: not UTF-8")):
         with pytest.raises(InferenceServerException, match=says):
             _raw_request(server, values)
+    import tritonclient.http as http
+    with http.InferenceServerClient(server.http_url) as client:
+        numbers = http.InferInput("text", [2, 1], "INT32")          # a text that is not a string
+        numbers.set_data_from_numpy(np.array([[1], [2]], dtype=np.int32))
+        with pytest.raises(InferenceServerException, match="data-type is .INT32., but model .student. expects .BYTES."):
+            client.infer("student", [numbers])
+        nothing = http.InferInput("text", [0, 1], "BYTES")         # an empty list
+        nothing.set_data_from_numpy(np.zeros((0, 1), dtype=np.object_))
+        with pytest.raises(InferenceServerException):
+            client.infer("student", [nothing])
     assert classify(f"http://{server.http_url}", ["my card was stolen"])[0]["label"]
     # pgkd classify: one line, exit 2, for what it can tell before sending, and for what the server refused
     for args, says in ((["--url", f"http://{server.http_url}", "x" * 100_000], "text 1: 100000 characters"),
