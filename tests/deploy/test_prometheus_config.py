@@ -52,7 +52,7 @@ DASHBOARD_PROVISIONING = GRAFANA / "provisioning" / "dashboards" / "pgkd.yml"
 DASHBOARD_MOUNT = "/etc/grafana/dashboards"   # where docker-compose.yml mounts deploy/grafana/dashboards
 
 ALERTS = {"PgkdRunStalled", "PgkdTeacherErrorRatioHigh", "PgkdDeadLettersGrowing", "PgkdNoImprovement",
-          "PgkdServiceDown", "PgkdIngestRejecting"}
+          "PgkdServiceDown", "PgkdIngestRejecting", "PgkdPromotionFailed"}
 # The pgkd services, as deploy/prometheus/prometheus.yml labels their targets (service=<name>).
 SERVICES = ("trainer", "evaluator", "miner", "generator", "ingest")
 SEVERITIES = {"info", "warning", "critical"}
@@ -536,9 +536,11 @@ def test_dashboard_shows_a_run_with_the_prometheus_datasource():
                    "pgkd_run_teacher_tokens", "pgkd_train_loss", "pgkd_train_samples_per_second"):
         assert any(re.search(rf'{metric}\{{run="\$run"\}}', e) for e in exprs), metric
     # The stream's panels under a row of their own, not limited to the selected run.
-    rows = [panel["title"] for panel in panels if panel["type"] == "row"]
-    assert rows[-1] == "Stream (ingest)", rows
-    stream_panels = [panel for panel in panels if panel["gridPos"]["y"] > max(
-        p["gridPos"]["y"] for p in panels if p["type"] == "row")]
-    assert len(stream_panels) == 5 and all(
-        "$run" not in target["expr"] for panel in stream_panels for target in panel["targets"])
+    row_at = {panel["title"]: panel["gridPos"]["y"] for panel in panels if panel["type"] == "row"}
+    assert list(row_at)[-2:] == ["Stream (ingest)", "Serving (student server, deployers)"], list(row_at)
+    stream_panels = [panel for panel in panels if panel["type"] != "row" and row_at["Stream (ingest)"] <
+                     panel["gridPos"]["y"] < row_at["Serving (student server, deployers)"]]
+    serving_panels = [panel for panel in panels if panel["gridPos"]["y"] > row_at["Serving (student server, deployers)"]]
+    assert len(stream_panels) == 5 and len(serving_panels) == 1 and all(
+        "$run" not in target["expr"] for panel in stream_panels + serving_panels for target in panel["targets"])
+    assert "pgkd_serving_promotions_total" in str(serving_panels[0]["targets"])
