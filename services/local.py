@@ -8,9 +8,10 @@ the teacher's Triton server and the services as OS processes; all stopped on exi
         cluster.start_services()                               # trainer, evaluator, miner, generator
         cluster.pgkd("submit", "--wait", "--data", data, "--teacher", teacher, ...)
 
-`python -m pgkd_services.local [--folder F] [--serve-teacher KIND] RUN_OPTIONS` (what
+`python -m pgkd_services.local [--folder F] [--serve-teacher KIND] [--serve-student] RUN_OPTIONS` (what
 `make demo-services` runs) does just that for one run and prints what `pgkd submit --wait` prints:
-a line per cycle, then the table of `make demo`.
+a line per cycle, then the table of `make demo`; with --serve-student, the run's best student is then
+promoted, served on Triton by `pgkd serve` and its deployer, and answers three test texts.
 
 Every process is started in a session of its own: a Ctrl-C in the terminal reaches this process
 only, which then stops the others in order (the services before the servers they use), and a stop
@@ -62,12 +63,12 @@ class LocalCluster:
     """The servers and services of one local cluster, their URLs and ports, and their logs in `folder`
     (emptied at each start: the broker keeps its messages in memory, so nothing there could resume)."""
 
-    SERVERS = ("tansu", "prometheus")   # stopped after the services, which use them (the teacher: with them)
+    SERVERS = ("tansu", "prometheus", "student-server")   # stopped after the services, which use them
 
     def __init__(self, folder: str | Path, quiet: bool = False):
         self.folder = Path(folder).resolve()
         self.quiet = quiet
-        self.broker_url = self.prometheus_url = self.teacher_url = None
+        self.broker_url = self.prometheus_url = self.teacher_url = self.student_url = None
         self.metrics_ports = {name: free_port() for name in NAMES}
         self.processes: dict[str, subprocess.Popen] = {}   # by name, in the order they started
         self._starting: dict[str, tuple] = {}              # name: (readiness probe, message once ready)
@@ -140,6 +141,36 @@ class LocalCluster:
         if wait:
             self.ready()
         return self.teacher_url
+
+    def serve_student(self, wait: bool = True) -> str:
+        """`pgkd serve` on an empty model repository and its deployer (`pgkd service deployer`): the student
+        of a run submitted with --promote is served once the run completes. Returns the server's HTTP URL."""
+        http, grpc, metrics = free_port(), free_port(), free_port()
+        repository = self.folder / "models"
+        self.student_url = f"http://127.0.0.1:{http}"
+        self.spawn("student-server", self.pgkd_argv(
+            "serve", "--model", str(repository), "--wait-for-version", "--http-port", str(http), "--grpc-port",
+            str(grpc), "--metrics-port", str(metrics)), ready=_http_ok(f"{self.student_url}/v2/health/live"),
+            message=f"student server: Triton, empty until the run's student is promoted: {self.student_url}")
+        port = self.metrics_ports.setdefault("deployer", free_port())
+        self.spawn("deployer", self.pgkd_argv("service", "deployer"), env={
+            "PGKD_METRICS_PORT": str(port), "PGKD_SERVING_REPOSITORY": str(repository),
+            "PGKD_SERVING_URL": f"127.0.0.1:{http}", "PGKD_SERVING_REPLICA": "local"},
+            ready=_http_ok(f"http://127.0.0.1:{port}/readyz"), message=f"deployer (metrics :{port})")
+        if wait:
+            self.ready()
+        return self.student_url
+
+    def wait_served(self, timeout: float = 600) -> str:
+        """Until the student server serves a version (the deployer loaded the promoted student)."""
+        from pgkd.serving.client import served_version
+        address = self.student_url.removeprefix("http://")
+        deadline = time.monotonic() + timeout
+        while (version := served_version(address)) is None:
+            if self.processes["deployer"].poll() is not None or time.monotonic() > deadline:
+                raise StartError(f"the student was not served: {self.log_path('deployer')}\n{self.tail('deployer')}")
+            time.sleep(0.5)
+        return version
 
     def start(self, name: str, **env: str) -> subprocess.Popen:
         """The service `name` as a process (`pgkd service NAME`), serving /metrics on its own port; the
@@ -293,11 +324,24 @@ def _one_run(args, run_options: list[str]) -> int:
             # Triton starts while the services do: start_services() waits for both.
             run_options += ["--teacher", cluster.serve_teacher(args.serve_teacher, args.data, args.labeled, args.seed,
                                                                wait=False)]
+        if args.serve_student:
+            cluster.serve_student(wait=False)
+            run_options += ["--promote"]
         cluster.start_services()
         cluster.say(f"submitting the run (logs in {cluster.folder})")
         code = cluster.pgkd("submit", "--wait", *run_options)
+        if code == 0 and args.serve_student:
+            version = cluster.wait_served()
+            cluster.say(f"the distilled student answers at {cluster.student_url} (version {version}); "
+                        f"three test texts through `pgkd classify`:")
+            code = cluster.pgkd("classify", "--url", cluster.student_url, *_some_texts(args))
     print(f"local: done in {time.monotonic() - started:.0f} s; everything it started is stopped", file=sys.stderr)
     return code
+
+
+def _some_texts(args, n: int = 3) -> list[str]:
+    from pgkd.data import load_dataset
+    return [s.text for s in load_dataset(args.data, args.text_column, args.label_column, seed=args.seed).test[:n]]
 
 
 def _parse(argv: list[str]):
@@ -309,11 +353,15 @@ def _parse(argv: list[str]):
     parser.add_argument("--folder", default="runs/demo-services", help="logs and artifacts; emptied at each start")
     parser.add_argument("--serve-teacher", choices=["pool-guided", "pool-random"], default=None,
                         help="serve this simulation on Triton and make it the run's --teacher")
+    parser.add_argument("--serve-student", action="store_true",
+                        help="serve the run's best student on Triton (pgkd serve and the deployer; the run is "
+                             "submitted with --promote) and classify three test texts with it")
     distill_arguments(parser, with_out=False)
     args = parser.parse_args(argv)
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--folder")
     own.add_argument("--serve-teacher")
+    own.add_argument("--serve-student", action="store_true")
     run_options = own.parse_known_args(argv)[1]
     if args.serve_teacher and any(o == "--teacher" or o.startswith("--teacher=") for o in run_options):
         parser.error("--serve-teacher and --teacher: give one")
@@ -325,7 +373,8 @@ def _check(args) -> None:
     from pgkd.loop.config import DistillConfig
     from pydantic import ValidationError
     try:
-        DistillConfig(**{k: v for k, v in vars(args).items() if k not in ("folder", "serve_teacher", "progress")})
+        DistillConfig(**{k: v for k, v in vars(args).items()
+                         if k not in ("folder", "serve_teacher", "serve_student", "progress")})
     except ValidationError as e:
         raise UserError("; ".join(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: "
                                   f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None

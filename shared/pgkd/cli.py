@@ -204,11 +204,14 @@ def cmd_serve(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from pgkd.serving.repository import check_repository, is_repository, write_version
+    from pgkd.serving.repository import is_repository, write_version
     from pgkd.serving.server import serve_repository
     temporary = None
-    if is_repository(Path(args.model)):
+    if is_repository(Path(args.model)) or args.wait_for_version:
         repository = Path(args.model)
+        if args.wait_for_version and repository.exists() and any(repository.iterdir()) \
+                and not is_repository(repository):
+            raise UserError(f"--model {repository}: neither new, empty, nor a model repository")
     else:
         student, source = _student_source(args.model, args.artifacts)
         if args.repository is None:
@@ -220,8 +223,8 @@ def cmd_serve(args) -> int:
         write_version(repository, student, source, model=args.model_name, fmt=args.format, int8=args.int8,
                       gpu=args.gpu)
     try:
-        check_repository(repository, args.model_name)
-        return serve_repository(repository, args.model_name, args.http_port, args.grpc_port, args.metrics_port)
+        return serve_repository(repository, args.model_name, args.http_port, args.grpc_port, args.metrics_port,
+                                wait_for_version=args.wait_for_version)
     finally:
         if temporary is not None:   # the repository pgkd made for this server alone
             import shutil
@@ -357,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_student.add_argument("--int8", action="store_true")
     serve_student.add_argument("--gpu", action="store_true", help="a GPU instance (a repository's own config decides)")
     serve_student.add_argument("--model-name", default="student")
+    serve_student.add_argument("--wait-for-version", action="store_true",
+                               help="--model is a repository that may have no version yet: serve it anyway, "
+                                    "and load the first version the deployer writes")
     serve_student.add_argument("--artifacts", default=None, help="the artifact store's URL (default: PGKD_ARTIFACTS)")
     serve_student.set_defaults(func=cmd_serve)
     classify = sub.add_parser("classify", help="classify texts with a served student (pgkd serve)")

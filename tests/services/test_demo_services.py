@@ -1,7 +1,8 @@
 """`make demo-services` on a tiny configuration: `python -m pgkd_services.local` starts Tansu (a
 Kafka-compatible broker, not Apache Kafka), Prometheus, the teacher on Triton (the pool-random
-simulation: no MiniLM) and the four services, submits a run, prints its cycles and table, and stops
-everything it started, also when interrupted."""
+simulation: no MiniLM) and the four services, submits a run, prints its cycles and table, serves its
+student (`pgkd serve` and the deployer) and classifies with it, and stops everything it started, also
+when interrupted."""
 import json
 import os
 import signal
@@ -12,11 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_toy_dataset
+from conftest import TOY_CLASSES, make_toy_dataset
 from service_processes import cli_options
 from test_services_kafka import CONFIG
 
 TINY = {**CONFIG, "max_cycles": 2, "teacher_cache": "none"}
+TOY_LABELS = set(TOY_CLASSES)
 del TINY["teacher"]     # --serve-teacher names it
 
 
@@ -117,8 +119,8 @@ def demo(tmp_path):
                 pass
 
 
-def test_a_run_on_the_local_cluster_prints_its_cycles_and_table_and_stops_everything(demo):
-    d = demo()
+def test_a_run_on_the_local_cluster_prints_its_cycles_and_table_serves_its_student_and_stops_everything(demo):
+    d = demo("--serve-student")
     code, stdout, stderr = d.finish()
     assert code == 0, d.output()
     cycles = [line for line in stderr.splitlines() if line.startswith("cycle ")]
@@ -128,8 +130,15 @@ def test_a_run_on_the_local_cluster_prints_its_cycles_and_table_and_stops_everyt
     assert "not Apache Kafka" in stderr and "everything it started is stopped" in stderr
     (completed,) = (d.folder / "artifacts" / "runs").glob("*/completed.json")
     assert json.loads(completed.read_text())["decided_from"] == "prometheus"   # the evaluator read Prometheus
+    # the promoted student, served: three test texts answered through `pgkd classify`
+    answers = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert len(answers) == 3 and all(a["label"] in TOY_LABELS for a in answers), stdout
+    assert "the distilled student answers at http://127.0.0.1:" in stderr and "(version 1)" in stderr
+    (manifest,) = (d.folder / "models" / "student").glob("1/pgkd-version.json")
+    assert json.loads(manifest.read_text())["source"]["checkpoint"] == json.loads(completed.read_text())[
+        "best_checkpoint"]["uri"]
     for part in ("tansu", "prometheus", "tritonserver", "service trainer", "service evaluator", "service miner",
-                 "service generator", "submit"):
+                 "service generator", "submit", "service deployer", "serve --model", "classify"):
         assert d.saw(part), f"{part} never ran: {sorted(set(d.seen.values()))}"
     assert d.left_behind() == []
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pgkd.errors import UserError
-from pgkd.serving.repository import MODEL_NAME, check_repository
+from pgkd.serving.repository import MODEL_NAME, check_repository, versions
 from pgkd.serving.tritonserver import TritonServerError, run_tritonserver
 
 
@@ -23,8 +23,15 @@ def explicit_control(model: str = MODEL_NAME) -> list[str]:
 
 
 def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int = 8000, grpc_port: int = 8001,
-                     metrics_port: int = 8002, address: str = "0.0.0.0") -> int:
-    version = check_repository(repository, model)
+                     metrics_port: int = 8002, address: str = "0.0.0.0", wait_for_version: bool = False) -> int:
+    """Serve until SIGTERM or Ctrl-C. With `wait_for_version`, a repository with no version yet is
+    served too: Triton starts without the model, and the first version the deployer writes loads."""
+    repository = Path(repository)
+    version = None
+    if wait_for_version and not versions(repository, model):
+        repository.mkdir(parents=True, exist_ok=True)
+    else:
+        version = check_repository(repository, model)
     stop = {"signal": None}
 
     def leave(signum, _frame):
@@ -32,13 +39,15 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, leave)
     try:
-        with run_tritonserver(repository, models=[model], ports=(http_port, grpc_port, metrics_port), address=address,
-                              extra_args=explicit_control(model), workdir=Path(repository) / ".tritonserver",
+        # Without a version, the failed load of the model at start must not stop the server.
+        extra = explicit_control(model) + (["--exit-on-error=false"] if version is None else [])
+        with run_tritonserver(repository, models=[model] if version else [], ports=(http_port, grpc_port, metrics_port),
+                              address=address, extra_args=extra, workdir=Path(repository) / ".tritonserver",
                               attempts=1) as server:
-            print(f"pgkd: serving {model} version {version.number} ({len(version.manifest['labels'])} labels, "
-                  f"{version.manifest['format']} {version.manifest['precision']}) from {repository}: "
-                  f"http :{http_port}, grpc :{grpc_port}, metrics :{metrics_port}/metrics; "
-                  f"pgkd classify --url http://127.0.0.1:{http_port} TEXT", flush=True)
+            what = (f"version {version.number} ({len(version.manifest['labels'])} labels, {version.manifest['format']} "
+                    f"{version.manifest['precision']})" if version else "(no version yet: the deployer writes the first)")
+            print(f"pgkd: serving {model} {what} from {repository}: http :{http_port}, grpc :{grpc_port}, "
+                  f"metrics :{metrics_port}/metrics; pgkd classify --url http://127.0.0.1:{http_port} TEXT", flush=True)
             code = server.process.wait()
             print(f"pgkd: tritonserver exited with code {code}; log {server.log_path}", file=sys.stderr)
             return 1
