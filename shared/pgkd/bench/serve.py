@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgkd.bench.speed import onnx_predictor
+from pgkd.bench.speed import latency, onnx_predictor, percentile_ms
 from pgkd.data import load_dataset
 from pgkd.errors import UserError
 from pgkd.loop.cycle import log
@@ -41,21 +41,6 @@ BATCHES = (1, 32, 64)
 # The PGKD paper's Table 5, theirs, not measured here: a batch of 64 texts.
 PAPER_TABLE_5 = {"student_gpu_seconds_per_64": 0.46, "claude3_seconds_per_64": 60.64, "speedup": 130,
                  "cost_ratio": 25}
-
-
-def _ms(seconds: list[float], q: float) -> float:
-    return float(np.percentile(np.array(seconds) * 1000, q))
-
-
-def _latency(predict, texts: list[str], batch: int, calls: int) -> dict:
-    times = []
-    for i in range(calls):
-        chunk = [texts[(i * batch + j) % len(texts)] for j in range(batch)]
-        started = time.perf_counter()
-        predict(chunk)
-        times.append(time.perf_counter() - started)
-    return {"batch": batch, "calls": calls, "p50_ms": _ms(times, 50), "p99_ms": _ms(times, 99),
-            "texts_per_second": batch * calls / sum(times)}
 
 
 def _concurrent(make_predict, texts: list[str], clients: int, calls: int) -> dict:
@@ -83,7 +68,8 @@ def _concurrent(make_predict, texts: list[str], clients: int, calls: int) -> dic
     for t in threads:
         t.join()
     seconds = time.perf_counter() - started
-    return {"clients": clients, "calls_each": calls, "p50_ms": _ms(times, 50), "p99_ms": _ms(times, 99),
+    return {"clients": clients, "calls_each": calls, "p50_ms": percentile_ms(times, 50),
+            "p99_ms": percentile_ms(times, 99),
             "texts_per_second": clients * calls / seconds}
 
 
@@ -164,10 +150,10 @@ def _measure(name, make, to_labels, texts, gold, calls, clients, client_calls) -
     log(f"bench serve: {name} ...")
     predict = make()
     predict(texts[:64])   # warm up
-    latency = [_latency(predict, texts, b, max(10, calls // (1 if b == 1 else 3))) for b in BATCHES]
+    latencies = [latency(predict, texts, b, max(10, calls // (1 if b == 1 else 3))) for b in BATCHES]
     test = _accuracy_and_throughput(to_labels(predict), texts, gold)
     concurrent = _concurrent(make, texts, clients, client_calls)
-    return {"latency": latency, "test": test, "concurrent": concurrent}
+    return {"latency": latencies, "test": test, "concurrent": concurrent}
 
 
 NAMES = {"torch": "in-process torch", "onnx_fp32": "in-process ONNX fp32", "onnx_int8": "in-process ONNX int8",

@@ -28,18 +28,20 @@ from pgkd.serving.graph import export_onnx, quantize_int8
 from pgkd.students.finetuned import FineTunedStudent, length_sorted_batches, pick_device
 
 
-def _percentile_ms(seconds: list[float], q: float) -> float:
+def percentile_ms(seconds: list[float], q: float) -> float:
     return float(np.percentile(np.array(seconds) * 1000, q))
 
 
-def _latency(predict, texts: list[str], batch: int, repeats: int) -> dict:
+def latency(predict, texts: list[str], batch: int, repeats: int) -> dict:
+    """`repeats` calls of `batch` texts each: p50 / p99 of a call, and texts per second over them."""
     times = []
     for i in range(repeats):
         chunk = [texts[(i * batch + j) % len(texts)] for j in range(batch)]
         started = time.perf_counter()
         predict(chunk)
         times.append(time.perf_counter() - started)
-    return {"batch": batch, "calls": repeats, "p50_ms": _percentile_ms(times, 50), "p99_ms": _percentile_ms(times, 99)}
+    return {"batch": batch, "calls": repeats, "p50_ms": percentile_ms(times, 50), "p99_ms": percentile_ms(times, 99),
+            "texts_per_second": batch * repeats / sum(times)}
 
 
 def _throughput(predict, texts: list[str]) -> float:
@@ -173,9 +175,9 @@ def run_speed(data: Path, out: Path, student_spec: str = "minilm", train_samples
     result["inference"] = {
         "pgkd_texts_per_second": ours_tput, "pipeline_texts_per_second": pipe_tput, "ratio": ours_tput / pipe_tput,
         "latency": {
-            "pgkd": [_latency(lambda t: ours.predict_proba(t, batch_size=b), texts, b, n)
+            "pgkd": [latency(lambda t: ours.predict_proba(t, batch_size=b), texts, b, n)
                      for b, n in ((1, latency_calls), (batch_size, max(10, latency_calls // 5)))],
-            "pipeline": [_latency(lambda t: pipe_predict(t, b), texts, b, n)
+            "pipeline": [latency(lambda t: pipe_predict(t, b), texts, b, n)
                          for b, n in ((1, latency_calls), (batch_size, max(10, latency_calls // 5)))]}}
 
     torch_probs = ours.predict_proba([s.text for s in splits.test])

@@ -28,7 +28,7 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -122,7 +122,7 @@ class RunOutput:
     def commit(self) -> Path:
         owned = self._check_owned()        # again: files may have been added while the run worked
         new = [rel for rel in _files_under(self.staging) if rel != MANIFEST]
-        files = {rel: {"bytes": (self.staging / rel).stat().st_size, "sha256": _sha256(self.staging / rel)}
+        files = {rel: {"bytes": (self.staging / rel).stat().st_size, "sha256": file_sha256(self.staging / rel)}
                  for rel in new}
         # While entries are swapped OUT's manifest lists the old files and the new ones, so a crash
         # part-way leaves nothing of pgkd's unaccounted for; report.json goes last, so until then the

@@ -8,7 +8,6 @@ it too). A version that failed to load is moved to `rejected/` and its number is
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgkd.errors import UserError
+from pgkd.loop.outputs import file_sha256
 from pgkd.serving.triton_model import MANIFEST, check_version_folder
 
 MODEL_NAME = "student"
@@ -108,14 +108,6 @@ def check_repository(repository: Path, model: str = MODEL_NAME) -> Version:
         raise UserError(f"{e}; remove it or export again") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -167,7 +159,7 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
                     "max_length": 128, "pad_token_id": int(tokenizer.pad_token_id or 0),
                     "student": getattr(student, "spec", type(student).__name__), "source": source,
                     "written_at": time.time(),
-                    "files": {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}}
+                    "files": {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}}
         _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         write_config(repository, list(student.labels), model, gpu)
         path = folder / str(number)
