@@ -5,8 +5,8 @@ StudentPromoted (student-promoted) -> the checkpoint written as the next version
 repository, which the server (Triton, explicit model control) loads without a restart. A promotion
 that cannot be deployed (a checkpoint that does not match its sha256, a version the server fails to
 load) leaves the served version as it is: a dead letter with the reason, a log line, and
-pgkd_serving_promotions{outcome="failed"}. On start it deploys the model's latest promotion from
-the artifact store if the server has not got it (a new replica).
+pgkd_serving_promotions{outcome="failed"}. On start, before it connects to the broker, it deploys the
+model's latest promotion from the artifact store if the server has not got it (a new replica).
 
 Settings: PGKD_SERVING_REPOSITORY (the model repository the server reads), PGKD_SERVING_URL (the
 server's HTTP host:port, default 127.0.0.1:8000), PGKD_SERVING_MODEL (student),
@@ -74,16 +74,16 @@ class DeployerService(Service):
         self.subscribe(self.topic(StudentPromoted.topic), self.on_promoted, "student-promoted")
 
     def prepare(self) -> None:
+        """Before the broker: the repository, and the model's latest promotion if the server lacks it (a
+        new replica gets its student from the artifact store, even while Kafka is away)."""
         try:
             self.serving.repository.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"PGKD_SERVING_REPOSITORY={self.serving.repository}: {e.strerror}") from None
         self.metrics.serving_promotions.labels(self.serving.model, "failed")
-
-    async def started(self) -> None:
-        latest = await asyncio.to_thread(latest_promotion, self.store, self.serving.model)
+        latest = latest_promotion(self.store, self.serving.model)
         if latest is not None:
-            await self._deploy(latest, None)
+            self._deploy(latest)
 
     async def on_promoted(self, body: bytes) -> None:
         try:
@@ -95,32 +95,33 @@ class DeployerService(Service):
             return
         if promoted.model != self.serving.model:
             return   # another server's model
-        await self._deploy(promoted, body)
+        async with self._busy:
+            failure = await asyncio.to_thread(self._deploy, promoted)
+        if failure is not None:
+            await self.dead_letter(self.topic(StudentPromoted.topic), body, failure, promoted)
 
-    async def _deploy(self, promoted: StudentPromoted, body: bytes | None) -> None:
+    def _deploy(self, promoted: StudentPromoted) -> str | None:
+        """Deploy one promotion: None, or why it failed (logged and counted here)."""
         s = self.serving
         log.info("deployer: run %s cycle %d: %s received for model %s (%s)", promoted.run_id, promoted.cycle,
                  promoted.kind, s.model, promoted.decision)
         try:
-            async with self._busy:
-                version = await asyncio.to_thread(deploy_promotion, self.store, promoted, s.repository,
-                                                  s.http_address, s.format, s.int8, s.gpu)
+            version = deploy_promotion(self.store, promoted, s.repository, s.http_address, s.format, s.int8, s.gpu)
         except (DeployFailed, ArtifactError, UserError) as e:
             reason = f"model {s.model}: run {promoted.run_id}'s student not deployed: {e}"
             log.error("deployer: %s", reason)
             self.metrics.serving_promotions.labels(s.model, "failed").inc()
-            if body is not None:
-                await self.dead_letter(self.topic(StudentPromoted.topic), body, reason, promoted)
-            return
+            return reason
         if version is None:
             log.info("deployer: run %s: model %s already serves this promotion or a later one", promoted.run_id,
                      s.model)
             self.metrics.serving_promotions.labels(s.model, "skipped").inc()
-            return
+            return None
         self.metrics.serving_promotions.labels(s.model, "deployed").inc()
         self.metrics.serving_version.labels(s.model).set(version.number)
         log.info("deployer: run %s cycle %d: model %s serves version %d", promoted.run_id, promoted.cycle, s.model,
                  version.number)
+        return None
 
 
 def build(**options) -> DeployerService:

@@ -214,3 +214,37 @@ def test_the_frozen_encoder_student_exports_to_the_same_probabilities(tmp_path):
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     assert np.allclose(probs, student.predict_proba(TEXTS), atol=1e-4)
+
+
+def test_a_new_replica_serves_the_latest_promotion_before_it_reaches_the_broker(tmp_path):
+    """The deployer of a server that starts empty deploys the model's latest promotion from the artifact
+    store in `prepare`, before any broker (none listens at the one it is given)."""
+    from pgkd.distributed.artifacts import ArtifactStore
+    from pgkd.distributed.messages import StudentPromoted
+    from pgkd.distributed.metrics import LoopMetrics
+    from pgkd.distributed.steps import record_promotion, store_checkpoint
+    from pgkd.serving.client import served_version
+    from prometheus_client import CollectorRegistry
+
+    from pgkd_services.deployer import DeployerService, ServingSettings
+    from pgkd_services.runtime import Settings
+    store = ArtifactStore(f"file://{tmp_path}/artifacts")
+    student = create_student("tiny", ["a", "b", "c"], seed=2)
+    record_promotion(store, StudentPromoted(run_id="earlier", cycle=3, source="run", scores={}, decision="test",
+                                            checkpoint=store_checkpoint(store, "runs/earlier/best.json", student)))
+    repository = tmp_path / "models"
+    repository.mkdir()
+    with run_tritonserver(repository, models=[], extra_args=[*explicit_control(), "--exit-on-error=false"]) as server:
+        assert served_version(server.http_url) is None
+        registry = CollectorRegistry()
+        deployer = DeployerService(serving=ServingSettings(repository, server.http_url, replica="new"),
+                                   settings=Settings(broker_url="kafka://127.0.0.1:1", artifacts=store.url),
+                                   store=store, metrics=LoopMetrics(registry))
+        deployer.prepare()
+        assert served_version(server.http_url) == "1"
+        assert registry.get_sample_value("pgkd_serving_promotions_total", {"model": "student", "outcome": "deployed"}) == 1
+        assert check_repository(repository).manifest["source"]["run_id"] == "earlier"
+        assert classify(f"http://{server.http_url}", ["anything"])[0]["label"] in {"a", "b", "c"}
+        deployer.prepare()        # a restart: the server has that promotion already
+        assert versions(repository) == [1]
+        assert registry.get_sample_value("pgkd_serving_promotions_total", {"model": "student", "outcome": "skipped"}) == 1
