@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pgkd.serving.client import classify
+from pgkd.serving.client import StudentClient, classify
 
 
 def export(model, repository, fmt: str = "onnx", int8: bool = False, name: str = "student"):
@@ -25,4 +25,4 @@ def export(model, repository, fmt: str = "onnx", int8: bool = False, name: str =
     return write_version(Path(repository), student, source, model=name, fmt=fmt, int8=int8)
 
 
-__all__ = ["classify", "export"]
+__all__ = ["StudentClient", "classify", "export"]

@@ -32,10 +32,7 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
         repository.mkdir(parents=True, exist_ok=True)
     else:
         version = check_repository(repository, model)
-    stop = {"signal": None}
-
-    def leave(signum, _frame):
-        stop["signal"] = signum
+    def leave(signum, _frame):   # SIGTERM leaves as Ctrl-C does: through the `with`, which stops tritonserver
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, leave)
     try:
