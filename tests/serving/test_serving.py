@@ -15,7 +15,7 @@ from conftest import make_toy_dataset
 from pgkd.data import load_dataset
 from pgkd.serving.client import StudentClient, classify
 from pgkd.serving.deploy import DeployFailed, activate
-from pgkd.serving.repository import check_repository, versions, write_version
+from pgkd.serving.repository import check_repository, reject_version, versions, write_version
 from pgkd.serving.server import explicit_control
 from pgkd.serving.tritonserver import run_tritonserver
 from pgkd.students import create_student, load_student
@@ -161,7 +161,8 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving_and_is_set_asid
     assert check_repository(repository).number == 1
     # the next version gets a number never used before (Triton may remember the rejected one)
     assert write_version(repository, renamed, {"test": "next"}).number == version.number + 1
-    shutil.rmtree(repository / "student" / str(version.number + 1))
+    reject_version(repository, version.number + 1)          # and set aside: labels.txt back to version 1's
+    assert (repository / "student" / "labels.txt").read_text() == before
 
 
 def test_a_server_that_does_not_answer_is_no_verdict_on_the_version(tmp_path):
@@ -248,3 +249,19 @@ def test_a_new_replica_serves_the_latest_promotion_before_it_reaches_the_broker(
         deployer.prepare()        # a restart: the server has that promotion already
         assert versions(repository) == [1]
         assert registry.get_sample_value("pgkd_serving_promotions_total", {"model": "student", "outcome": "skipped"}) == 1
+
+
+def test_the_config_is_a_valid_triton_model_config_with_batching_labels_and_one_version(served):
+    """What NGC's tritonserver reads too: parsed with Triton's own protobuf schema."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    folder, repository, _ = served
+    config = text_format.Parse((repository / "student" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.backend, config.max_batch_size) == ("student", "python", 64)
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert [i.name for i in config.input] == ["text"] and config.input[0].data_type == model_config_pb2.TYPE_STRING
+    assert {o.name: o.label_filename for o in config.output} == {"label": "", "probability": "",
+                                                                 "probabilities": "labels.txt"}
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_AUTO]
+    assert config.version_policy.latest.num_versions == 1
+    assert (repository / "student" / "labels.txt").read_text().splitlines() == load_student(folder / "best").labels

@@ -51,7 +51,8 @@ dynamic_batching {{
   max_queue_delay_microseconds: 2000
 }}
 
-# One instance per CPU; with `pgkd export --gpu`, KIND_GPU (ONNX Runtime's CUDA provider, or torch on CUDA).
+# KIND_AUTO: an instance per GPU when Triton sees GPUs (ONNX Runtime's CUDA provider, or torch on CUDA), one on
+# the CPU otherwise; `pgkd export --gpu` writes KIND_GPU, which fails to load where there is no GPU.
 instance_group [
   {{ count: 1 kind: {kind} }}
 ]
@@ -121,7 +122,7 @@ def write_config(repository: Path, labels: list[str], model: str = MODEL_NAME, g
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.pbtxt").is_file():
         _write_atomic(folder / "config.pbtxt", CONFIG.format(name=model, max_batch_size=MAX_BATCH_SIZE,
-                                                             kind="KIND_GPU" if gpu else "KIND_CPU",
+                                                             kind="KIND_GPU" if gpu else "KIND_AUTO",
                                                              max_text_chars=MAX_TEXT_CHARS))
     _write_atomic(folder / "labels.txt", "".join(f"{label}\n" for label in labels))
 
