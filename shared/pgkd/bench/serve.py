@@ -14,7 +14,6 @@ figures are a floor.
 """
 from __future__ import annotations
 
-import platform
 import tempfile
 import threading
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgkd.bench.speed import latency, onnx_predictor, percentile_ms
+from pgkd.bench.speed import latency, onnx_predictor, percentile_ms, processor
 from pgkd.data import load_dataset
 from pgkd.errors import UserError
 from pgkd.loop.cycle import log
@@ -97,7 +96,7 @@ def run_serve_bench(model: Path, data: Path, out: Path, price_per_cpu_hour: floa
         raise UserError(f"--model {model}: its labels are not the classes of {data} (e.g. {unknown[0]!r})")
     texts, gold = [s.text for s in test], [s.label for s in test]
     cores = torch.get_num_threads()
-    result: dict = {"machine": {"processor": platform.processor() or platform.machine(), "cpu_threads": cores,
+    result: dict = {"machine": {"processor": processor(), "cpu_threads": cores,
                                 "torch": torch.__version__},
                     "config": {"model": str(model), "data": str(data), "test_texts": len(texts), "calls": calls,
                                "clients": clients, "client_calls": client_calls,

@@ -28,6 +28,17 @@ from pgkd.serving.graph import export_onnx, quantize_int8
 from pgkd.students.finetuned import FineTunedStudent, length_sorted_batches, pick_device
 
 
+def processor() -> str:
+    """The CPU's model name where Linux says it (`platform.processor()` is often just the architecture)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def percentile_ms(seconds: list[float], q: float) -> float:
     return float(np.percentile(np.array(seconds) * 1000, q))
 
@@ -138,7 +149,7 @@ def run_speed(data: Path, out: Path, student_spec: str = "minilm", train_samples
     test = splits.test[:inference_texts]
     texts = [s.text for s in test]
     config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed)
-    result: dict = {"machine": {"processor": platform.processor() or platform.machine(),
+    result: dict = {"machine": {"processor": processor(),
                                 "cpu_threads": torch.get_num_threads(), "device": str(dev),
                                 "torch": torch.__version__},
                     "config": {"data": str(data), "student": student_spec, "train_samples": len(train),
