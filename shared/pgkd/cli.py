@@ -149,31 +149,11 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _student_source(model: str, artifacts: str | None, device: str = "cpu"):
-    """The student `pgkd export` and `pgkd serve` take: a student folder, or a checkpoint's URI in
-    the artifact store (what `pgkd submit --wait` prints); and where it came from, for the manifest."""
-    from pathlib import Path
-
-    from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
-    from pgkd.distributed.steps import load_checkpoint
-    from pgkd.students import load_student
-    if Path(model).is_dir():
-        return load_student(model, device=device), {"folder": str(Path(model).resolve())}
-    if "://" not in model:
-        raise UserError(f"{model}: not a folder, nor a checkpoint URI of the artifact store")
-    store = ArtifactStore(artifacts)
-    try:
-        data = store.get_bytes(store.key_of(model))
-        ref = ArtifactRef(uri=model, sha256=sha256_of(data), size=len(data))
-        return load_checkpoint(store, ref, device), {"checkpoint": model, "sha256": ref.sha256}
-    except ArtifactError as e:
-        raise UserError(str(e)) from None
-
-
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from pgkd.serving.repository import is_repository, write_version
+    from pgkd.serving import student_from
+    from pgkd.serving.repository import require_own_folder, write_version
     out = Path(args.out)
     if args.format == "hf":
         from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
@@ -186,11 +166,10 @@ def cmd_export(args) -> int:
             raise UserError(str(e)) from None
         print(f"wrote {out}/ (a Hugging Face model folder: pgkd predict --model {out})")
         return 0
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_repository(out))):
-        raise UserError(f"--out {out}: neither new, empty, nor a model repository (pgkd writes only its own)")
+    require_own_folder(out, "--out")
     if args.int8 and args.format != "onnx":
         raise UserError("--int8 needs --format onnx (dynamic quantization is ONNX Runtime's)")
-    student, source = _student_source(args.model, args.artifacts)
+    student, source = student_from(args.model, args.artifacts)
     print(f"pgkd: exporting {args.model} ({len(student.labels)} labels) as {args.format}"
           f"{' int8' if args.int8 else ''} ...", file=sys.stderr, flush=True)   # seconds to a minute
     version = write_version(out, student, source, model=args.model_name, fmt=args.format, int8=args.int8,
@@ -204,22 +183,20 @@ def cmd_serve(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from pgkd.serving.repository import is_repository, write_version
+    from pgkd.serving import student_from
+    from pgkd.serving.repository import is_repository, require_own_folder, write_version
     from pgkd.serving.server import serve_repository
     temporary = None
     if is_repository(Path(args.model)) or args.wait_for_version:
         repository = Path(args.model)
-        if args.wait_for_version and repository.exists() and any(repository.iterdir()) \
-                and not is_repository(repository):
-            raise UserError(f"--model {repository}: neither new, empty, nor a model repository")
+        require_own_folder(repository, "--model")
     else:
-        student, source = _student_source(args.model, args.artifacts)
+        student, source = student_from(args.model, args.artifacts)
         if args.repository is None:
             repository = temporary = Path(tempfile.mkdtemp(prefix="pgkd-serve-"))
         else:
             repository = Path(args.repository)
-            if repository.exists() and any(repository.iterdir()) and not is_repository(repository):
-                raise UserError(f"--repository {repository}: neither new, empty, nor a model repository")
+            require_own_folder(repository, "--repository")
         write_version(repository, student, source, model=args.model_name, fmt=args.format, int8=args.int8,
                       gpu=args.gpu)
     try:

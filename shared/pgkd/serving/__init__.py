@@ -13,16 +13,35 @@ from pathlib import Path
 from pgkd.serving.client import StudentClient, classify
 
 
-def export(model, repository, fmt: str = "onnx", int8: bool = False, name: str = "student"):
-    """A student (a folder, or a loaded student) as the next version of `name` in the Triton model
-    repository `repository`; returns the Version written (number, path, manifest)."""
-    from pgkd.serving.repository import write_version
+def student_from(model: str | Path, artifacts: str | None = None, device: str = "cpu"):
+    """(student, where it came from) for a student folder, or a checkpoint's URI in the artifact store
+    (what `pgkd submit --wait` prints); UserError for anything else."""
+    from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
+    from pgkd.distributed.steps import load_checkpoint
+    from pgkd.errors import UserError
     from pgkd.students import load_student
+    if Path(model).is_dir():
+        return load_student(model, device=device), {"folder": str(Path(model).resolve())}
+    if "://" not in str(model):
+        raise UserError(f"{model}: not a folder, nor a checkpoint URI of the artifact store")
+    store = ArtifactStore(artifacts)
+    try:
+        data = store.get_bytes(store.key_of(str(model)))
+        ref = ArtifactRef(uri=str(model), sha256=sha256_of(data), size=len(data))
+        return load_checkpoint(store, ref, device), {"checkpoint": str(model), "sha256": ref.sha256}
+    except ArtifactError as e:
+        raise UserError(str(e)) from None
+
+
+def export(model, repository, fmt: str = "onnx", int8: bool = False, name: str = "student"):
+    """A student (a folder, a checkpoint URI, or a loaded student) as the next version of `name` in the
+    Triton model repository `repository`; returns the Version written (number, path, manifest)."""
+    from pgkd.serving.repository import write_version
     if isinstance(model, (str, Path)):
-        source, student = {"folder": str(Path(model).resolve())}, load_student(model, device="cpu")
+        student, source = student_from(model)
     else:
-        source, student = {"object": type(model).__qualname__}, model
+        student, source = model, {"object": type(model).__qualname__}
     return write_version(Path(repository), student, source, model=name, fmt=fmt, int8=int8)
 
 
-__all__ = ["StudentClient", "classify", "export"]
+__all__ = ["StudentClient", "classify", "export", "student_from"]

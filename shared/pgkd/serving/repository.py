@@ -93,6 +93,13 @@ def is_repository(path: Path) -> bool:
     return Path(path).is_dir() and any(Path(path).glob("*/config.pbtxt"))
 
 
+def require_own_folder(path: Path, option: str) -> None:
+    """`path` may be written as a repository: new, empty, or one pgkd wrote (UserError otherwise)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not is_repository(path))):
+        raise UserError(f"{option} {path}: neither new, empty, nor a model repository (pgkd writes only its own)")
+
+
 def check_repository(repository: Path, model: str = MODEL_NAME) -> Version:
     """The version a server would load (the newest), checked; UserError when there is none or it is
     half-written or damaged."""
