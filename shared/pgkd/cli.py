@@ -48,9 +48,16 @@ def distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> None
                      help="where answers are cached by request (a folder URL or s3://...; none: off); "
                           "the services use their artifact store")
     p.add_argument("--guidance", default="full", choices=["full", "no-report", "no-hard-negatives"],
-                   help="what the teacher is shown: everything, or all but the validation report / hard negatives")
+                   help="what the teacher is shown: everything, or all but the report / hard negatives")
+    p.add_argument("--guidance-source", default="validation", choices=["out-of-fold", "validation"],
+                   help="where the report and the mistakes come from: out-of-fold predictions over the labeled "
+                        "train samples (validation is then never shown to the teacher), or validation itself")
+    p.add_argument("--guidance-folds", type=int, default=5, help="folds of the out-of-fold guidance")
+    p.add_argument("--guidance-student", default=None,
+                   help="the fold students' recipe (default: --student; minilm-frozen is a cheap stand-in)")
     p.add_argument("--student", default="minilm",
-                   help="minilm | minilm-frozen | tiny | a Hugging Face id or model folder")
+                   help="minilm (fine-tuned, mean pooling) | minilm-frozen | minilm-cls ([CLS] pooler) | tiny | "
+                        "a Hugging Face id or model folder")
     p.add_argument("--samples-per-cycle", type=int, default=32)
     p.add_argument("--max-cycles", type=int, default=10)
     p.add_argument("--patience", type=int, default=5, help="cycles without improvement before stopping")
@@ -72,6 +79,9 @@ def distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> None
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=4e-4)
     p.add_argument("--head-learning-rate", type=float, default=4e-3, help="for the new classification head")
+    p.add_argument("--head-init", default="linear-probe", choices=["linear-probe", "random"],
+                   help="a new head starts as a logistic regression on the encoder's embeddings, or random")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--label-noise", type=float, default=0.0, help="share of teacher answers relabeled at random")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
@@ -250,6 +260,30 @@ def cmd_bench_quality(args) -> int:
     return 0
 
 
+def cmd_bench_peers(args) -> int:
+    from pathlib import Path
+
+    from pgkd.bench.peers import DEFAULT_DATASETS, SetFitRecipe, markdown, run_peers
+    if args.quick:   # a tiny configuration for tests: minutes, not hours
+        datasets = args.datasets or ["banking77"]
+        students = {"tiny": [1]}
+        options = {"labeled": args.labeled or 160, "max_cycles": 1, "samples_per_cycle": 16, "epochs": 1,
+                   "cycle_epochs": 1, "patience": 5}
+        setfit, setfit_seeds = SetFitRecipe(num_iterations=1, max_length=32), args.setfit_seeds or [1]
+    else:
+        datasets = args.datasets or list(DEFAULT_DATASETS)
+        students = {"minilm-frozen": args.seeds or [1, 2, 3], "minilm": args.fine_tuned_seeds or [1]}
+        if args.students:
+            students = {spec: seeds for spec, seeds in students.items() if spec in args.students}
+        options = {"labeled": args.labeled or 1000, "max_cycles": 10, "samples_per_cycle": 32, "patience": 5}
+        setfit, setfit_seeds = SetFitRecipe(args.setfit_iterations), args.setfit_seeds or args.seeds or [1, 2, 3]
+    summary = run_peers(Path(args.data_dir), datasets, Path(args.out), students, setfit_seeds, setfit, options,
+                        progress=args.progress)
+    print(markdown(summary), end="")
+    print(f"wrote {args.out}/peers.json, peers.md ({summary['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_bench_speed(args) -> int:
     from pathlib import Path
 
@@ -356,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = sub.add_parser("teacher", help="the teacher side")
     teacher_sub = teacher.add_subparsers(dest="teacher_command", required=True, parser_class=Parser)
     serve = teacher_sub.add_parser("serve", help="serve a simulated teacher as a Triton LLM model (text in, JSON out)")
-    serve.add_argument("--kind", default="pool-guided", choices=["pool-guided", "pool-random"])
+    serve.add_argument("--kind", default="pool-guided", choices=["pool-guided", "pool-random", "pool-guided-pairs"])
     serve.add_argument("--data", required=True, help="the dataset the runs use")
     serve.add_argument("--labeled", type=int, default=1000, help="the runs' --labeled: their samples are not served")
     serve.add_argument("--seed", type=int, default=1, help="the runs' --seed")
@@ -391,6 +425,20 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--out", default="runs/bench/quality")
     quality.add_argument("--no-progress", dest="progress", action="store_false")
     quality.set_defaults(func=cmd_bench_quality)
+
+    peers = bench_sub.add_parser("peers", help="our students against SetFit on the same labels, and the literature")
+    peers.add_argument("--data-dir", default="../shared/data", help="folder holding the dataset folders")
+    peers.add_argument("--datasets", type=_csv(str), default=None, help="default: all four (--quick: banking77)")
+    peers.add_argument("--seeds", type=_csv(int), default=None, help="the frozen student's and SetFit's (1,2,3)")
+    peers.add_argument("--fine-tuned-seeds", type=_csv(int), default=None, help="the fine-tuned student's (1)")
+    peers.add_argument("--students", type=_csv(str), default=None, help="minilm-frozen,minilm (default: both)")
+    peers.add_argument("--setfit-seeds", type=_csv(int), default=None, help="default: --seeds")
+    peers.add_argument("--setfit-iterations", type=int, default=20, help="SetFit's pairs per sample")
+    peers.add_argument("--labeled", type=int, default=None)
+    peers.add_argument("--quick", action="store_true", help="a tiny configuration (the tests')")
+    peers.add_argument("--out", default="runs/bench/peers")
+    peers.add_argument("--no-progress", dest="progress", action="store_false")
+    peers.set_defaults(func=cmd_bench_peers)
 
     speed = bench_sub.add_parser("speed", help="student training and inference against the Hugging Face tools")
     speed.add_argument("--data", default="../shared/data/banking77")

@@ -140,3 +140,25 @@ def test_bench_bus_runs_embedded_and_through_the_steps_and_finds_the_same_report
     assert result["steps_seconds"]["store_checkpoint"] > 0 and result["store_bytes"]["write"] > 0
     assert not (out / "work").exists()           # the steps' store and cache are removed after each run
     assert "Ratio of the wall times" in capsys.readouterr().out
+
+
+def test_bench_peers_quick_sets_setfit_beside_our_students_on_the_same_splits_and_resumes(tmp_path, capsys):
+    """SetFit for real (its trainer, the MiniLM body), on a tiny configuration."""
+    make_toy_dataset(tmp_path / "data" / "toy")
+    out = tmp_path / "peers"
+    argv = ["bench", "peers", "--quick", "--data-dir", str(tmp_path / "data"), "--datasets", "toy", "--labeled", "40",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "peers.json").read_text())
+    methods = {r["method"] for r in summary["runs"]}
+    assert methods == {"SetFit", "tiny: baseline", "tiny: distilled, guided", "tiny: distilled, unguided"}
+    (setfit,) = [r for r in summary["runs"] if r["method"] == "SetFit"]
+    assert setfit["train_samples"] == 40                       # every labeled sample: train and validation
+    assert 0.0 <= setfit["test_accuracy"] <= 1.0 and setfit["train_seconds"] > 0
+    # The toy task is easy: SetFit's real training must have learned it, or the wiring is wrong.
+    assert setfit["test_accuracy"] >= 0.8, setfit
+    assert summary["config"]["setfit"]["library"] == "setfit" and summary["config"]["setfit"]["num_iterations"] == 1
+    assert "| toy | SetFit | 1 |" in (out / "peers.md").read_text()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "done before, reused" in capsys.readouterr().err

@@ -121,3 +121,67 @@ def test_unknown_student_and_missing_folder_are_user_errors(tmp_path):
         FineTunedStudent.create("no-such-model-xyz", ["a", "b"])
     with pytest.raises(UserError, match="not a saved student"):
         FineTunedStudent.load(tmp_path)
+
+
+def test_a_saved_student_loads_in_plain_transformers_with_trust_remote_code_and_not_without(tmp_path, toy_splits):
+    """The folder carries its model code (mean pooling is not a transformers architecture): a user
+    without pgkd loads it with trust_remote_code=True and gets the same probabilities; without it,
+    transformers refuses instead of reading it as a [CLS]-pooled BERT with a random pooler."""
+    import json
+    import os
+    import subprocess
+    import sys
+    student, _ = _train(toy_splits, epochs=1)
+    student.save(tmp_path / "m")
+    texts = [s.text for s in toy_splits.test][:5]
+    code = f"""
+import json, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+folder, texts = {str(tmp_path / "m")!r}, {texts!r}
+try:
+    AutoModelForSequenceClassification.from_pretrained(folder)
+    refused = False
+except ValueError as e:
+    refused = "trust_remote_code" in str(e)
+model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, return_tensors="pt")
+with torch.no_grad():
+    probs = torch.softmax(model(**batch).logits, -1).tolist()
+print("ANSWER", json.dumps({{"refused": refused, "labels": model.config.id2label, "probs": probs}}))
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout.rsplit("ANSWER ", 1)[1])   # after transformers' own prompt
+    assert answer["refused"] is True
+    assert [answer["labels"][str(i)] for i in range(len(student.labels))] == student.labels
+    np.testing.assert_allclose(np.array(answer["probs"]), student.predict_proba(texts), atol=1e-5)
+
+
+def test_a_new_head_starts_as_the_logistic_regression_of_the_sentence_embeddings(toy_splits):
+    from pgkd.students.frozen import fit_linear_head, softmax
+    student = FineTunedStudent.create("tiny", toy_splits.labels, seed=2)
+    config = TrainConfig(seed=2)
+    student.fit_head_by_probe(toy_splits.train, toy_splits.validation, config)
+    texts = [s.text for s in toy_splits.train]
+    x = student.sentence_embeddings(texts)
+    y = np.array([student.label_index[s.label] for s in toy_splits.train])
+    coef, intercept, _ = fit_linear_head(
+        x, y, len(student.labels),
+        (student.sentence_embeddings([s.text for s in toy_splits.validation]),
+         np.array([student.label_index[s.label] for s in toy_splits.validation])), seed=2)
+    # The student (in eval mode) predicts what the regression predicts on its embeddings.
+    assert (student.predict_proba(texts).argmax(1) == softmax(x @ coef.T + intercept).argmax(1)).all()
+    # The head is fitted once: a trained or loaded student's next round fine-tunes the head it has.
+    student.train(toy_splits.train, toy_splits.validation, TrainConfig(epochs=1, seed=2), progress=False)
+    assert student.head_fitted
+    student.fit_head_by_probe = lambda *a: pytest.fail("the head was fitted again")
+    student.train(toy_splits.train, toy_splits.validation, TrainConfig(epochs=1, seed=2), progress=False)
+
+
+def test_head_init_random_skips_the_probe(toy_splits):
+    student = FineTunedStudent.create("tiny", toy_splits.labels, seed=2)
+    student.fit_head_by_probe = lambda *a: pytest.fail("probed with head_init=random")
+    student.train(toy_splits.train, toy_splits.validation, TrainConfig(epochs=1, head_init="random", seed=2),
+                  progress=False)

@@ -31,6 +31,10 @@ class RunFiles:
     def validation_probs(self, cycle: int) -> str:
         return f"{self.base}/probs/{cycle:04d}.npy"
 
+    def guidance(self, cycle: int) -> str:
+        """The scores the miner showed the teacher after evaluating `cycle` (out-of-fold guidance)."""
+        return f"{self.base}/guidance/{cycle:04d}.json"
+
     def teacher_state(self, cycle: int) -> str:
         return f"{self.base}/teacher/state-{cycle:04d}.json"
 

@@ -12,6 +12,7 @@ What a run keeps in the store, under runs/<run_id>/:
                             every checkpoint that holds the same bytes: the frozen word embeddings)
     cycles/0003.json        the cycle's record and full validation report
     probs/0003.npy          the student's validation probabilities, which the miner mines
+    guidance/0003.json      the scores the miner showed the teacher after cycle 3 (out-of-fold guidance)
     teacher/state-0003.json the simulated teacher's state after answering cycle 3
     report.json, history.png, completed.json (the RunCompleted message) when the run ends
 Everything a step writes is a function of its input message, so running a step twice (a
@@ -45,6 +46,7 @@ from pgkd.loop.cycle import (
     evaluate_student,
     finish,
     fresh_student,
+    guidance_cycle,
     make_teacher,
     mine_cycle,
     round_student,
@@ -361,7 +363,12 @@ def complete_run(store: ArtifactStore, ctx: RunContext, states: list[CycleState]
     student = load_checkpoint(store, best_state.checkpoint, config.device)
     teacher = (store.get_json(ctx.files.teacher) if store.exists(ctx.files.teacher)
                else make_teacher(config, ctx.splits).describe())
-    report = finish(config, ctx.dataset, ctx.splits, student, best_cycle, [s.record for s in states],
+    records = [s.record for s in states]
+    for record in records:
+        if record.cycle < cycle:     # the miner showed the teacher this cycle's scores
+            record.guidance = (record.validation if config.guidance_source == "validation"
+                               else store.get_json(ctx.files.guidance(record.cycle)))
+    report = finish(config, ctx.dataset, ctx.splits, student, best_cycle, records,
                     [s.validation for s in states], states[0].test, read_samples_artifact(store, states[-1].train_set),
                     teacher, reason, time.time() - ctx.request.submitted_at)
     with tempfile.TemporaryDirectory() as folder:
@@ -418,17 +425,22 @@ def with_promotion(store: ArtifactStore, output):
 def mine(message: CycleEvaluated, store: ArtifactStore) -> NegativesMined:
     """The mistakes of the student just evaluated, for the next cycle's teacher request: mined from
     the validation probabilities the evaluator stored, as the embedded run mines its evaluation's
-    (the student runs again only for a cycle recorded without them, or for another checkpoint)."""
+    (the student runs again only for a cycle recorded without them, or for another checkpoint); or,
+    with out-of-fold guidance, from fold students' predictions on the labeled train samples."""
     ctx = run_context(store, message.run_id)
-    cycle = message.cycle + 1
+    config, cycle = ctx.config, message.cycle + 1
     state = CycleState.model_validate(store.get_json(ctx.files.cycle_state(message.cycle)))
     if state.validation_probs is not None and state.checkpoint == message.checkpoint:
         report, probs = state.validation, np.load(io.BytesIO(store.get_bytes(state.validation_probs)))
     else:
-        student = load_checkpoint(store, message.checkpoint, ctx.config.device)
+        student = load_checkpoint(store, message.checkpoint, config.device)
         report, probs = evaluate_student(student, ctx.splits.validation, ctx.labels)
-    mined = mine_cycle(ctx.config, ctx.splits.validation, probs, ctx.labels, cycle)
-    return NegativesMined(run_id=message.run_id, cycle=cycle, mined=mined, report=report,
+    guidance = guidance_cycle(config, ctx.splits, read_samples_artifact(store, message.train_set), report, probs,
+                              cycle, embed=shared_embeddings())
+    if config.guidance_source != "validation":
+        store.put_json(ctx.files.guidance(message.cycle), guidance.report.headline())
+    mined = mine_cycle(config, guidance.samples, guidance.probs, ctx.labels, cycle)
+    return NegativesMined(run_id=message.run_id, cycle=cycle, mined=mined, report=guidance.report,
                           train_set=message.train_set, best_checkpoint=message.best_checkpoint,
                           wanted=ctx.config.samples_wanted(message.samples_generated), cycle_started=time.time())
 

@@ -32,6 +32,12 @@ class DistillConfig(BaseModel):
     price_completion_per_1k: float = Field(0.0, ge=0)
     teacher_cache: str = "file://~/.cache/pgkd"      # artifact store for LLM answers; "none" turns it off
     guidance: Literal["full", "no-report", "no-hard-negatives"] = "full"   # the paper's two ablations
+    # Where the report and the mined samples come from (pgkd.loop.guidance): out-of-fold predictions over
+    # the labeled train samples, which leaves validation a selection split the teacher never sees; or
+    # the validation split itself, as the method was first written.
+    guidance_source: Literal["out-of-fold", "validation"] = "validation"
+    guidance_folds: int = Field(5, ge=2)
+    guidance_student: str | None = None   # the fold students' recipe (default: the run's own student)
     label_noise: float = Field(0.0, ge=0, le=1)
     student: str = "minilm"
     samples_per_cycle: int = Field(32, gt=0)
@@ -54,6 +60,8 @@ class DistillConfig(BaseModel):
     batch_size: int = Field(32, gt=0)
     learning_rate: float = Field(4e-4, gt=0)
     head_learning_rate: float = Field(4e-3, gt=0)
+    head_init: Literal["linear-probe", "random"] = "linear-probe"   # fine-tuned students: how a new head starts
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     max_length: int = Field(128, gt=0)
     hard_negatives: int = Field(16, ge=0)
     misclassified: int = Field(16, ge=0)
@@ -89,7 +97,8 @@ class DistillConfig(BaseModel):
     def train_config(self, epochs: int, seed: int, scale: float = 1.0) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, learning_rate=self.learning_rate * scale,
                            head_learning_rate=self.head_learning_rate * scale, max_length=self.max_length,
-                           patience=2 if epochs > 3 else 1, seed=seed)
+                           patience=2 if epochs > 3 else 1, head_init=self.head_init,
+                           label_smoothing=self.label_smoothing, seed=seed)
 
     def round_config(self, cycle: int, warm: bool | None = None) -> TrainConfig:
         """From the pretrained encoder at cycle 0; later rounds are warm-started, shorter and gentler

@@ -17,8 +17,10 @@ from pgkd.data import Dataset, Sample, Splits, count_duplicates, label_counts, n
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.evaluation import EvalReport, evaluate
+from pgkd.loop.guidance import Guidance, out_of_fold_guidance, validation_guidance
 from pgkd.loop.mining import MiningResult, mine
-from pgkd.loop.report import BestScores, CycleRecord, Provenance, RunReport, Scores, TrainingRound, environment
+from pgkd.loop.report import (BestScores, CycleRecord, Provenance, RunReport, Scores, Selection, TrainingRound,
+                              environment)
 from pgkd.loop.screening import screen
 from pgkd.loop.stopping import StopDecision
 from pgkd.students import create_student
@@ -104,12 +106,32 @@ def log_cycle(config: DistillConfig, record: CycleRecord, history: list[float], 
     (write or log)(line)
 
 
-# -- 3. mine -----------------------------------------------------------------------------------------------
+# -- 3. guide and mine -------------------------------------------------------------------------------------
 
-def mine_cycle(config: DistillConfig, validation: list[Sample], probs: np.ndarray, labels: list[str],
+def guidance_cycle(config: DistillConfig, splits: Splits, train: list[Sample], evaluation_report: EvalReport,
+                   probs: np.ndarray, cycle: int, embed=None) -> Guidance:
+    """What cycle `cycle`'s request shows the teacher (pgkd.loop.guidance): the validation report and
+    probabilities as they are, or out-of-fold ones over the labeled train samples. `train` is the
+    cycle's training set: the labeled train samples first, then the teacher's."""
+    if config.guidance_source == "validation":
+        return validation_guidance(splits.validation, evaluation_report, probs)
+    spec = config.guidance_student or config.student
+    if spec.startswith("python:"):
+        raise UserError("--guidance-source out-of-fold trains fold students by name: with a student object, "
+                        "name a recipe with guidance_student (for example 'minilm-frozen')")
+    labeled = train[:len(splits.train)]
+    return out_of_fold_guidance(
+        labeled, train[len(splits.train):], splits.validation, splits.labels, config.guidance_folds,
+        seed=config.seed + cycle,
+        make_student=lambda k: create_student(spec, splits.labels, seed=config.seed + cycle, device=config.device,
+                                              embed=embed),
+        train_config=config.round_config(0, warm=False))
+
+
+def mine_cycle(config: DistillConfig, samples: list[Sample], probs: np.ndarray, labels: list[str],
                cycle: int) -> MiningResult:
     """The student's hard negatives, misclassified and correct samples, for cycle `cycle`'s request."""
-    return mine(validation, probs, labels, config.hard_negatives, config.misclassified, config.correct,
+    return mine(samples, probs, labels, config.hard_negatives, config.misclassified, config.correct,
                 seed=config.seed + cycle)
 
 
@@ -193,7 +215,8 @@ def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student
         teacher=teacher, teacher_usage=sum((c.teacher_usage for c in cycles), TeacherUsage()), seed=config.seed,
         config=config.model_dump(), cycles=cycles,
         baseline=Scores(validation=validation_reports[0], test=baseline_test), best=best, stop_reason=stop_reason,
-        seconds=seconds, environment=environment())
+        seconds=seconds, environment=environment(),
+        selection=Selection(samples=len(splits.validation), shown_to_teacher=config.guidance_source == "validation"))
 
 
 def parameter_count(student) -> int | None:

@@ -16,6 +16,7 @@ from pgkd.loop.cycle import (
     evaluate_cycle,
     finish,
     fresh_student,
+    guidance_cycle,
     log,
     log_cycle,
     make_teacher,
@@ -106,10 +107,14 @@ def distill_splits(config: DistillConfig, dataset: Dataset, splits: Splits, prog
         if decision.stop:
             stop_reason = decision.reason
             break
-        # 4. Mine the student's mistakes, 5. ask the teacher for samples aimed at them, screen, add.
+        # 4. Mine the student's mistakes (on validation, or out of fold on the labeled train samples),
+        # 5. ask the teacher for samples aimed at them, screen, add.
         cycle += 1
-        mined = mine_cycle(config, validation, evaluation.probs, labels, cycle)
-        lesson = teach(config, teacher, splits, train, mined, evaluation.validation,
+        guidance = guidance_cycle(config, splits, train, evaluation.validation, evaluation.probs, cycle,
+                                  embed=cache)
+        cycles[-1].guidance = guidance.report.headline()
+        mined = mine_cycle(config, guidance.samples, guidance.probs, labels, cycle)
+        lesson = teach(config, teacher, splits, train, mined, guidance.report,
                        config.samples_wanted(sum(c.generated for c in cycles)), cycle)
         if lesson.stop_reason:           # the teacher is unavailable, or has nothing left to give
             stop_reason = lesson.stop_reason

@@ -39,6 +39,9 @@ class CycleRecord(BaseModel):
     training: TrainingRound
     improved: bool
     seconds: float
+    # The scores the teacher was shown after this cycle (out-of-fold over the labeled train samples, or
+    # the validation report itself); None when the run stopped here.
+    guidance: dict[str, float] | None = None
 
 
 class Scores(BaseModel):
@@ -48,6 +51,13 @@ class Scores(BaseModel):
 
 class BestScores(Scores):
     cycle: int
+
+
+class Selection(BaseModel):
+    """The split whose scores (`validation` throughout the report) pick the best cycle and stop the run."""
+    split: str = "validation"
+    samples: int = 0
+    shown_to_teacher: bool = True     # False: the scores are not biased by the teacher's aim
 
 
 class RunReport(BaseModel):
@@ -64,6 +74,7 @@ class RunReport(BaseModel):
     stop_reason: str
     seconds: float
     environment: dict
+    selection: Selection = Selection()
 
 
 def without_times(report: dict) -> dict:

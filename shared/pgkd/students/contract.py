@@ -25,6 +25,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int = 128
     patience: int = 2          # epochs without a lower validation loss before the round stops
+    label_smoothing: float = 0.0
+    head_init: str = "linear-probe"   # a new head: fitted as a logistic regression first, or "random"
     seed: int = 0
 
 

@@ -1,6 +1,9 @@
 """The student: a Hugging Face sequence-classification model and its training loop.
 
-`FineTunedStudent.create("minilm" | "tiny" | HF id | folder, labels)` builds one; `train` fine-tunes it with a
+`FineTunedStudent.create("minilm" | "minilm-cls" | "tiny" | HF id | folder, labels)` builds one: "minilm"
+is MiniLM read by mean pooling with a linear head (mean_pooling.py), "minilm-cls" the [CLS]-pooled
+`BertForSequenceClassification` it replaced. `train` first fits the head as a logistic regression on
+the encoder's own sentence embeddings (a linear probe), then fine-tunes everything with a
 plain torch loop (AdamW, linear warmup and decay, gradient clipping, dynamic padding, early stopping
 on validation loss within the round); `predict_proba` runs batched, length-sorted inference;
 `save` / `load` keep a Hugging Face model folder with the label map in its config.
@@ -29,16 +32,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import (  # noqa: E402
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
-    BertForSequenceClassification,
     get_linear_schedule_with_warmup,
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from pgkd.students.mean_pooling import MeanPoolingBertConfig, MeanPoolingBertForSequenceClassification  # noqa: E402
+
 hf_logging.set_verbosity_error()  # the "newly initialised classifier" warning is expected here
 hf_logging.disable_progress_bar()
+
+# pgkd reads its own saved students without trust_remote_code; a plain transformers user passes it.
+AutoConfig.register(MeanPoolingBertConfig.model_type, MeanPoolingBertConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(MeanPoolingBertConfig, MeanPoolingBertForSequenceClassification,
+                                            exist_ok=True)
+MODELING_FILE = "mean_pooling.py"   # copied into each saved mean-pooling student, named in its auto_map
 
 
 def minilm_path() -> Path:
@@ -98,6 +109,7 @@ class FineTunedStudent:
         self.device = pick_device(device)
         self.model.to(self.device)
         self.label_index = {label: i for i, label in enumerate(self.labels)}
+        self.head_fitted = False     # a new head is random until the first round fits it
 
     # ---- building, saving, loading -------------------------------------------------------------
     @classmethod
@@ -109,19 +121,27 @@ class FineTunedStudent:
         if spec == "tiny":
             # A small random BERT for fast tests; it borrows MiniLM's tokenizer (no hub access needed).
             tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-            config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                                **label_maps)
-            return cls(BertForSequenceClassification(config), tokenizer, labels, spec, device)
-        source = str(minilm_path()) if spec == "minilm" else spec
+            config = MeanPoolingBertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                           **label_maps)
+            return cls(MeanPoolingBertForSequenceClassification(config), tokenizer, labels, spec, device)
+        if spec == "minilm":
+            source = minilm_path()
+            encoder = {k: v for k, v in BertConfig.from_pretrained(source).to_dict().items()
+                       if k not in ("model_type", "architectures", "auto_map", "transformers_version", *label_maps)}
+            config = MeanPoolingBertConfig(**encoder, **label_maps)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = MeanPoolingBertForSequenceClassification.from_pretrained(source, config=config)
+            return cls(model, tokenizer, labels, spec, device)
+        source = str(minilm_path()) if spec == "minilm-cls" else spec
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForSequenceClassification.from_pretrained(
                 source, ignore_mismatched_sizes=True, **label_maps)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"unknown student {spec!r}: not 'minilm', 'minilm-frozen', 'tiny', a model "
-                            f"folder, or a Hugging Face id available offline ({first[:160]})") from None
+            raise UserError(f"unknown student {spec!r}: not 'minilm', 'minilm-cls', 'minilm-frozen', 'tiny', a "
+                            f"model folder, or a Hugging Face id available offline ({first[:160]})") from None
         return cls(model, tokenizer, labels, spec, device)
 
     @classmethod
@@ -137,12 +157,22 @@ class FineTunedStudent:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"{path}: not a readable saved student ({type(e).__name__}: {first[:200]})") from None
         # The spec it was created from, so a warm-started round trains the same parameters as before.
-        return cls(model, tokenizer, labels, spec=getattr(model.config, "pgkd_student", str(path)), device=device)
+        student = cls(model, tokenizer, labels, spec=getattr(model.config, "pgkd_student", str(path)), device=device)
+        student.head_fitted = True
+        return student
 
     def save(self, path: str | Path) -> None:
         self.model.config.pgkd_student = self.spec
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        for name, data in self._modeling_files().items():
+            (Path(path) / name).write_bytes(data)
+
+    def _modeling_files(self) -> dict[str, bytes]:
+        """The code a plain transformers user needs to load this model (with trust_remote_code)."""
+        if isinstance(self.model, MeanPoolingBertForSequenceClassification):
+            return {MODELING_FILE: (Path(__file__).parent / MODELING_FILE).read_bytes()}
+        return {}
 
     def checkpoint_files(self) -> dict[str, bytes]:
         """The Hugging Face folder `save` writes, in memory, with the weights in two shards: the input
@@ -165,7 +195,7 @@ class FineTunedStudent:
             self.model.config.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
             files |= {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
-        return files
+        return files | self._modeling_files()
 
     def with_labels(self, labels: list[str]) -> "FineTunedStudent":
         """This student for a taxonomy that grew: each known label keeps its row of the classification
@@ -231,8 +261,11 @@ class FineTunedStudent:
     # ---- training ------------------------------------------------------------------------------
     def train(self, train: list[Sample], validation: list[Sample], config: TrainConfig,
               progress: bool = True, description: str = "train") -> TrainResult:
-        """Fine-tune on `train`; keep the epoch with the lowest validation loss."""
+        """Fine-tune on `train`; keep the epoch with the lowest validation loss. A new head is first
+        fitted as a linear probe (`config.head_init`)."""
         seed_everything(config.seed)
+        if config.head_init == "linear-probe" and not self.head_fitted:
+            self.fit_head_by_probe(train, validation, config)
         generator = torch.Generator().manual_seed(config.seed)
         ids = self._encode([s.text for s in train], config.max_length)
         targets = self._labels_of(train)
@@ -256,7 +289,8 @@ class FineTunedStudent:
                 batch = self._batch([ids[i] for i in index])
                 with self._autocast():
                     logits = self.model(**batch).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), targets[index].to(self.device))
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets[index].to(self.device),
+                                                         label_smoothing=config.label_smoothing)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                 optimizer.step()
@@ -278,11 +312,41 @@ class FineTunedStudent:
         bar.close()
         if best_state is not None:
             self.load_state(best_state)
+        self.head_fitted = True
         seconds = time.perf_counter() - started
         return TrainResult(epochs_run=len(validation_losses), best_epoch=best_epoch, train_loss=train_loss,
                            validation_loss=best_loss, samples=seen, seconds=seconds,
                            samples_per_second=seen / seconds if seconds else 0.0,
                            validation_losses=validation_losses)
+
+    @torch.inference_mode()
+    def sentence_embeddings(self, texts: list[str], max_length: int = 128, batch_size: int = 64) -> np.ndarray:
+        """What the head reads: the model's unit-length mean-pooled sentence embedding of each text."""
+        self.model.eval()
+        ids = self._encode(texts, max_length)
+        out = np.zeros((len(ids), self.model.config.hidden_size), dtype=np.float32)
+        for index in length_sorted_batches(ids, batch_size):
+            batch = self._batch([ids[i] for i in index])
+            out[index] = self.model.embed(batch["input_ids"], batch["attention_mask"]).float().cpu().numpy()
+        return out
+
+    def fit_head_by_probe(self, train: list[Sample], validation: list[Sample], config: TrainConfig) -> None:
+        """Linear probing before fine-tuning (Kumar et al. 2022, LP-FT): the head starts as the frozen-encoder
+        student's logistic regression on these embeddings, so the first steps refine the encoder instead
+        of undoing it to fit a random head. Only the mean-pooling model reads such embeddings."""
+        if not isinstance(self.model, MeanPoolingBertForSequenceClassification):
+            return
+        from pgkd.students.frozen import fit_linear_head
+        x = self.sentence_embeddings([s.text for s in train], config.max_length)
+        validation_xy = ((self.sentence_embeddings([s.text for s in validation], config.max_length),
+                          self._labels_of(validation).numpy()) if validation else None)
+        coef, intercept, _ = fit_linear_head(x, self._labels_of(train).numpy(), len(self.labels), validation_xy,
+                                             config.seed)
+        # A class absent from train keeps a large negative bias, not -1e4: fine-tuning must be able to move it.
+        intercept = np.maximum(intercept, intercept[intercept > -1e4].min(initial=0.0) - 10.0)
+        with torch.no_grad():
+            self.model.classifier.weight.copy_(torch.from_numpy(coef))
+            self.model.classifier.bias.copy_(torch.from_numpy(intercept))
 
     def _parameter_groups(self, config: TrainConfig) -> list[dict]:
         head_names = ("classifier", "pooler", "score")

@@ -61,6 +61,34 @@ class EmbeddingCache:
         self._unsaved = False
 
 
+def fit_linear_head(x: np.ndarray, y: np.ndarray, classes: int, validation: tuple[np.ndarray, np.ndarray] | None,
+                    seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """A logistic-regression head on sentence embeddings: (coef, intercept, validation loss), its
+    regularisation strength picked on validation loss (without validation: C=1, the first tried)."""
+    best = None
+    for c in (1.0, 10.0, 100.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # lbfgs may stop at max_iter on separable data; that is fine
+            head = LogisticRegression(C=c, max_iter=300, random_state=seed).fit(x, y)
+        coef = np.zeros((classes, x.shape[1]), dtype=np.float32)
+        intercept = np.full(classes, -1e4, dtype=np.float32)  # classes absent from train
+        if len(head.classes_) > 2:
+            coef[head.classes_], intercept[head.classes_] = head.coef_, head.intercept_
+        else:  # binary: softmax over (0, w.x + b) is the logistic model's sigmoid
+            intercept[head.classes_] = [0.0, head.intercept_[0]]
+            coef[head.classes_[1]] = head.coef_[0]
+        loss = log_loss(softmax(validation[0] @ coef.T + intercept), validation[1]) if validation else 0.0
+        if best is None or loss < best[2]:
+            best = (coef, intercept, loss)
+    return best
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 class FrozenEncoderStudent:
     spec = SPEC
     device = "cpu"
@@ -77,33 +105,15 @@ class FrozenEncoderStudent:
         started = time.perf_counter()
         x = self.embed([s.text for s in train])
         y = self._targets(train)
-        best = None
-        for c in (1.0, 10.0, 100.0):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # lbfgs may stop at max_iter on separable data; that is fine
-                head = LogisticRegression(C=c, max_iter=300, random_state=config.seed).fit(x, y)
-            coef = np.zeros_like(self.coef)
-            intercept = np.full(len(self.labels), -1e4, dtype=np.float32)  # classes absent from train
-            if len(head.classes_) > 2:
-                coef[head.classes_], intercept[head.classes_] = head.coef_, head.intercept_
-            else:  # binary: softmax over (0, w.x + b) is the logistic model's sigmoid
-                intercept[head.classes_] = [0.0, head.intercept_[0]]
-                coef[head.classes_[1]] = head.coef_[0]
-            self.coef, self.intercept = coef, intercept
-            loss = self.loss(validation) if validation else 0.0
-            if best is None or loss < best[0]:
-                best = (loss, c, coef, intercept)
-        loss, _, self.coef, self.intercept = best
+        validation_xy = (self.embed([s.text for s in validation]), self._targets(validation)) if validation else None
+        self.coef, self.intercept, loss = fit_linear_head(x, y, len(self.labels), validation_xy, config.seed)
         seconds = time.perf_counter() - started
         return TrainResult(epochs_run=1, best_epoch=1, train_loss=self.loss(train), validation_loss=loss,
                            samples=len(train), seconds=seconds, samples_per_second=len(train) / max(seconds, 1e-9),
                            validation_losses=[loss])
 
     def predict_proba(self, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
-        logits = self.embed(list(texts)) @ self.coef.T + self.intercept
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+        return softmax(self.embed(list(texts)) @ self.coef.T + self.intercept)
 
     def loss(self, samples: list[Sample], max_length: int = 128) -> float:
         return log_loss(self.predict_proba([s.text for s in samples]), self._targets(samples))

@@ -4,6 +4,8 @@ generation request with labeled texts from a pool the student never saw.
 - `pool-guided` reads the request the way PGKD wants an LLM to: it spends more of the budget on
   the classes the validation report shows weakest, and within a class picks the pool texts nearest
   (in sentence-embedding space) to the student's hard negatives and misclassified samples.
+- `pool-guided-pairs` reads the hard negatives as confusion pairs: the texts it picks for a class
+  are also those nearest to the samples of other classes the student took for it.
 - `pool-random` draws the same number of pool texts uniformly: the unguided control.
 
 They are simulations, not LLMs, and say so in every report. `label_noise` relabels a share of
@@ -78,15 +80,21 @@ class PoolGuidedTeacher(_PoolTeacher):
     name = "pool-guided"
 
     def __init__(self, pool: list[Sample], embed: Embed, seed: int = 0, label_noise: float = 0.0,
-                 prior_support: float = 3.0):
+                 prior_support: float = 3.0, both_sides: bool = False):
         super().__init__(pool, seed, label_noise)
         self.prior_support = prior_support
+        # Confusion pairs: a text of class A taken for B also anchors B's picks, so that both classes of
+        # the confused pair get texts near their border, not only the class that lost the sample.
+        self.both_sides = both_sides
+        if both_sides:
+            self.name = "pool-guided-pairs"
         self.embed = embed
         self._pool_vectors: np.ndarray | None = None
 
     def describe(self) -> dict:
         return {**super().describe(), "prior_support": self.prior_support,
-                "budget": "by class weakness (1 - F1 shrunk toward macro-F1), texts nearest to the mistakes"}
+                "budget": "by class weakness (1 - F1 shrunk toward macro-F1), texts nearest to the mistakes"
+                          + (" of both classes of each confused pair" if self.both_sides else "")}
 
     @property
     def pool_vectors(self) -> np.ndarray:
@@ -123,6 +131,8 @@ class PoolGuidedTeacher(_PoolTeacher):
         anchors_of: dict[str, list[str]] = {}
         for m in mistakes:
             anchors_of.setdefault(m.label, []).append(m.text)
+            if self.both_sides:
+                anchors_of.setdefault(m.predicted, []).append(m.text)
         anchor_texts = sorted({t for texts in anchors_of.values() for t in texts})
         anchor_vectors = dict(zip(anchor_texts, self.embed(anchor_texts))) if anchor_texts else {}
         picked: list[int] = []
@@ -142,16 +152,17 @@ class PoolGuidedTeacher(_PoolTeacher):
         return self._answer(picked, request.taxonomy)
 
 
-TEACHERS = ("pool-guided", "pool-random")
+TEACHERS = ("pool-guided", "pool-random", "pool-guided-pairs")
 
 
 def make_simulated_teacher(name: str, pool: list[Sample], seed: int, label_noise: float = 0.0,
                            embed: Embed | None = None):
     if name == "pool-random":
         return PoolRandomTeacher(pool, seed=seed, label_noise=label_noise)
-    if name == "pool-guided":
+    if name in ("pool-guided", "pool-guided-pairs"):
         if embed is None:
             from pgkd.students.frozen import EmbeddingCache
             embed = EmbeddingCache()  # loads MiniLM on the first request, not before
-        return PoolGuidedTeacher(pool, embed=embed, seed=seed, label_noise=label_noise)
+        return PoolGuidedTeacher(pool, embed=embed, seed=seed, label_noise=label_noise,
+                                 both_sides=name == "pool-guided-pairs")
     raise ValueError(f"unknown simulated teacher {name!r}")
