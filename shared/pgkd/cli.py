@@ -52,7 +52,10 @@ def distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> None
     p.add_argument("--guidance-source", default="validation", choices=["out-of-fold", "validation"],
                    help="where the report and the mistakes come from: out-of-fold predictions over the labeled "
                         "train samples (validation is then never shown to the teacher), or validation itself")
-    p.add_argument("--guidance-folds", type=int, default=5, help="folds of the out-of-fold guidance")
+    p.add_argument("--selection-source", default="validation", choices=["out-of-fold", "validation"],
+                   help="which scores pick the best cycle and stop the run: validation, or out-of-fold scores over "
+                        "the labeled train samples (never shown to a teacher guided by validation)")
+    p.add_argument("--guidance-folds", type=int, default=5, help="folds of the out-of-fold guidance or selection")
     p.add_argument("--guidance-student", default=None,
                    help="the fold students' recipe (default: --student; minilm-frozen is a cheap stand-in)")
     p.add_argument("--student", default="minilm",

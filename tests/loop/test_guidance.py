@@ -94,3 +94,27 @@ def test_with_out_of_fold_guidance_the_teacher_never_sees_a_validation_text(toy_
     # Each cycle records what the teacher was shown after it; the last, where the run stopped, nothing.
     assert [c.guidance is not None for c in report.cycles] == [True, True, False]
     assert report.cycles[0].guidance["macro_f1"] == pytest.approx(teacher.requests[0].report.macro_f1)
+
+
+def test_out_of_fold_selection_picks_the_best_cycle_on_scores_the_teacher_never_saw(toy_data, tmp_path):
+    config = DistillConfig(data=str(toy_data), labeled=40, student="tiny", teacher="pool-guided", samples_per_cycle=8,
+                           max_cycles=3, patience=5, epochs=4, cycle_epochs=1, learning_rate=1e-2,
+                           head_learning_rate=1e-2, batch_size=16, seed=1, selection_source="out-of-fold",
+                           guidance_folds=4)
+    report = run(config, tmp_path / "run", progress=False, embed=bag_of_words_embed).report
+    selection = [c.selection["macro_f1"] for c in report.cycles]
+    assert report.best.cycle == selection.index(max(selection))          # not validation's choice
+    assert report.selection.shown_to_teacher is False and report.selection.samples == 32
+    assert report.selection.split.startswith("out-of-fold")
+    assert report.selection.scores == report.cycles[report.best.cycle].selection
+    assert all(c.validation is not None for c in report.cycles)           # validation is still reported
+
+
+def test_guidance_and_selection_cannot_both_be_out_of_fold(toy_data, capsys):
+    from pgkd.cli import main
+    with pytest.raises(ValueError, match="cannot both be out-of-fold"):
+        DistillConfig(data=str(toy_data), guidance_source="out-of-fold", selection_source="out-of-fold")
+    assert main(["distill", "--data", str(toy_data), "--out", "never-written", "--guidance-source", "out-of-fold",
+                 "--selection-source", "out-of-fold"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot both be out-of-fold" in err[0]

@@ -53,10 +53,11 @@ def bus(tmp_path):
     return Bus(tmp_path / "artifacts")
 
 
-@pytest.mark.parametrize("guidance", ["validation", "out-of-fold"])
-def test_a_run_through_the_four_services_computes_what_the_embedded_run_computes(bus, tmp_path, guidance):
+@pytest.mark.parametrize("guidance, selection", [("validation", "validation"), ("out-of-fold", "validation"),
+                                                 ("validation", "out-of-fold")])
+def test_a_run_through_the_four_services_computes_what_the_embedded_run_computes(bus, tmp_path, guidance, selection):
     config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")), **CONFIG, guidance_source=guidance,
-                           guidance_folds=3)
+                           selection_source=selection, guidance_folds=3)
     request = steps.submit(config, bus.store, run_id="kafka-run")
     asyncio.run(bus.publish(request.model_dump_json().encode(), "run-requested"))
 

@@ -30,7 +30,11 @@ class LoopMetrics:
         # evaluator
         self.validation_score = Gauge("pgkd_validation_score", "Validation metric of a cycle's student",
                                       ["run", "cycle", "metric"], **r)
-        self.best_score = Gauge("pgkd_best_score", "Best validation value of the stop policy's metric so far",
+        # What the stop policy decides on: the validation metric, or the out-of-fold selection scores
+        # (--selection-source out-of-fold).
+        self.selection_score = Gauge("pgkd_selection_score", "Selection metric of a cycle's student (what the "
+                                     "stop policy reads)", ["run", "cycle", "metric"], **r)
+        self.best_score = Gauge("pgkd_best_score", "Best selection value of the stop policy's metric so far",
                                 ["run", "metric"], **r)
         self.best_cycle = Gauge("pgkd_best_cycle", "Cycle of the best student so far", ["run"], **r)
         self.cycles_since_improvement = Gauge("pgkd_cycles_since_improvement",
@@ -112,9 +116,10 @@ class LoopMetrics:
 
     # -- what each step reports ----------------------------------------------------------------------------
     def cycle_evaluated(self, run: str, cycle: int, scores: dict[str, float], metric: str, history: list[float],
-                        best_cycle: int, seconds: float | None) -> None:
+                        best_cycle: int, seconds: float | None, selection: dict[str, float] | None = None) -> None:
         for name in METRICS:
             self.validation_score.labels(run, str(cycle), name).set(scores[name])
+            self.selection_score.labels(run, str(cycle), name).set((selection or scores)[name])
         self.best_score.labels(run, metric).set(history[best_cycle])
         self.best_cycle.labels(run).set(best_cycle)
         self.cycles_since_improvement.labels(run).set(len(history) - 1 - best_cycle)

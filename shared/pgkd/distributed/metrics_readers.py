@@ -51,7 +51,7 @@ class RegistryReader:
                     yield sample
 
     def read(self, run: str, metric: str, cycle: int) -> LoopFigures:
-        values = {int(s.labels["cycle"]): s.value for s in self._samples("pgkd_validation_score", run=run,
+        values = {int(s.labels["cycle"]): s.value for s in self._samples("pgkd_selection_score", run=run,
                                                                           metric=metric)}
         return LoopFigures(history=_history(values, cycle, "the metrics registry"),
                            tokens=int(sum(s.value for s in self._samples("pgkd_run_teacher_tokens", run=run))),
@@ -78,7 +78,7 @@ class PrometheusReader:
 
     def read(self, run: str, metric: str, cycle: int) -> LoopFigures:
         # last_over_time: series a restarted service no longer exports still count
-        scores = f'last_over_time(pgkd_validation_score{{run="{run}",metric="{metric}"}}[7d])'
+        scores = f'last_over_time(pgkd_selection_score{{run="{run}",metric="{metric}"}}[7d])'
         deadline = time.monotonic() + self.wait
         while True:
             values = {int(r["metric"]["cycle"]): float(r["value"][1]) for r in self.query(scores)}

@@ -84,6 +84,11 @@ class CycleState(BaseModel):
     checkpoint: ArtifactRef
     train_set: ArtifactRef
     validation_probs: ArtifactRef | None = None   # the student's, a row per validation sample (none in older runs)
+    selection: EvalReport | None = None    # out-of-fold selection scores (--selection-source out-of-fold)
+
+    @property
+    def decisive(self) -> EvalReport:
+        return self.selection if self.selection is not None else self.validation
 
 
 def checkpoint_cache() -> Path:
@@ -302,15 +307,16 @@ def evaluate(message: ModelTrained, store: ArtifactStore, metrics: LoopMetrics |
     ctx = run_context(store, message.run_id)
     config, cycle, policy = ctx.config, message.cycle, ctx.config.policy()
     student = load_checkpoint(store, message.checkpoint, config.device)
-    evaluation = evaluate_cycle(config, student, ctx.splits, cycle)
+    train_set = read_samples_artifact(store, message.train_set) if config.selection_source == "out-of-fold" else None
+    evaluation = evaluate_cycle(config, student, ctx.splits, cycle, train=train_set, embed=shared_embeddings())
     states = cycle_states(store, ctx, cycle)
-    history = [s.validation.metric(config.metric) for s in states] + [evaluation.validation.metric(config.metric)]
+    history = [s.decisive.metric(config.metric) for s in states] + [evaluation.decisive.metric(config.metric)]
     best_cycle = policy.best_cycle(history)
     record = cycle_record(config, cycle, message.train_size, evaluation, message.provenance, message.training,
                           best_cycle == cycle, time.time() - message.cycle_started)
     probs = io.BytesIO()
     np.save(probs, np.asarray(evaluation.probs), allow_pickle=False)
-    state = CycleState(record=record, validation=evaluation.validation, test=evaluation.test,
+    state = CycleState(record=record, validation=evaluation.validation, test=evaluation.test, selection=evaluation.selection,
                        checkpoint=message.checkpoint, train_set=message.train_set,
                        validation_probs=store.put_bytes(ctx.files.validation_probs(cycle), probs.getvalue()))
     store.put_json(ctx.files.cycle_state(cycle), state.model_dump(mode="json"))
@@ -319,7 +325,8 @@ def evaluate(message: ModelTrained, store: ArtifactStore, metrics: LoopMetrics |
         for s in states:
             c = s.record.cycle
             metrics.cycle_evaluated(message.run_id, c, s.record.validation, config.metric, history[:c + 1],
-                                    policy.best_cycle(history[:c + 1]), record.seconds if c == cycle else None)
+                                    policy.best_cycle(history[:c + 1]), record.seconds if c == cycle else None,
+                                    selection=s.record.selection)
     records = [s.record for s in states]
     decision = stop_decision(config, history, records)
     if reader is not None:
@@ -358,7 +365,7 @@ def complete_run(store: ArtifactStore, ctx: RunContext, states: list[CycleState]
                  cycle: int, decided_from: str = "teacher") -> RunCompleted:
     """Score the best student on test and write the run's report.json and history.png."""
     config = ctx.config
-    best_cycle = config.policy().best_cycle([s.validation.metric(config.metric) for s in states])
+    best_cycle = config.policy().best_cycle([s.decisive.metric(config.metric) for s in states])
     best_state = states[best_cycle]
     student = load_checkpoint(store, best_state.checkpoint, config.device)
     teacher = (store.get_json(ctx.files.teacher) if store.exists(ctx.files.teacher)

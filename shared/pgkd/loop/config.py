@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pgkd.loop.evaluation import METRICS
 from pgkd.loop.stopping import StopPolicy
@@ -36,7 +36,10 @@ class DistillConfig(BaseModel):
     # the labeled train samples, which leaves validation a selection split the teacher never sees; or
     # the validation split itself, as the method was first written.
     guidance_source: Literal["out-of-fold", "validation"] = "validation"
-    guidance_folds: int = Field(5, ge=2)
+    # Which scores pick the best cycle and stop the run: the validation split's, or out-of-fold scores
+    # over the labeled train samples (which the teacher is never shown while it is guided by validation).
+    selection_source: Literal["out-of-fold", "validation"] = "validation"
+    guidance_folds: int = Field(5, ge=2)      # folds of either out-of-fold computation
     guidance_student: str | None = None   # the fold students' recipe (default: the run's own student)
     label_noise: float = Field(0.0, ge=0, le=1)
     student: str = "minilm"
@@ -86,6 +89,13 @@ class DistillConfig(BaseModel):
             raise ValueError(f"unknown teacher {v!r}; one of {', '.join(TEACHERS)}, or triton://HOST:PORT/MODEL, "
                              "triton+grpc://HOST:PORT/MODEL, openai://HOST:PORT/v1?model=NAME")
         return v
+
+    @model_validator(mode="after")
+    def _selection_unseen(self) -> "DistillConfig":
+        if self.guidance_source == "out-of-fold" and self.selection_source == "out-of-fold":
+            raise ValueError("guidance_source and selection_source cannot both be out-of-fold: the teacher would "
+                             "be aimed at the very scores that pick the best cycle")
+        return self
 
     def llm_settings(self) -> LLMSettings:
         return LLMSettings(timeout=self.teacher_timeout, retries=self.teacher_retries,

@@ -17,7 +17,7 @@ from pgkd.data import Dataset, Sample, Splits, count_duplicates, label_counts, n
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.evaluation import EvalReport, evaluate
-from pgkd.loop.guidance import Guidance, out_of_fold_guidance, validation_guidance
+from pgkd.loop.guidance import Guidance, out_of_fold_guidance, out_of_fold_probs, validation_guidance
 from pgkd.loop.mining import MiningResult, mine
 from pgkd.loop.report import (BestScores, CycleRecord, Provenance, RunReport, Scores, Selection, TrainingRound,
                               environment)
@@ -67,18 +67,51 @@ class Evaluation:
     validation: EvalReport
     probs: np.ndarray                # the student's validation probabilities, for mining
     test: EvalReport | None          # at cycle 0 (the baseline) and with --track-test only
+    selection: EvalReport | None = None   # out-of-fold scores, with --selection-source out-of-fold
+
+    @property
+    def decisive(self) -> EvalReport:
+        """The scores that pick the best cycle and stop the run."""
+        return self.selection if self.selection is not None else self.validation
 
 
-def evaluate_cycle(config: DistillConfig, student, splits: Splits, cycle: int) -> Evaluation:
+def evaluate_cycle(config: DistillConfig, student, splits: Splits, cycle: int, train: list[Sample] | None = None,
+                   embed=None) -> Evaluation:
+    """The student on validation (and on test at cycle 0); with out-of-fold selection, also fold
+    students of its recipe on the labeled train samples, trained on the rest of `train`, the cycle's
+    training set."""
     report, probs = evaluate_student(student, splits.validation, splits.labels)
     test = evaluate_student(student, splits.test, splits.labels)[0] if cycle == 0 or config.track_test else None
-    return Evaluation(report, probs, test)
+    selection = None
+    if config.selection_source == "out-of-fold":
+        selection = out_of_fold_report(config, splits, train, cycle, embed)
+    return Evaluation(report, probs, test, selection)
+
+
+def fold_student_maker(config: DistillConfig, labels: list[str], cycle: int, embed=None):
+    """The fresh students of out-of-fold computations: the run's recipe, or --guidance-student's."""
+    spec = config.guidance_student or config.student
+    if spec.startswith("python:"):
+        raise UserError("out-of-fold guidance or selection trains fold students by name: with a student object, "
+                        "name a recipe with guidance_student (for example 'minilm-frozen')")
+    return lambda k: create_student(spec, labels, seed=config.seed + cycle, device=config.device, embed=embed)
+
+
+def out_of_fold_report(config: DistillConfig, splits: Splits, train: list[Sample], cycle: int, embed=None) -> EvalReport:
+    """Scores of fold students over the labeled train samples (the first of `train`), each trained on
+    the other folds plus the teacher's samples (the rest of `train`)."""
+    labeled = train[:len(splits.train)]
+    probs = out_of_fold_probs(labeled, train[len(splits.train):], splits.validation, config.guidance_folds,
+                              seed=config.seed + cycle, make_student=fold_student_maker(config, splits.labels, cycle, embed),
+                              train_config=config.round_config(0, warm=False))
+    return evaluate([s.label for s in labeled], probs, splits.labels)
 
 
 def cycle_record(config: DistillConfig, cycle: int, train_size: int, evaluation: Evaluation,
                  provenance: Provenance, trained, improved: bool, seconds: float) -> CycleRecord:
     return CycleRecord(
         cycle=cycle, train_size=train_size, validation=evaluation.validation.headline(),
+        selection=evaluation.selection.headline() if evaluation.selection is not None else None,
         test=evaluation.test.headline() if config.track_test else None,
         generated=provenance.generated, accepted=provenance.accepted, rejected=provenance.rejected,
         teacher_usage=provenance.teacher_usage,
@@ -99,7 +132,8 @@ def stop_decision(config: DistillConfig, history: list[float], cycles: list[Cycl
 
 def log_cycle(config: DistillConfig, record: CycleRecord, history: list[float], write=None) -> None:
     best_cycle = config.policy().best_cycle(history)
-    line = (f"cycle {record.cycle:>2}: train {record.train_size:>5}  val {config.metric} {history[-1]:.4f}  "
+    scores = "selection" if record.selection is not None else "val"
+    line = (f"cycle {record.cycle:>2}: train {record.train_size:>5}  {scores} {config.metric} {history[-1]:.4f}  "
             f"acc {record.validation['accuracy']:.4f}  best {history[best_cycle]:.4f} @ {best_cycle}  "
             f"accepted {record.accepted}/{record.generated}"
             + (f" rejected {record.rejected}" if record.rejected else "") + f"  {record.seconds:.0f}s")
@@ -115,17 +149,11 @@ def guidance_cycle(config: DistillConfig, splits: Splits, train: list[Sample], e
     cycle's training set: the labeled train samples first, then the teacher's."""
     if config.guidance_source == "validation":
         return validation_guidance(splits.validation, evaluation_report, probs)
-    spec = config.guidance_student or config.student
-    if spec.startswith("python:"):
-        raise UserError("--guidance-source out-of-fold trains fold students by name: with a student object, "
-                        "name a recipe with guidance_student (for example 'minilm-frozen')")
     labeled = train[:len(splits.train)]
-    return out_of_fold_guidance(
-        labeled, train[len(splits.train):], splits.validation, splits.labels, config.guidance_folds,
-        seed=config.seed + cycle,
-        make_student=lambda k: create_student(spec, splits.labels, seed=config.seed + cycle, device=config.device,
-                                              embed=embed),
-        train_config=config.round_config(0, warm=False))
+    return out_of_fold_guidance(labeled, train[len(splits.train):], splits.validation, splits.labels,
+                                config.guidance_folds, seed=config.seed + cycle,
+                                make_student=fold_student_maker(config, splits.labels, cycle, embed),
+                                train_config=config.round_config(0, warm=False))
 
 
 def mine_cycle(config: DistillConfig, samples: list[Sample], probs: np.ndarray, labels: list[str],
@@ -216,7 +244,15 @@ def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student
         config=config.model_dump(), cycles=cycles,
         baseline=Scores(validation=validation_reports[0], test=baseline_test), best=best, stop_reason=stop_reason,
         seconds=seconds, environment=environment(),
-        selection=Selection(samples=len(splits.validation), shown_to_teacher=config.guidance_source == "validation"))
+        selection=selection_note(config, splits, cycles[best_cycle]))
+
+
+def selection_note(config: DistillConfig, splits: Splits, best: CycleRecord) -> Selection:
+    if config.selection_source == "out-of-fold":
+        return Selection(split=f"out-of-fold over the labeled train samples ({config.guidance_folds} folds)",
+                         samples=len(splits.train), shown_to_teacher=False, scores=best.selection)
+    return Selection(samples=len(splits.validation), shown_to_teacher=config.guidance_source == "validation",
+                     scores=best.validation)
 
 
 def parameter_count(student) -> int | None:

@@ -92,9 +92,9 @@ def distill_splits(config: DistillConfig, dataset: Dataset, splits: Splits, prog
             student = round_student(config, labels, cycle, best=lambda: restored(student, best_state), embed=cache)
         trained = train_round(config, student, train, validation, cycle, progress=progress)
         # 2. Evaluate on validation (and the baseline on test), 3. decide.
-        evaluation = evaluate_cycle(config, student, splits, cycle)
+        evaluation = evaluate_cycle(config, student, splits, cycle, train=train, embed=cache)
         reports.append(evaluation.validation)
-        history.append(evaluation.validation.metric(config.metric))
+        history.append(evaluation.decisive.metric(config.metric))
         improved = config.policy().best_cycle(history) == cycle
         if improved:
             best_state = student.state()

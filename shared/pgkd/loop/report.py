@@ -31,6 +31,7 @@ class CycleRecord(BaseModel):
     cycle: int
     train_size: int
     validation: dict[str, float]     # headline metrics; the full per-class reports are in baseline/best
+    selection: dict[str, float] | None = None   # out-of-fold selection scores (--selection-source out-of-fold)
     test: dict[str, float] | None = None   # only with track_test: a diagnostic, never used for decisions
     generated: int
     accepted: int
@@ -54,10 +55,12 @@ class BestScores(Scores):
 
 
 class Selection(BaseModel):
-    """The split whose scores (`validation` throughout the report) pick the best cycle and stop the run."""
+    """The scores that picked the best cycle and stopped the run: the validation split's, or out-of-fold
+    scores over the labeled train samples (each cycle's `selection`)."""
     split: str = "validation"
     samples: int = 0
     shown_to_teacher: bool = True     # False: the scores are not biased by the teacher's aim
+    scores: dict[str, float] | None = None   # the kept cycle's
 
 
 class RunReport(BaseModel):

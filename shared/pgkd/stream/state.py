@@ -25,7 +25,8 @@ class CurrentStudent(BaseModel):
     checkpoint: ArtifactRef
     train_set: ArtifactRef        # what it was trained on: the next run's training set starts from it
     labels: list[str]
-    validation_accuracy: float    # when it became current: the drift trigger's reference
+    validation_accuracy: float    # when it became current: the drift trigger's reference (for the base run's
+                                  # student its selection accuracy, out-of-fold with --selection-source out-of-fold)
     validation_score: float       # the same, in the run's metric
     since: float
 

@@ -268,16 +268,18 @@ class Stream:
                             completed.run_id, completed.reason)
                 return None
             best = self._best_cycle(completed)
+            # The drift reference: the scores that selected the base run's student (out-of-fold ones with
+            # --selection-source out-of-fold, which the teacher never aimed at).
             state.current = CurrentStudent(run_id=completed.run_id, checkpoint=completed.best_checkpoint,
                                            train_set=best.train_set,
                                            labels=run_context(self.store, completed.run_id).labels,
-                                           validation_accuracy=best.validation.accuracy,
-                                           validation_score=best.validation.metric(self.metric), since=time.time())
+                                           validation_accuracy=best.decisive.accuracy,
+                                           validation_score=best.decisive.metric(self.metric), since=time.time())
             self._promote(completed, {f"validation_{k}": v for k, v in best.validation.headline().items()},
                           f"the first student of stream {state.name} (its base run)")
             self._save()
-            log.info("stream %s: current student: run %s cycle %d (validation accuracy %.4f)", state.name,
-                     completed.run_id, completed.best_cycle, best.validation.accuracy)
+            log.info("stream %s: current student: run %s cycle %d (selection accuracy %.4f)", state.name,
+                     completed.run_id, completed.best_cycle, best.decisive.accuracy)
             return None
         run = next((r for r in state.runs if r.run_id == completed.run_id), None)
         if run is None or run.decision is not None:
