@@ -97,3 +97,11 @@ def test_warm_started_rounds_take_scaled_steps(toy_data):
     config = _config(toy_data, learning_rate=1e-3, head_learning_rate=1e-2, cycle_learning_rate_scale=0.25)
     scaled = config.train_config(epochs=3, seed=0, scale=config.cycle_learning_rate_scale)
     assert (scaled.learning_rate, scaled.head_learning_rate) == (pytest.approx(2.5e-4), pytest.approx(2.5e-3))
+
+
+def test_a_round_from_the_pretrained_encoder_runs_its_whole_schedule_and_a_warm_one_stops_early(toy_data):
+    config = _config(toy_data, epochs=8, cycle_epochs=3)
+    first, warm = config.round_config(0), config.round_config(1)
+    assert (first.epochs, first.patience) == (8, 8)       # early stopping never cuts the first schedule short
+    assert (warm.epochs, warm.patience) == (3, 1)
+    assert config.round_config(1, warm=False).patience == 8   # --no-warm-start: every round from the encoder

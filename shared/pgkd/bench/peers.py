@@ -107,10 +107,10 @@ def run_peers(data_dir: Path, datasets: list[str], out: Path, students: dict[str
     started = time.perf_counter()
     rows = []
     for spec, seeds in students.items():
-        summary = run_quality(data_dir, datasets, ["baseline", "pool-random", "pool-guided"], seeds,
+        summary = run_quality(data_dir, datasets, ["baseline", "random", "guided"], seeds,
                               out / "runs" / spec, {**run_options, "student": spec}, progress=progress)
         for r in summary["runs"]:
-            name = {"baseline": "baseline", "pool-random": "distilled, unguided", "pool-guided": "distilled, guided"}
+            name = {"baseline": "baseline", "random": "distilled, unguided", "guided": "distilled, guided"}
             rows.append({"dataset": r["dataset"], "method": f"{spec}: {name[r['arm']]}", "seed": r["seed"],
                          "test_accuracy": r["test_accuracy"], "test_macro_f1": r["test_macro_f1"],
                          "train_seconds": r["seconds"], "run": r["run"]})

@@ -26,8 +26,8 @@ from pgkd.students.frozen import EmbeddingCache
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.loop.report import RunReport
 
-VALIDATION = {"guidance_source": "validation"}
-OUT_OF_FOLD = {"guidance_source": "out-of-fold"}
+VALIDATION = {"guidance_source": "validation", "selection_source": "validation"}
+OUT_OF_FOLD = {"guidance_source": "out-of-fold", "selection_source": "validation"}
 ARMS = {
     "pool-random": {"teacher": "pool-random", **VALIDATION},
     "pool-guided": {"teacher": "pool-guided", **VALIDATION},
@@ -43,6 +43,9 @@ ARMS = {
                             "selection_source": "out-of-fold"},
     "random-oof-selected": {"teacher": "pool-random", "guidance_source": "validation",
                             "selection_source": "out-of-fold"},
+    # `pgkd distill`'s own defaults, whatever they are (bench peers runs these).
+    "guided": {"teacher": "pool-guided"},
+    "random": {"teacher": "pool-random"},
 }
 ALL_ARMS = ("baseline", *ARMS)
 DATASETS = ("banking77", "clinc150", "hwu64", "ag_news")
