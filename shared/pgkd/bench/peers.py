@@ -79,7 +79,7 @@ class SetFitRecipe:
         probs = _full_probs(model, [s.text for s in splits.test], len(splits.labels))
         test = evaluate([s.label for s in splits.test], probs, splits.labels)
         return {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "train_seconds": seconds,
-                "train_samples": len(labeled)}
+                "train_samples": len(labeled), "num_iterations": self.num_iterations}
 
 
 def _full_probs(model, texts: list[str], classes: int) -> np.ndarray:
@@ -116,7 +116,7 @@ def run_peers(data_dir: Path, datasets: list[str], out: Path, students: dict[str
                          "train_seconds": r["seconds"], "run": r["run"]})
     for name in datasets:
         for seed in setfit_seeds:
-            path = out / "setfit" / name / f"seed{seed}.json"
+            path = out / "setfit" / name / f"seed{seed}-iterations{setfit.num_iterations}.json"
             if path.is_file():
                 row = json.loads(path.read_text())
                 log(f"bench peers: {path} done before, reused")

@@ -5,8 +5,9 @@ Arms: `baseline` (the 800 labeled alone: cycle 0 of every run, so it costs nothi
 `guided-no-report` and `guided-no-hard-negatives`, all guided by the validation split, which also
 selects; `oof-guided`, `oof-no-report`, `oof-pairs` (the confusion-pair simulation) and
 `oof-random`, guided by out-of-fold predictions over the labeled train samples, validation only
-selecting (pgkd.loop.guidance); `guided-oof-selected` and `random-oof-selected`, guided by
-validation but selected by out-of-fold scores. Each run also records its selection optimism: the
+selecting (pgkd.loop.guidance); `guided-oof-selected`, `no-report-oof-selected` and
+`random-oof-selected`, guided by validation but selected by out-of-fold scores; `guided` and
+`random`, whatever `pgkd distill` defaults to. Each run also records its selection optimism: the
 score that selected the kept student less its test score. Every run is an ordinary `distill.run`
 whose report.json lands under OUT/runs/; a sweep interrupted part-way resumes from the runs written.
 """
@@ -41,6 +42,8 @@ ARMS = {
     # Guided by validation as the method was written; the best cycle picked by out-of-fold scores instead.
     "guided-oof-selected": {"teacher": "pool-guided", "guidance_source": "validation",
                             "selection_source": "out-of-fold"},
+    "no-report-oof-selected": {"teacher": "pool-guided", "guidance": "no-report", "guidance_source": "validation",
+                               "selection_source": "out-of-fold"},
     "random-oof-selected": {"teacher": "pool-random", "guidance_source": "validation",
                             "selection_source": "out-of-fold"},
     # `pgkd distill`'s own defaults, whatever they are (bench peers runs these).
