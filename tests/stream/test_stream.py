@@ -232,3 +232,20 @@ def test_take_says_what_to_do_with_each_message_and_finished_what_follows_a_run(
     after = stream.finished(run_through_steps(third.publish[0], store))
     assert after.outcome == "decided" and after.decision.run_id == "default-0001"
     assert stream.finished(run_through_steps(third.publish[0], store)).outcome == "ignored"   # decided once
+
+
+@pytest.mark.parametrize("selection", ["validation", "out-of-fold"])
+def test_the_drift_reference_is_a_score_the_teacher_never_aimed_at(tmp_path, selection):
+    """Validation that guided the teacher and then selected flatters the kept student: the reference is
+    then cycle 0's validation accuracy, before any teacher sample; with out-of-fold selection, the
+    scores that selected."""
+    from pgkd.distributed.steps import CycleState, RunFiles
+    store = ArtifactStore(f"file://{tmp_path}/artifacts")
+    _, completed = base_run(tmp_path, store, selection_source=selection, guidance_folds=3)
+    stream = Stream(store, StreamSettings(base_run="base", trigger_count=1000, drift_window=1000))
+    stream.open()
+    states = [CycleState.model_validate(store.get_json(RunFiles("base").cycle_state(c))) for c in (0, 1)]
+    best = states[completed.best_cycle]
+    expected = states[0].validation.accuracy if selection == "validation" else best.selection.accuracy
+    assert stream.state.current.validation_accuracy == expected
+    assert (best.selection is not None) == (selection == "out-of-fold")

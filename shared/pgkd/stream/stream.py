@@ -24,6 +24,7 @@ from pgkd.distributed.steps import (
 )
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
+from pgkd.loop.evaluation import EvalReport
 from pgkd.stream.promotion import compare, score
 from pgkd.stream.samples import Rejected, SampleStore, StoredSample, parse_sample, route, text_key
 from pgkd.stream.settings import StreamSettings
@@ -268,18 +269,17 @@ class Stream:
                             completed.run_id, completed.reason)
                 return None
             best = self._best_cycle(completed)
-            # The drift reference: the scores that selected the base run's student (out-of-fold ones with
-            # --selection-source out-of-fold, which the teacher never aimed at).
+            reference = self._unbiased_scores(completed, best)
             state.current = CurrentStudent(run_id=completed.run_id, checkpoint=completed.best_checkpoint,
                                            train_set=best.train_set,
                                            labels=run_context(self.store, completed.run_id).labels,
-                                           validation_accuracy=best.decisive.accuracy,
-                                           validation_score=best.decisive.metric(self.metric), since=time.time())
+                                           validation_accuracy=reference.accuracy,
+                                           validation_score=reference.metric(self.metric), since=time.time())
             self._promote(completed, {f"validation_{k}": v for k, v in best.validation.headline().items()},
                           f"the first student of stream {state.name} (its base run)")
             self._save()
-            log.info("stream %s: current student: run %s cycle %d (selection accuracy %.4f)", state.name,
-                     completed.run_id, completed.best_cycle, best.decisive.accuracy)
+            log.info("stream %s: current student: run %s cycle %d (drift reference: accuracy %.4f)", state.name,
+                     completed.run_id, completed.best_cycle, reference.accuracy)
             return None
         run = next((r for r in state.runs if r.run_id == completed.run_id), None)
         if run is None or run.decision is not None:
@@ -323,6 +323,18 @@ class Stream:
             self._student = (completed.best_checkpoint.sha256, new_student)
             self.known |= {text_key(s.text) for s in read_samples_artifact(self.store, best.train_set)}
         return decision
+
+    def _unbiased_scores(self, completed: RunCompleted, best: CycleState) -> EvalReport:
+        """The drift reference: scores of the base run the teacher never aimed at. Its selection scores
+        when they are such (out-of-fold selection, or out-of-fold guidance); when validation both guided
+        the teacher and selected, the kept student's validation score flatters it (the teacher was
+        aimed at those very texts) and a check against it fires on data of the same distribution, so
+        the reference is then cycle 0's validation score, taken before the teacher was asked anything:
+        lower than the kept student's true accuracy, so the check errs towards silence."""
+        config = run_context(self.store, completed.run_id).config
+        if config.selection_source == "out-of-fold" or config.guidance_source == "out-of-fold":
+            return best.decisive
+        return CycleState.model_validate(self.store.get_json(RunFiles(completed.run_id).cycle_state(0))).validation
 
     def _best_cycle(self, completed: RunCompleted) -> CycleState:
         return CycleState.model_validate(self.store.get_json(RunFiles(completed.run_id).cycle_state(
