@@ -281,7 +281,7 @@ def cmd_bench_peers(args) -> int:
         options = {"labeled": args.labeled or 1000, "max_cycles": 10, "samples_per_cycle": 32, "patience": 5}
         setfit, setfit_seeds = SetFitRecipe(args.setfit_iterations), args.setfit_seeds or args.seeds or [1, 2, 3]
     summary = run_peers(Path(args.data_dir), datasets, Path(args.out), students, setfit_seeds, setfit, options,
-                        progress=args.progress)
+                        progress=args.progress, existing_only=args.existing_only)
     print(markdown(summary), end="")
     print(f"wrote {args.out}/peers.json, peers.md ({summary['seconds']:.0f} s)")
     return 0
@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--setfit-iterations", type=int, default=20, help="SetFit's pairs per sample")
     peers.add_argument("--labeled", type=int, default=None)
     peers.add_argument("--quick", action="store_true", help="a tiny configuration (the tests')")
+    peers.add_argument("--existing-only", action="store_true",
+                       help="tabulate the runs written already under --out and run nothing")
     peers.add_argument("--out", default="runs/bench/peers")
     peers.add_argument("--no-progress", dest="progress", action="store_false")
     peers.set_defaults(func=cmd_bench_peers)

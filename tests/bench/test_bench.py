@@ -162,3 +162,10 @@ def test_bench_peers_quick_sets_setfit_beside_our_students_on_the_same_splits_an
     capsys.readouterr()
     assert main(argv) == 0
     assert "done before, reused" in capsys.readouterr().err
+    # --existing-only tabulates what was run, and runs nothing that is missing.
+    for path in (out / "setfit" / "toy").glob("*.json"):
+        path.unlink()
+    assert main(argv + ["--existing-only"]) == 0
+    methods = {r["method"] for r in json.loads((out / "peers.json").read_text())["runs"]}
+    assert "SetFit" not in methods and "tiny: distilled, guided" in methods
+    assert not list((out / "setfit" / "toy").glob("*.json"))

@@ -99,8 +99,10 @@ def _version(package: str) -> str:
 
 
 def run_peers(data_dir: Path, datasets: list[str], out: Path, students: dict[str, list[int]],
-              setfit_seeds: list[int], setfit: SetFitRecipe, run_options: dict, progress: bool = True) -> dict:
-    """`students` maps each student spec to its seeds (the frozen one cheap, the fine-tuned one not)."""
+              setfit_seeds: list[int], setfit: SetFitRecipe, run_options: dict, progress: bool = True,
+              existing_only: bool = False) -> dict:
+    """`students` maps each student spec to its seeds (the frozen one cheap, the fine-tuned one not);
+    with `existing_only`, the table of what was run already, running nothing."""
     for name in datasets:
         if not (data_dir / name).is_dir():
             raise UserError(f"dataset {name}: no folder {data_dir / name}")
@@ -108,7 +110,8 @@ def run_peers(data_dir: Path, datasets: list[str], out: Path, students: dict[str
     rows = []
     for spec, seeds in students.items():
         summary = run_quality(data_dir, datasets, ["baseline", "random", "guided"], seeds,
-                              out / "runs" / spec, {**run_options, "student": spec}, progress=progress)
+                              out / "runs" / spec, {**run_options, "student": spec}, progress=progress,
+                              existing_only=existing_only)
         for r in summary["runs"]:
             name = {"baseline": "baseline", "random": "distilled, unguided", "guided": "distilled, guided"}
             rows.append({"dataset": r["dataset"], "method": f"{spec}: {name[r['arm']]}", "seed": r["seed"],
@@ -120,6 +123,8 @@ def run_peers(data_dir: Path, datasets: list[str], out: Path, students: dict[str
             if path.is_file():
                 row = json.loads(path.read_text())
                 log(f"bench peers: {path} done before, reused")
+            elif existing_only:
+                continue
             else:
                 log(f"bench peers: SetFit on {name}, seed {seed} ({setfit.num_iterations} iterations)")
                 dataset = load_dataset(str(data_dir / name), seed=seed)

@@ -77,7 +77,9 @@ def _existing(folder: Path, config: DistillConfig) -> RunReport | None:
 
 
 def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: list[int], out: Path,
-                run_options: dict, progress: bool = True) -> dict:
+                run_options: dict, progress: bool = True, existing_only: bool = False) -> dict:
+    """Every arm on every dataset and seed; with `existing_only`, only the runs written already (a
+    summary of a sweep that has not finished, or was cut short)."""
     unknown = [a for a in arms if a not in ALL_ARMS]
     if unknown:
         raise UserError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ALL_ARMS)}")
@@ -91,11 +93,14 @@ def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: lis
     jobs = [(name, arm, seed) for name in datasets for seed in seeds for arm in teacher_arms]
     bar = tqdm(jobs, desc="bench quality", unit="run", disable=not progress)
     caches: dict[str, EmbeddingCache] = {}
+    baselines: set[tuple[str, int]] = set()
     for name, arm, seed in bar:
         bar.set_postfix_str(f"{name} {arm} seed {seed}")
         config = DistillConfig(data=str(paths[name]), seed=seed, **run_options, **ARMS[arm])
         folder = _run_dir(out, Path(name).name, arm, seed)
         report = _existing(folder, config)
+        if report is None and existing_only:
+            continue
         if report is None:
             if name not in caches:
                 caches[name] = EmbeddingCache(path=out / "cache" / f"{Path(name).name}.npz", progress=progress)
@@ -104,7 +109,9 @@ def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: lis
             cache.save()
         else:
             log(f"bench: {folder} done before, reused")
-        rows = [("baseline", report.baseline.test)] if arm == teacher_arms[0] and "baseline" in arms else []
+        # The baseline is cycle 0 of any run of this dataset and seed: taken from the first one read.
+        rows = [("baseline", report.baseline.test)] if (name, seed) not in baselines and "baseline" in arms else []
+        baselines.add((name, seed))
         if arm in arms:
             rows.append((arm, report.best.test))
         for arm_name, test in rows:
