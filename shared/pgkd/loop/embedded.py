@@ -144,6 +144,9 @@ def announce(config: DistillConfig, dataset: Dataset, splits: Splits, student, t
         + (" (a simulation of an LLM teacher)" if getattr(teacher, "simulated", False) else ""))
     for note in dataset.notes:
         log(f"pgkd: note: {note}")
+    if config.guidance_source == config.selection_source == "validation":
+        log("pgkd: note: validation both guides the teacher and selects the best cycle, so the kept student's "
+            "validation score flatters it; --selection-source out-of-fold selects on scores the teacher never sees")
     duplicates = dataset_duplicates(splits)
     if any(duplicates.values()):
         log(f"pgkd: note: duplicate texts in the data (kept): {duplicates}")
