@@ -17,7 +17,7 @@ from pgkd.data import Dataset, Sample, Splits, count_duplicates, label_counts, n
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.evaluation import EvalReport, evaluate
-from pgkd.loop.guidance import Guidance, out_of_fold_guidance, out_of_fold_probs, validation_guidance
+from pgkd.loop.guidance import Guidance, out_of_fold_guidance, validation_guidance
 from pgkd.loop.mining import MiningResult, mine
 from pgkd.loop.report import (BestScores, CycleRecord, Provenance, RunReport, Scores, Selection, TrainingRound,
                               environment)
@@ -84,7 +84,7 @@ def evaluate_cycle(config: DistillConfig, student, splits: Splits, cycle: int, t
     test = evaluate_student(student, splits.test, splits.labels)[0] if cycle == 0 or config.track_test else None
     selection = None
     if config.selection_source == "out-of-fold":
-        selection = out_of_fold_report(config, splits, train, cycle, embed)
+        selection = out_of_fold(config, splits, train, cycle, embed).report
     return Evaluation(report, probs, test, selection)
 
 
@@ -97,14 +97,14 @@ def fold_student_maker(config: DistillConfig, labels: list[str], cycle: int, emb
     return lambda k: create_student(spec, labels, seed=config.seed + cycle, device=config.device, embed=embed)
 
 
-def out_of_fold_report(config: DistillConfig, splits: Splits, train: list[Sample], cycle: int, embed=None) -> EvalReport:
-    """Scores of fold students over the labeled train samples (the first of `train`), each trained on
-    the other folds plus the teacher's samples (the rest of `train`)."""
+def out_of_fold(config: DistillConfig, splits: Splits, train: list[Sample], cycle: int, embed=None) -> Guidance:
+    """Fold students' predictions over the labeled train samples (the first of `train`), each trained
+    on the other folds plus the teacher's samples (the rest of `train`), and their scores."""
     labeled = train[:len(splits.train)]
-    probs = out_of_fold_probs(labeled, train[len(splits.train):], splits.validation, config.guidance_folds,
-                              seed=config.seed + cycle, make_student=fold_student_maker(config, splits.labels, cycle, embed),
-                              train_config=config.round_config(0, warm=False))
-    return evaluate([s.label for s in labeled], probs, splits.labels)
+    return out_of_fold_guidance(labeled, train[len(splits.train):], splits.validation, splits.labels,
+                                config.guidance_folds, seed=config.seed + cycle,
+                                make_student=fold_student_maker(config, splits.labels, cycle, embed),
+                                train_config=config.round_config(0, warm=False))
 
 
 def cycle_record(config: DistillConfig, cycle: int, train_size: int, evaluation: Evaluation,
@@ -149,11 +149,7 @@ def guidance_cycle(config: DistillConfig, splits: Splits, train: list[Sample], e
     cycle's training set: the labeled train samples first, then the teacher's."""
     if config.guidance_source == "validation":
         return validation_guidance(splits.validation, evaluation_report, probs)
-    labeled = train[:len(splits.train)]
-    return out_of_fold_guidance(labeled, train[len(splits.train):], splits.validation, splits.labels,
-                                config.guidance_folds, seed=config.seed + cycle,
-                                make_student=fold_student_maker(config, splits.labels, cycle, embed),
-                                train_config=config.round_config(0, warm=False))
+    return out_of_fold(config, splits, train, cycle, embed)
 
 
 def mine_cycle(config: DistillConfig, samples: list[Sample], probs: np.ndarray, labels: list[str],
