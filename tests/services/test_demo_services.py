@@ -148,7 +148,9 @@ def test_a_run_on_the_local_cluster_prints_its_cycles_and_table_serves_its_stude
 def test_an_interrupt_stops_everything_it_started(demo, sig):
     """Ctrl-C (SIGINT to the terminal's process group) once the run is submitted, and SIGTERM while
     the teacher and the services are starting."""
-    d = demo()
+    # A run of many cycles, so that it is still running when the signal comes (two tiny cycles can end
+    # within the three seconds).
+    d = demo("--max-cycles", "30", "--patience", "30") if sig == signal.SIGINT else demo()
     if sig == signal.SIGINT:
         d.wait_for("local: submitting the run")
         time.sleep(3)

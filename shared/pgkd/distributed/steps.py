@@ -442,8 +442,9 @@ def mine(message: CycleEvaluated, store: ArtifactStore) -> NegativesMined:
     else:
         student = load_checkpoint(store, message.checkpoint, config.device)
         report, probs = evaluate_student(student, ctx.splits.validation, ctx.labels)
-    guidance = guidance_cycle(config, ctx.splits, read_samples_artifact(store, message.train_set), report, probs,
-                              cycle, embed=shared_embeddings())
+    # The training set only where fold students need it (a read of the store less per message otherwise).
+    train_set = read_samples_artifact(store, message.train_set) if config.guidance_source == "out-of-fold" else []
+    guidance = guidance_cycle(config, ctx.splits, train_set, report, probs, cycle, embed=shared_embeddings())
     if config.guidance_source != "validation":
         store.put_json(ctx.files.guidance(message.cycle), guidance.report.headline())
     mined = mine_cycle(config, guidance.samples, guidance.probs, ctx.labels, cycle)
