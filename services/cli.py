@@ -20,6 +20,7 @@ from pgkd.errors import UserError
 from pgkd.distributed.messages import TOPICS, LabeledSample, RunCompleted, RunRequested
 from pgkd.loop.report import RunReport
 from pgkd.distributed.runs import RunFiles
+from pgkd.stream.segments import SegmentLog
 from tqdm.auto import tqdm
 
 from pgkd_services import ALL, build, kafka_security
@@ -252,13 +253,20 @@ def stream_status(name: str) -> int:
     if not store.exists(key):
         raise UserError(f"stream {name}: not found in {store.url}")
     state = StreamState.model_validate(store.get_json(key))
-    splits = [store.get_json(k)["split"] for k in store.list(f"streams/{name}/samples")]
-    since = len(splits) - (state.runs[-1].samples_through if state.runs else 0)
-    print(f"stream {name}: base run {state.base_run}, {len(state.labels)} labels, {len(splits)} samples stored "
-          f"({splits.count('train')} train, {splits.count('validation')} validation), {since} since the last run")
+    log = SegmentLog(store, f"streams/{name}/segments")
+    manifest = log.load_manifest()
+    since = log.last_seq - (state.runs[-1].samples_through if state.runs else 0)
+    print(f"stream {name}: base run {state.base_run}, {len(state.labels)} labels, {log.count} samples stored "
+          f"({log.split_count('train')} train, {log.split_count('validation')} validation) in "
+          f"{len(manifest.segments)} segment(s), {since} since the last run")
+    for repair in manifest.repairs:
+        print(f"repaired: segment {repair.segment} ({repair.reason}): {repair.kept} samples kept, {repair.lost} lost")
+    for segment, reason in log.damaged():
+        print(f"DAMAGED: segment {segment.name}: {reason} (pgkd stream repair {name})")
     current = state.current
+    reference = "not yet" if not current or current.drift_reference is None else f"{current.drift_reference:.4f}"
     print(f"current student: run {current.run_id}, validation accuracy {current.validation_accuracy:.4f}, "
-          f"score {current.validation_score:.4f}: {current.checkpoint.uri}" if current
+          f"score {current.validation_score:.4f}, drift reference {reference}: {current.checkpoint.uri}" if current
           else "current student: none yet (the base run has not completed)")
     for run in state.runs:
         outcome = (("replaced the current student" if run.decision.replaced else "kept the current student")
@@ -267,10 +275,24 @@ def stream_status(name: str) -> int:
               f"{outcome}")
     if state.drift_checks:
         check = state.drift_checks[-1]
+        reference = f"{'a reference window, floor' if check.role == 'reference' else 'reference'} {check.reference:.4f}"
         print(f"last drift check: accuracy {check.accuracy:.4f} on samples {check.through - check.window + 1}-"
-              f"{check.through}, validation {check.reference:.4f}{' (drift)' if check.drifted else ''}")
+              f"{check.through}, {reference}{' (drift)' if check.drifted else ''}")
     if state.pending_trigger:
         print(f"waiting to start: {state.pending_trigger}")
+    return 0
+
+
+def stream_repair(name: str) -> int:
+    """`pgkd stream repair NAME` (with ingest stopped): each damaged segment keeps its complete
+    samples; the loss is recorded in the manifest and printed."""
+    store = ArtifactStore(Settings.from_env().artifacts)
+    if not store.exists(f"streams/{name}/state.json"):
+        raise UserError(f"stream {name}: not found in {store.url}")
+    repairs = SegmentLog(store, f"streams/{name}/segments").repair()
+    for r in repairs:
+        print(f"segment {r.segment} ({r.reason}): {r.kept} samples kept, {r.lost} lost; sent again, they are new")
+    print(f"stream {name}: {len(repairs)} segment(s) repaired" if repairs else f"stream {name}: no damaged segment")
     return 0
 
 
@@ -312,6 +334,9 @@ def register(sub, distill_arguments) -> None:
     stream_status_parser.add_argument("name", nargs="?", default="default",
                                       help="the stream (PGKD_STREAM; default: default)")
     stream_status_parser.set_defaults(func=lambda args: stream_status(args.name))
+    repair = stream_sub.add_parser("repair", help="keep the complete samples of damaged segments (ingest stopped)")
+    repair.add_argument("name", nargs="?", default="default", help="the stream (default: default)")
+    repair.set_defaults(func=lambda args: stream_repair(args.name))
     topics = sub.add_parser("topics", help="create the message topics")
     topics_sub = topics.add_subparsers(dest="topics", required=True, parser_class=Parser)
     create = topics_sub.add_parser("create", help="idempotent: existing topics are left as they are")

@@ -186,6 +186,9 @@ class Service:
         self._busy = asyncio.Lock()     # one message at a time: steps are heavy and share the process's cache
         self.subscriptions: list[str] = []   # topics this service consumes, as group `self.group`
         self._handlers: dict[str, Callable[[bytes], Awaitable[None]]] = {}
+        # (most messages, most seconds to wait for them): a service that sets it takes its messages in
+        # batches, in `handle_batch`, each batch acknowledged when that returns
+        self.batch: tuple[int, float] | None = None
 
     def topic(self, name: str) -> str:
         return f"{self.settings.topic_prefix}{name}"
@@ -211,15 +214,25 @@ class Service:
         each other: on SIGTERM the idle one leaves first, the busy one's partitions are revoked in
         the middle of its message, and its commit after the message goes stale (redelivered)."""
         handlers = dict(self._handlers)
-
-        async def handle(message=Context("message")) -> None:
-            await handlers[message.raw_message.topic](message.body)
+        batch = {}
+        if self.batch is None:
+            async def handle(message=Context("message")) -> None:
+                await handlers[message.raw_message.topic](message.body)
+        else:
+            async def handle(message=Context("message")) -> None:
+                await self.handle_batch([(record.topic, record.value or b"") for record in message.raw_message])
+            batch = dict(batch=True, max_records=self.batch[0], batch_timeout_ms=int(self.batch[1] * 1000))
 
         handle.__name__ = f"{self.name}_messages"
         # Offsets are committed after the handler: a crash means redelivery, not loss. A long training
         # round must not count as a dead consumer, hence the long poll interval.
         self.broker.subscriber(*handlers, group_id=self.group, auto_offset_reset="earliest",
-                               ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=3_600_000)(handle)
+                               ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=3_600_000, **batch)(handle)
+
+    async def handle_batch(self, records: list[tuple[str, bytes]]) -> None:
+        """A batch of (topic, body), in order: by default each to its topic's handler."""
+        for topic, body in records:
+            await self._handlers[topic](body)
 
     async def handle(self, topic: str, body: bytes, message_type: type[Message], step) -> None:
         try:

@@ -11,6 +11,7 @@ from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples
 from pgkd.loop.config import DistillConfig
 from pgkd.distributed.messages import RunCompleted
+from pgkd.stream import SegmentLog
 
 # MiniLM frozen with a logistic head: learns the toy classes perfectly in seconds, so a stream with
 # remapped labels is plainly wrong to it.
@@ -42,3 +43,10 @@ def new_samples(data: Path, n: int, seed: int = 7, remap: dict | None = None) ->
 
 def body(row) -> bytes:
     return json.dumps(row).encode()
+
+
+def stored(store: ArtifactStore, stream: str = "default") -> list:
+    """The stream's committed samples, in order, as a restarted ingest reads them (StoredSample)."""
+    log = SegmentLog(store, f"streams/{stream}/segments")
+    log.load_manifest()
+    return list(log.read())

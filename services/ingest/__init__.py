@@ -1,6 +1,7 @@
 """ingest: takes the stream of human-labeled samples and keeps the student current (pgkd.stream).
 
-LabeledSample (labeled-samples) -> stored once, or the dead-letter topic with the reason; a trigger
+LabeledSample (labeled-samples), in batches (PGKD_STREAM_BATCH_MAX, PGKD_STREAM_BATCH_SECONDS)
+-> stored once, or the dead-letter topic with the reason; a trigger
 (enough new samples, or drift) -> RunRequested, warm-started from the current student on the grown
 dataset. RunCompleted (run-completed) of a stream run -> the decision: does its student replace
 the current one; when it does (and for the base run's student), StudentPromoted. Configured with
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
 
 from pgkd.distributed.messages import LabeledSample, RunCompleted, StudentPromoted
 from pgkd.stream import Stream, StreamSettings, StreamStep
@@ -22,24 +25,47 @@ log = logging.getLogger("pgkd.service")
 class IngestService(Service):
     def __init__(self, stream_settings: StreamSettings | None = None, **options):
         super().__init__("ingest", **options)
-        self.stream_settings = stream_settings
+        self.stream_settings = stream_settings or StreamSettings.from_env()
+        self.batch = (self.stream_settings.batch_max, self.stream_settings.batch_seconds)
         self.stream: Stream | None = None
         self._publishing: set[str] = set()   # message keys this process is publishing right now
-        self.subscribe(self.topic(LabeledSample.topic), self.on_sample, "labeled-sample")
+        self.samples_topic = self.topic(LabeledSample.topic)
+        self.subscribe(self.samples_topic, self.on_samples, "labeled-sample")
         self.subscribe(self.topic(RunCompleted.topic), self.on_run_completed, "run-completed")
 
     def prepare(self) -> None:
-        self.stream = Stream(self.store, self.stream_settings or StreamSettings.from_env())
+        self.stream = Stream(self.store, self.stream_settings)
         self.stream.open()
         self.metrics.stream_state(self.stream)
 
     async def started(self) -> None:
         await self._apply(await self._step(self.stream.resume))
 
-    async def on_sample(self, body: bytes) -> None:
-        step = await self._step(self.stream.take, body)
-        if step.rejected is not None:
-            await self.dead_letter(self.topic(LabeledSample.topic), body, str(step.rejected))
+    async def handle_batch(self, records: list[tuple[str, bytes]]) -> None:
+        """In order: each run of consecutive samples as one batch of the stream (one commit), each
+        RunCompleted on its own. Acknowledged when it returns: the samples are stored by then, and
+        the rejected ones dead-lettered."""
+        samples: list[bytes] = []
+        for topic, body in records + [("", b"")]:
+            if topic == self.samples_topic:
+                samples.append(body)
+                continue
+            if samples:
+                await self.on_samples(samples)
+                samples = []
+            if topic:
+                await self._handlers[topic](body)
+
+    async def on_samples(self, bodies: list[bytes] | bytes) -> None:
+        bodies = [bodies] if isinstance(bodies, bytes) else bodies
+        log.info("ingest: batch of %d sample message(s) received", len(bodies))
+        started = time.perf_counter()
+        step = await self._step(self.stream.take_batch, bodies)
+        await asyncio.gather(*(self.dead_letter(self.samples_topic, body, str(taken.rejected))
+                               for body, taken in zip(bodies, step.taken) if taken.rejected is not None))
+        outcomes = Counter(taken.outcome for taken in step.taken)
+        log.info("ingest: batch of %d: %d stored, %d duplicate(s), %d rejected (%.2f s)", len(bodies),
+                 outcomes["accepted"], outcomes["duplicate"], outcomes["rejected"], time.perf_counter() - started)
         await self._apply(step)
 
     async def on_run_completed(self, body: bytes) -> None:
@@ -54,8 +80,8 @@ class IngestService(Service):
         """One of the stream's entry points, in a worker thread, one message at a time; its metrics."""
         async with self._busy:   # not held while publishing: an in-memory test broker delivers in this call
             step = await asyncio.to_thread(entry, *args)
-        if step.outcome in ("accepted", "duplicate", "rejected"):
-            self.metrics.ingested(step.outcome, step.rejected.reason if step.rejected else None)
+        for taken in step.taken:
+            self.metrics.ingested(taken.outcome, taken.rejected.reason if taken.rejected else None)
         if step.decision is not None:
             self.metrics.stream_decisions.labels("replaced" if step.decision.replaced else "kept").inc()
         if step.started is not None:

@@ -10,7 +10,7 @@ from pgkd.distributed import steps
 from pgkd.loop.config import DistillConfig
 from pgkd.distributed.messages import DeadLetter, RunCompleted
 from pgkd.stream import StreamSettings
-from stream_fixtures import BASE_CONFIG, REMAP, body, new_samples
+from stream_fixtures import BASE_CONFIG, REMAP, body, new_samples, stored
 from test_services_kafka import Bus
 
 import pgkd_services as services
@@ -57,7 +57,7 @@ def test_a_stream_with_remapped_labels_triggers_a_run_through_the_services_and_b
     letters = [DeadLetter.model_validate(m) for m in bus.seen["dead-letter"]]
     assert [(d.payload.encode(), d.reason.split(":")[0]) for d in letters] == list(BAD.items())
     assert {(d.service, d.source_topic) for d in letters} == {("ingest", "pgkd.labeled-samples")}
-    assert len(bus.store.list("streams/default/samples")) == 40
+    assert len(stored(bus.store)) == 40
 
     state = ingest.stream.state
     (run,) = state.runs

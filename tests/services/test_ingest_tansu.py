@@ -6,7 +6,7 @@ import time
 
 import pytest
 from pgkd.distributed.messages import DeadLetter
-from stream_fixtures import base_run, new_samples
+from stream_fixtures import base_run, new_samples, stored
 from test_services_kafka import CONFIG
 
 import pgkd_services as services
@@ -53,7 +53,7 @@ def wait_until(condition, what: str, processes, timeout: float = 240):
 
 
 def stored_texts(store) -> list[str]:
-    return [store.get_json(k)["text"] for k in store.list("streams/default/samples")]
+    return [s.text for s in stored(store)]
 
 
 def test_a_thousand_streamed_samples_five_percent_bad_are_stored_once_dead_lettered_and_trigger_a_run(
@@ -82,7 +82,9 @@ def test_a_thousand_streamed_samples_five_percent_bad_are_stored_once_dead_lette
                processes, timeout=300)
     state = store.get_json("streams/default/state.json")
     (run,) = state["runs"]
-    assert run["trigger"] == {"kind": "count", "detail": "500 new samples >= 500"} and run["samples_through"] == 500
+    # The trigger is looked at after each batch: the run holds the whole batch that crossed 500
+    through = run["samples_through"]
+    assert run["trigger"] == {"kind": "count", "detail": f"{through} new samples >= 500"} and 500 <= through <= 950
     completed = store.get_json("runs/default-0001/completed.json")
     assert completed["status"] == "completed"
     decision = run["decision"]
@@ -90,7 +92,7 @@ def test_a_thousand_streamed_samples_five_percent_bad_are_stored_once_dead_lette
     assert state["current"]["run_id"] == ("default-0001" if decision["replaced"] else "base")
     status = processes.pgkd("stream", "status")
     assert status.returncode == 0, status.stderr
-    assert "950 samples stored" in status.stdout and "run default-0001 (count: 500" in status.stdout
+    assert "950 samples stored" in status.stdout and f"run default-0001 (count: {through}" in status.stdout
     assert processes.stop() == {name: 0 for name in (*services.NAMES, "ingest")}
 
 
@@ -99,21 +101,22 @@ def test_ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(ser
     data, _ = base_run(tmp_path, store, **BASE)
     good = new_samples(data, 570)
     reasons = stream_file(tmp_path / "stream.jsonl", good, bad_rows(30))
-    settings = dict(PGKD_STREAM_BASE_RUN="base", PGKD_STREAM_TRIGGER_COUNT="100000", PGKD_STREAM_DRIFT_WINDOW="100000")
+    settings = dict(PGKD_STREAM_BASE_RUN="base", PGKD_STREAM_TRIGGER_COUNT="100000", PGKD_STREAM_DRIFT_WINDOW="100000",
+                    PGKD_STREAM_BATCH_MAX="50")   # many batches: the kill comes between two
     sent = processes.pgkd("send", str(tmp_path / "stream.jsonl"), "--no-progress")   # all waiting in the topic
     assert sent.returncode == 0, sent.stderr
     processes.start("ingest", **settings)
-    wait_until(lambda: len(store.list("streams/default/samples")) >= 150, "150 samples stored", processes)
+    wait_until(lambda: len(stored(store)) >= 150, "150 samples stored", processes)
     processes.kill("ingest")
-    assert len(store.list("streams/default/samples")) < 570           # killed in the middle of the stream
+    assert len(stored(store)) < 570           # killed in the middle of the stream
 
     processes.start("ingest", **settings)
-    wait_until(lambda: len(store.list("streams/default/samples")) >= 570 and
+    wait_until(lambda: len(stored(store)) >= 570 and
                len(processes.bodies("dead-letter")) >= 30, "the rest of the stream handled", processes)
     time.sleep(2)   # anything left to redeliver would show up now
     texts = stored_texts(store)
     assert len(texts) == len(set(texts)) == 570 and set(texts) == {r["text"] for r in good}
-    seqs = sorted(store.get_json(k)["seq"] for k in store.list("streams/default/samples"))
+    seqs = [s.seq for s in stored(store)]
     assert seqs == list(range(1, 571))
     letters = [DeadLetter.model_validate_json(b) for b in processes.bodies("dead-letter")]
     # Dead letters are at least once: the message in hand when the process died may be sent twice.

@@ -65,17 +65,18 @@ def test_each_new_text_is_stored_once_and_the_stream_reads_back_after_a_restart(
     # The pool is labeled data the student never saw: new to it, so stored.
     assert stream.ingest(body(dict(splits.pool[0]))) == "accepted"
     rows.append(dict(splits.pool[0]))
-    stored = [store.get_json(k) for k in store.list("streams/default/samples")]
-    assert sorted(s["text"] for s in stored) == sorted(r["text"] for r in rows)
-    assert sorted(s["seq"] for s in stored) == list(range(1, 32))
+    stored = [json.loads(line) for key in store.list("streams/default/segments") if key.endswith(".jsonl")
+              for line in store.get_bytes(key).splitlines()]
+    assert [s["text"] for s in stored] == [r["text"] for r in rows]
+    assert [s["seq"] for s in stored] == list(range(1, 32))
     assert all(s["split"] == route(s["text"], 20) for s in stored)
 
     restarted = Stream(store, settings)     # a new process: everything comes back from the store
     restarted.open()
-    assert [s.text for s in restarted.samples] == [r["text"] for r in rows]
+    assert [s.text for s in restarted.log.read()] == [r["text"] for r in rows]
     assert restarted.ingest(body(rows[0])) == "duplicate"
     assert restarted.ingest(body(new_samples(data, 31)[30])) == "accepted"
-    assert restarted.samples[-1].seq == 32
+    assert list(restarted.log.read())[-1].seq == 32
 
 
 def test_enough_new_samples_start_one_warm_started_run_on_the_grown_dataset_and_record_its_decision(tmp_path):
@@ -100,7 +101,7 @@ def test_enough_new_samples_start_one_warm_started_run_on_the_grown_dataset_and_
     assert request.run_id == "default-0001" and request.start_from == base.best_checkpoint
     splits = store.get_json(request.dataset)["splits"]
     streamed = {"train": [], "validation": []}
-    for s in stream.samples:
+    for s in stream.log.read():
         streamed[s.split].append(s.text)
     base_train = [json.loads(line)["text"] for line in store.get_bytes(stream.state.current.train_set).splitlines()]
     assert [r["text"] for r in splits["train"]] == base_train + streamed["train"]

@@ -105,8 +105,8 @@ def run_stream_bench(data: Path, out: Path, student: str = "minilm-frozen", labe
     result = {"data": str(data), "student": student, "labeled": labeled, "seed": seed, "max_cycles": max_cycles,
               "trigger_count": trigger_count, "sent": len(messages), "accepted": outcomes["accepted"],
               "duplicates": outcomes["duplicate"], "rejected": dict(sorted(rejected.items())),
-              "stored": {"train": sum(s.split == "train" for s in stream.samples),
-                         "validation": sum(s.split == "validation" for s in stream.samples)},
+              "stored": {"train": stream.log.split_count("train"),
+                         "validation": stream.log.split_count("validation")},
               "drift_checks": [c.model_dump() for c in stream.state.drift_checks], "runs": runs,
               "current_student": stream.state.current.run_id, "promoted": promoted, "seconds": time.perf_counter() - started}
     (out / "stream.md").write_text(markdown(result))

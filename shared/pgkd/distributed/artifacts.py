@@ -94,6 +94,13 @@ class ArtifactStore:
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))
 
+    def size(self, key: str) -> int | None:
+        """The stored object's size in bytes; None when there is none."""
+        try:
+            return self.fs.size(self._path(key))
+        except FileNotFoundError:
+            return None
+
     def list(self, prefix: str) -> list[str]:
         """Keys under a folder-like prefix, sorted; temporary files are not listed."""
         path = self._path(prefix)

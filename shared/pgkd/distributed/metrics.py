@@ -79,8 +79,9 @@ class LoopMetrics:
                                         "started", ["stream"], **r)
         self.stream_window_accuracy = Gauge("pgkd_stream_window_accuracy", "The current student's accuracy on the "
                                             "last window of new samples", ["stream"], **r)
-        self.stream_reference_accuracy = Gauge("pgkd_stream_reference_accuracy", "The current student's validation "
-                                               "accuracy, which the drift trigger compares against", ["stream"], **r)
+        self.stream_reference_accuracy = Gauge("pgkd_stream_reference_accuracy", "The current student's drift "
+                                               "reference: its accuracy on its first windows of new samples",
+                                               ["stream"], **r)
         self.stream_runs = Counter("pgkd_stream_runs_triggered", "Runs a stream started, by trigger (count, drift)",
                                    ["trigger"], **r)
         self.stream_decisions = Counter("pgkd_stream_decisions", "Stream runs decided: whether the new student "
@@ -167,12 +168,13 @@ class LoopMetrics:
         """A stream's gauges from its state (pgkd.stream.Stream), after each change."""
         name, state = stream.state.name, stream.state
         for split in ("train", "validation"):
-            self.stream_samples.labels(name, split).set(sum(s.split == split for s in stream.samples))
+            self.stream_samples.labels(name, split).set(stream.log.split_count(split))
         self.stream_new_samples.labels(name).set(stream.new_samples())
         if state.drift_checks:
             self.stream_window_accuracy.labels(name).set(state.drift_checks[-1].accuracy)
         if state.current is not None:
-            self.stream_reference_accuracy.labels(name).set(state.current.validation_accuracy)
+            if state.current.drift_reference is not None:
+                self.stream_reference_accuracy.labels(name).set(state.current.drift_reference)
             self.stream_current_score.labels(name, stream.metric).set(state.current.validation_score)
 
     def consuming(self, topic: str) -> None:

@@ -8,28 +8,37 @@ held out and a replay routes every sample the same way. Two triggers start a new
 from the current best student on the grown dataset:
     count: `trigger_count` samples accepted since the last run started;
     drift: the current student's accuracy on a window of `drift_window` newly arrived samples is
-           below its validation accuracy by more than `drift_margin`.
+           below its drift reference by more than `drift_margin`; the reference is its accuracy on
+           its first `drift_reference_windows` windows after it became current.
 One run at a time: a trigger that fires while a run is going is kept and acted on when it ends.
 When a stream run completes, its best student replaces the current one only if it scores better
 on the current validation set (the base run's plus every streamed validation sample); the decision
 is recorded either way.
 
+Ingest takes messages in batches (up to `batch_max`, waiting at most `batch_seconds`): a batch's
+new samples are stored in one commit before the batch is acknowledged, so a crash loses nothing
+acknowledged, and its redelivery stores nothing twice (at least once from the bus, exactly once in
+the store).
+
 What a stream keeps in the artifact store, under streams/<name>/:
     state.json              the taxonomy, the current student, the runs and their decisions, drift checks
-    samples/<sha256>.json   one accepted sample, keyed by its normalised text (so stored at most once)
+    segments/               the accepted samples in segment files, their text-key index, the manifest
+    trained/<sha>.keys      text keys of a current student's training set that are not stored samples
     decisions/<run_id>.json a run's decision: both scores, the validation set they were measured on
 The stream has one writer: run ingest as a single replica.
 
-The parts: settings.py (PGKD_STREAM_*), samples.py (validation, dedupe keys, routing, the samples'
-storage), state.py (what state.json holds; the typed Trigger), promotion.py (the comparison of two
-students), stream.py (the Stream: `take`, `finished`, `resume`, each returning a StreamStep).
+The parts: settings.py (PGKD_STREAM_* and the settings file), samples.py (validation, dedupe keys,
+routing), segments.py (the samples' storage and index), state.py (what state.json holds; the typed
+Trigger), promotion.py (the comparison of two students), stream.py (the Stream: `take_batch`,
+`finished`, `resume`, each returning a StreamStep).
 """
 from pgkd.stream.promotion import compare, score
 from pgkd.stream.samples import REJECTION_REASONS, Rejected, StoredSample, parse_sample, route, text_key
 from pgkd.stream.settings import StreamSettings
 from pgkd.stream.state import CurrentStudent, DriftCheck, PromotionDecision, StreamRun, StreamState, Trigger
-from pgkd.stream.stream import Stream, StreamStep
+from pgkd.stream.segments import SegmentDamaged, SegmentLog
+from pgkd.stream.stream import Stream, StreamStep, Taken
 
-__all__ = ["REJECTION_REASONS", "CurrentStudent", "DriftCheck", "PromotionDecision", "Rejected", "StoredSample",
-           "Stream", "StreamRun", "StreamSettings", "StreamState", "StreamStep", "Trigger", "compare", "parse_sample",
-           "route", "score", "text_key"]
+__all__ = ["REJECTION_REASONS", "CurrentStudent", "DriftCheck", "PromotionDecision", "Rejected", "SegmentDamaged",
+           "SegmentLog", "StoredSample", "Stream", "StreamRun", "StreamSettings", "StreamState", "StreamStep", "Taken",
+           "Trigger", "compare", "parse_sample", "route", "score", "text_key"]

@@ -1,5 +1,5 @@
 """One streamed sample: validated (a bad one is Rejected with a reason), keyed by its normalised
-text, routed to train or validation by a stable hash, and stored once in the artifact store."""
+text, routed to train or validation by a stable hash (segments.py stores it)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +9,6 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from pgkd.data import normalize_text
-from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.distributed.messages import LabeledSample
 from pgkd.distributed.metrics import INGEST_REJECTIONS
 from pgkd.stream.settings import StreamSettings
@@ -70,19 +69,3 @@ def route(text: str, validation_percent: int) -> Literal["train", "validation"]:
     """Train or validation, by a hash of the normalised text: the same text always goes the same way."""
     return "validation" if int(text_key(text)[:8], 16) % 100 < validation_percent else "train"
 
-
-
-
-class SampleStore:
-    """The accepted samples of a stream: one `samples/<text key>.json` each, so a text is stored at
-    most once by construction, and a restarted ingest reads everything back."""
-
-    def __init__(self, store: ArtifactStore, base: str):
-        self.store, self.prefix = store, f"{base}/samples"
-
-    def read_all(self) -> list[StoredSample]:
-        return sorted((StoredSample.model_validate(self.store.get_json(k)) for k in self.store.list(self.prefix)),
-                      key=lambda s: s.seq)
-
-    def put(self, sample: StoredSample) -> None:
-        self.store.put_json(f"{self.prefix}/{text_key(sample.text)}.json", sample.model_dump(mode="json"))

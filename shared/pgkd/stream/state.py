@@ -25,10 +25,18 @@ class CurrentStudent(BaseModel):
     checkpoint: ArtifactRef
     train_set: ArtifactRef        # what it was trained on: the next run's training set starts from it
     labels: list[str]
-    validation_accuracy: float    # when it became current: the drift trigger's reference (for the base run's
-                                  # student its selection accuracy, out-of-fold with --selection-source out-of-fold)
+    validation_accuracy: float    # when it became current (for the base run's student, a score the teacher never
+                                  # aimed at: out-of-fold selection's, or cycle 0's validation accuracy)
     validation_score: float       # the same, in the run's metric
     since: float
+    # The drift reference: its accuracy on the first `drift_reference_windows` windows of samples that
+    # arrived after it became current (samples it was neither trained nor selected on)
+    drift_reference: float | None = None
+    reference_floor: float = 0.0  # what its first windows are checked against: the base student's unbiased score,
+                                  # or the reference of the student it replaced
+    reference_windows: int = 0
+    reference_samples: int = 0
+    reference_correct: int = 0
 
 
 class PromotionDecision(BaseModel):
@@ -54,6 +62,8 @@ class StreamRun(BaseModel):
     train_size: int
     validation_size: int
     started_at: float
+    settings: dict = {}           # the stream's settings in force when it was triggered (RELOADABLE)
+    settings_sha256: str | None = None   # of the settings file they came from, if one
     published: bool = False
     decision: PromotionDecision | None = None
 
@@ -62,8 +72,9 @@ class DriftCheck(BaseModel):
     through: int                  # the last sample (seq) of the window
     window: int
     accuracy: float
-    reference: float              # the current student's validation accuracy
+    reference: float              # the current student's drift reference; for its first windows, the floor
     drifted: bool
+    role: Literal["reference", "check"] = "check"   # reference: one of the first windows, which make the reference
     checked_at: float = Field(default_factory=time.time)
 
 

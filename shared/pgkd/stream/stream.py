@@ -1,11 +1,14 @@
-"""One stream, and what ingest does with each incoming message: `take(body)` for a labeled sample,
-`finished(completed)` for a run that ended, `resume()` when ingest starts. Each returns a StreamStep
-(what to do next: dead-letter the message, publish runs); the ingest service and `pgkd bench stream`
-call the same three. The parts: samples.py (validation, dedupe keys, routing, storage), state.py
-(what is remembered), promotion.py (the comparison); this module sequences them."""
+"""One stream, and what ingest does with incoming messages: `take_batch(bodies)` for labeled
+samples (`take(body)` for one), `finished(completed)` for a run that ended, `resume()` when ingest
+starts. Each returns a StreamStep (what to do next: dead-letter messages, publish runs); the ingest
+service and `pgkd bench stream` call the same ones. The parts: samples.py (validation, dedupe keys,
+routing), segments.py (the samples' storage and the dedupe index), settings.py (the environment's
+and the settings file's), state.py (what is remembered), promotion.py (the comparison); this module
+sequences them."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,23 +28,33 @@ from pgkd.distributed.steps import (
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.evaluation import EvalReport
+from pydantic import ValidationError
 from pgkd.stream.promotion import compare, score
-from pgkd.stream.samples import Rejected, SampleStore, StoredSample, parse_sample, route, text_key
-from pgkd.stream.settings import StreamSettings
+from pgkd.stream.samples import Rejected, StoredSample, parse_sample, route
+from pgkd.stream.segments import KEY_BYTES, SegmentLog, index_key
+from pgkd.stream.settings import SettingsFile, StreamSettings
 from pgkd.stream.state import CurrentStudent, DriftCheck, PromotionDecision, StreamRun, StreamState, Trigger
 
 log = logging.getLogger("pgkd.stream")
 
 
 @dataclass
+class Taken:
+    """What became of one sample message: stored, a duplicate, or rejected (and why)."""
+    outcome: Literal["accepted", "duplicate", "rejected"]
+    rejected: Rejected | None = None
+
+
+@dataclass
 class StreamStep:
-    """What follows from one message: its outcome, why it was rejected (then it goes to the
-    dead-letter topic), a decision taken, a run started now and why, and the runs to publish."""
-    outcome: Literal["accepted", "duplicate", "rejected", "decided", "ignored", "resumed"]
+    """What follows from a message or a batch: each sample's outcome (a rejected one goes to the
+    dead-letter topic with its reason), a decision taken, a run started now and why, the runs to publish."""
+    outcome: Literal["accepted", "duplicate", "rejected", "batch", "decided", "ignored", "resumed"]
     rejected: Rejected | None = None
     decision: PromotionDecision | None = None
     started: Trigger | None = None
     publish: list[RunRequested | StudentPromoted] = field(default_factory=list)
+    taken: list[Taken] = field(default_factory=list)
 
 
 class Stream:
@@ -51,29 +64,38 @@ class Stream:
     MAX_DRIFT_CHECKS = 20
 
     def __init__(self, store: ArtifactStore, settings: StreamSettings):
-        self.store, self.settings = store, settings
+        self.store, self.env_settings = store, settings
+        self.settings, self.settings_file = settings, None     # with the settings file's over them (refresh)
         self.base = f"streams/{settings.stream}"
-        self.sample_store = SampleStore(store, self.base)
+        self.log = SegmentLog(store, f"{self.base}/segments", settings.segment_samples)
         self.state: StreamState | None = None
-        self.samples: list[StoredSample] = []
-        self.known: set[str] = set()          # text keys of everything the stream's data holds
+        # index keys of what the stream's data holds besides its stored samples (self.log.keys): the
+        # base run's splits and what the current student was trained on
+        self.known: set[bytes] = set()
+        self.pending: list[StoredSample] = []   # stored, not yet in a drift window
         self._student: tuple[str, object] | None = None   # (checkpoint sha256, the current student)
+        self._settings_stamp: tuple | None = None
 
     # -- the entry points ------------------------------------------------------------------------------------
-    def take(self, body: bytes) -> StreamStep:
-        """A streamed sample: rejected, a duplicate, or stored; then drift is checked and a run starts
-        if a trigger is due."""
-        try:
-            outcome = self.ingest(body)
-        except Rejected as e:
-            return StreamStep("rejected", rejected=e)
-        if outcome == "accepted":
+    def take_batch(self, bodies: list[bytes]) -> StreamStep:
+        """Streamed samples: each rejected, a duplicate, or stored (the stored ones in one commit);
+        then drift is checked and a run starts if a trigger is due."""
+        self.refresh_settings()
+        taken = self.store_batch(bodies)
+        if any(t.outcome == "accepted" for t in taken):
             self.check_drift()
-        return self._runs_due(StreamStep(outcome))
+        return self._runs_due(StreamStep("batch", taken=taken))
+
+    def take(self, body: bytes) -> StreamStep:
+        """One streamed sample (a batch of one)."""
+        step = self.take_batch([body])
+        step.outcome, step.rejected = step.taken[0].outcome, step.taken[0].rejected
+        return step
 
     def finished(self, completed: RunCompleted) -> StreamStep:
         """A run ended: the base run's student becomes the first current one; a stream run's may
         replace it. A trigger that waited for the run may start the next one."""
+        self.refresh_settings()
         decision = self.run_completed(completed)
         return self._runs_due(StreamStep("decided" if decision else "ignored", decision=decision))
 
@@ -91,7 +113,9 @@ class Stream:
 
     # -- opening ---------------------------------------------------------------------------------------------
     def open(self) -> None:
-        """Read the stream back from the store, or start it from the base run. A bad setting is a UserError."""
+        """Read the stream back from the store, or start it from the base run. A bad setting, a bad
+        settings file or a damaged segment is a UserError."""
+        self.settings, self.settings_file = self._load_settings()
         key = f"{self.base}/state.json"
         if self.store.exists(key):
             self.state = StreamState.model_validate(self.store.get_json(key))
@@ -107,19 +131,93 @@ class Stream:
             self.state = StreamState(name=self.settings.stream, base_run=self.settings.base_run,
                                      labels=run_context(self.store, self.settings.base_run).labels)
             self._save()
+        self._check_run_options(self.settings)
         base = self._base_splits()
-        self.known = {text_key(s.text) for s in base.train + base.validation + base.test}
-        self.samples = self.sample_store.read_all()
-        self.known |= {text_key(s.text) for s in self.samples}
+        self.known = {index_key(s.text) for s in base.train + base.validation + base.test}
+        self._migrate_one_file_per_sample()
+        self.log.open()
         if self.state.current is None:   # the base run may have completed before ingest first started
+            self.pending = list(self.log.read(after_seq=max(self.state.drift_checked_through,
+                                                            self.log.last_seq - self.settings.drift_window)))
             completed = RunFiles(self.state.base_run).completed
             if self.store.exists(completed):
                 self.run_completed(RunCompleted.model_validate(self.store.get_json(completed)))
-        if self.state.current is not None:
-            self.known |= {text_key(s.text) for s in read_samples_artifact(self.store, self.state.current.train_set)}
-        log.info("stream %s: base run %s, %d labels, %d samples stored, current student: %s", self.state.name,
-                 self.state.base_run, len(self.state.labels), len(self.samples),
+        else:
+            self.pending = list(self.log.read(after_seq=self.state.drift_checked_through))
+            self.known |= self._trained_keys(self.state.current.train_set)
+        log.info("stream %s: base run %s, %d labels, %d samples stored in %d segment(s), current student: %s",
+                 self.state.name, self.state.base_run, len(self.state.labels), self.log.count,
+                 len(self.log.manifest.segments),
                  self.state.current.run_id if self.state.current else "none yet (the base run has not completed)")
+
+    def _load_settings(self) -> tuple[StreamSettings, SettingsFile | None]:
+        path = self.env_settings.settings_file
+        if path:
+            try:
+                stat = os.stat(path)
+                self._settings_stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            except OSError:
+                self._settings_stamp = None
+        return self.env_settings.with_file()
+
+    def refresh_settings(self) -> None:
+        """The settings file again if it changed since it was read; one that does not validate is one
+        logged line, and the settings in force stay."""
+        path = self.env_settings.settings_file
+        if not path or self.state is None:
+            return
+        try:
+            stat = os.stat(path)
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            stamp = None
+        if stamp == self._settings_stamp:
+            return
+        try:
+            settings, file = self._load_settings()
+            self._check_run_options(settings)
+        except UserError as e:
+            log.error("stream %s: the settings in force stay: %s", self.state.name, e)
+            return
+        if file.sha256 != (self.settings_file.sha256 if self.settings_file else None):
+            log.info("stream %s: settings from %s now in force: %s", self.state.name, path, file.values)
+        self.settings, self.settings_file = settings, file
+
+    def _check_run_options(self, settings: StreamSettings) -> None:
+        """The triggered runs' options over the base run's must make a valid run: checked when they are
+        read, not when a run is due."""
+        try:
+            self._run_config(settings)
+        except ValidationError as e:
+            error = e.errors()[0]
+            where = settings.settings_file or StreamSettings.variable("run")
+            raise UserError(f"{where}: run.{'.'.join(str(x) for x in error['loc'])}: {error['msg']}") from None
+
+    def _run_config(self, settings: StreamSettings) -> DistillConfig:
+        return DistillConfig.model_validate({**self._base_config().model_dump(), **settings.run})
+
+    def _migrate_one_file_per_sample(self) -> None:
+        """Streams of pgkd before segments kept `samples/<text key>.json`, one per sample: moved into
+        segments once, in arrival order. The old files stay (remove streams/<name>/samples/ after)."""
+        old = f"{self.base}/samples"
+        if self.store.exists(f"{self.log.prefix}/manifest.json") or not self.store.list(old):
+            return
+        samples = sorted((StoredSample.model_validate(self.store.get_json(k)) for k in self.store.list(old)),
+                         key=lambda s: s.seq)
+        self.log.append([s.model_copy(update={"seq": i}) for i, s in enumerate(samples, start=1)])
+        log.warning("stream %s: %d samples moved from %s/ (one file each) into segments; that folder may be "
+                    "removed", self.state.name, len(samples), old)
+
+    def _trained_keys(self, train_set) -> set[bytes]:
+        """Index keys of a training set's texts that are not stored samples (the base run's, the teacher's),
+        kept beside the segments so a restart need not read the training set."""
+        key = f"{self.base}/trained/{train_set.sha256[:32]}.keys"
+        if self.store.exists(key):
+            data = self.store.get_bytes(key)
+            return {data[i:i + KEY_BYTES] for i in range(0, len(data), KEY_BYTES)}
+        keys = {index_key(s.text) for s in read_samples_artifact(self.store, train_set)} - self.log.keys
+        self.store.put_bytes(key, b"".join(sorted(keys)))
+        return keys
 
     def _save(self) -> None:
         self.store.put_json(f"{self.base}/state.json", self.state.model_dump(mode="json"))
@@ -135,28 +233,55 @@ class Stream:
         """The metric runs are judged by: the base run's."""
         return self._base_config().metric
 
-    # -- a streamed sample -----------------------------------------------------------------------------------
-    def ingest(self, body: bytes) -> Literal["accepted", "duplicate"]:
-        """Store a new sample once; a text already known is a duplicate. Raises Rejected."""
-        sample = parse_sample(body, self.settings)
-        if sample.label not in self.state.labels:
-            if self.settings.new_labels != "extend":
-                raise Rejected("unknown_label", f"{sample.label!r} is not one of the stream's {len(self.state.labels)} "
-                                                "labels (PGKD_STREAM_NEW_LABELS=extend adds new labels)")
-            self.state.labels = sorted(self.state.labels + [sample.label])
+    # -- streamed samples ------------------------------------------------------------------------------------
+    def store_batch(self, bodies: list[bytes]) -> list[Taken]:
+        """Store each new sample once, all in one commit; a text already known (or earlier in the
+        batch) is a duplicate; a bad message is rejected with its reason."""
+        taken, accepted, keys = [], [], set()
+        labels_before = list(self.state.labels)
+        for body in bodies:
+            try:
+                sample = parse_sample(body, self.settings)
+                self._check_label(sample.label)
+            except Rejected as e:
+                taken.append(Taken("rejected", e))
+                continue
+            key = index_key(sample.text)
+            if key in self.known or key in self.log.keys or key in keys:
+                taken.append(Taken("duplicate"))
+                continue
+            keys.add(key)
+            accepted.append(StoredSample(text=sample.text, label=sample.label,
+                                         split=route(sample.text, self.settings.validation_percent),
+                                         seq=self.log.last_seq + 1 + len(accepted), source=sample.source,
+                                         id=sample.id, arrived_at=time.time()))
+            taken.append(Taken("accepted"))
+        if self.state.labels != labels_before:
+            # before the samples: stored samples of a label the state lacks would never add it (their
+            # redelivery is a duplicate)
             self._save()
-            log.info("stream %s: new label %r; the next run's student has %d classes", self.state.name,
-                     sample.label, len(self.state.labels))
-        key = text_key(sample.text)
-        if key in self.known:
-            return "duplicate"
-        stored = StoredSample(text=sample.text, label=sample.label, split=route(sample.text,
-                              self.settings.validation_percent), seq=len(self.samples) + 1, source=sample.source,
-                              id=sample.id, arrived_at=time.time())
-        self.sample_store.put(stored)
-        self.samples.append(stored)
-        self.known.add(key)
-        return "accepted"
+        self.log.append(accepted)
+        self.pending.extend(accepted)
+        if self.state.current is None:   # nothing to check yet: the first student is judged on what comes last
+            self.pending = self.pending[-self.settings.drift_window:]
+        return taken
+
+    def ingest(self, body: bytes) -> Literal["accepted", "duplicate"]:
+        """One sample stored (a batch of one); raises Rejected."""
+        (taken,) = self.store_batch([body])
+        if taken.rejected is not None:
+            raise taken.rejected
+        return taken.outcome
+
+    def _check_label(self, label: str) -> None:
+        if label in self.state.labels:
+            return
+        if self.settings.new_labels != "extend":
+            raise Rejected("unknown_label", f"{label!r} is not one of the stream's {len(self.state.labels)} "
+                                            "labels (PGKD_STREAM_NEW_LABELS=extend adds new labels)")
+        self.state.labels = sorted(self.state.labels + [label])
+        log.info("stream %s: new label %r; the next run's student has %d classes", self.state.name, label,
+                 len(self.state.labels))
 
     # -- triggers --------------------------------------------------------------------------------------------
     @property
@@ -165,31 +290,46 @@ class Stream:
 
     def new_samples(self) -> int:
         """Accepted since the last run started (or since the stream started)."""
-        return len(self.samples) - (self.state.runs[-1].samples_through if self.state.runs else 0)
+        return self.log.last_seq - (self.state.runs[-1].samples_through if self.state.runs else 0)
 
     def check_drift(self) -> DriftCheck | None:
-        """Score the current student on each full window of new samples; the last check is kept."""
-        current, check = self.state.current, None
-        while current is not None:
-            start = self.state.drift_checked_through      # samples[i].seq == i + 1
-            window = self.samples[start:start + self.settings.drift_window]
-            if len(window) < self.settings.drift_window:
-                break
+        """Score the current student on each full window of new samples. Its first windows make its
+        reference (`drift_reference_windows` of them: samples it was neither trained nor selected on,
+        so the reference is neither flattered by selection nor by the teacher aiming at validation);
+        each later window drifts when its accuracy is below the reference by more than the margin.
+        The first windows themselves drift when below the floor by the margin (a stream unlike the
+        data from its start): the base student's unbiased score, or the reference the stream had."""
+        current, check, size = self.state.current, None, self.settings.drift_window
+        while current is not None and len(self.pending) >= size:
+            window, self.pending = self.pending[:size], self.pending[size:]
             report = score(self._current_student(), [Sample(text=s.text, label=s.label) for s in window],
                            self.state.labels)
-            check = DriftCheck(through=window[-1].seq, window=len(window), accuracy=report.accuracy,
-                               reference=current.validation_accuracy,
-                               drifted=report.accuracy < current.validation_accuracy - self.settings.drift_margin)
+            if current.reference_windows < self.settings.drift_reference_windows:
+                current.reference_windows += 1
+                current.reference_samples += len(window)
+                current.reference_correct += round(report.accuracy * len(window))
+                if current.reference_windows == self.settings.drift_reference_windows:
+                    current.drift_reference = current.reference_correct / current.reference_samples
+                check = DriftCheck(through=window[-1].seq, window=len(window), accuracy=report.accuracy,
+                                   reference=current.reference_floor, role="reference",
+                                   drifted=report.accuracy < current.reference_floor - self.settings.drift_margin)
+            else:
+                check = DriftCheck(through=window[-1].seq, window=len(window), accuracy=report.accuracy,
+                                   reference=current.drift_reference,
+                                   drifted=report.accuracy < current.drift_reference - self.settings.drift_margin)
             self.state.drift_checked_through = check.through
             self.state.drift_checks = (self.state.drift_checks + [check])[-self.MAX_DRIFT_CHECKS:]
-            log.info("stream %s: drift check through sample %d: accuracy %.4f on the last %d, validation %.4f%s",
-                     self.state.name, check.through, check.accuracy, check.window, check.reference,
-                     " (drift)" if check.drifted else "")
+            log.info("stream %s: drift %s through sample %d: accuracy %.4f on the last %d, %s %.4f%s",
+                     self.state.name, "reference window" if check.role == "reference" else "check", check.through,
+                     check.accuracy, check.window, "floor" if check.role == "reference" else "reference",
+                     check.reference, " (drift)" if check.drifted else "")
             if check.drifted and self.state.pending_trigger is None:
                 self.state.pending_trigger = Trigger(
                     kind="drift", detail=f"accuracy {check.accuracy:.4f} on samples {check.through - check.window + 1}-"
-                                         f"{check.through} < validation {check.reference:.4f} - margin "
+                                         f"{check.through} < {'floor' if check.role == 'reference' else 'reference'} "
+                                         f"{check.reference:.4f} - margin "
                                          f"{self.settings.drift_margin}")
+        if check is not None:
             self._save()
         return check
 
@@ -204,30 +344,41 @@ class Stream:
         return None
 
     def start_run(self, trigger: Trigger) -> RunRequested:
-        """A run on the grown dataset, warm-started from the current student. Recorded before it is
-        published, so a crash in between publishes it on the next start (`unpublished`)."""
+        """A run on the grown dataset, warm-started from the current student (from the pretrained
+        encoder when the settings' `run` names another student). Recorded before it is published, so a
+        crash in between publishes it on the next start (`unpublished`)."""
+        current = self.state.current
+        splits = self.dataset()
+        config = self._run_config(self.settings).model_copy(update={
+            "data": f"stream://{self.state.name}", "labeled": len(splits.train) + len(splits.validation)})
+        same_student = config.student == run_context(self.store, current.run_id).config.student
+        run_id = f"{self.state.name}-{len(self.state.runs) + 1:04d}"
+        request = submit_splits(config, f"stream {self.state.name}", splits, self.store, run_id,
+                                start_from=current.checkpoint if same_student else None)
+        self.state.runs.append(StreamRun(run_id=run_id, trigger=trigger, samples_through=self.log.last_seq,
+                                         train_size=len(splits.train), validation_size=len(splits.validation),
+                                         started_at=time.time(), settings=self.settings.in_force(),
+                                         settings_sha256=self.settings_file.sha256 if self.settings_file else None))
+        self.state.pending_trigger = None
+        self._save()
+        log.info("stream %s: run %s started (%s): train %d, validation %d, %d labels, %s", self.state.name,
+                 run_id, trigger, len(splits.train), len(splits.validation), len(self.state.labels),
+                 f"from {current.run_id}" if same_student else f"a new {config.student} student")
+        return request
+
+    def dataset(self) -> Splits:
+        """The grown dataset a run is cut from: the current student's training set and every streamed
+        train sample; the base run's validation and every streamed validation sample; the base run's
+        pool (less what is now labeled) and test."""
         current, base = self.state.current, self._base_splits()
         streamed = {"train": [], "validation": []}
-        for s in self.samples:
+        for s in self.log.read():
             streamed[s.split].append(Sample(text=s.text, label=s.label))
         train = _unique(read_samples_artifact(self.store, current.train_set) + streamed["train"])
         validation = _unique(base.validation + streamed["validation"])
         taken = {normalize_text(s.text) for s in train + validation}
-        splits = Splits(labels=list(self.state.labels), train=train, validation=validation,
-                        pool=[s for s in base.pool if normalize_text(s.text) not in taken], test=base.test)
-        config = self._base_config().model_copy(update={"data": f"stream://{self.state.name}",
-                                                         "labeled": len(train) + len(validation)})
-        run_id = f"{self.state.name}-{len(self.state.runs) + 1:04d}"
-        request = submit_splits(config, f"stream {self.state.name}", splits, self.store, run_id,
-                                start_from=current.checkpoint)
-        self.state.runs.append(StreamRun(run_id=run_id, trigger=trigger, samples_through=len(self.samples),
-                                         train_size=len(train), validation_size=len(validation),
-                                         started_at=time.time()))
-        self.state.pending_trigger = None
-        self._save()
-        log.info("stream %s: run %s started (%s): train %d, validation %d, %d labels, from %s", self.state.name,
-                 run_id, trigger, len(train), len(validation), len(self.state.labels), current.run_id)
-        return request
+        return Splits(labels=list(self.state.labels), train=train, validation=validation,
+                      pool=[s for s in base.pool if normalize_text(s.text) not in taken], test=base.test)
 
     def published(self, run_id: str) -> None:
         for r in self.state.runs:
@@ -257,7 +408,7 @@ class Stream:
     def validation_set(self) -> list[Sample]:
         """The current validation set: the base run's and every streamed validation sample."""
         return _unique(self._base_splits().validation
-                       + [Sample(text=s.text, label=s.label) for s in self.samples if s.split == "validation"])
+                       + [Sample(text=s.text, label=s.label) for s in self.log.read() if s.split == "validation"])
 
     def run_completed(self, completed: RunCompleted) -> PromotionDecision | None:
         """The base run's student becomes the first current one; a stream run's replaces it only if
@@ -274,9 +425,13 @@ class Stream:
                                            train_set=best.train_set,
                                            labels=run_context(self.store, completed.run_id).labels,
                                            validation_accuracy=reference.accuracy,
-                                           validation_score=reference.metric(self.metric), since=time.time())
+                                           validation_score=reference.metric(self.metric), since=time.time(),
+                                           reference_floor=reference.accuracy)
             self._promote(completed, {f"validation_{k}": v for k, v in best.validation.headline().items()},
                           f"the first student of stream {state.name} (its base run)")
+            # judged for drift on what arrived last (pending keeps the last window while there is no student)
+            state.drift_checked_through = max(state.drift_checked_through, self.log.last_seq - len(self.pending))
+            self.known |= self._trained_keys(best.train_set)
             self._save()
             log.info("stream %s: current student: run %s cycle %d (drift reference: accuracy %.4f)", state.name,
                      completed.run_id, completed.best_cycle, reference.accuracy)
@@ -301,6 +456,7 @@ class Stream:
         run.decision = decision
         if decision.replaced:   # judge the new student for drift only on samples it was not trained on
             state.drift_checked_through = max(state.drift_checked_through, run.samples_through)
+            self.pending = [s for s in self.pending if s.seq > state.drift_checked_through]
             self._promote(completed, {f"validation_{metric}": decision.new_score,
                                       "validation_accuracy": decision.new_accuracy}, decision.reason)
         self.store.put_json(f"{self.base}/decisions/{run.run_id}.json", decision.model_dump(mode="json"))
@@ -319,10 +475,17 @@ class Stream:
             state.current = CurrentStudent(run_id=completed.run_id, checkpoint=completed.best_checkpoint,
                                            train_set=best.train_set, labels=list(new_student.labels),
                                            validation_accuracy=new.accuracy, validation_score=new.metric(metric),
-                                           since=time.time())
+                                           since=time.time(),
+                                           reference_floor=self._floor_after(state.current))
             self._student = (completed.best_checkpoint.sha256, new_student)
-            self.known |= {text_key(s.text) for s in read_samples_artifact(self.store, best.train_set)}
+            self.known |= self._trained_keys(best.train_set)
         return decision
+
+    @staticmethod
+    def _floor_after(previous: CurrentStudent) -> float:
+        """A promoted student's floor: the level the stream had (its validation score selected it, so
+        that score flatters it)."""
+        return previous.drift_reference if previous.drift_reference is not None else previous.reference_floor
 
     def _unbiased_scores(self, completed: RunCompleted, best: CycleState) -> EvalReport:
         """The drift reference: scores of the base run the teacher never aimed at. Its selection scores
