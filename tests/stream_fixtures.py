@@ -45,6 +45,13 @@ def body(row) -> bytes:
     return json.dumps(row).encode()
 
 
+def stored_count(store: ArtifactStore, stream: str = "default") -> int:
+    """How many samples the stream's manifest has committed (without reading them)."""
+    log = SegmentLog(store, f"streams/{stream}/segments")
+    log.load_manifest()
+    return log.count
+
+
 def stored(store: ArtifactStore, stream: str = "default") -> list:
     """The stream's committed samples, in order, as a restarted ingest reads them (StoredSample)."""
     log = SegmentLog(store, f"streams/{stream}/segments")

@@ -1,6 +1,6 @@
 """The ingest service as an OS process over the real Kafka-protocol broker (Tansu: Kafka-compatible,
-not Apache Kafka), fed by `pgkd send`: a stream with bad messages in it, a run it triggers through
-the four loop services, and a SIGKILL mid-stream."""
+not Apache Kafka), fed by `pgkd send`: a stream with bad messages in it and a run it triggers through
+the four loop services (a SIGKILL mid-batch and restarts at scale: test_stream_storage_tansu.py)."""
 import json
 import time
 
@@ -94,33 +94,3 @@ def test_a_thousand_streamed_samples_five_percent_bad_are_stored_once_dead_lette
     assert status.returncode == 0, status.stderr
     assert "950 samples stored" in status.stdout and f"run default-0001 (count: {through}" in status.stdout
     assert processes.stop() == {name: 0 for name in (*services.NAMES, "ingest")}
-
-
-def test_ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(services_over_kafka, tmp_path):
-    processes, store = services_over_kafka, services_over_kafka.store
-    data, _ = base_run(tmp_path, store, **BASE)
-    good = new_samples(data, 570)
-    reasons = stream_file(tmp_path / "stream.jsonl", good, bad_rows(30))
-    settings = dict(PGKD_STREAM_BASE_RUN="base", PGKD_STREAM_TRIGGER_COUNT="100000", PGKD_STREAM_DRIFT_WINDOW="100000",
-                    PGKD_STREAM_BATCH_MAX="50")   # many batches: the kill comes between two
-    sent = processes.pgkd("send", str(tmp_path / "stream.jsonl"), "--no-progress")   # all waiting in the topic
-    assert sent.returncode == 0, sent.stderr
-    processes.start("ingest", **settings)
-    wait_until(lambda: len(stored(store)) >= 150, "150 samples stored", processes)
-    processes.kill("ingest")
-    assert len(stored(store)) < 570           # killed in the middle of the stream
-
-    processes.start("ingest", **settings)
-    wait_until(lambda: len(stored(store)) >= 570 and
-               len(processes.bodies("dead-letter")) >= 30, "the rest of the stream handled", processes)
-    time.sleep(2)   # anything left to redeliver would show up now
-    texts = stored_texts(store)
-    assert len(texts) == len(set(texts)) == 570 and set(texts) == {r["text"] for r in good}
-    seqs = [s.seq for s in stored(store)]
-    assert seqs == list(range(1, 571))
-    letters = [DeadLetter.model_validate_json(b) for b in processes.bodies("dead-letter")]
-    # Dead letters are at least once: the message in hand when the process died may be sent twice.
-    assert {(d.payload, d.reason.split(":")[0]) for d in letters} == set(reasons.items())
-    assert 30 <= len(letters) <= 31
-    assert processes.uncommitted("labeled-samples", "ingest") == 0      # everything committed
-    assert processes.stop()["ingest"] == 0
