@@ -175,7 +175,7 @@ class LocalCluster:
     def start(self, name: str, **env: str) -> subprocess.Popen:
         """The service `name` as a process (`pgkd service NAME`), serving /metrics on its own port; the
         next `ready()` waits until it has connected to the broker (/readyz)."""
-        port = self.metrics_ports[name]
+        port = self.metrics_ports.setdefault(name, free_port())
         return self.spawn(name, self.pgkd_argv("service", name), env={**env, "PGKD_METRICS_PORT": str(port)},
                           ready=_http_ok(f"http://127.0.0.1:{port}/readyz"), message=f"{name} (metrics :{port})")
 

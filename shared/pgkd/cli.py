@@ -317,12 +317,33 @@ def cmd_bench_serve(args) -> int:
 def cmd_bench_stream(args) -> int:
     from pathlib import Path
 
+    if args.samples is not None:
+        return _bench_stream_scale(args)
+    args.out = args.out or "runs/bench/stream"
     from pgkd.bench.stream import markdown, run_stream_bench
     result = run_stream_bench(Path(args.data), Path(args.out), student=args.student, labeled=args.labeled,
                               size=args.size, bad_percent=args.bad_percent, trigger_count=args.trigger_count,
                               max_cycles=args.max_cycles, seed=args.seed, progress=args.progress)
     print(markdown(result), end="")
     print(f"wrote {args.out}/stream.json, stream.md, artifacts/")
+    return 0
+
+
+def _bench_stream_scale(args) -> int:
+    """`bench stream --samples N` runs ingest over a local broker: the services' benchmark (an entry
+    point in `pgkd.benchmarks`, since the engine does not import the services)."""
+    from importlib.metadata import entry_points
+    from pathlib import Path
+    found = [e for e in entry_points(group="pgkd.benchmarks") if e.name == "stream-scale"]
+    if not found:
+        raise UserError("bench stream --samples: needs the services (pgkd_services); run `make setup`")
+    if args.samples < 1:
+        raise UserError(f"--samples {args.samples}: expected a positive number of samples")
+    out = args.out or "runs/bench/stream-scale"
+    result = found[0].load()(samples=args.samples, out=out, stages=args.stages, batch_max=args.batch_max,
+                             progress=args.progress)
+    print(Path(out, "stream-scale.md").read_text(), end="")
+    print(f"wrote {out}/stream-scale.json, stream-scale.md ({result['seconds']:.0f} s)")
     return 0
 
 
@@ -481,7 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--trigger-count", type=int, default=500, help="new samples that start a run")
     stream.add_argument("--max-cycles", type=int, default=3)
     stream.add_argument("--seed", type=int, default=1)
-    stream.add_argument("--out", default="runs/bench/stream")
+    stream.add_argument("--samples", type=int, default=None,
+                        help="the storage at scale instead: ingest over a local Kafka-protocol broker up to this "
+                             "many stored samples (synthetic texts), its rate, restarts and the time to cut a dataset")
+    stream.add_argument("--stages", type=_csv(int), default=None, help="with --samples: where to measure on the way "
+                                                                        "(default: 10000,100000)")
+    stream.add_argument("--batch-max", type=int, default=500, help="with --samples: ingest's PGKD_STREAM_BATCH_MAX")
+    stream.add_argument("--out", default=None, help="default: runs/bench/stream (with --samples: stream-scale)")
     stream.add_argument("--no-progress", dest="progress", action="store_false")
     stream.set_defaults(func=cmd_bench_stream)
     bus = bench_sub.add_parser("bus", help="the distributed loop's cost: the same run embedded and through the "

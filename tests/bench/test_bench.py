@@ -128,6 +128,21 @@ def test_bench_stream_counts_every_message_and_records_the_triggered_run_and_its
     assert "holds more than an earlier `bench stream` wrote" in capsys.readouterr().err
 
 
+def test_bench_stream_at_scale_ingests_over_the_broker_restarts_and_cuts_a_dataset(tmp_path, capsys):
+    """`bench stream --samples` on a tiny scale: ingest over a local Tansu (Kafka-compatible, not
+    Apache Kafka), every sample stored once, a restart at each stage; the figures are the benchmark's."""
+    out = tmp_path / "scale"
+    assert main(["bench", "stream", "--samples", "1500", "--stages", "500", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "stream-scale.json").read_text())
+    assert [r["stored"] for r in result["rows"]] == [500, 1500]
+    assert [r["restart"]["at_stored"] for r in result["rows"]] == [500, 1500]
+    assert all(r["ingest_per_second"] > 0 and r["restart"]["first_batch_stored_seconds"] > 0 for r in result["rows"])
+    assert [r["train"] + r["validation"] for r in result["rows"]] == [400 + 500, 400 + 1500]   # the base's, the stream's
+    assert "| 1,500 |" in (out / "stream-scale.md").read_text() and "Kafka-compatible, not Apache Kafka" in \
+        capsys.readouterr().out
+    assert main(["bench", "stream", "--samples", "0", "--out", str(out)]) == 2
+
+
 def test_bench_bus_runs_embedded_and_through_the_steps_and_finds_the_same_report(tmp_path, capsys):
     data = make_toy_dataset(tmp_path / "toy")
     out = tmp_path / "bus"

@@ -115,6 +115,7 @@ class Stream:
     def open(self) -> None:
         """Read the stream back from the store, or start it from the base run. A bad setting, a bad
         settings file or a damaged segment is a UserError."""
+        started = time.perf_counter()
         self.settings, self.settings_file = self._load_settings()
         key = f"{self.base}/state.json"
         if self.store.exists(key):
@@ -145,10 +146,11 @@ class Stream:
         else:
             self.pending = list(self.log.read(after_seq=self.state.drift_checked_through))
             self.known |= self._trained_keys(self.state.current.train_set)
-        log.info("stream %s: base run %s, %d labels, %d samples stored in %d segment(s), current student: %s",
-                 self.state.name, self.state.base_run, len(self.state.labels), self.log.count,
+        log.info("stream %s: base run %s, %d labels, %d samples stored in %d segment(s), current student: %s "
+                 "(read back in %.2f s)", self.state.name, self.state.base_run, len(self.state.labels), self.log.count,
                  len(self.log.manifest.segments),
-                 self.state.current.run_id if self.state.current else "none yet (the base run has not completed)")
+                 self.state.current.run_id if self.state.current else "none yet (the base run has not completed)",
+                 time.perf_counter() - started)
 
     def _load_settings(self) -> tuple[StreamSettings, SettingsFile | None]:
         path = self.env_settings.settings_file
@@ -187,14 +189,15 @@ class Stream:
         """The triggered runs' options over the base run's must make a valid run: checked when they are
         read, not when a run is due."""
         try:
-            self._run_config(settings)
+            self.run_config(settings)
         except ValidationError as e:
             error = e.errors()[0]
             where = settings.settings_file or StreamSettings.variable("run")
             raise UserError(f"{where}: run.{'.'.join(str(x) for x in error['loc'])}: {error['msg']}") from None
 
-    def _run_config(self, settings: StreamSettings) -> DistillConfig:
-        return DistillConfig.model_validate({**self._base_config().model_dump(), **settings.run})
+    def run_config(self, settings: StreamSettings | None = None) -> DistillConfig:
+        """The options of a run it triggers: the base run's, the settings' `run` over them."""
+        return DistillConfig.model_validate({**self._base_config().model_dump(), **(settings or self.settings).run})
 
     def _migrate_one_file_per_sample(self) -> None:
         """Streams of pgkd before segments kept `samples/<text key>.json`, one per sample: moved into
@@ -349,7 +352,7 @@ class Stream:
         crash in between publishes it on the next start (`unpublished`)."""
         current = self.state.current
         splits = self.dataset()
-        config = self._run_config(self.settings).model_copy(update={
+        config = self.run_config().model_copy(update={
             "data": f"stream://{self.state.name}", "labeled": len(splits.train) + len(splits.validation)})
         same_student = config.student == run_context(self.store, current.run_id).config.student
         run_id = f"{self.state.name}-{len(self.state.runs) + 1:04d}"
@@ -367,14 +370,15 @@ class Stream:
         return request
 
     def dataset(self) -> Splits:
-        """The grown dataset a run is cut from: the current student's training set and every streamed
-        train sample; the base run's validation and every streamed validation sample; the base run's
+        """The grown dataset a run is cut from: the current student's training set (the base run's
+        train split before there is one) and every streamed train sample; the base run's validation and every streamed validation sample; the base run's
         pool (less what is now labeled) and test."""
         current, base = self.state.current, self._base_splits()
         streamed = {"train": [], "validation": []}
         for s in self.log.read():
             streamed[s.split].append(Sample(text=s.text, label=s.label))
-        train = _unique(read_samples_artifact(self.store, current.train_set) + streamed["train"])
+        trained = read_samples_artifact(self.store, current.train_set) if current else base.train
+        train = _unique(trained + streamed["train"])
         validation = _unique(base.validation + streamed["validation"])
         taken = {normalize_text(s.text) for s in train + validation}
         return Splits(labels=list(self.state.labels), train=train, validation=validation,
