@@ -67,8 +67,12 @@ STREAM_DEFAULTS = {
     "PGKD_STREAM": "default", "PGKD_STREAM_BASE_RUN": "", "PGKD_STREAM_TRIGGER_COUNT": "500",
     "PGKD_STREAM_DRIFT_WINDOW": "200", "PGKD_STREAM_DRIFT_MARGIN": "0.1", "PGKD_STREAM_VALIDATION_PERCENT": "20",
     "PGKD_STREAM_NEW_LABELS": "reject", "PGKD_STREAM_MIN_CHARS": "1", "PGKD_STREAM_MAX_CHARS": "2000",
-    "PGKD_STREAM_SERVING_MODEL": "student",
+    "PGKD_STREAM_SERVING_MODEL": "student", "PGKD_STREAM_DRIFT_REFERENCE_WINDOWS": "3", "PGKD_STREAM_RUN": "",
+    "PGKD_STREAM_SETTINGS_FILE": "", "PGKD_STREAM_SEGMENT_SAMPLES": "10000", "PGKD_STREAM_BATCH_MAX": "500",
+    "PGKD_STREAM_BATCH_SECONDS": "0.2",
 }
+# Where the deploy files differ from the code's defaults, on purpose: the stream's settings file they mount.
+STREAM_MOUNTED = {"PGKD_STREAM_SETTINGS_FILE": "/etc/pgkd/stream/stream.yaml"}
 # The stream's state has one writer: ingest runs as one container / pod, never two at once.
 SINGLE_WRITERS = ("ingest",)
 METRICS_PORT = 9100
@@ -470,9 +474,14 @@ def test_compose_ingest_has_the_stream_configuration():
     env = {key: str(value) for key, value in compose()["services"]["ingest"]["environment"].items()}
     stream = {key: value for key, value in env.items() if key.startswith("PGKD_STREAM")}
     assert set(stream) == set(STREAM_DEFAULTS)
-    for key, default in STREAM_DEFAULTS.items():
+    for key, default in {**STREAM_DEFAULTS, **STREAM_MOUNTED}.items():
         # Passed through from the environment of `docker compose`, with the code's default otherwise.
         assert stream[key] == "${%s:-%s}" % (key, default), key
+    # The settings file's folder is mounted (a file's bind mount would miss an editor's replace).
+    assert "./deploy/stream:/etc/pgkd/stream:ro" in compose()["services"]["ingest"]["volumes"]
+    from pgkd.stream import StreamSettings
+    settings, read = StreamSettings(settings_file="deploy/stream/stream.yaml").with_file()
+    assert settings == StreamSettings(settings_file="deploy/stream/stream.yaml") and read.values == {}
     # One container: no replicas, no scaling.
     assert "scale" not in compose()["services"]["ingest"]
     assert compose()["services"]["ingest"].get("deploy", {}).get("replicas", 1) == 1
@@ -485,7 +494,7 @@ def test_the_stream_defaults_are_the_codes():
     assert set(variables.values()) == set(STREAM_DEFAULTS)
     for field, name in variables.items():
         default = StreamSettings.model_fields[field].default
-        assert STREAM_DEFAULTS[name] == ("" if default is None else str(default)), name
+        assert STREAM_DEFAULTS[name] == ("" if default in (None, {}) else str(default)), name
     # Every default parses back to the same settings (an empty value means "not set").
     assert StreamSettings.from_env(STREAM_DEFAULTS) == StreamSettings()
 
@@ -968,7 +977,10 @@ def test_the_configmap_sets_only_what_the_code_reads_and_in_the_one_namespace():
     unread = set(data) - settings_the_code_reads()
     assert not unread, f"the ConfigMap sets {sorted(unread)}, which no service reads"
     assert {"PGKD_BROKER_URL", "PGKD_ARTIFACTS"} <= set(data)
-    assert {key: data[key] for key in STREAM_DEFAULTS} == STREAM_DEFAULTS     # the code's defaults, said once
+    # the code's defaults, said once
+    assert {key: data[key] for key in STREAM_DEFAULTS} == {**STREAM_DEFAULTS, **STREAM_MOUNTED}
+    settings = yaml.safe_load(k8s_doc("ConfigMap", "pgkd-stream-settings")["data"]["stream.yaml"])
+    assert settings is None      # every setting commented out: the file says what may go in it
     assert k8s_doc("Namespace", "pgkd")
     for source, doc in k8s_documents():
         assert doc["metadata"].get("namespace", "pgkd") == "pgkd", source
