@@ -269,7 +269,15 @@ def test_concurrent_requests_with_mixed_settings_all_succeed(served):
             stats = client.get_inference_statistics(MODEL)["model_stats"][0]
         return int(stats["inference_count"]), int(stats["execution_count"])
 
+    # The statistics of the tests before may still be arriving (see below): take them once they are still.
     inferences_before, executions_before = counts()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = counts()
+        if now == (inferences_before, executions_before):
+            break
+        inferences_before, executions_before = now
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(cases))]
     for thread in threads:
         thread.start()

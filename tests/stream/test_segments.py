@@ -92,6 +92,15 @@ def test_a_committed_segment_with_other_bytes_is_refused_when_read(tmp_path):
         list(log.read())
 
 
+def test_a_manifest_damaged_by_something_else_is_one_line_not_a_traceback(tmp_path):
+    store = ArtifactStore(f"file://{tmp_path}")
+    opened(store).append(samples(1, 3))
+    path = tmp_path / PREFIX / "manifest.json"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(SegmentDamaged, match=r"manifest.json: not the manifest pgkd wrote .*restore it"):
+        opened(store)
+
+
 def test_a_lost_key_file_is_rebuilt_from_its_segment(tmp_path, caplog):
     store = ArtifactStore(f"file://{tmp_path}")
     opened(store).append(samples(1, 10))
@@ -141,6 +150,8 @@ def test_the_settings_file_changes_triggers_and_run_options_without_a_restart_an
     (run,) = stream.state.runs
     assert run.settings["trigger_count"] == 6 and run.settings["run"] == {"max_cycles": 2, "samples_per_cycle": 8}
     assert run.settings_sha256 == stream.settings_file.sha256
+    assert run.cut_from == [{"segment": "00000001", "samples": 6, "bytes": stream.log.manifest.segments[0].bytes,
+                             "sha256": stream.log.manifest.segments[0].sha256}]     # what its dataset was cut from
     config = next(m for m in step.publish if m.kind == "run-requested").config
     assert (config["max_cycles"], config["samples_per_cycle"], config["student"]) == (2, 8, "minilm-frozen")
 

@@ -124,7 +124,11 @@ class SegmentLog:
 
     def load_manifest(self) -> Manifest:
         key = f"{self.prefix}/manifest.json"
-        self.manifest = Manifest.model_validate(self.store.get_json(key)) if self.store.exists(key) else Manifest()
+        try:
+            self.manifest = Manifest.model_validate(self.store.get_json(key)) if self.store.exists(key) else Manifest()
+        except (ValueError, ValidationError) as e:   # written whole by pgkd: damaged by something else
+            raise SegmentDamaged(f"{self.store.uri(key)}: not the manifest pgkd wrote ({str(e).splitlines()[0]}); "
+                                 "restore it from a backup") from None
         return self.manifest
 
     def damaged(self) -> list[tuple[Segment, str]]:

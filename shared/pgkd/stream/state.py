@@ -62,6 +62,9 @@ class StreamRun(BaseModel):
     train_size: int
     validation_size: int
     started_at: float
+    # the segments its dataset was cut from, as the manifest had them: each one's first `samples`
+    # lines, whose bytes hash to `sha256` (the open segment grows after, by appending)
+    cut_from: list[dict] = []
     settings: dict = {}           # the stream's settings in force when it was triggered (RELOADABLE)
     settings_sha256: str | None = None   # of the settings file they came from, if one
     published: bool = False

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pydantic import ValidationError
+
 from pgkd.data import Sample, Splits, normalize_text
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.distributed.messages import RunCompleted, RunRequested, StudentPromoted
@@ -28,7 +30,6 @@ from pgkd.distributed.steps import (
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.evaluation import EvalReport
-from pydantic import ValidationError
 from pgkd.stream.promotion import compare, score
 from pgkd.stream.samples import Rejected, StoredSample, parse_sample, route
 from pgkd.stream.segments import KEY_BYTES, SegmentLog, index_key
@@ -361,6 +362,8 @@ class Stream:
         self.state.runs.append(StreamRun(run_id=run_id, trigger=trigger, samples_through=self.log.last_seq,
                                          train_size=len(splits.train), validation_size=len(splits.validation),
                                          started_at=time.time(), settings=self.settings.in_force(),
+                                         cut_from=[{"segment": s.name, "samples": s.samples, "bytes": s.bytes,
+                                                    "sha256": s.sha256} for s in self.log.manifest.segments],
                                          settings_sha256=self.settings_file.sha256 if self.settings_file else None))
         self.state.pending_trigger = None
         self._save()
