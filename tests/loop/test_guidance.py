@@ -75,7 +75,7 @@ def test_with_out_of_fold_guidance_the_teacher_never_sees_a_validation_text(toy_
     from pgkd.data import load_dataset, make_splits
     config = DistillConfig(data=str(toy_data), labeled=40, student="tiny", teacher="pool-guided", samples_per_cycle=8,
                            max_cycles=2, patience=5, epochs=4, cycle_epochs=1, learning_rate=1e-2,
-                           head_learning_rate=1e-2, batch_size=16, seed=1, guidance_source=source, guidance_folds=4)
+                           head_learning_rate=1e-2, batch_size=16, seed=1, guidance_source=source, guidance_folds=2)
     splits = make_splits(load_dataset(toy_data, seed=1), 40, 1)
     teacher = RecordingTeacher(splits.pool)
     report = run(config, tmp_path / "run", progress=False, teacher=teacher).report
@@ -98,9 +98,9 @@ def test_with_out_of_fold_guidance_the_teacher_never_sees_a_validation_text(toy_
 
 def test_out_of_fold_selection_picks_the_best_cycle_on_scores_the_teacher_never_saw(toy_data, tmp_path):
     config = DistillConfig(data=str(toy_data), labeled=40, student="tiny", teacher="pool-guided", samples_per_cycle=8,
-                           max_cycles=3, patience=5, epochs=4, cycle_epochs=1, learning_rate=1e-2,
+                           max_cycles=2, patience=5, epochs=4, cycle_epochs=1, learning_rate=1e-2,
                            head_learning_rate=1e-2, batch_size=16, seed=1, selection_source="out-of-fold",
-                           guidance_folds=4)
+                           guidance_folds=2)
     report = run(config, tmp_path / "run", progress=False, embed=bag_of_words_embed).report
     selection = [c.selection["macro_f1"] for c in report.cycles]
     assert report.best.cycle == selection.index(max(selection))          # not validation's choice
