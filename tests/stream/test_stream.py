@@ -201,6 +201,11 @@ def test_a_stream_needs_its_base_run_and_sane_settings(tmp_path):
     with pytest.raises(UserError, match="PGKD_STREAM_NEW_LABELS='maybe'"):
         StreamSettings.from_env({"PGKD_STREAM_NEW_LABELS": "maybe"})
     assert StreamSettings.from_env({"PGKD_STREAM_TRIGGER_COUNT": "7"}).trigger_count == 7
+    assert StreamSettings.from_env({"PGKD_STREAM_RUN": '{"max_cycles": 2}'}).run == {"max_cycles": 2}
+    with pytest.raises(UserError, match="PGKD_STREAM_RUN='max_cycles=2': not a JSON object"):
+        StreamSettings.from_env({"PGKD_STREAM_RUN": "max_cycles=2"})
+    with pytest.raises(UserError, match="PGKD_STREAM_RUN=.*not options of a run: cycles"):
+        StreamSettings.from_env({"PGKD_STREAM_RUN": '{"cycles": 2}'})
 
 
 def test_text_keys_ignore_case_and_spacing():
