@@ -77,7 +77,7 @@ class IngestService(Service):
         await self._apply(await self._step(self.stream.finished, completed))
 
     async def _step(self, entry, *args) -> StreamStep:
-        """One of the stream's entry points, in a worker thread, one message at a time; its metrics."""
+        """One of the stream's entry points, in a worker thread, one message or batch at a time; its metrics."""
         async with self._busy:   # not held while publishing: an in-memory test broker delivers in this call
             step = await asyncio.to_thread(entry, *args)
         for taken in step.taken:
