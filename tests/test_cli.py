@@ -84,6 +84,17 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [f"pgkd: error: {tmp_path / 'nope'}: no such file or folder"]
 
 
+def test_commands_that_train_nothing_start_without_torch():
+    """torch, transformers and scikit-learn take seconds to import: `pgkd --help`, and the commands
+    that only talk to the bus or the store (submit, send, status, topics, stream), must not pay that."""
+    code = ("import sys, pgkd.cli, pgkd_services.cli, pgkd.stream\n"
+            "try:\n    pgkd.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("teacher, message", [
     ("triton://:abc/x", "no host"),
     ("triton+grpc://h:x/m", "the port must be a number from 1 to 65535"),

@@ -33,6 +33,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel
@@ -55,7 +56,6 @@ from pgkd.loop.cycle import (
     train_round,
 )
 from pgkd.loop.evaluation import EvalReport
-from pgkd.students.frozen import EmbeddingCache
 from pgkd.distributed.messages import (
     CycleEvaluated,
     ModelTrained,
@@ -71,6 +71,9 @@ from pgkd.distributed.metrics_readers import MetricsUnavailable
 from pgkd.loop.report import CycleRecord, Provenance, TrainingRound, plot_history
 from pgkd.students import load_student
 from pgkd.teachers.contract import TeacherUsage
+
+if TYPE_CHECKING:
+    from pgkd.students.frozen import EmbeddingCache
 
 log = logging.getLogger("pgkd.distributed.steps")
 
@@ -103,6 +106,7 @@ def shared_embeddings() -> EmbeddingCache:
     teacher: MiniLM is loaded once and each text encoded once, however many cycles pass."""
     global _embeddings
     if _embeddings is None:
+        from pgkd.students.frozen import EmbeddingCache   # torch: imported by the steps that embed, not at start
         _embeddings = EmbeddingCache()
     return _embeddings
 
