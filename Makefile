@@ -57,9 +57,13 @@ demo-services: setup
 	  --max-cycles $(DEMO_CYCLES) --patience 5 --seed 1
 
 # lint-imports: the architecture's contracts (pyproject.toml [tool.importlinter]).
+# The suite runs its test files on PYTEST_WORKERS processes (pytest-xdist; a file's tests stay together,
+# so its module fixtures start once): much of its time is spent waiting on brokers, servers and service
+# processes, not computing. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 test: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
