@@ -85,8 +85,8 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
 
 
 def test_commands_that_train_nothing_start_without_torch():
-    """torch, transformers and scikit-learn take seconds to import: `pgkd --help`, and the commands
-    that only talk to the bus or the store (submit, send, status, topics, stream), must not pay that."""
+    """torch, transformers and scikit-learn take seconds to import: `pgkd --help`, and the modules
+    that the bus and store commands (submit, send, status, topics, stream) run from, must not pay that."""
     code = ("import sys, pgkd.cli, pgkd_services.cli, pgkd.stream\n"
             "try:\n    pgkd.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules), file=sys.stderr)")
