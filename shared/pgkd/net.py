@@ -1,0 +1,79 @@
+"""The one place where a server's address and a port are decided.
+
+Every server pgkd starts (`pgkd serve`, `pgkd teacher serve`, the services' HTTP side) binds to the
+host one setting names: `--host` on the commands, `PGKD_HTTP_HOST` for the services. The default is
+loopback, `127.0.0.1`: what a person starts on a laptop is not open to the network unless they say so.
+The compose file and the Kubernetes manifests set `0.0.0.0` explicitly.
+
+Every port, wherever it is read (an option, a URL, an environment variable), is checked to be
+1-65535 here: nothing wraps 70000 into 4464 or takes 0 as "any".
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from pgkd.errors import UserError
+
+DEFAULT_HOST = "127.0.0.1"
+HOST_ENV = "PGKD_HTTP_HOST"
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def parse_port(value: object, where: str) -> int:
+    """A TCP port, 1-65535, from an int or its decimal text; UserError naming `where` otherwise."""
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if text is None or not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        raise UserError(f"{where} {value!r}: not a port (a whole number from 1 to 65535)")
+    return int(text)
+
+
+def parse_host(value: object, where: str) -> str:
+    """An address to bind or reach: an IPv4 or IPv6 address, or a host name; UserError otherwise."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return str(ipaddress.ip_address(text.strip("[]")))
+        except ValueError:
+            if _HOSTNAME.fullmatch(text):
+                return text
+    raise UserError(f"{where} {value!r}: not a host (an IP address such as 127.0.0.1 or 0.0.0.0, or a host name)")
+
+
+def host_from_env(env=None) -> str:
+    """The services' bind address: PGKD_HTTP_HOST, loopback by default."""
+    import os
+    env = os.environ if env is None else env
+    value = env.get(HOST_ENV)
+    return DEFAULT_HOST if value is None or value == "" else parse_host(value, HOST_ENV)
+
+
+def port_from_env(name: str, default: int, env=None) -> int:
+    import os
+    env = os.environ if env is None else env
+    value = env.get(name)
+    return default if value is None or value == "" else parse_port(value, name)
+
+
+def port_option(text: str) -> int:
+    """argparse `type=` for a port option: argparse turns the error into one line and exit 2."""
+    import argparse
+    try:
+        return parse_port(text, "port")
+    except UserError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (a whole number from 1 to 65535)") from None
+
+
+def host_option(text: str) -> str:
+    import argparse
+    try:
+        return parse_host(text, "host")
+    except UserError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host (an IP address or a host name)") from None
+
+
+def url_host(host: str) -> str:
+    """A host as it goes in a URL: IPv6 in brackets; 0.0.0.0 or :: as loopback (where a local client reaches it)."""
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+    return f"[{host}]" if ":" in host else host
