@@ -17,10 +17,12 @@ from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import log_cycle
 from pgkd.loop.report import summary_table
 from pgkd.errors import UserError
+from pgkd.names import check_name
 from pgkd.distributed.messages import TOPICS, LabeledSample, RunCompleted, RunRequested
 from pgkd.loop.report import RunReport
 from pgkd.distributed.runs import RunFiles
 from pgkd.stream.segments import SegmentLog
+from pgkd.stream.state import stream_key
 from tqdm.auto import tqdm
 
 from pgkd_services import ALL, build, kafka_security
@@ -56,6 +58,8 @@ async def _publish_request(settings: Settings, store: ArtifactStore, request: Ru
 def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: float | None, poll: float,
                promote: bool = False) -> int:
     from pgkd.distributed.steps import prepare_request
+    if run_id is not None:
+        check_name(run_id, "--run-id")   # before the data is read: it becomes the run's folder
     settings = Settings.from_env()
     store = ArtifactStore(settings.artifacts)
     request = prepare_request(config, store, run_id).model_copy(update={"promote": promote})
@@ -249,11 +253,11 @@ def stream_status(name: str) -> int:
     """What a stream holds, its current student, its runs and their decisions, its last drift check."""
     from pgkd.stream import StreamState
     store = ArtifactStore(Settings.from_env().artifacts)
-    key = f"streams/{name}/state.json"
+    key = f"{stream_key(name)}/state.json"
     if not store.exists(key):
         raise UserError(f"stream {name}: not found in {store.url}")
     state = StreamState.model_validate(store.get_json(key))
-    log = SegmentLog(store, f"streams/{name}/segments")
+    log = SegmentLog(store, f"{stream_key(name)}/segments")
     manifest = log.load_manifest()
     since = log.last_seq - (state.runs[-1].samples_through if state.runs else 0)
     print(f"stream {name}: base run {state.base_run}, {len(state.labels)} labels, {log.count} samples stored "
@@ -287,9 +291,9 @@ def stream_repair(name: str) -> int:
     """`pgkd stream repair NAME` (with ingest stopped): each damaged segment keeps its complete
     samples; the loss is recorded in the manifest and printed."""
     store = ArtifactStore(Settings.from_env().artifacts)
-    if not store.exists(f"streams/{name}/state.json"):
+    if not store.exists(f"{stream_key(name)}/state.json"):
         raise UserError(f"stream {name}: not found in {store.url}")
-    repairs = SegmentLog(store, f"streams/{name}/segments").repair()
+    repairs = SegmentLog(store, f"{stream_key(name)}/segments").repair()
     for r in repairs:
         print(f"segment {r.segment} ({r.reason}): {r.kept} samples kept, {r.lost} lost; sent again, they are new")
     print(f"stream {name}: {len(repairs)} segment(s) repaired" if repairs else f"stream {name}: no damaged segment")

@@ -3,7 +3,8 @@
 A *name* (a run id, a stream, a model, a segment, a version) is one path component that cannot be
 anything else: letters, digits, `_`, `-` and `.`, starting with a letter or a digit (so never `.` or
 `..`, never hidden), at most 128 characters. A *relative path* (a manifest entry, an artifact key) is
-names joined by `/`, where a component may also start with a `.` as long as it is not `.` or `..`.
+components joined by `/`: a component may be any file name but `.` and `..` (no separator, no control
+character).
 Either becomes a path only through `inside(root, ...)`, which resolves it (symlinks included) and
 refuses anything that lands outside `root`.
 
@@ -21,8 +22,9 @@ MAX_NAME = 128
 MAX_RELATIVE = 1024
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"   # for pydantic fields; `check_name` says the same
 _NAME = re.compile(NAME_PATTERN)
-# A component of a relative path (a file pgkd wrote, such as `.pgkd-run.json` or `best/model.safetensors`).
-_COMPONENT = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# A component of a relative path (`.pgkd-run.json`, `model.safetensors`, a file of a user's model folder):
+# any printable text but a separator, at most 255 characters (a file name's limit); `.` and `..` are refused below.
+_COMPONENT = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,255}$")
 
 
 class UnsafeName(UserError):
@@ -56,18 +58,26 @@ def check_relative(value: object, what: str) -> str:
     raise UnsafeName(f"{what} {shown}: not a relative path inside its folder")
 
 
-def inside(root: str | Path, *parts: str, what: str = "path") -> Path:
+def inside(root: str | Path, *parts: str, what: str = "path", links: bool = True) -> Path:
     """`root / parts...`, refused (UnsafeName) unless every part is a relative path of safe components
-    and the result, with every symlink on the way resolved, stays inside `root` (resolved too). The
-    path returned is the unresolved join, so what a user sees keeps the folder they named."""
+    and the result, with every symlink on the way resolved, stays inside `root` (resolved too). With
+    `links=False` a symlink anywhere below `root` on the way is refused too (a folder pgkd owns holds
+    none). The path returned is the unresolved join, so what a user sees keeps the folder they named."""
     root = Path(root)
     for part in parts:
         check_relative(part, what)
+    joined = "/".join(parts)
     path = root.joinpath(*parts)
     real_root = Path(os.path.realpath(root))
     real = Path(os.path.realpath(path))
     if real != real_root and real_root not in real.parents:
-        raise UnsafeName(f"{what} {'/'.join(parts)!r}: leads outside {root} (through a link)")
+        raise UnsafeName(f"{what} {joined!r}: leads outside {root} (through a link)")
+    if not links:
+        step = root
+        for component in joined.split("/"):
+            step = step / component
+            if step.is_symlink():
+                raise UnsafeName(f"{what} {joined!r}: {step} is a link, and pgkd writes no links there")
     return path
 
 

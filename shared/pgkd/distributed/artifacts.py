@@ -12,22 +12,24 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import uuid
 from pathlib import Path
 
 import fsspec
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from pgkd.errors import UserError
+from pgkd.names import check_relative, inside, is_relative
 
 DEFAULT_ARTIFACTS = "file://./artifacts"
 
 
 class ArtifactRef(BaseModel, frozen=True):
     uri: str
-    sha256: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")   # also a file name in caches: hex only
     size: int
 
 
@@ -55,7 +57,11 @@ class ArtifactStore:
         return f"{self.url}/{key}"
 
     def _path(self, key: str) -> str:
-        return f"{self.root}/{key}"
+        """Where a key is: every key is a relative path of names (pgkd.names), and on a file system
+        it must resolve inside the store's root, links included."""
+        if self.local:
+            return str(inside(self.root, key, what="artifact key"))
+        return f"{self.root}/{check_relative(key, 'artifact key')}"
 
     def key_of(self, uri: str) -> str:
         if not uri.startswith(self.url + "/"):
@@ -188,9 +194,9 @@ def _unpack(cache: Path, digest: str, entries: dict, source) -> Path:
     target = cache / digest
     if (target / ".complete").is_file():
         return target
-    for name in entries:
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ArtifactError(f"{name}: a file name outside its folder")
+    for name, entry in entries.items():
+        if not is_relative(name) or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256"))):
+            raise ArtifactError(f"{name!r}: a file name outside its folder, or not a sha256")
     staging = cache / f".{digest}.{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
     try:

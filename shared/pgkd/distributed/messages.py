@@ -22,6 +22,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgkd.distributed.artifacts import ArtifactRef
+from pgkd.names import NAME_PATTERN
 from pgkd.data import Sample
 from pgkd.loop.evaluation import EvalReport
 from pgkd.loop.mining import MiningResult
@@ -36,7 +37,7 @@ class Message(BaseModel):
     topic: ClassVar[str]
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    run_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    run_id: str = Field(pattern=NAME_PATTERN)   # a name (pgkd.names): it becomes a folder of the store
     cycle: int = Field(ge=0)
 
     @property
@@ -117,11 +118,11 @@ class StudentPromoted(Message):
     kind: ClassVar[str] = "student-promoted"
     topic: ClassVar[str] = "student-promoted"
     checkpoint: ArtifactRef
-    model: str = Field("student", pattern=r"^[A-Za-z0-9_.-]{1,64}$")   # the served model it becomes
+    model: str = Field("student", pattern=NAME_PATTERN)   # the served model it becomes
     scores: dict[str, float]          # validation (and test, for a completed run)
     decision: str                     # why it was promoted
     source: Literal["stream", "run"]
-    stream: str | None = None
+    stream: str | None = Field(None, pattern=NAME_PATTERN)
     promoted_at: float = Field(default_factory=time.time)
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.distributed.messages import RunCompleted
+from pgkd.names import check_name
 
 
 class RunFiles:
-    """Keys of a run's artifacts."""
+    """Keys of a run's artifacts. The run id is checked as a name (pgkd.names): `..` or `a/b` is refused."""
 
     def __init__(self, run_id: str):
-        self.base = f"runs/{run_id}"
+        self.base = f"runs/{check_name(run_id, 'run')}"
         self.request = f"{self.base}/request.json"
         self.not_submitted = f"{self.base}/not_submitted.json"     # the request was recorded, its publish failed
         self.teacher = f"{self.base}/teacher.json"

@@ -69,6 +69,7 @@ from pgkd.distributed.metrics import LoopMetrics
 from pgkd.distributed.runs import RunFiles, fail_run  # noqa: F401 -- the services and tests take them from here too
 from pgkd.distributed.metrics_readers import MetricsUnavailable
 from pgkd.loop.report import CycleRecord, Provenance, TrainingRound, plot_history
+from pgkd.names import check_name
 from pgkd.students import load_student
 from pgkd.teachers.contract import TeacherUsage
 
@@ -121,7 +122,7 @@ def forget_process_state() -> None:
 # -- submitting ----------------------------------------------------------------------------------------------
 
 def new_run_id(dataset_name: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset_name)[:32] or "run"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset_name).strip("-_.")[:32] or "run"   # a name (pgkd.names)
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
@@ -148,6 +149,8 @@ def submit(config: DistillConfig, store: ArtifactStore, run_id: str | None = Non
 def prepare_request(config: DistillConfig, store: ArtifactStore, run_id: str | None = None) -> RunRequested:
     """Check the data here, where a mistake can still be one line on the submitter's terminal, then
     store it (content-addressed). The run itself is not recorded: `record_request` does that."""
+    if run_id is not None:
+        check_name(run_id, "run id")
     dataset = load_dataset(config.data, config.text_column, config.label_column, seed=config.seed)
     make_splits(dataset, config.labeled, config.seed, config.validation_fraction)  # raises on a bad --labeled
     return RunRequested(run_id=run_id or new_run_id(dataset.name), cycle=0, config=config.model_dump(),

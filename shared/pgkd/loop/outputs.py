@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pgkd import __version__
 from pgkd.errors import UserError
+from pgkd.names import UnsafeName, inside
 
 MANIFEST = ".pgkd-run.json"
 STAGING = ".pgkd-staging"
@@ -42,7 +43,9 @@ def _files_under(folder: Path) -> list[str]:
 
 
 def read_manifest(folder: Path) -> dict | None:
-    """The manifest pgkd wrote in `folder`, or None where there is none (or it is not pgkd's)."""
+    """The manifest pgkd wrote in `folder`; None where there is none (or it is not pgkd's: no
+    `written_by: pgkd`). A manifest of pgkd's whose entries are not files inside `folder` (`../x`, an
+    absolute path, a path through a link) is not to be trusted: UserError, before anything is touched."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -50,6 +53,12 @@ def read_manifest(folder: Path) -> dict | None:
     if not isinstance(manifest, dict) or manifest.get("written_by") != WRITTEN_BY or \
             not isinstance(manifest.get("files"), dict):
         return None
+    for rel in manifest["files"]:
+        try:
+            inside(folder, rel, what="entry", links=False)
+        except UnsafeName as e:
+            raise UserError(f"{folder / MANIFEST}: {e}; pgkd refuses this folder (move it aside, or remove "
+                            "the manifest if the folder is yours)") from None
     return manifest
 
 
@@ -98,7 +107,7 @@ class RunOutput:
                             "choose another --out")
         owned = set(manifest["files"])
         for entry in sorted(RESULT_ENTRIES | {rel.split("/", 1)[0] for rel in owned}):
-            path = self.out / entry
+            path = inside(self.out, entry, what=f"--out {self.out}:", links=False)
             if not path.exists():
                 continue
             files = [entry] if not path.is_dir() else [f"{entry}/{rel}" for rel in _files_under(path)]
@@ -109,7 +118,8 @@ class RunOutput:
         return owned
 
     def _remove_stale_staging(self) -> None:
-        """A staging folder left by a killed run is removed only if it is pgkd's."""
+        """A staging folder left by a killed run is removed only if it is pgkd's (and not a link)."""
+        inside(self.out, STAGING, what="--out", links=False)
         try:
             state = json.loads((self.staging / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -130,7 +140,7 @@ class RunOutput:
         journal = {rel: {} for rel in owned} | files
         write_json_atomic(self.out / MANIFEST, self._manifest(journal, "replacing"))
         for rel in sorted(owned, key=lambda r: r != "report.json"):
-            path = self.out / rel
+            path = inside(self.out, rel, what="entry", links=False)
             if path.is_file() or path.is_symlink():
                 path.unlink()
             self._remove_empty_parents(path)

@@ -5,6 +5,10 @@ A version is written in a staging folder and renamed into place, its manifest (t
 file) written last, so a server never sees half a version; a version without a manifest, or whose
 files do not match it, is refused by `check_repository` and fails to load in Triton (model.py checks
 it too). A version that failed to load is moved to `rejected/` and its number is never reused.
+
+A model folder is pgkd's by its `.pgkd-model.json`, written with its first version: pgkd writes into a
+model folder only when it is new, empty or holds that file, so a model of someone else's that happens
+to share the name is never touched. The model's name is a name (pgkd.names): `..` or `a/b` is refused.
 """
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgkd.errors import UserError
+from pgkd.names import check_name, inside
 from pgkd.loop.outputs import file_sha256
 from pgkd.serving.triton_model import MANIFEST, check_version_folder
 
 MODEL_NAME = "student"
+OWNER = ".pgkd-model.json"    # in a model folder: pgkd wrote it, and may write its next version
 FORMATS = ("onnx", "torch")
 HANDLER = Path(__file__).with_name("triton_model.py")
 MAX_BATCH_SIZE = 64
@@ -76,7 +82,8 @@ class Version:
 
 
 def model_folder(repository: Path, model: str = MODEL_NAME) -> Path:
-    return Path(repository) / model
+    """`repository/model`, the model's name checked (pgkd.names) and the folder inside the repository."""
+    return inside(repository, check_name(model, "model name"), what="model name")
 
 
 def _numbers(folder: Path, under: str = "") -> list[int]:
@@ -93,11 +100,24 @@ def is_repository(path: Path) -> bool:
     return Path(path).is_dir() and any(Path(path).glob("*/config.pbtxt"))
 
 
-def require_own_folder(path: Path, option: str) -> None:
-    """`path` may be written as a repository: new, empty, or one pgkd wrote (UserError otherwise)."""
+def require_own_folder(path: Path, option: str, model: str = MODEL_NAME) -> None:
+    """`model` may be written into the repository `path`: the repository is new, empty or a model
+    repository, and the model's folder in it is new, empty or pgkd's (its OWNER file); UserError otherwise."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not is_repository(path))):
         raise UserError(f"{option} {path}: neither new, empty, nor a model repository (pgkd writes only its own)")
+    folder = model_folder(path, model)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _owned(folder))):
+        raise UserError(f"{option} {path}: {folder} was not written by pgkd (no {OWNER}); pgkd writes only "
+                        "model folders of its own: choose another --model-name or repository")
+
+
+def _owned(folder: Path) -> bool:
+    try:
+        owner = json.loads((folder / OWNER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(owner, dict) and owner.get("written_by") == "pgkd"
 
 
 def check_repository(repository: Path, model: str = MODEL_NAME) -> Version:
@@ -143,8 +163,13 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
         raise UserError(f"--format {fmt}: one of {', '.join(FORMATS)}")
     if int8 and fmt != "onnx":
         raise UserError("--int8 needs --format onnx (dynamic quantization is ONNX Runtime's)")
+    require_own_folder(repository, "repository", model)
     folder = model_folder(repository, model)
+    new_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    if not _owned(folder):   # claimed before the first byte of a version goes in
+        _write_atomic(folder / OWNER, json.dumps({"written_by": "pgkd", "model": model,
+                                                  "note": "pgkd writes versions of this model here"}) + "\n")
     number = max(versions(repository, model) + _numbers(folder, "rejected") + [0]) + 1
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{number}-", dir=folder))
     staging.chmod(0o755)   # mkdtemp's 0700 would hide the version from a server running as another user
@@ -174,6 +199,8 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
         os.rename(staging, path)   # atomic: the version appears whole or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if new_folder:   # a first version that failed leaves no model folder behind
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     return Version(number, path, manifest)
 

@@ -25,10 +25,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
 from pgkd.errors import UserError
+from pgkd.names import NAME_PATTERN
 from pgkd.stream.samples import StoredSample, text_key
 
 log = logging.getLogger("pgkd.stream")
@@ -42,7 +43,7 @@ def index_key(text: str) -> bytes:
 
 
 class Segment(BaseModel):
-    name: str
+    name: str = Field(pattern=NAME_PATTERN)     # a file name in the stream's folder (pgkd.names)
     first_seq: int
     last_seq: int
     samples: int
@@ -54,7 +55,7 @@ class Segment(BaseModel):
 
 
 class Repair(BaseModel):
-    segment: str
+    segment: str = Field(pattern=NAME_PATTERN)
     kept: int
     lost: int
     reason: str

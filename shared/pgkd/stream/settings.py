@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pgkd.errors import UserError
+from pgkd.names import NAME_PATTERN
 from pgkd.loop.config import DistillConfig
 
 RELOADABLE = ("trigger_count", "drift_window", "drift_margin", "drift_reference_windows", "new_labels", "run")
@@ -27,8 +28,8 @@ FIXED_RUN_OPTIONS = ("data", "labeled")    # a stream run's data is the stream's
 class StreamSettings(BaseModel):
     """How ingest treats a stream; from PGKD_STREAM_* in the service (see `from_env`), the RELOADABLE
     ones also from the stream's settings file (see `with_file`)."""
-    stream: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
-    base_run: str | None = None           # the run whose data and best student the stream starts from
+    stream: str = Field("default", pattern=NAME_PATTERN, max_length=40)   # a name (pgkd.names)
+    base_run: str | None = Field(None, pattern=NAME_PATTERN)   # the run whose data and best student the stream starts from
     min_chars: int = Field(1, ge=1)
     max_chars: int = Field(2000, ge=1)    # longer texts are rejected (oversized), not truncated
     new_labels: Literal["reject", "extend"] = "reject"    # extend: a new label grows the taxonomy
@@ -39,7 +40,7 @@ class StreamSettings(BaseModel):
     # The drift reference: the current student's accuracy on its first windows of new samples
     drift_reference_windows: int = Field(3, gt=0)
     run: dict = {}                        # options of the runs the stream triggers, over the base run's
-    serving_model: str = Field("student", pattern=r"^[A-Za-z0-9_.-]{1,64}$")   # the served model it keeps current
+    serving_model: str = Field("student", pattern=NAME_PATTERN)   # the served model it keeps current
     settings_file: str | None = None      # where the RELOADABLE settings may also come from
     segment_samples: int = Field(10_000, gt=0)   # samples a segment file holds (segments.py)
     batch_max: int = Field(500, gt=0)            # messages ingest takes in one batch, at most

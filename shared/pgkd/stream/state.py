@@ -8,6 +8,12 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from pgkd.distributed.artifacts import ArtifactRef
+from pgkd.names import check_name
+
+
+def stream_key(name: str) -> str:
+    """The stream's folder in the artifact store, `streams/<name>`; the name is checked (pgkd.names)."""
+    return f"streams/{check_name(name, 'stream')}"
 
 
 class Trigger(BaseModel):

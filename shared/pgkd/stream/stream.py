@@ -34,7 +34,8 @@ from pgkd.stream.promotion import compare, score
 from pgkd.stream.samples import Rejected, StoredSample, parse_sample, route
 from pgkd.stream.segments import KEY_BYTES, SegmentLog, index_key
 from pgkd.stream.settings import SettingsFile, StreamSettings
-from pgkd.stream.state import CurrentStudent, DriftCheck, PromotionDecision, StreamRun, StreamState, Trigger
+from pgkd.stream.state import (CurrentStudent, DriftCheck, PromotionDecision, StreamRun, StreamState, Trigger,
+                               stream_key)
 
 log = logging.getLogger("pgkd.stream")
 
@@ -67,7 +68,7 @@ class Stream:
     def __init__(self, store: ArtifactStore, settings: StreamSettings):
         self.store, self.env_settings = store, settings
         self.settings, self.settings_file = settings, None     # with the settings file's over them (refresh)
-        self.base = f"streams/{settings.stream}"
+        self.base = stream_key(settings.stream)
         self.log = SegmentLog(store, f"{self.base}/segments", settings.segment_samples)
         self.state: StreamState | None = None
         # index keys of what the stream's data holds besides its stored samples (self.log.keys): the
