@@ -296,3 +296,19 @@ def test_the_artifact_store_writes_only_inside_its_root(tmp_path, key):
 def test_the_alphabet_of_a_name_is_what_the_docs_say():
     assert is_name("banking77-20261203-101010-abc123") and is_name("v1.2_final")
     assert not any(is_name(c) for c in set(string.punctuation) - set("_-."))
+
+
+def test_an_artifact_store_is_a_folder_of_pgkds_own(store_env, toy_data, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("mine")
+    monkeypatch.setenv("PGKD_ARTIFACTS", f"file://{home}")
+    assert run("submit", "--data", str(toy_data), "--labeled", "40") == 2
+    assert "thesis.tex was not written by pgkd" in one_error_line(capsys)
+    assert snapshot(home) == {"thesis.tex": b"mine"}
+    with pytest.raises(UserError, match="not written by pgkd"):
+        ArtifactStore(f"file://{home}").put_json("runs/r/request.json", {})
+    older = tmp_path / "older"                               # a store written before the marker: still pgkd's
+    (older / "runs" / "r").mkdir(parents=True)
+    ArtifactStore(f"file://{older}").put_json("runs/r/completed.json", {})
+    assert (older / ".pgkd-store.json").is_file()

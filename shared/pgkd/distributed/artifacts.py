@@ -25,6 +25,9 @@ from pgkd.errors import UserError
 from pgkd.names import check_relative, inside, is_relative
 
 DEFAULT_ARTIFACTS = "file://./artifacts"
+OWNER = ".pgkd-store.json"   # at a local store's root: the folder is pgkd's, and pgkd writes there
+# What pgkd writes at a store's root: a store written before OWNER existed holds only these.
+STORE_FOLDERS = frozenset({"runs", "datasets", "blobs", "streams", "teacher-cache"})
 
 
 class ArtifactRef(BaseModel, frozen=True):
@@ -52,6 +55,25 @@ class ArtifactStore:
         if self.local:
             self.root = os.path.abspath(self.root)
             self.url = f"file://{self.root}"
+        self._claimed = not self.local
+
+    def _claim(self) -> None:
+        """Before the first write into a local store: its folder is new, empty, or pgkd's (OWNER, or only
+        what pgkd writes there); a folder of someone else's is refused (UserError), nothing written."""
+        if self._claimed:
+            return
+        root = Path(self.root)
+        if root.exists() and not root.is_dir():
+            raise UserError(f"artifact store {self.url}: not a folder")
+        entries = {p.name for p in root.iterdir()} if root.exists() else set()
+        if OWNER not in entries:
+            foreign = sorted(entries - STORE_FOLDERS)
+            if foreign:
+                raise UserError(f"artifact store {self.url}: {foreign[0]} was not written by pgkd (no {OWNER}); "
+                                "a store is a folder of pgkd's own: choose another (PGKD_ARTIFACTS)")
+            root.mkdir(parents=True, exist_ok=True)
+            _write_new(root / OWNER, json.dumps({"written_by": "pgkd", "note": "pgkd's artifact store"}).encode())
+        self._claimed = True
 
     def uri(self, key: str) -> str:
         return f"{self.url}/{key}"
@@ -75,6 +97,7 @@ class ArtifactStore:
     def put_bytes(self, key: str, data: bytes, digest: str | None = None) -> ArtifactRef:
         path = self._path(key)
         if self.local:
+            self._claim()
             self.fs.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
             with open(tmp, "wb") as f:
