@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from pgkd.errors import UserError
 from pgkd.names import check_relative, inside, is_relative
+from pgkd.ownership import write_owner
 
 DEFAULT_ARTIFACTS = "file://./artifacts"
 OWNER = ".pgkd-store.json"   # at a local store's root: the folder is pgkd's, and pgkd writes there
@@ -72,7 +73,7 @@ class ArtifactStore:
                 raise UserError(f"artifact store {self.url}: {foreign[0]} was not written by pgkd (no {OWNER}); "
                                 "a store is a folder of pgkd's own: choose another (PGKD_ARTIFACTS)")
             root.mkdir(parents=True, exist_ok=True)
-            _write_new(root / OWNER, json.dumps({"written_by": "pgkd", "note": "pgkd's artifact store"}).encode())
+            write_owner(root / OWNER, note="pgkd's artifact store: runs, datasets, checkpoints, streams")
         self._claimed = True
 
     def uri(self, key: str) -> str:

@@ -17,10 +17,10 @@ from pathlib import Path
 from pgkd import __version__
 from pgkd.errors import UserError
 from pgkd.names import UnsafeName, inside
+from pgkd.ownership import WRITTEN_BY, read_owner
 
 MANIFEST = ".pgkd-run.json"
 STAGING = ".pgkd-staging"
-WRITTEN_BY = "pgkd"
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -46,12 +46,8 @@ def read_manifest(folder: Path) -> dict | None:
     """The manifest pgkd wrote in `folder`; None where there is none (or it is not pgkd's: no
     `written_by: pgkd`). A manifest of pgkd's whose entries are not files inside `folder` (`../x`, an
     absolute path, a path through a link) is not to be trusted: UserError, before anything is touched."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("written_by") != WRITTEN_BY or \
-            not isinstance(manifest.get("files"), dict):
+    manifest = read_owner(folder / MANIFEST)
+    if manifest is None or not isinstance(manifest.get("files"), dict):
         return None
     for rel in manifest["files"]:
         try:
@@ -120,11 +116,7 @@ class RunOutput:
     def _remove_stale_staging(self) -> None:
         """A staging folder left by a killed run is removed only if it is pgkd's (and not a link)."""
         inside(self.out, STAGING, what="--out", links=False)
-        try:
-            state = json.loads((self.staging / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            state = None
-        if not isinstance(state, dict) or state.get("written_by") != WRITTEN_BY:
+        if read_owner(self.staging / MANIFEST) is None:
             raise UserError(f"--out {self.out}: {self.staging} exists and was not written by pgkd; move it elsewhere")
         shutil.rmtree(self.staging)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pgkd.errors import UserError
 from pgkd.names import check_name, inside
+from pgkd.ownership import read_owner, write_owner
 from pgkd.loop.outputs import file_sha256
 from pgkd.serving.triton_model import MANIFEST, check_version_folder
 
@@ -113,11 +114,7 @@ def require_own_folder(path: Path, option: str, model: str = MODEL_NAME) -> None
 
 
 def _owned(folder: Path) -> bool:
-    try:
-        owner = json.loads((folder / OWNER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(owner, dict) and owner.get("written_by") == "pgkd"
+    return read_owner(folder / OWNER) is not None
 
 
 def check_repository(repository: Path, model: str = MODEL_NAME) -> Version:
@@ -168,8 +165,7 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
     new_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     if not _owned(folder):   # claimed before the first byte of a version goes in
-        _write_atomic(folder / OWNER, json.dumps({"written_by": "pgkd", "model": model,
-                                                  "note": "pgkd writes versions of this model here"}) + "\n")
+        write_owner(folder / OWNER, model=model, note="pgkd writes versions of this model here")
     number = max(versions(repository, model) + _numbers(folder, "rejected") + [0]) + 1
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{number}-", dir=folder))
     staging.chmod(0o755)   # mkdtemp's 0700 would hide the version from a server running as another user

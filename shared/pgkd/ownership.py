@@ -1,0 +1,33 @@
+"""How pgkd knows a folder is its own: a small JSON file it wrote there, `{"written_by": "pgkd", ...}`.
+
+pgkd writes into, replaces in, or removes from a folder only when the folder is new, empty, or holds
+such a file: a result folder (`.pgkd-run.json`, which also lists every file of the result), a model
+folder of a Triton repository (`.pgkd-model.json`), an artifact store (`.pgkd-store.json`, which holds
+the streams too). What it does not know, it never deletes or overwrites.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+WRITTEN_BY = "pgkd"
+
+
+def read_owner(path: Path) -> dict | None:
+    """The owner file at `path` if pgkd wrote it (a JSON object with `written_by: pgkd`), else None."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("written_by") == WRITTEN_BY else None
+
+
+def write_owner(path: Path, **fields) -> None:
+    """Write the owner file at `path` atomically (a reader sees the old one or the new one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps({"written_by": WRITTEN_BY, **fields}, indent=2, ensure_ascii=False) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
