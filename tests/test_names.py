@@ -312,3 +312,29 @@ def test_an_artifact_store_is_a_folder_of_pgkds_own(store_env, toy_data, tmp_pat
     (older / "runs" / "r").mkdir(parents=True)
     ArtifactStore(f"file://{older}").put_json("runs/r/completed.json", {})
     assert (older / ".pgkd-store.json").is_file()
+
+
+def test_a_version_manifest_naming_a_file_outside_its_folder_fails_to_load(tmp_path):
+    """model.py runs inside Triton without pgkd: it checks the manifest's file names itself."""
+    from pgkd.serving.triton_model import MANIFEST as VERSION_MANIFEST, check_version_folder
+    version = tmp_path / "student" / "1"
+    version.mkdir(parents=True)
+    (tmp_path / "secret").write_text("x")
+    for name in ("../../secret", "/etc/hostname", "..", "a/b"):
+        (version / VERSION_MANIFEST).write_text(json.dumps({"files": {name: "0" * 64}}))
+        with pytest.raises(RuntimeError, match="is not a file of the version folder"):
+            check_version_folder(version)
+
+
+def test_bench_dataset_names_and_promoted_models_stay_inside_their_folders(tmp_path, capsys):
+    from pgkd.distributed.steps import latest_promotion_key
+    for name in ("..", "../x"):
+        assert run("bench", "peers", "--quick", "--datasets", name, "--data-dir", str(tmp_path),
+                   "--out", str(tmp_path / "out")) == 2
+        assert "dataset" in one_error_line(capsys)
+        with pytest.raises(UnsafeName):
+            latest_promotion_key(name)
+    assert run("bench", "quality", "--datasets", "..", "--data-dir", str(tmp_path / "d"),
+               "--out", str(tmp_path / "out")) == 2
+    assert "dataset" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()

@@ -23,6 +23,7 @@ import numpy as np
 from pgkd.bench.quality import DATASETS, run_quality
 from pgkd.data import Splits, load_dataset, make_splits
 from pgkd.errors import UserError
+from pgkd.names import check_name
 from pgkd.loop.cycle import log
 from pgkd.loop.evaluation import evaluate
 from pgkd.loop.outputs import write_json_atomic
@@ -104,6 +105,7 @@ def run_peers(data_dir: Path, datasets: list[str], out: Path, students: dict[str
     """`students` maps each student spec to its seeds (the frozen one cheap, the fine-tuned one not);
     with `existing_only`, the table of what was run already, running nothing."""
     for name in datasets:
+        check_name(name, "dataset")   # it names the results' folders
         if not (data_dir / name).is_dir():
             raise UserError(f"dataset {name}: no folder {data_dir / name}")
     started = time.perf_counter()

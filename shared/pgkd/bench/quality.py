@@ -23,6 +23,7 @@ from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import log
 from pgkd.loop.embedded import run
 from pgkd.errors import UserError
+from pgkd.names import check_name
 from pgkd.students.frozen import EmbeddingCache
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.loop.report import RunReport
@@ -83,6 +84,8 @@ def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: lis
     unknown = [a for a in arms if a not in ALL_ARMS]
     if unknown:
         raise UserError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ALL_ARMS)}")
+    for name in datasets:   # its folder's name names the results' folders
+        check_name(Path(name).name, "dataset")
     paths = {name: (data_dir / name if not Path(name).is_dir() else Path(name)) for name in datasets}
     for name, path in paths.items():
         if not path.is_dir():

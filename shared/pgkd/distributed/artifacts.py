@@ -28,7 +28,7 @@ from pgkd.ownership import write_owner
 DEFAULT_ARTIFACTS = "file://./artifacts"
 OWNER = ".pgkd-store.json"   # at a local store's root: the folder is pgkd's, and pgkd writes there
 # What pgkd writes at a store's root: a store written before OWNER existed holds only these.
-STORE_FOLDERS = frozenset({"runs", "datasets", "blobs", "streams", "teacher-cache"})
+STORE_FOLDERS = frozenset({"runs", "datasets", "blobs", "streams", "promotions", "teacher-cache"})
 
 
 class ArtifactRef(BaseModel, frozen=True):

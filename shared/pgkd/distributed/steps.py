@@ -399,7 +399,7 @@ def complete_run(store: ArtifactStore, ctx: RunContext, states: list[CycleState]
 # -- promotion to serving ---------------------------------------------------------------------------------
 
 def latest_promotion_key(model: str) -> str:
-    return f"promotions/{model}/latest.json"
+    return f"promotions/{check_name(model, 'model')}/latest.json"
 
 
 def record_promotion(store: ArtifactStore, promoted: StudentPromoted) -> StudentPromoted:

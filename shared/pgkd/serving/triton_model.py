@@ -48,6 +48,10 @@ def check_version_folder(folder: Path) -> dict:
         raise RuntimeError(f"{folder}: no {MANIFEST} (a version that was not completely written)")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     for name, digest in manifest["files"].items():
+        # A version folder is flat. (This file runs inside Triton, where pgkd, and so pgkd.names, is not
+        # installed: the same rule, for file names only.)
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise RuntimeError(f"{folder}: {name!r} in {MANIFEST} is not a file of the version folder")
         path = folder / name
         if not path.is_file():
             raise RuntimeError(f"{folder}: {name} is missing")
