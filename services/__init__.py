@@ -1,6 +1,6 @@
 """The PGKD services: thin FastStream apps over the engine's steps (pgkd.distributed.steps) and streams
 (pgkd.stream) and serving (pgkd.serving). Start one with `pgkd service NAME`; configure it with
-PGKD_BROKER_URL, PGKD_ARTIFACTS, PGKD_TOPIC_PREFIX and PGKD_METRICS_PORT (ingest: PGKD_STREAM_*;
+PGKD_BROKER_URL, PGKD_ARTIFACTS, PGKD_TOPIC_PREFIX, PGKD_METRICS_PORT and PGKD_HTTP_HOST (ingest: PGKD_STREAM_*;
 deployer: PGKD_SERVING_*)."""
 
 NAMES = ("trainer", "evaluator", "miner", "generator")      # the distillation loop

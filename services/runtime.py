@@ -21,11 +21,13 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from faststream import AckPolicy, Context
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.errors import UserError
+from pgkd.net import DEFAULT_HOST, host_from_env, parse_address, port_from_env
 from pgkd.distributed.messages import MESSAGES, DeadLetter, Message, RunCompleted
 from pgkd.distributed.runs import RunFiles, fail_run
 from pgkd.distributed.metrics import LoopMetrics
@@ -53,6 +55,7 @@ class Settings:
     artifacts: str | None
     topic_prefix: str = "pgkd."
     metrics_port: int = 9100
+    http_host: str = DEFAULT_HOST       # where /metrics, /healthz and /readyz listen: PGKD_HTTP_HOST
     graceful_timeout: float = 300.0     # on SIGTERM, wait this long for the message in flight
     prometheus_url: str | None = None   # the evaluator's stop policy reads Prometheus there
     prometheus_wait: float = 30.0       # seconds it waits for Prometheus to scrape the current cycle
@@ -64,12 +67,24 @@ class Settings:
         try:
             return cls(broker_url=env.get("PGKD_BROKER_URL", "kafka://127.0.0.1:9092"),
                        artifacts=env.get("PGKD_ARTIFACTS"), topic_prefix=env.get("PGKD_TOPIC_PREFIX", "pgkd."),
-                       metrics_port=int(env.get("PGKD_METRICS_PORT", 9100)),
+                       metrics_port=port_from_env("PGKD_METRICS_PORT", 9100, env), http_host=host_from_env(env),
                        graceful_timeout=float(env.get("PGKD_GRACEFUL_TIMEOUT", 300)),
-                       prometheus_url=env.get("PGKD_PROMETHEUS_URL") or None,
+                       prometheus_url=check_prometheus_url(env.get("PGKD_PROMETHEUS_URL") or None),
                        prometheus_wait=float(env.get("PGKD_PROMETHEUS_WAIT", 30)))
         except ValueError as e:
             raise UserError(f"service settings: {e}") from None
+
+
+def check_prometheus_url(url: str | None) -> str | None:
+    """PGKD_PROMETHEUS_URL, checked at start (`http[s]://HOST[:PORT][/PATH]`): a bad one is one line
+    then, not a stop policy that quietly falls back to the run's records at every cycle."""
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UserError(f"PGKD_PROMETHEUS_URL={url}: expected http://HOST:PORT")
+        parse_address(parts.netloc.rpartition("@")[2], f"PGKD_PROMETHEUS_URL={url}",
+                      default_port=443 if parts.scheme == "https" else 80)
+    return url
 
 
 def make_broker(url: str, graceful_timeout: float | None = None, app_name: str | None = None):
@@ -91,9 +106,7 @@ def bootstrap_servers(url: str) -> list[str]:
     if scheme != "kafka" or not servers:
         raise UserError(f"PGKD_BROKER_URL={url}: expected kafka://host:port[,host:port...]")
     for server in servers:
-        host, _, port = server.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UserError(f"PGKD_BROKER_URL={url}: {server!r} is not host:port")
+        parse_address(server, f"PGKD_BROKER_URL={url}")
     return servers
 
 
@@ -120,7 +133,8 @@ async def connected(broker, url: str):
 
 
 def connect_timeout() -> float:
-    """Seconds a command (submit, send, topics) waits for the broker to answer: PGKD_CONNECT_TIMEOUT, 10."""
+    """Seconds a command (submit, send, topics) waits for the broker to answer, and a service starting
+    keeps trying to reach it: PGKD_CONNECT_TIMEOUT, 10."""
     value = os.environ.get("PGKD_CONNECT_TIMEOUT", "10")
     try:
         seconds = float(value)
@@ -317,7 +331,8 @@ class Service:
     def app(self) -> AsgiFastStream:
         @get
         async def alive(scope) -> AsgiResponse:
-            return AsgiResponse(b"ok", 200)
+            # Alive is consuming: a service whose consumer failed to start is to be restarted, not kept.
+            return AsgiResponse(b"ok", 200) if self.broker.running else AsgiResponse(b"not consuming", 503)
 
         return AsgiFastStream(self.broker, after_startup=[self.started], asgi_routes=[
             ("/metrics", make_asgi_app()),
@@ -326,11 +341,35 @@ class Service:
         ])
 
     def run(self) -> None:
-        """Serve until SIGTERM or SIGINT; then stop taking messages and finish (or hand back, by not
-        acknowledging it) the one in flight within PGKD_GRACEFUL_TIMEOUT."""
-        log.info("%s: broker %s, artifacts %s, topics %s*, HTTP on :%d", self.name, self.settings.broker_url,
-                 self.store.url, self.settings.topic_prefix, self.settings.metrics_port)
+        """Connect to the broker, then serve until SIGTERM or SIGINT; then stop taking messages and finish
+        (or hand back, by not acknowledging it) the one in flight within PGKD_GRACEFUL_TIMEOUT."""
+        log.info("%s: broker %s, artifacts %s, topics %s*, HTTP on %s:%d", self.name, self.settings.broker_url,
+                 self.store.url, self.settings.topic_prefix, self.settings.http_host, self.settings.metrics_port)
         # uvicorn shuts down gracefully, then raises the signal again under the handler it found:
         # let that handler be a clean exit, not death by signal.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        asyncio.run(self.app().run(logging.WARNING, {"host": "0.0.0.0", "port": self.settings.metrics_port}))
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        await self.connect()
+        await self.app().run(logging.WARNING, {"host": self.settings.http_host, "port": self.settings.metrics_port})
+
+    async def connect(self) -> None:
+        """Reach the broker before serving, trying each second for PGKD_CONNECT_TIMEOUT seconds, then give
+        up with one line and exit 1 (a TimeoutError). A service never runs without its broker: FastStream,
+        left to connect by itself, logs the failure and serves on, deaf, where Compose (`restart:
+        unless-stopped`) and Kubernetes would restart a process that had exited."""
+        url, timeout = self.settings.broker_url, connect_timeout()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await asyncio.wait_for(_bootstrap_kafka(url), max(deadline - time.monotonic(), 0.5))
+                await asyncio.wait_for(self.broker.connect(), max(deadline - time.monotonic(), 0.5))
+                return
+            except broker_errors() as e:
+                await _quietly_stop(self.broker)
+                if time.monotonic() + 1 >= deadline:
+                    raise TimeoutError(f"{self.name}: cannot reach the broker at PGKD_BROKER_URL={url} within "
+                                       f"{timeout:g} s ({_reason(e)})") from None
+                log.info("%s: the broker is not reachable yet (%s); trying again", self.name, _reason(e))
+            await asyncio.sleep(1)

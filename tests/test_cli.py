@@ -97,9 +97,10 @@ def test_commands_that_train_nothing_start_without_torch():
 
 @pytest.mark.parametrize("teacher, message", [
     ("triton://:abc/x", "no host"),
-    ("triton+grpc://h:x/m", "the port must be a number from 1 to 65535"),
-    ("openai://h:abc/v1?model=m", "the port must be a number from 1 to 65535"),
-    ("triton://127.0.0.1:99999/x", "the port must be a number from 1 to 65535"),
+    ("triton+grpc://h:x/m", "port 'x': not a port (a whole number from 1 to 65535)"),
+    ("openai://h:abc/v1?model=m", "port 'abc': not a port (a whole number from 1 to 65535)"),
+    ("triton://127.0.0.1:99999/x", "port '99999': not a port (a whole number from 1 to 65535)"),
+    ("triton://127.0.0.1:0/x", "port '0': not a port (a whole number from 1 to 65535)"),
     ("triton://", "no host"),
     ("triton://h:8000/", "expected triton://HOST:PORT/MODEL"),
     ("openai://h:8000/v1", "expected openai://HOST:PORT/v1?model=NAME"),

@@ -26,6 +26,8 @@ from pgkd.distributed.artifacts import ArtifactError
 from pgkd.distributed.messages import StudentPromoted
 from pgkd.distributed.steps import latest_promotion
 from pgkd.errors import UserError
+from pgkd.names import check_name
+from pgkd.net import parse_address, url_host
 from pgkd.serving.deploy import DeployFailed, deploy_promotion
 from pgkd.serving.repository import FORMATS
 from pydantic import ValidationError
@@ -58,11 +60,12 @@ class ServingSettings:
         for name, value in flags.items():
             if value not in ("0", "1"):
                 raise UserError(f"PGKD_SERVING_{name.upper()}={value}: 0 or 1")
-        address = env.get("PGKD_SERVING_URL", "127.0.0.1:8000").removeprefix("http://").rstrip("/")
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise UserError(f"PGKD_SERVING_URL={address}: expected HOST:PORT (the server's HTTP endpoint)")
-        return cls(Path(repository), address, env.get("PGKD_SERVING_MODEL", "student"), fmt, flags["int8"] == "1",
+        url = env.get("PGKD_SERVING_URL", "127.0.0.1:8000")
+        address = url.removeprefix("http://").rstrip("/")
+        if "/" in address:
+            raise UserError(f"PGKD_SERVING_URL={url}: expected HOST:PORT (the server's HTTP endpoint)")
+        host, port = parse_address(address, f"PGKD_SERVING_URL={url}")
+        return cls(Path(repository), f"{url_host(host)}:{port}", check_name(env.get("PGKD_SERVING_MODEL", "student"), "PGKD_SERVING_MODEL"), fmt, flags["int8"] == "1",
                    env.get("PGKD_SERVING_REPLICA") or socket.gethostname(), flags["gpu"] == "1")
 
 

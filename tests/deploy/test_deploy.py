@@ -459,6 +459,7 @@ def test_compose_runs_each_service_from_the_one_image(name):
     assert env["PGKD_ARTIFACTS"] == "file:///artifacts"
     assert env["PGKD_TOPIC_PREFIX"] == TOPIC_PREFIX
     assert env["PGKD_METRICS_PORT"] == str(METRICS_PORT)
+    assert env["PGKD_HTTP_HOST"] == "0.0.0.0"   # reachable by Prometheus and the health check
 
     mounts = compose_mounts(service)
     assert mounts["/artifacts"] == ("artifacts", False)
@@ -614,6 +615,7 @@ def test_compose_deployer_runs_the_one_image_beside_the_student_server():
     assert settings.model == student_model() == env["PGKD_STREAM_SERVING_MODEL"]
     assert (settings.format, settings.int8, settings.gpu) == ("onnx", False, False)
     assert settings.replica == "compose"
+    assert env["PGKD_HTTP_HOST"] == "0.0.0.0"   # reachable by Prometheus and the health check
 
     assert str(METRICS_PORT) in map(str, deployer["expose"]) and "ports" not in deployer
     assert any("/healthz" in part and str(METRICS_PORT) in part for part in deployer["healthcheck"]["test"])
@@ -958,16 +960,18 @@ def test_kustomization_lists_every_manifest_and_nothing_else():
 
 
 def settings_the_code_reads() -> set[str]:
-    """Every PGKD_* variable the services read: their Settings (by reading how it is built), the
-    stream's settings (one variable per field), the Kafka security settings (kafka_security.VARIABLES) and
-    the deployer's serving settings (those ServingSettings.from_env reads)."""
+    """Every PGKD_* variable the services read: their Settings (by reading how it is built, and the
+    bind address pgkd.net reads for it), the stream's settings (one variable per field), the Kafka
+    security settings (kafka_security.VARIABLES) and the deployer's serving settings (those
+    ServingSettings.from_env reads)."""
     import inspect
 
+    from pgkd.net import HOST_ENV
     from pgkd.stream import StreamSettings
     from pgkd_services.kafka_security import VARIABLES as KAFKA_SECURITY
     from pgkd_services.runtime import Settings
     read = set(re.findall(r'"(PGKD_[A-Z_]+)"', inspect.getsource(Settings.from_env)))
-    return (read | {StreamSettings.variable(field) for field in StreamSettings.model_fields} | set(KAFKA_SECURITY)
+    return (read | {HOST_ENV} | {StreamSettings.variable(field) for field in StreamSettings.model_fields} | set(KAFKA_SECURITY)
             | serving_variables())
 
 
@@ -1045,6 +1049,24 @@ def test_each_service_is_a_deployment_with_its_command_configuration_and_volumes
     assert set(mounts.values()) <= set(volumes), "a volumeMount names no volume"
     assert volumes[mounts["/artifacts"]]["persistentVolumeClaim"]["claimName"] == "pgkd-artifacts"
     assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_every_service_listens_on_the_containers_address_in_compose_and_kubernetes():
+    """The services' HTTP side listens on loopback unless PGKD_HTTP_HOST says otherwise (pgkd.net):
+    Prometheus and the probes reach a container or a pod only if compose and the manifests say 0.0.0.0."""
+    from pgkd.net import host_from_env
+    in_compose = {name: svc for name, svc in compose()["services"].items() if svc.get("command", [])[:1] == ["service"]}
+    assert set(in_compose) == set(SERVICES) | {"deployer"}
+    for name, service in in_compose.items():
+        assert host_from_env({k: compose_default(v) for k, v in service["environment"].items()}) == "0.0.0.0", name
+    config = k8s_doc("ConfigMap", "pgkd-config")["data"]
+    in_k8s = [(deployment["metadata"]["name"], container) for deployment in k8s_docs("Deployment")
+              for container in containers(deployment) if container.get("args", [])[:1] == ["service"]]
+    assert {container["args"][1] for _, container in in_k8s} == set(SERVICES) | {"deployer"}
+    for name, container in in_k8s:
+        from_config = {"configMapRef": {"name": "pgkd-config"}} in container.get("envFrom", [])
+        env = {**(config if from_config else {}), **{e["name"]: e.get("value") for e in container.get("env", [])}}
+        assert host_from_env(env) == "0.0.0.0", name
 
 
 def test_the_deployments_are_the_services_the_teacher_and_the_student_server():

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from pgkd.errors import UserError
 from pgkd.loop.evaluation import METRICS
 from pgkd.loop.stopping import StopPolicy
 from pgkd.students.contract import TrainConfig
@@ -84,7 +85,10 @@ class DistillConfig(BaseModel):
         if v.startswith("python:"):          # an object given to pgkd.distill, recorded by name
             return v
         if is_llm_teacher(v):
-            TeacherURL.parse(v)
+            try:
+                TeacherURL.parse(v)
+            except UserError as e:   # pydantic reports a ValueError as this field's problem
+                raise ValueError(str(e)) from None
         elif v not in TEACHERS:
             raise ValueError(f"unknown teacher {v!r}; one of {', '.join(TEACHERS)}, or triton://HOST:PORT/MODEL, "
                              "triton+grpc://HOST:PORT/MODEL, openai://HOST:PORT/v1?model=NAME")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pgkd.errors import UserError
+from pgkd.net import parse_address, url_host
 from pgkd.serving.repository import MODEL_NAME
 
 
@@ -34,10 +35,10 @@ class Endpoint:
         scheme, sep, rest = url.partition("://")
         scheme, rest = (scheme, rest) if sep else ("http", url)
         rest = rest.rstrip("/")
-        host, _, port = rest.rpartition(":")
-        if scheme not in ("http", "grpc") or not host or not port.isdigit() or "/" in rest:
+        if scheme not in ("http", "grpc") or "/" in rest:
             raise UserError(f"--url {url}: expected http://HOST:PORT or grpc://HOST:PORT")
-        return cls(scheme, rest)
+        host, port = parse_address(rest, f"--url {url}")
+        return cls(scheme, f"{url_host(host)}:{port}")
 
 
 class StudentClient:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
+from pgkd.errors import UserError
+from pgkd.net import parse_address, url_host
 
 
 
@@ -45,7 +47,7 @@ def is_llm_teacher(spec: str) -> bool:
 
 @dataclass
 class TeacherURL:
-    """A teacher URL taken apart and checked: a malformed one is a ValueError that says what is wrong."""
+    """A teacher URL taken apart and checked: a malformed one is a UserError that says what is wrong."""
     scheme: str
     host: str
     port: int
@@ -54,23 +56,23 @@ class TeacherURL:
 
     @classmethod
     def parse(cls, spec: str) -> "TeacherURL":
-        parts = urlsplit(spec)
-        if parts.scheme not in SCHEMES:
-            raise ValueError(f"--teacher {spec}: unknown scheme {parts.scheme!r}")
-        if not parts.hostname:
-            raise ValueError(f"--teacher {spec}: no host (expected {_EXPECTED[parts.scheme.split('+')[0]]})")
+        if any(c.isspace() for c in spec):   # urlsplit would drop tabs and line breaks without a word
+            raise UserError(f"--teacher {spec!r}: a URL has no spaces, tabs or line breaks")
         try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"--teacher {spec}: the port must be a number from 1 to 65535") from None
-        if port == 0:
-            raise ValueError(f"--teacher {spec}: the port must be a number from 1 to 65535")
-        url = cls(parts.scheme, parts.hostname, port or (8001 if parts.scheme == "triton+grpc" else 8000),
-                  parts.path, parse_qs(parts.query))
+            parts = urlsplit(spec)
+        except ValueError as e:    # an unclosed IPv6 bracket, a host that Unicode normalization changes
+            raise UserError(f"--teacher {spec}: {e}") from None
+        if parts.scheme not in SCHEMES:
+            raise UserError(f"--teacher {spec}: unknown scheme {parts.scheme!r}")
+        if not parts.hostname:
+            raise UserError(f"--teacher {spec}: no host (expected {_EXPECTED[parts.scheme.split('+')[0]]})")
+        host, port = parse_address(parts.netloc.rpartition("@")[2], f"--teacher {spec}",
+                                   default_port=8001 if parts.scheme == "triton+grpc" else 8000)
+        url = cls(parts.scheme, host, port, parts.path, parse_qs(parts.query))
         if url.is_triton and (not url.model or "/" in url.model):
-            raise ValueError(f"--teacher {spec}: expected {_EXPECTED['triton']}")
+            raise UserError(f"--teacher {spec}: expected {_EXPECTED['triton']}")
         if not url.is_triton and not url.model:
-            raise ValueError(f"--teacher {spec}: expected {_EXPECTED['openai']}")
+            raise UserError(f"--teacher {spec}: expected {_EXPECTED['openai']}")
         return url
 
     @property
@@ -79,7 +81,7 @@ class TeacherURL:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"{url_host(self.host)}:{self.port}"
 
     @property
     def model(self) -> str:
@@ -93,8 +95,9 @@ _EXPECTED = {"triton": "triton://HOST:PORT/MODEL", "openai": "openai://HOST:PORT
 
 def public_url(spec: str) -> str:
     """The teacher URL as it may be shown and recorded: without user info."""
-    parts, url = urlsplit(spec), TeacherURL.parse(spec)
-    return parts._replace(netloc=url.address if parts.port else url.host).geturl()
+    TeacherURL.parse(spec)
+    parts = urlsplit(spec)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def make_transport(spec: str):
