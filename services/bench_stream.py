@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import time
 from datetime import datetime
 from pathlib import Path
 
+from pgkd import processes
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.distributed.messages import LabeledSample
 from pgkd.distributed.steps import submit, submit_splits
@@ -172,9 +172,7 @@ def _wait_stored(store: ArtifactStore, n: int, cluster: LocalCluster, timeout: f
 
 
 def _stop(cluster: LocalCluster) -> None:
-    process = cluster.processes.pop("ingest")
-    process.send_signal(signal.SIGTERM)
-    process.wait(120)
+    processes.stop(cluster.processes.pop("ingest"), timeout=120)
 
 
 def _cut(store: ArtifactStore) -> dict:

@@ -13,10 +13,11 @@ the teacher's Triton server and the services as OS processes; all stopped on exi
 a line per cycle, then the table of `make demo`; with --serve-student, the run's best student is then
 promoted, served on Triton by `pgkd serve` and its deployer, and answers three test texts.
 
-Every process is started in a session of its own: a Ctrl-C in the terminal reaches this process
-only, which then stops the others in order (the services before the servers they use), and a stop
-signal to a session reaches what its process started (tritonserver under `pgkd teacher serve`).
-Only a SIGKILL of this process itself leaves them running.
+Every process is started by pgkd.processes, in a session of its own: a Ctrl-C, SIGTERM or SIGHUP
+reaches this process only, which then stops the others in order (the services before the servers they
+use), and a stop signal to a session reaches what its process started (tritonserver under `pgkd teacher
+serve`). A SIGKILL of this process sends each of them SIGTERM (their parent-death signal): none is left
+running, but they stop all at once, not in order.
 """
 from __future__ import annotations
 
@@ -27,17 +28,16 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Self
 
+from pgkd import processes
 from pgkd.errors import UserError
 from pgkd_services import NAMES
 
 MARKER = ".pgkd-local-cluster"   # a folder holding it is ours to empty at the next start
-STOP_WAIT = 15.0                 # seconds a process gets after SIGTERM before its session is killed
 
 
 class StartError(RuntimeError):
@@ -221,14 +221,13 @@ class LocalCluster:
     # -- processes ----------------------------------------------------------------------------------------
     def spawn(self, name: str, argv: list[str], env: dict | None = None, to_log: bool = True, ready=None,
               message: str | None = None) -> subprocess.Popen:
-        """Start `argv` in a session of its own, its output to NAME.log; `ready(process)` raises OSError
-        until it is ready."""
+        """Start `argv` (pgkd.processes.spawn: a session of its own), its output to NAME.log;
+        `ready(process)` raises OSError until it is ready."""
         if name in self.processes:
             raise ValueError(f"{name} is already running")
         out = self.log_path(name).open("ab") if to_log else None
         try:
-            process = subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=out,
-                                       stderr=subprocess.STDOUT if to_log else None, start_new_session=True)
+            process = processes.spawn(argv, log=out, env={**self.env, **(env or {})})
         finally:
             if out:
                 out.close()    # the child holds its own copy
@@ -245,20 +244,11 @@ class LocalCluster:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def stop(self) -> None:
-        """Everything: the services and commands first, then the servers they use. SIGTERM to each
-        process's session, SIGKILL to what is left after STOP_WAIT seconds. A second Ctrl-C meanwhile
-        is ignored, so it cannot leave processes behind."""
-        main = threading.current_thread() is threading.main_thread()
-        saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-        try:
-            users = [p for name, p in self.processes.items() if name not in self.SERVERS]
-            _stop_sessions(users)
-            _stop_sessions([p for name, p in self.processes.items() if name in self.SERVERS])
-            self.processes.clear()
-            self._starting.clear()
-        finally:
-            for s, handler in saved.items():
-                signal.signal(s, handler)
+        """Everything (pgkd.processes.stop): the services and commands first, then the servers they use."""
+        processes.stop(p for name, p in self.processes.items() if name not in self.SERVERS)
+        processes.stop(p for name, p in self.processes.items() if name in self.SERVERS)
+        self.processes.clear()
+        self._starting.clear()
 
     def say(self, line: str) -> None:
         if not self.quiet:
@@ -275,46 +265,23 @@ def _exited_cleanly(process: subprocess.Popen) -> None:
         raise OSError("running")
 
 
-def _stop_sessions(processes: list[subprocess.Popen]) -> None:
-    """Each process and what it started (its session: the same process group), gracefully if they can.
-    One already reaped is left alone: its group's id may since belong to a process not ours."""
-    processes = [p for p in processes if p.returncode is None]
-    def signal_group(process, sig) -> None:
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-    for process in processes:
-        signal_group(process, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_WAIT
-    for process in processes:
-        try:
-            process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        signal_group(process, signal.SIGKILL)   # a child that outlived its parent, or a stuck parent
-        process.wait()
-
-
 # -- `python -m pgkd_services.local`: one run on a local cluster ----------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     args, run_options = _parse(argv if argv is not None else sys.argv[1:])
-    previous = signal.signal(signal.SIGTERM, _terminated)   # unwinds as Ctrl-C does, through the stop
     try:
-        _check(args)
-        return _one_run(args, run_options)
+        with processes.stop_signals():   # SIGTERM and SIGHUP unwind as Ctrl-C does, through the stop
+            _check(args)
+            return _one_run(args, run_options)
     except UserError as e:
         print(f"local: error: {e}", file=sys.stderr)
         return 2
     except StartError as e:
         print(f"local: {e}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, Terminated) as e:
+    except (KeyboardInterrupt, processes.Stopped) as e:
         print("local: interrupted; everything it started is stopped", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return 128 + (e.signum if isinstance(e, processes.Stopped) else signal.SIGINT)
 
 
 def _one_run(args, run_options: list[str]) -> int:
@@ -380,14 +347,6 @@ def _check(args) -> None:
                                   f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
     if not Path(args.data).exists():
         raise UserError(f"{args.data}: no such file or folder")
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the main thread is, like KeyboardInterrupt for SIGINT."""
-
-
-def _terminated(signum, frame) -> None:
-    raise Terminated()
 
 
 if __name__ == "__main__":

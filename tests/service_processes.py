@@ -10,6 +10,7 @@ import time
 import pytest
 from conftest import free_port
 from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.processes import spawn, stop
 
 import pgkd_services as services
 
@@ -45,8 +46,7 @@ class ServiceProcesses:
         log = path.open("w")
         self._logs.append(log)
         env = {**self.env, **env, "PGKD_METRICS_PORT": str(port)}
-        self.processes[label] = subprocess.Popen([sys.executable, "-m", "pgkd.cli", "service", service], env=env,
-                                                 stdout=log, stderr=subprocess.STDOUT)
+        self.processes[label] = spawn([sys.executable, "-m", "pgkd.cli", "service", service], log=log, env=env)
 
     def pgkd(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pgkd.cli", *args], env=self.env, capture_output=True,
@@ -132,16 +132,11 @@ class ServiceProcesses:
                          for paths in self.log_paths.values() for path in paths)
 
     def stop(self) -> dict[str, int]:
-        """SIGTERM every service: each one stops cleanly (exit 0)."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        return {label: process.wait(60) for label, process in self.processes.items()}
+        """SIGTERM every service: each one stops cleanly (exit 0; SIGKILL after 60 s)."""
+        stop(self.processes.values(), timeout=60)
+        return {label: process.returncode for label, process in self.processes.items()}
 
     def kill_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
+        stop(self.processes.values(), timeout=0)
         for log in self._logs:
             log.close()

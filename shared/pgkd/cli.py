@@ -10,11 +10,19 @@ import sys
 from pydantic import ValidationError
 
 from pgkd.errors import UserError
+from pgkd.names import check_name
+from pgkd.net import DEFAULT_HOST, host_option, port_option
+from pgkd.processes import Stopped, stop_signals
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, instead of usage + error
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def one_line(message: object) -> str:
+    """A message as one line: a newline inside a user's text (a name, a path) is shown, not obeyed."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _command_plugins():
@@ -110,7 +118,7 @@ def cmd_distill(args) -> int:
 def cmd_teacher_serve(args) -> int:
     from pgkd.teachers.server import serve
     serve(args.kind, args.data, args.labeled, args.seed, args.http_port, args.grpc_port, args.metrics_port,
-          label_noise=args.label_noise, latency=args.latency, text_column=args.text_column,
+          host=args.host, label_noise=args.label_noise, latency=args.latency, text_column=args.text_column,
           label_column=args.label_column)
     return 0
 
@@ -179,20 +187,23 @@ def cmd_export(args) -> int:
             raise UserError(str(e)) from None
         print(f"wrote {out}/ (a Hugging Face model folder: pgkd predict --model {out})")
         return 0
-    require_own_folder(out, "--out")
+    check_name(args.model_name, "--model-name")
+    require_own_folder(out, "--out", args.model_name)
     if args.int8 and args.format != "onnx":
         raise UserError("--int8 needs --format onnx (dynamic quantization is ONNX Runtime's)")
     student, source = student_from(args.model, args.artifacts)
     print(f"pgkd: exporting {args.model} ({len(student.labels)} labels) as {args.format}"
           f"{' int8' if args.int8 else ''} ...", file=sys.stderr, flush=True)   # seconds to a minute
-    version = write_version(out, student, source, model=args.model_name, fmt=args.format, int8=args.int8,
-                            gpu=args.gpu)
+    with stop_signals():   # SIGTERM or SIGHUP unwinds as Ctrl-C does: no half-written version is left
+        version = write_version(out, student, source, model=args.model_name, fmt=args.format, int8=args.int8,
+                                gpu=args.gpu)
     print(f"wrote {version.path}/ (version {version.number} of {args.model_name}, {args.format}"
           f"{', int8' if args.int8 else ''}): pgkd serve --model {out}")
     return 0
 
 
 def cmd_serve(args) -> int:
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -200,25 +211,25 @@ def cmd_serve(args) -> int:
     from pgkd.serving.repository import is_repository, require_own_folder, write_version
     from pgkd.serving.server import serve_repository
     temporary = None
-    if is_repository(Path(args.model)) or args.wait_for_version:
-        repository = Path(args.model)
-        require_own_folder(repository, "--model")
-    else:
-        student, source = student_from(args.model, args.artifacts)
-        if args.repository is None:
-            repository = temporary = Path(tempfile.mkdtemp(prefix="pgkd-serve-"))
-        else:
-            repository = Path(args.repository)
-            require_own_folder(repository, "--repository")
-        write_version(repository, student, source, model=args.model_name, fmt=args.format, int8=args.int8,
-                      gpu=args.gpu)
-    try:
-        return serve_repository(repository, args.model_name, args.http_port, args.grpc_port, args.metrics_port,
-                                wait_for_version=args.wait_for_version)
-    finally:
-        if temporary is not None:   # the repository pgkd made for this server alone
-            import shutil
-            shutil.rmtree(temporary, ignore_errors=True)
+    with stop_signals():   # SIGTERM or SIGHUP unwinds as Ctrl-C does, through the `finally` below
+        try:
+            if is_repository(Path(args.model)) or args.wait_for_version:
+                repository = Path(args.model)
+                require_own_folder(repository, "--model")
+            else:
+                student, source = student_from(args.model, args.artifacts)
+                if args.repository is None:
+                    repository = temporary = Path(tempfile.mkdtemp(prefix="pgkd-serve-"))
+                else:
+                    repository = Path(args.repository)
+                    require_own_folder(repository, "--repository")
+                write_version(repository, student, source, model=args.model_name, fmt=args.format, int8=args.int8,
+                              gpu=args.gpu)
+            return serve_repository(repository, args.model_name, args.http_port, args.grpc_port, args.metrics_port,
+                                    address=args.host, wait_for_version=args.wait_for_version)
+        finally:
+            if temporary is not None:   # the repository pgkd made for this server alone
+                shutil.rmtree(temporary, ignore_errors=True)
 
 
 def cmd_classify(args) -> int:
@@ -230,7 +241,7 @@ def cmd_classify(args) -> int:
     try:
         answers = classify(args.url, texts, model=args.model_name, batch_size=args.batch_size, timeout=args.timeout)
     except ServingError as e:
-        print(f"pgkd: {e}", file=sys.stderr)
+        print(f"pgkd: {one_line(e)}", file=sys.stderr)
         return 1
     for answer in answers:
         print(json.dumps(answer, ensure_ascii=False))
@@ -385,9 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_student = sub.add_parser("serve", help="serve a student on a real Triton server (HTTP, gRPC, metrics)")
     serve_student.add_argument("--model", required=True,
                                help="a model repository (pgkd export), a student folder, or a checkpoint URI")
-    serve_student.add_argument("--http-port", type=int, default=8000)
-    serve_student.add_argument("--grpc-port", type=int, default=8001)
-    serve_student.add_argument("--metrics-port", type=int, default=8002)
+    serve_student.add_argument("--host", type=host_option, default=DEFAULT_HOST,
+                               help="the address to listen on (0.0.0.0: every interface)")
+    serve_student.add_argument("--http-port", type=port_option, default=8000)
+    serve_student.add_argument("--grpc-port", type=port_option, default=8001)
+    serve_student.add_argument("--metrics-port", type=port_option, default=8002)
     serve_student.add_argument("--repository", default=None,
                                help="for a student folder or checkpoint: where to write its repository "
                                     "(default: a new temporary folder)")
@@ -418,9 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data", required=True, help="the dataset the runs use")
     serve.add_argument("--labeled", type=int, default=1000, help="the runs' --labeled: their samples are not served")
     serve.add_argument("--seed", type=int, default=1, help="the runs' --seed")
-    serve.add_argument("--http-port", "--port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--host", type=host_option, default=DEFAULT_HOST,
+                       help="the address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--http-port", "--port", type=port_option, default=8000)
+    serve.add_argument("--grpc-port", type=port_option, default=8001)
+    serve.add_argument("--metrics-port", type=port_option, default=8002)
     serve.add_argument("--label-noise", type=float, default=0.0)
     serve.add_argument("--latency", type=float, default=0.0, help="seconds each answer takes, like an LLM's")
     serve.add_argument("--text-column", default="text")
@@ -532,18 +547,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"pgkd: error: {e}", file=sys.stderr)
+        print(f"pgkd: error: {one_line(e)}", file=sys.stderr)
         return 2
     except ValidationError as e:
         problems = "; ".join(_validation_problem(err) for err in e.errors())
-        print(f"pgkd: error: {problems}", file=sys.stderr)
+        print(f"pgkd: error: {one_line(problems)}", file=sys.stderr)
         return 2
     except TimeoutError as e:
-        print(f"pgkd: {e}", file=sys.stderr)
+        print(f"pgkd: {one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped) as e:
         print("pgkd: interrupted; nothing was written to the output folder", file=sys.stderr)
-        return 130
+        return 128 + (e.signum if isinstance(e, Stopped) else 2)   # 130: Ctrl-C (SIGINT)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`pgkd serve`: a model repository of students on a real Triton server, until SIGTERM or Ctrl-C.
+"""`pgkd serve`: a model repository of students on a real Triton server, until SIGTERM, SIGHUP or Ctrl-C.
 
 Triton runs with explicit model control: it loads the newest version at start, and a new version
 (from `pgkd export --out REPO` or the deployer) is swapped in by its load API, without a restart.
@@ -8,11 +8,12 @@ repository (deploy/triton/Dockerfile.student adds onnxruntime and tokenizers to 
 """
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
+from pgkd import processes
 from pgkd.errors import UserError
+from pgkd.net import DEFAULT_HOST, url_host
 from pgkd.serving.repository import MODEL_NAME, check_repository, versions
 from pgkd.serving.tritonserver import TritonServerError, run_tritonserver
 
@@ -23,30 +24,30 @@ def explicit_control(model: str = MODEL_NAME) -> list[str]:
 
 
 def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int = 8000, grpc_port: int = 8001,
-                     metrics_port: int = 8002, address: str = "0.0.0.0", wait_for_version: bool = False) -> int:
-    """Serve until SIGTERM or Ctrl-C. With `wait_for_version`, a repository with no version yet is
-    served too: Triton starts without the model, and the first version the deployer writes loads."""
+                     metrics_port: int = 8002, address: str = DEFAULT_HOST, wait_for_version: bool = False) -> int:
+    """Serve on `address` until SIGTERM, SIGHUP or Ctrl-C. With `wait_for_version`, a repository with no
+    version yet is served too: Triton starts without the model, and the first version the deployer writes
+    loads. The server's own files (its log, its backend directory) are in a temporary folder, removed at
+    exit: the repository holds models only, as Triton requires."""
     repository = Path(repository)
     version = None
     if wait_for_version and not versions(repository, model):
         repository.mkdir(parents=True, exist_ok=True)
     else:
         version = check_repository(repository, model)
-    def leave(signum, _frame):   # SIGTERM leaves as Ctrl-C does: through the `with`, which stops tritonserver
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, leave)
     try:
         # Without a version, the failed load of the model at start must not stop the server.
         extra = explicit_control(model) + (["--exit-on-error=false"] if version is None else [])
-        with run_tritonserver(repository, models=[model] if version else [], ports=(http_port, grpc_port, metrics_port),
-                              address=address, extra_args=extra, workdir=Path(repository) / ".tritonserver",
-                              attempts=1) as server:
+        with (processes.stop_signals(),
+              run_tritonserver(repository, models=[model] if version else [], address=address, attempts=1,
+                               ports=(http_port, grpc_port, metrics_port), extra_args=extra) as server):
             what = (f"version {version.number} ({len(version.manifest['labels'])} labels, {version.manifest['format']} "
                     f"{version.manifest['precision']})" if version else "(no version yet: the deployer writes the first)")
-            print(f"pgkd: serving {model} {what} from {repository}: http :{http_port}, grpc :{grpc_port}, "
-                  f"metrics :{metrics_port}/metrics; pgkd classify --url http://127.0.0.1:{http_port} TEXT", flush=True)
+            print(f"pgkd: serving {model} {what} from {repository} on {address}: http :{http_port}, grpc :{grpc_port}, "
+                  f"metrics :{metrics_port}/metrics; pgkd classify --url http://{url_host(address)}:{http_port} TEXT",
+                  flush=True)
             code = server.process.wait()
-            print(f"pgkd: tritonserver exited with code {code}; log {server.log_path}", file=sys.stderr)
+            print(f"pgkd: tritonserver exited with code {code}; its log:\n{server.log_tail()}", file=sys.stderr)
             return 1
     except TritonServerError as e:
         message = str(e)
@@ -55,6 +56,6 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
                             f"{metrics_port} is taken") from None
         print(f"pgkd: {message}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, processes.Stopped):
         print("pgkd: stopped serving", file=sys.stderr)
         return 0

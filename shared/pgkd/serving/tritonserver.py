@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+from pgkd import processes
+from pgkd.net import url_host
 
 
 # --- the bundled server --------------------------------------------------------------------------------
@@ -140,20 +141,21 @@ class RunningTriton:
     metrics_port: int
     log_path: Path
     model_repository: Path
+    address: str = "127.0.0.1"   # what it binds to
 
     @property
     def http_url(self) -> str:
-        """"127.0.0.1:PORT", as tritonclient.http.InferenceServerClient(url=...) takes it."""
-        return f"127.0.0.1:{self.http_port}"
+        """"HOST:PORT" (127.0.0.1 for 0.0.0.0), as tritonclient.http.InferenceServerClient(url=...) takes it."""
+        return f"{url_host(self.address)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        """"127.0.0.1:PORT", as tritonclient.grpc.InferenceServerClient(url=...) takes it."""
-        return f"127.0.0.1:{self.grpc_port}"
+        """"HOST:PORT", as tritonclient.grpc.InferenceServerClient(url=...) takes it."""
+        return f"{url_host(self.address)}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{url_host(self.address)}:{self.metrics_port}/metrics"
 
     def log(self) -> str:
         try:
@@ -193,20 +195,9 @@ class RunningTriton:
             time.sleep(0.2)
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM (Triton unloads its models and stops the stubs), then SIGKILL to the process group
-        this helper started (server and stubs) if it does not exit in time. Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)  # its own session: pgid == pid
-                self.process.wait(timeout=10)
-        # A stub that outlived its server (Triton exits without waiting for it when the exit timeout
-        # runs out) would linger until it notices; it is in this helper's process group: end it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        """SIGTERM to the server and its stubs (Triton unloads its models and stops the stubs), SIGKILL to
+        what is left after `timeout_s` seconds. Returns the exit code."""
+        processes.stop(self.process, timeout_s)
         return self.process.returncode
 
 
@@ -233,7 +224,8 @@ def run_tritonserver(
 
     env: extra environment variables for the server and its Python-backend stubs (e.g. PGKD_TEACHER_MODEL).
     extra_args: more tritonserver command-line arguments. workdir: where the backend directory and
-    tritonserver.log go (default: a temporary folder, removed at exit unless the start failed).
+    tritonserver.log go (default: a temporary folder of this server's own, removed at exit, kept with
+    its log when the start failed). Never inside the model repository: Triton would take it for a model.
     attempts: a port taken between choosing it and binding it is retried on new ports.
     ports: (http, grpc, metrics); default: free ones, chosen here (then `attempts` applies).
     """
@@ -241,14 +233,14 @@ def run_tritonserver(
     model_repository = Path(model_repository).resolve()
     models = default_models(model_repository) if models is None else list(models)
     own_workdir = workdir is None
-    folder = Path(tempfile.mkdtemp(prefix="tritonserver-")) if own_workdir else Path(workdir)
+    # Absolute: tritonserver runs in this folder and is given paths inside it.
+    folder = Path(tempfile.mkdtemp(prefix="tritonserver-")) if own_workdir else Path(workdir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    backends = prepare_backend_directory(folder / "backends", dist)
-    environment = server_environment(dist, env)
-
     server: RunningTriton | None = None
-    failed = True
+    failed = False
     try:
+        backends = prepare_backend_directory(folder / "backends", dist)
+        environment = server_environment(dist, env)
         for attempt in range(1, attempts + 1):
             http_port, grpc_port, metrics_port = ports or free_ports(3)
             log_path = folder / ("tritonserver.log" if attempt == 1 else f"tritonserver.{attempt}.log")
@@ -268,9 +260,8 @@ def run_tritonserver(
                 *extra_args,
             ]
             with open(log_path, "wb") as log:
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                           cwd=folder, start_new_session=True)
-            server = RunningTriton(process, http_port, grpc_port, metrics_port, log_path, model_repository)
+                process = processes.spawn(command, log=log, env=environment, cwd=folder)
+            server = RunningTriton(process, http_port, grpc_port, metrics_port, log_path, model_repository, address)
             try:
                 server.wait_ready(models, timeout_s)
                 break
@@ -278,8 +269,8 @@ def run_tritonserver(
                 server.stop()
                 if ports is None and attempt < attempts and "address already in use" in server.log().lower():
                     continue
+                failed = True
                 raise
-        failed = False
         yield server
     finally:
         if server is not None:

@@ -12,10 +12,9 @@ LIBDIR on LD_LIBRARY_PATH, which `serve` sets before it starts the server.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
-import sys
 import sysconfig
 import threading
 import time
@@ -23,6 +22,8 @@ import time
 import numpy as np
 
 from pgkd.data import load_dataset, make_splits
+from pgkd.net import DEFAULT_HOST, url_host
+from pgkd.processes import Stopped, stop_signals
 from pgkd.students.frozen import EmbeddingCache
 from pgkd.teachers.llm import TokenCounter
 from pgkd.teachers.prompt import PromptError, read_prompt
@@ -70,11 +71,11 @@ class SimulatedTeacherModel:
 
 
 def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_port: int, metrics_port: int,
-          validation_fraction: float = 0.2, label_noise: float = 0.0, latency: float = 0.0,
+          host: str = DEFAULT_HOST, validation_fraction: float = 0.2, label_noise: float = 0.0, latency: float = 0.0,
           text_column: str = "text", label_column: str = "label") -> None:
-    """Serve until interrupted. The pool is the train split minus the labeled samples a run with the
-    same --data, --labeled and --seed trains on, so the simulation never hands the student its own
-    samples (the client's screening would reject them anyway)."""
+    """Serve on `host` until SIGTERM, SIGHUP or Ctrl-C. The pool is the train split minus the labeled
+    samples a run with the same --data, --labeled and --seed trains on, so the simulation never hands the
+    student its own samples (the client's screening would reject them anyway)."""
     dataset = load_dataset(data, text_column, label_column, seed=seed)
     splits = make_splits(dataset, labeled, seed, validation_fraction)
     teacher = make_simulated_teacher(kind, splits.pool, seed=seed, label_noise=label_noise, embed=EmbeddingCache())
@@ -85,12 +86,12 @@ def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_po
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    # SIGTERM (docker stop, kill, make demo's cleanup) leaves through the `with` below, which stops
-    # tritonserver too; the default would leave it running without us.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    config = TritonConfig(http_address="0.0.0.0", http_port=http_port, grpc_address="0.0.0.0", grpc_port=grpc_port,
-                          metrics_port=metrics_port, exit_timeout_secs=5)
-    with Triton(config=config) as triton:
+    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5)
+    # SIGTERM (docker stop, kill, make demo's cleanup) and SIGHUP (a closed terminal) leave through the
+    # `with Triton`, which stops tritonserver and removes PyTriton's workspace. PyTriton starts tritonserver
+    # with SIGTERM as its parent-death signal: a SIGKILL of this process stops it too (the workspace stays).
+    with stop_signals(), contextlib.suppress(Stopped), Triton(config=config) as triton:
         triton.bind(model_name=MODEL_NAME, infer_func=model,
                     inputs=[Tensor(name="text_input", dtype=bytes, shape=(1,)),
                             Tensor(name="max_tokens", dtype=np.int32, shape=(1,), optional=True),
@@ -101,5 +102,6 @@ def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_po
                              Tensor(name="served_by", dtype=bytes, shape=(1,))],
                     config=ModelConfig(max_batch_size=8, batching=True), strict=False)
         print(f"pgkd: serving the simulated teacher {teacher.name} ({len(splits.pool)} pool texts; a simulation, "
-              f"not an LLM) as Triton model '{MODEL_NAME}': http :{http_port}, grpc :{grpc_port}", flush=True)
+              f"not an LLM) as Triton model '{MODEL_NAME}' on {host}: http :{http_port}, grpc :{grpc_port}; "
+              f"--teacher triton://{url_host(host)}:{http_port}/{MODEL_NAME}", flush=True)
         triton.serve()

@@ -1,0 +1,129 @@
+"""The one supervisor of the child processes pgkd starts (tritonserver, the services, Tansu, Prometheus).
+
+- `spawn` starts a child in a session of its own: a Ctrl-C or a closed terminal reaches the parent
+  only, which then stops its children in the order it chooses; a signal to the child's process group
+  reaches what the child started in turn (tritonserver's Python-backend stubs, `pgkd teacher serve`'s
+  tritonserver). The child gets SIGTERM when its parent dies, even by SIGKILL (Linux's parent-death
+  signal), so no child outlives a parent that could not stop it.
+- `stop` ends a child and its process group: SIGTERM, then SIGKILL after a timeout.
+- `stop_signals` makes SIGTERM and SIGHUP unwind the main thread as Ctrl-C does (an exception), so
+  that `with` and `finally` blocks stop the children and remove the temporary folders. Their default
+  action would end the process at once and leave both behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import IO, Iterable, Iterator, Mapping, Sequence
+
+STOP_TIMEOUT = 15.0     # seconds a child gets after SIGTERM before its process group is killed
+_PR_SET_PDEATHSIG = 1   # from <linux/prctl.h>
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread (within `stop_signals`) as KeyboardInterrupt is for
+    SIGINT: a BaseException, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_stopped(signum, _frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP raise Stopped in the main thread (SIGINT raises KeyboardInterrupt,
+    Python's default). The previous handlers are back at exit. Elsewhere than in the main thread, where
+    Python takes no handlers, it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _signals_held_off() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP ignored (in the main thread): a second Ctrl-C while the children are
+    being stopped cannot interrupt the stop and leave them running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def _die_with_parent():
+    """A preexec_fn: SIGTERM to this child when the thread that forked it ends. prctl is looked up here,
+    in the parent, so that the child between fork and exec only calls it."""
+    prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:   # the parent died before the prctl: nobody would send the signal
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def spawn(argv: Sequence[str], *, log: IO | None = None, env: Mapping[str, str] | None = None,
+          cwd: str | Path | None = None) -> subprocess.Popen:
+    """Start `argv` in a session of its own, its stdout and stderr to `log` (an open file; None: this
+    process's own), with SIGTERM as its parent-death signal.
+
+    The parent-death signal fires when the *thread* that spawned the child ends, not only the process:
+    call it from the main thread (pgkd does), or from a thread that lives as long as the child should."""
+    return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT if log is not None else None,
+                            env=None if env is None else dict(env), cwd=cwd, start_new_session=True,
+                            preexec_fn=_die_with_parent())
+
+
+def stop(processes: subprocess.Popen | Iterable[subprocess.Popen], timeout: float = STOP_TIMEOUT) -> None:
+    """Each child started by `spawn` and what it started: SIGTERM to its process group, SIGKILL to what
+    is left after `timeout` seconds (one deadline for all). What a child started and left behind when it
+    exited (a stub after its tritonserver) is killed too."""
+    processes = [processes] if isinstance(processes, subprocess.Popen) else list(processes)
+    with _signals_held_off():
+        # A child reaped already is left alone: its group's id may since belong to a process not ours.
+        running = [p for p in processes if p.poll() is None]
+        for process in running:
+            _signal_group(process.pid, signal.SIGTERM)   # its session: pgid == pid
+        deadline = time.monotonic() + timeout
+        for process in running:
+            with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
+                _wait_without_reaping(process, max(0.0, deadline - time.monotonic()))
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _wait_without_reaping(process: subprocess.Popen, timeout: float) -> None:
+    """Until the child has exited, left as a zombie: its pid, and so its process group's id, stays ours
+    until `process.wait()`. TimeoutExpired after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(process.args, timeout)
+        time.sleep(0.05)

@@ -1,0 +1,166 @@
+"""`pgkd export` and `pgkd serve` as processes, as a user runs them: relative paths from a working folder
+(the README's commands), the server's own files outside the model repository (a stock tritonserver
+takes the repository as it is), loopback unless told otherwise, and every way of stopping them
+(SIGTERM, SIGHUP, Ctrl-C, a SIGKILL of pgkd itself, an interrupted export) leaves no process and no
+temporary or staging folder behind."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TOY_CLASSES, make_toy_dataset
+from process_tools import Pgkd, descendants, gone
+from pgkd.serving.client import classify
+from pgkd.serving.tritonserver import free_ports, run_tritonserver
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    """A tiny trained student, saved as a folder."""
+    from pgkd.data import load_dataset
+    from pgkd.students import create_student
+    from pgkd.students.contract import TrainConfig
+    folder = tmp_path_factory.mktemp("student")
+    data = load_dataset(make_toy_dataset(folder / "toy"))
+    model = create_student("tiny", data.labels, seed=3)
+    model.train(data.train, [], TrainConfig(epochs=3, seed=3), progress=False)
+    model.save(folder / "best")
+    return folder / "best"
+
+
+@pytest.fixture(scope="module")
+def exported(student, tmp_path_factory) -> Path:
+    """A model repository written by `pgkd export`."""
+    repository = tmp_path_factory.mktemp("exported") / "models"
+    done = subprocess.run([sys.executable, "-m", "pgkd.cli", "export", str(student), "--out", str(repository)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return repository
+
+
+def listing(folder: Path) -> dict[str, int]:
+    """Every file and folder under `folder`: relative path -> size (0 for a folder). But for the bytecode
+    of model.py, N/__pycache__/: the Python-backend stub's embedded interpreter writes it when it imports
+    model.py (it ignores PYTHONDONTWRITEBYTECODE), and it is no model folder to Triton."""
+    return {str(p.relative_to(folder)): (0 if p.is_dir() else p.stat().st_size) for p in sorted(folder.rglob("*"))
+            if "__pycache__" not in p.parts}
+
+
+@pytest.fixture
+def pgkd(tmp_path):
+    started = []
+
+    def start(*args: str, cwd: Path | None = None) -> Pgkd:
+        started.append(Pgkd(tmp_path, *args, cwd=cwd))
+        return started[-1]
+    yield start
+    for command in started:
+        command.kill()
+
+
+def ports() -> list[str]:
+    http, grpc, metrics = free_ports(3)
+    return ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+
+
+def test_the_readme_commands_work_with_relative_paths(student, tmp_path, pgkd):
+    """From a working folder: `pgkd export best --out models`, `pgkd serve --model models`, `pgkd classify`."""
+    work = tmp_path / "work"
+    shutil.copytree(student, work / "best")
+    export = pgkd("export", "best", "--out", "models", cwd=work)
+    assert export.process.wait(300) == 0, export.log()
+    written = listing(work / "models")
+    options = ports()
+    server = pgkd("serve", "--model", "models", *options, cwd=work)
+    server.wait_for("pgkd: serving")
+    done = subprocess.run([sys.executable, "-m", "pgkd.cli", "classify", "--url", f"http://127.0.0.1:{options[1]}",
+                           "my card was stolen from my wallet"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["label"] in TOY_CLASSES
+    triton = server.tritonserver()
+    assert server.stop(signal.SIGTERM) == 0, server.log()
+    assert "pgkd: stopped serving" in server.log()
+    assert gone([triton]) and server.left_in_tmp() == []
+    assert listing(work / "models") == written
+
+
+def test_the_repository_is_left_as_export_wrote_it_and_a_stock_tritonserver_loads_it(exported, pgkd):
+    """After `pgkd serve` (stopped with Ctrl-C), the repository holds the models only: a tritonserver in its
+    default model control mode, which loads every folder of the repository, serves it."""
+    written = listing(exported)
+    server = pgkd("serve", "--model", str(exported), *ports())
+    server.wait_for("pgkd: serving")
+    assert server.stop(signal.SIGINT) == 0, server.log()
+    assert listing(exported) == written
+    with run_tritonserver(exported) as triton:     # no model control arguments: Triton's default
+        (answer,) = classify(f"http://{triton.http_url}", ["please send money to my payee account"])
+        assert answer["label"] in TOY_CLASSES
+
+
+@pytest.mark.parametrize("host", [None, "0.0.0.0"])
+def test_a_served_model_listens_on_loopback_unless_told_otherwise_and_sighup_stops_it(exported, pgkd, host):
+    """A closed terminal (SIGHUP) stops `pgkd serve` and its tritonserver, and removes its work folder."""
+    options = ports()
+    server = pgkd("serve", "--model", str(exported), *options, *(["--host", host] if host else []))
+    server.wait_for("pgkd: serving")
+    triton = server.tritonserver()
+    # every interface: HTTP and metrics on 0.0.0.0, gRPC on :: (both IPv4 and IPv6, as gRPC binds 0.0.0.0)
+    assert server.listening_on(options[1::2]) == ({"127.0.0.1"} if host is None else {"0.0.0.0", "::"})
+    assert f"pgkd classify --url http://127.0.0.1:{options[1]} TEXT" in server.log()
+    assert server.stop(signal.SIGHUP) == 0, server.log()
+    assert gone([triton]), "tritonserver outlived pgkd serve"
+    assert server.left_in_tmp() == []
+
+
+def test_a_sigkilled_serve_takes_its_tritonserver_with_it(exported, pgkd):
+    server = pgkd("serve", "--model", str(exported), *ports())
+    server.wait_for("pgkd: serving")
+    triton = server.tritonserver()
+    stubs = [p for p in descendants(triton)]
+    server.stop(signal.SIGKILL)
+    assert gone([triton, *stubs]), "tritonserver (or a stub) outlived a SIGKILLed pgkd serve"
+
+
+def test_an_interrupted_serve_of_a_student_folder_leaves_no_temporary_repository(student, pgkd):
+    """SIGTERM while `pgkd serve --model STUDENT_FOLDER` exports the student into its temporary repository."""
+    server = pgkd("serve", "--model", str(student), *ports())
+    deadline = time.monotonic() + 120
+    while not list(server.tmp.glob("pgkd-serve-*/student/.staging-*")):   # the export has begun
+        assert server.process.poll() is None and time.monotonic() < deadline, server.log()
+        time.sleep(0.02)
+    code = server.stop(signal.SIGTERM)
+    assert server.left_in_tmp() == []
+    assert code == 128 + signal.SIGTERM and "Traceback" not in server.log(), server.log()
+
+
+def test_an_interrupted_export_leaves_no_staging_folder(student, tmp_path, pgkd):
+    repository = tmp_path / "models"
+    export = pgkd("export", str(student), "--out", str(repository))
+    deadline = time.monotonic() + 120
+    while not list(repository.glob("student/.staging-*")):
+        assert export.process.poll() is None and time.monotonic() < deadline, export.log()
+        time.sleep(0.02)
+    code = export.stop(signal.SIGTERM)
+    assert not list(repository.rglob(".staging-*")) and not list(repository.glob("student/[0-9]*"))
+    assert code == 128 + signal.SIGTERM, export.log()
+    assert "interrupted; nothing was written" in export.log() and "Traceback" not in export.log()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["serve", "--model", "models", "--host", "no host!"], "argument --host: 'no host!' is not a host"),
+    (["serve", "--model", "models", "--http-port", "70000"], "argument --http-port: '70000' is not a port"),
+    (["teacher", "serve", "--data", "d", "--host", "a/b"], "argument --host: 'a/b' is not a host"),
+    (["teacher", "serve", "--data", "d", "--metrics-port", "0"], "argument --metrics-port: '0' is not a port"),
+])
+def test_a_bad_host_or_port_is_one_line_and_exit_2(args, says, capsys):
+    from pgkd.cli import main
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err, err

@@ -1,0 +1,46 @@
+"""`pgkd teacher serve` (PyTriton) as a process: loopback unless told otherwise, and SIGHUP (a closed
+terminal) or a SIGKILL of pgkd leaves no tritonserver behind."""
+import signal
+
+import pytest
+from conftest import make_toy_dataset
+from pgkd.serving.tritonserver import free_ports
+from process_tools import Pgkd, descendants, gone
+
+
+@pytest.fixture
+def teacher(tmp_path):
+    data = make_toy_dataset(tmp_path / "toy")
+    started = []
+
+    def start(*extra: str) -> tuple[Pgkd, list[str]]:
+        http, grpc, metrics = free_ports(3)
+        ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+        started.append(Pgkd(tmp_path, "teacher", "serve", "--kind", "pool-random", "--data", str(data),
+                            "--labeled", "40", "--seed", "1", *ports, *extra))
+        started[-1].wait_for("pgkd: serving the simulated teacher")
+        return started[-1], ports
+    yield start
+    for command in started:
+        command.kill()
+
+
+@pytest.mark.parametrize("host", [None, "0.0.0.0"])
+def test_the_teacher_listens_on_loopback_unless_told_otherwise_and_sighup_stops_it(teacher, host):
+    server, ports = teacher(*(["--host", host] if host else []))
+    triton = server.tritonserver()
+    # every interface: HTTP and metrics on 0.0.0.0, gRPC on :: (both IPv4 and IPv6, as gRPC binds 0.0.0.0)
+    assert server.listening_on(ports[1::2]) == ({"127.0.0.1"} if host is None else {"0.0.0.0", "::"})
+    assert f"--teacher triton://127.0.0.1:{ports[1]}/teacher" in server.log()
+    assert server.stop(signal.SIGHUP) == 0, server.log()
+    assert gone([triton]), "tritonserver outlived pgkd teacher serve"
+    assert server.left_in_tmp() == []     # PyTriton's workspace removed
+
+
+def test_a_sigkilled_teacher_serve_takes_its_tritonserver_with_it(teacher):
+    """PyTriton starts tritonserver with SIGTERM as its parent-death signal."""
+    server, _ = teacher()
+    triton = server.tritonserver()
+    stubs = list(descendants(triton))
+    server.stop(signal.SIGKILL)
+    assert gone([triton, *stubs]), "tritonserver (or a stub) outlived a SIGKILLed pgkd teacher serve"

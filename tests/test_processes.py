@@ -1,0 +1,110 @@
+"""pgkd.processes, the one supervisor of child processes: a child in a session of its own, stopped with
+what it started, and dead with its parent even when the parent is SIGKILLed; SIGTERM and SIGHUP unwind
+the main thread as Ctrl-C does."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from pgkd import processes
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def python(code: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def test_a_child_has_a_session_of_its_own_and_stops_with_what_it_started():
+    # A parent that ignores SIGTERM and a grandchild in its process group: both gone after the timeout.
+    child = processes.spawn([sys.executable, "-c", textwrap.dedent("""
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        subprocess.Popen(["sleep", "300"])
+        time.sleep(300)
+        """)])
+    try:
+        assert os.getsid(child.pid) == child.pid != os.getsid(0)
+        time.sleep(0.5)
+        grandchildren = _children(child.pid)
+        assert grandchildren
+        started = time.monotonic()
+        processes.stop(child, timeout=1)
+        assert 1 <= time.monotonic() - started < 5
+        assert child.returncode == -signal.SIGKILL
+        assert all(wait_gone(p) for p in grandchildren)
+    finally:
+        processes.stop(child, timeout=0)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return out
+
+
+def test_a_child_gets_sigterm_when_its_parent_is_sigkilled():
+    parent = python("""
+        from pgkd import processes
+        child = processes.spawn(["sleep", "300"])
+        print(child.pid, flush=True)
+        child.wait()
+        """)
+    child = int(parent.stdout.readline())
+    assert alive(child)
+    parent.kill()
+    parent.wait(10)
+    assert wait_gone(child, 5), "the child outlived its SIGKILLed parent"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_stop_signals_unwind_the_main_thread_through_finally(sig):
+    process = python("""
+        import os, signal, time
+        from pgkd.processes import Stopped, stop_signals
+        try:
+            with stop_signals():
+                try:
+                    print("ready", flush=True)
+                    time.sleep(30)
+                finally:
+                    print("finally", flush=True)
+        except Stopped as e:
+            print("stopped", e.signum, flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        print("default handlers back:", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+              and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL, flush=True)
+        """, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    assert process.stdout.readline() == "ready\n"
+    process.send_signal(sig)
+    out, _ = process.communicate(timeout=10)
+    said = "interrupted" if sig == signal.SIGINT else f"stopped {int(sig)}"
+    assert out.splitlines() == ["finally", said, "default handlers back: True"] and process.returncode == 0
