@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.distributed.artifacts import ArtifactStore, StoreUnwritable
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import log_cycle
 from pgkd.loop.report import summary_table
@@ -80,7 +80,7 @@ def wait_for(store: ArtifactStore, run_id: str, timeout: float | None, poll: flo
         shown = _show_cycles(store, run_id, shown)
         if store.exists(files.completed):
             _show_cycles(store, run_id, shown)
-            return RunCompleted.model_validate(store.get_json(files.completed))
+            return store.get_model(files.completed, RunCompleted)
         if deadline and time.monotonic() > deadline:
             raise TimeoutError(f"run {run_id}: not completed after {timeout:.0f} s; follow it with "
                                f"`pgkd status {run_id}`")
@@ -94,8 +94,8 @@ def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None) -> i
     keys = store.list(files.cycles)
     if len(keys) <= shown:
         return shown
-    config = DistillConfig.model_validate(store.get_json(files.request)["config"])
-    records = [CycleState.model_validate(store.get_json(k)).record for k in keys]
+    config = DistillConfig.model_validate(store.get_model(files.request, RunRequested).config)
+    records = [store.get_model(k, CycleState).record for k in keys]
     for i in range(shown, len(records)):
         log_cycle(config, records[i], [r.validation[config.metric] for r in records[:i + 1]], write=write)
     return len(records)
@@ -105,7 +105,7 @@ def _print_completion(store: ArtifactStore, completed: RunCompleted) -> int:
     if completed.status == "failed":
         print(f"run {completed.run_id} failed: {completed.reason}", file=sys.stderr)
         return 1
-    report = RunReport.model_validate(store.get_json(completed.report))
+    report = store.get_model(completed.report, RunReport)
     print(summary_table(report))
     print(f"stopped: {completed.reason}")
     print(f"report: {completed.report.uri}")
@@ -122,14 +122,14 @@ def status(run_id: str) -> int:
         reason = store.get_json(files.not_submitted)["reason"]
         print(f"run {run_id}: not submitted (publishing it failed: {reason})", file=sys.stderr)
         return 1
-    request = RunRequested.model_validate(store.get_json(files.request))
+    request = store.get_model(files.request, RunRequested)
     config = request.config
     print(f"run {run_id}: {config['data']}, student {config['student']}, teacher {config['teacher']}, "
           f"seed {config['seed']}")
     if not _show_cycles(store, run_id, 0, write=print):
         print("no cycle evaluated yet")
     if store.exists(files.completed):
-        return _print_completion(store, RunCompleted.model_validate(store.get_json(files.completed)))
+        return _print_completion(store, store.get_model(files.completed, RunCompleted))
     print("running")
     return 0
 
@@ -256,7 +256,7 @@ def stream_status(name: str) -> int:
     key = f"{stream_key(name)}/state.json"
     if not store.exists(key):
         raise UserError(f"stream {name}: not found in {store.url}")
-    state = StreamState.model_validate(store.get_json(key))
+    state = store.get_model(key, StreamState)
     log = SegmentLog(store, f"{stream_key(name)}/segments")
     manifest = log.load_manifest()
     since = log.last_seq - (state.runs[-1].samples_through if state.runs else 0)
@@ -304,6 +304,18 @@ def stream_repair(name: str) -> int:
 
 # -- the command line ---------------------------------------------------------------------------------------
 
+def writing_to_the_store(command):
+    """A command that writes to the artifact store: a store that cannot be written is the
+    environment's failure, one line and exit 1 (a UserError is the user's: exit 2)."""
+    def run(args) -> int:
+        try:
+            return command(args)
+        except StoreUnwritable as e:
+            print(f"pgkd: {e}", file=sys.stderr)
+            return 1
+    return run
+
+
 def register(sub, distill_arguments) -> None:
     """Add the bus commands to `pgkd`'s subcommands; `distill_arguments` adds a run's options."""
     from pgkd.cli import Parser
@@ -315,13 +327,13 @@ def register(sub, distill_arguments) -> None:
     submit.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     submit.add_argument("--promote", action="store_true",
                         help="once completed, serve its best student: StudentPromoted for the deployers")
-    submit.set_defaults(func=_submit)
+    submit.set_defaults(func=writing_to_the_store(_submit))
     status_parser = sub.add_parser("status", help="a submitted run's cycles so far, and its outcome")
     status_parser.add_argument("run_id")
     status_parser.set_defaults(func=lambda args: status(args.run_id))
     service = sub.add_parser("service", help="run one service: " + " | ".join(ALL))
     service.add_argument("name", choices=list(ALL))
-    service.set_defaults(func=lambda args: serve(args.name))
+    service.set_defaults(func=writing_to_the_store(lambda args: serve(args.name)))
     send_parser = sub.add_parser("send", help="stream a JSON Lines or CSV file of labeled samples to the ingest "
                                               "service")
     send_parser.add_argument("file", help="rows with text and label (and optional source, id)")
@@ -340,7 +352,7 @@ def register(sub, distill_arguments) -> None:
     stream_status_parser.set_defaults(func=lambda args: stream_status(args.name))
     repair = stream_sub.add_parser("repair", help="keep the complete samples of damaged segments (ingest stopped)")
     repair.add_argument("name", nargs="?", default="default", help="the stream (default: default)")
-    repair.set_defaults(func=lambda args: stream_repair(args.name))
+    repair.set_defaults(func=writing_to_the_store(lambda args: stream_repair(args.name)))
     topics = sub.add_parser("topics", help="create the message topics")
     topics_sub = topics.add_subparsers(dest="topics", required=True, parser_class=Parser)
     create = topics_sub.add_parser("create", help="idempotent: existing topics are left as they are")

@@ -9,6 +9,7 @@ LLM URL, or any object with `generate(request)`; `student` a name, a model folde
 with the student contract (pgkd.Student); the options are those of `pgkd distill`."""
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pgkd.data import Sample, dataset_from_samples, load_dataset
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import DistillResult, run
-from pgkd.teachers.contract import GeneratedBatch, GenerationRequest
+from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable
 
 
 def distill(data, teacher="pool-guided", student="minilm", out: str | Path | None = None, progress: bool = True,
@@ -27,15 +28,16 @@ def distill(data, teacher="pool-guided", student="minilm", out: str | Path | Non
     if unknown:
         raise TypeError(f"pgkd.distill: unknown option(s) {', '.join(unknown)}; the options are those of "
                         f"`pgkd distill`: {', '.join(f for f in DistillConfig.model_fields if f not in ('data',))}")
-    teacher_object = None if isinstance(teacher, str) else ObjectTeacher(teacher)
+    teacher_name = None if isinstance(teacher, str) else name_of(teacher)
     student_object = None if isinstance(student, (str, Path)) else student
     if student_object is not None and options.get("warm_start") is False:
         raise TypeError("pgkd.distill: warm_start=False retrains a fresh student each cycle, which pgkd can make "
                         "from a student's name or folder, not from an object")
     config = DistillConfig(data=str(data) if isinstance(data, (str, Path)) else "python:samples",
-                           teacher=teacher if teacher_object is None else f"python:{teacher_object.name}",
+                           teacher=teacher if teacher_name is None else f"python:{teacher_name}",
                            student=str(student) if student_object is None else f"python:{type(student).__qualname__}",
                            **options)
+    teacher_object = None if teacher_name is None else ObjectTeacher(teacher, timeout=config.teacher_timeout)
     if isinstance(data, (str, Path)):
         dataset = load_dataset(data, config.text_column, config.label_column, seed=config.seed)
     else:
@@ -49,21 +51,28 @@ def load_student(path: str | Path, device: str | None = None):
     return load(path, device=device)
 
 
+def name_of(teacher) -> str:
+    return str(getattr(teacher, "name", type(teacher).__name__))
+
+
 class ObjectTeacher:
     """A user's teacher object made a whole teacher: only `generate(request)` is required; it may
     return pgkd.Samples, dicts with text and label, or a GeneratedBatch. `name`, `simulated`,
-    `describe()`, `state()`, `load_state()` and `check()` are taken from it where it has them."""
+    `describe()`, `state()`, `load_state()` and `check()` are taken from it where it has them.
+    A `generate` that gives no answer within `timeout` seconds (teacher_timeout) makes the teacher
+    unavailable, as an LLM teacher's failed calls do: the run stops and writes its report."""
 
-    def __init__(self, teacher):
+    def __init__(self, teacher, timeout: float | None = None):
         if not callable(getattr(teacher, "generate", None)):
             raise UserError(f"teacher {teacher!r}: expected a teacher name, an LLM URL, or an object with a "
                             "generate(request) method")
         self.teacher = teacher
-        self.name = str(getattr(teacher, "name", type(teacher).__name__))
+        self.name = name_of(teacher)
         self.simulated = bool(getattr(teacher, "simulated", False))
+        self.timeout = timeout
 
     def generate(self, request: GenerationRequest) -> GeneratedBatch:
-        answer = self.teacher.generate(request)
+        answer = self._call_generate(request)
         if isinstance(answer, GeneratedBatch):
             return answer
         samples, dropped = [], Counter()
@@ -76,6 +85,28 @@ class ObjectTeacher:
             else:
                 dropped["malformed_sample"] += 1     # counted in the cycle's `rejected`, like an LLM's
         return GeneratedBatch(samples=samples, teacher=self.name, rejected=dict(dropped))
+
+    def _call_generate(self, request: GenerationRequest):
+        """The user's `generate(request)`, in a worker thread bounded by the timeout. A call that times
+        out cannot be cancelled: its daemon thread is left to finish, or to end with the process."""
+        if self.timeout is None:
+            return self.teacher.generate(request)
+        outcome = {}
+
+        def call():
+            try:
+                outcome["answer"] = self.teacher.generate(request)
+            except BaseException as e:  # noqa: BLE001 -- raised again in the caller's thread
+                outcome["error"] = e
+        worker = threading.Thread(target=call, name=f"teacher {self.name}", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            raise TeacherUnavailable(f"teacher {self.name} timed out: generate() gave no answer in "
+                                     f"{self.timeout:g} s (teacher_timeout)")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["answer"]
 
     def describe(self) -> dict:
         if callable(getattr(self.teacher, "describe", None)):

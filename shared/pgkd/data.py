@@ -226,6 +226,9 @@ def make_splits(dataset: Dataset, labeled: int, seed: int, validation_fraction: 
     """Draw `labeled` samples from train (stratified; every class at least twice so that both
     train and validation can hold it), split them into train and validation; the rest is the pool."""
     labels = dataset.labels
+    if len(labels) < 2:
+        raise UserError(f"{dataset.path}: every train sample is labeled {labels[0]!r}: a classifier needs samples "
+                        "of at least two classes")
     if labeled < len(labels):
         raise UserError(f"--labeled {labeled} is smaller than the number of classes ({len(labels)}) "
                         f"in {dataset.path}")
@@ -239,6 +242,10 @@ def make_splits(dataset: Dataset, labeled: int, seed: int, validation_fraction: 
                       capacity={label: len(g) for label, g in groups.items()})
     chosen, pool = _take_per_label(groups, counts, rng)
     train, validation = stratified_split(chosen, validation_fraction, rng)
+    if not validation:   # early stopping and the choice of the best cycle have nothing to go on
+        raise UserError(f"{dataset.path}: {labeled} labeled samples leave none to validate on: a class needs 2, one "
+                        f"to train on and one to validate ({2 * len(labels)} labeled samples or more, and 2 train "
+                        "rows per class)")
     rng.shuffle(pool)
     return Splits(labels=labels, train=train, validation=validation, pool=pool, test=list(dataset.test))
 

@@ -1,6 +1,6 @@
 """The artifact store: atomic writes, references checked by sha256, folders as one artifact."""
 import pytest
-from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore
+from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, StoreUnwritable
 
 
 def test_bytes_round_trip_by_reference_and_key(tmp_path):
@@ -31,7 +31,7 @@ def test_a_failed_write_leaves_the_previous_artifact_whole(tmp_path, monkeypatch
     def crash(*args):
         raise OSError("disk full")
     monkeypatch.setattr("os.replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreUnwritable, match="cannot write report.json .disk full"):
         store.put_bytes("report.json", b"half")
     assert (tmp_path / "report.json").read_bytes() == b"complete"
 

@@ -70,7 +70,7 @@ class SetFitRecipe:
         labeled = splits.train + splits.validation
         data = HFDataset.from_dict({"text": [s.text for s in labeled], "label": [index[s.label] for s in labeled]})
         started = time.perf_counter()
-        model = SetFitModel.from_pretrained(str(minilm_path()))
+        model = SetFitModel.from_pretrained(str(minilm_path()), local_files_only=True)
         with tempfile.TemporaryDirectory() as folder:
             args = TrainingArguments(output_dir=folder, batch_size=self.batch_size, num_epochs=1,
                                      num_iterations=self.num_iterations, max_length=self.max_length, seed=seed,

@@ -17,9 +17,10 @@ import shutil
 import tarfile
 import uuid
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from pgkd.errors import UserError
 from pgkd.names import check_relative, inside, is_relative
@@ -29,6 +30,7 @@ DEFAULT_ARTIFACTS = "file://./artifacts"
 OWNER = ".pgkd-store.json"   # at a local store's root: the folder is pgkd's, and pgkd writes there
 # What pgkd writes at a store's root: a store written before OWNER existed holds only these.
 STORE_FOLDERS = frozenset({"runs", "datasets", "blobs", "streams", "promotions", "teacher-cache"})
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ArtifactRef(BaseModel, frozen=True):
@@ -39,6 +41,19 @@ class ArtifactRef(BaseModel, frozen=True):
 
 class ArtifactError(Exception):
     """An artifact is missing or is not what its reference says."""
+
+
+class DamagedRecord(ArtifactError, UserError):
+    """A stored JSON record that is not JSON, or not of the shape pgkd wrote: one line naming it."""
+
+    def __init__(self, uri: str, problem: str):
+        super().__init__(f"{uri}: damaged ({problem})")
+        self.uri, self.problem = uri, problem
+
+
+class StoreUnwritable(ArtifactError):
+    """The store cannot be written (permissions, a full disk, a file where a folder should be): the
+    environment's fault, not the request's."""
 
 
 def sha256_of(data: bytes) -> str:
@@ -97,17 +112,20 @@ class ArtifactStore:
     # -- bytes ---------------------------------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, digest: str | None = None) -> ArtifactRef:
         path = self._path(key)
-        if self.local:
-            self._claim()
-            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+        try:
+            if self.local:
+                self._claim()
+                self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as e:
+            raise StoreUnwritable(f"artifact store {self.url}: cannot write {key} ({e.strerror or e})") from None
         return ArtifactRef(uri=self.uri(key), sha256=digest or sha256_of(data), size=len(data))
 
     def get_bytes(self, ref: ArtifactRef | str) -> bytes:
@@ -116,7 +134,7 @@ class ArtifactStore:
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
-            raise ArtifactError(f"{ref.uri if isinstance(ref, ArtifactRef) else self.uri(ref)}: missing") from None
+            raise ArtifactError(f"{self._uri_of(ref)}: missing") from None
         if isinstance(ref, ArtifactRef) and sha256_of(data) != ref.sha256:
             raise ArtifactError(f"{ref.uri}: sha256 {sha256_of(data)[:12]} is not the referenced {ref.sha256[:12]}")
         return data
@@ -144,7 +162,23 @@ class ArtifactStore:
         return self.put_bytes(key, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode())
 
     def get_json(self, ref: ArtifactRef | str):
-        return json.loads(self.get_bytes(ref))
+        try:
+            return json.loads(self.get_bytes(ref))
+        except ValueError as e:   # not JSON, or not UTF-8
+            raise DamagedRecord(self._uri_of(ref), f"not JSON: {e}") from None
+
+    def get_model(self, ref: ArtifactRef | str, model: type[ModelT]) -> ModelT:
+        """A stored record read as `model`. One that is not of its shape is a DamagedRecord naming the
+        file: pydantic's own error would reach the command line as missing options."""
+        try:
+            return model.model_validate(self.get_json(ref))
+        except ValidationError as e:
+            error = e.errors()[0]
+            where = ".".join(map(str, error["loc"])) or "the record"
+            raise DamagedRecord(self._uri_of(ref), f"not a {model.__name__}: {where}: {error['msg']}") from None
+
+    def _uri_of(self, ref: ArtifactRef | str) -> str:
+        return ref.uri if isinstance(ref, ArtifactRef) else self.uri(ref)
 
     # -- folders (model checkpoints) as a manifest of content-addressed files -----------------------------
     # A folder is stored as a JSON manifest (file name -> sha256 and size) and one blob per file under

@@ -203,7 +203,7 @@ def run_context(store: ArtifactStore, run_id: str) -> RunContext:
         _contexts.move_to_end(cache_key)
         return _contexts[cache_key]
     files = RunFiles(run_id)
-    request = RunRequested.model_validate(store.get_json(files.request))
+    request = store.get_model(files.request, RunRequested)
     config = DistillConfig.model_validate(request.config)
     raw = store.get_json(request.dataset)
     if "splits" in raw:  # made by submit_splits
@@ -302,7 +302,7 @@ def cycle_states(store: ArtifactStore, ctx: RunContext, up_to: int) -> list[Cycl
         key = ctx.files.cycle_state(cycle)
         if not store.exists(key):
             raise RuntimeError(f"run {ctx.request.run_id}: cycle {cycle} was never evaluated")
-        states.append(CycleState.model_validate(store.get_json(key)))
+        states.append(store.get_model(key, CycleState))
     return states
 
 
@@ -364,7 +364,7 @@ def run_teacher_usage(store: ArtifactStore, run_id: str, provenance: Provenance)
     """The run's teacher usage so far: the evaluated cycles' records plus a cycle just generated."""
     ctx = run_context(store, run_id)
     keys = store.list(ctx.files.cycles)
-    return sum((CycleState.model_validate(store.get_json(k)).record.teacher_usage for k in keys),
+    return sum((store.get_model(k, CycleState).record.teacher_usage for k in keys),
                provenance.teacher_usage)
 
 
@@ -414,7 +414,7 @@ def record_promotion(store: ArtifactStore, promoted: StudentPromoted) -> Student
 
 def latest_promotion(store: ArtifactStore, model: str) -> StudentPromoted | None:
     key = latest_promotion_key(model)
-    return StudentPromoted.model_validate(store.get_json(key)) if store.exists(key) else None
+    return store.get_model(key, StudentPromoted) if store.exists(key) else None
 
 
 def with_promotion(store: ArtifactStore, output):
@@ -422,10 +422,10 @@ def with_promotion(store: ArtifactStore, output):
     StudentPromoted. Any other output as it is."""
     if not isinstance(output, RunCompleted) or output.status != "completed":
         return output
-    request = RunRequested.model_validate(store.get_json(RunFiles(output.run_id).request))
+    request = store.get_model(RunFiles(output.run_id).request, RunRequested)
     if not request.promote:
         return output
-    best = CycleState.model_validate(store.get_json(RunFiles(output.run_id).cycle_state(output.best_cycle)))
+    best = store.get_model(RunFiles(output.run_id).cycle_state(output.best_cycle), CycleState)
     scores = {f"validation_{k}": v for k, v in best.validation.headline().items()}
     scores |= {f"test_{k}": v for k, v in (output.test or {}).items()}
     promoted = StudentPromoted(run_id=output.run_id, cycle=output.best_cycle, checkpoint=output.best_checkpoint,
@@ -443,7 +443,7 @@ def mine(message: CycleEvaluated, store: ArtifactStore) -> NegativesMined:
     with out-of-fold guidance, from fold students' predictions on the labeled train samples."""
     ctx = run_context(store, message.run_id)
     config, cycle = ctx.config, message.cycle + 1
-    state = CycleState.model_validate(store.get_json(ctx.files.cycle_state(message.cycle)))
+    state = store.get_model(ctx.files.cycle_state(message.cycle), CycleState)
     if state.validation_probs is not None and state.checkpoint == message.checkpoint:
         report, probs = state.validation, np.load(io.BytesIO(store.get_bytes(state.validation_probs)))
     else:

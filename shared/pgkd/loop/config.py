@@ -23,7 +23,7 @@ class DistillConfig(BaseModel):
     labeled: int = Field(1000, gt=0)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     teacher: str = "pool-guided"          # a simulation's name, or triton://, triton+grpc://, openai:// URL
-    teacher_timeout: float = Field(120.0, gt=0)        # LLM teachers: seconds per call
+    teacher_timeout: float = Field(120.0, gt=0)        # seconds per call: LLM teachers, a teacher object
     teacher_retries: int = Field(3, ge=0)
     teacher_concurrency: int = Field(4, gt=0)
     teacher_max_per_call: int = Field(32, gt=0)        # samples asked for in one call

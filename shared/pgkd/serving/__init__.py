@@ -39,6 +39,9 @@ def export(model, repository, fmt: str = "onnx", int8: bool = False, name: str =
     from pgkd.serving.repository import write_version
     if isinstance(model, (str, Path)):
         student, source = student_from(model)
+    elif not hasattr(model, "labels"):   # before any folder is made: the export would fail half-way
+        raise TypeError(f"pgkd.export: expected a student folder, a checkpoint URI or a loaded student "
+                        f"(pgkd.load_student), got {type(model).__name__}")
     else:
         student, source = model, {"object": type(model).__qualname__}
     return write_version(Path(repository), student, source, model=name, fmt=fmt, int8=int8)

@@ -15,6 +15,7 @@ import numpy as np
 from pgkd.errors import UserError
 from pgkd.net import parse_address, url_host
 from pgkd.serving.repository import MODEL_NAME
+from pgkd.students.contract import text_list
 
 
 class ServingError(RuntimeError):
@@ -45,6 +46,7 @@ class StudentClient:
     """One connection to a served student; `classify` batches texts into requests of `batch_size`."""
 
     def __init__(self, url: str, model: str = MODEL_NAME, timeout: float = 60.0):
+        check_positive(timeout, "timeout", (int, float))
         self.endpoint = Endpoint.parse(url)
         self.model = model
         self.timeout = timeout
@@ -89,6 +91,7 @@ class StudentClient:
     def classify(self, texts: list[str], batch_size: int = 64) -> list[dict]:
         """A JSON-ready answer per text: text, label, probability (rounded as `pgkd predict` prints it)."""
         texts = check_texts(texts)
+        check_positive(batch_size, "batch_size", int)
         answers = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
@@ -112,19 +115,34 @@ def _request_error(e, endpoint: Endpoint) -> Exception:
 
 
 def check_texts(texts) -> list[str]:
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
+    """The texts as a list, each a str that UTF-8 can encode; a lone str is refused (TypeError), as
+    it would be classified one character at a time."""
+    texts = text_list(texts)
     if not texts:
         raise UserError("no texts to classify")
     for number, text in enumerate(texts, start=1):
         if not isinstance(text, str):
             raise UserError(f"text {number}: not a string ({type(text).__name__})")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"text {number}: not UTF-8 text ({e.reason} at character {e.start})") from None
     return texts
+
+
+def check_positive(value, name: str, kind) -> None:
+    """`value` is a number of type `kind` above zero: TypeError, or UserError for a number out of range
+    (the CLI passes its options on as they are, and reports a UserError in one line)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name}: expected a {'whole ' if kind is int else ''}number, got {value!r}")
+    if not value > 0:
+        raise UserError(f"{name} {value}: must be more than 0")
 
 
 def classify(url: str, texts, model: str = MODEL_NAME, batch_size: int = 64, timeout: float = 60.0) -> list[dict]:
     """Classify `texts` with the student served at `url` (http://HOST:PORT or grpc://HOST:PORT)."""
+    texts = check_texts(texts)                      # before any connection is made
+    check_positive(batch_size, "batch_size", int)
     with StudentClient(url, model, timeout) as client:
         return client.classify(texts, batch_size)
 

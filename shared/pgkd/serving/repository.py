@@ -26,13 +26,13 @@ from pgkd.names import check_name, inside
 from pgkd.ownership import read_owner, write_owner
 from pgkd.loop.outputs import file_sha256
 from pgkd.serving.triton_model import MANIFEST, check_version_folder
+from pgkd.students.contract import MAX_TEXT_CHARS   # the served model refuses longer texts
 
 MODEL_NAME = "student"
 OWNER = ".pgkd-model.json"    # in a model folder: pgkd wrote it, and may write its next version
 FORMATS = ("onnx", "torch")
 HANDLER = Path(__file__).with_name("triton_model.py")
 MAX_BATCH_SIZE = 64
-MAX_TEXT_CHARS = 10_000
 
 CONFIG = """\
 # A distilled pgkd student (written by `pgkd export`): one Python-backend model that tokenizes and runs

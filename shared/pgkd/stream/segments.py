@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field, ValidationError
 
-from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
+from pgkd.distributed.artifacts import ArtifactError, ArtifactStore, DamagedRecord
 from pgkd.errors import UserError
 from pgkd.names import NAME_PATTERN
 from pgkd.stream.samples import StoredSample, text_key
@@ -126,9 +126,9 @@ class SegmentLog:
     def load_manifest(self) -> Manifest:
         key = f"{self.prefix}/manifest.json"
         try:
-            self.manifest = Manifest.model_validate(self.store.get_json(key)) if self.store.exists(key) else Manifest()
-        except (ValueError, ValidationError) as e:   # written whole by pgkd: damaged by something else
-            raise SegmentDamaged(f"{self.store.uri(key)}: not the manifest pgkd wrote ({str(e).splitlines()[0]}); "
+            self.manifest = self.store.get_model(key, Manifest) if self.store.exists(key) else Manifest()
+        except DamagedRecord as e:   # written whole by pgkd: damaged by something else
+            raise SegmentDamaged(f"{self.store.uri(key)}: not the manifest pgkd wrote ({e.problem}); "
                                  "restore it from a backup") from None
         return self.manifest
 

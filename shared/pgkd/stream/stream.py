@@ -121,7 +121,7 @@ class Stream:
         self.settings, self.settings_file = self._load_settings()
         key = f"{self.base}/state.json"
         if self.store.exists(key):
-            self.state = StreamState.model_validate(self.store.get_json(key))
+            self.state = self.store.get_model(key, StreamState)
             if self.settings.base_run and self.settings.base_run != self.state.base_run:
                 log.warning("stream %s: started from run %s; PGKD_STREAM_BASE_RUN=%s is ignored",
                             self.state.name, self.state.base_run, self.settings.base_run)
@@ -144,7 +144,7 @@ class Stream:
                                                             self.log.last_seq - self.settings.drift_window)))
             completed = RunFiles(self.state.base_run).completed
             if self.store.exists(completed):
-                self.run_completed(RunCompleted.model_validate(self.store.get_json(completed)))
+                self.run_completed(self.store.get_model(completed, RunCompleted))
         else:
             self.pending = list(self.log.read(after_seq=self.state.drift_checked_through))
             self.known |= self._trained_keys(self.state.current.train_set)
@@ -207,7 +207,7 @@ class Stream:
         old = f"{self.base}/samples"
         if self.store.exists(f"{self.log.prefix}/manifest.json") or not self.store.list(old):
             return
-        samples = sorted((StoredSample.model_validate(self.store.get_json(k)) for k in self.store.list(old)),
+        samples = sorted((self.store.get_model(k, StoredSample) for k in self.store.list(old)),
                          key=lambda s: s.seq)
         self.log.append([s.model_copy(update={"seq": i}) for i, s in enumerate(samples, start=1)])
         log.warning("stream %s: %d samples moved from %s/ (one file each) into segments; that folder may be "
@@ -396,7 +396,7 @@ class Stream:
 
     def unpublished(self) -> list[RunRequested | StudentPromoted]:
         """The runs to start and the students to serve that are not on the bus yet."""
-        return [RunRequested.model_validate(self.store.get_json(RunFiles(r.run_id).request))
+        return [self.store.get_model(RunFiles(r.run_id).request, RunRequested)
                 for r in self.state.runs if not r.published] + \
             [StudentPromoted.model_validate(p) for p in self.state.unpublished_promotions]
 
@@ -505,11 +505,10 @@ class Stream:
         config = run_context(self.store, completed.run_id).config
         if config.selection_source == "out-of-fold" or config.guidance_source == "out-of-fold":
             return best.decisive
-        return CycleState.model_validate(self.store.get_json(RunFiles(completed.run_id).cycle_state(0))).validation
+        return self.store.get_model(RunFiles(completed.run_id).cycle_state(0), CycleState).validation
 
     def _best_cycle(self, completed: RunCompleted) -> CycleState:
-        return CycleState.model_validate(self.store.get_json(RunFiles(completed.run_id).cycle_state(
-            completed.best_cycle)))
+        return self.store.get_model(RunFiles(completed.run_id).cycle_state(completed.best_cycle), CycleState)
 
     def _current_student(self):
         ref = self.state.current.checkpoint

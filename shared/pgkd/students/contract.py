@@ -12,6 +12,12 @@ import numpy as np
 
 from pgkd.data import Sample
 
+# The longest text a student reads, in characters: a text is cut to this before it is tokenized (a
+# 50 MB text would otherwise be tokenized whole for the 128 tokens that are used). A token takes at
+# least a character, so the cut never changes the first max_length (128) tokens. The served model
+# refuses longer texts (pgkd.serving.repository).
+MAX_TEXT_CHARS = 10_000
+
 
 @dataclass
 class TrainConfig:
@@ -61,6 +67,13 @@ class Student(Protocol):
     def save(self, path: str | Path) -> None: ...
 
 
+def text_list(texts) -> list[str]:
+    """`texts` as a list. A lone str is refused: iterated, it would be one text per character."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"expected a list of texts, got a {type(texts).__name__}: pass [text] for one text")
+    return list(texts)
+
+
 def predicted_labels(student, texts: list[str]) -> list[str]:
     """The label a student gives each text."""
-    return [student.labels[i] for i in np.asarray(student.predict_proba(list(texts))).argmax(axis=1)]
+    return [student.labels[i] for i in np.asarray(student.predict_proba(text_list(texts))).argmax(axis=1)]

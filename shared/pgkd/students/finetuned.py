@@ -24,7 +24,7 @@ from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
 
 from pgkd.data import Sample
-from pgkd.students.contract import TrainConfig, TrainResult, predicted_labels
+from pgkd.students.contract import MAX_TEXT_CHARS, TrainConfig, TrainResult, predicted_labels, text_list
 from pgkd.errors import UserError
 from pgkd.loop.evaluation import log_loss
 
@@ -120,28 +120,30 @@ class FineTunedStudent:
                           label2id={label: i for i, label in enumerate(labels)})
         if spec == "tiny":
             # A small random BERT for fast tests; it borrows MiniLM's tokenizer (no hub access needed).
-            tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+            tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
             config = MeanPoolingBertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
                                            **label_maps)
             return cls(MeanPoolingBertForSequenceClassification(config), tokenizer, labels, spec, device)
         if spec == "minilm":
             source = minilm_path()
-            encoder = {k: v for k, v in BertConfig.from_pretrained(source).to_dict().items()
+            encoder = {k: v for k, v in BertConfig.from_pretrained(source, local_files_only=True).to_dict().items()
                        if k not in ("model_type", "architectures", "auto_map", "transformers_version", *label_maps)}
             config = MeanPoolingBertConfig(**encoder, **label_maps)
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = MeanPoolingBertForSequenceClassification.from_pretrained(source, config=config)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            model = MeanPoolingBertForSequenceClassification.from_pretrained(source, config=config,
+                                                                             local_files_only=True)
             return cls(model, tokenizer, labels, spec, device)
         source = str(minilm_path()) if spec == "minilm-cls" else spec
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+        try:   # local_files_only: an unknown name fails at once, not after a minute of hub retries
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             model = AutoModelForSequenceClassification.from_pretrained(
-                source, ignore_mismatched_sizes=True, **label_maps)
+                source, ignore_mismatched_sizes=True, local_files_only=True, **label_maps)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = f" ({first[:160]})" if Path(source).is_dir() else ""   # a folder, but not a model's
             raise UserError(f"unknown student {spec!r}: not 'minilm', 'minilm-cls', 'minilm-frozen', 'tiny', a "
-                            f"model folder, or a Hugging Face id available offline ({first[:160]})") from None
+                            f"model folder, or a Hugging Face id in the local cache{why}") from None
         return cls(model, tokenizer, labels, spec, device)
 
     @classmethod
@@ -150,8 +152,8 @@ class FineTunedStudent:
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: not a saved student (no config.json)")
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         except Exception as e:  # noqa: BLE001 -- a damaged folder fails in many libraries' own ways
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -242,7 +244,9 @@ class FineTunedStudent:
 
     # ---- batching ------------------------------------------------------------------------------
     def _encode(self, texts: list[str], max_length: int) -> list[list[int]]:
-        return self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        """Token ids of each text, cut to MAX_TEXT_CHARS first (the tokenizer would read it whole)."""
+        texts = [text[:MAX_TEXT_CHARS] for text in text_list(texts)]
+        return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
 
     def _batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Pad to the longest sequence of this batch only (dynamic padding)."""

@@ -20,7 +20,7 @@ from pgkd.students.encoder import SentenceEncoder
 from pgkd.errors import UserError
 from pgkd.loop.evaluation import log_loss
 from pgkd.students import MARKER, SPEC
-from pgkd.students.contract import TrainConfig, TrainResult, predicted_labels
+from pgkd.students.contract import TrainConfig, TrainResult, predicted_labels, text_list
 
 
 
@@ -113,7 +113,7 @@ class FrozenEncoderStudent:
                            validation_losses=[loss])
 
     def predict_proba(self, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
-        return softmax(self.embed(list(texts)) @ self.coef.T + self.intercept)
+        return softmax(self.embed(text_list(texts)) @ self.coef.T + self.intercept)
 
     def loss(self, samples: list[Sample], max_length: int = 128) -> float:
         return log_loss(self.predict_proba([s.text for s in samples]), self._targets(samples))

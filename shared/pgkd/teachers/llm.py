@@ -284,7 +284,8 @@ class TokenCounter:
             from transformers import AutoTokenizer
 
             from pgkd.students.finetuned import minilm_path
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path or str(minilm_path()))
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path or str(minilm_path()),
+                                                            local_files_only=True)
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
