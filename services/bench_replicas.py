@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,11 +50,11 @@ def measure(folder: Path, replicas: int, run_ids: list[str], options: list[str])
         time.sleep(10)    # the consumer groups settle (Tansu answers joins after a few seconds)
         store = ArtifactStore(cluster.env["PGKD_ARTIFACTS"])
         started = time.perf_counter()
-        submits = [subprocess.Popen(cluster.pgkd_argv("submit", "--run-id", run_id, *options), env=cluster.env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run_id in run_ids]
-        for submit in submits:
-            if submit.wait() != 0:
-                raise SystemExit(f"submit failed: {submit.stderr.read()}")
+        for run_id in run_ids:        # at once; stopped with the cluster if interrupted
+            cluster.spawn(f"submit-{run_id}", cluster.pgkd_argv("submit", "--run-id", run_id, *options))
+        for run_id in run_ids:
+            if cluster.processes[f"submit-{run_id}"].wait() != 0:
+                raise SystemExit(f"submit failed: {cluster.tail(f'submit-{run_id}')}")
         done: dict[str, float] = {}
         while len(done) < len(run_ids):
             for run_id in run_ids:

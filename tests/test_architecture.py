@@ -1,5 +1,7 @@
 """The architecture holds: import-linter's contracts (pyproject.toml) pass on the tree, and fail on a
-copy where the engine imports the services, or the loop imports the bus contracts."""
+copy where the engine imports the services, or the loop imports the bus contracts; and every child
+process is started and stopped by pgkd.processes."""
+import re
 import shutil
 import subprocess
 import sys
@@ -76,3 +78,27 @@ def test_the_wheel_ships_pgkd_and_pgkd_services_and_no_top_level_services(tmp_pa
                for p in (REPO / "services").rglob("__init__.py")}
     assert {n.rsplit("/", 1)[0] for n in names if n.endswith("__init__.py")} == in_tree
     assert "[pgkd.commands]\nservices = pgkd_services.cli:register" in entry_points
+
+
+# Child processes are started with pgkd.processes.spawn (a session of their own, SIGTERM when their parent
+# dies) and stopped with pgkd.processes.stop (SIGTERM to the group, SIGKILL after a timeout, reaped); no
+# other Popen or killpg, in the code or the tests. subprocess.run, which waits, is fine.
+OWN_PROCESS_CODE = re.compile(r"\b(Popen|killpg)\s*\(")
+SUPERVISOR = ("shared/pgkd/processes.py", "tests/test_processes.py")   # the supervisor, and its tests
+NOT_SPAWNED = {   # path -> why it starts or signals a process itself
+    "tests/services/test_demo_services.py": "runs `make demo-services` as a terminal does, stdout and stderr "
+                                            "apart and SIGINT at its default, and sends Ctrl-C to its group",
+    "tests/process_tools.py": "Pgkd runs a `pgkd` command as a terminal does, SIGINT at its default, for the "
+                              "tests that send it Ctrl-C",
+}
+
+
+def test_child_processes_are_started_and_stopped_by_pgkd_processes_only():
+    found = set()
+    for part in ("shared", "services", "tests"):
+        for path in (REPO / part).rglob("*.py"):
+            if OWN_PROCESS_CODE.search(path.read_text(errors="replace")):
+                found.add(path.relative_to(REPO).as_posix())
+    found -= set(SUPERVISOR)
+    assert not found - set(NOT_SPAWNED), f"use pgkd.processes.spawn and stop in: {sorted(found - set(NOT_SPAWNED))}"
+    assert found == set(NOT_SPAWNED), f"no longer needed: {sorted(set(NOT_SPAWNED) - found)}"

@@ -40,6 +40,7 @@ import pytest
 import yaml
 
 from conftest import free_port
+from pgkd import processes
 from test_deploy import (K8S, K8S_VERSIONS, METRICS_PORT, REPO, SCHEMAS, SERVICES, STUDENT_DEPLOYMENT, TRITON_PORTS,
                          duration_seconds, k8s_doc, load_yaml, load_yaml_all, strict_schema, validate_manifest)
 
@@ -445,8 +446,8 @@ def prometheus_targets(folder: Path, scrape_configs: list[dict]) -> dict[str, li
     write_yaml(config, {"global": {"scrape_timeout": "5s"}, "scrape_configs": scrape_configs})
     port = free_port()
     with (folder / "prometheus.log").open("w") as log:
-        process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
-                                    f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+        process = processes.spawn([binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
+                                   f"--web.listen-address=127.0.0.1:{port}"], log=log)
         try:
             expected_pools = {c["job_name"] for c in scrape_configs}
             deadline, previous = time.monotonic() + 60, None
@@ -467,8 +468,7 @@ def prometheus_targets(folder: Path, scrape_configs: list[dict]) -> dict[str, li
                 previous = pools
             pytest.fail(f"prometheus did not list the targets:\n{(folder / 'prometheus.log').read_text()[-3000:]}")
         finally:
-            process.terminate()
-            process.wait(20)
+            processes.stop(process, timeout=20)
 
 
 def test_prometheus_labels_the_targets_as_the_rules_expect(renders, tmp_path):

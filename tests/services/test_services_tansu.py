@@ -20,6 +20,7 @@ from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times
 from pgkd.loop.report import Provenance
+from pgkd.processes import spawn, stop
 from service_processes import ServiceProcesses, cli_options
 from test_services_kafka import CONFIG
 
@@ -202,11 +203,17 @@ def test_two_replicas_of_every_service_complete_three_runs_at_once_and_survive_a
     processes = services_over_kafka
     runs = dict(zip(one_run_per_partition(), (1, 2, 3)))       # run id -> seed
     data = make_toy_dataset(tmp_path / "toy")
-    submits = [subprocess.Popen([sys.executable, "-m", "pgkd.cli", "submit", "--data", str(data), "--run-id", run_id,
-                                 *cli_options({**CONFIG, "max_cycles": 4, "seed": seed})], env=processes.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for run_id, seed in runs.items()]
-    for submit in submits:       # at once
-        assert submit.wait(120) == 0, submit.stderr.read()
+    submits = {}
+    for run_id, seed in runs.items():      # at once
+        options = cli_options({**CONFIG, "max_cycles": 4, "seed": seed})
+        with (tmp_path / f"submit-{run_id}.log").open("w") as log:
+            submits[run_id] = spawn([sys.executable, "-m", "pgkd.cli", "submit", "--data", str(data),
+                                     "--run-id", run_id, *options], log=log, env=processes.env)
+    try:
+        for run_id, submit in submits.items():
+            assert submit.wait(120) == 0, (tmp_path / f"submit-{run_id}.log").read_text()
+    finally:
+        stop(submits.values())
     for name in services.NAMES:
         for label in (name, f"{name}-2"):
             processes.start(name, label)

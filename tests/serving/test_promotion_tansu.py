@@ -16,6 +16,7 @@ from conftest import free_port, make_toy_dataset
 from pgkd.data import load_dataset
 from pgkd.distributed.messages import DeadLetter, StudentPromoted
 from pgkd.distributed.steps import store_checkpoint
+from pgkd.processes import spawn, stop
 from pgkd.serving.client import StudentClient
 from pgkd.students import create_student
 
@@ -91,10 +92,10 @@ def test_a_promotion_swaps_the_served_student_with_no_failed_request(services_ov
     http, grpc, metrics = free_port(), free_port(), free_port()
     server_log = tmp_path / "serve.log"
     with server_log.open("w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "pgkd.cli", "serve", "--model", str(tmp_path / "old"),
-                                   "--repository", str(repository),
-                                   "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-                                  stdout=log, stderr=subprocess.STDOUT, env=processes.env)
+        server = spawn([sys.executable, "-m", "pgkd.cli", "serve", "--model", str(tmp_path / "old"),
+                        "--repository", str(repository),
+                        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                       log=log, env=processes.env)
     try:
         _wait_ready(f"http://127.0.0.1:{http}/v2/models/student/ready", server, server_log)
         processes.start("deployer", PGKD_SERVING_REPOSITORY=str(repository), PGKD_SERVING_URL=f"127.0.0.1:{http}",
@@ -159,5 +160,5 @@ def test_a_promotion_swaps_the_served_student_with_no_failed_request(services_ov
         triton = _metric(metrics, "nv_inference_request_failure")
         assert triton and all(value == 0 for value in triton.values()), triton
     finally:
-        server.terminate()
-        assert server.wait(30) == 0, server_log.read_text()[-3000:]
+        stop(server, timeout=30)
+        assert server.returncode == 0, server_log.read_text()[-3000:]

@@ -2,16 +2,16 @@
 on CPU) serving the simulated teacher, called by `pgkd distill --teacher triton://...` over HTTP and
 gRPC; and the fault paths: the server going away mid-run, a timeout, labels outside the taxonomy."""
 import json
-import os
-import signal
 import subprocess
 import sys
 import sysconfig
 import time
+from typing import IO
 
 import numpy as np
 import pytest
 from conftest import free_port, make_toy_dataset
+from pgkd import processes
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 
@@ -38,18 +38,15 @@ class TeacherServer:
     def __init__(self, data, folder, *extra: str):
         self.http_port, self.grpc_port = free_port(), free_port()
         self.log = (folder / f"teacher-{self.http_port}.log").open("w")
-        self.process = subprocess.Popen(
+        self.process = processes.spawn(
             [sys.executable, "-m", "pgkd.cli", "teacher", "serve", "--kind", "pool-random", "--data", str(data),
              "--labeled", "40", "--seed", "1", "--http-port", str(self.http_port), "--grpc-port",
-             str(self.grpc_port), "--metrics-port", str(free_port()), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+             str(self.grpc_port), "--metrics-port", str(free_port()), *extra], log=self.log)
         wait_ready(f"127.0.0.1:{self.http_port}", self.process, self.log)
 
     def kill(self) -> None:
-        """The whole server, tritonserver included, at once."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(30)
+        """The whole server at once: no time given to stop in order."""
+        processes.stop(self.process, timeout=0)
         self.log.close()
 
 
@@ -70,12 +67,13 @@ def teacher_server(toy, tmp_path):
         server.kill()
 
 
-def distill(data, out, teacher: str, *extra: str, wait: bool = True):
+def distill(data, out, teacher: str, *extra: str, log: IO | None = None):
+    """`pgkd distill`, waited for; with `log`, started in the background, its output to `log`."""
     command = [sys.executable, "-m", "pgkd.cli", "distill", "--data", str(data), "--out", str(out),
                "--teacher", teacher, *TINY, *extra]
-    if wait:
+    if log is None:
         return subprocess.run(command, capture_output=True, text=True, timeout=300)
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return processes.spawn(command, log=log)
 
 
 def test_distill_through_triton_over_http_and_grpc(teacher_server, toy, tmp_path):
@@ -97,14 +95,20 @@ def test_distill_through_triton_over_http_and_grpc(teacher_server, toy, tmp_path
 def test_a_teacher_server_that_goes_away_mid_run_ends_the_run_clearly(teacher_server, toy, tmp_path):
     server = teacher_server("--latency", "1")
     started = time.monotonic()
-    process = distill(toy, tmp_path / "run", f"triton://127.0.0.1:{server.http_port}/teacher", "--max-cycles", "6",
-                      "--teacher-retries", "1", "--teacher-timeout", "10", wait=False)
-    for line in process.stderr:
-        if line.startswith("cycle  1:"):
-            break
-    server.kill()
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 1, err
+    output = tmp_path / "distill.log"
+    with output.open("w") as log:
+        process = distill(toy, tmp_path / "run", f"triton://127.0.0.1:{server.http_port}/teacher", "--max-cycles",
+                          "6", "--teacher-retries", "1", "--teacher-timeout", "10", log=log)
+    try:
+        while "\ncycle  1:" not in output.read_text():
+            assert process.poll() is None and time.monotonic() - started < 120, output.read_text()
+            time.sleep(0.1)
+        server.kill()
+        process.wait(120)
+    finally:
+        processes.stop(process)
+    out = output.read_text()     # stdout and stderr
+    assert process.returncode == 1, out
     assert time.monotonic() - started < 120          # no hang
     report = json.loads((tmp_path / "run" / "report.json").read_text())   # what was done is kept
     assert report["stop_reason"].startswith("teacher_unavailable: teacher triton://127.0.0.1")
