@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,8 +88,9 @@ class Pgkd:
     (TMPDIR, PYTRITON_HOME) one of the test's, its output to a log."""
 
     def __init__(self, tmp_path: Path, *args: str, cwd: Path | None = None):
-        self.tmp = tmp_path / "tmp"
-        self.tmp.mkdir(exist_ok=True)
+        # Short, not under tmp_path: PyTriton puts a Unix socket in it, and a socket's path has at most
+        # 107 bytes (pytest's folders under xdist are longer). Removed by kill().
+        self.tmp = Path(tempfile.mkdtemp(prefix="pgkd-t-"))
         self.log_path = tmp_path / f"pgkd-{args[0]}-{time.monotonic_ns()}.log"
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
@@ -142,3 +145,4 @@ class Pgkd:
             except OSError:
                 pass
         self.process.wait(10)
+        shutil.rmtree(self.tmp, ignore_errors=True)
