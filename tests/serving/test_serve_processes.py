@@ -6,6 +6,8 @@ temporary or staging folder behind."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -69,18 +71,45 @@ def ports() -> list[str]:
     return ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
 
 
-def test_the_readme_commands_work_with_relative_paths(student, tmp_path, pgkd):
-    """From a working folder: `pgkd export best --out models`, `pgkd serve --model models`, `pgkd classify`."""
-    work = tmp_path / "work"
-    shutil.copytree(student, work / "best")
-    export = pgkd("export", "best", "--out", "models", cwd=work)
-    assert export.process.wait(300) == 0, export.log()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_commands(containing: str) -> list[str]:
+    """The commands of the README's bash block that holds `containing`, one per line, comments cut."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), flags=re.S)
+    block = next(b for b in blocks if containing in b)
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def on_ports(argv: list[str], http: int, grpc: int, metrics: int) -> list[str]:
+    """A README command on free ports instead of 8000-8002 (which another program may hold here)."""
+    swap = {"8000": str(http), "8001": str(grpc), "8002": str(metrics)}
+    out = [re.sub(r":(800[012])\b", lambda m: ":" + swap[m.group(1)], a) for a in argv]
+    out = [swap.get(a, a) if i and out[i - 1] in ("--http-port", "--grpc-port", "--metrics-port") else a
+           for i, a in enumerate(out)]
+    if out[1] == "serve" and "--http-port" not in out:
+        out += ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    return out
+
+
+@pytest.mark.parametrize("block", ["# in another terminal", "--format torch, --int8"])
+def test_the_readmes_serving_commands_work_as_written_from_the_repository_root(student, tmp_path, pgkd, block):
+    """The README's serving blocks, run as written (relative paths, `.venv/bin/pgkd`) from a folder laid
+    out as the repository's root after `make demo`: only the ports are free ones instead of 8000-8002."""
+    commands = [shlex.split(c) for c in readme_commands(block)]
+    assert [c[1] for c in commands[:3]] == ["export", "serve", "classify"], commands
+    work = tmp_path / "root"
+    shutil.copytree(student, work / "runs" / "demo" / "best")
+    (work / ".venv").symlink_to(REPO / ".venv")
+    http, grpc, metrics = free_ports(3)
+    export = subprocess.run(on_ports(commands[0], http, grpc, metrics), cwd=work, capture_output=True, text=True,
+                            timeout=300)
+    assert export.returncode == 0, export.stderr
     written = listing(work / "models")
-    options = ports()
-    server = pgkd("serve", "--model", "models", *options, cwd=work)
+    server = pgkd(*on_ports(commands[1], http, grpc, metrics)[1:], cwd=work)   # as .venv/bin/pgkd runs it
     server.wait_for("pgkd: serving")
-    done = subprocess.run([sys.executable, "-m", "pgkd.cli", "classify", "--url", f"http://127.0.0.1:{options[1]}",
-                           "my card was stolen from my wallet"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(on_ports(commands[2], http, grpc, metrics), cwd=work, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["label"] in TOY_CLASSES
     triton = server.tritonserver()
