@@ -27,12 +27,12 @@ from pgkd import processes
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.distributed.messages import LabeledSample
 from pgkd.distributed.steps import submit, submit_splits
-from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.stream import SegmentLog, Stream, StreamSettings
 
 from pgkd_services.local import LocalCluster
+from pgkd.ownership import claim_folder
 
 TOPICS = [f"topic_{k:02d}" for k in range(20)]
 WORDS = ["card", "refund", "transfer", "pin", "balance", "loan", "fee", "limit", "travel", "cash"]
@@ -82,10 +82,7 @@ def _log_times(text: str, pattern: str) -> list[float]:
 def run_scale_bench(samples: int = 1_000_000, out: str | Path = "runs/bench/stream-scale",
                     stages: list[int] | None = None, batch_max: int = 500, progress: bool = True) -> dict:
     stages = sorted({s for s in (stages or [10_000, 100_000]) if s < samples} | {samples})
-    out = Path(out).resolve()
-    if out.exists() and not {p.name for p in out.iterdir()} <= {"stream-scale.json", "stream-scale.md", "cluster",
-                                                                 "data"}:
-        raise UserError(f"--out {out}: holds more than an earlier `bench stream --samples` wrote; choose another --out")
+    out = claim_folder(Path(out).resolve())   # pgkd's own, or refused before anything in it is touched (pgkd.ownership)
     for name in ("stream-scale.json", "stream-scale.md"):   # the json is written last: no result until it is there
         (out / name).unlink(missing_ok=True)
     say = (lambda line: print(f"bench stream: {line}", flush=True)) if progress else (lambda line: None)

@@ -354,3 +354,39 @@ def test_bench_dataset_names_and_promoted_models_stay_inside_their_folders(tmp_p
                "--out", str(tmp_path / "out")) == 2
     assert "dataset" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_refuses_a_result_file_changed_since_pgkd_wrote_it(toy_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", *TINY, "--data", str(toy_data), "--out", str(out)]) == 0
+    (out / "report.json").write_text("MY OWN ANALYSIS")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["distill", *TINY, "--data", str(toy_data), "--out", str(out)]) == 2
+    assert "report.json was changed since pgkd wrote it" in one_error_line(capsys)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("bench", [
+    ["stream", "--data", "/nonexistent/dataset", "--no-progress"],
+    ["stream", "--samples", "10", "--no-progress"],
+    ["bus", "--data", "DATA", "--student", "tiny", "--labeled", "40", "--epochs", "1", "--max-cycles", "0",
+     "--no-progress"],
+    ["quality", "--data-dir", "DIR", "--datasets", "toy", "--arms", "baseline", "--seeds", "1", "--student", "tiny",
+     "--labeled", "40", "--max-cycles", "0", "--epochs", "1", "--no-progress"],
+    ["peers", "--quick", "--data-dir", "DIR", "--datasets", "toy", "--no-progress"],
+    ["speed", "--quick", "--data", "DATA", "--student", "tiny"],
+])
+def test_a_benchmark_never_writes_into_a_folder_it_did_not_write(toy_data, tmp_path, capsys, bench):
+    """The trial's cases: bench stream deleted a user's artifacts/ and stream.md, bench stream --samples
+    overwrote data/train.jsonl, bench bus removed work/, bench quality overwrote quality.md."""
+    out = tmp_path / "mine"
+    for name in ("artifacts/sub/keep.txt", "stream.md", "data/train.jsonl", "work/thesis.tex", "quality.md",
+                 "cluster/notes.txt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine")
+    before = snapshot(out)
+    argv = [a.replace("DATA", str(toy_data)).replace("DIR", str(toy_data.parent)) for a in bench]
+    assert run("bench", *argv, "--out", str(out)) == 2
+    assert "not written by pgkd" in one_error_line(capsys)
+    assert snapshot(out) == before

@@ -31,3 +31,27 @@ def write_owner(path: Path, **fields) -> None:
     tmp.write_text(json.dumps({"written_by": WRITTEN_BY, **fields}, indent=2, ensure_ascii=False) + "\n",
                    encoding="utf-8")
     os.replace(tmp, path)
+
+
+OUTPUT = ".pgkd-output.json"   # in a benchmark's --out: pgkd writes (and replaces) its results there
+
+
+def claim_folder(folder: str | Path, option: str = "--out") -> Path:
+    """A folder pgkd writes results into and replaces them in (a benchmark's --out): new, empty, or
+    claimed by pgkd before (its OUTPUT file). Claims it and returns it; UserError, nothing touched,
+    for anything else. Call it before any work and before anything in the folder is removed."""
+    from pgkd.errors import UserError
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise UserError(f"{option} {folder}: exists and is not a folder")
+        if read_owner(folder / OUTPUT) is None and any(folder.iterdir()):
+            raise UserError(f"{option} {folder}: not empty and not written by pgkd (no {OUTPUT}); choose another "
+                            f"{option}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if read_owner(folder / OUTPUT) is None:
+            write_owner(folder / OUTPUT, note="pgkd writes benchmark results here and replaces them")
+    except OSError as e:
+        raise UserError(f"{option} {folder}: cannot write there ({e.strerror or e})") from None
+    return folder

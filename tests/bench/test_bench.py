@@ -125,7 +125,7 @@ def test_bench_stream_counts_every_message_and_records_the_triggered_run_and_its
     (tmp_path / "other" / "notes.txt").write_text("mine")
     capsys.readouterr()
     assert main([*argv[:-3], "--out", str(tmp_path / "other"), "--no-progress"]) == 2
-    assert "holds more than an earlier `bench stream` wrote" in capsys.readouterr().err
+    assert "not written by pgkd" in capsys.readouterr().err
 
 
 def test_bench_stream_at_scale_ingests_over_the_broker_restarts_and_cuts_a_dataset(tmp_path, capsys):

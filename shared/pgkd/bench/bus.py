@@ -27,6 +27,7 @@ from pgkd.loop.cycle import log
 from pgkd.loop.embedded import run
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.loop.report import without_times
+from pgkd.ownership import claim_folder
 
 STEPS = {"train": steps.train, "evaluate": steps.evaluate, "mine": steps.mine, "generate": steps.generate}
 
@@ -121,8 +122,7 @@ def outside_training(entry: dict) -> float:
 
 
 def run_bus_bench(config: DistillConfig, out: Path, repeats: int = 1) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(out)   # pgkd's own, or refused before anything in it is touched (pgkd.ownership)
     runs = []
     for repeat in range(repeats):
         log(f"bench bus: {repeat + 1}/{repeats}: embedded")

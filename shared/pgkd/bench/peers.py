@@ -27,6 +27,7 @@ from pgkd.names import check_name
 from pgkd.loop.cycle import log
 from pgkd.loop.evaluation import evaluate
 from pgkd.loop.outputs import write_json_atomic
+from pgkd.ownership import claim_folder
 
 # Published 10-shot test accuracy (10 labeled samples per class): theirs, not ours, not on our splits,
 # with larger encoders than MiniLM. CPFT: Zhang et al. 2021, "Few-Shot Intent Detection via Contrastive
@@ -108,6 +109,7 @@ def run_peers(data_dir: Path, datasets: list[str], out: Path, students: dict[str
         check_name(name, "dataset")   # it names the results' folders
         if not (data_dir / name).is_dir():
             raise UserError(f"dataset {name}: no folder {data_dir / name}")
+    out = claim_folder(out)   # pgkd's own, or refused before anything in it is touched (pgkd.ownership)
     started = time.perf_counter()
     rows = []
     for spec, seeds in students.items():

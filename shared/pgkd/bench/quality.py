@@ -27,6 +27,7 @@ from pgkd.names import check_name
 from pgkd.students.frozen import EmbeddingCache
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.loop.report import RunReport
+from pgkd.ownership import claim_folder
 
 VALIDATION = {"guidance_source": "validation", "selection_source": "validation"}
 OUT_OF_FOLD = {"guidance_source": "out-of-fold", "selection_source": "validation"}
@@ -86,6 +87,7 @@ def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: lis
         raise UserError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ALL_ARMS)}")
     for name in datasets:   # its folder's name names the results' folders
         check_name(Path(name).name, "dataset")
+    out = claim_folder(out)   # pgkd's own, or refused before anything in it is touched (pgkd.ownership)
     paths = {name: (data_dir / name if not Path(name).is_dir() else Path(name)) for name in datasets}
     for name, path in paths.items():
         if not path.is_dir():

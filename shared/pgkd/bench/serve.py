@@ -34,6 +34,7 @@ from pgkd.serving.server import explicit_control
 from pgkd.serving.tritonserver import run_tritonserver
 from pgkd.students import load_student
 from pgkd.students.finetuned import FineTunedStudent
+from pgkd.ownership import claim_folder
 
 BATCHES = (1, 32, 64)
 
@@ -89,6 +90,7 @@ def run_serve_bench(model: Path, data: Path, out: Path, price_per_cpu_hour: floa
     student = load_student(model, device="cpu")
     if not isinstance(student, FineTunedStudent):
         raise UserError(f"--model {model}: bench serve measures a fine-tuned student (pgkd distill --student minilm)")
+    out = claim_folder(out)   # pgkd's own, or refused before anything in it is touched (pgkd.ownership)
     test = load_dataset(data).test
     test = test[:test_texts] if test_texts else test
     unknown = sorted({s.label for s in test} - set(student.labels))

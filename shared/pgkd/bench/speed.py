@@ -26,6 +26,7 @@ from pgkd.loop.outputs import write_json_atomic
 from pgkd.students.contract import TrainConfig
 from pgkd.serving.graph import export_onnx, quantize_int8
 from pgkd.students.finetuned import FineTunedStudent, length_sorted_batches, pick_device
+from pgkd.ownership import claim_folder
 
 
 def processor() -> str:
@@ -139,6 +140,7 @@ def run_speed(data: Path, out: Path, student_spec: str = "minilm", train_samples
               onnx: bool = True, seed: int = 1, model: Path | None = None) -> dict:
     """`model`: a saved student (e.g. runs/demo/best) to measure inference and accuracy on; by default
     the student the training measurement just trained."""
+    out = claim_folder(out)   # pgkd's own, or refused before anything in it is touched (pgkd.ownership)
     dev = pick_device(device)
     dataset = load_dataset(data)
     splits = make_splits(dataset, min(len(dataset.train), max(train_samples * 5 // 4, len(dataset.labels))), seed)

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import evaluate_student, log
-from pgkd.errors import UserError
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.distributed import steps
 from pgkd.distributed.messages import (
@@ -35,6 +34,7 @@ from pgkd.distributed.messages import (
 )
 from pgkd.distributed.steps import load_checkpoint, run_context, submit
 from pgkd.stream import Stream, StreamSettings, StreamStep
+from pgkd.ownership import claim_folder
 
 
 def run_through_steps(message: RunRequested, store: ArtifactStore) -> RunCompleted:
@@ -66,9 +66,7 @@ def run_stream_bench(data: Path, out: Path, student: str = "minilm-frozen", labe
                      size: int = 1000, bad_percent: float = 5.0, trigger_count: int = 500, max_cycles: int = 3,
                      seed: int = 1, progress: bool = True) -> dict:
     started = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not {p.name for p in out.iterdir()} <= {"stream.json", "stream.md", "artifacts"}:
-        raise UserError(f"--out {out}: holds more than an earlier `bench stream` wrote; choose another --out")
+    out = claim_folder(out)   # pgkd's own, or refused before anything in it is touched (pgkd.ownership)
     for name in ("stream.json", "stream.md"):   # stream.json is written last: no result until it is there
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "artifacts", ignore_errors=True)

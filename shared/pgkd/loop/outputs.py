@@ -93,15 +93,21 @@ class RunOutput:
                     raise UserError(f"--out {self.out}: {what}")
                 break
 
-    def _check_owned(self) -> set[str]:
-        """The files of OUT that pgkd wrote; refuses an OUT where a run would touch anything else."""
+    def _check_owned(self) -> dict[str, dict]:
+        """The files of OUT that pgkd wrote (relative path -> what the manifest says of it); refuses an
+        OUT where a run would touch anything else, or a file pgkd wrote that was changed since."""
         if not self.out.is_dir() or all(p.name == STAGING for p in self.out.iterdir()):
-            return set()
+            return {}
         manifest = read_manifest(self.out)
         if manifest is None:
             raise UserError(f"--out {self.out}: folder exists, is not empty and was not written by pgkd (no {MANIFEST}); "
                             "choose another --out")
-        owned = set(manifest["files"])
+        owned = manifest["files"]
+        for rel, recorded in sorted(owned.items()):
+            path = self.out / rel
+            if path.is_file() and (not isinstance(recorded, dict) or recorded.get("sha256") != file_sha256(path)):
+                raise UserError(f"--out {self.out}: {rel} was changed since pgkd wrote it (its sha256 is not the one "
+                                f"in {MANIFEST}), and a run replaces it; move it elsewhere or choose another --out")
         for entry in sorted(RESULT_ENTRIES | {rel.split("/", 1)[0] for rel in owned}):
             path = inside(self.out, entry, what=f"--out {self.out}:", links=False)
             if not path.exists():
@@ -129,7 +135,7 @@ class RunOutput:
         # While entries are swapped OUT's manifest lists the old files and the new ones, so a crash
         # part-way leaves nothing of pgkd's unaccounted for; report.json goes last, so until then the
         # folder holds no result.
-        journal = {rel: {} for rel in owned} | files
+        journal = dict(owned) | files
         write_json_atomic(self.out / MANIFEST, self._manifest(journal, "replacing"))
         for rel in sorted(owned, key=lambda r: r != "report.json"):
             path = inside(self.out, rel, what="entry", links=False)
