@@ -140,7 +140,7 @@ def connect_timeout() -> float:
         seconds = float(value)
     except ValueError:
         seconds = 0.0
-    if not seconds > 0:
+    if not 0 < seconds < float("inf"):
         raise UserError(f"PGKD_CONNECT_TIMEOUT={value}: expected a number of seconds above 0")
     return seconds
 

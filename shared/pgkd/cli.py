@@ -179,7 +179,7 @@ def cmd_export(args) -> int:
     if args.format == "hf":
         from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
         from pgkd.distributed.steps import export_checkpoint
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"--out {out}: not empty")
         try:
             export_checkpoint(ArtifactStore(args.artifacts), args.model, out)
@@ -545,7 +545,8 @@ def _validation_problem(err: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with stop_signals():   # SIGTERM and SIGHUP unwind every command as Ctrl-C does: its `finally`s run
+            return args.func(args)
     except UserError as e:
         print(f"pgkd: error: {one_line(e)}", file=sys.stderr)
         return 2

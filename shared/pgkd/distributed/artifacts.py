@@ -135,6 +135,10 @@ class ArtifactStore:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
             raise ArtifactError(f"{self._uri_of(ref)}: missing") from None
+        except IsADirectoryError:
+            raise ArtifactError(f"{self._uri_of(ref)}: a folder of the store, not an artifact") from None
+        except OSError as e:
+            raise ArtifactError(f"{self._uri_of(ref)}: cannot read it ({e.strerror or e})") from None
         if isinstance(ref, ArtifactRef) and sha256_of(data) != ref.sha256:
             raise ArtifactError(f"{ref.uri}: sha256 {sha256_of(data)[:12]} is not the referenced {ref.sha256[:12]}")
         return data

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pgkd.errors import UserError
+from pgkd.names import check_name
 from pgkd.net import parse_address, url_host
 from pgkd.serving.repository import MODEL_NAME
 from pgkd.students.contract import text_list
@@ -48,7 +49,7 @@ class StudentClient:
     def __init__(self, url: str, model: str = MODEL_NAME, timeout: float = 60.0):
         check_positive(timeout, "timeout", (int, float))
         self.endpoint = Endpoint.parse(url)
-        self.model = model
+        self.model = check_name(model, "model name")   # it goes in the request's path
         self.timeout = timeout
         if self.endpoint.protocol == "http":
             import tritonclient.http as client

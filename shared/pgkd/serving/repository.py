@@ -105,8 +105,15 @@ def require_own_folder(path: Path, option: str, model: str = MODEL_NAME) -> None
     """`model` may be written into the repository `path`: the repository is new, empty or a model
     repository, and the model's folder in it is new, empty or pgkd's (its OWNER file); UserError otherwise."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not is_repository(path))):
-        raise UserError(f"{option} {path}: neither new, empty, nor a model repository (pgkd writes only its own)")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: exists and is not a folder")
+    # A model repository holds model folders only (each with its config.pbtxt): a folder that merely
+    # has one among other things (a home, a project) is not one.
+    others = [p for p in path.iterdir() if p.name != model and not (p.is_dir() and (p / "config.pbtxt").is_file())] \
+        if path.exists() else []
+    if others:
+        raise UserError(f"{option} {path}: neither new, empty, nor a model repository ({others[0].name} is not a "
+                        "model folder; pgkd writes only into repositories)")
     folder = model_folder(path, model)
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _owned(folder))):
         raise UserError(f"{option} {path}: {folder} was not written by pgkd (no {OWNER}); pgkd writes only "
@@ -162,7 +169,7 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
         raise UserError("--int8 needs --format onnx (dynamic quantization is ONNX Runtime's)")
     require_own_folder(repository, "repository", model)
     folder = model_folder(repository, model)
-    new_folder = not folder.exists()
+    new_repository, new_folder = not Path(repository).exists(), not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     if not _owned(folder):   # claimed before the first byte of a version goes in
         write_owner(folder / OWNER, model=model, note="pgkd writes versions of this model here")
@@ -197,6 +204,8 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
         shutil.rmtree(staging, ignore_errors=True)
         if new_folder:   # a first version that failed leaves no model folder behind
             shutil.rmtree(folder, ignore_errors=True)
+        if new_repository:   # nor a repository it made
+            shutil.rmtree(repository, ignore_errors=True)
         raise
     return Version(number, path, manifest)
 
