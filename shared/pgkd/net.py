@@ -58,7 +58,10 @@ def parse_host(value: object, where: str) -> str:
         try:
             return str(ipaddress.ip_address(text.strip("[]")))
         except ValueError:
-            if _HOSTNAME.fullmatch(text):
+            # Not `0`, `00`, `0.0` or `0x0`: the resolver reads such a "name" as an address (0.0.0.0, every
+            # interface). A real host name's last label is never all digits.
+            numeric = re.fullmatch(r"[0-9]+", text.rsplit(".", 1)[-1]) or text[:2].lower() == "0x"
+            if _HOSTNAME.fullmatch(text) and not numeric:
                 return text
     raise UserError(f"{where} {value!r}: not a host (an IP address such as 127.0.0.1 or 0.0.0.0, or a host name)")
 
@@ -100,3 +103,34 @@ def url_host(host: str) -> str:
     if host in ("0.0.0.0", "::"):
         return "127.0.0.1" if host == "0.0.0.0" else "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+def require_free_ports(host: str, ports: dict[str, int]) -> None:
+    """Refuse (UserError, one line naming the option and the port) a port given to two options, and a
+    port that cannot be bound on `host` right now. `ports`: option name -> port, e.g. {"--http-port": 8000}.
+
+    Each port is bound as the servers bind it (SO_REUSEADDR: a port left in TIME_WAIT by a server that
+    just stopped is free; one a program listens on is not) and let go at once. A program may still take
+    a port between this check and the server's own bind: the server's start then fails, and its caller
+    says so."""
+    import errno
+    import socket
+    seen: dict[int, str] = {}
+    for option, port in ports.items():
+        if port in seen:
+            raise UserError(f"{option} {port}: the same port as {seen[port]} (each port must differ)")
+        seen[port] = option
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"host {host!r}: no address to listen on ({e})") from None
+    for option, port in ports.items():
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address[0], port, *address[2:]))
+            except OSError as e:
+                why = ("the port is already in use on" if e.errno == errno.EADDRINUSE
+                       else f"cannot listen ({e.strerror or e}) on")
+                raise UserError(f"{option} {port}: {why} {host}") from None

@@ -193,3 +193,62 @@ def test_a_bad_host_or_port_is_one_line_and_exit_2(args, says, capsys):
         main(args)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+
+
+@pytest.fixture
+def held_port():
+    """A port another program listens on, on 127.0.0.1, for as long as the test runs."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def test_a_taken_or_repeated_port_is_refused_before_anything_starts(held_port):
+    from pgkd.errors import UserError
+    from pgkd.net import require_free_ports
+    free, other = free_ports(2)
+    require_free_ports("127.0.0.1", {"--http-port": free, "--grpc-port": other})   # free ones pass
+    with pytest.raises(UserError, match=rf"--grpc-port {held_port}\b"):
+        require_free_ports("127.0.0.1", {"--http-port": free, "--grpc-port": held_port})
+    with pytest.raises(UserError, match=rf"--grpc-port {free}\b.*--http-port"):
+        require_free_ports("127.0.0.1", {"--http-port": free, "--grpc-port": free})
+    with pytest.raises(UserError, match=rf"--http-port {held_port}\b"):   # 0.0.0.0 takes 127.0.0.1's port too
+        require_free_ports("0.0.0.0", {"--http-port": held_port})
+
+
+@pytest.mark.parametrize("case", ["http port held", "grpc port held", "http port = grpc port"])
+def test_serve_on_a_taken_port_is_one_line_and_exit_2(exported, held_port, case):
+    """Not the exit 1 and the dump of Triton's log: one line naming the option, at once."""
+    http, grpc, metrics = free_ports(3)
+    if case == "http port held":
+        http, option = held_port, "--http-port"
+    elif case == "grpc port held":
+        grpc, option = held_port, "--grpc-port"
+    else:
+        grpc, option = http, "--grpc-port"
+    done = subprocess.run([sys.executable, "-m", "pgkd.cli", "serve", "--model", str(exported), "--http-port",
+                           str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                          capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("pgkd: error: ") and option in lines[0] and str(held_port if "held" in case else http) \
+        in lines[0], done.stderr
+
+
+def test_a_port_taken_as_tritonserver_starts_is_recognised_in_its_log_and_retried(exported, held_port, monkeypatch):
+    """Between the check and Triton's own bind a port may still be taken: Triton 2.51 then says
+    `Socket '127.0.0.1:PORT' already in use`, which is known for what it is, and on ports chosen by
+    run_tritonserver a new set is tried."""
+    from pgkd.serving import tritonserver
+    from pgkd.serving.tritonserver import TritonServerError
+    grpc, metrics = free_ports(2)
+    with pytest.raises(TritonServerError) as failed:
+        with run_tritonserver(exported, ports=(held_port, grpc, metrics), attempts=1):
+            pass
+    assert f"Socket '127.0.0.1:{held_port}' already in use" in str(failed.value), str(failed.value)
+    chosen = iter([[held_port, grpc, metrics]])
+    monkeypatch.setattr(tritonserver, "free_ports", lambda count: next(chosen, None) or free_ports(count))
+    with run_tritonserver(exported, attempts=2) as triton:
+        assert triton.http_port != held_port and triton.is_ready()

@@ -44,3 +44,23 @@ def test_a_sigkilled_teacher_serve_takes_its_tritonserver_with_it(teacher):
     stubs = list(descendants(triton))
     server.stop(signal.SIGKILL)
     assert gone([triton, *stubs]), "tritonserver (or a stub) outlived a SIGKILLed pgkd teacher serve"
+
+
+def test_a_teacher_on_a_taken_port_is_one_line_and_exit_2(tmp_path):
+    """Not PyTriton's traceback and `pgkd: timed out` a minute after tritonserver failed: one line, at once."""
+    import socket
+    import subprocess
+    import sys
+    data = make_toy_dataset(tmp_path / "toy")
+    grpc, metrics = free_ports(2)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        http = held.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "pgkd.cli", "teacher", "serve", "--kind", "pool-random",
+                               "--data", str(data), "--labeled", "40", "--http-port", str(http),
+                               "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                              capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("pgkd: error: ") and f"--http-port {http}" in lines[0], done.stderr

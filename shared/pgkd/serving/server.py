@@ -13,9 +13,9 @@ from pathlib import Path
 
 from pgkd import processes
 from pgkd.errors import UserError
-from pgkd.net import DEFAULT_HOST, url_host
+from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
 from pgkd.serving.repository import MODEL_NAME, check_repository, versions
-from pgkd.serving.tritonserver import TritonServerError, run_tritonserver
+from pgkd.serving.tritonserver import TritonServerError, port_taken, run_tritonserver
 
 
 def explicit_control(model: str = MODEL_NAME) -> list[str]:
@@ -35,6 +35,9 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
         repository.mkdir(parents=True, exist_ok=True)
     else:
         version = check_repository(repository, model)
+    # A port taken (or given twice) is the user's to change: said in one line, before Triton starts. One
+    # taken between this check and Triton's bind is caught from Triton's log below.
+    require_free_ports(address, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     try:
         # Without a version, the failed load of the model at start must not stop the server.
         extra = explicit_control(model) + (["--exit-on-error=false"] if version is None else [])
@@ -51,7 +54,7 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
             return 1
     except TritonServerError as e:
         message = str(e)
-        if "address already in use" in message.lower():
+        if port_taken(message):
             raise UserError(f"a port of --http-port {http_port} / --grpc-port {grpc_port} / --metrics-port "
                             f"{metrics_port} is taken") from None
         print(f"pgkd: {message}", file=sys.stderr)

@@ -267,7 +267,7 @@ def run_tritonserver(
                 break
             except TritonServerError:
                 server.stop()
-                if ports is None and attempt < attempts and "address already in use" in server.log().lower():
+                if ports is None and attempt < attempts and port_taken(server.log()):
                     continue
                 failed = True
                 raise
@@ -277,6 +277,12 @@ def run_tritonserver(
             server.stop()
         if own_workdir and not failed:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def port_taken(log: str) -> bool:
+    """Whether tritonserver's log (or an error holding its tail) says a port was taken: Triton 2.51 says
+    `Socket '127.0.0.1:8000' already in use` (HTTP, metrics), gRPC `Address already in use`."""
+    return "already in use" in log.lower()
 
 
 def _require_distribution() -> TritonDistribution:

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from pgkd.data import load_dataset, make_splits
-from pgkd.net import DEFAULT_HOST, url_host
+from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
 from pgkd.processes import Stopped, stop_signals
 from pgkd.students.frozen import EmbeddingCache
 from pgkd.teachers.llm import TokenCounter
@@ -86,6 +86,9 @@ def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_po
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
+    # A port taken (or given twice) is said in one line, not found out by PyTriton, which waits a minute for
+    # a tritonserver that exited at once. One taken between this check and Triton's bind still is.
+    require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                           metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5)
     # SIGTERM (docker stop, kill, make demo's cleanup) and SIGHUP (a closed terminal) leave through the
