@@ -92,11 +92,18 @@ def on_ports(argv: list[str], http: int, grpc: int, metrics: int) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("block", ["# in another terminal", "--format torch, --int8"])
-def test_the_readmes_serving_commands_work_as_written_from_the_repository_root(student, tmp_path, pgkd, block):
-    """The README's serving blocks, run as written (relative paths, `.venv/bin/pgkd`) from a folder laid
+def test_the_readmes_two_serving_blocks_are_the_same_commands():
+    """The Serving section repeats the front page's block with the default ports spelled out: what the
+    test below runs covers both."""
+    front, serving = (readme_commands(b)[:3] for b in ("# in another terminal", "--format torch, --int8"))
+    assert front[0] == serving[0] and front[2] == serving[2]
+    assert serving[1] == front[1] + " --http-port 8000 --grpc-port 8001 --metrics-port 8002"
+
+
+def test_the_readmes_serving_commands_work_as_written_from_the_repository_root(student, tmp_path, pgkd):
+    """The README's serving block, run as written (relative paths, `.venv/bin/pgkd`) from a folder laid
     out as the repository's root after `make demo`: only the ports are free ones instead of 8000-8002."""
-    commands = [shlex.split(c) for c in readme_commands(block)]
+    commands = [shlex.split(c) for c in readme_commands("# in another terminal")]
     assert [c[1] for c in commands[:3]] == ["export", "serve", "classify"], commands
     work = tmp_path / "root"
     shutil.copytree(student, work / "runs" / "demo" / "best")
