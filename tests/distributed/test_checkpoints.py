@@ -120,7 +120,7 @@ def test_the_steps_in_one_process_compute_the_embedded_run_and_never_read_a_chec
                         lambda *a: mined_by_the_student.append(a) or evaluate_student(*a))
     completed = run_through_steps(steps.submit(config, store, run_id="steps"), store)
     assert completed.status == "completed" and completed.best_checkpoint is not None
-    assert not [uri for uri in read if "/blobs/" in uri or "/checkpoints/" in uri]
+    assert not [uri for uri in read if "blobs/" in uri or "/checkpoints/" in uri]
     assert mined_by_the_student == []    # the miner mined the evaluator's stored probabilities
     embedded = run(config, None, progress=False).report.model_dump(mode="json")
     assert without_times(store.get_json(completed.report)) == without_times(embedded)

@@ -123,7 +123,7 @@ def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consumin
     unknown_run = good.model_copy(update={"run_id": "never-submitted"})
     other = DistillConfig(data=str(make_toy_dataset(tmp_path / "other", seed=1)), **{**CONFIG, "max_cycles": 1})
     broken = steps.submit(other, bus.store, run_id="broken-dataset")
-    Path(broken.dataset.uri.removeprefix("file://")).write_bytes(b"damaged")   # recorded, then its data lost
+    Path(bus.store._path(bus.store.key_of(broken.dataset.uri))).write_bytes(b"damaged")   # recorded, then its data lost
     future = json.loads(good.model_dump_json()) | {"schema_version": 2}
 
     async def scenario():

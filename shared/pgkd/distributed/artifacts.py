@@ -1,10 +1,11 @@
 """The artifact store: datasets, checkpoints and reports addressed by URI, through fsspec.
 
 A local folder by default (`PGKD_ARTIFACTS=file:///var/lib/pgkd`), object storage in a cluster
-(`s3://bucket/prefix`, with the `s3` extra). Messages carry `ArtifactRef`s (URI + sha256), never
-the bytes. Writes are atomic: on a file system the bytes go to a temporary name first and are
-renamed into place, so a crash never leaves a half-written artifact under its real name; an object
-store's PUT is atomic already.
+(`s3://bucket/prefix`, with the `s3` extra). Messages carry `ArtifactRef`s (where + sha256), never
+the bytes; a reference names its artifact relative to the store (its key), so a store copied, moved
+or mounted at another path still resolves every reference it holds. Writes are atomic: on a file
+system the bytes go to a temporary name first and are renamed into place, so a crash never leaves a
+half-written artifact under its real name; an object store's PUT is atomic already.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import TypeVar
 import fsspec
 from pydantic import BaseModel, Field, ValidationError
 
-from pgkd.errors import UserError
+from pgkd.errors import EnvironmentFailure, UserError
 from pgkd.names import check_relative, inside, is_relative
 from pgkd.ownership import write_owner
 
@@ -34,6 +35,15 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ArtifactRef(BaseModel, frozen=True):
+    """An artifact: where it is in the artifact store, and its sha256 (checked on every read).
+
+    `uri` is a URI reference relative to the store that holds the artifact: its key, such as
+    `runs/RUN/report.json`, resolved against the store's URL (`ArtifactStore.uri` gives the absolute
+    URI). A store copied, moved, restored from a backup or mounted at another path therefore resolves
+    every reference in its records and in the messages about it. References written before they were
+    relative hold the absolute URI of the store where they were written (`file:///old/place/runs/...`);
+    they still resolve (`ArtifactStore.key_of`). The field keeps its name for the messages and records
+    already written."""
     uri: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")   # also a file name in caches: hex only
     size: int
@@ -51,7 +61,11 @@ class DamagedRecord(ArtifactError, UserError):
         self.uri, self.problem = uri, problem
 
 
-class StoreUnwritable(ArtifactError):
+class NotInStore(ArtifactError, UserError):
+    """A reference that names another store's artifact (another scheme, another bucket): one line."""
+
+
+class StoreUnwritable(ArtifactError, EnvironmentFailure):
     """The store cannot be written (permissions, a full disk, a file where a folder should be): the
     environment's fault, not the request's."""
 
@@ -92,7 +106,12 @@ class ArtifactStore:
         self._claimed = True
 
     def uri(self, key: str) -> str:
+        """The absolute URI of a key, for people (a reference names the key alone: `ArtifactRef`)."""
         return f"{self.url}/{key}"
+
+    def location(self, ref: ArtifactRef) -> str:
+        """The absolute URI of a reference's artifact in this store (what `pgkd export` takes)."""
+        return self.uri(self.key_of(ref.uri))
 
     def _path(self, key: str) -> str:
         """Where a key is: every key is a relative path of names (pgkd.names), and on a file system
@@ -102,9 +121,34 @@ class ArtifactStore:
         return f"{self.root}/{check_relative(key, 'artifact key')}"
 
     def key_of(self, uri: str) -> str:
-        if not uri.startswith(self.url + "/"):
-            raise ArtifactError(f"{uri}: not in this artifact store ({self.url})")
-        return uri[len(self.url) + 1:]
+        """The key a reference's `uri` names in this store, a relative path (pgkd.names: UnsafeName if not):
+        - a key (no `://` in it: a key never holds one), as references are written now;
+        - this store's URL, then a key;
+        - in a local store, an older reference's absolute `file://` URI from wherever the store was when it
+          was written (a store copied, moved, restored or mounted elsewhere): the key is the rest of its
+          path from a component that is one of STORE_FOLDERS (from the first such one whose key is in this
+          store; from the first one when none is). The path is this store's root joined with that key,
+          through `inside`: never anything outside the root; the reference's sha256 is checked on read.
+        Any other URI (another scheme, another bucket, a path with no store folder) is of another store:
+        NotInStore (an ArtifactError and a UserError: one line)."""
+        if "://" not in uri:
+            return check_relative(uri, "artifact key")
+        if uri.startswith(self.url + "/"):
+            return check_relative(uri[len(self.url) + 1:], "artifact key")
+        if self.local and uri.startswith("file://"):
+            parts = uri[len("file://"):].split("/")
+            keys = [key for i, part in enumerate(parts) if part in STORE_FOLDERS
+                    and is_relative(key := "/".join(parts[i:]))]
+            if keys:
+                return next((key for key in keys if self._holds(key)), keys[0])
+        raise NotInStore(f"{uri}: not in this artifact store ({self.url})")
+
+    def _holds(self, key: str) -> bool:
+        """Whether the store holds `key`; False, not an error, for a key that leads outside the root."""
+        try:
+            return self.exists(key)
+        except UserError:
+            return False
 
     def _path_of_uri(self, uri: str) -> str:
         return self._path(self.key_of(uri))
@@ -126,7 +170,7 @@ class ArtifactStore:
                 self.fs.pipe_file(path, data)
         except OSError as e:
             raise StoreUnwritable(f"artifact store {self.url}: cannot write {key} ({e.strerror or e})") from None
-        return ArtifactRef(uri=self.uri(key), sha256=digest or sha256_of(data), size=len(data))
+        return ArtifactRef(uri=key, sha256=digest or sha256_of(data), size=len(data))
 
     def get_bytes(self, ref: ArtifactRef | str) -> bytes:
         """By reference (checked against its sha256) or by key."""
@@ -140,7 +184,8 @@ class ArtifactStore:
         except OSError as e:
             raise ArtifactError(f"{self._uri_of(ref)}: cannot read it ({e.strerror or e})") from None
         if isinstance(ref, ArtifactRef) and sha256_of(data) != ref.sha256:
-            raise ArtifactError(f"{ref.uri}: sha256 {sha256_of(data)[:12]} is not the referenced {ref.sha256[:12]}")
+            raise ArtifactError(f"{self._uri_of(ref)}: sha256 {sha256_of(data)[:12]} is not the referenced "
+                                f"{ref.sha256[:12]}")
         return data
 
     def exists(self, key: str) -> bool:
@@ -182,7 +227,13 @@ class ArtifactStore:
             raise DamagedRecord(self._uri_of(ref), f"not a {model.__name__}: {where}: {error['msg']}") from None
 
     def _uri_of(self, ref: ArtifactRef | str) -> str:
-        return ref.uri if isinstance(ref, ArtifactRef) else self.uri(ref)
+        """Where a reference or a key is, for messages: its absolute URI in this store."""
+        if not isinstance(ref, ArtifactRef):
+            return self.uri(ref)
+        try:
+            return self.location(ref)
+        except (ArtifactError, UserError):
+            return ref.uri
 
     # -- folders (model checkpoints) as a manifest of content-addressed files -----------------------------
     # A folder is stored as a JSON manifest (file name -> sha256 and size) and one blob per file under
@@ -222,14 +273,14 @@ class ArtifactStore:
             return _untar(cache, ref.sha256, data)
         manifest = json.loads(data)
         if manifest.get("format") != MANIFEST_FORMAT:
-            raise ArtifactError(f"{ref.uri}: not a folder manifest ({manifest.get('format')!r})")
+            raise ArtifactError(f"{self._uri_of(ref)}: not a folder manifest ({manifest.get('format')!r})")
         return _unpack(cache, ref.sha256, manifest["files"], lambda name, entry: self._blob(entry, cache))
 
     def _blob(self, entry: dict, cache: Path) -> Path:
         """A blob in the local cache, fetched and checked first if it is not there."""
         path = cache / "blobs" / entry["sha256"]
         if not path.is_file():
-            data = self.get_bytes(ArtifactRef(uri=self.uri(blob_key(entry["sha256"])), **entry))
+            data = self.get_bytes(ArtifactRef(uri=blob_key(entry["sha256"]), **entry))
             _write_new(path, data)
         return path
 

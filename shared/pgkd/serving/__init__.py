@@ -15,16 +15,17 @@ from pgkd.serving.client import StudentClient, classify
 
 def student_from(model: str | Path, artifacts: str | None = None, device: str = "cpu"):
     """(student, where it came from) for a student folder, or a checkpoint's URI in the artifact store
-    (what `pgkd submit --wait` prints); UserError for anything else."""
+    (what `pgkd submit --wait` prints) or its key there (an `ArtifactRef.uri`); UserError for anything else."""
     from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
     from pgkd.distributed.steps import load_checkpoint
     from pgkd.errors import UserError
     from pgkd.students import load_student
     if Path(model).is_dir():
         return load_student(model, device=device), {"folder": str(Path(model).resolve())}
-    if "://" not in str(model):
+    from pgkd.names import is_relative
+    store = ArtifactStore(artifacts) if "://" in str(model) or is_relative(str(model)) else None
+    if store is None or ("://" not in str(model) and not store.exists(str(model))):
         raise UserError(f"{model}: not a folder, nor a checkpoint URI of the artifact store")
-    store = ArtifactStore(artifacts)
     try:
         data = store.get_bytes(store.key_of(str(model)))
         ref = ArtifactRef(uri=str(model), sha256=sha256_of(data), size=len(data))
