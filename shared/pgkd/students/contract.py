@@ -11,10 +11,16 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from pgkd.data import Sample
+from pgkd.errors import UserError
+
+# The tokens of a text a student reads: pgkd cuts every text to this many at call time, and a saved
+# student's tokenizer says so (`model_max_length` in tokenizer_config.json), so that plain transformers
+# reads the same tokens of a long text as pgkd does.
+MAX_LENGTH = 128
 
 # The longest text a student reads, in characters: a text is cut to this before it is tokenized (a
-# 50 MB text would otherwise be tokenized whole for the 128 tokens that are used). A token takes at
-# least a character, so the cut never changes the first max_length (128) tokens. The served model
+# 50 MB text would otherwise be tokenized whole for the MAX_LENGTH tokens that are used). A token takes
+# at least a character, so the cut never changes the first MAX_LENGTH tokens. The served model
 # refuses longer texts (pgkd.serving.repository).
 MAX_TEXT_CHARS = 10_000
 
@@ -29,7 +35,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    max_length: int = 128
+    max_length: int = MAX_LENGTH
     patience: int = 2          # epochs without a lower validation loss before the round stops
     label_smoothing: float = 0.0
     head_init: str = "linear-probe"   # a new head: fitted as a logistic regression first, or "random"
@@ -68,10 +74,19 @@ class Student(Protocol):
 
 
 def text_list(texts) -> list[str]:
-    """`texts` as a list. A lone str is refused: iterated, it would be one text per character."""
+    """`texts` as a list. A lone str is refused: iterated, it would be one text per character; a text
+    that UTF-8 cannot encode is a UserError naming it."""
     if isinstance(texts, (str, bytes)):
         raise TypeError(f"expected a list of texts, got a {type(texts).__name__}: pass [text] for one text")
-    return list(texts)
+    texts = list(texts)
+    for number, text in enumerate(texts, start=1):
+        try:
+            text.encode("utf-8")     # a lone surrogate ("caf\udce9"): no tokenizer takes it
+        except UnicodeEncodeError as e:
+            raise UserError(f"text {number}: not UTF-8 text ({e.reason} at character {e.start})") from None
+        except AttributeError:
+            pass                     # not a str: the caller says what it takes
+    return texts
 
 
 def predicted_labels(student, texts: list[str]) -> list[str]:

@@ -7,13 +7,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from pgkd.students.contract import MAX_TEXT_CHARS
+from pgkd.students.contract import MAX_LENGTH, MAX_TEXT_CHARS
 from pgkd.students.finetuned import length_sorted_batches, minilm_path, pick_device
 
 
 class SentenceEncoder:
     def __init__(self, path: str | None = None, device: str | None = None, batch_size: int = 128,
-                 max_length: int = 128, progress: bool = True):
+                 max_length: int = MAX_LENGTH, progress: bool = True):
         source = path or str(minilm_path())
         self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         self.device = pick_device(device)

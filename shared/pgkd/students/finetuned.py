@@ -24,8 +24,9 @@ from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
 
 from pgkd.data import Sample
-from pgkd.students.contract import MAX_TEXT_CHARS, TrainConfig, TrainResult, predicted_labels, text_list
-from pgkd.errors import UserError
+from pgkd.students.contract import (MAX_LENGTH, MAX_TEXT_CHARS, TrainConfig, TrainResult, predicted_labels,
+                                    text_list)
+from pgkd.errors import Option, UserError
 from pgkd.loop.evaluation import log_loss
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,7 +70,7 @@ def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device on this machine")
+        raise UserError(Option("device", device), ": no CUDA device on this machine")
     return torch.device(device)
 
 
@@ -103,6 +104,9 @@ MIN_LOSS_GAIN = 1e-4
 class FineTunedStudent:
     def __init__(self, model, tokenizer, labels: list[str], spec: str, device: str | None = None):
         self.model = model
+        # What pgkd reads of a text, said where plain transformers looks (tokenizer_config.json): a saved
+        # student read there with truncation cuts a long text where pgkd does, not at the encoder's 512.
+        tokenizer.model_max_length = MAX_LENGTH
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.spec = spec
@@ -324,7 +328,8 @@ class FineTunedStudent:
                            validation_losses=validation_losses)
 
     @torch.inference_mode()
-    def sentence_embeddings(self, texts: list[str], max_length: int = 128, batch_size: int = 64) -> np.ndarray:
+    def sentence_embeddings(self, texts: list[str], max_length: int = MAX_LENGTH,
+                            batch_size: int = 64) -> np.ndarray:
         """What the head reads: the model's unit-length mean-pooled sentence embedding of each text."""
         self.model.eval()
         ids = self._encode(texts, max_length)
@@ -368,7 +373,7 @@ class FineTunedStudent:
 
     # ---- inference -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def predict_proba(self, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
+    def predict_proba(self, texts: list[str], batch_size: int = 64, max_length: int = MAX_LENGTH) -> np.ndarray:
         """Class probabilities, one row per text; batches hold texts of similar length."""
         self.model.eval()
         ids = self._encode(texts, max_length)
@@ -379,6 +384,6 @@ class FineTunedStudent:
             probs[index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return probs
 
-    def loss(self, samples: list[Sample], max_length: int = 128) -> float:
+    def loss(self, samples: list[Sample], max_length: int = MAX_LENGTH) -> float:
         probs = self.predict_proba([s.text for s in samples], max_length=max_length)
         return log_loss(probs, self._labels_of(samples).numpy())

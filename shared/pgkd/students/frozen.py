@@ -20,7 +20,7 @@ from pgkd.students.encoder import SentenceEncoder
 from pgkd.errors import UserError
 from pgkd.loop.evaluation import log_loss
 from pgkd.students import MARKER, SPEC
-from pgkd.students.contract import TrainConfig, TrainResult, predicted_labels, text_list
+from pgkd.students.contract import MAX_LENGTH, TrainConfig, TrainResult, predicted_labels, text_list
 
 
 
@@ -112,10 +112,10 @@ class FrozenEncoderStudent:
                            samples=len(train), seconds=seconds, samples_per_second=len(train) / max(seconds, 1e-9),
                            validation_losses=[loss])
 
-    def predict_proba(self, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
+    def predict_proba(self, texts: list[str], batch_size: int = 64, max_length: int = MAX_LENGTH) -> np.ndarray:
         return softmax(self.embed(text_list(texts)) @ self.coef.T + self.intercept)
 
-    def loss(self, samples: list[Sample], max_length: int = 128) -> float:
+    def loss(self, samples: list[Sample], max_length: int = MAX_LENGTH) -> float:
         return log_loss(self.predict_proba([s.text for s in samples]), self._targets(samples))
 
     def _targets(self, samples: list[Sample]) -> np.ndarray:

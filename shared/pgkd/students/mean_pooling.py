@@ -5,12 +5,14 @@ all-MiniLM-L6-v2 was trained to be read this way; `BertForSequenceClassification
 token through a pooler layer that MiniLM's training never shaped, and with 800 labels it scored
 below MiniLM's own sentence embeddings (BENCHMARKS.md). This file imports only torch and
 transformers: it is copied into every saved student, so that a plain transformers user loads one
-with `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)`.
+with `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)`, and
+`pipeline("text-classification", model=folder, trust_remote_code=True)` reads a text as pgkd does (the
+pipeline named in the config's `custom_pipelines`, which truncates by default).
 """
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertModel, BertPreTrainedModel
+from transformers import BertConfig, BertModel, BertPreTrainedModel, TextClassificationPipeline
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
@@ -22,6 +24,11 @@ class MeanPoolingBertConfig(BertConfig):
         kwargs.setdefault("auto_map", {
             "AutoConfig": "mean_pooling.MeanPoolingBertConfig",
             "AutoModelForSequenceClassification": "mean_pooling.MeanPoolingBertForSequenceClassification"})
+        # transformers' text-classification pipeline has no saved setting that truncates by default; a
+        # custom pipeline does (it needs trust_remote_code=True, as the model does).
+        kwargs.setdefault("custom_pipelines", {"text-classification": {
+            "impl": "mean_pooling.MeanPoolingTextClassificationPipeline",
+            "pt": ["AutoModelForSequenceClassification"], "type": "text"}})
         super().__init__(**kwargs)
 
 
@@ -54,3 +61,13 @@ class MeanPoolingBertForSequenceClassification(BertPreTrainedModel):
         logits = self.classifier(self.dropout(self.embed(input_ids, attention_mask, token_type_ids)))
         loss = None if labels is None else torch.nn.functional.cross_entropy(logits.float(), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class MeanPoolingTextClassificationPipeline(TextClassificationPipeline):
+    """transformers' text-classification pipeline, truncating by default as pgkd does: a text longer than
+    the tokenizer's `model_max_length` (pgkd's 128 tokens) is read by its first tokens, as `pgkd predict`
+    reads it, instead of crashing past the position embeddings. `truncation=False` asks for the stock one."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("truncation", True)
+        super().__init__(*args, **kwargs)
