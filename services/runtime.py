@@ -13,10 +13,14 @@ nothing happens if it was.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import contextvars
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -25,8 +29,8 @@ from urllib.parse import urlsplit
 
 from faststream import AckPolicy, Context
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
-from pgkd.distributed.artifacts import ArtifactStore
-from pgkd.errors import UserError
+from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
+from pgkd.errors import EnvironmentFailure, UserError
 from pgkd.net import DEFAULT_HOST, host_from_env, parse_address, port_from_env
 from pgkd.distributed.messages import MESSAGES, DeadLetter, Message, RunCompleted
 from pgkd.distributed.runs import RunFiles, fail_run
@@ -38,6 +42,18 @@ from pgkd_services import kafka_security
 
 log = logging.getLogger("pgkd.service")
 _metrics: LoopMetrics | None = None
+# The record a handler is taking (aiokafka's ConsumerRecord: topic, partition, offset, key, value,
+# headers): what a dead letter keeps of it besides its value.
+_received: contextvars.ContextVar = contextvars.ContextVar("pgkd_received_record", default=None)
+# The headers a dead-letter record has besides the original's, each value UTF-8 text.
+DEAD_LETTER_HEADERS = ("pgkd.dead-letter.reason", "pgkd.dead-letter.service", "pgkd.dead-letter.topic",
+                       "pgkd.dead-letter.partition", "pgkd.dead-letter.offset")
+PAYLOAD_LIMIT = 100_000    # characters of a dead letter's payload (a longer one is cut: payload_bytes says so)
+
+
+class CannotServe(EnvironmentFailure):
+    """The environment keeps a service from starting (its HTTP port taken, a compression codec
+    missing): `pgkd service` prints the one line and exits 1."""
 
 
 def default_metrics() -> LoopMetrics:
@@ -108,6 +124,18 @@ def bootstrap_servers(url: str) -> list[str]:
     for server in servers:
         parse_address(server, f"PGKD_BROKER_URL={url}")
     return servers
+
+
+def missing_codecs() -> list[str]:
+    """The compression codecs aiokafka cannot decode here. A producer chooses the codec of its batches
+    and Apache Kafka keeps it: a consumer without it fails on the batch, again and again."""
+    from aiokafka import codec
+    return [name for name, present in (("gzip", codec.has_gzip), ("snappy", codec.has_snappy),
+                                       ("lz4", codec.has_lz4), ("zstd", codec.has_zstd)) if not present()]
+
+
+def tombstone_reason(what: str) -> str:
+    return f"tombstone: the record has no value (null): a delete marker, not {what}"
 
 
 def broker_errors() -> tuple[type[BaseException], ...]:
@@ -200,6 +228,7 @@ class Service:
         self._busy = asyncio.Lock()     # one message at a time: steps are heavy and share the process's cache
         self.subscriptions: list[str] = []   # topics this service consumes, as group `self.group`
         self._handlers: dict[str, Callable[[bytes], Awaitable[None]]] = {}
+        self._kinds: dict[str, str] = {}     # topic -> the kind of message it carries
         # (most messages, most seconds to wait for them): a service that sets it takes its messages in
         # batches, in `handle_batch`, each batch acknowledged when that returns
         self.batch: tuple[int, float] | None = None
@@ -221,6 +250,7 @@ class Service:
         group, once `listen` has run; acknowledged when the handler returns, redelivered when it raises."""
         self.subscriptions.append(topic)
         self._handlers[topic] = handler
+        self._kinds[topic] = kind
         self.metrics.consuming(topic)
 
     def listen(self) -> None:
@@ -231,10 +261,10 @@ class Service:
         batch = {}
         if self.batch is None:
             async def handle(message=Context("message")) -> None:
-                await handlers[message.raw_message.topic](message.body)
+                await self.deliver(message.raw_message, handlers)
         else:
             async def handle(message=Context("message")) -> None:
-                await self.handle_batch([(record.topic, record.value or b"") for record in message.raw_message])
+                await self.handle_batch(list(message.raw_message))
             batch = dict(batch=True, max_records=self.batch[0], batch_timeout_ms=int(self.batch[1] * 1000))
 
         handle.__name__ = f"{self.name}_messages"
@@ -243,10 +273,23 @@ class Service:
         self.broker.subscriber(*handlers, group_id=self.group, auto_offset_reset="earliest",
                                ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=3_600_000, **batch)(handle)
 
-    async def handle_batch(self, records: list[tuple[str, bytes]]) -> None:
-        """A batch of (topic, body), in order: by default each to its topic's handler."""
-        for topic, body in records:
-            await self._handlers[topic](body)
+    async def handle_batch(self, records: list) -> None:
+        """A batch of records (aiokafka's ConsumerRecord), in order: by default each to its topic's handler."""
+        for record in records:
+            await self.deliver(record)
+
+    async def deliver(self, record, handlers: dict | None = None) -> None:
+        """One record's value to its topic's handler, the record known to `dead_letter` meanwhile. A
+        tombstone (a null value) is no message: it goes to the dead-letter topic, named as one."""
+        token = _received.set(record)
+        try:
+            if record.value is None:
+                kind = self._kinds.get(record.topic, "pgkd")
+                await self.dead_letter(record.topic, None, tombstone_reason(f"a {kind} message"))
+                return
+            await (handlers or self._handlers)[record.topic](record.value)
+        finally:
+            _received.reset(token)
 
     async def handle(self, topic: str, body: bytes, message_type: type[Message], step) -> None:
         try:
@@ -263,6 +306,7 @@ class Service:
                                    message)
             return
         log.info("%s: run %s cycle %d: %s received", self.name, message.run_id, message.cycle, message.kind)
+        await asyncio.to_thread(self._mark_taken, message)
         async with self._busy:  # not held while publishing: an in-memory test broker delivers in this call
             started = time.perf_counter()
             try:
@@ -285,6 +329,13 @@ class Service:
 
     def _handled_key(self, message: Message) -> str:
         return f"{RunFiles(message.run_id).base}/handled/{message.kind}-{message.cycle:04d}"
+
+    def _mark_taken(self, message: Message) -> None:
+        """A service has the message: `pgkd submit --wait` sees that the run was taken (and waits on)."""
+        try:
+            self.store.put_bytes(self._handled_key(message) + ".taken", b"")
+        except (ArtifactError, OSError) as e:   # the step's own writes will say what is wrong with the store
+            log.warning("%s: run %s: cannot mark %s taken: %s", self.name, message.run_id, message.kind, e)
 
     def _run_once(self, message: Message, step) -> tuple[Message | list[Message], bool]:
         """The step's output (a message, or a list of them), computed once: (output, not yet published)."""
@@ -310,18 +361,46 @@ class Service:
     async def publish(self, message: Message) -> None:
         await self.send(message.model_dump_json().encode(), message.topic, key=message.run_id)
 
-    async def dead_letter(self, topic: str, body: bytes, reason: str, message: Message | None = None) -> None:
-        letter = DeadLetter(source_topic=topic, service=self.name, reason=reason,
-                            payload=body.decode("utf-8", errors="replace")[:100_000],
-                            run_id=message.run_id if message else None, cycle=message.cycle if message else None)
+    async def dead_letter(self, topic: str, body: bytes | None, reason: str, message: Message | None = None,
+                          record=None) -> None:
+        """Park a message on the dead-letter topic with the reason. `record` is the one it came in (by
+        default the one being handled, when it is from `topic`): the dead letter keeps its partition
+        and offset, and its key and headers as the dead-letter record's own (README: Dead letters)."""
+        if record is None and (received := _received.get()) is not None and received.topic == topic:
+            record = received
+        letter = dead_letter_body(topic, self.name, body, reason, message, record)
         log.warning("%s: dead letter from %s: %s", self.name, topic, reason)
         self.metrics.dead_letter(topic)
-        await self.send(letter.model_dump_json().encode(), DeadLetter.topic, key=letter.run_id)
+        key = record.key if record is not None and record.key else (letter.run_id.encode() if letter.run_id else None)
+        await self.broker.publish(letter.model_dump_json().encode(), self.topic(DeadLetter.topic), key=key,
+                                  headers=dead_letter_headers(letter, record))
 
     async def send(self, body: bytes, topic: str, key: str | None = None) -> None:
         await send(self.broker, body, self.topic(topic), key)
 
     # -- running ---------------------------------------------------------------------------------------------
+    def http_socket(self) -> socket.socket:
+        """The socket /metrics, /healthz and /readyz will listen on, bound now: a port another process
+        holds is one line naming PGKD_METRICS_PORT (CannotServe), before the broker is tried."""
+        host, port = self.settings.http_host, self.settings.metrics_port
+        where = f"PGKD_HTTP_HOST={host} PGKD_METRICS_PORT={port}"
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE)[0]
+        except OSError as e:
+            raise CannotServe(f"{self.name}: cannot listen on {where}: {e.strerror or e}") from None
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise CannotServe(f"{self.name}: PGKD_METRICS_PORT={port}: port {port} on {host} is in use by "
+                                  "another process; set PGKD_METRICS_PORT to a free port") from None
+            raise CannotServe(f"{self.name}: cannot listen on {where}: {e.strerror or e}") from None
+        return sock
+
     def prepare(self) -> None:
         """Before serving: read what the service needs (a bad setting raises UserError: one line, exit 2)."""
 
@@ -345,14 +424,27 @@ class Service:
         (or hand back, by not acknowledging it) the one in flight within PGKD_GRACEFUL_TIMEOUT."""
         log.info("%s: broker %s, artifacts %s, topics %s*, HTTP on %s:%d", self.name, self.settings.broker_url,
                  self.store.url, self.settings.topic_prefix, self.settings.http_host, self.settings.metrics_port)
+        missing = missing_codecs()
+        if missing:
+            raise CannotServe(f"{self.name}: aiokafka here cannot decode {', '.join(missing)} compressed batches, "
+                              "which Kafka delivers as their producer wrote them; install pgkd again (it requires "
+                              "aiokafka[lz4,snappy,zstd])")
+        sock = self.http_socket()
         # uvicorn shuts down gracefully, then raises the signal again under the handler it found:
         # let that handler be a clean exit, not death by signal.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        asyncio.run(self._serve())
+        try:
+            asyncio.run(self._serve(sock))
+        finally:
+            sock.close()
 
-    async def _serve(self) -> None:
+    async def _serve(self, sock: socket.socket) -> None:
+        import uvicorn
         await self.connect()
-        await self.app().run(logging.WARNING, {"host": self.settings.http_host, "port": self.settings.metrics_port})
+        # AsgiFastStream.run, on the socket bound at start (it listens only now, once the broker is reached)
+        config = uvicorn.Config(app=self.app(), log_level=logging.WARNING, host=self.settings.http_host,
+                                port=self.settings.metrics_port)
+        await uvicorn.Server(config).serve(sockets=[sock])
 
     async def connect(self) -> None:
         """Reach the broker before serving, trying each second for PGKD_CONNECT_TIMEOUT seconds, then give
@@ -373,3 +465,40 @@ class Service:
                                        f"{timeout:g} s ({_reason(e)})") from None
                 log.info("%s: the broker is not reachable yet (%s); trying again", self.name, _reason(e))
             await asyncio.sleep(1)
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def dead_letter_body(topic: str, service: str, body: bytes | None, reason: str, message: Message | None,
+                     record) -> DeadLetter:
+    """The dead letter's JSON: the reason, the payload (as text, and as base64 where it is not UTF-8),
+    and where the record was with its key and headers, when `record` is known."""
+    exact = None
+    if body is not None:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            exact = base64.b64encode(body[:PAYLOAD_LIMIT * 3 // 4]).decode()
+    return DeadLetter(
+        source_topic=topic, service=service, reason=reason,
+        payload=_text(body)[:PAYLOAD_LIMIT] if body is not None else "",
+        payload_bytes=len(body) if body is not None else None, payload_base64=exact,
+        run_id=message.run_id if message else None, cycle=message.cycle if message else None,
+        source_partition=record.partition if record is not None else None,
+        source_offset=record.offset if record is not None else None,
+        key=_text(record.key) if record is not None and record.key is not None else None,
+        headers=[(name, _text(value or b"")) for name, value in (record.headers if record is not None else ())])
+
+
+def dead_letter_headers(letter: DeadLetter, record) -> dict[str, str]:
+    """The dead-letter record's headers: the original's (as FastStream takes them: the last of a repeated
+    name), then `pgkd.dead-letter.*`: reason, service, source topic, partition and offset."""
+    headers = {name: value for name, value in letter.headers}
+    headers.update({"pgkd.dead-letter.reason": letter.reason[:1000], "pgkd.dead-letter.service": letter.service,
+                    "pgkd.dead-letter.topic": letter.source_topic})
+    if record is not None:
+        headers.update({"pgkd.dead-letter.partition": str(record.partition),
+                        "pgkd.dead-letter.offset": str(record.offset)})
+    return headers

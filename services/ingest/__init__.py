@@ -41,28 +41,32 @@ class IngestService(Service):
     async def started(self) -> None:
         await self._apply(await self._step(self.stream.resume))
 
-    async def handle_batch(self, records: list[tuple[str, bytes]]) -> None:
+    async def handle_batch(self, records: list) -> None:
         """In order: each run of consecutive samples as one batch of the stream (one commit), each
         RunCompleted on its own. Acknowledged when it returns: the samples are stored by then, and
-        the rejected ones dead-lettered."""
-        samples: list[bytes] = []
-        for topic, body in records + [("", b"")]:
-            if topic == self.samples_topic:
-                samples.append(body)
+        the rejected ones dead-lettered (a tombstone among them too: the service goes on)."""
+        samples: list = []
+        for record in records + [None]:
+            if record is not None and record.topic == self.samples_topic:
+                samples.append(record)
                 continue
             if samples:
-                await self.on_samples(samples)
+                await self.on_samples([r.value for r in samples], samples)
                 samples = []
-            if topic:
-                await self._handlers[topic](body)
+            if record is not None:
+                await self.deliver(record)
 
-    async def on_samples(self, bodies: list[bytes] | bytes) -> None:
+    async def on_samples(self, bodies: list[bytes | None] | bytes, records: list | None = None) -> None:
+        """Sample messages (record values, None for a null one) as one batch of the stream; `records`,
+        the records they came in, for the dead letters of the rejected ones."""
         bodies = [bodies] if isinstance(bodies, bytes) else bodies
+        records = records or [None] * len(bodies)
         log.info("ingest: batch of %d sample message(s) received", len(bodies))
         started = time.perf_counter()
         step = await self._step(self.stream.take_batch, bodies)
-        await asyncio.gather(*(self.dead_letter(self.samples_topic, body, str(taken.rejected))
-                               for body, taken in zip(bodies, step.taken) if taken.rejected is not None))
+        await asyncio.gather(*(self.dead_letter(self.samples_topic, body, str(taken.rejected), record=record)
+                               for body, record, taken in zip(bodies, records, step.taken)
+                               if taken.rejected is not None))
         outcomes = Counter(taken.outcome for taken in step.taken)
         log.info("ingest: batch of %d: %d stored, %d duplicate(s), %d rejected (%.2f s)", len(bodies),
                  outcomes["accepted"], outcomes["duplicate"], outcomes["rejected"], time.perf_counter() - started)

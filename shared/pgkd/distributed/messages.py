@@ -127,17 +127,26 @@ class StudentPromoted(Message):
 
 
 class DeadLetter(BaseModel):
-    """A message no handler could take: what it was, where it came from and why."""
+    """A message no handler could take: what it was, where it came from and why. The record that
+    carries it also has the original's key and headers as its own, byte for byte, and the
+    `pgkd.dead-letter.*` headers (services/runtime.py), so a plain Kafka client can trace or replay it."""
     kind: ClassVar[str] = "dead-letter"
     topic: ClassVar[str] = "dead-letter"
     schema_version: Literal[1] = SCHEMA_VERSION
     source_topic: str
     service: str
     reason: str
-    payload: str                      # the message as received (decoded as UTF-8, replaced where not)
+    payload: str                      # the message as received (decoded as UTF-8, replaced where not; "" for none)
     run_id: str | None = None
     cycle: int | None = None
     failed_at: float = Field(default_factory=time.time)
+    # where the original record is, and what it carried besides its value (None/[]: not known)
+    source_partition: int | None = None
+    source_offset: int | None = None
+    key: str | None = None            # the record's key, as UTF-8 (replaced where not); None: it had none
+    headers: list[tuple[str, str]] = []   # its headers in order, repeats kept, values as UTF-8 (replaced where not)
+    payload_bytes: int | None = None  # the value's length in bytes; None: a null value (a tombstone)
+    payload_base64: str | None = None  # the value's exact bytes, where they are not UTF-8 (`payload` lost some)
 
 
 class LabeledSample(BaseModel):

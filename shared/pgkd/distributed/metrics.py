@@ -17,7 +17,8 @@ from pgkd.loop.screening import REASONS
 TEACHER_ERROR_KINDS = ("timeout", "transport", "server_error", "rate_limited", "rejected_request", "incompatible_model")
 REJECTION_REASONS = (*REASONS, "unparseable_answer", "malformed_sample")
 # Why ingest rejects a streamed sample (pgkd.stream): the first word of its dead letter's reason.
-INGEST_REJECTIONS = ("not_json", "invalid_fields", "empty_text", "too_short", "oversized", "unknown_label")
+INGEST_REJECTIONS = ("tombstone", "not_utf8", "not_json", "invalid_fields", "empty_text", "too_short", "oversized",
+                     "unknown_label")
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)

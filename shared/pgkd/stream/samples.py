@@ -33,14 +33,23 @@ class StoredSample(BaseModel):
     arrived_at: float
 
 
-def parse_sample(body: bytes, settings: StreamSettings) -> LabeledSample:
-    """The message as a sample, or Rejected with why: not JSON, wrong fields, empty, too short or too long."""
+def parse_sample(body: bytes | None, settings: StreamSettings) -> LabeledSample:
+    """The message as a sample, or Rejected with why: no value at all (a tombstone), not UTF-8, not
+    JSON, wrong fields, empty, too short or too long. `body` is the record's value, None for a null one."""
+    if body is None:
+        raise Rejected("tombstone", "the record has no value (null): a delete marker, not a sample")
     if len(body) > 4 * settings.max_chars + 4096:   # no need to parse a huge body to know
         raise Rejected("oversized", f"message of {len(body)} bytes")
     try:
-        row = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Rejected("not_json", str(e)[:120]) from None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Rejected("not_utf8", f"byte 0x{body[e.start]:02x} at offset {e.start} is not UTF-8 ({e.reason}); "
+                                   f"the message starts {body[:24]!r}") from None
+    text = text.removeprefix("\ufeff")   # a leading byte order mark, as json.loads(bytes) takes it
+    try:
+        row = json.loads(text)
+    except ValueError as e:
+        raise Rejected("not_json", _not_json(body, text, e)) from None
     if not isinstance(row, dict):
         raise Rejected("not_json", f"expected a JSON object, got {type(row).__name__}")
     try:
@@ -59,6 +68,20 @@ def parse_sample(body: bytes, settings: StreamSettings) -> LabeledSample:
     if not sample.label.strip():
         raise Rejected("invalid_fields", "label: empty")
     return sample.model_copy(update={"text": text, "label": sample.label.strip()})
+
+
+def _not_json(body: bytes, text: str, e: ValueError) -> str:
+    """Why a UTF-8 message is not JSON, with the bytes where it went wrong: a message that is empty or
+    blank, and one that starts with bytes no JSON starts with, each said as such."""
+    if not text.strip():
+        return "the message is empty" if not body else f"the message is blank ({len(body)} bytes of whitespace)"
+    if not isinstance(e, json.JSONDecodeError):
+        return str(e)[:120]
+    where = f"{e.msg} at line {e.lineno} column {e.colno}"
+    offset = len(body) - len(text.encode()) + len(text[:e.pos].encode())   # bytes: a byte order mark counts
+    if not text[:e.pos].strip():
+        return f"{where}; the message starts {body[:24]!r}"
+    return f"{where}; near byte {offset}: {body[max(offset - 8, 0):offset + 16]!r}"
 
 
 def text_key(text: str) -> str:

@@ -79,9 +79,9 @@ class Stream:
         self._settings_stamp: tuple | None = None
 
     # -- the entry points ------------------------------------------------------------------------------------
-    def take_batch(self, bodies: list[bytes]) -> StreamStep:
-        """Streamed samples: each rejected, a duplicate, or stored (the stored ones in one commit);
-        then drift is checked and a run starts if a trigger is due."""
+    def take_batch(self, bodies: list[bytes | None]) -> StreamStep:
+        """Streamed samples (record values, None for a null one): each rejected, a duplicate, or stored
+        (the stored ones in one commit); then drift is checked and a run starts if a trigger is due."""
         self.refresh_settings()
         taken = self.store_batch(bodies)
         if any(t.outcome == "accepted" for t in taken):
@@ -239,7 +239,7 @@ class Stream:
         return self._base_config().metric
 
     # -- streamed samples ------------------------------------------------------------------------------------
-    def store_batch(self, bodies: list[bytes]) -> list[Taken]:
+    def store_batch(self, bodies: list[bytes | None]) -> list[Taken]:
         """Store each new sample once, all in one commit; a text already known (or earlier in the
         batch) is a duplicate; a bad message is rejected with its reason."""
         taken, accepted, keys = [], [], set()
