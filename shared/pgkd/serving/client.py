@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import http.client
+import math
 import re
 import urllib.error
 import urllib.request
@@ -12,15 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pgkd.errors import UserError
+from pgkd.errors import EnvironmentFailure, Option, UserError
 from pgkd.names import check_name
 from pgkd.net import parse_address, url_host
 from pgkd.serving.repository import MODEL_NAME
 from pgkd.students.contract import text_list
 
 
-class ServingError(RuntimeError):
-    """The server could not be reached or did not answer (not the request's fault)."""
+class ServingError(EnvironmentFailure):
+    """The server could not be reached, did not answer in time, is not a Triton server serving the
+    model, or failed the request itself: not the request's fault (`pgkd classify` exits 1)."""
 
 
 class ServerUnreachable(ServingError):
@@ -38,8 +41,8 @@ class Endpoint:
         scheme, rest = (scheme, rest) if sep else ("http", url)
         rest = rest.rstrip("/")
         if scheme not in ("http", "grpc") or "/" in rest:
-            raise UserError(f"--url {url}: expected http://HOST:PORT or grpc://HOST:PORT")
-        host, port = parse_address(rest, f"--url {url}")
+            raise UserError(Option("url", url), ": expected http://HOST:PORT or grpc://HOST:PORT")
+        host, port = parse_address(rest, Option("url", url))
         return cls(scheme, f"{url_host(host)}:{port}")
 
 
@@ -48,9 +51,12 @@ class StudentClient:
 
     def __init__(self, url: str, model: str = MODEL_NAME, timeout: float = 60.0):
         check_positive(timeout, "timeout", (int, float))
+        if not math.isfinite(timeout):   # gRPC takes an infinite deadline as one already passed
+            raise UserError(Option("timeout", timeout), ": must be a finite number of seconds")
         self.endpoint = Endpoint.parse(url)
         self.model = check_name(model, "model name")   # it goes in the request's path
         self.timeout = timeout
+        self._max_batch_size: int | None = None   # the served model's, read from its config when needed
         if self.endpoint.protocol == "http":
             import tritonclient.http as client
             self._client = client.InferenceServerClient(self.endpoint.address, connection_timeout=timeout,
@@ -71,28 +77,86 @@ class StudentClient:
 
     def infer(self, texts: list[str]) -> dict:
         """One request: {"label": [...], "probability": [...], "probabilities": array, "version": str}."""
-        from tritonclient.utils import InferenceServerException
         data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
         inputs = [self._module.InferInput("text", list(data.shape), "BYTES")]
         inputs[0].set_data_from_numpy(data)
         outputs = [self._module.InferRequestedOutput(n) for n in ("label", "probability", "probabilities")]
-        try:
-            kwargs = {"client_timeout": self.timeout} if self.endpoint.protocol == "grpc" else {}
-            result = self._client.infer(self.model, inputs, outputs=outputs, **kwargs)
-        except InferenceServerException as e:
-            raise _request_error(e, self.endpoint) from None
-        except (OSError, ConnectionError) as e:
-            raise ServingError(f"{self.endpoint.protocol}://{self.endpoint.address}: {e}") from None
+        result = self._call(self._client.infer, self.model, inputs, outputs=outputs)
+        labels, probability, probabilities = (result.as_numpy(n) for n in ("label", "probability", "probabilities"))
+        if labels is None or probability is None or probabilities is None or labels.size != len(texts):
+            raise ServingError(f"{self._where()}: the answer has no label and probability per text: not a "
+                               f"student model (pgkd export) named {self.model!r}")
         response = result.get_response()
-        version = response["model_version"] if isinstance(response, dict) else response.model_version
-        return {"label": [x.decode() for x in result.as_numpy("label").reshape(-1)],
-                "probability": result.as_numpy("probability").reshape(-1).tolist(),
-                "probabilities": result.as_numpy("probabilities"), "version": str(version)}
+        version = response.get("model_version", "") if isinstance(response, dict) else response.model_version
+        return {"label": [x.decode() if isinstance(x, bytes) else str(x) for x in labels.reshape(-1)],
+                "probability": probability.reshape(-1).tolist(), "probabilities": probabilities,
+                "version": str(version)}
+
+    def max_batch_size(self) -> int | None:
+        """The served model's max_batch_size (its config.pbtxt; Triton refuses a request of more texts),
+        asked once; None when the model does not say (no batching limit known)."""
+        if self._max_batch_size is None:
+            config = self._call(self._client.get_model_config, self.model,
+                                **({"as_json": True} if self.endpoint.protocol == "grpc" else {}))
+            config = config.get("config", config) if isinstance(config, dict) else {}
+            try:
+                self._max_batch_size = int(config.get("max_batch_size") or 0)
+            except (TypeError, ValueError):
+                self._max_batch_size = 0
+        return self._max_batch_size or None
+
+    def _where(self) -> str:
+        return f"{self.endpoint.protocol}://{self.endpoint.address}"
+
+    def _call(self, method, *args, **kwargs):
+        """A call to the server; what went wrong as UserError (the request's fault) or ServingError."""
+        from tritonclient.utils import InferenceServerException
+        if self.endpoint.protocol == "grpc":
+            kwargs["client_timeout"] = self.timeout
+        try:
+            return method(*args, **kwargs)
+        except InferenceServerException as e:
+            error = _request_error(e, self._where(), self.model, self.timeout)
+            if isinstance(error, _NotServed):
+                error = self._not_served(error)
+            raise error from None
+        except TimeoutError:
+            raise ServingError(f"{self._where()}: no answer within the timeout of {self.timeout:g} s") from None
+        except OSError as e:     # refused, reset, no route
+            raise ServingError(f"{self._where()}: {_first_line(e) or type(e).__name__}") from None
+        except (http.client.HTTPException, ValueError):   # an answer that is not HTTP, or not Triton's
+            hint = " (a gRPC port? then grpc://)" if self.endpoint.protocol == "http" else ""
+            raise ServingError(f"{self._where()}: the answer is not a Triton server's{hint}") from None
+
+    def _not_served(self, error: "_NotServed") -> Exception:
+        """The server has no model of this name ready: a name it does not know while it serves others is
+        the user's (UserError, naming those it serves); one in its repository that is not loaded, or a
+        server that serves nothing yet (a deployer still to write the first version), is the server's."""
+        try:
+            kwargs = {"as_json": True, "client_timeout": self.timeout} if self.endpoint.protocol == "grpc" else {}
+            index = self._client.get_model_repository_index(**kwargs)
+        except Exception:  # noqa: BLE001 -- the index is a courtesy: without it, the server's own answer
+            return UserError(str(error))
+        models = index.get("models", []) if isinstance(index, dict) else index
+        models = [m for m in models if isinstance(m, dict)]
+        mine = [m for m in models if m.get("name") == self.model]
+        if mine:
+            state = mine[0].get("state") or "not loaded"
+            reason = mine[0].get("reason") or ""
+            return ServingError(f"{self._where()}: model {self.model!r} has no version loaded ({state}"
+                                f"{': ' + reason.splitlines()[0] if reason.strip() else ''})")
+        ready = sorted({str(m.get("name")) for m in models if m.get("state") == "READY"})
+        if not ready:
+            return ServingError(f"{self._where()}: serves no model yet, so none named {self.model!r}")
+        return UserError(f"no model {self.model!r} at {self._where()}; it serves {', '.join(ready)}")
 
     def classify(self, texts: list[str], batch_size: int = 64) -> list[dict]:
         """A JSON-ready answer per text: text, label, probability (rounded as `pgkd predict` prints it)."""
         texts = check_texts(texts)
         check_positive(batch_size, "batch_size", int)
+        if batch_size > 1 and len(texts) > 1:
+            # more texts a request than the served model takes: split further, as a user expects
+            batch_size = min(batch_size, self.max_batch_size() or batch_size)
         answers = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
@@ -105,14 +169,36 @@ class StudentClient:
         return answers
 
 
-def _request_error(e, endpoint: Endpoint) -> Exception:
-    """A request the server refused (the request's fault) as UserError; an unreachable or failing
-    server as ServingError."""
-    message = str(e.message() if hasattr(e, "message") and callable(e.message) else e).strip()
+class _NotServed(Exception):
+    """The server knows no model of the name: a typo, or nothing deployed yet (StudentClient._not_served)."""
+
+
+def _first_line(e) -> str:
+    text = str(e.message() if hasattr(e, "message") and callable(e.message) else e).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def _request_error(e, where: str, model: str, timeout: float) -> Exception:
+    """What a Triton client's InferenceServerException means for the user: UserError (exit 2) when the
+    server says the request itself is wrong (HTTP 400, gRPC INVALID_ARGUMENT) or it serves no model of
+    that name; ServingError (exit 1) for everything that is the server's or the network's: no answer in
+    time, unreachable, the model not loaded, a server that is not Triton, a failure of the server."""
+    message = _first_line(e)
     status = str(e.status() or "") if hasattr(e, "status") else ""
-    if "unavailable" in status.lower() or "failed to connect" in message.lower() or "connection" in message.lower():
-        return ServingError(f"{endpoint.protocol}://{endpoint.address}: {message.splitlines()[0] if message else status}")
-    return UserError(f"the server refused the request: {message.splitlines()[0] if message else status}")
+    code = status.removeprefix("StatusCode.")
+    if code in ("400", "INVALID_ARGUMENT"):
+        return UserError(f"the server refused the request: {message or status}")
+    if "while decoding the response" in message:     # tritonclient.http: the answer was not Triton's JSON
+        return ServingError(f"{where}: not a Triton server (HTTP {status or '?'} without Triton's JSON answer)")
+    if code in ("404", "NOT_FOUND") and "unknown model" in message.lower():
+        if "no available versions" in message:      # the model is there, no version of it is loaded
+            return ServingError(f"{where}: model {model!r} has no version loaded: {message}")
+        return _NotServed(f"no model {model!r} at {where} ({message})")   # StudentClient._not_served decides
+    if code == "DEADLINE_EXCEEDED":
+        return ServingError(f"{where}: no answer within the timeout of {timeout:g} s")
+    if code == "UNAVAILABLE" or "failed to connect" in message.lower():
+        return ServingError(f"{where}: unreachable: {message or status}")
+    return ServingError(f"{where}: the server failed the request ({status or 'no status'}): {message or 'no message'}")
 
 
 def check_texts(texts) -> list[str]:

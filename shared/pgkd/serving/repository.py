@@ -21,18 +21,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgkd.errors import UserError
+from pgkd.errors import Option, UserError
 from pgkd.names import check_name, inside
 from pgkd.ownership import read_owner, write_owner
 from pgkd.loop.outputs import file_sha256
 from pgkd.serving.triton_model import MANIFEST, check_version_folder
-from pgkd.students.contract import MAX_TEXT_CHARS   # the served model refuses longer texts
+from pgkd.students.contract import MAX_LENGTH, MAX_TEXT_CHARS   # the served model refuses longer texts
 
 MODEL_NAME = "student"
 OWNER = ".pgkd-model.json"    # in a model folder: pgkd wrote it, and may write its next version
 FORMATS = ("onnx", "torch")
 HANDLER = Path(__file__).with_name("triton_model.py")
 MAX_BATCH_SIZE = 64
+# How long Triton holds a request that finds the model idle, for others to batch with it (dynamic batching).
+# Chosen by measurement (BENCHMARKS.md, "The batching delay"; `pgkd bench serve --batching-delays`): 2000 us
+# cost a lone request 2 ms of waiting, and 500 us or none changed the throughput at 16 clients by less than
+# the spread between rounds; of the two, 500 us kept the 16-client median closest to 2000 us's.
+MAX_QUEUE_DELAY_US = 500
 
 CONFIG = """\
 # A distilled pgkd student (written by `pgkd export`): one Python-backend model that tokenizes and runs
@@ -52,10 +57,11 @@ output [
   {{ name: "probabilities" data_type: TYPE_FP32 dims: [ -1 ] label_filename: "labels.txt" }}
 ]
 
-# Requests that arrive within 2 ms of each other are run as one batch.
+# Requests waiting while the model runs are run together as the next batch; a request that finds the
+# model idle waits up to max_queue_delay_microseconds for others to join it.
 dynamic_batching {{
   preferred_batch_size: [ {max_batch_size} ]
-  max_queue_delay_microseconds: 2000
+  max_queue_delay_microseconds: {max_queue_delay_us}
 }}
 
 # KIND_AUTO: an instance per GPU when Triton sees GPUs (ONNX Runtime's CUDA provider, or torch on CUDA), one on
@@ -107,6 +113,9 @@ def require_own_folder(path: Path, option: str, model: str = MODEL_NAME) -> None
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path}: exists and is not a folder")
+    above = next((p for p in path.parents if p.exists()), None)   # a folder under a file cannot be made
+    if not path.exists() and above is not None and not above.is_dir():
+        raise UserError(f"{option} {path}: {above} is a file, not a folder")
     # A model repository holds model folders only (each with its config.pbtxt): a folder that merely
     # has one among other things (a home, a project) is not one.
     others = [p for p in path.iterdir() if p.name != model and not (p.is_dir() and (p / "config.pbtxt").is_file())] \
@@ -117,7 +126,7 @@ def require_own_folder(path: Path, option: str, model: str = MODEL_NAME) -> None
     folder = model_folder(path, model)
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _owned(folder))):
         raise UserError(f"{option} {path}: {folder} was not written by pgkd (no {OWNER}); pgkd writes only "
-                        "model folders of its own: choose another --model-name or repository")
+                        "model folders of its own: choose another model name or repository")
 
 
 def _owned(folder: Path) -> bool:
@@ -146,15 +155,19 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def config_text(model: str = MODEL_NAME, gpu: bool = False, max_queue_delay_us: int = MAX_QUEUE_DELAY_US) -> str:
+    """The config.pbtxt of `model` (`max_queue_delay_us`: another batching delay, for `pgkd bench serve`)."""
+    return CONFIG.format(name=model, max_batch_size=MAX_BATCH_SIZE, kind="KIND_GPU" if gpu else "KIND_AUTO",
+                         max_text_chars=MAX_TEXT_CHARS, max_queue_delay_us=int(max_queue_delay_us))
+
+
 def write_config(repository: Path, labels: list[str], model: str = MODEL_NAME, gpu: bool = False) -> None:
     """config.pbtxt (kept when there is one: a user may have tuned it) and labels.txt (the label map
     of the version being written: a taxonomy may grow between versions)."""
     folder = model_folder(repository, model)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.pbtxt").is_file():
-        _write_atomic(folder / "config.pbtxt", CONFIG.format(name=model, max_batch_size=MAX_BATCH_SIZE,
-                                                             kind="KIND_GPU" if gpu else "KIND_AUTO",
-                                                             max_text_chars=MAX_TEXT_CHARS))
+        _write_atomic(folder / "config.pbtxt", config_text(model, gpu))
     _write_atomic(folder / "labels.txt", "".join(f"{label}\n" for label in labels))
 
 
@@ -164,9 +177,9 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
     where the student came from (a folder, a run's checkpoint, a promotion): it goes in the manifest."""
     from pgkd.serving.graph import export_onnx, export_torchscript, quantize_int8, tokenizer_of
     if fmt not in FORMATS:
-        raise UserError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+        raise UserError(Option("fmt", fmt), f": one of {', '.join(FORMATS)}")
     if int8 and fmt != "onnx":
-        raise UserError("--int8 needs --format onnx (dynamic quantization is ONNX Runtime's)")
+        raise UserError(Option("int8", True), " needs ", Option("fmt", "onnx"), " (dynamic quantization is ONNX Runtime's)")
     require_own_folder(repository, "repository", model)
     folder = model_folder(repository, model)
     new_repository, new_folder = not Path(repository).exists(), not folder.exists()
@@ -192,7 +205,7 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
             export_torchscript(student, staging / "model.pt")
         shutil.copyfile(HANDLER, staging / "model.py")
         manifest = {"format": fmt, "precision": "int8" if int8 else "fp32", "labels": list(student.labels),
-                    "max_length": 128, "pad_token_id": int(tokenizer.pad_token_id or 0),
+                    "max_length": MAX_LENGTH, "pad_token_id": int(tokenizer.pad_token_id or 0),
                     "student": getattr(student, "spec", type(student).__name__), "source": source,
                     "written_at": time.time(),
                     "files": {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}}

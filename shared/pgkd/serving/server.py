@@ -15,7 +15,7 @@ from pgkd import processes
 from pgkd.errors import UserError
 from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
 from pgkd.serving.repository import MODEL_NAME, check_repository, versions
-from pgkd.serving.tritonserver import TritonServerError, port_taken, run_tritonserver
+from pgkd.serving.tritonserver import TritonServerError, port_taken, run_tritonserver, taken_port
 
 
 def explicit_control(model: str = MODEL_NAME) -> list[str]:
@@ -36,7 +36,9 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
     else:
         version = check_repository(repository, model)
     # A port taken (or given twice) is the user's to change: said in one line, before Triton starts. One
-    # taken between this check and Triton's bind is caught from Triton's log below.
+    # taken between this check and Triton's bind is caught from Triton's log below; the server counts as
+    # started (and `serving` is said) only once its own process holds all three ports and answers ready,
+    # not when another program answers on the HTTP port.
     require_free_ports(address, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     try:
         # Without a version, the failed load of the model at start must not stop the server.
@@ -55,6 +57,10 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
     except TritonServerError as e:
         message = str(e)
         if port_taken(message):
+            ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+            option = taken_port(message, ports)
+            if option is not None:
+                raise UserError(f"{option} {ports[option]}: the port is already in use on {address}") from None
             raise UserError(f"a port of --http-port {http_port} / --grpc-port {grpc_port} / --metrics-port "
                             f"{metrics_port} is taken") from None
         print(f"pgkd: {message}", file=sys.stderr)

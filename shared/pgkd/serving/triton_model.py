@@ -15,8 +15,9 @@ Tensors (every one with the batch dimension first; a request carries one text or
                                extension reads it: ask for `class_count` to get the top k as text)
 
 A bad request (a text that is not UTF-8, empty, or longer than `max_text_chars` characters) is
-answered with an error for that request alone: the other requests of the batch are answered, and
-the model keeps serving.
+answered with an error for that request alone, as the client's fault (INVALID_ARG: HTTP 400, gRPC
+INVALID_ARGUMENT): the other requests of the batch are answered, and the model keeps serving. A failure
+of the model itself is the server's (INTERNAL: HTTP 500).
 """
 from __future__ import annotations
 
@@ -58,6 +59,14 @@ def check_version_folder(folder: Path) -> dict:
         if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
             raise RuntimeError(f"{folder}: {name} does not match the sha256 in {MANIFEST}")
     return manifest
+
+
+def _error(message: str, invalid_request: bool = False):
+    """A TritonError: INVALID_ARG for a request that is the client's fault (Triton answers HTTP 400, gRPC
+    INVALID_ARGUMENT), INTERNAL otherwise (500, INTERNAL). A Python backend of an older Triton takes
+    no code: its errors are all INTERNAL there."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_request else None
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
 class TritonPythonModel:
@@ -103,13 +112,18 @@ class TritonPythonModel:
 
     def _texts(self, request) -> list[str]:
         """The request's texts, or ValueError saying which one is wrong and why."""
-        values = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)
+        tensor = pb_utils.get_input_tensor_by_name(request, "text")
+        if tensor is None:
+            raise ValueError("no input named text in the request")
+        values = tensor.as_numpy().reshape(-1)
         if values.size == 0:
             raise ValueError("no texts in the request")
         texts = []
         for number, value in enumerate(values, start=1):
+            if not isinstance(value, (bytes, str)):
+                raise ValueError(f"text {number}: not a string ({type(value).__name__})")
             try:
-                text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+                text = value.decode("utf-8") if isinstance(value, bytes) else value
             except UnicodeDecodeError as e:
                 raise ValueError(f"text {number}: not UTF-8 (byte {e.start + 1})") from None
             if not text.strip():
@@ -153,12 +167,11 @@ class TritonPythonModel:
         try:
             probs = self._probabilities(texts) if texts else np.zeros((0, len(self.labels)), dtype=np.float32)
         except Exception as e:  # noqa: BLE001 -- answered as an error: the model must keep serving
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(e).__name__}: {e}"))
-                    for _ in requests]
+            return [pb_utils.InferenceResponse(error=_error(f"{type(e).__name__}: {e}")) for _ in requests]
         responses = []
         for r, (start, end) in enumerate(spans):
             if r in errors:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[r])))
+                responses.append(pb_utils.InferenceResponse(error=_error(errors[r], invalid_request=True)))
                 continue
             p = probs[start:end]
             best = p.argmax(axis=1)

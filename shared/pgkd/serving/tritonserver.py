@@ -142,6 +142,9 @@ class RunningTriton:
     log_path: Path
     model_repository: Path
     address: str = "127.0.0.1"   # what it binds to
+    # The ports it must listen on itself before it counts as ready (default: all three). Another program
+    # that answers on the HTTP port (a server left running) must not pass for it.
+    listens_on: tuple[int, ...] | None = None
 
     @property
     def http_url(self) -> str:
@@ -179,15 +182,27 @@ class RunningTriton:
         except (urllib.error.URLError, OSError):
             return False
 
+    def holds_ports(self) -> bool:
+        """Whether this server's process itself listens on each of its ports (`listens_on`; default the
+        HTTP, gRPC and metrics ports). Triton answers on HTTP before it binds the metrics port, and a
+        port it could not bind makes it exit: ready is only ready once it holds them all. True where the
+        system does not tell (no /proc)."""
+        held = listening_ports(self.process.pid)
+        wanted = self.listens_on if self.listens_on is not None else (self.http_port, self.grpc_port,
+                                                                     self.metrics_port)
+        return held is None or set(wanted) <= held
+
     def wait_ready(self, models: Sequence[str] = (), timeout_s: float = 120.0) -> None:
-        """Until the server and each of `models` are ready; TritonServerError on exit or timeout."""
+        """Until the server and each of `models` are ready, answered by this server's own process, which
+        holds all its ports; TritonServerError on exit or timeout."""
         deadline = time.monotonic() + timeout_s
         while True:
             code = self.process.poll()
             if code is not None:
                 raise TritonServerError(f"tritonserver exited with code {code} before it was ready; "
                                         f"log {self.log_path}:\n{self.log_tail()}")
-            if self.is_ready() and all(self.is_ready(m) for m in models):
+            if self.is_ready() and all(self.is_ready(m) for m in models) and self.holds_ports() \
+                    and self.process.poll() is None:
                 return
             if time.monotonic() > deadline:
                 raise TritonServerError(f"tritonserver not ready after {timeout_s:.0f}s (models: {list(models)}); "
@@ -199,6 +214,43 @@ class RunningTriton:
         what is left after `timeout_s` seconds. Returns the exit code."""
         processes.stop(self.process, timeout_s)
         return self.process.returncode
+
+
+def listening_ports(pid: int) -> set[int] | None:
+    """The TCP ports the process `pid` listens on: its sockets (the inodes of /proc/PID/fd) among the
+    LISTEN rows of /proc/PID/net/tcp and tcp6. An empty set for a process that is gone; None where there
+    is no /proc (not Linux) to tell."""
+    if not Path("/proc/self/fd").is_dir():
+        return None
+    inodes = set()
+    try:
+        for entry in os.scandir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(entry.path)
+            except OSError:   # closed meanwhile
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    except OSError:
+        return set()
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()   # sl local_address rem_address st ... inode (the 10th)
+            if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _enabled_ports(http_port: int, grpc_port: int, metrics_port: int, args: Sequence[str]) -> tuple[int, ...]:
+    """The ports tritonserver binds with these arguments (an endpoint turned off binds none)."""
+    off = {a.split("=", 1)[0] for a in args if a.endswith(("=false", "=0"))}
+    return tuple(port for port, flag in ((http_port, "--allow-http"), (grpc_port, "--allow-grpc"),
+                                         (metrics_port, "--allow-metrics")) if flag not in off)
 
 
 def default_models(model_repository: Path) -> list[str]:
@@ -261,7 +313,8 @@ def run_tritonserver(
             ]
             with open(log_path, "wb") as log:
                 process = processes.spawn(command, log=log, env=environment, cwd=folder)
-            server = RunningTriton(process, http_port, grpc_port, metrics_port, log_path, model_repository, address)
+            server = RunningTriton(process, http_port, grpc_port, metrics_port, log_path, model_repository, address,
+                                   listens_on=_enabled_ports(http_port, grpc_port, metrics_port, command))
             try:
                 server.wait_ready(models, timeout_s)
                 break
@@ -283,6 +336,17 @@ def port_taken(log: str) -> bool:
     """Whether tritonserver's log (or an error holding its tail) says a port was taken: Triton 2.51 says
     `Socket '127.0.0.1:8000' already in use` (HTTP, metrics), gRPC `Address already in use`."""
     return "already in use" in log.lower()
+
+
+def taken_port(log: str, ports: Mapping[str, int]) -> str | None:
+    """Which of `ports` (name -> port) tritonserver's log says was taken (`Socket 'HOST:PORT' already in
+    use`, or a gRPC bind error naming `:PORT`), or None when it does not say."""
+    for line in log.splitlines():
+        if "already in use" in line.lower() or "failed to add port" in line.lower():
+            for name, port in ports.items():
+                if re.search(rf":{port}\b", line):
+                    return name
+    return None
 
 
 def _require_distribution() -> TritonDistribution:
