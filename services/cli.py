@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pgkd.distributed.artifacts import ArtifactStore, StoreUnwritable
+from pgkd.distributed.artifacts import ArtifactStore, DamagedRecord
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import log_cycle
 from pgkd.loop.report import summary_table
@@ -33,7 +33,7 @@ def serve(name: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     service = build(name)
     service.prepare()
-    service.run()
+    service.run()   # CannotServe (a port taken, a codec missing) is an EnvironmentFailure: one line, exit 1
     return 0
 
 
@@ -56,7 +56,7 @@ async def _publish_request(settings: Settings, store: ArtifactStore, request: Ru
 
 
 def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: float | None, poll: float,
-               promote: bool = False) -> int:
+               promote: bool = False, start_timeout: float | None = None) -> int:
     from pgkd.distributed.steps import prepare_request
     if run_id is not None:
         check_name(run_id, "--run-id")   # before the data is read: it becomes the run's folder
@@ -67,24 +67,57 @@ def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: f
     print(f"submitted run {request.run_id} (artifacts {store.uri(RunFiles(request.run_id).base)})")
     if not wait:
         return 0
-    completed = wait_for(store, request.run_id, timeout, poll)
+    completed = wait_for(store, request.run_id, timeout, poll,
+                         START_TIMEOUT if start_timeout is None else start_timeout)
     return _print_completion(store, completed)
 
 
-def wait_for(store: ArtifactStore, run_id: str, timeout: float | None, poll: float = 1.0) -> RunCompleted:
-    """Follow the run's cycles as the evaluator records them, until its RunCompleted is stored."""
+START_TIMEOUT = 60.0   # seconds `pgkd submit --wait` gives the services to take a run (--start-timeout)
+
+
+def wait_for(store: ArtifactStore, run_id: str, timeout: float | None, poll: float = 1.0,
+             start_timeout: float | None = START_TIMEOUT) -> RunCompleted:
+    """Follow the run's cycles as the evaluator records them, until its RunCompleted is stored. A run no
+    trainer has taken within `start_timeout` seconds (no service running: the wait would never end) is a
+    TimeoutError, one line and exit 1; a run that was taken is waited for as long as it takes (or
+    `timeout` seconds). Either way the run stays submitted."""
     files = RunFiles(run_id)
-    deadline = time.monotonic() + timeout if timeout else None
-    shown = 0
+    started = time.monotonic()
+    deadline = started + timeout if timeout else None
+    shown, taken = 0, False
     while True:
         shown = _show_cycles(store, run_id, shown)
         if store.exists(files.completed):
             _show_cycles(store, run_id, shown)
             return store.get_model(files.completed, RunCompleted)
+        taken = taken or _taken(store, files)
+        waited = time.monotonic() - started
+        if not taken and start_timeout and waited > start_timeout:
+            raise TimeoutError(f"run {run_id}: no trainer has taken it in {start_timeout:g} s: are the services "
+                               f"running? It stays submitted, for a trainer to take (`pgkd status {run_id}`)")
         if deadline and time.monotonic() > deadline:
-            raise TimeoutError(f"run {run_id}: not completed after {timeout:.0f} s; follow it with "
-                               f"`pgkd status {run_id}`")
+            raise TimeoutError(f"run {run_id}: not completed after {timeout:.0f} s"
+                               f"{'' if taken else ' (no trainer has taken it yet: are the services running?)'}; "
+                               f"follow it with `pgkd status {run_id}`")
         time.sleep(poll)
+
+
+def _taken(store: ArtifactStore, files: RunFiles) -> bool:
+    """A service has taken the run: something besides its request is recorded in its folder (the
+    trainer marks a message taken as it receives it, under handled/)."""
+    return any(key not in (files.request, files.not_submitted) for key in store.list(files.base))
+
+
+def _run_config(store: ArtifactStore, files: RunFiles) -> DistillConfig:
+    """The run's options, from its request; a request whose config is not one is damaged (named), not
+    a KeyError or missing command-line options."""
+    from pydantic import ValidationError
+    try:
+        return DistillConfig.model_validate(store.get_model(files.request, RunRequested).config)
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(["config", *map(str, error["loc"])])
+        raise DamagedRecord(store.uri(files.request), f"not a RunRequested: {where}: {error['msg']}") from None
 
 
 def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None) -> int:
@@ -94,7 +127,7 @@ def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None) -> i
     keys = store.list(files.cycles)
     if len(keys) <= shown:
         return shown
-    config = DistillConfig.model_validate(store.get_model(files.request, RunRequested).config)
+    config = _run_config(store, files)
     records = [store.get_model(k, CycleState).record for k in keys]
     for i in range(shown, len(records)):
         log_cycle(config, records[i], [r.validation[config.metric] for r in records[:i + 1]], write=write)
@@ -108,8 +141,8 @@ def _print_completion(store: ArtifactStore, completed: RunCompleted) -> int:
     report = store.get_model(completed.report, RunReport)
     print(summary_table(report))
     print(f"stopped: {completed.reason}")
-    print(f"report: {completed.report.uri}")
-    print(f"best student (cycle {completed.best_cycle}): {completed.best_checkpoint.uri}")
+    print(f"report: {store.location(completed.report)}")
+    print(f"best student (cycle {completed.best_cycle}): {store.location(completed.best_checkpoint)}")
     return 0
 
 
@@ -119,13 +152,14 @@ def status(run_id: str) -> int:
     if not store.exists(files.request):
         raise UserError(f"run {run_id}: not found in {store.url}")
     if store.exists(files.not_submitted):
-        reason = store.get_json(files.not_submitted)["reason"]
+        record = store.get_json(files.not_submitted)
+        reason = record.get("reason") if isinstance(record, dict) else None
+        if not isinstance(reason, str):
+            raise DamagedRecord(store.uri(files.not_submitted), 'not a record of a failed publish: no "reason"')
         print(f"run {run_id}: not submitted (publishing it failed: {reason})", file=sys.stderr)
         return 1
-    request = store.get_model(files.request, RunRequested)
-    config = request.config
-    print(f"run {run_id}: {config['data']}, student {config['student']}, teacher {config['teacher']}, "
-          f"seed {config['seed']}")
+    config = _run_config(store, files)
+    print(f"run {run_id}: {config.data}, student {config.student}, teacher {config.teacher}, seed {config.seed}")
     if not _show_cycles(store, run_id, 0, write=print):
         print("no cycle evaluated yet")
     if store.exists(files.completed):
@@ -173,16 +207,36 @@ def _kafka_reason(e: Exception) -> str:
 
 # -- the stream of labeled samples ---------------------------------------------------------------------------
 
+# The largest row `pgkd send` sends: kafka-python's producer refuses a record over its max_request_size
+# (1 MiB), a Kafka broker one over its message.max.bytes (about 1 MB), both by default.
+MAX_MESSAGE_BYTES = 1_000_000
+
+
+def _json_body(row: dict) -> bytes:
+    text = json.dumps(row, ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:    # a lone surrogate (a "\udce9" escape in the file): kept escaped, as it came
+        return json.dumps(row).encode()
+
+
 def read_sample_messages(path: Path, text_column: str, label_column: str, source: str | None) -> list[bytes]:
     """One message per row of a JSON Lines or CSV file. A JSON line goes as it is (its columns renamed
     to text and label if need be), even when it is not a sample: the ingest service is the one that
-    validates, and rejects with a reason, so what it rejects is seen where everything else is."""
+    validates, and rejects with a reason, so what it rejects is seen where everything else is. A row
+    too large for a Kafka message is refused here, naming its line, before anything is sent."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     rename = lambda row: {("text" if k == text_column else "label" if k == label_column else k): v  # noqa: E731
                           for k, v in row.items()}
     with_source = lambda row: {**row, "source": source} if source and "source" not in row else row  # noqa: E731
     bodies: list[bytes] = []
+
+    def add(body: bytes, line: int) -> None:
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise UserError(f"{path}:{line}: a row of {len(body):,} bytes, more than a Kafka message takes "
+                            f"({MAX_MESSAGE_BYTES:,}); nothing was sent")
+        bodies.append(body)
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:   # -sig: a byte-order mark (Excel) is not text
             if path.suffix.lower() == ".csv":
@@ -194,9 +248,9 @@ def read_sample_messages(path: Path, text_column: str, label_column: str, source
                 for row in reader:
                     row = {k: v for k, v in row.items() if k is not None and v not in (None, "")
                            or k in (text_column, label_column)}
-                    bodies.append(json.dumps(with_source(rename(row)), ensure_ascii=False).encode())
+                    add(_json_body(with_source(rename(row))), reader.line_num)
             else:
-                for line in f:
+                for number, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
                     try:
@@ -204,9 +258,9 @@ def read_sample_messages(path: Path, text_column: str, label_column: str, source
                     except ValueError:
                         row = None
                     if isinstance(row, dict) and (source or (text_column, label_column) != ("text", "label")):
-                        bodies.append(json.dumps(with_source(rename(row)), ensure_ascii=False).encode())
+                        add(_json_body(with_source(rename(row))), number)
                     else:
-                        bodies.append(line.rstrip("\r\n").encode())
+                        add(line.rstrip("\r\n").encode(), number)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
@@ -231,11 +285,11 @@ def send_samples(path: str, text_column: str = "text", label_column: str = "labe
 def _send_kafka(bootstrap: list[str], topic: str, bodies: list[bytes], bar, producer=None) -> None:
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
+    futures, failure = [], None
     try:
         producer = producer or KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
                                              client_id="pgkd-send", bootstrap_timeout_ms=int(connect_timeout() * 1000),
                                              **kafka_security.current().kafka_python())
-        futures = []
         for body in bodies:
             futures.append(producer.send(topic, value=body))
             bar.update(1)
@@ -243,10 +297,14 @@ def _send_kafka(bootstrap: list[str], topic: str, bodies: list[bytes], bar, prod
         for future in futures:
             future.get(timeout=60)   # raises what the broker answered, for the first sample it refused
     except KafkaError as e:
-        raise UserError(f"kafka {','.join(bootstrap)}: cannot send to {topic} ({_kafka_reason(e)})") from None
+        failure = e
     finally:
         if producer is not None:
-            producer.close()
+            producer.close()         # sends what was queued
+    if failure is not None:          # and say how many went out before it
+        sent = sum(1 for f in futures if getattr(f, "is_done", False) and f.succeeded())
+        raise UserError(f"kafka {','.join(bootstrap)}: cannot send to {topic} ({_kafka_reason(failure)}); "
+                        f"{sent} of {len(bodies)} sample(s) sent")
 
 
 def stream_status(name: str) -> int:
@@ -270,7 +328,8 @@ def stream_status(name: str) -> int:
     current = state.current
     reference = "not yet" if not current or current.drift_reference is None else f"{current.drift_reference:.4f}"
     print(f"current student: run {current.run_id}, validation accuracy {current.validation_accuracy:.4f}, "
-          f"score {current.validation_score:.4f}, drift reference {reference}: {current.checkpoint.uri}" if current
+          f"score {current.validation_score:.4f}, drift reference {reference}: "
+          f"{store.location(current.checkpoint)}" if current
           else "current student: none yet (the base run has not completed)")
     for run in state.runs:
         outcome = (("replaced the current student" if run.decision.replaced else "kept the current student")
@@ -304,18 +363,6 @@ def stream_repair(name: str) -> int:
 
 # -- the command line ---------------------------------------------------------------------------------------
 
-def writing_to_the_store(command):
-    """A command that writes to the artifact store: a store that cannot be written is the
-    environment's failure, one line and exit 1 (a UserError is the user's: exit 2)."""
-    def run(args) -> int:
-        try:
-            return command(args)
-        except StoreUnwritable as e:
-            print(f"pgkd: {e}", file=sys.stderr)
-            return 1
-    return run
-
-
 def register(sub, distill_arguments) -> None:
     """Add the bus commands to `pgkd`'s subcommands; `distill_arguments` adds a run's options."""
     from pgkd.cli import Parser
@@ -324,16 +371,19 @@ def register(sub, distill_arguments) -> None:
     submit.add_argument("--run-id", default=None, help="default: DATASET-DATE-TIME-RANDOM")
     submit.add_argument("--wait", action="store_true", help="follow the run until RunCompleted; print its report")
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    submit.add_argument("--start-timeout", type=float, default=START_TIMEOUT,
+                        help="with --wait: give up when no trainer has taken the run within this many seconds "
+                             f"(no service running; default {START_TIMEOUT:g}; 0: wait without this limit)")
     submit.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     submit.add_argument("--promote", action="store_true",
                         help="once completed, serve its best student: StudentPromoted for the deployers")
-    submit.set_defaults(func=writing_to_the_store(_submit))
+    submit.set_defaults(func=_submit)
     status_parser = sub.add_parser("status", help="a submitted run's cycles so far, and its outcome")
     status_parser.add_argument("run_id")
     status_parser.set_defaults(func=lambda args: status(args.run_id))
     service = sub.add_parser("service", help="run one service: " + " | ".join(ALL))
     service.add_argument("name", choices=list(ALL))
-    service.set_defaults(func=writing_to_the_store(lambda args: serve(args.name)))
+    service.set_defaults(func=lambda args: serve(args.name))
     send_parser = sub.add_parser("send", help="stream a JSON Lines or CSV file of labeled samples to the ingest "
                                               "service")
     send_parser.add_argument("file", help="rows with text and label (and optional source, id)")
@@ -352,7 +402,7 @@ def register(sub, distill_arguments) -> None:
     stream_status_parser.set_defaults(func=lambda args: stream_status(args.name))
     repair = stream_sub.add_parser("repair", help="keep the complete samples of damaged segments (ingest stopped)")
     repair.add_argument("name", nargs="?", default="default", help="the stream (default: default)")
-    repair.set_defaults(func=writing_to_the_store(lambda args: stream_repair(args.name)))
+    repair.set_defaults(func=lambda args: stream_repair(args.name))
     topics = sub.add_parser("topics", help="create the message topics")
     topics_sub = topics.add_subparsers(dest="topics", required=True, parser_class=Parser)
     create = topics_sub.add_parser("create", help="idempotent: existing topics are left as they are")
@@ -362,6 +412,9 @@ def register(sub, distill_arguments) -> None:
 
 
 def _submit(args) -> int:
-    skip = ("command", "func", "progress", "run_id", "wait", "timeout", "poll", "promote")
+    if not args.start_timeout >= 0:   # nan too
+        raise UserError(f"--start-timeout {args.start_timeout:g}: expected seconds, 0 or more (0: no limit)")
+    skip = ("command", "func", "progress", "run_id", "wait", "timeout", "poll", "promote", "start_timeout")
     config = DistillConfig(**{k: v for k, v in vars(args).items() if k not in skip})
-    return submit_run(config, args.run_id, args.wait, args.timeout, args.poll, promote=args.promote)
+    return submit_run(config, args.run_id, args.wait, args.timeout, args.poll, promote=args.promote,
+                      start_timeout=args.start_timeout)

@@ -66,9 +66,7 @@ def test_a_text_of_megabytes_predicts_quickly_as_its_first_characters(saved_stud
     student = pgkd.load_student(saved_student)
     student.tokenizer = spy = TokenizerSpy(student.tokenizer)
     text = "please refund my money back now " * 250_000          # 8 MB
-    started = time.perf_counter()
     label = student.predict([text])
-    assert time.perf_counter() - started < 10
     assert spy.longest <= MAX_TEXT_CHARS
     assert label == student.predict([text[:MAX_TEXT_CHARS]])
 
@@ -76,10 +74,10 @@ def test_a_text_of_megabytes_predicts_quickly_as_its_first_characters(saved_stud
 def test_an_unknown_student_name_fails_at_once_without_the_hub(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     data = make_toy_dataset(tmp_path / "toy")
-    started = time.monotonic()
+    # Before: 22 lines of hub retries over about a minute, then the error. What shows the hub was not
+    # tried is the output (no retry line), not a time, which a busy machine can stretch.
     done = pgkd_command("distill", "--data", str(data), "--student", "no-such-model", "--labeled", "40",
-                        "--out", str(tmp_path / "run"), "--no-progress", env=env, timeout=60)
-    assert time.monotonic() - started < 30          # a minute of hub retries before
+                        "--out", str(tmp_path / "run"), "--no-progress", env=env, timeout=120)
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower() or "retry" in line.lower()]
     assert errors == [errors[-1]] and "no-such-model" in errors[-1] and "'minilm'" in errors[-1], done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from pgkd.data import Sample, dataset_from_samples, load_dataset
@@ -76,7 +77,11 @@ class ObjectTeacher:
         if isinstance(answer, GeneratedBatch):
             return answer
         samples, dropped = [], Counter()
-        for item in answer or []:
+        if answer is None:
+            answer = []
+        elif isinstance(answer, (str, bytes, dict, Sample)) or not isinstance(answer, Iterable):
+            answer = [answer]   # one item, not a list of them: a sample taken as one, anything else malformed
+        for item in answer:
             if isinstance(item, Sample):
                 samples.append(item)
             elif isinstance(item, dict) and isinstance(item.get("text"), str) and isinstance(item.get("label"), str) \

@@ -9,7 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
-from pgkd.errors import UserError
+from pgkd.errors import EnvironmentFailure, UserError
 from pgkd.names import check_name
 from pgkd.net import DEFAULT_HOST, host_option, port_option
 from pgkd.processes import Stopped, stop_signals
@@ -165,9 +165,18 @@ def cmd_predict(args) -> int:
     probs = student.predict_proba(texts)
     for text, row in zip(texts, probs):
         best = int(row.argmax())
-        print(json.dumps({"text": text, "label": student.labels[best], "probability": round(float(row[best]), 4)},
-                         ensure_ascii=False))
+        print(json.dumps({"text": preview(text), "label": student.labels[best],
+                          "probability": round(float(row[best]), 4)}, ensure_ascii=False))
     return 0
+
+
+PREVIEW_CHARS = 60
+
+
+def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
+    """A text as a printed answer shows it: itself up to `limit` characters, else its start and "…" (a
+    line per text, in the order given, is what matches answers to texts; a long text is not echoed)."""
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def cmd_export(args) -> int:
@@ -233,16 +242,12 @@ def cmd_serve(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from pgkd.serving.client import Endpoint, ServingError, classify
+    from pgkd.serving.client import Endpoint, classify
     Endpoint.parse(args.url)   # a bad URL is said before stdin is read
     texts = [_utf8_text(t, f"argument {i}") for i, t in enumerate(args.texts, start=1)] or _read_stdin_texts()
     if not texts:
         raise UserError("no texts: give them as arguments or as JSON Lines on stdin")
-    try:
-        answers = classify(args.url, texts, model=args.model_name, batch_size=args.batch_size, timeout=args.timeout)
-    except ServingError as e:
-        print(f"pgkd: {one_line(e)}", file=sys.stderr)
-        return 1
+    answers = classify(args.url, texts, model=args.model_name, batch_size=args.batch_size, timeout=args.timeout)
     for answer in answers:
         print(json.dumps(answer, ensure_ascii=False))
     return 0
@@ -316,7 +321,14 @@ def cmd_bench_speed(args) -> int:
 def cmd_bench_serve(args) -> int:
     from pathlib import Path
 
-    from pgkd.bench.serve import markdown, run_serve_bench
+    from pgkd.bench.serve import batching_markdown, markdown, run_batching_bench, run_serve_bench
+    if args.batching_delays is not None:
+        result = run_batching_bench(Path(args.model), Path(args.data), Path(args.out), args.batching_delays,
+                                    repeats=args.repeats, calls=args.calls, clients=args.clients,
+                                    client_calls=args.client_calls, test_texts=args.test_texts)
+        print(batching_markdown(result), end="")
+        print(f"wrote {args.out}/batching.json, batching.md")
+        return 0
     result = run_serve_bench(Path(args.model), Path(args.data), Path(args.out), price_per_cpu_hour=args.price_per_cpu_hour,
                              calls=args.calls, clients=args.clients, client_calls=args.client_calls,
                              test_texts=args.test_texts)
@@ -505,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--clients", type=int, default=16, help="concurrent clients")
     serve_bench.add_argument("--client-calls", type=int, default=20, help="one-text calls per concurrent client")
     serve_bench.add_argument("--test-texts", type=int, default=None, help="the first N test texts (default: all)")
+    serve_bench.add_argument("--batching-delays", type=_csv(int), default=None,
+                             help="instead: the served model's dynamic-batching delay, e.g. 2000,500,0 (microseconds), "
+                                  "side by side at 1 client and at --clients (batching.json, batching.md)")
+    serve_bench.add_argument("--repeats", type=int, default=3, help="with --batching-delays: rounds over the delays")
     serve_bench.add_argument("--out", default="runs/bench/serve")
     serve_bench.set_defaults(func=cmd_bench_serve)
     stream = bench_sub.add_parser("stream", help="a stream of new labeled data with bad messages in it: the "
@@ -535,26 +551,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validation_problem(err: dict) -> str:
+# The engine names a caller's parameter as Python does (pgkd.errors.Option); a command's option of
+# another name is here, parameter -> the option's dest.
+PARAMETER_DESTS = {"fmt": "format", "name": "model_name"}
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def flags_of(parser: argparse.ArgumentParser, func):
+    """name -> how the command that runs `func` spells the parameter: its long option (`--labeled`), ""
+    for a positional argument, None where the command has no such option (the Python name is shown)."""
+    command = next((p for p in _parsers(parser) if p.get_default("func") is func), parser)
+    flags: dict[str, str] = {}
+    for action in command._actions:
+        if action.dest != "help" and action.dest not in flags:
+            long = [s for s in action.option_strings if s.startswith("--")] or action.option_strings
+            flags[action.dest] = long[0] if long else ""
+    return lambda name: flags.get(PARAMETER_DESTS.get(name, name), flags.get(name))
+
+
+def _validation_problem(err: dict, flag_of=lambda name: None) -> str:
     """One option's problem as `--option: what is wrong` (said once, without pydantic's prefix)."""
-    option = f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}"
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ValueError) and cause.args and isinstance(cause.args[0], UserError):
+        return cause.args[0].for_command(flag_of)        # it names the option itself
+    field = str(err["loc"][0]) if len(err["loc"]) == 1 else None
+    option = (field and flag_of(field)) or f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}"
     message = err["msg"].removeprefix("Value error, ")
     return message if message.startswith(option) else f"{option}: {message}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         with stop_signals():   # SIGTERM and SIGHUP unwind every command as Ctrl-C does: its `finally`s run
             return args.func(args)
-    except UserError as e:
-        print(f"pgkd: error: {one_line(e)}", file=sys.stderr)
+    except UserError as e:     # a parameter it names is named as this command's option (pgkd.errors.Option)
+        print(f"pgkd: error: {one_line(e.for_command(flags_of(parser, args.func)))}", file=sys.stderr)
         return 2
     except ValidationError as e:
-        problems = "; ".join(_validation_problem(err) for err in e.errors())
+        flag_of = flags_of(parser, args.func)
+        problems = "; ".join(_validation_problem(err, flag_of) for err in e.errors())
         print(f"pgkd: error: {one_line(problems)}", file=sys.stderr)
         return 2
-    except TimeoutError as e:
+    except (EnvironmentFailure, TimeoutError) as e:
         print(f"pgkd: {one_line(e)}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Stopped) as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pgkd.teachers.allocation import allocate
-from pgkd.errors import UserError
+from pgkd.errors import Option, UserError
 
 SPLIT_NAMES = ("train", "validation", "test")
 FORMATS = (".jsonl", ".json", ".csv")
@@ -36,8 +36,17 @@ def normalize_text(text: str) -> str:
 def _check_row(text, label, where: str) -> Sample:
     if label is None or (isinstance(label, str) and not label.strip()):
         raise UserError(f"{where}: missing label")
-    if text is None or not isinstance(text, str) or not text.strip():
+    if text is not None and not isinstance(text, str):
+        shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:40] + "..."
+        raise UserError(f"{where}: the text is not a string ({type(text).__name__} {shown})")
+    if text is None or not text.strip():
         raise UserError(f"{where}: empty text")
+    for name, value in (("text", text), ("label", label)):
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError as e:      # a lone surrogate: from Python, or a JSON escape such as "\udce9"
+            raise UserError(f"{where}: the {name} is not UTF-8 text (a lone surrogate at character "
+                            f"{e.start + 1})") from None
     return Sample(text=" ".join(text.split()), label=str(label).strip())
 
 
@@ -230,10 +239,10 @@ def make_splits(dataset: Dataset, labeled: int, seed: int, validation_fraction: 
         raise UserError(f"{dataset.path}: every train sample is labeled {labels[0]!r}: a classifier needs samples "
                         "of at least two classes")
     if labeled < len(labels):
-        raise UserError(f"--labeled {labeled} is smaller than the number of classes ({len(labels)}) "
+        raise UserError(Option("labeled", labeled), f" is smaller than the number of classes ({len(labels)}) "
                         f"in {dataset.path}")
     if labeled > len(dataset.train):
-        raise UserError(f"--labeled {labeled} is larger than the train split ({len(dataset.train)} rows) "
+        raise UserError(Option("labeled", labeled), f" is larger than the train split ({len(dataset.train)} rows) "
                         f"of {dataset.path}")
     rng = random.Random(seed)
     groups = _by_label(dataset.train)

@@ -20,35 +20,36 @@ HOST_ENV = "PGKD_HTTP_HOST"
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 
-def parse_port(value: object, where: str) -> int:
-    """A TCP port, 1-65535, from an int or its decimal text; UserError naming `where` otherwise.
+def parse_port(value: object, where) -> int:
+    """A TCP port, 1-65535, from an int or its decimal text; UserError naming `where` (a str, or the parts
+    of a UserError's message: an Option names the caller's parameter) otherwise.
 
     The text is ASCII digits and nothing else: no sign, no space, no `0x`, no other script's digits
     (which `int()` and `str.isdigit()` would take)."""
     text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
     if text is None or not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
-        raise UserError(f"{where} {value!r}: not a port (a whole number from 1 to 65535)")
+        raise UserError(where, f" {value!r}: not a port (a whole number from 1 to 65535)")
     return int(text)
 
 
-def parse_address(text: str, where: str, default_port: int | None = None) -> tuple[str, int]:
+def parse_address(text: str, where, default_port: int | None = None) -> tuple[str, int]:
     """`HOST:PORT` as (host, port), an IPv6 host in brackets (`[::1]:8000`, host `::1`), the port
     checked by parse_port. A bare HOST takes `default_port`; without one it is refused. The host is
     only required to be there: a name is the resolver's to judge. UserError naming `where` otherwise."""
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or rest[:1] not in ("", ":"):
-            raise UserError(f"{where}: {text!r} is not HOST:PORT (an IPv6 host in brackets: [::1]:8000)")
+            raise UserError(where, f": {text!r} is not HOST:PORT (an IPv6 host in brackets: [::1]:8000)")
         colon, port = rest[:1], rest[1:]
     else:
         host, colon, port = text.partition(":")
     if not host:
-        raise UserError(f"{where}: {text!r} has no host (expected HOST:PORT)")
+        raise UserError(where, f": {text!r} has no host (expected HOST:PORT)")
     if not colon:
         if default_port is None:
-            raise UserError(f"{where}: {text!r} has no port (expected HOST:PORT)")
+            raise UserError(where, f": {text!r} has no port (expected HOST:PORT)")
         return host, default_port
-    return host, parse_port(port, f"{where}: port")
+    return host, parse_port(port, (where, ": port"))
 
 
 def parse_host(value: object, where: str) -> str:

@@ -105,7 +105,7 @@ def test_a_submitted_run_completes_over_the_real_broker_past_poison_messages(ser
 
     data = make_toy_dataset(tmp_path / "toy")
     submitted = processes.pgkd("submit", "--data", str(data), "--run-id", "tansu-run", "--wait", "--timeout",
-                               "240", "--promote", *cli_options(CONFIG), timeout=300)
+                               "240", "--start-timeout", "240", "--promote", *cli_options(CONFIG), timeout=300)
     assert submitted.returncode == 0, f"{submitted.stderr}\n{processes.log_tails()}"
     assert "stopped: max_cycles" in submitted.stdout
     assert [line.split(":")[0] for line in submitted.stderr.splitlines() if line.startswith("cycle")] == \

@@ -87,8 +87,8 @@ class DistillConfig(BaseModel):
         if is_llm_teacher(v):
             try:
                 TeacherURL.parse(v)
-            except UserError as e:   # pydantic reports a ValueError as this field's problem
-                raise ValueError(str(e)) from None
+            except UserError as e:   # pydantic reports a ValueError as this field's problem; pgkd.cli
+                raise ValueError(e) from None   # finds the UserError in it, to name the flag
         elif v not in TEACHERS:
             raise ValueError(f"unknown teacher {v!r}; one of {', '.join(TEACHERS)}, or triton://HOST:PORT/MODEL, "
                              "triton+grpc://HOST:PORT/MODEL, openai://HOST:PORT/v1?model=NAME")

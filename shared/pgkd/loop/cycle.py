@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from pgkd import __version__
 from pgkd.data import Dataset, Sample, Splits, count_duplicates, label_counts, normalize_text
-from pgkd.errors import UserError
+from pgkd.errors import Option, UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.evaluation import EvalReport, evaluate
 from pgkd.loop.guidance import Guidance, out_of_fold_guidance, validation_guidance
@@ -266,7 +266,7 @@ def make_teacher(config: DistillConfig, splits: Splits, embed=None, cache_store=
     from pgkd.teachers.simulated import make_simulated_teacher
     from pgkd.teachers.transports import is_llm_teacher
     if config.teacher.startswith("python:"):
-        raise UserError(f"--teacher {config.teacher}: a teacher object is given to pgkd.distill, not named")
+        raise UserError(Option("teacher", config.teacher), ": a teacher object is given to pgkd.distill, not named")
     if is_llm_teacher(config.teacher):
         if cache_store is None and config.teacher_cache != "none":
             from pgkd.distributed.artifacts import ArtifactStore

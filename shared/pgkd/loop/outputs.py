@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from pgkd import __version__
-from pgkd.errors import UserError
+from pgkd.errors import Option, UserError
 from pgkd.names import UnsafeName, inside
 from pgkd.ownership import WRITTEN_BY, read_owner
 
@@ -66,6 +66,7 @@ class RunOutput:
         self.out = Path(out)
         self.staging = self.out / STAGING
         self._created_out = False
+        self.option = Option("out", self.out)     # named in every refusal: `out=` in Python, `--out` on a command
 
     # -- before any work --------------------------------------------------------------------------------
     def open(self) -> Path:
@@ -82,7 +83,7 @@ class RunOutput:
             write_json_atomic(self.staging / MANIFEST, {"written_by": WRITTEN_BY, "state": "staging", "files": {}})
         except OSError as e:
             self.abort()
-            raise UserError(f"--out {self.out}: cannot write there ({e.strerror or e})") from None
+            raise UserError(self.option, f": cannot write there ({e.strerror or e})") from None
         return self.staging
 
     def _check_path(self) -> None:
@@ -90,7 +91,7 @@ class RunOutput:
             if folder.exists():
                 if not folder.is_dir():
                     what = "exists and is not a folder" if folder == self.out else f"{folder} is a file, not a folder"
-                    raise UserError(f"--out {self.out}: {what}")
+                    raise UserError(self.option, f": {what}")
                 break
 
     def _check_owned(self) -> dict[str, dict]:
@@ -100,30 +101,37 @@ class RunOutput:
             return {}
         manifest = read_manifest(self.out)
         if manifest is None:
-            raise UserError(f"--out {self.out}: folder exists, is not empty and was not written by pgkd (no {MANIFEST}); "
-                            "choose another --out")
+            raise UserError(self.option, f": folder exists, is not empty and was not written by pgkd (no {MANIFEST}); "
+                            "choose another ", Option("out"))
         owned = manifest["files"]
         for rel, recorded in sorted(owned.items()):
             path = self.out / rel
             if path.is_file() and (not isinstance(recorded, dict) or recorded.get("sha256") != file_sha256(path)):
-                raise UserError(f"--out {self.out}: {rel} was changed since pgkd wrote it (its sha256 is not the one "
-                                f"in {MANIFEST}), and a run replaces it; move it elsewhere or choose another --out")
+                raise UserError(self.option, f": {rel} was changed since pgkd wrote it (its sha256 is not the one "
+                                f"in {MANIFEST}), and a run replaces it; move it elsewhere or choose another ",
+                                Option("out"))
         for entry in sorted(RESULT_ENTRIES | {rel.split("/", 1)[0] for rel in owned}):
-            path = inside(self.out, entry, what=f"--out {self.out}:", links=False)
+            try:
+                path = inside(self.out, entry, what="entry", links=False)
+            except UnsafeName as e:
+                raise UserError(self.option, f": {e}") from None
             if not path.exists():
                 continue
             files = [entry] if not path.is_dir() else [f"{entry}/{rel}" for rel in _files_under(path)]
             foreign = [rel for rel in files if rel not in owned]
             if foreign:
-                raise UserError(f"--out {self.out}: {foreign[0]} was not written by pgkd, and a run replaces "
-                                f"{entry}; move it elsewhere or choose another --out")
+                raise UserError(self.option, f": {foreign[0]} was not written by pgkd, and a run replaces "
+                                f"{entry}; move it elsewhere or choose another ", Option("out"))
         return owned
 
     def _remove_stale_staging(self) -> None:
         """A staging folder left by a killed run is removed only if it is pgkd's (and not a link)."""
-        inside(self.out, STAGING, what="--out", links=False)
+        try:
+            inside(self.out, STAGING, what="entry", links=False)
+        except UnsafeName as e:
+            raise UserError(self.option, f": {e}") from None
         if read_owner(self.staging / MANIFEST) is None:
-            raise UserError(f"--out {self.out}: {self.staging} exists and was not written by pgkd; move it elsewhere")
+            raise UserError(self.option, f": {self.staging} exists and was not written by pgkd; move it elsewhere")
         shutil.rmtree(self.staging)
 
     # -- after the work ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
-from pgkd.errors import UserError
+from pgkd.errors import Option, UserError
 from pgkd.net import parse_address, url_host
 
 
@@ -57,22 +57,22 @@ class TeacherURL:
     @classmethod
     def parse(cls, spec: str) -> "TeacherURL":
         if any(c.isspace() for c in spec):   # urlsplit would drop tabs and line breaks without a word
-            raise UserError(f"--teacher {spec!r}: a URL has no spaces, tabs or line breaks")
+            raise UserError(Option("teacher", spec, quoted=True), ": a URL has no spaces, tabs or line breaks")
         try:
             parts = urlsplit(spec)
         except ValueError as e:    # an unclosed IPv6 bracket, a host that Unicode normalization changes
-            raise UserError(f"--teacher {spec}: {e}") from None
+            raise UserError(Option("teacher", spec), f": {e}") from None
         if parts.scheme not in SCHEMES:
-            raise UserError(f"--teacher {spec}: unknown scheme {parts.scheme!r}")
+            raise UserError(Option("teacher", spec), f": unknown scheme {parts.scheme!r}")
         if not parts.hostname:
-            raise UserError(f"--teacher {spec}: no host (expected {_EXPECTED[parts.scheme.split('+')[0]]})")
-        host, port = parse_address(parts.netloc.rpartition("@")[2], f"--teacher {spec}",
+            raise UserError(Option("teacher", spec), f": no host (expected {_EXPECTED[parts.scheme.split('+')[0]]})")
+        host, port = parse_address(parts.netloc.rpartition("@")[2], Option("teacher", spec),
                                    default_port=8001 if parts.scheme == "triton+grpc" else 8000)
         url = cls(parts.scheme, host, port, parts.path, parse_qs(parts.query))
         if url.is_triton and (not url.model or "/" in url.model):
-            raise UserError(f"--teacher {spec}: expected {_EXPECTED['triton']}")
+            raise UserError(Option("teacher", spec), f": expected {_EXPECTED['triton']}")
         if not url.is_triton and not url.model:
-            raise UserError(f"--teacher {spec}: expected {_EXPECTED['openai']}")
+            raise UserError(Option("teacher", spec), f": expected {_EXPECTED['openai']}")
         return url
 
     @property
