@@ -23,6 +23,7 @@ from pgkd_services.runtime import CannotServe
     (ServerUnreachable("http://127.0.0.1:8000: nothing answers"), 1),
     (CannotServe("trainer: PGKD_METRICS_PORT=9100: port 9100 is in use"), 1),
     (TimeoutError("no answer in 60 s"), 1),
+    (OSError(28, "No space left on device", "runs/x/report.json"), 1),
 ])
 def test_each_failure_is_one_line_and_its_exit_code(error, code, monkeypatch, capsys):
     def command(args):
@@ -31,7 +32,7 @@ def test_each_failure_is_one_line_and_its_exit_code(error, code, monkeypatch, ca
     assert pgkd.cli.main(["predict", "--model", "m", "a text"]) == code
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert str(error).split(":")[0] in err or "--labeled 5" in err
+    assert str(error).split(":")[0] in err or "--labeled 5" in err or "No space left" in err
 
 
 def test_a_parameter_is_named_as_the_commands_option_on_the_command_line(monkeypatch, capsys):

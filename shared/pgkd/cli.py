@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(_validation_problem(err, flag_of) for err in e.errors())
         print(f"pgkd: error: {one_line(problems)}", file=sys.stderr)
         return 2
-    except (EnvironmentFailure, TimeoutError) as e:
+    except (EnvironmentFailure, TimeoutError, OSError) as e:    # OSError: a disk full, a file system gone
         print(f"pgkd: {one_line(e)}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Stopped) as e:

@@ -1,6 +1,6 @@
 """The two error types a user sees. `pgkd.cli.main`, the one error boundary, prints either as one line:
 a `UserError` (bad input: a path, a file's content, an option) exits 2, an `EnvironmentFailure` (a
-server unreachable, a store that cannot be written, a port another process holds) exits 1.
+server unreachable, a store that cannot be written, a port another process holds; an OSError) exits 1.
 
 A message that names one of the caller's parameters names it as an `Option`, never as a flag: a
 Python caller reads `labeled=5`, the command line `--labeled 5`. The engine names the parameter once;
