@@ -248,8 +248,8 @@ def cmd_classify(args) -> int:
     if not texts:
         raise UserError("no texts: give them as arguments or as JSON Lines on stdin")
     answers = classify(args.url, texts, model=args.model_name, batch_size=args.batch_size, timeout=args.timeout)
-    for answer in answers:
-        print(json.dumps(answer, ensure_ascii=False))
+    for answer in answers:   # the lines `pgkd predict` prints: a long text as its start (preview)
+        print(json.dumps({**answer, "text": preview(answer["text"])}, ensure_ascii=False))
     return 0
 
 

@@ -187,6 +187,16 @@ def test_a_batch_size_above_the_served_models_limit_is_split_by_the_client(serve
             client.classify(texts[:129] + [" "], batch_size=1000)
 
 
+def test_classify_prints_a_long_text_as_predict_does_by_its_start(server, capsys, monkeypatch):
+    """`pgkd classify` prints the lines `pgkd predict` prints: a text over 60 characters as its start."""
+    from pgkd.cli import PREVIEW_CHARS, preview
+    long = "my card was stolen yesterday and I need a new one sent " * 40
+    code, out, err = _pgkd_here(capsys, monkeypatch, "classify", "--url", f"http://{server.http_url}", long, "hi")
+    assert code == 0 and err == "", err
+    shown = [json.loads(line)["text"] for line in out.splitlines()]
+    assert shown == [preview(long), "hi"] and len(shown[0]) <= PREVIEW_CHARS and shown[0].endswith("…")
+
+
 @pytest.mark.parametrize("value, says", [("0", "0.0: must be more than 0"),
                                          ("inf", "inf: must be a finite number of seconds"),
                                          ("nan", "nan: must be more than 0")])
