@@ -146,10 +146,10 @@ def test_exporting_none_is_a_type_error_that_writes_nothing(tmp_path):
 @pytest.mark.parametrize("texts, options, error, match", [
     ("hello", {}, TypeError, "a list of texts"),
     (["fine", "bad \udc80 text"], {}, UserError, "text 2: not UTF-8"),
-    (["hello"], {"batch_size": 0}, UserError, "batch_size 0"),
-    (["hello"], {"batch_size": -1}, UserError, "batch_size -1"),
+    (["hello"], {"batch_size": 0}, UserError, "batch_size=0"),
+    (["hello"], {"batch_size": -1}, UserError, "batch_size=-1"),
     (["hello"], {"batch_size": 2.5}, TypeError, "batch_size"),
-    (["hello"], {"timeout": 0}, UserError, "timeout 0"),
+    (["hello"], {"timeout": 0}, UserError, "timeout=0"),
 ])
 def test_classify_checks_its_arguments_before_any_request(texts, options, error, match):
     with pytest.raises(error, match=match):

@@ -264,3 +264,49 @@ def test_export_into_a_folder_under_a_file_is_one_line_before_the_student_loads(
     assert f"--out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a folder" in one_error_line(capsys)
     with pytest.raises(UserError, match="afile is a file, not a folder"):
         pgkd.export(pgkd.load_student(saved_student), tmp_path / "afile" / "sub")
+
+
+# -- what a hostile trial on a fresh clone found after the fixes above ------------------------------------
+
+@pytest.mark.parametrize("device", ["tpu", "", "meta"])
+def test_a_device_torch_refuses_or_that_holds_no_numbers_is_one_line(device, saved_student, capsys):
+    with pytest.raises(UserError, match=f"device='{device}': not a device"):
+        pgkd.load_student(saved_student, device=device)
+    assert main(["predict", "--model", str(saved_student), "--device", device, "hi"]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}: not a device" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_student_folder_without_its_tokenizer_is_refused_not_answered_with_unknown_words(saved_student, tmp_path):
+    import shutil
+    damaged = tmp_path / "student"
+    shutil.copytree(saved_student, damaged)
+    for name in ("tokenizer.json", "vocab.txt"):
+        (damaged / name).unlink(missing_ok=True)
+    with pytest.raises(UserError, match="no tokenizer"):
+        pgkd.load_student(damaged)
+
+
+@pytest.mark.parametrize("option, value", [("labeled", 0), ("max_cycles", -1)])
+def test_the_apis_option_errors_are_a_user_error_naming_the_parameter(option, value, toy):
+    with pytest.raises(UserError) as raised:
+        pgkd.distill(toy, student="tiny", **{option: value})
+    message = str(raised.value)
+    assert message.startswith(f"{option}={value}: ") and "\n" not in message and "pydantic" not in message, message
+
+
+def test_a_jsonl_file_without_the_text_column_names_the_column_not_an_empty_text(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"a": "hello there", "label": "x"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"train.jsonl:1: no 'text' field \(fields: a, label\)"):
+        pgkd.distill(data, student="tiny")
+
+
+def test_classifys_numbers_and_model_name_are_named_as_the_command_spells_them(capsys):
+    for argv, says in [(["--timeout", "0"], "--timeout 0.0: must be more than 0"),
+                       (["--batch-size", "0"], "--batch-size 0: must be more than 0"),
+                       (["--model-name", "../x"], "--model-name '../x': not a name")]:
+        assert main(["classify", "--url", "http://127.0.0.1:1", *argv, "hi"]) == 2
+        assert says in capsys.readouterr().err
+    with pytest.raises(UserError, match="model='../x': not a name"):
+        pgkd.classify("http://127.0.0.1:1", ["hi"], model="../x")

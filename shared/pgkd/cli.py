@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The engine names a caller's parameter as Python does (pgkd.errors.Option); a command's option of
 # another name is here, parameter -> the option's dest.
-PARAMETER_DESTS = {"fmt": "format", "name": "model_name"}
+PARAMETER_DESTS = {"fmt": "format", "name": "model_name", "model": "model_name"}
 
 
 def _parsers(parser: argparse.ArgumentParser):

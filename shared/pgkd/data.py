@@ -79,6 +79,8 @@ def read_samples(path: Path, text_column: str = "text", label_column: str = "lab
                         raise UserError(f"{where}: unreadable row (not JSON: {e.msg})") from None
                     if not isinstance(row, dict):
                         raise UserError(f"{where}: unreadable row (expected a JSON object)")
+                    if text_column not in row:   # not "empty text": the column is named wrong, or missing
+                        raise UserError(f"{where}: no {text_column!r} field (fields: {', '.join(map(str, row)) or 'none'})")
                     samples.append(_check_row(row.get(text_column), row.get(label_column), where))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from pgkd.errors import UserError
+from pgkd.errors import Option, UserError
 
 MAX_NAME = 128
 MAX_RELATIVE = 1024
@@ -35,12 +35,14 @@ def is_name(value: object) -> bool:
     return isinstance(value, str) and _NAME.fullmatch(value) is not None
 
 
-def check_name(value: object, what: str) -> str:
-    """`value` if it is a name (see the module's docstring); UnsafeName naming `what` otherwise."""
+def check_name(value: object, what: str | Option) -> str:
+    """`value` if it is a name (see the module's docstring); UnsafeName naming `what` otherwise (an
+    Option: the caller's parameter, named as the caller spells it)."""
     if is_name(value):
         return value
-    shown = repr(value) if not isinstance(value, str) or len(value) <= 80 else repr(value[:80]) + "..."
-    raise UnsafeName(f"{what} {shown}: not a name (letters, digits, '_', '-', '.', starting with a letter or "
+    shown = value if not isinstance(value, str) or len(value) <= 80 else value[:80] + "..."
+    named = Option(what.name, shown, quoted=True) if isinstance(what, Option) else f"{what} {shown!r}"
+    raise UnsafeName(named, ": not a name (letters, digits, '_', '-', '.', starting with a letter or "
                      f"a digit, at most {MAX_NAME} characters; no '/', no '..')")
 
 

@@ -54,7 +54,7 @@ class StudentClient:
         if not math.isfinite(timeout):   # gRPC takes an infinite deadline as one already passed
             raise UserError(Option("timeout", timeout), ": must be a finite number of seconds")
         self.endpoint = Endpoint.parse(url)
-        self.model = check_name(model, "model name")   # it goes in the request's path
+        self.model = check_name(model, Option("model"))   # it goes in the request's path
         self.timeout = timeout
         self._max_batch_size: int | None = None   # the served model's, read from its config when needed
         if self.endpoint.protocol == "http":
@@ -223,7 +223,7 @@ def check_positive(value, name: str, kind) -> None:
     if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(f"{name}: expected a {'whole ' if kind is int else ''}number, got {value!r}")
     if not value > 0:
-        raise UserError(f"{name} {value}: must be more than 0")
+        raise UserError(Option(name, value), ": must be more than 0")
 
 
 def classify(url: str, texts, model: str = MODEL_NAME, batch_size: int = 64, timeout: float = 60.0) -> list[dict]:

@@ -50,6 +50,7 @@ hf_logging.disable_progress_bar()
 AutoConfig.register(MeanPoolingBertConfig.model_type, MeanPoolingBertConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(MeanPoolingBertConfig, MeanPoolingBertForSequenceClassification,
                                             exist_ok=True)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")   # a saved tokenizer's vocabulary, in either form
 MODELING_FILE = "mean_pooling.py"   # copied into each saved mean-pooling student, named in its auto_map
 
 
@@ -71,7 +72,13 @@ def pick_device(device: str | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(Option("device", device), ": no CUDA device on this machine")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda", "mps"):   # torch's 'meta' holds no numbers
+        raise UserError(Option("device", device), ": not a device (auto, cpu, cuda, cuda:N)")
+    return chosen
 
 
 def length_bucketed_batches(ids: list[list[int]], batch_size: int, generator: torch.Generator,
@@ -155,6 +162,9 @@ class FineTunedStudent:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: not a saved student (no config.json)")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would build a tokenizer of its special tokens alone: every word [UNK], wrong answers
+            raise UserError(f"{path}: not a readable saved student (no tokenizer: none of {', '.join(TOKENIZER_FILES)})")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
