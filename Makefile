@@ -70,8 +70,8 @@ demo-services: setup
 # lint-imports: the architecture's contracts (pyproject.toml [tool.importlinter]).
 # The suite runs its test files on PYTEST_WORKERS processes (pytest-xdist; a file's tests stay together,
 # so its module fixtures start once): much of its time is spent waiting on brokers, servers and service
-# processes, not computing. PYTEST_WORKERS=0 runs it in one process.
-PYTEST_WORKERS ?= 2
+# processes, not computing. PYTEST_WORKERS=0 runs it in one process; 3 on two cores, as the waiting leaves room.
+PYTEST_WORKERS ?= 3
 test: setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
