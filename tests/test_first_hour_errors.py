@@ -310,3 +310,9 @@ def test_classifys_numbers_and_model_name_are_named_as_the_command_spells_them(c
         assert says in capsys.readouterr().err
     with pytest.raises(UserError, match="model='../x': not a name"):
         pgkd.classify("http://127.0.0.1:1", ["hi"], model="../x")
+
+
+def test_export_int8_takes_a_bool_not_a_truthy_string(saved_student, tmp_path):
+    with pytest.raises(TypeError, match="int8 is True or False, got 'no'"):
+        pgkd.export(saved_student, tmp_path / "models", int8="no")
+    assert not (tmp_path / "models").exists()

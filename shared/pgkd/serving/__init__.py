@@ -38,6 +38,8 @@ def export(model, repository, fmt: str = "onnx", int8: bool = False, name: str =
     """A student (a folder, a checkpoint URI, or a loaded student) as the next version of `name` in the
     Triton model repository `repository`; returns the Version written (number, path, manifest)."""
     from pgkd.serving.repository import write_version
+    if not isinstance(int8, bool):   # int8="no" is truthy: it would quietly write an int8 version
+        raise TypeError(f"pgkd.export: int8 is True or False, got {int8!r}")
     if isinstance(model, (str, Path)):
         student, source = student_from(model)
     elif not hasattr(model, "labels"):   # before any folder is made: the export would fail half-way
