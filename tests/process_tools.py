@@ -17,6 +17,14 @@ from pathlib import Path
 NOT_OURS = (".ses", "torchinductor_")
 
 
+def as_in_a_terminal() -> None:
+    """A preexec_fn: the child's stop signals as a terminal's new process has them. SIGINT at its default
+    (a background job ignores it) and none of them blocked: a test worker's signal mask, left by a library
+    that blocks signals around its own threads, is inherited across exec and would hold a Ctrl-C back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
 def process_table() -> dict[int, tuple[int, str, str]]:
     """pid -> (parent pid, state, command name) of every process."""
     table = {}
@@ -96,7 +104,7 @@ class Pgkd:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pgkd.cli", *args], stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                 env={**os.environ, "TMPDIR": str(self.tmp), "PYTRITON_HOME": str(self.tmp)}, start_new_session=True,
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # Ctrl-C, as in a terminal
+                preexec_fn=as_in_a_terminal)   # Ctrl-C, as in a terminal
         self.seen: dict[int, str] = {}
 
     def log(self) -> str:

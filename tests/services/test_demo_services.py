@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TOY_CLASSES, make_toy_dataset
+from process_tools import as_in_a_terminal
 from pgkd import processes
 from service_processes import cli_options
 from test_services_kafka import CONFIG
@@ -53,7 +54,7 @@ class Demo:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
             # A terminal's foreground command takes Ctrl-C; a suite started in the background (`make test &`,
             # as CI may) hands its children SIGINT ignored, and Python then installs no KeyboardInterrupt.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            preexec_fn=as_in_a_terminal)
         self.seen: dict[tuple[int, str], str] = {}    # (pid, start time): command line
         self.stderr: list[str] = []
         threading.Thread(target=self._watch, daemon=True).start()
