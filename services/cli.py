@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pgkd.distributed.artifacts import ArtifactStore, DamagedRecord
 from pgkd.loop.config import DistillConfig
-from pgkd.loop.cycle import log_cycle
+from pgkd.loop.cycle import log
 from pgkd.loop.report import summary_table
 from pgkd.errors import UserError
 from pgkd.names import check_name
@@ -121,17 +121,14 @@ def _run_config(store: ArtifactStore, files: RunFiles) -> DistillConfig:
 
 
 def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None) -> int:
-    """Print the cycles recorded after the first `shown` ones (to stderr by default, as progress)."""
-    from pgkd.distributed.steps import CycleState
-    files = RunFiles(run_id)
-    keys = store.list(files.cycles)
-    if len(keys) <= shown:
-        return shown
-    config = _run_config(store, files)
-    records = [store.get_model(k, CycleState).record for k in keys]
-    for i in range(shown, len(records)):
-        log_cycle(config, records[i], [r.validation[config.metric] for r in records[:i + 1]], write=write)
-    return len(records)
+    """Print the cycles the run's state records after the first `shown` ones (to stderr by default,
+    as progress), as the run printed them: the line is the state's (RunState.cycle_line)."""
+    from pgkd.distributed.steps import latest_state
+    state = latest_state(store, run_id)
+    cycles = len(state.cycles) if state is not None else 0
+    for cycle in range(shown, cycles):
+        (write or log)(state.cycle_line(cycle))
+    return max(shown, cycles)
 
 
 def _print_completion(store: ArtifactStore, completed: RunCompleted) -> int:

@@ -36,7 +36,7 @@ from pgkd.distributed.messages import MESSAGES, DeadLetter, Message, RunComplete
 from pgkd.distributed.runs import RunFiles, fail_run
 from pgkd.distributed.metrics import LoopMetrics
 from prometheus_client import REGISTRY, make_asgi_app
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pgkd_services import kafka_security
 
@@ -227,8 +227,8 @@ class Service:
         self.group = f"{self.settings.topic_prefix}{name}"
         self._busy = asyncio.Lock()     # one message at a time: steps are heavy and share the process's cache
         self.subscriptions: list[str] = []   # topics this service consumes, as group `self.group`
-        self._handlers: dict[str, Callable[[bytes], Awaitable[None]]] = {}
-        self._kinds: dict[str, str] = {}     # topic -> the kind of message it carries
+        # topic -> (the message it carries, its handler, whether the handler takes it decoded)
+        self._handlers: dict[str, tuple[type[BaseModel], Callable[..., Awaitable[None]], bool]] = {}
         # (most messages, most seconds to wait for them): a service that sets it takes its messages in
         # batches, in `handle_batch`, each batch acknowledged when that returns
         self.batch: tuple[int, float] | None = None
@@ -237,31 +237,31 @@ class Service:
         return f"{self.settings.topic_prefix}{name}"
 
     # -- consuming -----------------------------------------------------------------------------------------
-    def consume(self, message_type: type[Message], step: Callable[[Message, ArtifactStore], Message]) -> None:
-        """Call the engine step on each message of its topic and publish what it returns, once."""
+    def consume(self, message_type: type[Message], step: Callable[..., Message]) -> None:
+        """Run the engine step on each message of its type, once (`run_step`), and publish what it returns."""
+        async def run(message: Message) -> None:
+            await self.run_step(message, step)
+        self.subscribe(message_type, run)
+
+    def subscribe(self, message_type: type[BaseModel], handler: Callable[..., Awaitable[None]],
+                  decode: bool = True) -> None:
+        """Deliver each message of `message_type`'s topic to `handler` in this service's consumer group,
+        once `listen` has run: decoded as `message_type` (one that is not goes to the dead-letter topic
+        with the reason, here, for every service), or as its bytes with `decode=False`. Acknowledged
+        when the handler returns, redelivered when it raises."""
         topic = self.topic(message_type.topic)
-
-        async def handle(body: bytes) -> None:
-            await self.handle(topic, body, message_type, step)
-        self.subscribe(topic, handle, message_type.kind)
-
-    def subscribe(self, topic: str, handler: Callable[[bytes], Awaitable[None]], kind: str) -> None:
-        """Deliver each message's body from `topic` (full name) to `handler`, in this service's consumer
-        group, once `listen` has run; acknowledged when the handler returns, redelivered when it raises."""
         self.subscriptions.append(topic)
-        self._handlers[topic] = handler
-        self._kinds[topic] = kind
+        self._handlers[topic] = (message_type, handler, decode)
         self.metrics.consuming(topic)
 
     def listen(self) -> None:
         """One Kafka consumer for all the service's topics. Two consumers in one group would rebalance
         each other: on SIGTERM the idle one leaves first, the busy one's partitions are revoked in
         the middle of its message, and its commit after the message goes stale (redelivered)."""
-        handlers = dict(self._handlers)
         batch = {}
         if self.batch is None:
             async def handle(message=Context("message")) -> None:
-                await self.deliver(message.raw_message, handlers)
+                await self.deliver(message.raw_message)
         else:
             async def handle(message=Context("message")) -> None:
                 await self.handle_batch(list(message.raw_message))
@@ -270,7 +270,7 @@ class Service:
         handle.__name__ = f"{self.name}_messages"
         # Offsets are committed after the handler: a crash means redelivery, not loss. A long training
         # round must not count as a dead consumer, hence the long poll interval.
-        self.broker.subscriber(*handlers, group_id=self.group, auto_offset_reset="earliest",
+        self.broker.subscriber(*self._handlers, group_id=self.group, auto_offset_reset="earliest",
                                ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=3_600_000, **batch)(handle)
 
     async def handle_batch(self, records: list) -> None:
@@ -278,32 +278,38 @@ class Service:
         for record in records:
             await self.deliver(record)
 
-    async def deliver(self, record, handlers: dict | None = None) -> None:
-        """One record's value to its topic's handler, the record known to `dead_letter` meanwhile. A
-        tombstone (a null value) is no message: it goes to the dead-letter topic, named as one."""
+    async def deliver(self, record) -> None:
+        """One record to its topic's handler, decoded, the record known to `dead_letter` meanwhile. A
+        tombstone (a null value) or a value that is not the topic's message goes to the dead-letter
+        topic, with the reason."""
         token = _received.set(record)
         try:
+            message_type, handler, decode = self._handlers[record.topic]
             if record.value is None:
-                kind = self._kinds.get(record.topic, "pgkd")
-                await self.dead_letter(record.topic, None, tombstone_reason(f"a {kind} message"))
+                await self.dead_letter(record.topic, None, tombstone_reason(f"a {message_type.__name__} message"))
                 return
-            await (handlers or self._handlers)[record.topic](record.value)
+            if not decode:
+                await handler(record.value)
+                return
+            try:
+                message = message_type.model_validate_json(record.value)
+            except ValidationError as e:
+                problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'message'}: {err['msg']}"
+                                     for err in e.errors()[:3])
+                await self.dead_letter(record.topic, record.value, f"not a valid {message_type.__name__}: {problems}")
+                return
+            await handler(message)
         finally:
             _received.reset(token)
 
-    async def handle(self, topic: str, body: bytes, message_type: type[Message], step) -> None:
-        try:
-            message = message_type.model_validate_json(body)
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'message'}: {err['msg']}"
-                                 for err in e.errors()[:3])
-            await self.dead_letter(topic, body, f"not a valid {message_type.__name__}: {problems}")
-            return
+    async def run_step(self, message: Message, step) -> None:
+        """The step on `message`, once: a redelivered message publishes the output stored the first time
+        (if it was not published yet), and repeats no work. A step that fails parks the message on the
+        dead-letter topic and ends its run as failed, so nobody waits for it forever."""
         if not await asyncio.to_thread(self.store.exists, RunFiles(message.run_id).request):
             # Every run is recorded before its first message is published: this one belongs to none,
             # and failing "its" run would write a record for a run that never was.
-            await self.dead_letter(topic, body, f"run {message.run_id!r} is not recorded in {self.store.url}",
-                                   message)
+            await self.park(f"run {message.run_id!r} is not recorded in {self.store.url}", message)
             return
         log.info("%s: run %s cycle %d: %s received", self.name, message.run_id, message.cycle, message.kind)
         await asyncio.to_thread(self._mark_taken, message)
@@ -313,19 +319,25 @@ class Service:
                 output, unpublished = await asyncio.to_thread(self._run_once, message, step)
             except Exception as e:  # the step failed for this run: park the message, end the run clearly
                 reason = f"{self.name} failed on {message.kind} cycle {message.cycle}: {type(e).__name__}: {e}"
-                log.exception("%s: run %s: %s", self.name, message.run_id, reason)
-                await self.dead_letter(topic, body, reason, message)
+                if isinstance(e, UserError):    # a state or record that says what is wrong with it: one line
+                    log.error("%s: run %s: %s", self.name, message.run_id, reason)
+                else:
+                    log.exception("%s: run %s: %s", self.name, message.run_id, reason)
+                await self.park(reason, message)
                 output, unpublished = await asyncio.to_thread(self._record_failure, message, reason), True
         if not unpublished:
             log.info("%s: run %s cycle %d: %s already handled; nothing to do", self.name, message.run_id,
                      message.cycle, message.kind)
             return
-        outputs = output if isinstance(output, list) else [output]
         log.info("%s: run %s cycle %d: %s -> %s (%.1f s)", self.name, message.run_id, message.cycle,
-                 message.kind, " + ".join(o.kind for o in outputs), time.perf_counter() - started)
-        for out in outputs:
-            await self.publish(out)
+                 message.kind, output.kind, time.perf_counter() - started)
+        await self.publish(output)
         await asyncio.to_thread(self.store.put_bytes, self._handled_key(message) + ".published", b"")
+
+    async def park(self, reason: str, message: Message | None = None) -> None:
+        """The record being handled, to the dead-letter topic with `reason`."""
+        record = _received.get()
+        await self.dead_letter(record.topic, record.value, reason, message)
 
     def _handled_key(self, message: Message) -> str:
         return f"{RunFiles(message.run_id).base}/handled/{message.kind}-{message.cycle:04d}"
@@ -337,17 +349,15 @@ class Service:
         except (ArtifactError, OSError) as e:   # the step's own writes will say what is wrong with the store
             log.warning("%s: run %s: cannot mark %s taken: %s", self.name, message.run_id, message.kind, e)
 
-    def _run_once(self, message: Message, step) -> tuple[Message | list[Message], bool]:
-        """The step's output (a message, or a list of them), computed once: (output, not yet published)."""
+    def _run_once(self, message: Message, step) -> tuple[Message, bool]:
+        """The step's output, computed once: (output, not yet published)."""
         key = self._handled_key(message)
         if self.store.exists(key + ".json"):
             record = self.store.get_json(key + ".json")
-            outputs = [MESSAGE_BY_KIND[r["kind"]].model_validate(r["message"]) for r in record.get("also", [record])]
-            return outputs if "also" in record else outputs[0], not self.store.exists(key + ".published")
-        output = step(message, self.store)
-        outputs = output if isinstance(output, list) else [output]
-        records = [{"kind": o.kind, "message": o.model_dump(mode="json")} for o in outputs]
-        self.store.put_json(key + ".json", records[0] if len(records) == 1 else {**records[0], "also": records})
+            output = MESSAGE_BY_KIND[record["kind"]].model_validate(record["message"])
+            return output, not self.store.exists(key + ".published")
+        output = step(message, self.store, events=[self.metrics])
+        self.store.put_json(key + ".json", {"kind": output.kind, "message": output.model_dump(mode="json")})
         return output, True
 
     def _record_failure(self, message: Message, reason: str) -> RunCompleted:

@@ -5,7 +5,7 @@ import random
 from pathlib import Path
 
 from conftest import TOY_CLASSES, make_toy_dataset, toy_text
-from pgkd.bench.stream import run_through_steps
+from pgkd.distributed.steps import run_through_steps
 from pgkd.distributed import steps
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgkd.distributed.artifacts import ArtifactError
-from pgkd.distributed.messages import StudentPromoted
+from pgkd.distributed.messages import RunCompleted, StudentPromoted
 from pgkd.distributed.steps import latest_promotion
 from pgkd.errors import UserError
 from pgkd.names import check_name
 from pgkd.net import parse_address, url_host
 from pgkd.serving.deploy import DeployFailed, deploy_promotion
 from pgkd.serving.repository import FORMATS
-from pydantic import ValidationError
 
 from pgkd_services.runtime import Service
 
@@ -74,7 +73,8 @@ class DeployerService(Service):
         super().__init__("deployer", **options)
         self.serving = serving or ServingSettings.from_env()
         self.group = f"{self.settings.topic_prefix}deployer.{self.serving.replica}"
-        self.subscribe(self.topic(StudentPromoted.topic), self.on_promoted, "student-promoted")
+        self.subscribe(StudentPromoted, self.on_promoted)
+        self.subscribe(RunCompleted, self.on_completed)
 
     def prepare(self) -> None:
         """Before the broker: the repository, and the model's latest promotion if the server lacks it (a
@@ -88,20 +88,18 @@ class DeployerService(Service):
         if latest is not None:
             self._deploy(latest)
 
-    async def on_promoted(self, body: bytes) -> None:
-        try:
-            promoted = StudentPromoted.model_validate_json(body)
-        except ValidationError as e:
-            await self.dead_letter(self.topic(StudentPromoted.topic), body,
-                                   f"not a valid StudentPromoted: {e.errors()[0]['msg']} at "
-                                   f"{'.'.join(str(x) for x in e.errors()[0]['loc'])}")
-            return
+    async def on_promoted(self, promoted: StudentPromoted) -> None:
         if promoted.model != self.serving.model:
             return   # another server's model
         async with self._busy:
             failure = await asyncio.to_thread(self._deploy, promoted)
         if failure is not None:
-            await self.dead_letter(self.topic(StudentPromoted.topic), body, failure, promoted)
+            await self.park(failure, promoted)
+
+    async def on_completed(self, completed: RunCompleted) -> None:
+        """A run submitted with --promote carries its promotion in its RunCompleted."""
+        if completed.promotion is not None:
+            await self.on_promoted(completed.promotion)
 
     def _deploy(self, promoted: StudentPromoted) -> str | None:
         """Deploy one promotion: None, or why it failed (logged and counted here)."""

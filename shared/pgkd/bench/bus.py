@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pgkd.distributed import steps
 from pgkd.distributed.artifacts import ArtifactStore
-from pgkd.distributed.messages import CycleEvaluated, ModelTrained, RunCompleted, RunRequested, SamplesGenerated
+from pgkd.distributed.messages import RunCompleted
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import log
@@ -30,6 +30,7 @@ from pgkd.loop.report import without_times
 from pgkd.ownership import claim_folder
 
 STEPS = {"train": steps.train, "evaluate": steps.evaluate, "mine": steps.mine, "generate": steps.generate}
+
 
 
 class TimedStore(ArtifactStore):
@@ -89,9 +90,7 @@ def through_steps(config: DistillConfig, folder: Path, run_id: str) -> dict:
         with timed_checkpoints(seconds):
             message = steps.submit(config, store, run_id=run_id)
             while not isinstance(message, RunCompleted):
-                name = ("train" if isinstance(message, (RunRequested, SamplesGenerated)) else
-                        "evaluate" if isinstance(message, ModelTrained) else
-                        "mine" if isinstance(message, CycleEvaluated) else "generate")
+                name = steps.STEP_OF[type(message)].__name__
                 step_started = time.perf_counter()
                 message = STEPS[name](message, store)
                 seconds[name] += time.perf_counter() - step_started

@@ -23,34 +23,10 @@ from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import evaluate_student, log
 from pgkd.loop.outputs import write_json_atomic
-from pgkd.distributed import steps
-from pgkd.distributed.messages import (
-    CycleEvaluated,
-    ModelTrained,
-    RunCompleted,
-    RunRequested,
-    SamplesGenerated,
-    StudentPromoted,
-)
-from pgkd.distributed.steps import load_checkpoint, run_context, submit
+from pgkd.distributed.messages import StudentPromoted
+from pgkd.distributed.steps import load_checkpoint, run_context, run_through_steps, submit
 from pgkd.stream import Stream, StreamSettings, StreamStep
 from pgkd.ownership import claim_folder
-
-
-def run_through_steps(message: RunRequested, store: ArtifactStore) -> RunCompleted:
-    """A submitted run's steps one after another, as the services call them (trainer, evaluator,
-    miner, generator), in this process: a stream's runs are runs of the services, so the benchmark
-    measures what they do. (`pgkd distill` and `pgkd.distill` run the same phases embedded.)"""
-    while not isinstance(message, RunCompleted):
-        if isinstance(message, (RunRequested, SamplesGenerated)):
-            message = steps.train(message, store)
-        elif isinstance(message, ModelTrained):
-            message = steps.evaluate(message, store)
-        elif isinstance(message, CycleEvaluated):
-            message = steps.mine(message, store)
-        else:
-            message = steps.generate(message, store)
-    return message
 
 
 def bad_messages(n: int, labels: list[str], rng: random.Random) -> list[bytes]:

@@ -1,16 +1,17 @@
 """The message contracts of the distributed loop: one pydantic model per message kind.
 
     RunRequested -> trainer -> ModelTrained -> evaluator -> CycleEvaluated -> miner -> NegativesMined
-    -> generator -> SamplesGenerated -> trainer ... until the evaluator (or the generator, when the
-    teacher has nothing left) publishes RunCompleted.
+    -> generator -> SamplesGenerated -> trainer ... until the evaluator publishes RunCompleted: its
+    stop policy said stop, or the generator said TeacherStopped (the teacher has nothing left).
 
-Messages are small: ids, artifact references (URI + sha256), metrics and samples, never model
-weights. `cycle` is the cycle the message belongs to: cycle k mines the mistakes of student k-1,
+The loop's messages are small: ids and a reference (URI + sha256) to the run's state after the phase
+that sent them (pgkd.loop.state.RunState in the artifact store), never samples or model weights. `cycle` is the cycle the message belongs to: cycle k mines the mistakes of student k-1,
 asks the teacher, trains student k and evaluates it; cycle 0 trains on the labeled seed set.
 Every message is keyed by (run_id, cycle, kind), which is what makes handlers idempotent.
 Human-labeled samples come in on their own topic (LabeledSample), for the ingest service, which
 starts runs of its own (pgkd.stream). A student to serve goes out as StudentPromoted (from the
-stream's decision, or a run submitted with --promote), for the deployers beside the student servers.
+stream's decision, or a run submitted with --promote), for the deployers beside the student servers; a run submitted with --promote carries its own in
+its RunCompleted (`promotion`).
 A consumer rejects a `schema_version` it does not know (to the dead-letter topic), so a change
 of a field's meaning must raise it.
 """
@@ -23,10 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pgkd.distributed.artifacts import ArtifactRef
 from pgkd.names import NAME_PATTERN
-from pgkd.data import Sample
-from pgkd.loop.evaluation import EvalReport
-from pgkd.loop.mining import MiningResult
-from pgkd.loop.report import Provenance, TrainingRound
 
 SCHEMA_VERSION = 1
 
@@ -55,48 +52,43 @@ class RunRequested(Message):
     promote: bool = False             # completed, its best student goes to serving (StudentPromoted)
 
 
-class ModelTrained(Message):
+class LoopMessage(Message):
+    """A phase of a run is done: `state` is the run's state after it (pgkd.loop.state.RunState, in the
+    artifact store), which the next phase loads. Schema 2: the state replaced the fields each message
+    carried of it."""
+    schema_version: Literal[2] = 2
+    state: ArtifactRef
+
+
+class ModelTrained(LoopMessage):
+    """The trainer trained cycle `cycle`'s student."""
     kind: ClassVar[str] = "model-trained"
     topic: ClassVar[str] = "model-trained"
-    checkpoint: ArtifactRef
-    train_set: ArtifactRef            # the dataset version this student was trained on
-    train_size: int
-    training: TrainingRound
-    provenance: Provenance
-    cycle_started: float
 
 
-class CycleEvaluated(Message):
-    """The stop policy said continue."""
+class CycleEvaluated(LoopMessage):
+    """The evaluator recorded cycle `cycle`, and the stop policy said continue."""
     kind: ClassVar[str] = "cycle-evaluated"
     topic: ClassVar[str] = "cycle-evaluated"
-    checkpoint: ArtifactRef
-    train_set: ArtifactRef
-    best_checkpoint: ArtifactRef
-    best_cycle: int
-    validation: dict[str, float]      # headline metrics; the full report is in the run's cycle record
-    samples_generated: int            # by the teacher so far, for the sample budget
 
 
-class NegativesMined(Message):
+class NegativesMined(LoopMessage):
+    """The miner mined student `cycle`-1's mistakes for cycle `cycle`'s request to the teacher."""
     kind: ClassVar[str] = "negatives-mined"
     topic: ClassVar[str] = "negatives-mined"
-    mined: MiningResult
-    report: EvalReport                # of the student the mistakes were mined from
-    train_set: ArtifactRef
-    best_checkpoint: ArtifactRef
-    wanted: int = Field(gt=0)         # samples to ask the teacher for
-    cycle_started: float
 
 
-class SamplesGenerated(Message):
+class SamplesGenerated(LoopMessage):
+    """The generator added the teacher's screened samples to cycle `cycle`'s training set."""
     kind: ClassVar[str] = "samples-generated"
     topic: ClassVar[str] = "samples-generated"
-    samples: list[Sample]             # screened: in the taxonomy, not empty, no duplicate of known text
-    provenance: Provenance
-    train_set: ArtifactRef            # the version the samples are added to
-    best_checkpoint: ArtifactRef
-    cycle_started: float
+
+
+class TeacherStopped(LoopMessage):
+    """The teacher has nothing left to give, or cannot be reached (the state's stop_reason says which):
+    the evaluator ends the run."""
+    kind: ClassVar[str] = "teacher-stopped"
+    topic: ClassVar[str] = "teacher-stopped"
 
 
 class RunCompleted(Message):
@@ -109,6 +101,8 @@ class RunCompleted(Message):
     best_cycle: int | None = None
     test: dict[str, float] | None = None
     decided_from: str | None = None   # where the stop policy read its figures (prometheus, run records...)
+    state: ArtifactRef | None = None  # the run's final state (pgkd.loop.state.RunState)
+    promotion: "StudentPromoted | None" = None   # a run submitted with --promote: its best student, to serve
 
 
 class StudentPromoted(Message):
@@ -160,6 +154,7 @@ class LabeledSample(BaseModel):
     id: str | None = None             # the producer's id, kept with the sample
 
 
+RunCompleted.model_rebuild()
 MESSAGES: tuple[type[Message], ...] = (RunRequested, ModelTrained, CycleEvaluated, NegativesMined, SamplesGenerated,
-                                       RunCompleted, StudentPromoted)
+                                       TeacherStopped, RunCompleted, StudentPromoted)
 TOPICS: tuple[str, ...] = tuple(m.topic for m in MESSAGES) + (LabeledSample.topic, DeadLetter.topic)

@@ -155,6 +155,25 @@ class LoopMetrics:
         for reason, count in rejected.items():
             self.samples_rejected.labels(reason).inc(count)
 
+    # -- a run's events (pgkd.loop.distillation): each exports what the run's state says ---------------------
+    def on_trained(self, state) -> None:
+        self.trained(state.run_id, state.cycle, state.training)
+
+    def on_cycle_evaluated(self, state) -> None:
+        """Every cycle of the run again: a restarted evaluator exports the whole run."""
+        history, metric = state.selection_history(), state.config.metric
+        for record in state.cycles:
+            c = record.cycle
+            self.cycle_evaluated(state.run_id, c, record.validation, metric, history[:c + 1], state.best_cycle(c),
+                                 record.seconds if c == state.cycles[-1].cycle else None, selection=record.selection)
+
+    def on_taught(self, state) -> None:
+        p = state.provenance
+        self.generated(state.run_id, p.teacher_usage, p.accepted, p.rejected, state.usage)
+
+    def on_completed(self, state) -> None:
+        self.completed(state.run_id, "completed", state.stop_reason)
+
     def completed(self, run: str, status: str, reason: str) -> None:
         """A failed run counts as stopped too (reason "failed"), so it does not look stalled."""
         self.runs_completed.labels(status).inc()

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-
-class MetricsUnavailable(RuntimeError):
-    """The metrics cannot be read, or do not show the current cycle yet."""
+from pgkd.loop.stopping import MetricsUnavailable  # noqa: F401 -- raised here, declared with the stop policy
 
 
 @dataclass

@@ -14,11 +14,10 @@ class RunFiles:
         self.base = f"runs/{check_name(run_id, 'run')}"
         self.request = f"{self.base}/request.json"
         self.not_submitted = f"{self.base}/not_submitted.json"     # the request was recorded, its publish failed
-        self.teacher = f"{self.base}/teacher.json"
         self.report = f"{self.base}/report.json"
         self.plot = f"{self.base}/history.png"
         self.completed = f"{self.base}/completed.json"
-        self.cycles = f"{self.base}/cycles"
+        self.states = f"{self.base}/state"
 
     def train_set(self, cycle: int) -> str:
         return f"{self.base}/train/v{cycle:04d}.jsonl"
@@ -26,18 +25,14 @@ class RunFiles:
     def checkpoint(self, cycle: int) -> str:
         return f"{self.base}/checkpoints/cycle-{cycle:04d}.json"
 
-    def cycle_state(self, cycle: int) -> str:
-        return f"{self.cycles}/{cycle:04d}.json"
+    def state(self, cycle: int, phase: str) -> str:
+        """The run's state after `phase` of `cycle`; the names sort in the order the run saved them."""
+        from pgkd.loop.state import PHASES
+        return f"{self.states}/{cycle:04d}-{PHASES.index(phase)}-{phase}.json"
 
     def validation_probs(self, cycle: int) -> str:
         return f"{self.base}/probs/{cycle:04d}.npy"
 
-    def guidance(self, cycle: int) -> str:
-        """The scores the miner showed the teacher after evaluating `cycle` (out-of-fold guidance)."""
-        return f"{self.base}/guidance/{cycle:04d}.json"
-
-    def teacher_state(self, cycle: int) -> str:
-        return f"{self.base}/teacher/state-{cycle:04d}.json"
 
 
 def fail_run(store: ArtifactStore, run_id: str, cycle: int, reason: str) -> RunCompleted:

@@ -6,17 +6,16 @@ steps know nothing of the bus; services/ wires them to it.
 
 What a run keeps in the store, under runs/<run_id>/:
     request.json            the RunRequested message (configuration and source dataset)
+    state/0003-4-evaluated.json  the run's state (pgkd.loop.state.RunState) after each phase of each
+                            cycle: what the next phase loads, `pgkd status` and `--wait` read
     train/v0003.jsonl       the training set of cycle 3: the seed set plus each accepted batch
     checkpoints/cycle-0003.json  the student of cycle 3: a manifest of its Hugging Face folder's files,
                             each a content-addressed blob under blobs/sha256/ of the store (shared by
                             every checkpoint that holds the same bytes: the frozen word embeddings)
-    cycles/0003.json        the cycle's record and full validation report
     probs/0003.npy          the student's validation probabilities, which the miner mines
-    guidance/0003.json      the scores the miner showed the teacher after cycle 3 (out-of-fold guidance)
-    teacher/state-0003.json the simulated teacher's state after answering cycle 3
     report.json, history.png, completed.json (the RunCompleted message) when the run ends
 Everything a step writes is a function of its input message, so running a step twice (a
-redelivered message) writes the same bytes again.
+redelivered message) writes the same artifacts again (but for the times its state records).
 """
 from __future__ import annotations
 
@@ -36,63 +35,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import ValidationError
 
-from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore, sha256_of
+from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
 from pgkd.data import Dataset, Sample, Splits, load_dataset, make_splits
 from pgkd.loop.config import DistillConfig
-from pgkd.loop.cycle import (
-    cycle_record,
-    evaluate_cycle,
-    evaluate_student,
-    finish,
-    fresh_student,
-    guidance_cycle,
-    make_teacher,
-    mine_cycle,
-    round_student,
-    stop_decision,
-    teach,
-    train_round,
-)
-from pgkd.loop.evaluation import EvalReport
+from pgkd.loop.cycle import make_teacher
+from pgkd.loop.distillation import Distillation
+from pgkd.loop.state import STATE_SCHEMA, RunState, StateError
 from pgkd.distributed.messages import (
     CycleEvaluated,
+    LoopMessage,
     ModelTrained,
     NegativesMined,
     RunCompleted,
     RunRequested,
     SamplesGenerated,
     StudentPromoted,
+    TeacherStopped,
 )
-from pgkd.distributed.metrics import LoopMetrics
 from pgkd.distributed.runs import RunFiles, fail_run  # noqa: F401 -- the services and tests take them from here too
-from pgkd.distributed.metrics_readers import MetricsUnavailable
-from pgkd.loop.report import CycleRecord, Provenance, TrainingRound, plot_history
+from pgkd.loop.report import plot_history
 from pgkd.names import check_name
 from pgkd.students import load_student
-from pgkd.teachers.contract import TeacherUsage
 
 if TYPE_CHECKING:
     from pgkd.students.frozen import EmbeddingCache
 
 log = logging.getLogger("pgkd.distributed.steps")
-
-
-class CycleState(BaseModel):
-    """What the evaluator keeps of a cycle: the report row, the full validation report, and the
-    student and training set it belongs to."""
-    record: CycleRecord
-    validation: EvalReport
-    test: EvalReport | None
-    checkpoint: ArtifactRef
-    train_set: ArtifactRef
-    validation_probs: ArtifactRef | None = None   # the student's, a row per validation sample (none in older runs)
-    selection: EvalReport | None = None    # out-of-fold selection scores (--selection-source out-of-fold)
-
-    @property
-    def decisive(self) -> EvalReport:
-        return self.selection if self.selection is not None else self.validation
 
 
 def checkpoint_cache() -> Path:
@@ -185,8 +155,7 @@ class RunContext:
     dataset: Dataset
     splits: Splits
     files: RunFiles
-    teacher: object | None = None     # made on the first request, then reset to a stored state per cycle
-    teacher_initial: dict | None = None
+    run: Distillation | None = None   # its phases, with the teacher this process made for it
 
     @property
     def labels(self) -> list[str]:
@@ -223,6 +192,51 @@ def run_context(store: ArtifactStore, run_id: str) -> RunContext:
     while len(_contexts) > 4:
         _contexts.popitem(last=False)
     return context
+
+
+class StoreKeeper:
+    """The services' keeper (pgkd.loop.distillation.Keeper): a run's students, training sets and
+    probabilities in the artifact store, each file a function of its run and cycle."""
+
+    def __init__(self, store: ArtifactStore, files: RunFiles, device: str):
+        self.store, self.files, self.device = store, files, device
+
+    def save_student(self, cycle: int, student) -> ArtifactRef:
+        return store_checkpoint(self.store, self.files.checkpoint(cycle), student)
+
+    def load_student(self, ref: ArtifactRef):
+        return load_checkpoint(self.store, ref, self.device)
+
+    def keep_best(self, ref: ArtifactRef) -> None:
+        """Stored already: the state's reference keeps it."""
+
+    def save_samples(self, cycle: int, samples: list[Sample]) -> ArtifactRef:
+        return _put_samples(self.store, self.files.train_set(cycle), samples)
+
+    def load_samples(self, ref: ArtifactRef) -> list[Sample]:
+        return read_samples_artifact(self.store, ref)
+
+    def save_probs(self, cycle: int, probs: np.ndarray) -> ArtifactRef:
+        data = io.BytesIO()
+        np.save(data, np.asarray(probs), allow_pickle=False)
+        return self.store.put_bytes(self.files.validation_probs(cycle), data.getvalue())
+
+    def load_probs(self, ref: ArtifactRef) -> np.ndarray:
+        return np.load(io.BytesIO(self.store.get_bytes(ref)), allow_pickle=False)
+
+
+def distillation(store: ArtifactStore, run_id: str, events=()) -> Distillation:
+    """The run's phases over the artifact store, made once per run in this process (its teacher
+    with them); `events` are this call's listeners (a service's metrics)."""
+    ctx = run_context(store, run_id)
+    if ctx.run is None:
+        config = ctx.config
+        ctx.run = Distillation(config, ctx.dataset, ctx.splits, StoreKeeper(store, ctx.files, config.device),
+                               make_teacher=lambda: make_teacher(config, ctx.splits, embed=shared_embeddings(),
+                                                                 cache_store=store),
+                               embed=shared_embeddings(), name=f"{run_id} ")
+    ctx.run.events = list(events)
+    return ctx.run
 
 
 def _put_samples(store: ArtifactStore, key: str, samples: list[Sample]) -> ArtifactRef:
@@ -265,135 +279,124 @@ def export_checkpoint(store: ArtifactStore, uri: str, out: str | Path) -> Path:
     return Path(out)
 
 
-# -- trainer ---------------------------------------------------------------------------------------------
+# -- the run's state in the store ---------------------------------------------------------------------------
 
-def train(message: RunRequested | SamplesGenerated, store: ArtifactStore, progress: bool = False) -> ModelTrained:
-    """Cycle 0 from the labeled seed set; cycle k from version k-1 plus the accepted samples,
-    warm-started from the best student so far."""
-    ctx = run_context(store, message.run_id)
-    config, cycle = ctx.config, message.cycle
-    warm = None
+def save_state(store: ArtifactStore, state: RunState) -> ArtifactRef:
+    return store.put_json(RunFiles(state.run_id).state(state.cycle, state.phase), state.model_dump(mode="json"))
+
+
+def load_state(store: ArtifactStore, message: LoopMessage) -> RunState:
+    """The state `message` points to. One that is missing, damaged, of a newer schema or of another
+    run is a StateError naming the run and the file (the message goes to the dead-letter topic)."""
+    where = store.location(message.state)
+    try:
+        data = store.get_json(message.state)
+    except ArtifactError as e:
+        raise StateError(message.run_id, where, str(e).removeprefix(f"{where}: ")) from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version > STATE_SCHEMA:
+        raise StateError(message.run_id, where, f"of a newer schema ({version}); this pgkd reads {STATE_SCHEMA}: "
+                                                "upgrade this service")
+    try:
+        state = RunState.model_validate(data)
+    except ValidationError as e:
+        error = e.errors()[0]
+        raise StateError(message.run_id, where, f"damaged: {'.'.join(map(str, error['loc'])) or 'state'}: "
+                                                f"{error['msg']}") from None
+    if state.run_id != message.run_id:
+        raise StateError(message.run_id, where, f"of run {state.run_id}, not of this run")
+    return state
+
+
+def latest_state(store: ArtifactStore, run_id: str) -> RunState | None:
+    """The run's last saved state (what `pgkd status` and `pgkd submit --wait` show), if any."""
+    keys = sorted(store.list(RunFiles(run_id).states))
+    return store.get_model(keys[-1], RunState) if keys else None
+
+
+# -- the phases, one per service -----------------------------------------------------------------------------
+
+def train(message: RunRequested | SamplesGenerated, store: ArtifactStore, events=()) -> ModelTrained:
+    """trainer: cycle 0 from the labeled seed set; cycle k on the training set the generator grew."""
+    run = distillation(store, message.run_id, events)
     if isinstance(message, RunRequested):
-        train_set, provenance, started = list(ctx.splits.train), Provenance(), message.submitted_at
-        if message.start_from is not None:  # a stream's run: from its best student, its head grown to new labels
-            student, warm = load_checkpoint(store, message.start_from, config.device).with_labels(ctx.labels), True
-        else:
-            student = fresh_student(config, ctx.labels, 0, embed=shared_embeddings())
+        state = run.start(message.run_id, started_at=message.submitted_at, promote=message.promote,
+                          start_from=message.start_from)
     else:
-        train_set = read_samples_artifact(store, message.train_set) + message.samples
-        provenance, started = message.provenance, message.cycle_started
-        student = round_student(config, ctx.labels, cycle, embed=shared_embeddings(),
-                                best=lambda: load_checkpoint(store, message.best_checkpoint, config.device))
-    train_ref = _put_samples(store, ctx.files.train_set(cycle), train_set)
-    trained = train_round(config, student, train_set, ctx.splits.validation, cycle, warm, progress=progress,
-                          name=f"{message.run_id} ")
-    checkpoint = store_checkpoint(store, ctx.files.checkpoint(cycle), student)
-    return ModelTrained(run_id=message.run_id, cycle=cycle, checkpoint=checkpoint, train_set=train_ref,
-                        train_size=len(train_set), training=TrainingRound.model_validate(trained, from_attributes=True),
-                        provenance=provenance, cycle_started=started)
+        state = load_state(store, message)
+    return ModelTrained(run_id=message.run_id, cycle=message.cycle, state=save_state(store, run.train(state)))
 
 
-# -- evaluator -------------------------------------------------------------------------------------------
-
-def cycle_states(store: ArtifactStore, ctx: RunContext, up_to: int) -> list[CycleState]:
-    """The evaluated cycles 0..up_to-1, in order; a gap means a message came out of order."""
-    states = []
-    for cycle in range(up_to):
-        key = ctx.files.cycle_state(cycle)
-        if not store.exists(key):
-            raise RuntimeError(f"run {ctx.request.run_id}: cycle {cycle} was never evaluated")
-        states.append(store.get_model(key, CycleState))
-    return states
-
-
-def evaluate(message: ModelTrained, store: ArtifactStore, metrics: LoopMetrics | None = None,
+def evaluate(message: ModelTrained | TeacherStopped, store: ArtifactStore, events=(),
              reader=None) -> CycleEvaluated | RunCompleted:
-    """Score the student on validation, record the cycle, export the run's metrics, and let the stop
-    policy decide on what `reader` (Prometheus, or a metrics registry) reads back; without a reader,
-    or when it cannot answer, on the run's own records, saying so."""
-    ctx = run_context(store, message.run_id)
-    config, cycle, policy = ctx.config, message.cycle, ctx.config.policy()
-    student = load_checkpoint(store, message.checkpoint, config.device)
-    train_set = read_samples_artifact(store, message.train_set) if config.selection_source == "out-of-fold" else None
-    evaluation = evaluate_cycle(config, student, ctx.splits, cycle, train=train_set, embed=shared_embeddings())
-    states = cycle_states(store, ctx, cycle)
-    history = [s.decisive.metric(config.metric) for s in states] + [evaluation.decisive.metric(config.metric)]
-    best_cycle = policy.best_cycle(history)
-    record = cycle_record(config, cycle, message.train_size, evaluation, message.provenance, message.training,
-                          best_cycle == cycle, time.time() - message.cycle_started)
-    probs = io.BytesIO()
-    np.save(probs, np.asarray(evaluation.probs), allow_pickle=False)
-    state = CycleState(record=record, validation=evaluation.validation, test=evaluation.test, selection=evaluation.selection,
-                       checkpoint=message.checkpoint, train_set=message.train_set,
-                       validation_probs=store.put_bytes(ctx.files.validation_probs(cycle), probs.getvalue()))
-    store.put_json(ctx.files.cycle_state(cycle), state.model_dump(mode="json"))
-    states.append(state)
-    if metrics is not None:  # every cycle again: a restarted evaluator exports the whole run
-        for s in states:
-            c = s.record.cycle
-            metrics.cycle_evaluated(message.run_id, c, s.record.validation, config.metric, history[:c + 1],
-                                    policy.best_cycle(history[:c + 1]), record.seconds if c == cycle else None,
-                                    selection=s.record.selection)
-    records = [s.record for s in states]
-    decision = stop_decision(config, history, records)
-    if reader is not None:
-        try:
-            read = reader.read(message.run_id, config.metric, cycle)
-            # Spend: the larger of what the metrics and the records say (the generator's gauges can
-            # only be ahead of the records, never behind, unless its metrics were lost).
-            usage = sum((r.teacher_usage for r in records), TeacherUsage())
-            decision = stop_decision(config, read.history, records, read.source,
-                                     tokens=max(read.tokens, usage.prompt_tokens + usage.completion_tokens),
-                                     cost=max(read.cost, usage.cost))
-        except MetricsUnavailable as e:
-            decision.source = f"run records, because {e}"
-            log.warning("evaluator: run %s cycle %d: deciding on the run's records: %s", message.run_id, cycle, e)
-    log.info("evaluator: run %s cycle %d: %s (decided from: %s)", message.run_id, cycle,
-             decision.reason if decision.stop else "continue", decision.source)
-    if decision.stop:
-        if metrics is not None:
-            metrics.completed(message.run_id, "completed", decision.reason)
-        return complete_run(store, ctx, states, decision.reason, cycle, decided_from=decision.source)
-    return CycleEvaluated(run_id=message.run_id, cycle=cycle, checkpoint=message.checkpoint,
-                          train_set=message.train_set, best_checkpoint=states[best_cycle].checkpoint,
-                          best_cycle=best_cycle, validation=evaluation.validation.headline(),
-                          samples_generated=sum(r.generated for r in records))
+    """evaluator: record the cycle and let the stop policy decide (on what `reader` reads back, or on
+    the state); end the run when it says stop, or when the teacher stopped. The one service that ends
+    a run."""
+    run = distillation(store, message.run_id, events)
+    state = load_state(store, message)
+    if isinstance(message, ModelTrained):
+        state = run.evaluate(state, reader)
+        log.info("evaluator: run %s cycle %d: %s (decided from: %s)", message.run_id, message.cycle,
+                 state.stop_reason or "continue", state.decided_from or "the policy")
+    if state.stopped:
+        return complete_run(store, run, state)
+    return CycleEvaluated(run_id=message.run_id, cycle=message.cycle, state=save_state(store, state))
 
 
-def run_teacher_usage(store: ArtifactStore, run_id: str, provenance: Provenance) -> TeacherUsage:
-    """The run's teacher usage so far: the evaluated cycles' records plus a cycle just generated."""
-    ctx = run_context(store, run_id)
-    keys = store.list(ctx.files.cycles)
-    return sum((store.get_model(k, CycleState).record.teacher_usage for k in keys),
-               provenance.teacher_usage)
+def mine(message: CycleEvaluated, store: ArtifactStore, events=()) -> NegativesMined:
+    """miner: the mistakes of the student just evaluated, for the next cycle's teacher request."""
+    run = distillation(store, message.run_id, events)
+    state = run.mine(load_state(store, message))
+    return NegativesMined(run_id=message.run_id, cycle=state.cycle, state=save_state(store, state))
 
 
-def complete_run(store: ArtifactStore, ctx: RunContext, states: list[CycleState], reason: str,
-                 cycle: int, decided_from: str = "teacher") -> RunCompleted:
-    """Score the best student on test and write the run's report.json and history.png."""
-    config = ctx.config
-    best_cycle = config.policy().best_cycle([s.decisive.metric(config.metric) for s in states])
-    best_state = states[best_cycle]
-    student = load_checkpoint(store, best_state.checkpoint, config.device)
-    teacher = (store.get_json(ctx.files.teacher) if store.exists(ctx.files.teacher)
-               else make_teacher(config, ctx.splits).describe())
-    records = [s.record for s in states]
-    for record in records:
-        if record.cycle < cycle:     # the miner showed the teacher this cycle's scores
-            record.guidance = (record.validation if config.guidance_source == "validation"
-                               else store.get_json(ctx.files.guidance(record.cycle)))
-    report = finish(config, ctx.dataset, ctx.splits, student, best_cycle, records,
-                    [s.validation for s in states], states[0].test, read_samples_artifact(store, states[-1].train_set),
-                    teacher, reason, time.time() - ctx.request.submitted_at)
+def generate(message: NegativesMined, store: ArtifactStore, events=()) -> SamplesGenerated | TeacherStopped:
+    """generator: ask the teacher, screen its answer against every known text, grow the training set;
+    or tell the evaluator the teacher stopped."""
+    run = distillation(store, message.run_id, events)
+    state = run.teach(load_state(store, message))
+    kind = TeacherStopped if state.stopped else SamplesGenerated
+    return kind(run_id=message.run_id, cycle=state.cycle, state=save_state(store, state))
+
+
+def complete_run(store: ArtifactStore, run: Distillation, state: RunState) -> RunCompleted:
+    """Score the best student on test and write the run's report.json, history.png and final state;
+    with --promote, its best student goes to serving (the RunCompleted carries the StudentPromoted)."""
+    state, report, _ = run.finish(state)
+    files = RunFiles(state.run_id)
     with tempfile.TemporaryDirectory() as folder:
         plot_history(report, Path(folder) / "history.png")
-        store.put_bytes(ctx.files.plot, (Path(folder) / "history.png").read_bytes())
-    report_ref = store.put_json(ctx.files.report, report.model_dump(mode="json"))
-    completed = RunCompleted(run_id=ctx.request.run_id, cycle=cycle, status="completed", reason=reason,
-                             report=report_ref, best_checkpoint=best_state.checkpoint, best_cycle=best_cycle,
-                             test=report.best.test.headline(), decided_from=decided_from)
-    store.put_json(ctx.files.completed, completed.model_dump(mode="json"))
+        store.put_bytes(files.plot, (Path(folder) / "history.png").read_bytes())
+    report_ref = store.put_json(files.report, report.model_dump(mode="json"))
+    state = state.model_copy(update={"report": report_ref})
+    best = state.best
+    promotion = None
+    if state.promote:
+        scores = {f"validation_{k}": v for k, v in best.validation.headline().items()}
+        scores |= {f"test_{k}": v for k, v in report.best.test.headline().items()}
+        promotion = record_promotion(store, StudentPromoted(
+            run_id=state.run_id, cycle=best.cycle, checkpoint=best.student, scores=scores, source="run",
+            decision=f"run {state.run_id} completed ({state.stop_reason}); submitted with --promote"))
+    completed = RunCompleted(run_id=state.run_id, cycle=state.cycle, status="completed", reason=state.stop_reason,
+                             report=report_ref, best_checkpoint=best.student, best_cycle=best.cycle,
+                             test=report.best.test.headline(), decided_from=state.decided_from,
+                             state=save_state(store, state), promotion=promotion)
+    store.put_json(files.completed, completed.model_dump(mode="json"))
     return completed
+
+
+# The phase each message of the loop goes to (the services consume them so: services/*/__init__.py).
+STEP_OF = {RunRequested: train, SamplesGenerated: train, ModelTrained: evaluate, TeacherStopped: evaluate,
+           CycleEvaluated: mine, NegativesMined: generate}
+
+
+def run_through_steps(message: RunRequested, store: ArtifactStore, events=(), reader=None) -> RunCompleted:
+    """A submitted run's phases one after another, as the services call them, in this process (the
+    stream's benchmark and tests: a stream's runs are runs of the services)."""
+    while not isinstance(message, RunCompleted):
+        step = STEP_OF[type(message)]
+        message = step(message, store, events, reader=reader) if step is evaluate else step(message, store, events)
+    return message
 
 
 # -- promotion to serving ---------------------------------------------------------------------------------
@@ -415,69 +418,3 @@ def record_promotion(store: ArtifactStore, promoted: StudentPromoted) -> Student
 def latest_promotion(store: ArtifactStore, model: str) -> StudentPromoted | None:
     key = latest_promotion_key(model)
     return store.get_model(key, StudentPromoted) if store.exists(key) else None
-
-
-def with_promotion(store: ArtifactStore, output):
-    """A run submitted with --promote that completed: its RunCompleted and its best student's
-    StudentPromoted. Any other output as it is."""
-    if not isinstance(output, RunCompleted) or output.status != "completed":
-        return output
-    request = store.get_model(RunFiles(output.run_id).request, RunRequested)
-    if not request.promote:
-        return output
-    best = store.get_model(RunFiles(output.run_id).cycle_state(output.best_cycle), CycleState)
-    scores = {f"validation_{k}": v for k, v in best.validation.headline().items()}
-    scores |= {f"test_{k}": v for k, v in (output.test or {}).items()}
-    promoted = StudentPromoted(run_id=output.run_id, cycle=output.best_cycle, checkpoint=output.best_checkpoint,
-                               scores=scores, source="run",
-                               decision=f"run {output.run_id} completed ({output.reason}); submitted with --promote")
-    return [output, record_promotion(store, promoted)]
-
-
-# -- miner -----------------------------------------------------------------------------------------------
-
-def mine(message: CycleEvaluated, store: ArtifactStore) -> NegativesMined:
-    """The mistakes of the student just evaluated, for the next cycle's teacher request: mined from
-    the validation probabilities the evaluator stored, as the embedded run mines its evaluation's
-    (the student runs again only for a cycle recorded without them, or for another checkpoint); or,
-    with out-of-fold guidance, from fold students' predictions on the labeled train samples."""
-    ctx = run_context(store, message.run_id)
-    config, cycle = ctx.config, message.cycle + 1
-    state = store.get_model(ctx.files.cycle_state(message.cycle), CycleState)
-    if state.validation_probs is not None and state.checkpoint == message.checkpoint:
-        report, probs = state.validation, np.load(io.BytesIO(store.get_bytes(state.validation_probs)))
-    else:
-        student = load_checkpoint(store, message.checkpoint, config.device)
-        report, probs = evaluate_student(student, ctx.splits.validation, ctx.labels)
-    # The training set only where fold students need it (a read of the store less per message otherwise).
-    train_set = read_samples_artifact(store, message.train_set) if config.guidance_source == "out-of-fold" else []
-    guidance = guidance_cycle(config, ctx.splits, train_set, report, probs, cycle, embed=shared_embeddings())
-    if config.guidance_source != "validation":
-        store.put_json(ctx.files.guidance(message.cycle), guidance.report.headline())
-    mined = mine_cycle(config, guidance.samples, guidance.probs, ctx.labels, cycle)
-    return NegativesMined(run_id=message.run_id, cycle=cycle, mined=mined, report=guidance.report,
-                          train_set=message.train_set, best_checkpoint=message.best_checkpoint,
-                          wanted=ctx.config.samples_wanted(message.samples_generated), cycle_started=time.time())
-
-
-# -- generator -------------------------------------------------------------------------------------------
-
-def generate(message: NegativesMined, store: ArtifactStore) -> SamplesGenerated | RunCompleted:
-    """Ask the teacher, screen its answer against every known text, and hand the rest on."""
-    ctx = run_context(store, message.run_id)
-    config, cycle = ctx.config, message.cycle
-    train_set = read_samples_artifact(store, message.train_set)
-    if ctx.teacher is None:
-        ctx.teacher = make_teacher(config, ctx.splits, embed=shared_embeddings(), cache_store=store)
-        ctx.teacher_initial = ctx.teacher.state()
-    teacher = ctx.teacher
-    # Start from the state the previous answer left, so a restarted generator answers the same.
-    teacher.load_state(ctx.teacher_initial if cycle == 1 else store.get_json(ctx.files.teacher_state(cycle - 1)))
-    lesson = teach(config, teacher, ctx.splits, train_set, message.mined, message.report, message.wanted, cycle)
-    store.put_json(ctx.files.teacher, teacher.describe())
-    if lesson.stop_reason:
-        return complete_run(store, ctx, cycle_states(store, ctx, cycle), lesson.stop_reason, cycle)
-    store.put_json(ctx.files.teacher_state(cycle), teacher.state())
-    return SamplesGenerated(run_id=message.run_id, cycle=cycle, samples=lesson.accepted,
-                            provenance=lesson.provenance, train_set=message.train_set,
-                            best_checkpoint=message.best_checkpoint, cycle_started=message.cycle_started)

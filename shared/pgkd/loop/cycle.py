@@ -19,10 +19,9 @@ from pgkd.loop.config import DistillConfig
 from pgkd.loop.evaluation import EvalReport, evaluate
 from pgkd.loop.guidance import Guidance, out_of_fold_guidance, validation_guidance
 from pgkd.loop.mining import MiningResult, mine
-from pgkd.loop.report import (BestScores, CycleRecord, Provenance, RunReport, Scores, Selection, TrainingRound,
-                              environment)
+from pgkd.loop.report import (BestScores, CycleRecord, PhaseTimes, Provenance, RunReport, Scores, Selection,
+                              TrainingRound, environment)
 from pgkd.loop.screening import screen
-from pgkd.loop.stopping import StopDecision
 from pgkd.students import create_student
 from pgkd.students.contract import TrainResult
 from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage
@@ -108,36 +107,14 @@ def out_of_fold(config: DistillConfig, splits: Splits, train: list[Sample], cycl
 
 
 def cycle_record(config: DistillConfig, cycle: int, train_size: int, evaluation: Evaluation,
-                 provenance: Provenance, trained, improved: bool, seconds: float) -> CycleRecord:
+                 provenance: Provenance, trained: TrainingRound, improved: bool, timings: PhaseTimes) -> CycleRecord:
     return CycleRecord(
         cycle=cycle, train_size=train_size, validation=evaluation.validation.headline(),
         selection=evaluation.selection.headline() if evaluation.selection is not None else None,
         test=evaluation.test.headline() if config.track_test else None,
         generated=provenance.generated, accepted=provenance.accepted, rejected=provenance.rejected,
         teacher_usage=provenance.teacher_usage,
-        training=TrainingRound.model_validate(trained, from_attributes=True), improved=improved, seconds=seconds)
-
-
-def stop_decision(config: DistillConfig, history: list[float], cycles: list[CycleRecord],
-                  source: str = "run records", tokens: int | None = None, cost: float | None = None) -> StopDecision:
-    """The stop policy on the metric's history and the run's spend: the samples generated and the
-    teacher's tokens and cost (as the records say, unless a metrics reader says more)."""
-    usage = sum((c.teacher_usage for c in cycles), TeacherUsage())
-    decision = config.policy().decide(history, sum(c.generated for c in cycles),
-                                      usage.prompt_tokens + usage.completion_tokens if tokens is None else tokens,
-                                      usage.cost if cost is None else cost)
-    decision.source = source
-    return decision
-
-
-def log_cycle(config: DistillConfig, record: CycleRecord, history: list[float], write=None) -> None:
-    best_cycle = config.policy().best_cycle(history)
-    scores = "selection" if record.selection is not None else "val"
-    line = (f"cycle {record.cycle:>2}: train {record.train_size:>5}  {scores} {config.metric} {history[-1]:.4f}  "
-            f"acc {record.validation['accuracy']:.4f}  best {history[best_cycle]:.4f} @ {best_cycle}  "
-            f"accepted {record.accepted}/{record.generated}"
-            + (f" rejected {record.rejected}" if record.rejected else "") + f"  {record.seconds:.0f}s")
-    (write or log)(line)
+        training=trained, improved=improved, seconds=timings.total, timings=timings)
 
 
 # -- 3. guide and mine -------------------------------------------------------------------------------------
@@ -224,10 +201,10 @@ def provenance_of(batch: GeneratedBatch, screened) -> Provenance:
 # -- 5. finish ---------------------------------------------------------------------------------------------
 
 def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student, best_cycle: int,
-           cycles: list[CycleRecord], validation_reports: list[EvalReport], baseline_test: EvalReport,
+           cycles: list[CycleRecord], best_validation: EvalReport, baseline: Scores,
            final_train: list[Sample], teacher: dict, stop_reason: str, seconds: float) -> RunReport:
     """The run's report: the kept student (the best cycle's) scored once on test, against the baseline."""
-    best = BestScores(cycle=best_cycle, validation=validation_reports[best_cycle],
+    best = BestScores(cycle=best_cycle, validation=best_validation,
                       test=evaluate_student(best_student, splits.test, splits.labels)[0])
     return RunReport(
         pgkd_version=__version__,
@@ -238,7 +215,7 @@ def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student
                  "device": str(getattr(best_student, "device", "cpu"))},
         teacher=teacher, teacher_usage=sum((c.teacher_usage for c in cycles), TeacherUsage()), seed=config.seed,
         config=config.model_dump(), cycles=cycles,
-        baseline=Scores(validation=validation_reports[0], test=baseline_test), best=best, stop_reason=stop_reason,
+        baseline=baseline, best=best, stop_reason=stop_reason,
         seconds=seconds, environment=environment(),
         selection=selection_note(config, splits, cycles[best_cycle]))
 

@@ -1,34 +1,20 @@
 """The embedded PGKD run: the whole method in one process. Read `distill_splits` top to bottom: train,
 evaluate, decide, mine, ask the teacher, screen, add, repeat; keep the best student. The phases are
-in cycle.py, where the services call the same ones."""
+pgkd.loop.distillation's, on a state in memory; each service calls one of the same phases on a state
+it loads from the artifact store."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgkd.data import Dataset, Sample, Splits, load_dataset, make_splits
+from pgkd.data import Dataset, Splits, load_dataset, make_splits
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
-from pgkd.loop.cycle import (
-    cycle_record,
-    dataset_duplicates,
-    evaluate_cycle,
-    finish,
-    fresh_student,
-    guidance_cycle,
-    log,
-    log_cycle,
-    make_teacher,
-    mine_cycle,
-    parameter_count,
-    round_student,
-    stop_decision,
-    teach,
-    train_round,
-)
+from pgkd.loop.cycle import dataset_duplicates, fresh_student, log, make_teacher, parameter_count
+from pgkd.loop.distillation import Distillation, MemoryKeeper
 from pgkd.loop.outputs import RunOutput, write_json_atomic
-from pgkd.loop.report import Provenance, RunReport, plot_history
+from pgkd.loop.report import RunReport, plot_history
 from pgkd.students.frozen import EmbeddingCache
 from pgkd.teachers.contract import TeacherUnavailable
 
@@ -49,7 +35,7 @@ def run(config: DistillConfig, out: str | Path | None, progress: bool = True, em
     own objects). `embed` is the sentence encoder of the guided simulation (default: MiniLM), shared
     with the frozen-encoder student, so each text is encoded once. Without `keep_model` (benchmarks)
     OUT/best/ is not written."""
-    started = time.perf_counter()
+    started = time.time()
     output = RunOutput(out) if out is not None else None
     staging = output.open() if output is not None else None       # checks OUT before any work
     try:
@@ -73,65 +59,36 @@ def run(config: DistillConfig, out: str | Path | None, progress: bool = True, em
 
 def distill_splits(config: DistillConfig, dataset: Dataset, splits: Splits, progress: bool = True, embed=None,
                    teacher=None, student=None, started: float | None = None) -> DistillResult:
-    """The loop itself, on splits made already."""
-    started = time.perf_counter() if started is None else started
-    labels, validation = splits.labels, splits.validation
+    """The loop itself, on splits made already: the phases of pgkd.loop.distillation, in order, on a
+    state kept in memory."""
     # One sentence encoder for the frozen student and the guided teacher; it loads on first use.
     cache = embed if isinstance(embed, EmbeddingCache) else EmbeddingCache(progress=progress) if embed is None else None
-    student = student if student is not None else fresh_student(config, labels, 0, embed=cache)
+    student = student if student is not None else fresh_student(config, splits.labels, 0, embed=cache)
     teacher = teacher if teacher is not None else make_teacher(config, splits, embed=embed or cache)
     announce(config, dataset, splits, student, teacher)
+    run = Distillation(config, dataset, splits, MemoryKeeper(), make_teacher=lambda: teacher, embed=cache,
+                       student=student, events=[CycleLines()], progress=progress)
 
-    train: list[Sample] = list(splits.train)
-    cycles, reports, history = [], [], []
-    provenance, best_state, cycle = Provenance(), None, 0
+    state = run.start("embedded", started_at=started, handed_at=time.time())
     while True:
-        cycle_started = time.perf_counter()
-        # 1. Train: from the pretrained encoder at cycle 0, then warm-started from the best student.
-        if cycle > 0:
-            student = round_student(config, labels, cycle, best=lambda: restored(student, best_state), embed=cache)
-        trained = train_round(config, student, train, validation, cycle, progress=progress)
-        # 2. Evaluate on validation (and the baseline on test), 3. decide.
-        evaluation = evaluate_cycle(config, student, splits, cycle, train=train, embed=cache)
-        reports.append(evaluation.validation)
-        history.append(evaluation.decisive.metric(config.metric))
-        improved = config.policy().best_cycle(history) == cycle
-        if improved:
-            best_state = student.state()
-        if cycle == 0:
-            baseline_test = evaluation.test
-        cycles.append(cycle_record(config, cycle, len(train), evaluation, provenance, trained, improved,
-                                   time.perf_counter() - cycle_started))
-        log_cycle(config, cycles[-1], history)
-        decision = stop_decision(config, history, cycles)
-        if decision.stop:
-            stop_reason = decision.reason
+        state = run.train(state)        # 1. train: from the pretrained encoder at cycle 0, then warm-started
+        state = run.evaluate(state)     # 2. evaluate on validation (and the baseline on test), 3. decide
+        if state.stopped:
             break
-        # 4. Mine the student's mistakes (on validation, or out of fold on the labeled train samples),
-        # 5. ask the teacher for samples aimed at them, screen, add.
-        cycle += 1
-        guidance = guidance_cycle(config, splits, train, evaluation.validation, evaluation.probs, cycle,
-                                  embed=cache)
-        cycles[-1].guidance = guidance.report.headline()
-        mined = mine_cycle(config, guidance.samples, guidance.probs, labels, cycle)
-        lesson = teach(config, teacher, splits, train, mined, guidance.report,
-                       config.samples_wanted(sum(c.generated for c in cycles)), cycle)
-        if lesson.stop_reason:           # the teacher is unavailable, or has nothing left to give
-            stop_reason = lesson.stop_reason
+        state = run.mine(state)         # 4. mine the student's mistakes (on validation, or out of fold)
+        state = run.teach(state)        # 5. ask the teacher for samples aimed at them, screen, add
+        if state.stopped:               # the teacher is unavailable, or has nothing left to give
             break
-        train, provenance = train + lesson.accepted, lesson.provenance
-
-    log(f"pgkd: stop: {stop_reason}")
-    best_cycle = config.policy().best_cycle(history)
-    best = restored(student, best_state)
-    report = finish(config, dataset, splits, best, best_cycle, cycles, reports, baseline_test, train,
-                    describe(teacher), stop_reason, time.perf_counter() - started)
+    log(f"pgkd: stop: {state.stop_reason}")
+    state, report, best = run.finish(state)
     return DistillResult(report=report, student=best)
 
 
-def restored(student, state):
-    student.load_state(state)
-    return student
+class CycleLines:
+    """Prints each cycle's line as it is recorded (the listener of the embedded run)."""
+
+    def on_cycle_evaluated(self, state) -> None:
+        log(state.cycle_line(state.cycles[-1].cycle))
 
 
 def announce(config: DistillConfig, dataset: Dataset, splits: Splits, student, teacher) -> None:
@@ -157,7 +114,3 @@ def announce(config: DistillConfig, dataset: Dataset, splits: Splits, student, t
             teacher.check()
         except TeacherUnavailable as e:
             raise UserError(str(e)) from None
-
-
-def describe(teacher) -> dict:
-    return teacher.describe() if hasattr(teacher, "describe") else {"name": getattr(teacher, "name", "")}

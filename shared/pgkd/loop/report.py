@@ -27,6 +27,27 @@ class Provenance(BaseModel):
     teacher_usage: TeacherUsage = TeacherUsage()
 
 
+class PhaseTimes(BaseModel):
+    """A cycle's wall seconds, phase by phase, measured the same way embedded and in the services.
+    Cycle k's are the mining of student k-1's mistakes, the teacher's answer, student k's training
+    round and its evaluation; cycle 0 has no mining or teacher. `queue`: the seconds between its
+    phases, waiting for the next one to start (the bus, and for the services' cycle 0 the wait for a
+    trainer to take the run; next to nothing in one process). The time a run takes to finish (its
+    best student scored on test, the report written) is in no cycle."""
+    mine: float = 0.0
+    teacher: float = 0.0
+    train: float = 0.0
+    evaluate: float = 0.0
+    queue: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.mine + self.teacher + self.train + self.evaluate + self.queue
+
+    def plus(self, **seconds: float) -> "PhaseTimes":
+        return self.model_copy(update={k: getattr(self, k) + v for k, v in seconds.items()})
+
+
 class CycleRecord(BaseModel):
     cycle: int
     train_size: int
@@ -39,7 +60,8 @@ class CycleRecord(BaseModel):
     teacher_usage: TeacherUsage
     training: TrainingRound
     improved: bool
-    seconds: float
+    seconds: float                   # timings.total: the cycle's wall seconds
+    timings: PhaseTimes = PhaseTimes()
     # The scores the teacher was shown after this cycle (out-of-fold over the labeled train samples, or
     # the validation report itself); None when the run stopped here.
     guidance: dict[str, float] | None = None
@@ -82,9 +104,11 @@ class RunReport(BaseModel):
 
 def without_times(report: dict) -> dict:
     """A report (as JSON) without what differs between any two runs of the same configuration: wall
-    times and the environment. Two runs that compute the same thing are equal in it."""
+    times and the environment. Two runs that compute the same thing are equal in it. A cycle's
+    timings keep their shape: each phase's name, and whether it is non-negative."""
     report = {k: v for k, v in report.items() if k not in ("seconds", "environment")}
-    report["cycles"] = [{**{k: v for k, v in c.items() if k != "seconds"},
+    report["cycles"] = [{**{k: v for k, v in c.items() if k not in ("seconds", "timings")},
+                         "timings": {k: v >= 0 for k, v in c["timings"].items()},
                          "training": {k: v for k, v in c["training"].items()
                                       if k not in ("seconds", "samples_per_second")}} for c in report["cycles"]]
     return report

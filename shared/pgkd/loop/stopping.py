@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 
+class MetricsUnavailable(RuntimeError):
+    """The metrics cannot be read, or do not show the current cycle yet: the stop policy decides on
+    the run's own records (a metrics reader raises it: pgkd.distributed.metrics_readers)."""
+
+
 class StopDecision(BaseModel):
     stop: bool
     reason: str = ""

@@ -19,7 +19,6 @@ from pgkd.data import Sample, Splits, normalize_text
 from pgkd.distributed.artifacts import ArtifactStore
 from pgkd.distributed.messages import RunCompleted, RunRequested, StudentPromoted
 from pgkd.distributed.steps import (
-    CycleState,
     RunFiles,
     load_checkpoint,
     read_samples_artifact,
@@ -30,6 +29,7 @@ from pgkd.distributed.steps import (
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.evaluation import EvalReport
+from pgkd.loop.state import Best, RunState
 from pgkd.stream.promotion import compare, score
 from pgkd.stream.samples import Rejected, StoredSample, parse_sample, route
 from pgkd.stream.segments import KEY_BYTES, SegmentLog, index_key
@@ -495,7 +495,7 @@ class Stream:
         that score flatters it)."""
         return previous.drift_reference if previous.drift_reference is not None else previous.reference_floor
 
-    def _unbiased_scores(self, completed: RunCompleted, best: CycleState) -> EvalReport:
+    def _unbiased_scores(self, completed: RunCompleted, best: Best) -> EvalReport:
         """The drift reference: scores of the base run the teacher never aimed at. Its selection scores
         when they are such (out-of-fold selection, or out-of-fold guidance); when validation both guided
         the teacher and selected, the kept student's validation score flatters it (the teacher was
@@ -505,10 +505,15 @@ class Stream:
         config = run_context(self.store, completed.run_id).config
         if config.selection_source == "out-of-fold" or config.guidance_source == "out-of-fold":
             return best.decisive
-        return self.store.get_model(RunFiles(completed.run_id).cycle_state(0), CycleState).validation
+        return self._final_state(completed).baseline.validation
 
-    def _best_cycle(self, completed: RunCompleted) -> CycleState:
-        return self.store.get_model(RunFiles(completed.run_id).cycle_state(completed.best_cycle), CycleState)
+    def _final_state(self, completed: RunCompleted) -> RunState:
+        if completed.state is None:
+            raise UserError(f"run {completed.run_id}: its RunCompleted names no final state")
+        return self.store.get_model(completed.state, RunState)
+
+    def _best_cycle(self, completed: RunCompleted) -> Best:
+        return self._final_state(completed).best
 
     def _current_student(self):
         ref = self.state.current.checkpoint
