@@ -5,7 +5,9 @@ the other on this machine; their wall times, and whether their reports are equal
     python -m pgkd_services.bench_bus --data ../shared/data/banking77
 
 The embedded wall time is `pgkd distill`'s process, start to exit; the services' is `pgkd submit
---wait`'s, start to exit, on a cluster already started (broker, Prometheus, the services connected).
+--wait`'s, start to exit, on a cluster already started (broker, Prometheus, the services connected):
+once on fresh service processes (cold), then the same run again on the same processes (warm: their
+models loaded, the teacher's pool embedded).
 """
 from __future__ import annotations
 
@@ -37,13 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     with LocalCluster(out / "cluster", quiet=True) as cluster:
         cluster.start_services()
         time.sleep(10)    # the consumer groups settle (Tansu answers joins after a few seconds)
-        started = time.perf_counter()
-        submit = subprocess.run(cluster.pgkd_argv("submit", "--wait", "--run-id", "bus", *options), env=cluster.env,
-                                capture_output=True, text=True)
-        services_wall = time.perf_counter() - started
-        if submit.returncode != 0:
-            raise SystemExit(f"the services' run failed: {submit.stderr[-2000:]}")
-        services_report = ArtifactStore(cluster.env["PGKD_ARTIFACTS"]).get_json("runs/bus/report.json")
+        services_wall, services_report = {}, {}
+        for run_id in ("cold", "warm"):
+            started = time.perf_counter()
+            submit = subprocess.run(cluster.pgkd_argv("submit", "--wait", "--run-id", run_id, *options),
+                                    env=cluster.env, capture_output=True, text=True)
+            services_wall[run_id] = time.perf_counter() - started
+            if submit.returncode != 0:
+                raise SystemExit(f"the services' {run_id} run failed: {submit.stderr[-2000:]}")
+            services_report[run_id] = ArtifactStore(cluster.env["PGKD_ARTIFACTS"]).get_json(f"runs/{run_id}/report.json")
 
     embedded_out = out / "embedded"
     started = time.perf_counter()
@@ -54,14 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the embedded run failed: {embedded.stderr[-2000:]}")
     embedded_report = json.loads((embedded_out / "report.json").read_text())
 
-    result = {"run_options": args.run_options, "data": args.data,
-              "embedded_seconds": round(embedded_wall, 1), "services_seconds": round(services_wall, 1),
-              "ratio": round(services_wall / embedded_wall, 4),
-              "embedded_training_seconds": round(sum(c["training"]["seconds"] for c in embedded_report["cycles"]), 1),
-              "services_training_seconds": round(sum(c["training"]["seconds"] for c in services_report["cycles"]), 1),
-              "reports_equal_but_times": without_times(services_report) == without_times(embedded_report),
+    phases = lambda report: {phase: round(sum(c["timings"][phase] for c in report["cycles"]), 1)  # noqa: E731
+                             for phase in report["cycles"][0]["timings"]}
+    result = {"run_options": args.run_options, "data": args.data, "embedded_seconds": round(embedded_wall, 1),
+              **{f"services_{k}_seconds": round(v, 1) for k, v in services_wall.items()},
+              **{f"ratio_{k}": round(v / embedded_wall, 4) for k, v in services_wall.items()},
+              "reports_equal_but_times": all(without_times(r) == without_times(embedded_report)
+                                             for r in services_report.values()),
+              "phase_seconds": {"embedded": phases(embedded_report),
+                                **{k: phases(r) for k, r in services_report.items()}},
+              "cycle_seconds": {"embedded": [round(c["seconds"], 1) for c in embedded_report["cycles"]],
+                                **{k: [round(c["seconds"], 1) for c in r["cycles"]]
+                                   for k, r in services_report.items()}},
               "validation": {"embedded": [c["validation"]["macro_f1"] for c in embedded_report["cycles"]],
-                             "services": [c["validation"]["macro_f1"] for c in services_report["cycles"]]}}
+                             **{k: [c["validation"]["macro_f1"] for c in r["cycles"]]
+                                for k, r in services_report.items()}}}
     (out / "bus.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

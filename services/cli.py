@@ -72,10 +72,11 @@ def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: f
     return _print_completion(store, completed)
 
 
+POLL = 0.25            # seconds between two looks of `pgkd submit --wait` at the run's states
 START_TIMEOUT = 60.0   # seconds `pgkd submit --wait` gives the services to take a run (--start-timeout)
 
 
-def wait_for(store: ArtifactStore, run_id: str, timeout: float | None, poll: float = 1.0,
+def wait_for(store: ArtifactStore, run_id: str, timeout: float | None, poll: float = POLL,
              start_timeout: float | None = START_TIMEOUT) -> RunCompleted:
     """Follow the run's cycles as the evaluator records them, until its RunCompleted is stored. A run no
     trainer has taken within `start_timeout` seconds (no service running: the wait would never end) is a
@@ -84,11 +85,11 @@ def wait_for(store: ArtifactStore, run_id: str, timeout: float | None, poll: flo
     files = RunFiles(run_id)
     started = time.monotonic()
     deadline = started + timeout if timeout else None
-    shown, taken = 0, False
+    shown, taken, looked = 0, False, {}
     while True:
-        shown = _show_cycles(store, run_id, shown)
+        shown = _show_cycles(store, run_id, shown, looked=looked)
         if store.exists(files.completed):
-            _show_cycles(store, run_id, shown)
+            _show_cycles(store, run_id, shown, looked=looked)
             return store.get_model(files.completed, RunCompleted)
         taken = taken or _taken(store, files)
         waited = time.monotonic() - started
@@ -120,15 +121,20 @@ def _run_config(store: ArtifactStore, files: RunFiles) -> DistillConfig:
         raise DamagedRecord(store.uri(files.request), f"not a RunRequested: {where}: {error['msg']}") from None
 
 
-def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None) -> int:
+def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None, looked: dict | None = None) -> int:
     """Print the cycles the run's state records after the first `shown` ones (to stderr by default,
-    as progress), as the run printed them: the line is the state's (RunState.cycle_line)."""
+    as progress), as the run printed them: the line is the state's (RunState.cycle_line). With
+    `looked` (a wait's), the state is read only when a phase has saved a new one since the last look."""
     from pgkd.distributed.steps import latest_state
+    keys = store.list(RunFiles(run_id).states)
+    if not keys or (looked is not None and looked.get("states") == len(keys)):
+        return shown
+    if looked is not None:
+        looked["states"] = len(keys)
     state = latest_state(store, run_id)
-    cycles = len(state.cycles) if state is not None else 0
-    for cycle in range(shown, cycles):
+    for cycle in range(shown, len(state.cycles)):
         (write or log)(state.cycle_line(cycle))
-    return max(shown, cycles)
+    return max(shown, len(state.cycles))
 
 
 def _print_completion(store: ArtifactStore, completed: RunCompleted) -> int:
@@ -371,7 +377,7 @@ def register(sub, distill_arguments) -> None:
     submit.add_argument("--start-timeout", type=float, default=START_TIMEOUT,
                         help="with --wait: give up when no trainer has taken the run within this many seconds "
                              f"(no service running; default {START_TIMEOUT:g}; 0: wait without this limit)")
-    submit.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    submit.add_argument("--poll", type=float, default=POLL, help=argparse.SUPPRESS)
     submit.add_argument("--promote", action="store_true",
                         help="once completed, serve its best student: StudentPromoted for the deployers")
     submit.set_defaults(func=_submit)

@@ -232,6 +232,7 @@ class Service:
         # (most messages, most seconds to wait for them): a service that sets it takes its messages in
         # batches, in `handle_batch`, each batch acknowledged when that returns
         self.batch: tuple[int, float] | None = None
+        self.warm: list[Callable[[], None]] = []   # run by `prepare`, before the service consumes
 
     def topic(self, name: str) -> str:
         return f"{self.settings.topic_prefix}{name}"
@@ -412,7 +413,10 @@ class Service:
         return sock
 
     def prepare(self) -> None:
-        """Before serving: read what the service needs (a bad setting raises UserError: one line, exit 2)."""
+        """Before serving: read what the service needs (a bad setting raises UserError: one line, exit 2),
+        and warm what its first message would otherwise pay for (`warm`)."""
+        for warm in self.warm:
+            warm()
 
     async def started(self) -> None:
         """Once the broker is connected: work left over from a previous process."""

@@ -21,4 +21,5 @@ def build(**options) -> Service:
               else RegistryReader(service.metrics.registry))
     service.consume(ModelTrained, partial(steps.evaluate, reader=reader))
     service.consume(TeacherStopped, steps.evaluate)
+    service.warm.append(steps.warm)
     return service

@@ -12,4 +12,5 @@ from pgkd_services.runtime import Service
 def build(**options) -> Service:
     service = Service("generator", **options)
     service.consume(NegativesMined, steps.generate)
+    service.warm.append(steps.warm)
     return service

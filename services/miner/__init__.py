@@ -10,4 +10,5 @@ from pgkd_services.runtime import Service
 def build(**options) -> Service:
     service = Service("miner", **options)
     service.consume(CycleEvaluated, steps.mine)
+    service.warm.append(steps.warm)
     return service

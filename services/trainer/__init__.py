@@ -12,4 +12,5 @@ def build(**options) -> Service:
     service = Service("trainer", **options)
     service.consume(RunRequested, steps.train)
     service.consume(SamplesGenerated, steps.train)
+    service.warm.append(steps.warm)
     return service

@@ -59,7 +59,7 @@ GRAFANA_DATASOURCES = REPO / "deploy" / "grafana" / "provisioning" / "datasource
 SERVICES = ("trainer", "evaluator", "miner", "generator", "ingest")
 TOPIC_PREFIX = "pgkd."
 TOPICS = tuple(TOPIC_PREFIX + name for name in (
-    "run-requested", "model-trained", "cycle-evaluated", "negatives-mined", "samples-generated",
+    "run-requested", "model-trained", "cycle-evaluated", "negatives-mined", "samples-generated", "teacher-stopped",
     "run-completed", "student-promoted", "labeled-samples", "dead-letter"))
 # ingest's configuration (pgkd.stream.StreamSettings) and its defaults, as the deploy files spell them; the
 # base run has none (it is set once, before a stream first starts).

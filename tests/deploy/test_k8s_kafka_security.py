@@ -83,7 +83,7 @@ def constructed_messages(function) -> set[type[Message]]:
 
 def published_by(name: str) -> set[str]:
     """The topics a service publishes, read from its module: what the engine steps it calls return (their
-    return annotations; for a step without one, such as steps.with_promotion, which passes its argument
+    return annotations; for a step without one, which passes its argument
     through, the messages it builds), what the stream steps it applies ask for (StreamStep.publish),
     RunCompleted when it consumes through Service.consume (a failed step ends its run), and the dead-letter
     topic (every service parks there the messages it cannot take, decoded or not)."""

@@ -9,12 +9,12 @@ from conftest import make_toy_dataset
 from faststream import Context
 from faststream.kafka import TestKafkaBroker
 from pgkd.distributed import steps
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times
 from pgkd.loop.state import RunState
-from pgkd.distributed.messages import DeadLetter, RunCompleted, SamplesGenerated
+from pgkd.distributed.messages import CycleEvaluated, DeadLetter, RunCompleted, SamplesGenerated
 
 import pgkd_services as services
 from pgkd_services.runtime import Settings, make_broker, send
@@ -129,6 +129,9 @@ def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consumin
     broken = steps.submit(other, bus.store, run_id="broken-dataset")
     Path(bus.store._path(bus.store.key_of(broken.dataset.uri))).write_bytes(b"damaged")   # recorded, then its data lost
     future = json.loads(good.model_dump_json()) | {"schema_version": 2}
+    steps.submit(config, bus.store, run_id="lost-state")
+    lost = CycleEvaluated(run_id="lost-state", cycle=0, state=ArtifactRef(
+        uri="runs/lost-state/state/0000-4-evaluated.json", sha256="0" * 64, size=2))   # never saved
 
     async def scenario():
         async with TestKafkaBroker(bus.broker) as broker:
@@ -138,12 +141,14 @@ def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consumin
             await send(broker, unknown_run.model_dump_json().encode(), "pgkd.run-requested")
             await send(broker, broken.model_dump_json().encode(), "pgkd.run-requested")
             await send(broker, good.model_dump_json().encode(), "pgkd.run-requested")
+            await send(broker, lost.model_dump_json().encode(), "pgkd.cycle-evaluated")
     asyncio.run(scenario())
 
     letters = [DeadLetter.model_validate(m) for m in bus.seen["dead-letter"]]
     assert [(d.source_topic, d.service) for d in letters] == [
         ("pgkd.model-trained", "evaluator"), ("pgkd.run-requested", "trainer"),
-        ("pgkd.negatives-mined", "generator"), ("pgkd.run-requested", "trainer"), ("pgkd.run-requested", "trainer")]
+        ("pgkd.negatives-mined", "generator"), ("pgkd.run-requested", "trainer"), ("pgkd.run-requested", "trainer"),
+        ("pgkd.cycle-evaluated", "miner")]
     assert "not a valid ModelTrained" in letters[0].reason and letters[0].payload.endswith("not json")
     assert "schema_version" in letters[1].reason
     assert "cycle" in letters[2].reason
@@ -156,6 +161,11 @@ def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consumin
     assert "ArtifactError" in letters[4].reason and letters[4].run_id == "broken-dataset"
     assert outcomes["broken-dataset"].status == "failed" and "ArtifactError" in outcomes["broken-dataset"].reason
     assert outcomes["after-bad-ones"].status == "completed"
+    # A state that is not there: one line naming the run and the file; the run ends failed, not half-advanced.
+    assert "StateError: run lost-state: state " in letters[5].reason and "0000-4-evaluated.json: missing" in \
+        letters[5].reason and "\n" not in letters[5].reason
+    assert outcomes["lost-state"].status == "failed"
+    assert [k.rsplit("/", 1)[1] for k in bus.store.list("runs/lost-state/state")] == []
 
 
 def test_the_generator_service_asks_an_llm_teacher_and_caches_its_answers_in_the_artifact_store(bus, tmp_path):

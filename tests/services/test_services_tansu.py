@@ -12,14 +12,14 @@ import time
 
 import pytest
 from conftest import make_toy_dataset
-from pgkd.data import Sample, normalize_text
+from pgkd.data import normalize_text
 from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
-from pgkd.distributed.messages import TOPICS, DeadLetter, RunCompleted, SamplesGenerated, StudentPromoted
+from pgkd.distributed.messages import TOPICS, DeadLetter, RunCompleted, SamplesGenerated
+from pgkd.distributed import steps
 from pgkd.distributed.steps import RunFiles
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times
-from pgkd.loop.report import Provenance
 from pgkd.processes import spawn, stop
 from service_processes import ServiceProcesses, cli_options
 from test_services_kafka import CONFIG
@@ -34,7 +34,7 @@ def check_run_integrity(store: ArtifactStore, run_id: str, report: dict) -> None
     """Every accepted sample is in the final training set exactly once, and every cycle counted once."""
     cycles = report["cycles"]
     assert [c["cycle"] for c in cycles] == list(range(len(cycles)))
-    assert len(store.list(f"runs/{run_id}/cycles")) == len(cycles)
+    assert len(steps.latest_state(store, run_id).cycles) == len(cycles)
     versions = [store.get_bytes(f"runs/{run_id}/train/v{c['cycle']:04d}.jsonl").decode().splitlines()
                 for c in cycles]
     for before, after, cycle in zip(versions, versions[1:], cycles[1:]):
@@ -77,26 +77,24 @@ def test_topics_create_and_send_through_kafka_pythons_real_clients(kafka_url, tm
 
 def poison_messages() -> dict[bytes, str]:
     """Three messages the trainer must park, each with the start of the reason it must give."""
-    ref = ArtifactRef(uri="file:///nowhere", sha256="0" * 64, size=0)
-    big = SamplesGenerated(run_id="no-such-run", cycle=1, provenance=Provenance(), train_set=ref, best_checkpoint=ref,
-                           cycle_started=0.0, samples=[Sample(text=f"please refund order number {i} " + "x" * 200,
-                                                              label="refund") for i in range(2000)])
-    newer = json.loads(big.model_dump_json()) | {"schema_version": 2, "run_id": "tansu-run", "samples": []}
+    ref = ArtifactRef(uri="runs/no-such-run/state/0001-2-taught.json", sha256="0" * 64, size=0)
+    small = SamplesGenerated(run_id="no-such-run", cycle=1, state=ref).model_dump_json()
+    big = small[:-1] + " " * 450_000 + "}"   # valid JSON, about 1,000 times the usual message
+    newer = json.loads(small) | {"schema_version": 3, "run_id": "tansu-run"}
     return {b"{not json": "not a valid SamplesGenerated: message: Invalid JSON",
-            json.dumps(newer).encode(): "not a valid SamplesGenerated: schema_version: Input should be 1",
-            big.model_dump_json().encode(): "run 'no-such-run' is not recorded"}
+            json.dumps(newer).encode(): "not a valid SamplesGenerated: schema_version: Input should be 2",
+            big.encode(): "run 'no-such-run' is not recorded"}
 
 
 def test_a_submitted_run_completes_over_the_real_broker_past_poison_messages(services_over_kafka, tmp_path):
-    """Poison first (not JSON, an unknown schema_version, a SamplesGenerated of 2,000 samples for no
-    run): each goes to the dead-letter topic with its reason, and the run submitted after them
+    """Poison first (not JSON, an unknown schema_version, a SamplesGenerated of 450 kB for no run): each goes to the dead-letter topic with its reason, and the run submitted after them
     completes, equal to the embedded run."""
     from kafka import KafkaProducer
     processes = services_over_kafka
     for name in services.NAMES:
         processes.start(name)
     poison = poison_messages()
-    assert len(max(poison, key=len)) > 400_000      # about 100 times a usual SamplesGenerated
+    assert len(max(poison, key=len)) > 400_000      # about 1,000 times a usual SamplesGenerated
     producer = KafkaProducer(bootstrap_servers=processes.broker_url.removeprefix("kafka://"), max_request_size=2 ** 21)
     for body in poison:
         producer.send("pgkd.samples-generated", body)
@@ -114,8 +112,9 @@ def test_a_submitted_run_completes_over_the_real_broker_past_poison_messages(ser
     assert without_times(report) == embedded_report(data, CONFIG, tmp_path / "embedded")
     check_run_integrity(processes.store, "tansu-run", report)
 
-    (promoted,) = [StudentPromoted.model_validate_json(b) for b in processes.bodies("student-promoted")]   # --promote
     completed = RunCompleted.model_validate(processes.store.get_json(RunFiles("tansu-run").completed))
+    assert processes.bodies("student-promoted") == []         # --promote: the promotion rides in RunCompleted
+    promoted = completed.promotion
     assert (promoted.run_id, promoted.checkpoint, promoted.source) == ("tansu-run", completed.best_checkpoint, "run")
 
     letters = [DeadLetter.model_validate_json(b) for b in processes.bodies("dead-letter")]

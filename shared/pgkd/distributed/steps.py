@@ -82,6 +82,13 @@ def shared_embeddings() -> EmbeddingCache:
     return _embeddings
 
 
+def warm() -> None:
+    """What a service's first message would pay for, paid before it consumes: the students' modules
+    (torch, transformers: seconds to import on a small machine)."""
+    import pgkd.students.finetuned  # noqa: F401
+    import pgkd.students.frozen  # noqa: F401
+
+
 def forget_process_state() -> None:
     """What a fresh process has: no sentence embeddings, no run contexts (benchmarks, tests)."""
     global _embeddings
