@@ -106,6 +106,8 @@ def bad_state(store, message, case: str) -> CycleEvaluated:
     if case == "damaged":     # cut short, as a full disk leaves a file
         return message.model_copy(update={"state": store.put_bytes("runs/r1/state/cut.json",
                                                                     store.get_bytes(message.state)[:200])})
+    if case == "outside":
+        return message.model_copy(update={"state": message.state.model_copy(update={"uri": "../../etc/passwd"})})
     if case == "newer":
         return message.model_copy(update={"state": store.put_json("runs/r1/state/newer.json",
                                                                   {**data, "schema_version": 2})})
@@ -113,7 +115,7 @@ def bad_state(store, message, case: str) -> CycleEvaluated:
 
 
 @pytest.mark.parametrize("case, problem", [("missing", "missing"), ("damaged", "damaged"),
-                                           ("newer", "newer schema (2)"), ("another", "of run r1, not of this run")])
+                                           ("outside", "not a relative path inside its folder"), ("newer", "newer schema (2)"), ("another", "of run r1, not of this run")])
 def test_a_state_that_cannot_be_the_runs_is_one_line_naming_the_run_and_the_file(evaluated, case, problem):
     store, message = evaluated
     bad = bad_state(store, message, case)
@@ -122,7 +124,7 @@ def test_a_state_that_cannot_be_the_runs_is_one_line_naming_the_run_and_the_file
         steps.mine(bad, store)
     line = str(raised.value)
     assert "\n" not in line and line.startswith(f"run {bad.run_id}: state ") and problem in line
-    assert store.location(bad.state) in line
+    assert (bad.state.uri if case == "outside" else store.location(bad.state)) in line
     assert sorted(store.list("runs")) == before          # nothing advanced, nothing written
 
 

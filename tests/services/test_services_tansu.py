@@ -16,7 +16,7 @@ from pgkd.data import normalize_text
 from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
 from pgkd.distributed.messages import TOPICS, DeadLetter, RunCompleted, SamplesGenerated
 from pgkd.distributed import steps
-from pgkd.distributed.steps import RunFiles
+from pgkd.distributed.runs import RunFiles
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times

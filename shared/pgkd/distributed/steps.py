@@ -54,8 +54,9 @@ from pgkd.distributed.messages import (
     StudentPromoted,
     TeacherStopped,
 )
-from pgkd.distributed.runs import RunFiles, fail_run  # noqa: F401 -- the services and tests take them from here too
+from pgkd.distributed.runs import RunFiles
 from pgkd.loop.report import plot_history
+from pgkd.errors import UserError
 from pgkd.names import check_name
 from pgkd.students import load_student
 
@@ -86,7 +87,7 @@ def warm() -> None:
     """What a service's first message would pay for, paid before it consumes: the students' modules
     (torch, transformers: seconds to import on a small machine)."""
     import pgkd.students.finetuned  # noqa: F401
-    import pgkd.students.frozen  # noqa: F401
+    import pgkd.students.frozen  # noqa: F401,F811
 
 
 def forget_process_state() -> None:
@@ -295,10 +296,13 @@ def save_state(store: ArtifactStore, state: RunState) -> ArtifactRef:
 def load_state(store: ArtifactStore, message: LoopMessage) -> RunState:
     """The state `message` points to. One that is missing, damaged, of a newer schema or of another
     run is a StateError naming the run and the file (the message goes to the dead-letter topic)."""
-    where = store.location(message.state)
+    try:
+        where = store.location(message.state)
+    except UserError:                          # a reference outside the store: named as the message gives it
+        where = message.state.uri
     try:
         data = store.get_json(message.state)
-    except ArtifactError as e:
+    except (ArtifactError, UserError) as e:    # missing, not JSON, not its sha256, outside the store
         raise StateError(message.run_id, where, str(e).removeprefix(f"{where}: ")) from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if isinstance(version, int) and version > STATE_SCHEMA:
