@@ -348,7 +348,7 @@ def evaluate(message: ModelTrained | TeacherStopped, store: ArtifactStore, event
     if isinstance(message, ModelTrained):
         state = run.evaluate(state, reader)
         log.info("evaluator: run %s cycle %d: %s (decided from: %s)", message.run_id, message.cycle,
-                 state.stop_reason or "continue", state.decided_from or "the policy")
+                 state.stop_reason or "continue", state.decided_from)
     if state.stopped:
         return complete_run(store, run, state)
     return CycleEvaluated(run_id=message.run_id, cycle=message.cycle, state=save_state(store, state))

@@ -186,9 +186,8 @@ class Distillation:
         self.emit("cycle_evaluated", evaluated)
         decision = self.decide(evaluated, reader)
         evaluated = recorded(state.timings.plus(evaluate=time.perf_counter() - began))   # the decision's time too
-        if decision.stop:
-            evaluated = evaluated.model_copy(update={"stop_reason": decision.reason, "decided_from": decision.source})
-        return evaluated
+        return evaluated.model_copy(update={"stop_reason": decision.reason if decision.stop else None,
+                                            "decided_from": decision.source})
 
     def decide(self, state: RunState, reader=None) -> StopDecision:
         """The stop policy on the history of the selecting scores and on the run's spend (samples

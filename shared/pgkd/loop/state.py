@@ -93,7 +93,7 @@ class RunState(BaseModel):
     teacher_state: dict | None = None      # what a restarted teacher needs to answer as this one would
 
     stop_reason: str | None = None         # set by the evaluator's decision, or by the teacher (exhausted, down)
-    decided_from: str | None = None        # where the stop policy read its figures
+    decided_from: str | None = None        # where the stop policy last read its figures ("teacher": it stopped)
     report: Handle | None = None           # report.json, once completed
 
     # -- what is derived from the state, once --------------------------------------------------------------
