@@ -154,7 +154,11 @@ def test_a_service_started_before_its_broker_connects_once_the_broker_is_up(tmp_
     process = start_trainer(f"kafka://127.0.0.1:{broker_port}", tmp_path, metrics_port, PGKD_CONNECT_TIMEOUT="120")
     tansu = None
     try:
-        time.sleep(3)
+        # The service warms its engine first (torch: seconds on a loaded machine), then tries the broker.
+        deadline = time.monotonic() + 90
+        while "the broker is not reachable yet" not in trainer_output(tmp_path):
+            assert process.poll() is None and time.monotonic() < deadline, trainer_output(tmp_path)
+            time.sleep(0.2)
         assert process.poll() is None and not listening_addresses(metrics_port)
         url = f"tcp://127.0.0.1:{broker_port}"    # Tansu, as the kafka_url fixture starts it, on the service's port
         with (tmp_path / "tansu.log").open("w") as log:
