@@ -64,6 +64,8 @@ class MemoryKeeper:
         return self.student[0]
 
     def load_student(self, handle: str):
+        if self.student is None:
+            raise KeyError(f"{handle}: not kept in memory")
         handle_now, student = self.student
         if self.best is not None and handle == self.best[0] and handle != handle_now:
             student.load_state(self.best[1])
@@ -143,7 +145,8 @@ class Distillation:
         if cycle == 0 and state.start_from is not None:    # a stream's run: its best student, grown to new labels
             student, warm = self.keeper.load_student(state.start_from).with_labels(self.labels), True
         elif cycle == 0:
-            student = self._first_student or fresh_student(config, self.labels, 0, embed=self.embed)
+            student = (self._first_student if self._first_student is not None
+                       else fresh_student(config, self.labels, 0, embed=self.embed))
         else:
             student = round_student(config, self.labels, cycle, embed=self.embed,
                                     best=lambda: self.keeper.load_student(state.best.student))
