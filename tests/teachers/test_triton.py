@@ -117,10 +117,9 @@ def test_a_teacher_server_that_goes_away_mid_run_ends_the_run_clearly(teacher_se
 
 def test_a_teacher_slower_than_the_timeout_fails_the_cycle_without_hanging(teacher_server, toy, tmp_path):
     server = teacher_server("--latency", "3")
-    started = time.monotonic()
     result = distill(toy, tmp_path / "run", f"triton+grpc://127.0.0.1:{server.grpc_port}/teacher",
                      "--max-cycles", "3", "--teacher-retries", "1", "--teacher-timeout", "0.5")
-    assert result.returncode == 1 and time.monotonic() - started < 60
+    assert result.returncode == 1, result.stderr       # a hang would be caught by pytest-timeout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert "timeout: no answer within 0.5 s" in report["stop_reason"] and len(report["cycles"]) == 1
 
@@ -174,12 +173,11 @@ def test_the_deployed_python_backend_model_answers_garbage_and_the_run_records_i
 
 
 def test_a_teacher_that_cannot_be_reached_is_one_line_before_any_training(toy, tmp_path):
-    started = time.monotonic()
     result = distill(toy, tmp_path / "run", f"triton://127.0.0.1:{free_port()}/teacher", "--teacher-retries", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "cycle 0" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("pgkd: error: teacher triton://127.0.0.1:") and "cannot reach it" in last
-    assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()             # nothing trained, nothing written
 
 
 def test_a_teacher_that_accepts_and_never_answers_is_named_and_bounded(toy, tmp_path):
