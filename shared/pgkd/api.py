@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from pgkd.data import Sample, dataset_from_samples, load_dataset
-from pgkd.errors import Option, UserError
+from pgkd.errors import UserError, invalid
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import DistillResult, run
 from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable
@@ -42,7 +42,7 @@ def distill(data, teacher="pool-guided", student="minilm", out: str | Path | Non
                                student=str(student) if student_object is None else f"python:{type(student).__qualname__}",
                                **options)
     except ValidationError as e:
-        raise options_error(e) from None
+        raise invalid(e) from None
     teacher_object = None if teacher_name is None else ObjectTeacher(teacher, timeout=config.teacher_timeout)
     if isinstance(data, (str, Path)):
         dataset = load_dataset(data, config.text_column, config.label_column, seed=config.seed)
@@ -134,19 +134,3 @@ class ObjectTeacher:
     def check(self) -> None:
         if callable(getattr(self.teacher, "check", None)):
             self.teacher.check()
-
-
-def options_error(error: ValidationError) -> UserError:
-    """pydantic's report on the options as one UserError naming each parameter (`labeled=0: ...`; the
-    command line shows `--labeled 0: ...`)."""
-    parts: list = []
-    for err in error.errors():
-        parts += ["; "] if parts else []
-        cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, ValueError) and cause.args and isinstance(cause.args[0], UserError):
-            parts += cause.args[0].parts          # it names the parameter itself
-            continue
-        where = ".".join(str(x) for x in err["loc"])
-        named = Option(where, err.get("input")) if len(err["loc"]) == 1 else where
-        parts += [named, ": ", err["msg"].removeprefix("Value error, ")]
-    return UserError(*parts)

@@ -9,7 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
-from pgkd.errors import EnvironmentFailure, UserError
+from pgkd.errors import EnvironmentFailure, UserError, invalid
 from pgkd.names import check_name
 from pgkd.net import DEFAULT_HOST, host_option, port_option
 from pgkd.processes import Stopped, stop_signals
@@ -576,16 +576,6 @@ def flags_of(parser: argparse.ArgumentParser, func):
     return lambda name: flags.get(PARAMETER_DESTS.get(name, name), flags.get(name))
 
 
-def _validation_problem(err: dict, flag_of=lambda name: None) -> str:
-    """One option's problem as `--option: what is wrong` (said once, without pydantic's prefix)."""
-    cause = (err.get("ctx") or {}).get("error")
-    if isinstance(cause, ValueError) and cause.args and isinstance(cause.args[0], UserError):
-        return cause.args[0].for_command(flag_of)        # it names the option itself
-    field = str(err["loc"][0]) if len(err["loc"]) == 1 else None
-    option = (field and flag_of(field)) or f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}"
-    message = err["msg"].removeprefix("Value error, ")
-    return message if message.startswith(option) else f"{option}: {message}"
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -597,9 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgkd: error: {one_line(e.for_command(flags_of(parser, args.func)))}", file=sys.stderr)
         return 2
     except ValidationError as e:
-        flag_of = flags_of(parser, args.func)
-        problems = "; ".join(_validation_problem(err, flag_of) for err in e.errors())
-        print(f"pgkd: error: {one_line(problems)}", file=sys.stderr)
+        print(f"pgkd: error: {one_line(invalid(e).for_command(flags_of(parser, args.func)))}", file=sys.stderr)
         return 2
     except (EnvironmentFailure, TimeoutError, OSError) as e:    # OSError: a disk full, a file system gone
         print(f"pgkd: {one_line(e)}", file=sys.stderr)
