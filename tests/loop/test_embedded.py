@@ -38,7 +38,8 @@ def test_two_cycles_write_a_complete_run(toy_data, tmp_path):
     assert best.labels == sorted({"card_lost", "refund", "transfer", "pin_change"})
     assert saved["best"]["validation"]["samples"] == 8 and saved["best"]["test"]["samples"] == 60
     assert (out / "history.png").stat().st_size > 1000
-    assert not list(tmp_path.glob(".run.*"))          # no staging left behind
+    assert not (out / ".pgkd-staging").exists()       # no staging left behind
+    assert {p.name for p in out.iterdir()} >= {"report.json", "best", "history.png"}
     assert report.best.test.accuracy == saved["best"]["test"]["accuracy"]
 
 
@@ -62,7 +63,7 @@ def test_a_failed_run_leaves_no_result_and_keeps_the_previous_one(toy_data, tmp_
     with pytest.raises(RuntimeError, match="teacher crashed"):
         run(_config(toy_data, teacher="pool-random"), out, progress=False).report
     assert (out / "report.json").read_text() == previous
-    assert not (tmp_path / ".run.partial").exists()
+    assert not (out / ".pgkd-staging").exists()       # the failed run's staging is gone, the old result kept
 
 
 def test_sample_budget_caps_what_the_teacher_is_asked_for(toy_data, tmp_path):

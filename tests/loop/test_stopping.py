@@ -1,3 +1,5 @@
+import pytest
+
 from pgkd.loop.stopping import StopPolicy
 
 
@@ -37,16 +39,21 @@ def test_target_score_and_teacher_budgets():
     assert not cost.decide([0.1, 0.2], cost=2.4).stop
 
 
-def test_the_embedded_run_decides_from_its_metrics_registry(toy_data, tmp_path, caplog):
+def test_a_target_score_already_met_stops_the_embedded_run_after_cycle_0(toy_data, tmp_path):
     from pgkd.loop.config import DistillConfig
     from pgkd.loop.embedded import run
-    from pgkd.distributed.metrics_readers import MetricsUnavailable, RegistryReader
-    from prometheus_client import CollectorRegistry
     config = DistillConfig(data=str(toy_data), labeled=40, student="tiny", teacher="pool-random", samples_per_cycle=8,
                            max_cycles=3, patience=5, epochs=2, cycle_epochs=1, learning_rate=1e-2,
                            head_learning_rate=1e-2, batch_size=16, target_score=0.0)
     report = run(config, tmp_path / "run", progress=False).report
     assert report.stop_reason.startswith("target_score") and len(report.cycles) == 1
-    import pytest
+    assert report.teacher_usage.calls == 0          # the teacher was never asked
+
+
+def test_a_registry_without_the_cycles_value_is_metrics_unavailable():
+    from prometheus_client import CollectorRegistry
+
+    from pgkd.distributed.metrics_readers import RegistryReader
+    from pgkd.loop.stopping import MetricsUnavailable
     with pytest.raises(MetricsUnavailable, match="no value for cycle"):
         RegistryReader(CollectorRegistry()).read("nothing", "macro_f1", 0)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from pgkd.data import Sample, load_dataset, make_splits
+from pgkd.errors import UserError
 from pgkd.students.frozen import EmbeddingCache, FrozenEncoderStudent
 from pgkd.students.contract import TrainConfig
 from pgkd.students import create_student, load_student
@@ -56,7 +57,7 @@ def test_embedding_cache_persists(tmp_path):
 
 def test_unreadable_folder_is_a_user_error(tmp_path):
     (tmp_path / "pgkd_frozen_student.json").write_text("{}")
-    with pytest.raises(Exception, match="not a readable frozen-encoder student"):
+    with pytest.raises(UserError, match="not a readable frozen-encoder student"):
         load_student(tmp_path)
 
 
