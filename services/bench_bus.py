@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.loop.report import without_times
 
 from pgkd_services.local import LocalCluster

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 
-from pgkd_services.local import LocalCluster, free_port
+from pgkd_services.local import LocalCluster
 
 PARTITIONS = 3   # `pgkd topics create`'s default
 
@@ -43,9 +43,7 @@ def measure(folder: Path, replicas: int, run_ids: list[str], options: list[str])
             cluster.start(name)
         cluster.start("trainer")
         for k in range(2, replicas + 1):     # more replicas: the same service in the same consumer group
-            port = free_port()
-            cluster.spawn(f"trainer-{k}", cluster.pgkd_argv("service", "trainer"),
-                          env={"PGKD_METRICS_PORT": str(port)})
+            cluster.start("trainer", label=f"trainer-{k}")
         cluster.ready()
         time.sleep(10)    # the consumer groups settle (Tansu answers joins after a few seconds)
         store = ArtifactStore(cluster.env["PGKD_ARTIFACTS"])

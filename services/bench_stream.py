@@ -24,11 +24,11 @@ from datetime import datetime
 from pathlib import Path
 
 from pgkd import processes
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.distributed.messages import LabeledSample
 from pgkd.distributed.steps import submit, submit_splits
 from pgkd.loop.config import DistillConfig
-from pgkd.loop.outputs import write_json_atomic
+from pgkd.files import write_json_atomic
 from pgkd.stream import SegmentLog, Stream, StreamSettings
 
 from pgkd_services.local import LocalCluster

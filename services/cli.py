@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from pgkd.distributed.artifacts import ArtifactStore, DamagedRecord
+from pgkd.artifacts import ArtifactStore, DamagedRecord
 from pgkd.loop.config import DistillConfig
+from pgkd.options import from_options
 from pgkd.loop.cycle import log
 from pgkd.loop.report import summary_table
 from pgkd.errors import UserError
@@ -32,7 +33,6 @@ from pgkd_services.runtime import Settings, bootstrap_servers, connect_timeout, 
 def serve(name: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     service = build(name)
-    service.prepare()
     service.run()   # CannotServe (a port taken, a codec missing) is an EnvironmentFailure: one line, exit 1
     return 0
 
@@ -417,7 +417,6 @@ def register(sub, distill_arguments) -> None:
 def _submit(args) -> int:
     if not args.start_timeout >= 0:   # nan too
         raise UserError(f"--start-timeout {args.start_timeout:g}: expected seconds, 0 or more (0: no limit)")
-    skip = ("command", "func", "progress", "run_id", "wait", "timeout", "poll", "promote", "start_timeout")
-    config = DistillConfig(**{k: v for k, v in vars(args).items() if k not in skip})
+    config = from_options(DistillConfig, args)   # the run's options (distill_arguments), validated
     return submit_run(config, args.run_id, args.wait, args.timeout, args.poll, promote=args.promote,
                       start_timeout=args.start_timeout)

@@ -12,26 +12,24 @@ admin client and producer (`pgkd topics create`, `pgkd send`).
 | PGKD_KAFKA_SASL_USERNAME | the SASL user |
 | PGKD_KAFKA_SASL_PASSWORD or PGKD_KAFKA_SASL_PASSWORD_FILE | its password, inline or in a mounted file |
 
-A bad setting is a UserError naming the variable, raised when the settings are read, so a service
-fails at start and a command before any work. The password is kept out of repr/str and of every
-message raised here.
+The variables are pgkd.settings.KafkaSecuritySettings (`pgkd settings` lists them), which checks each
+one; the checks across them are here. A bad setting is a UserError naming the variable, raised when the
+settings are read, so a service fails at start and a command before any work. The password is kept
+out of repr/str and of every message raised here.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pgkd.errors import UserError
+from pgkd.settings import KAFKA_PROTOCOLS, SASL_MECHANISMS, KafkaSecuritySettings, read
 
-PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-VARIABLES = tuple(f"PGKD_KAFKA_{name}" for name in ("SECURITY_PROTOCOL", "CA_FILE", "CERT_FILE", "KEY_FILE",
-                                                    "SASL_MECHANISM", "SASL_USERNAME", "SASL_PASSWORD",
-                                                    "SASL_PASSWORD_FILE"))
+PROTOCOLS, MECHANISMS = KAFKA_PROTOCOLS, SASL_MECHANISMS
+VARIABLES = tuple(KafkaSecuritySettings.variables())
 
 
 @dataclass(frozen=True)
@@ -54,16 +52,9 @@ class KafkaSecurity:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> KafkaSecurity:
-        env = os.environ if env is None else env
-
-        def get(name: str) -> str | None:
-            return env.get(f"PGKD_KAFKA_{name}", "").strip() or None
-
-        protocol = (get("SECURITY_PROTOCOL") or "PLAINTEXT").upper()
-        if protocol not in PROTOCOLS:
-            raise UserError(f"PGKD_KAFKA_SECURITY_PROTOCOL={get('SECURITY_PROTOCOL')}: expected one of "
-                            f"{', '.join(PROTOCOLS)}")
-        ca_file, cert_file, key_file = get("CA_FILE"), get("CERT_FILE"), get("KEY_FILE")
+        settings = read(KafkaSecuritySettings, env)   # each variable's own check: pgkd.settings
+        protocol, ca_file, cert_file, key_file = (settings.security_protocol, settings.ca_file, settings.cert_file,
+                                                  settings.key_file)
         tls_given = [f"PGKD_KAFKA_{n}" for n, v in (("CA_FILE", ca_file), ("CERT_FILE", cert_file),
                                                      ("KEY_FILE", key_file)) if v]
         if tls_given and protocol not in ("SSL", "SASL_SSL"):
@@ -79,18 +70,14 @@ class KafkaSecurity:
             if path:
                 _readable(f"PGKD_KAFKA_{name}", path)
 
-        mechanism, username = get("SASL_MECHANISM"), get("SASL_USERNAME")
-        password = _password(env)
+        mechanism, username = settings.sasl_mechanism, settings.sasl_username
+        password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
         sasl_given = [n for n, v in (("PGKD_KAFKA_SASL_MECHANISM", mechanism), ("PGKD_KAFKA_SASL_USERNAME", username),
                                      ("PGKD_KAFKA_SASL_PASSWORD", password)) if v]
         if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
             if mechanism is None:
                 raise UserError(f"PGKD_KAFKA_SECURITY_PROTOCOL={protocol} needs PGKD_KAFKA_SASL_MECHANISM "
                                 f"({', '.join(MECHANISMS)})")
-            mechanism = mechanism.upper()
-            if mechanism not in MECHANISMS:
-                raise UserError(f"PGKD_KAFKA_SASL_MECHANISM={get('SASL_MECHANISM')}: expected one of "
-                                f"{', '.join(MECHANISMS)}")
             if username is None:
                 raise UserError(f"PGKD_KAFKA_SECURITY_PROTOCOL={protocol} needs PGKD_KAFKA_SASL_USERNAME")
             if password is None:
@@ -171,21 +158,3 @@ def _readable(variable: str, path: str) -> None:
             f.read(1)
     except OSError as e:
         raise UserError(f"{variable}={path}: cannot read it ({e.strerror})") from None
-
-
-def _password(env: Mapping[str, str]) -> str | None:
-    inline, path = env.get("PGKD_KAFKA_SASL_PASSWORD") or None, env.get("PGKD_KAFKA_SASL_PASSWORD_FILE", "").strip()
-    if inline and path:
-        raise UserError("PGKD_KAFKA_SASL_PASSWORD and PGKD_KAFKA_SASL_PASSWORD_FILE are both set: give one")
-    if not path:
-        return inline
-    try:
-        with open(path, encoding="utf-8") as f:
-            password = f.read().rstrip("\r\n")   # a mounted Secret or `echo` leaves a trailing newline
-    except OSError as e:
-        raise UserError(f"PGKD_KAFKA_SASL_PASSWORD_FILE={path}: cannot read it ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"PGKD_KAFKA_SASL_PASSWORD_FILE={path}: not UTF-8 text") from None
-    if not password:
-        raise UserError(f"PGKD_KAFKA_SASL_PASSWORD_FILE={path}: the file is empty")
-    return password

@@ -35,6 +35,7 @@ from typing import Self
 
 from pgkd import processes
 from pgkd.errors import UserError
+from pgkd.net import free_port, free_ports
 from pgkd_services import NAMES
 
 MARKER = ".pgkd-local-cluster"   # a folder holding it is ours to empty at the next start
@@ -42,12 +43,6 @@ MARKER = ".pgkd-local-cluster"   # a folder holding it is ours to empty at the n
 
 class StartError(RuntimeError):
     """A part of the cluster exited or stayed unready while starting; the message ends with its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tansu_binary() -> Path:
@@ -61,31 +56,55 @@ def tansu_binary() -> Path:
 
 class LocalCluster:
     """The servers and services of one local cluster, their URLs and ports, and their logs in `folder`
-    (emptied at each start: the broker keeps its messages in memory, so nothing there could resume)."""
+    (emptied at each start: the broker keeps its messages in memory, so nothing there could resume).
+
+    What it starts at the opening is chosen: `broker_url` uses a broker already running instead of
+    starting Tansu (on `broker_port`, default a free one); topics=False leaves the topics to create;
+    prometheus=False starts no Prometheus (`start_prometheus()` starts one later). `env` overrides the
+    processes' environment; a None value leaves that variable as this process has it."""
 
     SERVERS = ("tansu", "prometheus", "student-server")   # stopped after the services, which use them
 
-    def __init__(self, folder: str | Path, quiet: bool = False):
+    def __init__(self, folder: str | Path, quiet: bool = False, *, broker_url: str | None = None,
+                 broker_port: int | None = None, topics: bool = True, prometheus: bool = True,
+                 env: dict[str, str | None] | None = None):
         self.folder = Path(folder).resolve()
         self.quiet = quiet
         self.broker_url = self.prometheus_url = self.teacher_url = self.student_url = None
+        self._given_broker, self._broker_port = broker_url, broker_port
+        self._topics, self._prometheus = topics, prometheus
         self.metrics_ports = {name: free_port() for name in NAMES}
         self.processes: dict[str, subprocess.Popen] = {}   # by name, in the order they started
+        self.log_starts: dict[str, list[int]] = {}         # name: where each start's output begins in NAME.log
         self._starting: dict[str, tuple] = {}              # name: (readiness probe, message once ready)
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                     "PGKD_ARTIFACTS": f"file://{self.folder / 'artifacts'}", "PGKD_CACHE": str(self.folder / "cache"),
                     # Stopping mid-round must not wait out a training round: the broker dies with the cluster.
                     "PGKD_GRACEFUL_TIMEOUT": "5"}
+        for key, value in (env or {}).items():
+            value = os.environ.get(key) if value is None else value
+            if value is None:
+                self.env.pop(key, None)
+            else:
+                self.env[key] = value
 
     # -- starting -----------------------------------------------------------------------------------------
     def __enter__(self) -> Self:
-        """Tansu, then Prometheus and the topics (`pgkd topics create`) side by side."""
+        return self.open()
+
+    def open(self) -> Self:
+        """Tansu (or the broker given), then Prometheus and the topics (`pgkd topics create`) side by side."""
         self._prepare_folder()
         try:
-            self._start_broker()
-            self.ready()
-            self.spawn("topics", self.pgkd_argv("topics", "create"), ready=_exited_cleanly)
-            self._start_prometheus()
+            if self._given_broker:
+                self.broker_url = self.env["PGKD_BROKER_URL"] = self._given_broker
+            else:
+                self._start_broker()
+                self.ready()
+            if self._topics:
+                self.spawn("topics", self.pgkd_argv("topics", "create"), ready=_exited_cleanly)
+            if self._prometheus:
+                self.start_prometheus()
             self.ready()
         except BaseException:
             self.stop()
@@ -103,14 +122,16 @@ class LocalCluster:
         (self.folder / MARKER).write_text("logs and artifacts of pgkd_services.local; emptied at each start\n")
 
     def _start_broker(self) -> None:
-        port = free_port()
+        port = self._broker_port or free_port()
         url = f"tcp://127.0.0.1:{port}"
         self.broker_url = self.env["PGKD_BROKER_URL"] = f"kafka://127.0.0.1:{port}"
         self.spawn("tansu", [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
                    ready=lambda _: socket.create_connection(("127.0.0.1", port), timeout=0.5).close(),
                    message=f"tansu (a Kafka-compatible broker, not Apache Kafka; in memory): {self.broker_url}")
 
-    def _start_prometheus(self) -> None:
+    def start_prometheus(self) -> str:
+        """Prometheus, scraping the services' metrics ports (`metrics_ports`) every second; its URL (the
+        next `ready()` waits for it)."""
         binary = shutil.which("prometheus")
         if binary is None:
             raise UserError("prometheus is not installed: run `make setup`")
@@ -127,11 +148,12 @@ class LocalCluster:
                    ready=_http_ok(f"{self.prometheus_url}/-/ready"),
                    message=f"prometheus (scrapes the services every second; the evaluator's stop policy reads "
                            f"it): {self.prometheus_url}")
+        return self.prometheus_url
 
     def serve_teacher(self, kind: str, data: str, labeled: int, seed: int, wait: bool = True) -> str:
         """`pgkd teacher serve`: the simulation `kind` as a Triton model on a real Triton server. Returns
         its URL for `--teacher`; with wait=False at once (the next `ready()` waits for it)."""
-        http, grpc, metrics = free_port(), free_port(), free_port()
+        http, grpc, metrics = free_ports(3)
         self.teacher_url = f"triton://127.0.0.1:{http}/teacher"
         self.spawn("teacher", self.pgkd_argv(
             "teacher", "serve", "--kind", kind, "--data", str(data), "--labeled", str(labeled), "--seed", str(seed),
@@ -145,7 +167,7 @@ class LocalCluster:
     def serve_student(self, wait: bool = True) -> str:
         """`pgkd serve` on an empty model repository and its deployer (`pgkd service deployer`): the student
         of a run submitted with --promote is served once the run completes. Returns the server's HTTP URL."""
-        http, grpc, metrics = free_port(), free_port(), free_port()
+        http, grpc, metrics = free_ports(3)
         repository = self.folder / "models"
         self.student_url = f"http://127.0.0.1:{http}"
         self.spawn("student-server", self.pgkd_argv(
@@ -172,12 +194,15 @@ class LocalCluster:
             time.sleep(0.5)
         return version
 
-    def start(self, name: str, **env: str) -> subprocess.Popen:
-        """The service `name` as a process (`pgkd service NAME`), serving /metrics on its own port; the
-        next `ready()` waits until it has connected to the broker (/readyz)."""
-        port = self.metrics_ports.setdefault(name, free_port())
-        return self.spawn(name, self.pgkd_argv("service", name), env={**env, "PGKD_METRICS_PORT": str(port)},
-                          ready=_http_ok(f"http://127.0.0.1:{port}/readyz"), message=f"{name} (metrics :{port})")
+    def start(self, name: str, label: str | None = None, **env: str) -> subprocess.Popen:
+        """The service `name` as a process (`pgkd service NAME`) under `label` (default: `name`; another,
+        e.g. `trainer-2`, for a second replica), serving /metrics on the label's own port; the next
+        `ready()` waits until it has connected to the broker (/readyz). A label whose process has exited
+        (stopped, killed) starts again, on the same port, its output appended to the same log."""
+        label = label or name
+        port = self.metrics_ports.setdefault(label, free_port())
+        return self.spawn(label, self.pgkd_argv("service", name), env={**env, "PGKD_METRICS_PORT": str(port)},
+                          ready=_http_ok(f"http://127.0.0.1:{port}/readyz"), message=f"{label} (metrics :{port})")
 
     def start_services(self, names=NAMES) -> None:
         for name in names:
@@ -223,9 +248,11 @@ class LocalCluster:
               message: str | None = None) -> subprocess.Popen:
         """Start `argv` (pgkd.processes.spawn: a session of its own), its output to NAME.log;
         `ready(process)` raises OSError until it is ready."""
-        if name in self.processes:
+        if name in self.processes and self.processes[name].poll() is None:
             raise ValueError(f"{name} is already running")
         out = self.log_path(name).open("ab") if to_log else None
+        if out:
+            self.log_starts.setdefault(name, []).append(out.tell())
         try:
             process = processes.spawn(argv, log=out, env={**self.env, **(env or {})})
         finally:
@@ -243,12 +270,27 @@ class LocalCluster:
         path = self.log_path(name)
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
-    def stop(self) -> None:
-        """Everything (pgkd.processes.stop): the services and commands first, then the servers they use."""
-        processes.stop(p for name, p in self.processes.items() if name not in self.SERVERS)
-        processes.stop(p for name, p in self.processes.items() if name in self.SERVERS)
+    def log_text(self, name: str, start: int = -1) -> str:
+        """What one start of `name` wrote (default: the latest start's)."""
+        starts = self.log_starts[name]
+        begin = starts[start]
+        end = starts[start + 1] if start not in (-1, len(starts) - 1) else None
+        return self.log_path(name).read_bytes()[begin:end].decode(errors="replace")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL to `name` and what it started (a crash: no handler runs, whatever it was doing is cut
+        short), reaped. It can be started again."""
+        processes.kill(self.processes[name])
+
+    def stop(self, timeout: float = processes.STOP_TIMEOUT) -> dict[str, int]:
+        """Everything (pgkd.processes.stop, SIGKILL after `timeout` s): the services and commands first,
+        then the servers they use. Returns each one's exit code, by name."""
+        processes.stop((p for name, p in self.processes.items() if name not in self.SERVERS), timeout)
+        processes.stop((p for name, p in self.processes.items() if name in self.SERVERS), timeout)
+        codes = {name: p.returncode for name, p in self.processes.items()}
         self.processes.clear()
         self._starting.clear()
+        return codes
 
     def say(self, line: str) -> None:
         if not self.quiet:
@@ -311,8 +353,8 @@ def _some_texts(args, n: int = 3) -> list[str]:
     return [s.text for s in load_dataset(args.data, args.text_column, args.label_column, seed=args.seed).test[:n]]
 
 
-def _parse(argv: list[str]):
-    """This command's options, and the run's as given (for `pgkd submit`), read with submit's parser."""
+def _parser():
+    """This command's options, then a run's as `pgkd submit` takes them (pgkd.cli.distill_arguments)."""
     from pgkd.cli import Parser, distill_arguments
     parser = Parser(prog="python -m pgkd_services.local",
                     description="one run submitted to the services on a local cluster (Tansu, a Kafka-compatible "
@@ -324,6 +366,12 @@ def _parse(argv: list[str]):
                         help="serve the run's best student on Triton (pgkd serve and the deployer; the run is "
                              "submitted with --promote) and classify three test texts with it")
     distill_arguments(parser, with_out=False)
+    return parser
+
+
+def _parse(argv: list[str]):
+    """This command's options, and the run's as given (for `pgkd submit`), read with submit's parser."""
+    parser = _parser()
     args = parser.parse_args(argv)
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--folder")
@@ -336,15 +384,17 @@ def _parse(argv: list[str]):
 
 
 def _check(args) -> None:
-    """Bad options are one line now, not after the cluster has started."""
-    from pgkd.loop.config import DistillConfig
+    """Bad options are one line now, not after the cluster has started: the run's are validated as
+    `pgkd submit` validates them (pgkd.options.from_options), and said naming their flags."""
     from pydantic import ValidationError
+
+    from pgkd.errors import invalid
+    from pgkd.loop.config import DistillConfig
+    from pgkd.options import flags, from_options
     try:
-        DistillConfig(**{k: v for k, v in vars(args).items()
-                         if k not in ("folder", "serve_teacher", "serve_student", "progress")})
+        from_options(DistillConfig, args)
     except ValidationError as e:
-        raise UserError("; ".join(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: "
-                                  f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
+        raise UserError(invalid(e).for_command(flags(_parser()))) from None
     if not Path(args.data).exists():
         raise UserError(f"{args.data}: no such file or folder")
 

@@ -18,20 +18,19 @@ import contextlib
 import contextvars
 import errno
 import logging
-import os
 import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from faststream import AckPolicy, Context
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
-from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
+from pgkd.artifacts import ArtifactError, ArtifactStore
 from pgkd.errors import EnvironmentFailure, UserError
-from pgkd.net import DEFAULT_HOST, host_from_env, parse_address, port_from_env
+from pgkd.net import DEFAULT_HOST, parse_address
+from pgkd.settings import ArtifactSettings, BrokerSettings, ServiceSettings, one, read
 from pgkd.distributed.messages import MESSAGES, DeadLetter, Message, RunCompleted
 from pgkd.distributed.runs import RunFiles, fail_run
 from pgkd.distributed.metrics import LoopMetrics
@@ -77,30 +76,15 @@ class Settings:
     prometheus_wait: float = 30.0       # seconds it waits for Prometheus to scrape the current cycle
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        env = os.environ
+    def from_env(cls, env=None) -> "Settings":
+        """The process's settings (os.environ, or `env`): pgkd.settings' broker, artifact store and service
+        sections; UserError naming the variable."""
         kafka_security.current()   # PGKD_KAFKA_*: a bad one fails a service at start, a command before any work
-        try:
-            return cls(broker_url=env.get("PGKD_BROKER_URL", "kafka://127.0.0.1:9092"),
-                       artifacts=env.get("PGKD_ARTIFACTS"), topic_prefix=env.get("PGKD_TOPIC_PREFIX", "pgkd."),
-                       metrics_port=port_from_env("PGKD_METRICS_PORT", 9100, env), http_host=host_from_env(env),
-                       graceful_timeout=float(env.get("PGKD_GRACEFUL_TIMEOUT", 300)),
-                       prometheus_url=check_prometheus_url(env.get("PGKD_PROMETHEUS_URL") or None),
-                       prometheus_wait=float(env.get("PGKD_PROMETHEUS_WAIT", 30)))
-        except ValueError as e:
-            raise UserError(f"service settings: {e}") from None
-
-
-def check_prometheus_url(url: str | None) -> str | None:
-    """PGKD_PROMETHEUS_URL, checked at start (`http[s]://HOST[:PORT][/PATH]`): a bad one is one line
-    then, not a stop policy that quietly falls back to the run's records at every cycle."""
-    if url is not None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise UserError(f"PGKD_PROMETHEUS_URL={url}: expected http://HOST:PORT")
-        parse_address(parts.netloc.rpartition("@")[2], f"PGKD_PROMETHEUS_URL={url}",
-                      default_port=443 if parts.scheme == "https" else 80)
-    return url
+        broker, store, service = (read(BrokerSettings, env), read(ArtifactSettings, env), read(ServiceSettings, env))
+        return cls(broker_url=broker.url, artifacts=store.artifacts, topic_prefix=broker.topic_prefix,
+                   metrics_port=service.metrics_port, http_host=service.http_host,
+                   graceful_timeout=service.graceful_timeout, prometheus_url=service.prometheus_url,
+                   prometheus_wait=service.prometheus_wait)
 
 
 def make_broker(url: str, graceful_timeout: float | None = None, app_name: str | None = None):
@@ -162,15 +146,8 @@ async def connected(broker, url: str):
 
 def connect_timeout() -> float:
     """Seconds a command (submit, send, topics) waits for the broker to answer, and a service starting
-    keeps trying to reach it: PGKD_CONNECT_TIMEOUT, 10."""
-    value = os.environ.get("PGKD_CONNECT_TIMEOUT", "10")
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = 0.0
-    if not 0 < seconds < float("inf"):
-        raise UserError(f"PGKD_CONNECT_TIMEOUT={value}: expected a number of seconds above 0")
-    return seconds
+    keeps trying to reach it: PGKD_CONNECT_TIMEOUT, 10 (pgkd.settings.BrokerSettings)."""
+    return one(BrokerSettings, "connect_timeout")
 
 
 async def _bootstrap_kafka(url: str) -> None:
@@ -376,7 +353,7 @@ class Service:
                           record=None) -> None:
         """Park a message on the dead-letter topic with the reason. `record` is the one it came in (by
         default the one being handled, when it is from `topic`): the dead letter keeps its partition
-        and offset, and its key and headers as the dead-letter record's own (README: Dead letters)."""
+        and offset, and its key and headers as the dead-letter record's own (docs/services.md: Dead letters)."""
         if record is None and (received := _received.get()) is not None and received.topic == topic:
             record = received
         letter = dead_letter_body(topic, self.name, body, reason, message, record)
@@ -434,7 +411,7 @@ class Service:
         ])
 
     def run(self) -> None:
-        """Connect to the broker, then serve until SIGTERM or SIGINT; then stop taking messages and finish
+        """Bind the HTTP port, `prepare`, connect to the broker, then serve until SIGTERM or SIGINT; then stop taking messages and finish
         (or hand back, by not acknowledging it) the one in flight within PGKD_GRACEFUL_TIMEOUT."""
         log.info("%s: broker %s, artifacts %s, topics %s*, HTTP on %s:%d", self.name, self.settings.broker_url,
                  self.store.url, self.settings.topic_prefix, self.settings.http_host, self.settings.metrics_port)
@@ -443,7 +420,12 @@ class Service:
             raise CannotServe(f"{self.name}: aiokafka here cannot decode {', '.join(missing)} compressed batches, "
                               "which Kafka delivers as their producer wrote them; install pgkd again (it requires "
                               "aiokafka[lz4,snappy,zstd])")
-        sock = self.http_socket()
+        sock = self.http_socket()    # a port taken is said at once, before warming and the broker
+        try:
+            self.prepare()
+        except BaseException:
+            sock.close()
+            raise
         # uvicorn shuts down gracefully, then raises the signal again under the handler it found:
         # let that handler be a clean exit, not death by signal.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -5,7 +5,7 @@ import json
 import threading
 
 from aiohttp import web
-from conftest import free_port
+from pgkd.net import free_port
 
 
 def answer(n: int, label: str = "refund", start: int = 0) -> str:

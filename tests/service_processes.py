@@ -1,18 +1,17 @@
 """The services as separate OS processes (`pgkd service NAME`) over a real Kafka-protocol broker
-(Tansu: Kafka-compatible, not Apache Kafka), for the tests that run, kill and restart them."""
-import os
+(Tansu: Kafka-compatible, not Apache Kafka), for the tests that run, kill and restart them: the
+project's LocalCluster, and what the tests read of it (each start's log lines, the broker's records)."""
 import re
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import free_port
-from pgkd.distributed.artifacts import ArtifactStore
-from pgkd.processes import spawn, stop
+from pgkd.artifacts import ArtifactStore
+from pgkd.net import free_port
 
 import pgkd_services as services
+from pgkd_services.local import LocalCluster
 
 
 def cli_options(options: dict) -> list[str]:
@@ -22,40 +21,28 @@ def cli_options(options: dict) -> list[str]:
     return args
 
 
-class ServiceProcesses:
-    """Service processes by label (`trainer`, or `trainer-2` for a second replica), each with its own
-    log file per start and its own metrics port."""
+class ServiceProcesses(LocalCluster):
+    """A LocalCluster of service processes by label (`trainer`, or `trainer-2` for a second replica:
+    `.start(service, label)`) on the broker `broker_url`, with no Prometheus (`.start_prometheus()`)
+    and no topics (`.pgkd("topics", "create")`); its logs in folder/services, its artifacts and cache in
+    `folder`. The services stop as they are configured to (PGKD_GRACEFUL_TIMEOUT not shortened)."""
 
     def __init__(self, broker_url: str, folder):
-        self.folder = folder
-        self.broker_url = broker_url
-        self.env = {**os.environ, "PGKD_BROKER_URL": broker_url, "PGKD_ARTIFACTS": f"file://{folder}/artifacts",
-                    "PGKD_CACHE": str(folder / "cache")}
+        super().__init__(folder / "services", quiet=True, broker_url=broker_url, topics=False, prometheus=False,
+                         env={"PGKD_ARTIFACTS": f"file://{folder}/artifacts", "PGKD_CACHE": str(folder / "cache"),
+                              "PGKD_GRACEFUL_TIMEOUT": None})
         self.store = ArtifactStore(self.env["PGKD_ARTIFACTS"])
-        self.processes: dict[str, subprocess.Popen] = {}
         # One port per service up front, so a Prometheus can be pointed at them before they start.
-        self.metrics_ports: dict[str, int] = {name: free_port() for name in services.ALL}
-        self.log_paths: dict[str, list] = {}     # label -> one log file per start, in order
-        self._logs: list = []
-
-    def start(self, service: str, label: str | None = None, **env: str) -> None:
-        label = label or service
-        port = self.metrics_ports.setdefault(label, free_port())
-        path = self.folder / f"{label}-{len(self.log_paths.get(label, []))}.log"
-        self.log_paths.setdefault(label, []).append(path)
-        log = path.open("w")
-        self._logs.append(log)
-        env = {**self.env, **env, "PGKD_METRICS_PORT": str(port)}
-        self.processes[label] = spawn([sys.executable, "-m", "pgkd.cli", "service", service], log=log, env=env)
+        for name in services.ALL:
+            self.metrics_ports.setdefault(name, free_port())
+        self.open()
 
     def pgkd(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """A command run to its end, its output captured (not LocalCluster.pgkd's, to the terminal)."""
         return subprocess.run([sys.executable, "-m", "pgkd.cli", *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
-    # -- what a process is doing, from the log lines the services write ------------------------------------
-    def log_text(self, label: str, start: int = -1) -> str:
-        return self.log_paths[label][start].read_text(errors="replace")
-
+    # -- what a process is doing, from the log lines the services write (log_text: one start's) ------------
     def handled(self, label: str, kind: str, start: int = -1) -> list[tuple[str, int]]:
         """(run, cycle) of each `kind` message that process start finished (computed or found done)."""
         pattern = rf"run (\S+) cycle (\d+): {re.escape(kind)} (?:->|already handled)"
@@ -76,10 +63,6 @@ class ServiceProcesses:
             if time.monotonic() > deadline or self.processes[label].poll() is not None:
                 pytest.fail(f"{label} never took a {kind} message; logs:\n{self.log_tails()}")
             time.sleep(0.002)
-
-    def kill(self, label: str) -> None:
-        self.processes[label].send_signal(signal.SIGKILL)
-        self.processes[label].wait(10)
 
     def wait_completed(self, run_id: str, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
@@ -128,15 +111,12 @@ class ServiceProcesses:
         return sum(end - done.get(partition, 0) for partition, end in ends.items())
 
     def log_tails(self) -> str:
-        return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
-                         for paths in self.log_paths.values() for path in paths)
+        return "\n".join(f"--- {label} (start {k})\n{self.log_text(label, k)[-3000:]}"
+                         for label, starts in self.log_starts.items() for k in range(len(starts)))
 
     def stop(self) -> dict[str, int]:
         """SIGTERM every service: each one stops cleanly (exit 0; SIGKILL after 60 s)."""
-        stop(self.processes.values(), timeout=60)
-        return {label: process.returncode for label, process in self.processes.items()}
+        return super().stop(timeout=60)
 
     def kill_all(self) -> None:
-        stop(self.processes.values(), timeout=0)
-        for log in self._logs:
-            log.close()
+        super().stop(timeout=0)

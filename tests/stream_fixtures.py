@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import TOY_CLASSES, make_toy_dataset, toy_text
 from pgkd.distributed.steps import run_through_steps
 from pgkd.distributed import steps
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples
 from pgkd.loop.config import DistillConfig
 from pgkd.distributed.messages import RunCompleted

@@ -39,7 +39,7 @@ def test_a_users_own_teacher_object_drives_a_two_cycle_run(tmp_path):
     report = result.report
     assert [c.cycle for c in report.cycles] == [0, 1, 2]
     assert [r.cycle for r in teacher.requests] == [1, 2] and all(r.n == 8 for r in teacher.requests)
-    prompt = teacher.requests[0].prompt()                   # what an LLM client would send its model
+    prompt = pgkd.render_prompt(teacher.requests[0])        # what an LLM client would send its model
     assert teacher.requests[0].report is not None and all(label in prompt for label in TOY_CLASSES)
     for cycle in report.cycles[1:]:
         assert (cycle.generated, cycle.accepted) == (8, 8) and cycle.rejected == {"malformed_sample": 1}

@@ -1,6 +1,8 @@
 """The architecture holds: import-linter's contracts (pyproject.toml) pass on the tree, and fail on a
-copy where the engine imports the services, or the loop imports the bus contracts; and every child
-process is started and stopped by pgkd.processes."""
+copy where the engine imports the services, the loop imports the bus contracts, a layer imports one
+above it, the students import the teachers, or a module is added without a layer; no package or
+module of pgkd imports itself back through others (no import cycles); and every child process is
+started and stopped by pgkd.processes."""
 import re
 import shutil
 import subprocess
@@ -37,7 +39,7 @@ def copy(tmp_path) -> Path:
 def test_the_contracts_hold_on_the_tree(copy):
     result = lint(copy)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Contracts: 2 kept, 0 broken." in result.stdout
+    assert "Contracts: 4 kept, 0 broken." in result.stdout
 
 
 @pytest.mark.parametrize("module, line, broken", [
@@ -52,6 +54,104 @@ def test_a_forbidden_import_breaks_a_contract(copy, module, line, broken):
     result = lint(copy)
     assert result.returncode != 0
     assert f"{broken}" in result.stdout and "BROKEN" in result.stdout, result.stdout
+
+
+LAYERS = "Layers: the engine's packages import only downwards"
+INDEPENDENT = "The students and the teachers are independent"
+
+
+@pytest.mark.parametrize("module, line, broken", [
+    ("shared/pgkd/data.py", "from pgkd.teachers.simulated import TEACHERS", LAYERS),        # the old data -> teachers
+    ("shared/pgkd/loop/state.py", "from pgkd.distributed.runs import RunRecord", LAYERS),   # the old loop -> distributed
+    ("shared/pgkd/students/frozen.py", "from pgkd.loop.evaluation import evaluate", LAYERS),  # the old students -> loop
+    ("shared/pgkd/teachers/prompt.py", "from pgkd.loop.mining import mine", LAYERS),         # the old teachers -> loop
+    ("shared/pgkd/types.py", "from pgkd.errors import UserError", LAYERS),                  # the leaf imports nothing
+    ("shared/pgkd/files.py", "import pgkd.settings", LAYERS),
+    ("shared/pgkd/teachers/simulated.py", "from pgkd.students.frozen import fit_linear_head", INDEPENDENT),
+])
+def test_an_upward_or_sideways_import_breaks_the_layers(copy, module, line, broken):
+    path = copy / module
+    path.write_text(path.read_text() + f"\n{line}  # deliberately broken\n")
+    result = lint(copy)
+    assert result.returncode != 0
+    broken_part = result.stdout.split("Broken contracts", 1)[-1]
+    assert "BROKEN" in result.stdout and broken in broken_part, result.stdout
+    assert f"{line.split()[1]}" in broken_part, result.stdout          # the report names the offending import
+
+
+def test_a_module_without_a_layer_breaks_the_layers(copy):
+    (copy / "shared" / "pgkd" / "helpers.py").write_text('"""A new module that no layer names."""\n')
+    result = lint(copy)
+    assert result.returncode != 0
+    assert LAYERS in result.stdout and "pgkd.helpers" in result.stdout, result.stdout
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan's algorithm, iteratively)."""
+    index, low, on_stack, stack, found, counter = {}, {}, set(), [], [], [0]
+    for root in sorted(edges):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges.get(root, ()))))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "d": {"a"}}) == []
+
+
+def test_no_module_and_no_package_of_pgkd_imports_itself_back():
+    """No cycles: among all modules, nor among the children of any package (a package stands for every
+    module below it). A cycle is what layers forbid; this says where one is if a contract is ever relaxed."""
+    import grimp
+    graph = grimp.build_graph("pgkd")
+    imports = {m: set(graph.find_modules_directly_imported_by(m)) for m in graph.modules}
+    assert _cycles(imports) == []
+    packages = {m for m in graph.modules if graph.find_children(m)}
+    assert {"pgkd", "pgkd.loop", "pgkd.students", "pgkd.teachers", "pgkd.distributed"} <= packages
+    for package in sorted(packages):
+        def child(module: str) -> str | None:
+            if not module.startswith(package + "."):
+                return None
+            return package + "." + module[len(package) + 1:].split(".")[0]
+        edges: dict[str, set[str]] = {}
+        for module, targets in imports.items():
+            source = child(module)
+            for target in filter(None, map(child, targets)):
+                if source and target != source:
+                    edges.setdefault(source, set()).add(target)
+        assert _cycles(edges) == [], f"children of {package} import each other in a cycle"
 
 
 def test_the_wheel_ships_pgkd_and_pgkd_services_and_no_top_level_services(tmp_path):

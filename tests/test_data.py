@@ -2,15 +2,8 @@ import random
 
 import pytest
 from conftest import write_jsonl
-from pgkd.data import (
-    Sample,
-    count_duplicates,
-    load_dataset,
-    make_splits,
-    normalize_text,
-    read_samples,
-    stratified_split,
-)
+from pgkd.data import count_duplicates, load_dataset, make_splits, normalize_text, read_samples, stratified_split
+from pgkd.types import Sample
 from pgkd.errors import UserError
 
 

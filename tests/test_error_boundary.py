@@ -4,7 +4,7 @@ TimeoutError), and never a traceback. Commands raise; none prints its own failur
 import pytest
 
 import pgkd.cli
-from pgkd.distributed.artifacts import DamagedRecord, NotInStore, StoreUnwritable
+from pgkd.artifacts import DamagedRecord, NotInStore, StoreUnwritable
 from pgkd.errors import EnvironmentFailure, Option, UserError
 from pgkd.names import UnsafeName
 from pgkd.serving.client import ServerUnreachable, ServingError

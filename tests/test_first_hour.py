@@ -11,7 +11,7 @@ from conftest import TOY_CLASSES, make_toy_dataset
 
 import pgkd
 from pgkd.errors import UserError
-from pgkd.students.contract import MAX_TEXT_CHARS
+from pgkd.types import MAX_TEXT_CHARS
 from pgkd.students.finetuned import FineTunedStudent
 
 TINY = dict(labeled=40, epochs=1, cycle_epochs=1, learning_rate=1e-2, head_learning_rate=1e-2, batch_size=16,

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 import pgkd
 from pgkd.cli import build_parser, main
-from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
+from pgkd.artifacts import ArtifactRef, ArtifactStore
 from pgkd.distributed.messages import RunRequested
 from pgkd.distributed.runs import RunFiles, fail_run
 from pgkd.errors import UserError

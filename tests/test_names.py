@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 import pgkd
 from pgkd.cli import main
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.distributed.messages import RunRequested, StudentPromoted
 from pgkd.distributed.runs import RunFiles
 from pgkd.errors import UserError

@@ -10,7 +10,8 @@ import pytest
 import pgkd
 from pgkd.cli import main
 from pgkd.errors import UserError
-from pgkd.net import host_from_env, parse_host
+from pgkd.net import parse_host
+from pgkd.settings import host_from_env
 from pgkd.processes import spawn, stop
 
 

@@ -26,7 +26,6 @@ from pgkd.serving.tritonserver import (  # noqa: F401 -- the runner lives in the
     TritonServerError,
     default_models,
     find_tritonserver,
-    free_ports,
     prepare_backend_directory,
     run_tritonserver,
     server_environment,

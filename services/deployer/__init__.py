@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgkd.distributed.artifacts import ArtifactError
+from pgkd.artifacts import ArtifactError
 from pgkd.distributed.messages import RunCompleted, StudentPromoted
 from pgkd.distributed.steps import latest_promotion
 from pgkd.errors import UserError
-from pgkd.names import check_name
 from pgkd.net import parse_address, url_host
 from pgkd.serving.deploy import DeployFailed, deploy_promotion
-from pgkd.serving.repository import FORMATS
+from pgkd.settings import read
+from pgkd.settings import ServingSettings as ServingVariables
 
 from pgkd_services.runtime import Service
 
@@ -48,24 +46,13 @@ class ServingSettings:
 
     @classmethod
     def from_env(cls, env=None) -> "ServingSettings":
-        env = os.environ if env is None else env
-        repository = env.get("PGKD_SERVING_REPOSITORY")
-        if not repository:
+        """PGKD_SERVING_* (os.environ, or `env`): pgkd.settings.ServingSettings; UserError naming the variable."""
+        serving = read(ServingVariables, env)
+        if not serving.repository:
             raise UserError("PGKD_SERVING_REPOSITORY: not set (the model repository the student server reads)")
-        fmt = env.get("PGKD_SERVING_FORMAT", "onnx")
-        if fmt not in FORMATS:
-            raise UserError(f"PGKD_SERVING_FORMAT={fmt}: one of {', '.join(FORMATS)}")
-        flags = {name: env.get(f"PGKD_SERVING_{name.upper()}", "0") for name in ("int8", "gpu")}
-        for name, value in flags.items():
-            if value not in ("0", "1"):
-                raise UserError(f"PGKD_SERVING_{name.upper()}={value}: 0 or 1")
-        url = env.get("PGKD_SERVING_URL", "127.0.0.1:8000")
-        address = url.removeprefix("http://").rstrip("/")
-        if "/" in address:
-            raise UserError(f"PGKD_SERVING_URL={url}: expected HOST:PORT (the server's HTTP endpoint)")
-        host, port = parse_address(address, f"PGKD_SERVING_URL={url}")
-        return cls(Path(repository), f"{url_host(host)}:{port}", check_name(env.get("PGKD_SERVING_MODEL", "student"), "PGKD_SERVING_MODEL"), fmt, flags["int8"] == "1",
-                   env.get("PGKD_SERVING_REPLICA") or socket.gethostname(), flags["gpu"] == "1")
+        host, port = parse_address(serving.url.removeprefix("http://").rstrip("/"), f"PGKD_SERVING_URL={serving.url}")
+        return cls(Path(serving.repository), f"{url_host(host)}:{port}", serving.model, serving.format, serving.int8,
+                   serving.replica_name(), serving.gpu)
 
 
 class DeployerService(Service):

@@ -14,10 +14,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "distill": "pgkd.api", "load_student": "pgkd.api", "DistillResult": "pgkd.loop.embedded",
-    "DistillConfig": "pgkd.loop.config", "Sample": "pgkd.data",
-    "Student": "pgkd.students.contract", "TrainConfig": "pgkd.students.contract", "TrainResult": "pgkd.students.contract",
-    "Teacher": "pgkd.teachers.contract", "GenerationRequest": "pgkd.teachers.contract",
-    "GeneratedBatch": "pgkd.teachers.contract",
+    "DistillConfig": "pgkd.loop.config", "Sample": "pgkd.types",
+    "Student": "pgkd.students.contract", "TrainConfig": "pgkd.types", "TrainResult": "pgkd.types",
+    "Teacher": "pgkd.teachers.contract", "GenerationRequest": "pgkd.types",
+    "GeneratedBatch": "pgkd.types", "render_prompt": "pgkd.teachers.prompt",
     "export": "pgkd.serving", "classify": "pgkd.serving",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pgkd.data import Sample, dataset_from_samples, load_dataset
-from pgkd.errors import UserError, invalid
+from pgkd.data import dataset_from_samples, load_dataset
+from pgkd.types import GeneratedBatch, GenerationRequest, Sample, TeacherUnavailable
+from pgkd.errors import Option, UserError, invalid
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import DistillResult, run
-from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable
 
 
 def distill(data, teacher="pool-guided", student="minilm", out: str | Path | None = None, progress: bool = True,
@@ -36,6 +36,7 @@ def distill(data, teacher="pool-guided", student="minilm", out: str | Path | Non
     if student_object is not None and options.get("warm_start") is False:
         raise TypeError("pgkd.distill: warm_start=False retrains a fresh student each cycle, which pgkd can make "
                         "from a student's name or folder, not from an object")
+    _no_text_for_numbers(options)
     try:
         config = DistillConfig(data=str(data) if isinstance(data, (str, Path)) else "python:samples",
                                teacher=teacher if teacher_name is None else f"python:{teacher_name}",
@@ -49,6 +50,16 @@ def distill(data, teacher="pool-guided", student="minilm", out: str | Path | Non
     else:
         dataset = dataset_from_samples(list(data), config.text_column, config.label_column, seed=config.seed)
     return run(config, out, progress=progress, dataset=dataset, teacher=teacher_object, student=student_object)
+
+
+def _no_text_for_numbers(options: dict) -> None:
+    """A Python caller's `labeled="30"` is a mistake to say, not a number to guess (pydantic would take
+    it as 30; the command line converts its text itself, by each option's type)."""
+    from pgkd.options import base_type
+    for name, value in options.items():
+        if isinstance(value, str) and base_type(DistillConfig.model_fields[name]) in (int, float, bool):
+            kind = "True or False" if base_type(DistillConfig.model_fields[name]) is bool else "a number"
+            raise UserError(Option(name, value), f": expected {kind}, not a string")
 
 
 def load_student(path: str | Path, device: str | None = None):

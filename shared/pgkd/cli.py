@@ -33,80 +33,30 @@ def _command_plugins():
 
 
 def distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> None:
-    """The options of a run (`pgkd distill`; `pgkd submit` takes them too)."""
-    p.add_argument("--data", required=True, help="dataset folder (train/validation/test .jsonl or .csv) or one file")
+    """The options of a run (`pgkd distill`; `pgkd submit`, `pgkd bench bus` and `python -m
+    pgkd_services.local` take them too): one per DistillConfig field (pgkd.options), then --out and
+    --no-progress, which are the command's, not the run's. `run_config(args)` reads them back."""
+    from pgkd.loop.config import DistillConfig
+    from pgkd.options import add_options
+    add_options(p, DistillConfig)
     if with_out:
         p.add_argument("--out", required=True, help="output folder: report.json, best/, history.png")
-    p.add_argument("--labeled", type=int, default=1000,
-                   help="labeled samples drawn from train (80/20 train/validation)")
-    p.add_argument("--teacher", default="pool-guided",
-                   help="pool-guided | pool-random (simulated LLM teachers), or an LLM: triton://HOST:PORT/MODEL, "
-                        "triton+grpc://HOST:PORT/MODEL, openai://HOST:PORT/v1?model=NAME[&key_env=VAR]")
-    llm = p.add_argument_group("LLM teacher (triton://, openai://)")
-    llm.add_argument("--teacher-timeout", type=float, default=120.0, help="seconds per call")
-    llm.add_argument("--teacher-retries", type=int, default=3,
-                     help="retries per call on timeouts, transport errors, 5xx")
-    llm.add_argument("--teacher-concurrency", type=int, default=4, help="calls in flight")
-    llm.add_argument("--teacher-max-per-call", type=int, default=32, help="samples asked for in one call")
-    llm.add_argument("--teacher-max-tokens", type=int, default=4096)
-    llm.add_argument("--teacher-temperature", type=float, default=0.7)
-    llm.add_argument("--price-prompt-per-1k", type=float, default=0.0, help="cost of 1,000 prompt tokens")
-    llm.add_argument("--price-completion-per-1k", type=float, default=0.0, help="cost of 1,000 completion tokens")
-    llm.add_argument("--teacher-cache", default="file://~/.cache/pgkd",
-                     help="where answers are cached by request (a folder URL or s3://...; none: off); "
-                          "the services use their artifact store")
-    p.add_argument("--guidance", default="full", choices=["full", "no-report", "no-hard-negatives"],
-                   help="what the teacher is shown: everything, or all but the report / hard negatives")
-    p.add_argument("--guidance-source", default="validation", choices=["out-of-fold", "validation"],
-                   help="where the report and the mistakes come from: out-of-fold predictions over the labeled "
-                        "train samples (validation is then never shown to the teacher), or validation itself")
-    p.add_argument("--selection-source", default="validation", choices=["out-of-fold", "validation"],
-                   help="which scores pick the best cycle and stop the run: validation, or out-of-fold scores over "
-                        "the labeled train samples (never shown to a teacher guided by validation)")
-    p.add_argument("--guidance-folds", type=int, default=5, help="folds of the out-of-fold guidance or selection")
-    p.add_argument("--guidance-student", default=None,
-                   help="the fold students' recipe (default: --student; minilm-frozen is a cheap stand-in)")
-    p.add_argument("--student", default="minilm",
-                   help="minilm (fine-tuned, mean pooling) | minilm-frozen | minilm-cls ([CLS] pooler) | tiny | "
-                        "a Hugging Face id or model folder")
-    p.add_argument("--samples-per-cycle", type=int, default=32)
-    p.add_argument("--max-cycles", type=int, default=10)
-    p.add_argument("--patience", type=int, default=5, help="cycles without improvement before stopping")
-    p.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts as improvement")
-    p.add_argument("--sample-budget", type=int, default=None, help="stop once the teacher produced this many")
-    p.add_argument("--target-score", type=float, default=None, help="stop once --metric reaches this value")
-    p.add_argument("--token-budget", type=int, default=None, help="stop once the teacher used this many tokens")
-    p.add_argument("--cost-budget", type=float, default=None, help="stop once the teacher cost this much")
-    p.add_argument("--metric", default="macro_f1", help="validation metric the stop policy watches")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=8, help="epochs of the first training round")
-    p.add_argument("--cycle-epochs", type=int, default=3, help="epochs of each warm-started round")
-    p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
-                   help="retrain each cycle from the pretrained encoder (slower)")
-    p.add_argument("--cycle-lr-scale", dest="cycle_learning_rate_scale", type=float, default=0.25,
-                   help="learning-rate factor for the warm-started rounds")
-    p.add_argument("--track-test", action="store_true",
-                   help="also score test after every cycle (a diagnostic; never used for any decision)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=4e-4)
-    p.add_argument("--head-learning-rate", type=float, default=4e-3, help="for the new classification head")
-    p.add_argument("--head-init", default="linear-probe", choices=["linear-probe", "random"],
-                   help="a new head starts as a logistic regression on the encoder's embeddings, or random")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--label-noise", type=float, default=0.0, help="share of teacher answers relabeled at random")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def cmd_distill(args) -> int:
+def run_config(args: argparse.Namespace):
+    """The run's options given to a command that took `distill_arguments`: a DistillConfig, validated
+    (pydantic's ValidationError, which `main` says naming the flags)."""
     from pgkd.loop.config import DistillConfig
+    from pgkd.options import from_options
+    return from_options(DistillConfig, args)
+
+
+def cmd_distill(args) -> int:
     from pgkd.loop.cycle import TEACHER_UNAVAILABLE
     from pgkd.loop.embedded import run
     from pgkd.loop.report import summary_table
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "out", "progress")}
-    config = DistillConfig(**options)
+    config = run_config(args)
     report = run(config, args.out, progress=args.progress).report
     print(summary_table(report))
     print(f"stopped: {report.stop_reason}")
@@ -186,7 +136,7 @@ def cmd_export(args) -> int:
     from pgkd.serving.repository import require_own_folder, write_version
     out = Path(args.out)
     if args.format == "hf":
-        from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
+        from pgkd.artifacts import ArtifactError, ArtifactStore
         from pgkd.distributed.steps import export_checkpoint
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"--out {out}: not empty")
@@ -374,10 +324,7 @@ def cmd_bench_bus(args) -> int:
     from pathlib import Path
 
     from pgkd.bench.bus import markdown, run_bus_bench
-    from pgkd.loop.config import DistillConfig
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("command", "bench", "func", "out", "progress", "repeats")}
-    result = run_bus_bench(DistillConfig(**options), Path(args.out), repeats=args.repeats)
+    result = run_bus_bench(run_config(args), Path(args.out), repeats=args.repeats)
     print(markdown(result), end="")
     print(f"wrote {args.out}/bus.json, bus.md")
     return 0
@@ -432,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     classify.add_argument("texts", nargs="*", help="texts; none: JSON Lines on stdin")
     classify.set_defaults(func=cmd_classify)
+    from pgkd.settings import add_command as add_settings_command
+    add_settings_command(sub)   # `pgkd settings`: every PGKD_* variable, its default and meaning
 
     for register in _command_plugins():   # the bus commands (pgkd_services) register themselves here
         register(sub, distill_arguments)
@@ -567,13 +516,9 @@ def _parsers(parser: argparse.ArgumentParser):
 def flags_of(parser: argparse.ArgumentParser, func):
     """name -> how the command that runs `func` spells the parameter: its long option (`--labeled`), ""
     for a positional argument, None where the command has no such option (the Python name is shown)."""
-    command = next((p for p in _parsers(parser) if p.get_default("func") is func), parser)
-    flags: dict[str, str] = {}
-    for action in command._actions:
-        if action.dest != "help" and action.dest not in flags:
-            long = [s for s in action.option_strings if s.startswith("--")] or action.option_strings
-            flags[action.dest] = long[0] if long else ""
-    return lambda name: flags.get(PARAMETER_DESTS.get(name, name), flags.get(name))
+    from pgkd.options import flags
+    flag = flags(next((p for p in _parsers(parser) if p.get_default("func") is func), parser))
+    return lambda name: flag(PARAMETER_DESTS.get(name, name), flag(name))
 
 
 

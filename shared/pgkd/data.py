@@ -14,18 +14,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel
-
-from pgkd.teachers.allocation import allocate
+from pgkd.allocation import allocate
 from pgkd.errors import Option, UserError
+from pgkd.types import Sample
 
 SPLIT_NAMES = ("train", "validation", "test")
 FORMATS = (".jsonl", ".json", ".csv")
-
-
-class Sample(BaseModel, frozen=True):
-    text: str
-    label: str
 
 
 def normalize_text(text: str) -> str:

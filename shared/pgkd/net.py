@@ -67,14 +67,6 @@ def parse_host(value: object, where: str) -> str:
     raise UserError(f"{where} {value!r}: not a host (an IP address such as 127.0.0.1 or 0.0.0.0, or a host name)")
 
 
-def host_from_env(env=None) -> str:
-    """The services' bind address: PGKD_HTTP_HOST, loopback by default."""
-    import os
-    env = os.environ if env is None else env
-    value = env.get(HOST_ENV)
-    return DEFAULT_HOST if value is None or value == "" else parse_host(value, HOST_ENV)
-
-
 def port_from_env(name: str, default: int, env=None) -> int:
     import os
     env = os.environ if env is None else env
@@ -104,6 +96,27 @@ def url_host(host: str) -> str:
     if host in ("0.0.0.0", "::"):
         return "127.0.0.1" if host == "0.0.0.0" else "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
+    """`count` distinct TCP ports free on `host` now, chosen by the kernel (all held open until all are
+    chosen, so none is given twice). A program may take one before its server binds it."""
+    import socket
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """One TCP port free on `host` now (free_ports)."""
+    return free_ports(1, host)[0]
 
 
 def require_free_ports(host: str, ports: dict[str, int]) -> None:

@@ -8,9 +8,9 @@ the streams too). What it does not know, it never deletes or overwrites.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
+
+from pgkd.files import write_json_atomic
 
 WRITTEN_BY = "pgkd"
 
@@ -26,11 +26,7 @@ def read_owner(path: Path) -> dict | None:
 
 def write_owner(path: Path, **fields) -> None:
     """Write the owner file at `path` atomically (a reader sees the old one or the new one)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps({"written_by": WRITTEN_BY, **fields}, indent=2, ensure_ascii=False) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, {"written_by": WRITTEN_BY, **fields})
 
 
 OUTPUT = ".pgkd-output.json"   # in a benchmark's --out: pgkd writes (and replaces) its results there

@@ -114,6 +114,15 @@ def stop(processes: subprocess.Popen | Iterable[subprocess.Popen], timeout: floa
             process.wait()
 
 
+def kill(process: subprocess.Popen) -> int:
+    """A crash, on purpose: SIGKILL to a child started by `spawn` and what it started (no handler runs),
+    reaped. Returns its exit code."""
+    with _signals_held_off():
+        if process.poll() is None:
+            _signal_group(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)

@@ -960,19 +960,19 @@ def test_kustomization_lists_every_manifest_and_nothing_else():
 
 
 def settings_the_code_reads() -> set[str]:
-    """Every PGKD_* variable the services read: their Settings (by reading how it is built, and the
-    bind address pgkd.net reads for it), the stream's settings (one variable per field), the Kafka
-    security settings (kafka_security.VARIABLES) and the deployer's serving settings (those
-    ServingSettings.from_env reads)."""
-    import inspect
+    """Every PGKD_* variable pgkd reads: those of the one settings model (pgkd.settings, `pgkd settings`)."""
+    from pgkd.settings import known_variables
+    return set(known_variables())
 
-    from pgkd.net import HOST_ENV
-    from pgkd.stream import StreamSettings
-    from pgkd_services.kafka_security import VARIABLES as KAFKA_SECURITY
-    from pgkd_services.runtime import Settings
-    read = set(re.findall(r'"(PGKD_[A-Z_]+)"', inspect.getsource(Settings.from_env)))
-    return (read | {HOST_ENV} | {StreamSettings.variable(field) for field in StreamSettings.model_fields} | set(KAFKA_SECURITY)
-            | serving_variables())
+
+def env_names(node) -> set[str]:
+    """The names of every container `env` entry in a manifest (a Deployment, a kustomize patch)."""
+    if isinstance(node, dict):
+        found = {entry["name"] for entry in node.get("env", []) if isinstance(entry, dict) and "name" in entry}
+        return found.union(*(env_names(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(env_names(value) for value in node))
+    return set()
 
 
 def test_the_configmap_sets_only_what_the_code_reads_and_in_the_one_namespace():
@@ -980,6 +980,15 @@ def test_the_configmap_sets_only_what_the_code_reads_and_in_the_one_namespace():
     data = k8s_doc("ConfigMap", "pgkd-config")["data"]
     unread = set(data) - settings_the_code_reads()
     assert not unread, f"the ConfigMap sets {sorted(unread)}, which no service reads"
+    # and so does every container's env, in every manifest
+    from pgkd.settings import Settings
+    set_in_manifests = {name for path in K8S.rglob("*.yaml") for doc in load_yaml_all(path) for name in env_names(doc)
+                        if name.startswith("PGKD_")}
+    assert set_in_manifests >= {"PGKD_SERVING_REPOSITORY", "PGKD_SERVING_THREADS", "PGKD_TEACHER_MODEL"}
+    unknown = set_in_manifests - settings_the_code_reads()
+    assert not unknown, f"the manifests set {sorted(unknown)}, which are not settings (pgkd settings)"
+    # and the ConfigMap's values are valid settings
+    Settings.from_env({key: str(value) for key, value in data.items()})
     assert {"PGKD_BROKER_URL", "PGKD_ARTIFACTS"} <= set(data)
     # the code's defaults, said once
     assert {key: data[key] for key in STREAM_DEFAULTS} == {**STREAM_DEFAULTS, **STREAM_MOUNTED}
@@ -1054,7 +1063,7 @@ def test_each_service_is_a_deployment_with_its_command_configuration_and_volumes
 def test_every_service_listens_on_the_containers_address_in_compose_and_kubernetes():
     """The services' HTTP side listens on loopback unless PGKD_HTTP_HOST says otherwise (pgkd.net):
     Prometheus and the probes reach a container or a pod only if compose and the manifests say 0.0.0.0."""
-    from pgkd.net import host_from_env
+    from pgkd.settings import host_from_env
     in_compose = {name: svc for name, svc in compose()["services"].items() if svc.get("command", [])[:1] == ["service"]}
     assert set(in_compose) == set(SERVICES) | {"deployer"}
     for name, service in in_compose.items():

@@ -39,8 +39,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import free_port
 from pgkd import processes
+from pgkd.net import free_port
 from test_deploy import (K8S, K8S_VERSIONS, METRICS_PORT, REPO, SCHEMAS, SERVICES, STUDENT_DEPLOYMENT, TRITON_PORTS,
                          duration_seconds, k8s_doc, load_yaml, load_yaml_all, strict_schema, validate_manifest)
 

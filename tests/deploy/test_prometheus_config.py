@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -41,6 +40,7 @@ from prometheus_client import CollectorRegistry
 
 from pgkd import processes
 from pgkd.distributed.metrics import LoopMetrics, exported_names
+from pgkd.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -348,12 +348,6 @@ def test_promtool_rejects_a_broken_rule_and_a_wrong_expectation(tmp_path):
 
 
 # ------------------------------------------------------------------------------ a real Prometheus server
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def get(url: str) -> tuple[int, dict]:
     try:

@@ -1,6 +1,6 @@
 """The artifact store: atomic writes, references checked by sha256, folders as one artifact."""
 import pytest
-from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, StoreUnwritable
+from pgkd.artifacts import ArtifactError, ArtifactRef, ArtifactStore, StoreUnwritable
 
 
 def test_bytes_round_trip_by_reference_and_key(tmp_path):

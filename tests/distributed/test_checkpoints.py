@@ -11,14 +11,13 @@ import pytest
 from conftest import make_toy_dataset
 from pgkd.distributed.steps import run_through_steps
 from pgkd.cli import main
-from pgkd.data import Sample
+from pgkd.types import Sample, TrainConfig
 from pgkd.distributed import steps
-from pgkd.distributed.artifacts import ArtifactError, ArtifactStore
+from pgkd.artifacts import ArtifactError, ArtifactStore
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times
 from pgkd.students import load_student
-from pgkd.students.contract import TrainConfig
 from pgkd.students.finetuned import FineTunedStudent
 
 LABELS = ["card", "refund", "transfer"]

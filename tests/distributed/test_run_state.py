@@ -7,12 +7,12 @@ import pytest
 from conftest import make_toy_dataset
 from pgkd.cli import main
 from pgkd.distributed import steps
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.distributed.messages import CycleEvaluated, RunCompleted, TeacherStopped
 from pgkd.distributed.runs import RunFiles
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
-from pgkd.loop.evaluation import METRICS
+from pgkd.types import METRICS
 from pgkd.loop.report import PhaseTimes, without_times
 from pgkd.loop.state import RunState, StateError
 

@@ -22,7 +22,7 @@ import pgkd_services as services
 from pgkd.distributed.steps import run_through_steps
 from pgkd.cli import main
 from pgkd.distributed import steps
-from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
+from pgkd.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.names import is_relative

@@ -6,7 +6,7 @@ from conftest import bag_of_words_embed
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.students.finetuned import FineTunedStudent
-from pgkd.teachers.contract import GeneratedBatch
+from pgkd.types import GeneratedBatch
 
 
 def _config(data, **overrides):

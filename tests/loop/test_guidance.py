@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from conftest import bag_of_words_embed
-from pgkd.data import Sample
+from pgkd.types import Sample
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.guidance import fold_of, out_of_fold_probs

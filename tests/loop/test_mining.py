@@ -1,5 +1,5 @@
 import numpy as np
-from pgkd.data import Sample
+from pgkd.types import Sample
 from pgkd.loop.mining import mine
 
 

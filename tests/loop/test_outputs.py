@@ -98,7 +98,7 @@ def test_a_crash_while_swapping_loses_no_user_file_and_the_next_run_recovers(toy
     real_replace, moves = os.replace, []
 
     def crash_on_the_second_move(src, dst):
-        if str(src).startswith(str(out / STAGING)) and os.path.basename(src) != f".{MANIFEST}.tmp":
+        if str(src).startswith(str(out / STAGING)) and not os.path.basename(src).startswith(f".{MANIFEST}."):
             moves.append(src)
             if len(moves) == 2:
                 raise KeyboardInterrupt

@@ -1,4 +1,5 @@
-from pgkd.data import Sample, normalize_text
+from pgkd.data import normalize_text
+from pgkd.types import Sample
 from pgkd.loop.screening import screen
 
 

@@ -36,7 +36,7 @@ def test_submit_checks_its_input_before_publishing_anything(env, tmp_path, bus):
     assert too_many.returncode == 2 and "--labeled 100000" in too_many.stderr
     wrong_bus = pgkd("submit", "--data", str(data), "--labeled", "40", env={**env, "PGKD_BROKER_URL": "redis://x:6379"})
     assert wrong_bus.returncode == 2 and wrong_bus.stderr.count("\n") == 1, wrong_bus.stderr
-    assert "PGKD_BROKER_URL=redis://x:6379: expected kafka://host:port" in wrong_bus.stderr
+    assert "PGKD_BROKER_URL='redis://x:6379': expected kafka://host:port" in wrong_bus.stderr
     assert bus.bodies("run-requested") == []     # nothing was published
 
 
@@ -110,7 +110,7 @@ def test_an_unreachable_broker_is_one_line_and_leaves_no_run_behind(tmp_path):
     close their clients, and submit records no run that `status` would then call running."""
     import os
 
-    from conftest import free_port
+    from pgkd.net import free_port
     data = make_toy_dataset(tmp_path / "toy")
     env = {**os.environ, "PGKD_BROKER_URL": f"kafka://127.0.0.1:{free_port()}",
            "PGKD_ARTIFACTS": f"file://{tmp_path}/artifacts", "PGKD_CONNECT_TIMEOUT": "2"}
@@ -125,7 +125,7 @@ def test_an_unreachable_broker_is_one_line_and_leaves_no_run_behind(tmp_path):
     assert status.returncode == 2 and "run never: not found" in status.stderr
     bad = pgkd("topics", "create", env={**env, "PGKD_CONNECT_TIMEOUT": "soon"})
     assert bad.returncode == 2 and bad.stderr.strip() == \
-        "pgkd: error: PGKD_CONNECT_TIMEOUT=soon: expected a number of seconds above 0"
+        "pgkd: error: PGKD_CONNECT_TIMEOUT='soon': expected a number of seconds above 0"
 
 
 def test_a_publish_that_fails_after_the_run_was_recorded_marks_it_not_submitted(tmp_path, kafka_url, monkeypatch,

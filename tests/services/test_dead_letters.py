@@ -12,7 +12,7 @@ import pytest
 from faststream import Context
 from faststream.kafka import TestKafkaBroker
 from ingest_over_tansu import SAMPLES_TOPIC, ingest_over_tansu
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.distributed.messages import DeadLetter, RunRequested
 from pgkd.stream import Rejected, StreamSettings, parse_sample
 
@@ -154,7 +154,7 @@ def test_a_dead_letter_keeps_the_key_headers_partition_offset_and_exact_bytes(in
 
 def test_a_librdkafka_client_reads_a_dead_letters_key_headers_and_origin(ingest, sent):
     """confluent-kafka's bundled librdkafka, as kcat and most Kafka tools read the topic (Debian 12's
-    kcat, librdkafka 2.0.2, cannot talk to Tansu 0.6 at all: README, Tansu)."""
+    kcat, librdkafka 2.0.2, cannot talk to Tansu 0.6 at all: docs/development.md, Tansu)."""
     try:
         from confluent_kafka import Consumer, TopicPartition
     except ImportError:

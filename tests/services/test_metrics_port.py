@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from conftest import free_port
+from pgkd.net import free_port
 
 
 def test_a_metrics_port_in_use_is_one_line_naming_pgkd_metrics_port_and_exit_1(tmp_path):

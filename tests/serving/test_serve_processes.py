@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import TOY_CLASSES, make_toy_dataset
 from process_tools import Pgkd, descendants, gone
+from pgkd.net import free_ports
 from pgkd.serving.client import classify
-from pgkd.serving.tritonserver import free_ports, run_tritonserver
+from pgkd.serving.tritonserver import run_tritonserver
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def student(tmp_path_factory) -> Path:
     """A tiny trained student, saved as a folder."""
     from pgkd.data import load_dataset
     from pgkd.students import create_student
-    from pgkd.students.contract import TrainConfig
+    from pgkd.types import TrainConfig
     folder = tmp_path_factory.mktemp("student")
     data = load_dataset(make_toy_dataset(folder / "toy"))
     model = create_student("tiny", data.labels, seed=3)
@@ -74,9 +75,10 @@ def ports() -> list[str]:
 REPO = Path(__file__).resolve().parents[2]
 
 
-def readme_commands(containing: str) -> list[str]:
-    """The commands of the README's bash block that holds `containing`, one per line, comments cut."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), flags=re.S)
+def readme_commands(containing: str, page: str = "README.md") -> list[str]:
+    """The commands of the bash block of `page` (the README, or a page of docs/) that holds `containing`, one
+    per line, comments cut."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / page).read_text(encoding="utf-8"), flags=re.S)
     block = next(b for b in blocks if containing in b)
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
@@ -93,9 +95,10 @@ def on_ports(argv: list[str], http: int, grpc: int, metrics: int) -> list[str]:
 
 
 def test_the_readmes_two_serving_blocks_are_the_same_commands():
-    """The Serving section repeats the front page's block with the default ports spelled out: what the
-    test below runs covers both."""
-    front, serving = (readme_commands(b)[:3] for b in ("# in another terminal", "--format torch, --int8"))
+    """docs/serving.md repeats the README's block with the default ports spelled out: what the test below
+    runs covers both."""
+    front = readme_commands("# in another terminal")[:3]
+    serving = readme_commands("--format torch, --int8", page="docs/serving.md")[:3]
     assert front[0] == serving[0] and front[2] == serving[2]
     assert serving[1] == front[1] + " --http-port 8000 --grpc-port 8001 --metrics-port 8002"
 

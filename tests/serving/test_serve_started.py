@@ -12,8 +12,9 @@ import sys
 import threading
 
 import pytest
+from pgkd.net import free_ports
 from pgkd.serving.repository import write_version
-from pgkd.serving.tritonserver import free_ports, listening_ports
+from pgkd.serving.tritonserver import listening_ports
 from pgkd.students import create_student
 
 # `pgkd serve` as a user runs it, but for the check that the ports are free before the start: it sees the

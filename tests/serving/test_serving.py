@@ -19,7 +19,7 @@ from pgkd.serving.repository import MAX_QUEUE_DELAY_US, check_repository, reject
 from pgkd.serving.server import explicit_control
 from pgkd.serving.tritonserver import run_tritonserver
 from pgkd.students import create_student, load_student
-from pgkd.students.contract import TrainConfig
+from pgkd.types import TrainConfig
 
 TEXTS = ["my card was stolen from my wallet", "please send money to my payee account", "reset my pin code now",
          "i want a refund of my money back", "héllo — ünïcode ✓ text", "card"]
@@ -166,7 +166,7 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving_and_is_set_asid
 
 
 def test_a_server_that_does_not_answer_is_no_verdict_on_the_version(tmp_path):
-    from conftest import free_port
+    from pgkd.net import free_port
     student = create_student("tiny", ["a", "b"], seed=1)
     write_version(tmp_path / "models", student, {"test": "first"})
     second = write_version(tmp_path / "models", student, {"test": "second"})
@@ -220,7 +220,7 @@ def test_the_frozen_encoder_student_exports_to_the_same_probabilities(tmp_path):
 def test_a_new_replica_serves_the_latest_promotion_before_it_reaches_the_broker(tmp_path):
     """The deployer of a server that starts empty deploys the model's latest promotion from the artifact
     store in `prepare`, before any broker (none listens at the one it is given)."""
-    from pgkd.distributed.artifacts import ArtifactStore
+    from pgkd.artifacts import ArtifactStore
     from pgkd.distributed.messages import StudentPromoted
     from pgkd.distributed.metrics import LoopMetrics
     from pgkd.distributed.steps import record_promotion, store_checkpoint

@@ -5,7 +5,7 @@ import json
 import logging
 
 import pytest
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.errors import UserError
 from pgkd.stream import SegmentDamaged, SegmentLog, Stream, StreamSettings
 from pgkd.stream.samples import StoredSample

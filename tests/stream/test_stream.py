@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.data import normalize_text, read_samples
 from pgkd.errors import UserError
 from pgkd.students.finetuned import FineTunedStudent

@@ -3,7 +3,7 @@ import pytest
 import torch
 from pgkd.data import load_dataset, make_splits
 from pgkd.errors import UserError
-from pgkd.students.contract import TrainConfig
+from pgkd.types import TrainConfig
 from pgkd.students.finetuned import MIN_LOSS_GAIN, FineTunedStudent, length_bucketed_batches
 
 

@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 
-from pgkd.data import Sample, load_dataset, make_splits
+from pgkd.data import load_dataset, make_splits
+from pgkd.types import Sample, TrainConfig
 from pgkd.errors import UserError
-from pgkd.students.frozen import EmbeddingCache, FrozenEncoderStudent
-from pgkd.students.contract import TrainConfig
+from pgkd.encoder import EmbeddingCache
+from pgkd.students.frozen import FrozenEncoderStudent
 from pgkd.students import create_student, load_student
 
 from conftest import bag_of_words_embed

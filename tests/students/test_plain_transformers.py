@@ -1,6 +1,6 @@
-"""A saved student read by plain transformers, as the README shows (issue "A new user's first hour"):
+"""A saved student read by plain transformers, as docs/python-api.md shows (issue "A new user's first hour"):
 the pipeline reads a long text as `pgkd predict` does (its first 128 tokens, not the encoder's 512, and
-no crash past them), the saved tokenizer says so, and the README's lines run without transformers'
+no crash past them), the saved tokenizer says so, and those lines run without transformers'
 "run the custom code? [y/N]" prompt even with a stdin that never answers."""
 import ast
 import concurrent.futures
@@ -16,7 +16,7 @@ from conftest import TOY_CLASSES, make_toy_dataset
 
 import pgkd
 from pgkd.data import load_dataset, make_splits
-from pgkd.students.contract import TrainConfig
+from pgkd.types import TrainConfig
 from pgkd.students.finetuned import FineTunedStudent
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,9 +51,10 @@ LONG_TEXTS = [words("card_lost", 100) + " " + words("refund", 125),
 
 
 def readme_snippet() -> str:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "AutoModelForSequenceClassification" in b]
-    assert len(blocks) == 1, "the README has one block that loads a student with plain transformers"
+    """The block of docs/python-api.md (linked from the README) that loads a student with plain transformers."""
+    page = (REPO / "docs" / "python-api.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "AutoModelForSequenceClassification" in b]
+    assert len(blocks) == 1, "docs/python-api.md has one block that loads a student with plain transformers"
     assert '"runs/demo/best"' in blocks[0]
     return blocks[0]
 
@@ -125,7 +126,7 @@ def test_the_saved_tokenizer_says_the_length_pgkd_reads(saved_student):
     student.predict(LONG_TEXTS[:1])
     config = json.loads((saved_student / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert {config["model_max_length"]} == spy.max_lengths == {128}
-    from pgkd.students.contract import MAX_LENGTH   # the one declared fact
+    from pgkd.types import MAX_LENGTH   # the one declared fact
     assert MAX_LENGTH == 128
 
 
@@ -152,7 +153,7 @@ def test_a_student_saved_by_an_earlier_pgkd_loads_and_saved_again_says_128(saved
                                                encoding="utf-8")
     student = pgkd.load_student(old)
     assert student.predict(LONG_TEXTS) == pgkd.load_student(saved_student).predict(LONG_TEXTS)
-    student.save(tmp_path / "new")                    # as the README says
+    student.save(tmp_path / "new")                    # as docs/python-api.md says
     again = json.loads((tmp_path / "new" / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert again["model_max_length"] == 128
     config = json.loads((tmp_path / "new" / "config.json").read_text(encoding="utf-8"))

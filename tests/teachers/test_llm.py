@@ -6,10 +6,9 @@ import time
 import pytest
 from chat_server import ChatServer, answer
 from pgkd.teachers.answers import AnswerError, parse_answer
-from pgkd.distributed.artifacts import ArtifactStore
-from pgkd.data import Sample
+from pgkd.artifacts import ArtifactStore
+from pgkd.types import GenerationRequest, Sample, TeacherUnavailable
 from pgkd.teachers.llm import LLMSettings, LLMTeacher, ResponseCache
-from pgkd.teachers.contract import GenerationRequest, TeacherUnavailable
 
 TAXONOMY = ["card_lost", "refund"]
 
@@ -143,7 +142,7 @@ def test_check_reaches_the_server_before_any_call_and_says_what_is_wrong(chat):
 
 def test_an_unreachable_openai_teacher_stops_the_run_before_any_training(toy_data, tmp_path, capsys):
     """As a Triton teacher does: one error line, exit 2, nothing written (it used to train cycle 0)."""
-    from conftest import free_port
+    from pgkd.net import free_port
     from pgkd.cli import main
     out = tmp_path / "run"
     assert main(["distill", "--data", str(toy_data), "--out", str(out), "--labeled", "40", "--student", "tiny",

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from pgkd.data import Sample
+from pgkd.types import Sample
 from pgkd.loop.evaluation import evaluate
 from pgkd.loop.mining import mine
 from pgkd.teachers.prompt import render_prompt

@@ -3,11 +3,9 @@ from collections import Counter
 import numpy as np
 import pytest
 from conftest import bag_of_words_embed
-from pgkd.data import Sample
-from pgkd.loop.evaluation import ClassScores, EvalReport, evaluate
-from pgkd.loop.mining import MinedSample
+from pgkd.types import ClassScores, EvalReport, GenerationRequest, MinedSample, Sample
+from pgkd.loop.evaluation import evaluate
 from pgkd.teachers.simulated import PoolGuidedTeacher, PoolRandomTeacher, make_simulated_teacher
-from pgkd.teachers.contract import GenerationRequest
 
 LABELS = ["a", "b", "c", "d"]
 

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 from conftest import make_toy_dataset
-from pgkd.serving.tritonserver import free_ports
+from pgkd.net import free_ports
 from process_tools import Pgkd, descendants, gone
 
 

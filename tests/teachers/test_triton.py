@@ -10,10 +10,11 @@ from typing import IO
 
 import numpy as np
 import pytest
-from conftest import free_port, make_toy_dataset
+from conftest import make_toy_dataset
 from pgkd import processes
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
+from pgkd.net import free_port, free_ports
 
 TINY = ["--labeled", "40", "--student", "tiny", "--samples-per-cycle", "8", "--epochs", "2", "--cycle-epochs", "1",
         "--learning-rate", "1e-2", "--head-learning-rate", "1e-2", "--batch-size", "16", "--seed", "1",
@@ -36,7 +37,7 @@ def wait_ready(http_url: str, process: subprocess.Popen, log, timeout: float = 1
 
 class TeacherServer:
     def __init__(self, data, folder, *extra: str):
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.http_port, self.grpc_port = free_ports(2)
         self.log = (folder / f"teacher-{self.http_port}.log").open("w")
         self.process = processes.spawn(
             [sys.executable, "-m", "pgkd.cli", "teacher", "serve", "--kind", "pool-random", "--data", str(data),

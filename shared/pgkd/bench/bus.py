@@ -19,13 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pgkd.distributed import steps
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.distributed.messages import RunCompleted
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import log
 from pgkd.loop.embedded import run
-from pgkd.loop.outputs import write_json_atomic
+from pgkd.files import write_json_atomic
 from pgkd.loop.report import without_times
 from pgkd.ownership import claim_folder
 

@@ -26,7 +26,7 @@ from pgkd.errors import UserError
 from pgkd.names import check_name
 from pgkd.loop.cycle import log
 from pgkd.loop.evaluation import evaluate
-from pgkd.loop.outputs import write_json_atomic
+from pgkd.files import write_json_atomic
 from pgkd.ownership import claim_folder
 
 # Published 10-shot test accuracy (10 labeled samples per class): theirs, not ours, not on our splits,
@@ -65,7 +65,8 @@ class SetFitRecipe:
             from setfit import SetFitModel, Trainer, TrainingArguments
         except ImportError:
             raise UserError("bench peers needs SetFit: pip install -e '.[bench]'") from None
-        from pgkd.students.finetuned import minilm_path, seed_everything
+        from pgkd.encoder import minilm_path
+        from pgkd.students.finetuned import seed_everything
         seed_everything(seed)
         index = {label: i for i, label in enumerate(splits.labels)}
         labeled = splits.train + splits.validation

@@ -24,8 +24,8 @@ from pgkd.loop.cycle import log
 from pgkd.loop.embedded import run
 from pgkd.errors import UserError
 from pgkd.names import check_name
-from pgkd.students.frozen import EmbeddingCache
-from pgkd.loop.outputs import write_json_atomic
+from pgkd.encoder import EmbeddingCache
+from pgkd.files import write_json_atomic
 from pgkd.loop.report import RunReport
 from pgkd.ownership import claim_folder
 

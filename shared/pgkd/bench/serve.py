@@ -35,7 +35,7 @@ from pgkd.bench.speed import latency, onnx_predictor, percentile_ms, processor
 from pgkd.data import load_dataset
 from pgkd.errors import UserError
 from pgkd.loop.cycle import log
-from pgkd.loop.outputs import write_json_atomic
+from pgkd.files import write_json_atomic
 from pgkd.serving.client import StudentClient
 from pgkd.serving.graph import export_onnx, quantize_int8
 from pgkd.serving.repository import MAX_QUEUE_DELAY_US, OWNER, config_text, model_folder, write_version

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgkd.data import Sample, load_dataset, make_splits
+from pgkd.data import load_dataset, make_splits
+from pgkd.types import Sample, TrainConfig
 from pgkd.loop.cycle import log
 from pgkd.errors import UserError
-from pgkd.loop.outputs import write_json_atomic
-from pgkd.students.contract import TrainConfig
+from pgkd.files import write_json_atomic
 from pgkd.serving.graph import export_onnx, quantize_int8
-from pgkd.students.finetuned import FineTunedStudent, length_sorted_batches, pick_device
+from pgkd.encoder import length_sorted_batches, pick_device
+from pgkd.students.finetuned import FineTunedStudent
 from pgkd.ownership import claim_folder
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import evaluate_student, log
-from pgkd.loop.outputs import write_json_atomic
+from pgkd.files import write_json_atomic
 from pgkd.distributed.messages import StudentPromoted
 from pgkd.distributed.steps import load_checkpoint, run_context, run_through_steps, submit
 from pgkd.stream import Stream, StreamSettings, StreamStep

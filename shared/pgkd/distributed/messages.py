@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pgkd.distributed.artifacts import ArtifactRef
+from pgkd.artifacts import ArtifactRef
 from pgkd.names import NAME_PATTERN
 
 SCHEMA_VERSION = 1

@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from pgkd.loop.evaluation import METRICS
+from pgkd.types import METRICS
 from pgkd.loop.screening import REASONS
 
 TEACHER_ERROR_KINDS = ("timeout", "transport", "server_error", "rate_limited", "rejected_request", "incompatible_model")

@@ -2,7 +2,7 @@
 services' runtime need of a run without the engine's steps (which import torch)."""
 from __future__ import annotations
 
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.artifacts import ArtifactStore
 from pgkd.distributed.messages import RunCompleted
 from pgkd.names import check_name
 

@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -37,8 +36,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import ValidationError
 
-from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
-from pgkd.data import Dataset, Sample, Splits, load_dataset, make_splits
+from pgkd.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
+from pgkd.data import Dataset, Splits, load_dataset, make_splits
+from pgkd.types import Sample
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import make_teacher
 from pgkd.loop.distillation import Distillation
@@ -58,16 +58,18 @@ from pgkd.distributed.runs import RunFiles
 from pgkd.loop.report import plot_history
 from pgkd.errors import UserError
 from pgkd.names import check_name
+from pgkd.settings import ArtifactSettings, one
 from pgkd.students import load_student
 
 if TYPE_CHECKING:
-    from pgkd.students.frozen import EmbeddingCache
+    from pgkd.encoder import EmbeddingCache
 
 log = logging.getLogger("pgkd.distributed.steps")
 
 
 def checkpoint_cache() -> Path:
-    return Path(os.environ.get("PGKD_CACHE") or Path(tempfile.gettempdir()) / "pgkd-cache")
+    """PGKD_CACHE (pgkd.settings.ArtifactSettings), TMPDIR/pgkd-cache by default."""
+    return Path(one(ArtifactSettings, "cache") or Path(tempfile.gettempdir()) / "pgkd-cache")
 
 
 _embeddings: EmbeddingCache | None = None
@@ -78,7 +80,7 @@ def shared_embeddings() -> EmbeddingCache:
     teacher: MiniLM is loaded once and each text encoded once, however many cycles pass."""
     global _embeddings
     if _embeddings is None:
-        from pgkd.students.frozen import EmbeddingCache   # torch: imported by the steps that embed, not at start
+        from pgkd.encoder import EmbeddingCache   # torch: imported by the steps that embed, not at start
         _embeddings = EmbeddingCache()
     return _embeddings
 

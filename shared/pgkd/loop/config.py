@@ -2,75 +2,103 @@
 the stop policy, each round's training settings, how many samples to ask for."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from pgkd.errors import UserError
-from pgkd.loop.evaluation import METRICS
+from pgkd.errors import Option, UserError
 from pgkd.loop.stopping import StopPolicy
-from pgkd.students.contract import TrainConfig
-from pgkd.teachers.llm import LLMSettings
 from pgkd.teachers.simulated import TEACHERS
 from pgkd.teachers.transports import TeacherURL, is_llm_teacher
+from pgkd.types import METRICS, TrainConfig
+
+if TYPE_CHECKING:
+    from pgkd.teachers.llm import LLMSettings
+
+
+LLM = "LLM teacher (triton://, openai://)"   # the command line's group of the LLM teachers' options
 
 
 class DistillConfig(BaseModel):
-    """Every option of a run; recorded whole in report.json."""
-    data: str
-    text_column: str = "text"
-    label_column: str = "label"
-    labeled: int = Field(1000, gt=0)
-    validation_fraction: float = Field(0.2, gt=0, lt=1)
-    teacher: str = "pool-guided"          # a simulation's name, or triton://, triton+grpc://, openai:// URL
-    teacher_timeout: float = Field(120.0, gt=0)        # seconds per call: LLM teachers, a teacher object
-    teacher_retries: int = Field(3, ge=0)
-    teacher_concurrency: int = Field(4, gt=0)
-    teacher_max_per_call: int = Field(32, gt=0)        # samples asked for in one call
-    teacher_max_tokens: int = Field(4096, gt=0)
-    teacher_temperature: float = Field(0.7, ge=0)
-    price_prompt_per_1k: float = Field(0.0, ge=0)      # currency units per 1,000 prompt tokens
-    price_completion_per_1k: float = Field(0.0, ge=0)
-    teacher_cache: str = "file://~/.cache/pgkd"      # artifact store for LLM answers; "none" turns it off
-    guidance: Literal["full", "no-report", "no-hard-negatives"] = "full"   # the paper's two ablations
-    # Where the report and the mined samples come from (pgkd.loop.guidance): out-of-fold predictions over
-    # the labeled train samples, which leaves validation a selection split the teacher never sees; or
-    # the validation split itself, as the method was first written.
-    guidance_source: Literal["out-of-fold", "validation"] = "validation"
-    # Which scores pick the best cycle and stop the run: the validation split's, or out-of-fold scores
-    # over the labeled train samples (which the teacher is never shown while it is guided by validation).
-    selection_source: Literal["out-of-fold", "validation"] = "validation"
-    guidance_folds: int = Field(5, ge=2)      # folds of either out-of-fold computation
-    guidance_student: str | None = None   # the fold students' recipe (default: the run's own student)
-    label_noise: float = Field(0.0, ge=0, le=1)
-    student: str = "minilm"
-    samples_per_cycle: int = Field(32, gt=0)
-    max_cycles: int = Field(10, ge=0)
-    patience: int = Field(5, ge=0)
-    min_delta: float = Field(0.0, ge=0)
-    sample_budget: int | None = Field(None, gt=0)
-    target_score: float | None = None                 # stop once the metric reaches it
-    token_budget: int | None = Field(None, gt=0)      # stop once the teacher used this many tokens
-    cost_budget: float | None = Field(None, gt=0)     # stop once the teacher cost this much
-    metric: str = "macro_f1"
-    seed: int = 1
-    epochs: int = Field(8, gt=0)          # first round, from the pretrained encoder
-    cycle_epochs: int = Field(3, gt=0)    # later rounds, warm-started from the best student
-    warm_start: bool = True
+    """Every option of a run; recorded whole in report.json. Each field is declared once, here: its
+    description is its --help, its json_schema_extra may give its flag's established spelling (`flag`)
+    and its group (`group`); pgkd.options makes the command-line options of `pgkd distill`, `pgkd
+    submit`, `pgkd bench bus` and `python -m pgkd_services.local` from these fields."""
+    data: str = Field(description="dataset folder (train/validation/test .jsonl or .csv) or one file")
+    text_column: str = Field("text", description="the column (or JSON key) holding the text")
+    label_column: str = Field("label", description="the column (or JSON key) holding the label")
+    labeled: int = Field(1000, gt=0, description="labeled samples drawn from train (split by --validation-fraction)")
+    validation_fraction: float = Field(0.2, gt=0, lt=1,
+                                       description="share of the labeled samples held out for validation")
+    teacher: str = Field("pool-guided", description=(
+        "pool-guided | pool-random (simulated LLM teachers), or an LLM: triton://HOST:PORT/MODEL, "
+        "triton+grpc://HOST:PORT/MODEL, openai://HOST:PORT/v1?model=NAME[&key_env=VAR]"))
+    teacher_timeout: float = Field(120.0, gt=0, json_schema_extra={"group": LLM},
+                                   description="seconds per call (LLM teachers, a teacher object)")
+    teacher_retries: int = Field(3, ge=0, json_schema_extra={"group": LLM},
+                                 description="retries per call on timeouts, transport errors, 5xx")
+    teacher_concurrency: int = Field(4, gt=0, json_schema_extra={"group": LLM}, description="calls in flight")
+    teacher_max_per_call: int = Field(32, gt=0, json_schema_extra={"group": LLM},
+                                      description="samples asked for in one call")
+    teacher_max_tokens: int = Field(4096, gt=0, json_schema_extra={"group": LLM},
+                                    description="the most tokens one answer may take")
+    teacher_temperature: float = Field(0.7, ge=0, json_schema_extra={"group": LLM},
+                                       description="the LLM's sampling temperature")
+    price_prompt_per_1k: float = Field(0.0, ge=0, json_schema_extra={"group": LLM},
+                                       description="cost of 1,000 prompt tokens (currency units)")
+    price_completion_per_1k: float = Field(0.0, ge=0, json_schema_extra={"group": LLM},
+                                           description="cost of 1,000 completion tokens")
+    teacher_cache: str = Field("file://~/.cache/pgkd", json_schema_extra={"group": LLM}, description=(
+        "where answers are cached by request (a folder URL or s3://...; none: off); the services use their "
+        "artifact store"))
+    guidance: Literal["full", "no-report", "no-hard-negatives"] = Field("full", description=(
+        "what the teacher is shown: everything, or all but the report / hard negatives (the paper's ablations)"))
+    guidance_source: Literal["out-of-fold", "validation"] = Field("validation", description=(
+        "where the report and the mistakes come from (pgkd.loop.guidance): out-of-fold predictions over the "
+        "labeled train samples (validation is then a selection split the teacher never sees), or validation "
+        "itself, as the method was first written"))
+    selection_source: Literal["out-of-fold", "validation"] = Field("validation", description=(
+        "which scores pick the best cycle and stop the run: validation, or out-of-fold scores over the labeled "
+        "train samples (never shown to a teacher guided by validation)"))
+    guidance_folds: int = Field(5, ge=2, description="folds of the out-of-fold guidance or selection")
+    guidance_student: str | None = Field(None, description=(
+        "the fold students' recipe (default: --student; minilm-frozen is a cheap stand-in)"))
+    label_noise: float = Field(0.0, ge=0, le=1, description="share of teacher answers relabeled at random")
+    student: str = Field("minilm", description=(
+        "minilm (fine-tuned, mean pooling) | minilm-frozen | minilm-cls ([CLS] pooler) | tiny | a Hugging Face "
+        "id or model folder"))
+    samples_per_cycle: int = Field(32, gt=0, description="samples the teacher is asked for each cycle")
+    max_cycles: int = Field(10, ge=0, description="cycles of teaching at most")
+    patience: int = Field(5, ge=0, description="cycles without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as improvement")
+    sample_budget: int | None = Field(None, gt=0, description="stop once the teacher produced this many")
+    target_score: float | None = Field(None, description="stop once --metric reaches this value")
+    token_budget: int | None = Field(None, gt=0, description="stop once the teacher used this many tokens")
+    cost_budget: float | None = Field(None, gt=0, description="stop once the teacher cost this much")
+    metric: str = Field("macro_f1", description=f"the validation metric the stop policy watches: {' | '.join(METRICS)}")
+    seed: int = Field(1, description="seeds the split, the teacher's simulation and each round's training")
+    epochs: int = Field(8, gt=0, description="epochs of the first training round, from the pretrained encoder")
+    cycle_epochs: int = Field(3, gt=0, description="epochs of each later round, warm-started from the best student")
+    warm_start: bool = Field(True, description=(
+        "later rounds start from the best student; --no-warm-start: each from the pretrained encoder (slower)"))
     # Warm-started rounds take smaller steps: at the full rate the student drifted and lost test accuracy
     # cycle after cycle while validation rose (BENCHMARKS.md).
-    cycle_learning_rate_scale: float = Field(0.25, gt=0, le=1)
-    track_test: bool = False              # diagnostic: test scores per cycle, never used for any decision
-    batch_size: int = Field(32, gt=0)
-    learning_rate: float = Field(4e-4, gt=0)
-    head_learning_rate: float = Field(4e-3, gt=0)
-    head_init: Literal["linear-probe", "random"] = "linear-probe"   # fine-tuned students: how a new head starts
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    max_length: int = Field(128, gt=0)
-    hard_negatives: int = Field(16, ge=0)
-    misclassified: int = Field(16, ge=0)
-    correct: int = Field(16, ge=0)
-    device: str = "auto"
+    cycle_learning_rate_scale: float = Field(0.25, gt=0, le=1, json_schema_extra={"flag": "--cycle-lr-scale"},
+                                             description="learning-rate factor for the warm-started rounds")
+    track_test: bool = Field(False, description=(
+        "also score test after every cycle (a diagnostic; never used for any decision)"))
+    batch_size: int = Field(32, gt=0, description="samples per training step")
+    learning_rate: float = Field(4e-4, gt=0, description="the encoder's learning rate")
+    head_learning_rate: float = Field(4e-3, gt=0, description="for the new classification head")
+    head_init: Literal["linear-probe", "random"] = Field("linear-probe", description=(
+        "fine-tuned students: a new head starts as a logistic regression on the encoder's embeddings, or random"))
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss")
+    max_length: int = Field(128, gt=0, description="tokens of a text the student reads at most")
+    hard_negatives: int = Field(16, ge=0, description=(
+        "the misclassified samples the student was most sure of, shown to the teacher"))
+    misclassified: int = Field(16, ge=0, description="other misclassified samples shown to the teacher (a seeded draw)")
+    correct: int = Field(16, ge=0, description="correctly classified samples shown to the teacher (a seeded draw)")
+    device: str = Field("auto", description="auto | cpu | cuda")
 
     @field_validator("metric")
     @classmethod
@@ -97,11 +125,14 @@ class DistillConfig(BaseModel):
     @model_validator(mode="after")
     def _selection_unseen(self) -> "DistillConfig":
         if self.guidance_source == "out-of-fold" and self.selection_source == "out-of-fold":
-            raise ValueError("guidance_source and selection_source cannot both be out-of-fold: the teacher would "
-                             "be aimed at the very scores that pick the best cycle")
+            raise ValueError(UserError(   # named as the caller's options (pgkd.errors.invalid keeps them)
+                Option("guidance_source", self.guidance_source), " and ",
+                Option("selection_source", self.selection_source),
+                " cannot both be out-of-fold: the teacher would be aimed at the very scores that pick the best cycle"))
         return self
 
     def llm_settings(self) -> LLMSettings:
+        from pgkd.teachers.llm import LLMSettings   # the LLM client loads when a run asks an LLM, not with a config
         return LLMSettings(timeout=self.teacher_timeout, retries=self.teacher_retries,
                            concurrency=self.teacher_concurrency, max_per_call=self.teacher_max_per_call,
                            max_tokens=self.teacher_max_tokens, temperature=self.teacher_temperature,

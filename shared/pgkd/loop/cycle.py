@@ -13,18 +13,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pgkd import __version__
-from pgkd.data import Dataset, Sample, Splits, count_duplicates, label_counts, normalize_text
+from pgkd.data import Dataset, Splits, count_duplicates, label_counts, normalize_text
+from pgkd.types import (EvalReport, GeneratedBatch, GenerationRequest, MiningResult, Sample, TeacherUnavailable,
+                        TeacherUsage, TrainResult)
 from pgkd.errors import Option, UserError
 from pgkd.loop.config import DistillConfig
-from pgkd.loop.evaluation import EvalReport, evaluate
+from pgkd.loop.evaluation import evaluate
 from pgkd.loop.guidance import Guidance, out_of_fold_guidance, validation_guidance
-from pgkd.loop.mining import MiningResult, mine
+from pgkd.loop.mining import mine
 from pgkd.loop.report import (BestScores, CycleRecord, PhaseTimes, Provenance, RunReport, Scores, Selection,
                               TrainingRound, environment)
 from pgkd.loop.screening import screen
 from pgkd.students import create_student
-from pgkd.students.contract import TrainResult
-from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage
 
 TEACHER_EXHAUSTED = "teacher_exhausted: the teacher returned no samples"
 TEACHER_UNAVAILABLE = "teacher_unavailable"
@@ -246,7 +246,7 @@ def make_teacher(config: DistillConfig, splits: Splits, embed=None, cache_store=
         raise UserError(Option("teacher", config.teacher), ": a teacher object is given to pgkd.distill, not named")
     if is_llm_teacher(config.teacher):
         if cache_store is None and config.teacher_cache != "none":
-            from pgkd.distributed.artifacts import ArtifactStore
+            from pgkd.artifacts import ArtifactStore
             cache_store = ArtifactStore(config.teacher_cache.replace("~", str(Path.home()), 1))
         return LLMTeacher(config.teacher, config.llm_settings(),
                           cache=ResponseCache(cache_store) if cache_store is not None else None, seed=config.seed)

@@ -18,7 +18,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from pgkd.data import Dataset, Sample, Splits
+from pgkd.data import Dataset, Splits
+from pgkd.types import Sample
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import (
     cycle_record,

@@ -13,10 +13,11 @@ from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import dataset_duplicates, fresh_student, log, make_teacher, parameter_count
 from pgkd.loop.distillation import Distillation, MemoryKeeper
-from pgkd.loop.outputs import RunOutput, write_json_atomic
+from pgkd.files import write_json_atomic
+from pgkd.loop.outputs import RunOutput
 from pgkd.loop.report import RunReport, plot_history
-from pgkd.students.frozen import EmbeddingCache
-from pgkd.teachers.contract import TeacherUnavailable
+from pgkd.encoder import EmbeddingCache
+from pgkd.types import TeacherUnavailable
 
 
 @dataclass

@@ -2,48 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel
 
-# The metrics a stop policy or a benchmark can name.
-METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "loss")
-
-
-class ClassScores(BaseModel):
-    precision: float
-    recall: float
-    f1: float
-    support: int
-
-
-class Confusion(BaseModel):
-    true: str
-    predicted: str
-    count: int
-
-
-class EvalReport(BaseModel):
-    accuracy: float
-    macro_precision: float
-    macro_recall: float
-    macro_f1: float
-    weighted_precision: float
-    weighted_recall: float
-    weighted_f1: float
-    loss: float
-    samples: int
-    per_class: dict[str, ClassScores]
-    confusions: list[Confusion]
-
-    def metric(self, name: str) -> float:
-        return float(getattr(self, name))
-
-    def headline(self) -> dict[str, float]:
-        return {name: self.metric(name) for name in METRICS}
-
-
-def log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Mean cross-entropy of the true classes' probabilities."""
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None))))
+from pgkd.students.contract import log_loss
+from pgkd.types import ClassScores, Confusion, EvalReport
 
 
 def evaluate(targets: list[str], probs: np.ndarray, labels: list[str], top_confusions: int = 10) -> EvalReport:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pgkd.data import Sample
-from pgkd.loop.evaluation import EvalReport, evaluate
+from pgkd.types import EvalReport, Sample
+from pgkd.loop.evaluation import evaluate
 
 SOURCES = ("out-of-fold", "validation")
 

@@ -4,22 +4,8 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from pydantic import BaseModel
 
-from pgkd.data import Sample
-
-
-class MinedSample(BaseModel):
-    text: str
-    label: str          # the true label
-    predicted: str
-    confidence: float   # the student's probability for `predicted`
-
-
-class MiningResult(BaseModel):
-    hard_negatives: list[MinedSample]
-    misclassified: list[MinedSample]
-    correct: list[MinedSample]
+from pgkd.types import MinedSample, MiningResult, Sample
 
 
 def mine(samples: list[Sample], probs: np.ndarray, labels: list[str], hard_negatives: int = 16,

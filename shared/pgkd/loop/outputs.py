@@ -8,33 +8,18 @@ OUT (same file system, so every move is a rename); only a finished run moves its
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 
 from pgkd import __version__
 from pgkd.errors import Option, UserError
+from pgkd.files import file_sha256, write_json_atomic
 from pgkd.names import UnsafeName, inside
 from pgkd.ownership import WRITTEN_BY, read_owner
 
 MANIFEST = ".pgkd-run.json"
 STAGING = ".pgkd-staging"
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files_under(folder: Path) -> list[str]:

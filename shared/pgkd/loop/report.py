@@ -6,8 +6,7 @@ from importlib import metadata
 
 from pydantic import BaseModel
 
-from pgkd.loop.evaluation import EvalReport
-from pgkd.teachers.contract import TeacherUsage
+from pgkd.types import EvalReport, TeacherUsage
 
 
 class TrainingRound(BaseModel):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pgkd.data import Sample, normalize_text
+from pgkd.data import normalize_text
+from pgkd.types import Sample
 
 REASONS = ("unknown_label", "empty_text", "too_short", "too_long", "duplicate_of_known", "duplicate_in_batch")
 

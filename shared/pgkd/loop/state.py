@@ -17,14 +17,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pgkd.distributed.artifacts import ArtifactRef
+from pgkd.artifacts import ArtifactRef
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
-from pgkd.loop.evaluation import EvalReport
-from pgkd.loop.mining import MiningResult
+from pgkd.types import EvalReport, MiningResult, TeacherUsage
 from pgkd.loop.report import CycleRecord, PhaseTimes, Provenance, Scores, TrainingRound
 from pgkd.names import NAME_PATTERN
-from pgkd.teachers.contract import TeacherUsage
 
 STATE_SCHEMA = 1
 Handle = ArtifactRef | str    # where the run keeps a heavy thing: an artifact, or a key of the process's memory

@@ -16,7 +16,7 @@ from pgkd.serving.client import StudentClient, classify
 def student_from(model: str | Path, artifacts: str | None = None, device: str = "cpu"):
     """(student, where it came from) for a student folder, or a checkpoint's URI in the artifact store
     (what `pgkd submit --wait` prints) or its key there (an `ArtifactRef.uri`); UserError for anything else."""
-    from pgkd.distributed.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
+    from pgkd.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
     from pgkd.distributed.steps import load_checkpoint
     from pgkd.errors import UserError
     from pgkd.students import load_student

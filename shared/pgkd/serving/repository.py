@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -24,9 +23,9 @@ from pathlib import Path
 from pgkd.errors import Option, UserError
 from pgkd.names import check_name, inside
 from pgkd.ownership import read_owner, write_owner
-from pgkd.loop.outputs import file_sha256
+from pgkd.files import file_sha256, write_text_atomic
 from pgkd.serving.triton_model import MANIFEST, check_version_folder
-from pgkd.students.contract import MAX_LENGTH, MAX_TEXT_CHARS   # the served model refuses longer texts
+from pgkd.types import MAX_LENGTH, MAX_TEXT_CHARS   # the served model refuses longer texts
 
 MODEL_NAME = "student"
 OWNER = ".pgkd-model.json"    # in a model folder: pgkd wrote it, and may write its next version
@@ -149,12 +148,6 @@ def check_repository(repository: Path, model: str = MODEL_NAME) -> Version:
         raise UserError(f"{e}; remove it or export again") from None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def config_text(model: str = MODEL_NAME, gpu: bool = False, max_queue_delay_us: int = MAX_QUEUE_DELAY_US) -> str:
     """The config.pbtxt of `model` (`max_queue_delay_us`: another batching delay, for `pgkd bench serve`)."""
     return CONFIG.format(name=model, max_batch_size=MAX_BATCH_SIZE, kind="KIND_GPU" if gpu else "KIND_AUTO",
@@ -167,8 +160,8 @@ def write_config(repository: Path, labels: list[str], model: str = MODEL_NAME, g
     folder = model_folder(repository, model)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.pbtxt").is_file():
-        _write_atomic(folder / "config.pbtxt", config_text(model, gpu))
-    _write_atomic(folder / "labels.txt", "".join(f"{label}\n" for label in labels))
+        write_text_atomic(folder / "config.pbtxt", config_text(model, gpu))
+    write_text_atomic(folder / "labels.txt", "".join(f"{label}\n" for label in labels))
 
 
 def write_version(repository: Path, student, source: dict, model: str = MODEL_NAME, fmt: str = "onnx",
@@ -209,7 +202,7 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
                     "student": getattr(student, "spec", type(student).__name__), "source": source,
                     "written_at": time.time(),
                     "files": {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}}
-        _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         write_config(repository, list(student.labels), model, gpu)
         path = folder / str(number)
         os.rename(staging, path)   # atomic: the version appears whole or not at all
@@ -232,5 +225,5 @@ def reject_version(repository: Path, number: int, model: str = MODEL_NAME) -> Pa
     remaining = versions(repository, model)
     if remaining:   # labels.txt back to the label map of the version that goes on serving
         labels = json.loads((folder / str(remaining[-1]) / MANIFEST).read_text(encoding="utf-8"))["labels"]
-        _write_atomic(folder / "labels.txt", "".join(f"{label}\n" for label in labels))
+        write_text_atomic(folder / "labels.txt", "".join(f"{label}\n" for label in labels))
     return target

@@ -88,7 +88,8 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         device_id = int(args.get("model_instance_device_id", 0) or 0)
         # The runtimes take every core of the machine by default; in a container limited to fewer,
-        # PGKD_SERVING_THREADS (Kubernetes: the container's CPU limit) says how many are there.
+        # PGKD_SERVING_THREADS (Kubernetes: the container's CPU limit) says how many are there. Read here
+        # rather than through pgkd.settings (which lists it): this model imports nothing of pgkd.
         threads = int(os.environ.get("PGKD_SERVING_THREADS", "0") or 0)
         if self.manifest["format"] == "onnx":
             import onnxruntime as ort

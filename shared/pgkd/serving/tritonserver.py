@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from pgkd import processes
-from pgkd.net import url_host
+from pgkd.net import free_ports, url_host
 
 
 # --- the bundled server --------------------------------------------------------------------------------
@@ -109,20 +108,6 @@ def server_environment(dist: TritonDistribution | None = None, env: Mapping[str,
     result.setdefault("HF_HUB_OFFLINE", "1")
     result.setdefault("TOKENIZERS_PARALLELISM", "false")
     return result
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1 (all sockets held open until all are chosen)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 # --- the running server ---------------------------------------------------------------------------------

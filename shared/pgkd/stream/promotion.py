@@ -7,8 +7,8 @@ import hashlib
 
 import numpy as np
 
-from pgkd.data import Sample
-from pgkd.loop.evaluation import EvalReport, evaluate
+from pgkd.types import EvalReport, Sample
+from pgkd.loop.evaluation import evaluate
 from pgkd.stream.state import PromotionDecision
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field, ValidationError
 
-from pgkd.distributed.artifacts import ArtifactError, ArtifactStore, DamagedRecord
+from pgkd.artifacts import ArtifactError, ArtifactStore, DamagedRecord
 from pgkd.errors import UserError
 from pgkd.names import NAME_PATTERN
 from pgkd.stream.samples import StoredSample, text_key

@@ -9,42 +9,23 @@ one logged line, and the settings in force stay."""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError, field_validator
 
-from pgkd.errors import UserError
-from pgkd.names import NAME_PATTERN
+from pgkd.errors import UserError, invalid
 from pgkd.loop.config import DistillConfig
+from pgkd.settings import StreamFields, StreamVariables, read
 
 RELOADABLE = ("trigger_count", "drift_window", "drift_margin", "drift_reference_windows", "new_labels", "run")
 FIXED_RUN_OPTIONS = ("data", "labeled")    # a stream run's data is the stream's
 
 
-class StreamSettings(BaseModel):
-    """How ingest treats a stream; from PGKD_STREAM_* in the service (see `from_env`), the RELOADABLE
-    ones also from the stream's settings file (see `with_file`)."""
-    stream: str = Field("default", pattern=NAME_PATTERN, max_length=40)   # a name (pgkd.names)
-    base_run: str | None = Field(None, pattern=NAME_PATTERN)   # the run whose data and best student the stream starts from
-    min_chars: int = Field(1, ge=1)
-    max_chars: int = Field(2000, ge=1)    # longer texts are rejected (oversized), not truncated
-    new_labels: Literal["reject", "extend"] = "reject"    # extend: a new label grows the taxonomy
-    validation_percent: int = Field(20, ge=0, le=100)
-    trigger_count: int = Field(500, gt=0)
-    drift_window: int = Field(200, gt=0)
-    drift_margin: float = Field(0.1, ge=0, le=1)
-    # The drift reference: the current student's accuracy on its first windows of new samples
-    drift_reference_windows: int = Field(3, gt=0)
-    run: dict = {}                        # options of the runs the stream triggers, over the base run's
-    serving_model: str = Field("student", pattern=NAME_PATTERN)   # the served model it keeps current
-    settings_file: str | None = None      # where the RELOADABLE settings may also come from
-    segment_samples: int = Field(10_000, gt=0)   # samples a segment file holds (segments.py)
-    batch_max: int = Field(500, gt=0)            # messages ingest takes in one batch, at most
-    batch_seconds: float = Field(0.2, gt=0)      # and how long it waits to fill one
+class StreamSettings(StreamFields):
+    """How ingest treats a stream; from PGKD_STREAM_* in the service (see `from_env`; the fields and
+    their variables are pgkd.settings.StreamFields), the RELOADABLE ones also from the stream's
+    settings file (see `with_file`)."""
 
     @field_validator("run")
     @classmethod
@@ -59,24 +40,12 @@ class StreamSettings(BaseModel):
 
     @classmethod
     def from_env(cls, env=None) -> "StreamSettings":
-        env = os.environ if env is None else env
-        values = {field: env[cls.variable(field)] for field in cls.model_fields if env.get(cls.variable(field))}
-        if "run" in values:
-            try:
-                values["run"] = json.loads(values["run"])
-            except ValueError:
-                raise UserError(f"PGKD_STREAM_RUN={values['run']!r}: not a JSON object") from None
+        """PGKD_STREAM_* (os.environ, or `env`); UserError naming the variable."""
+        values = read(StreamVariables, env).model_dump()
         try:
-            return cls(**values)
+            return cls.model_validate(values)
         except ValidationError as e:
-            field = str(e.errors()[0]["loc"][0])
-            message = e.errors()[0]["msg"].removeprefix("Value error, ")
-            raise UserError(f"{cls.variable(field)}={values.get(field)!r}: {message}") from None
-
-    @staticmethod
-    def variable(field: str) -> str:
-        """The environment variable of a setting: PGKD_STREAM, PGKD_STREAM_BASE_RUN, ..."""
-        return "PGKD_STREAM" if field == "stream" else f"PGKD_STREAM_{field.upper()}"
+            raise invalid(e, name=lambda loc, value: f"{cls.variable(str(loc[0]))}={value!r}") from None
 
     def with_file(self) -> tuple["StreamSettings", "SettingsFile | None"]:
         """These settings with the file's over them, and what was read; UserError (one line naming the

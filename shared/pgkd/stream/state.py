@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from pgkd.distributed.artifacts import ArtifactRef
+from pgkd.artifacts import ArtifactRef
 from pgkd.names import check_name
 
 

@@ -15,8 +15,9 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from pgkd.data import Sample, Splits, normalize_text
-from pgkd.distributed.artifacts import ArtifactStore
+from pgkd.data import Splits, normalize_text
+from pgkd.types import EvalReport, Sample
+from pgkd.artifacts import ArtifactStore
 from pgkd.distributed.messages import RunCompleted, RunRequested, StudentPromoted
 from pgkd.distributed.steps import (
     RunFiles,
@@ -28,7 +29,6 @@ from pgkd.distributed.steps import (
 )
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
-from pgkd.loop.evaluation import EvalReport
 from pgkd.loop.state import Best, RunState
 from pgkd.stream.promotion import compare, score
 from pgkd.stream.samples import Rejected, StoredSample, parse_sample, route

@@ -1,5 +1,5 @@
 """The students: the contract (contract.py), the fine-tuned Hugging Face student (finetuned.py), the
-frozen-encoder one (frozen.py) and its sentence encoder (encoder.py); which one a name or a folder means.
+frozen-encoder one (frozen.py, on the sentence encoder of pgkd.encoder); which one a name or a folder means.
 
 The student classes load on first use (torch and transformers take seconds to import), so that a
 module needing only the contract, and a command that trains nothing, start quickly."""
@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SPEC = "minilm-frozen"                 # the frozen-encoder student's name
-MARKER = "pgkd_frozen_student.json"    # the file that marks a saved frozen-encoder student
+from pgkd.students.contract import MARKER, SPEC
 
-_LAZY = {"FineTunedStudent": "pgkd.students.finetuned", "FrozenEncoderStudent": "pgkd.students.frozen",
-         "EmbeddingCache": "pgkd.students.frozen"}
+_LAZY = {"FineTunedStudent": "pgkd.students.finetuned", "FrozenEncoderStudent": "pgkd.students.frozen"}
 
 
 def __getattr__(name: str):

@@ -4,54 +4,16 @@ A student is anything with these methods; `pgkd.distill(..., student=obj)` takes
 it is. `device` and `parameter_count()` are optional (they are recorded in the report)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from pgkd.data import Sample
 from pgkd.errors import UserError
+from pgkd.types import Sample, TrainConfig, TrainResult
 
-# The tokens of a text a student reads: pgkd cuts every text to this many at call time, and a saved
-# student's tokenizer says so (`model_max_length` in tokenizer_config.json), so that plain transformers
-# reads the same tokens of a long text as pgkd does.
-MAX_LENGTH = 128
-
-# The longest text a student reads, in characters: a text is cut to this before it is tokenized (a
-# 50 MB text would otherwise be tokenized whole for the MAX_LENGTH tokens that are used). A token takes
-# at least a character, so the cut never changes the first MAX_LENGTH tokens. The served model
-# refuses longer texts (pgkd.serving.repository).
-MAX_TEXT_CHARS = 10_000
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 4e-4
-    head_learning_rate: float = 4e-3   # the classification head starts from random weights
-    freeze_word_embeddings: bool = True  # a third of MiniLM's weights; few labels do not need them moved
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    max_length: int = MAX_LENGTH
-    patience: int = 2          # epochs without a lower validation loss before the round stops
-    label_smoothing: float = 0.0
-    head_init: str = "linear-probe"   # a new head: fitted as a logistic regression first, or "random"
-    seed: int = 0
-
-
-@dataclass
-class TrainResult:
-    epochs_run: int = 0
-    best_epoch: int = 0
-    train_loss: float = float("nan")
-    validation_loss: float = float("nan")
-    samples: int = 0
-    seconds: float = 0.0
-    samples_per_second: float = 0.0
-    validation_losses: list[float] = field(default_factory=list)
+SPEC = "minilm-frozen"                 # the frozen-encoder student's name
+MARKER = "pgkd_frozen_student.json"    # the file that marks a saved frozen-encoder student
 
 
 @runtime_checkable
@@ -92,3 +54,8 @@ def text_list(texts) -> list[str]:
 def predicted_labels(student, texts: list[str]) -> list[str]:
     """The label a student gives each text."""
     return [student.labels[i] for i in np.asarray(student.predict_proba(text_list(texts))).argmax(axis=1)]
+
+
+def log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean cross-entropy of the true classes' probabilities."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None))))

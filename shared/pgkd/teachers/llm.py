@@ -23,10 +23,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pgkd.teachers.answers import AnswerError, parse_answer
-from pgkd.data import Sample
+from pgkd.types import GeneratedBatch, GenerationRequest, Sample, TeacherUnavailable, TeacherUsage
 from pgkd.teachers.transports import Completion, TransportError, make_transport, public_url
 from pgkd.teachers.prompt import render_prompt, repair_prompt
-from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUnavailable, TeacherUsage
 
 
 @dataclass
@@ -283,7 +282,7 @@ class TokenCounter:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from pgkd.students.finetuned import minilm_path
+            from pgkd.encoder import minilm_path
             self._tokenizer = AutoTokenizer.from_pretrained(self.path or str(minilm_path()),
                                                             local_files_only=True)
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])

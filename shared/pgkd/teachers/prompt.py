@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from pgkd.data import Sample
-from pgkd.loop.evaluation import ClassScores, Confusion, EvalReport
-from pgkd.loop.mining import MinedSample
-from pgkd.teachers.contract import GenerationRequest
+from pgkd.types import ClassScores, Confusion, EvalReport, GenerationRequest, MinedSample, Sample
 
 INSTRUCTIONS = """\
 You are the teacher in a knowledge-distillation loop. A small student model classifies texts into

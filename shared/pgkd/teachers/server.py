@@ -24,7 +24,7 @@ import numpy as np
 from pgkd.data import load_dataset, make_splits
 from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
 from pgkd.processes import Stopped, stop_signals
-from pgkd.students.frozen import EmbeddingCache
+from pgkd.encoder import EmbeddingCache
 from pgkd.teachers.llm import TokenCounter
 from pgkd.teachers.prompt import PromptError, read_prompt
 from pgkd.teachers.simulated import make_simulated_teacher

@@ -18,9 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from pgkd.teachers.allocation import allocate
-from pgkd.data import Sample
-from pgkd.teachers.contract import GeneratedBatch, GenerationRequest, TeacherUsage
+from pgkd.allocation import allocate
+from pgkd.types import GeneratedBatch, GenerationRequest, Sample, TeacherUsage
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -161,7 +160,7 @@ def make_simulated_teacher(name: str, pool: list[Sample], seed: int, label_noise
         return PoolRandomTeacher(pool, seed=seed, label_noise=label_noise)
     if name in ("pool-guided", "pool-guided-pairs"):
         if embed is None:
-            from pgkd.students.frozen import EmbeddingCache
+            from pgkd.encoder import EmbeddingCache
             embed = EmbeddingCache()  # loads MiniLM on the first request, not before
         return PoolGuidedTeacher(pool, embed=embed, seed=seed, label_noise=label_noise,
                                  both_sides=name == "pool-guided-pairs")

@@ -24,10 +24,13 @@ import fsspec
 from pydantic import BaseModel, Field, ValidationError
 
 from pgkd.errors import EnvironmentFailure, UserError
+from pgkd.files import write_bytes_atomic
 from pgkd.names import check_relative, inside, is_relative
 from pgkd.ownership import write_owner
+from pgkd import settings
+from pgkd.settings import ArtifactSettings, check_artifacts_url, read
 
-DEFAULT_ARTIFACTS = "file://./artifacts"
+DEFAULT_ARTIFACTS = settings.DEFAULT_ARTIFACTS
 OWNER = ".pgkd-store.json"   # at a local store's root: the folder is pgkd's, and pgkd writes there
 # What pgkd writes at a store's root: a store written before OWNER existed holds only these.
 STORE_FOLDERS = frozenset({"runs", "datasets", "blobs", "streams", "promotions", "teacher-cache"})
@@ -76,8 +79,11 @@ def sha256_of(data: bytes) -> str:
 
 class ArtifactStore:
     def __init__(self, url: str | None = None):
-        self.url = (url or os.environ.get("PGKD_ARTIFACTS") or DEFAULT_ARTIFACTS).rstrip("/")
+        # PGKD_ARTIFACTS (pgkd.settings.ArtifactSettings) when no URL is given
+        self.url = url or read(ArtifactSettings).artifacts
         try:
+            check_artifacts_url(self.url)
+            self.url = self.url.rstrip("/")
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as e:
             raise UserError(f"PGKD_ARTIFACTS={self.url}: {e}") from None
@@ -160,12 +166,7 @@ class ArtifactStore:
             if self.local:
                 self._claim()
                 self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                write_bytes_atomic(path, data)
             else:
                 self.fs.pipe_file(path, data)
         except OSError as e:
@@ -295,9 +296,7 @@ def blob_key(digest: str) -> str:
 def _write_new(path: Path, data: bytes) -> None:
     """Write under a temporary name, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
 
 
 def _unpack(cache: Path, digest: str, entries: dict, source) -> Path:

@@ -1,5 +1,5 @@
 import pytest
-from pgkd.teachers.allocation import allocate
+from pgkd.allocation import allocate
 
 
 def test_splits_in_proportion_and_sums_to_total():

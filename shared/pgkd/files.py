@@ -1,0 +1,61 @@
+"""Writing a file atomically: a reader sees the old file or the new one, never half of either.
+
+The content goes to a temporary file in the same folder (os.replace is atomic only within one file
+system), named `.NAME.RANDOM.tmp` so that writers in several processes never share one, is flushed
+and fsynced, then replaces the target with os.replace. On any failure the temporary file is removed
+and the target is as it was."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def temporary_name(path: str | Path) -> Path:
+    """Where the content for `path` is written before it replaces `path`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def write_atomic_with(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Atomically replace `path` by what `write(f)` writes to the binary file `f` (for writers such as
+    numpy.savez that want a file rather than bytes). The folder must exist."""
+    tmp = temporary_name(path)
+    try:
+        # O_EXCL: a fresh file, with the permissions a plain open() gives (mkstemp's are 0600).
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> str:
+    """Atomically replace `path` by `data`; the sha256 (hex) of what was written."""
+    write_atomic_with(path, lambda f: f.write(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_text_atomic(path: str | Path, text: str) -> str:
+    """Atomically replace `path` by `text` in UTF-8; the sha256 (hex) of its bytes."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, data) -> str:
+    """Atomically replace `path` by `data` as indented JSON (UTF-8, a final newline); its sha256."""
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 (hex) of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
