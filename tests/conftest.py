@@ -18,6 +18,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PGKD_DATA_DIR", REPO.parent / "shared" / "data"))
 
+# Scheduling only, no test depends on it: the files that take longest (seen with --durations) start
+# first, so that no long file starts last on a worker (pytest-xdist's --dist loadfile, run by `make test`
+# with --no-loadscope-reorder, hands the files out in this order; by default it would hand out the files
+# with the most tests first, which puts the few long tests over a broker or Triton at the end).
+SLOWEST_FIRST = [
+    "tests/services/test_services_tansu.py", "tests/teachers/test_triton.py",
+    "tests/services/test_stream_storage_tansu.py", "tests/loop/test_minilm_run.py", "tests/test_api.py",
+    "tests/services/test_demo_services.py", "tests/services/test_ingest_tansu.py",
+    "tests/services/test_services_kafka.py", "tests/services/test_prometheus_stop.py",
+    "tests/serving/test_promotion_tansu.py", "tests/teachers/test_teacher_serve_processes.py",
+    "tests/bench/test_bench.py", "tests/serving/test_serving.py", "tests/distributed/test_run_state.py",
+    "tests/loop/test_guidance.py", "tests/services/test_kafka_security.py", "tests/services/test_service_start.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))   # stable: the rest as found
+
+
 TOY_CLASSES = {
     "card_lost": ["card", "lost", "stolen", "missing", "wallet"],
     "refund": ["refund", "money", "back", "return", "reimburse"],
