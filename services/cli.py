@@ -17,7 +17,7 @@ from pgkd.loop.config import DistillConfig
 from pgkd.options import from_options
 from pgkd.loop.cycle import log
 from pgkd.loop.report import summary_table
-from pgkd.errors import UserError
+from pgkd.errors import UserError, dotted, invalid
 from pgkd.names import check_name
 from pgkd.distributed.messages import TOPICS, LabeledSample, RunCompleted, RunRequested
 from pgkd.loop.report import RunReport
@@ -116,9 +116,8 @@ def _run_config(store: ArtifactStore, files: RunFiles) -> DistillConfig:
     try:
         return DistillConfig.model_validate(store.get_model(files.request, RunRequested).config)
     except ValidationError as e:
-        error = e.errors()[0]
-        where = ".".join(["config", *map(str, error["loc"])])
-        raise DamagedRecord(store.uri(files.request), f"not a RunRequested: {where}: {error['msg']}") from None
+        raise DamagedRecord(store.uri(files.request), f"not a RunRequested: {invalid(e, dotted(prefix='config.'))}") \
+            from None
 
 
 def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None, looked: dict | None = None) -> int:
@@ -366,6 +365,11 @@ def stream_repair(name: str) -> int:
 
 # -- the command line ---------------------------------------------------------------------------------------
 
+def _stream_name() -> str:
+    from pgkd.settings import StreamVariables, one
+    return one(StreamVariables, "stream")
+
+
 def register(sub, distill_arguments) -> None:
     """Add the bus commands to `pgkd`'s subcommands; `distill_arguments` adds a run's options."""
     from pgkd.cli import Parser
@@ -400,12 +404,11 @@ def register(sub, distill_arguments) -> None:
     stream_sub = stream.add_subparsers(dest="stream_command", required=True, parser_class=Parser)
     stream_status_parser = stream_sub.add_parser("status", help="a stream's samples, current student, runs and "
                                                                 "decisions")
-    stream_status_parser.add_argument("name", nargs="?", default="default",
-                                      help="the stream (PGKD_STREAM; default: default)")
-    stream_status_parser.set_defaults(func=lambda args: stream_status(args.name))
+    stream_status_parser.add_argument("name", nargs="?", help="the stream (default: PGKD_STREAM, else default)")
+    stream_status_parser.set_defaults(func=lambda args: stream_status(args.name or _stream_name()))
     repair = stream_sub.add_parser("repair", help="keep the complete samples of damaged segments (ingest stopped)")
-    repair.add_argument("name", nargs="?", default="default", help="the stream (default: default)")
-    repair.set_defaults(func=lambda args: stream_repair(args.name))
+    repair.add_argument("name", nargs="?", help="the stream (default: PGKD_STREAM, else default)")
+    repair.set_defaults(func=lambda args: stream_repair(args.name or _stream_name()))
     topics = sub.add_parser("topics", help="create the message topics")
     topics_sub = topics.add_subparsers(dest="topics", required=True, parser_class=Parser)
     create = topics_sub.add_parser("create", help="idempotent: existing topics are left as they are")

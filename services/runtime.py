@@ -28,7 +28,7 @@ from typing import Awaitable, Callable
 from faststream import AckPolicy, Context
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
 from pgkd.artifacts import ArtifactError, ArtifactStore
-from pgkd.errors import EnvironmentFailure, UserError
+from pgkd.errors import EnvironmentFailure, UserError, dotted, invalid
 from pgkd.net import DEFAULT_HOST, parse_address
 from pgkd.settings import ArtifactSettings, BrokerSettings, ServiceSettings, one, read
 from pgkd.distributed.messages import MESSAGES, DeadLetter, Message, RunCompleted
@@ -272,8 +272,7 @@ class Service:
             try:
                 message = message_type.model_validate_json(record.value)
             except ValidationError as e:
-                problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'message'}: {err['msg']}"
-                                     for err in e.errors()[:3])
+                problems = invalid(e, dotted("message"), limit=3)
                 await self.dead_letter(record.topic, record.value, f"not a valid {message_type.__name__}: {problems}")
                 return
             await handler(message)
@@ -411,10 +410,9 @@ class Service:
         ])
 
     def run(self) -> None:
-        """Bind the HTTP port, `prepare`, connect to the broker, then serve until SIGTERM or SIGINT; then stop taking messages and finish
-        (or hand back, by not acknowledging it) the one in flight within PGKD_GRACEFUL_TIMEOUT."""
-        log.info("%s: broker %s, artifacts %s, topics %s*, HTTP on %s:%d", self.name, self.settings.broker_url,
-                 self.store.url, self.settings.topic_prefix, self.settings.http_host, self.settings.metrics_port)
+        """Bind the HTTP port, `prepare`, connect to the broker, then serve until SIGTERM or SIGINT; then
+        stop taking messages and finish (or hand back, by not acknowledging it) the one in flight within PGKD_GRACEFUL_TIMEOUT. A port
+        taken or a bad setting is one line, said before anything else."""
         missing = missing_codecs()
         if missing:
             raise CannotServe(f"{self.name}: aiokafka here cannot decode {', '.join(missing)} compressed batches, "
@@ -426,6 +424,8 @@ class Service:
         except BaseException:
             sock.close()
             raise
+        log.info("%s: broker %s, artifacts %s, topics %s*, HTTP on %s:%d", self.name, self.settings.broker_url,
+                 self.store.url, self.settings.topic_prefix, self.settings.http_host, self.settings.metrics_port)
         # uvicorn shuts down gracefully, then raises the signal again under the handler it found:
         # let that handler be a clean exit, not death by signal.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

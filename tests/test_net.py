@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pgkd.errors import UserError
-from pgkd.net import parse_port, port_from_env
+from pgkd.net import parse_port
 from pgkd.serving.client import Endpoint
 from pgkd.teachers.transports import TeacherURL
 
@@ -93,11 +93,12 @@ def test_what_is_not_an_int_or_text_is_refused(value):
 
 
 def test_an_environment_variable_is_named_in_its_refusal():
-    assert port_from_env("PGKD_METRICS_PORT", 9100, {}) == 9100
-    assert port_from_env("PGKD_METRICS_PORT", 9100, {"PGKD_METRICS_PORT": ""}) == 9100
-    assert port_from_env("PGKD_METRICS_PORT", 9100, {"PGKD_METRICS_PORT": "9200"}) == 9200
-    assert refused(port_from_env, "PGKD_METRICS_PORT", 9100, {"PGKD_METRICS_PORT": "abc"}) == \
-        "PGKD_METRICS_PORT 'abc': not a port (a whole number from 1 to 65535)"
+    from pgkd.settings import ServiceSettings, read
+    assert read(ServiceSettings, {}).metrics_port == 9100
+    assert read(ServiceSettings, {"PGKD_METRICS_PORT": ""}).metrics_port == 9100
+    assert read(ServiceSettings, {"PGKD_METRICS_PORT": "9200"}).metrics_port == 9200
+    with pytest.raises(UserError, match=r"^PGKD_METRICS_PORT='abc': .*not a port"):
+        read(ServiceSettings, {"PGKD_METRICS_PORT": "abc"})
 
 
 # -- the URLs that hold a port ----------------------------------------------------------------------------
@@ -141,3 +142,10 @@ def test_classify_refuses_a_port_outside_1_to_65535_in_one_line(capsys, url):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"pgkd: error: --url {url}: port ") and "not a port" in err
+
+
+@pytest.mark.parametrize("url, port", [("openai+https://api.example.com/v1?model=m", 443),
+                                       ("openai://127.0.0.1/v1?model=m", 8000), ("triton://h/teacher", 8000),
+                                       ("triton+grpc://h/teacher", 8001), ("openai+https://h:8443/v1?model=m", 8443)])
+def test_a_teacher_url_without_a_port_means_its_schemes(url, port):
+    assert TeacherURL.parse(url).port == port

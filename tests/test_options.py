@@ -102,7 +102,10 @@ def test_a_new_field_is_a_new_option_with_no_other_edit():
 
 @pytest.mark.parametrize("given, named", [(["--labeled", "0"], "--labeled 0: "),
                                           (["--validation-fraction", "2"], "--validation-fraction 2.0: "),
-                                          (["--cycle-lr-scale", "3"], "--cycle-lr-scale 3.0: ")])
+                                          (["--cycle-lr-scale", "3"], "--cycle-lr-scale 3.0: "),
+                                          (["--target-score", "nan"], "--target-score nan: "),
+                                          (["--teacher-timeout", "inf"], "--teacher-timeout inf: "),
+                                          (["--seed", "-1"], "--seed -1: ")])
 @pytest.mark.parametrize("command", ["distill", "submit", "local"])
 def test_a_bad_value_is_one_line_naming_the_flag(capsys, toy_data, tmp_path, command, given, named):
     if command == "local":

@@ -176,3 +176,31 @@ def test_the_settings_module_imports_no_bus_and_no_services():
             "('faststream', 'aiokafka', 'kafka', 'pgkd_services', 'torch')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_password_file_passes_the_check_as_it_passes_the_commands(tmp_path, monkeypatch, capsys):
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    for variable, value in {"PGKD_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "PGKD_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                            "PGKD_KAFKA_SASL_USERNAME": "u", "PGKD_KAFKA_SASL_PASSWORD_FILE": str(secret)}.items():
+        monkeypatch.setenv(variable, value)
+    assert main(["settings", "--check"]) == 0 and PASSWORD not in capsys.readouterr().out
+    settings = Settings.from_env()                  # each section read, then validated again as part of the whole
+    assert settings.kafka.sasl_password.get_secret_value() == PASSWORD
+    monkeypatch.setenv("PGKD_KAFKA_SASL_PASSWORD", "another")
+    assert main(["settings", "--check"]) == 2
+    assert "are both set: give one" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    """`pgkd settings | head -2`: the pipe closes under the command; no "Broken pipe" line, as Unix tools."""
+    result = subprocess.run(f"{sys.executable} -m pgkd.cli settings | head -2", shell=True, capture_output=True,
+                            text=True, timeout=120)
+    assert len(result.stdout.splitlines()) == 2 and result.stderr == "", result.stderr
+
+
+def test_stream_status_names_the_stream_of_pgkd_stream(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PGKD_ARTIFACTS", f"file://{tmp_path}/artifacts")
+    monkeypatch.setenv("PGKD_STREAM", "tickets")
+    assert main(["stream", "status"]) == 2
+    assert "stream tickets: not found" in capsys.readouterr().err

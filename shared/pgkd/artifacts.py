@@ -23,7 +23,7 @@ from typing import TypeVar
 import fsspec
 from pydantic import BaseModel, Field, ValidationError
 
-from pgkd.errors import EnvironmentFailure, UserError
+from pgkd.errors import EnvironmentFailure, UserError, dotted, invalid
 from pgkd.files import write_bytes_atomic
 from pgkd.names import check_relative, inside, is_relative
 from pgkd.ownership import write_owner
@@ -223,9 +223,7 @@ class ArtifactStore:
         try:
             return model.model_validate(self.get_json(ref))
         except ValidationError as e:
-            error = e.errors()[0]
-            where = ".".join(map(str, error["loc"])) or "the record"
-            raise DamagedRecord(self._uri_of(ref), f"not a {model.__name__}: {where}: {error['msg']}") from None
+            raise DamagedRecord(self._uri_of(ref), f"not a {model.__name__}: {invalid(e, dotted('the record'))}") from None
 
     def _uri_of(self, ref: ArtifactRef | str) -> str:
         """Where a reference or a key is, for messages: its absolute URI in this store."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -534,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"pgkd: error: {one_line(invalid(e).for_command(flags_of(parser, args.func)))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:    # the reader went away (`pgkd settings | head`): nothing to say, as Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
+        return 128 + signal.SIGPIPE
     except (EnvironmentFailure, TimeoutError, OSError) as e:    # OSError: a disk full, a file system gone
         print(f"pgkd: {one_line(e)}", file=sys.stderr)
         return 1

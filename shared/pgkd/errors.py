@@ -73,18 +73,24 @@ class EnvironmentFailure(Exception):
     written, a port held by another process. The message says what and where; the CLI exits 1."""
 
 
-def invalid(error, name: Callable[[tuple, object], object] | None = None) -> UserError:
+def dotted(whole: str = "", prefix: str = "") -> Callable[[tuple, object], str]:
+    """A namer for `invalid`: a problem's place as `prefix` and its dotted path (`whole` for the value itself)."""
+    return lambda loc, value: prefix + (".".join(map(str, loc)) or whole)
+
+
+def invalid(error, name: Callable[[tuple, object], object] | None = None, limit: int | None = None) -> UserError:
     """pydantic's ValidationError as one UserError, each problem said once, without pydantic's prefix.
 
     `name(loc, value)` says how a problem's place is named: by default an Option for a top-level field
     (a Python caller reads `labeled=0: ...`, the command line `--labeled 0: ...`), the dotted path for a
     nested one. A settings reader names the variable (`PGKD_X='y'`), a file reader the file and key.
-    A validator that raised a UserError inside pydantic keeps its own parts: it names the parameter."""
+    A validator that raised a UserError inside pydantic keeps its own parts: it names the parameter.
+    `limit`: say only the first problems (a message from a stranger may have many)."""
     if name is None:
         def name(loc, value):
             return Option(str(loc[0]), value) if len(loc) == 1 else ".".join(map(str, loc))
     parts: list = []
-    for err in error.errors():
+    for err in error.errors()[:limit]:
         parts += ["; "] if parts else []
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, ValueError) and cause.args and isinstance(cause.args[0], UserError):

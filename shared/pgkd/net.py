@@ -16,7 +16,6 @@ import re
 from pgkd.errors import UserError
 
 DEFAULT_HOST = "127.0.0.1"
-HOST_ENV = "PGKD_HTTP_HOST"
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 
@@ -65,13 +64,6 @@ def parse_host(value: object, where: str) -> str:
             if _HOSTNAME.fullmatch(text) and not numeric:
                 return text
     raise UserError(f"{where} {value!r}: not a host (an IP address such as 127.0.0.1 or 0.0.0.0, or a host name)")
-
-
-def port_from_env(name: str, default: int, env=None) -> int:
-    import os
-    env = os.environ if env is None else env
-    value = env.get(name)
-    return default if value is None or value == "" else parse_port(value, name)
 
 
 def port_option(text: str) -> int:

@@ -144,6 +144,8 @@ class KafkaSecuritySettings(Section):
         if self.sasl_password is not None:
             raise UserError("PGKD_KAFKA_SASL_PASSWORD and PGKD_KAFKA_SASL_PASSWORD_FILE are both set: give one")
         object.__setattr__(self, "sasl_password", SecretStr(read_secret_file("PGKD_KAFKA_SASL_PASSWORD_FILE", path)))
+        # Read: the section now holds one password, and validated again (as part of Settings) it is one.
+        object.__setattr__(self, "sasl_password_file", None)
         return self
 
 
@@ -399,8 +401,9 @@ def add_command(sub) -> None:
     command = sub.add_parser("settings", help="every PGKD_* environment variable: its default and meaning")
     command.add_argument("--json", action="store_true", help="as a JSON list of {section, variable, default, "
                                                              "secret, description}")
-    command.add_argument("--check", action="store_true", help="read this environment's variables too: a bad "
-                                                              "one is one line, exit 2 (no value is printed)")
+    command.add_argument("--check", action="store_true", help="also read this environment's variables, each on "
+                         "its own (a bad one is one line, exit 2; no value is printed); combinations (TLS with "
+                         "SASL, the stream's run options) are checked by the service that reads them")
     command.set_defaults(func=cmd_settings)
 
 

@@ -37,7 +37,7 @@ def test_status_shows_the_best_cycle_on_the_scores_that_select_not_on_validation
     cycles = [final.cycles[0].model_copy(update={"validation": scores(0.8), "selection": scores(0.7)}),
               final.cycles[1].model_copy(update={"validation": scores(0.75), "selection": scores(0.75)})]
     state = final.model_copy(update={"cycles": cycles, "cycle": 1, "phase": "evaluated"})
-    store.put_json(RunFiles("oof").state(9, "evaluated"), state.model_dump(mode="json"))   # the latest state
+    store.put_json(RunFiles("oof").state(9, "evaluated", "f" * 64), state.model_dump(mode="json"))   # the latest state
     monkeypatch.setenv("PGKD_ARTIFACTS", store.url)
 
     assert main(["status", "oof"]) == 0
@@ -111,11 +111,18 @@ def bad_state(store, message, case: str) -> CycleEvaluated:
     if case == "newer":
         return message.model_copy(update={"state": store.put_json("runs/r1/state/newer.json",
                                                                   {**data, "schema_version": 2})})
+    if case == "another cycle":
+        return message.model_copy(update={"cycle": 3})
+    if case == "another phase":     # the state the evaluator read, named by the message it writes
+        trained = store.list("runs/r1/state")[0]
+        return message.model_copy(update={"state": store.put_bytes(trained, store.get_bytes(trained))})
     return message.model_copy(update={"run_id": "r2"})   # "another run": r1's state, named by a message of r2
 
 
 @pytest.mark.parametrize("case, problem", [("missing", "missing"), ("damaged", "damaged"),
-                                           ("outside", "not a relative path inside its folder"), ("newer", "newer schema (2)"), ("another", "of run r1, not of this run")])
+                                           ("outside", "not a relative path inside its folder"), ("newer", "newer schema (2)"), ("another", "of run r1, not of this run"),
+                                           ("another cycle", "of cycle 0 evaluated, not the cycle 3 evaluated"),
+                                           ("another phase", "of cycle 0 trained, not the cycle 0 evaluated")])
 def test_a_state_that_cannot_be_the_runs_is_one_line_naming_the_run_and_the_file(evaluated, case, problem):
     store, message = evaluated
     bad = bad_state(store, message, case)
@@ -134,7 +141,22 @@ def test_each_phase_saves_its_state_and_a_message_points_to_it(evaluated):
     assert (state.phase, state.cycle, len(state.cycles)) == ("evaluated", 0, 1)
     assert state.best.cycle == 0 and state.baseline is not None and state.stop_reason is None
     names = [key.rsplit("/", 1)[1] for key in sorted(store.list(RunFiles("r1").states))]
-    assert names == ["0000-3-trained.json", "0000-4-evaluated.json"]
+    assert [name.rsplit("-", 1)[0] for name in names] == ["0000-3-trained", "0000-4-evaluated"]
+    assert names[1] == f"0000-4-evaluated-{message.state.sha256[:16]}.json"     # named by its content too
     assert steps.latest_state(store, "r1") == state
     assert json.loads(store.get_bytes(message.state))["schema_version"] == 1
     assert isinstance(TeacherStopped(run_id="r1", cycle=1, state=message.state), TeacherStopped)
+
+
+def test_a_step_run_twice_leaves_the_first_messages_state_intact(tmp_path):
+    """At least once: a trainer that published and died before committing has its message run again by
+    another replica. The second run saves another state (its times differ) beside the first, so the
+    first message, which the evaluator may take, still points to a state that is there and whole."""
+    config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")), **RUN)
+    store = ArtifactStore(f"file://{tmp_path}/artifacts")
+    request = steps.submit(config, store, run_id="twice")
+    first = steps.train(request, store)
+    second = steps.train(request, store)
+    assert first.state != second.state                       # other times: another file
+    assert isinstance(steps.evaluate(first, store), CycleEvaluated)
+    assert steps.load_state(store, first).phase == "trained"

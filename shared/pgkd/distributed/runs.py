@@ -25,10 +25,12 @@ class RunFiles:
     def checkpoint(self, cycle: int) -> str:
         return f"{self.base}/checkpoints/cycle-{cycle:04d}.json"
 
-    def state(self, cycle: int, phase: str) -> str:
-        """The run's state after `phase` of `cycle`; the names sort in the order the run saved them."""
+    def state(self, cycle: int, phase: str, sha256: str) -> str:
+        """The run's state after `phase` of `cycle`, named by its content too: a step run twice (a
+        message redelivered after its handler had published) writes a second file beside the first,
+        never over the one the first message points to. The names sort in the order the run saved them."""
         from pgkd.loop.state import PHASES
-        return f"{self.states}/{cycle:04d}-{PHASES.index(phase)}-{phase}.json"
+        return f"{self.states}/{cycle:04d}-{PHASES.index(phase)}-{phase}-{sha256[:16]}.json"
 
     def validation_probs(self, cycle: int) -> str:
         return f"{self.base}/probs/{cycle:04d}.npy"

@@ -6,8 +6,9 @@ steps know nothing of the bus; services/ wires them to it.
 
 What a run keeps in the store, under runs/<run_id>/:
     request.json            the RunRequested message (configuration and source dataset)
-    state/0003-4-evaluated.json  the run's state (pgkd.loop.state.RunState) after each phase of each
-                            cycle: what the next phase loads, `pgkd status` and `--wait` read
+    state/0003-4-evaluated-<sha256 prefix>.json  the run's state (pgkd.loop.state.RunState) after
+                            each phase of each cycle: what the next phase loads, `pgkd status` and
+                            `--wait` read; named by its content, so a step run twice never overwrites it
     train/v0003.jsonl       the training set of cycle 3: the seed set plus each accepted batch
     checkpoints/cycle-0003.json  the student of cycle 3: a manifest of its Hugging Face folder's files,
                             each a content-addressed blob under blobs/sha256/ of the store (shared by
@@ -56,7 +57,7 @@ from pgkd.distributed.messages import (
 )
 from pgkd.distributed.runs import RunFiles
 from pgkd.loop.report import plot_history
-from pgkd.errors import UserError
+from pgkd.errors import UserError, dotted, invalid
 from pgkd.names import check_name
 from pgkd.settings import ArtifactSettings, one
 from pgkd.students import load_student
@@ -291,8 +292,15 @@ def export_checkpoint(store: ArtifactStore, uri: str, out: str | Path) -> Path:
 
 # -- the run's state in the store ---------------------------------------------------------------------------
 
+# The phase whose state each loop message points to.
+PHASE_OF = {ModelTrained: "trained", CycleEvaluated: "evaluated", NegativesMined: "mined", SamplesGenerated: "taught",
+            TeacherStopped: "taught"}
+
+
 def save_state(store: ArtifactStore, state: RunState) -> ArtifactRef:
-    return store.put_json(RunFiles(state.run_id).state(state.cycle, state.phase), state.model_dump(mode="json"))
+    data = (json.dumps(state.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n").encode()
+    digest = sha256_of(data)
+    return store.put_bytes(RunFiles(state.run_id).state(state.cycle, state.phase, digest), data, digest=digest)
 
 
 def load_state(store: ArtifactStore, message: LoopMessage) -> RunState:
@@ -313,11 +321,13 @@ def load_state(store: ArtifactStore, message: LoopMessage) -> RunState:
     try:
         state = RunState.model_validate(data)
     except ValidationError as e:
-        error = e.errors()[0]
-        raise StateError(message.run_id, where, f"damaged: {'.'.join(map(str, error['loc'])) or 'state'}: "
-                                                f"{error['msg']}") from None
+        raise StateError(message.run_id, where, f"damaged: {invalid(e, dotted('state'))}") from None
     if state.run_id != message.run_id:
         raise StateError(message.run_id, where, f"of run {state.run_id}, not of this run")
+    expected = PHASE_OF[type(message)]
+    if (state.phase, state.cycle) != (expected, message.cycle):
+        raise StateError(message.run_id, where, f"of cycle {state.cycle} {state.phase}, not the cycle {message.cycle} "
+                                                f"{expected} the message names")
     return state
 
 

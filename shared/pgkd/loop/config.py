@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pgkd.errors import Option, UserError
 from pgkd.loop.stopping import StopPolicy
@@ -24,6 +24,7 @@ class DistillConfig(BaseModel):
     description is its --help, its json_schema_extra may give its flag's established spelling (`flag`)
     and its group (`group`); pgkd.options makes the command-line options of `pgkd distill`, `pgkd
     submit`, `pgkd bench bus` and `python -m pgkd_services.local` from these fields."""
+    model_config = ConfigDict(allow_inf_nan=False)    # a NaN target is never reached, an infinite timeout never ends
     data: str = Field(description="dataset folder (train/validation/test .jsonl or .csv) or one file")
     text_column: str = Field("text", description="the column (or JSON key) holding the text")
     label_column: str = Field("label", description="the column (or JSON key) holding the label")
@@ -76,7 +77,7 @@ class DistillConfig(BaseModel):
     token_budget: int | None = Field(None, gt=0, description="stop once the teacher used this many tokens")
     cost_budget: float | None = Field(None, gt=0, description="stop once the teacher cost this much")
     metric: str = Field("macro_f1", description=f"the validation metric the stop policy watches: {' | '.join(METRICS)}")
-    seed: int = Field(1, description="seeds the split, the teacher's simulation and each round's training")
+    seed: int = Field(1, ge=0, le=2**31 - 1, description="seeds the split, the teacher's simulation and each round's training")
     epochs: int = Field(8, gt=0, description="epochs of the first training round, from the pretrained encoder")
     cycle_epochs: int = Field(3, gt=0, description="epochs of each later round, warm-started from the best student")
     warm_start: bool = Field(True, description=(

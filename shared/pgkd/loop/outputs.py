@@ -51,6 +51,7 @@ class RunOutput:
         self.out = Path(out)
         self.staging = self.out / STAGING
         self._created_out = False
+        self._made_staging = False     # only what this run made is removed by abort()
         self.option = Option("out", self.out)     # named in every refusal: `out=` in Python, `--out` on a command
 
     # -- before any work --------------------------------------------------------------------------------
@@ -64,11 +65,15 @@ class RunOutput:
             if self.staging.exists():
                 self._remove_stale_staging()
             self.staging.mkdir()
+            self._made_staging = True
             # The staging folder carries a manifest too, so a later run knows it may remove it.
             write_json_atomic(self.staging / MANIFEST, {"written_by": WRITTEN_BY, "state": "staging", "files": {}})
         except OSError as e:
             self.abort()
             raise UserError(self.option, f": cannot write there ({e.strerror or e})") from None
+        except BaseException:    # a stop signal while the staging folder is made: nothing is left
+            self.abort()
+            raise
         return self.staging
 
     def _check_path(self) -> None:
@@ -157,7 +162,8 @@ class RunOutput:
                 "files": files}
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if self._made_staging:
+            shutil.rmtree(self.staging, ignore_errors=True)
         if self._created_out and self.out.is_dir() and not any(self.out.iterdir()):
             self.out.rmdir()
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 from pgkd.data import normalize_text
 from pgkd.distributed.messages import LabeledSample
 from pgkd.distributed.metrics import INGEST_REJECTIONS
+from pgkd.errors import dotted, invalid
 from pgkd.stream.settings import StreamSettings
 
 REJECTION_REASONS = INGEST_REJECTIONS
@@ -55,9 +56,7 @@ def parse_sample(body: bytes | None, settings: StreamSettings) -> LabeledSample:
     try:
         sample = LabeledSample.model_validate(row)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'message'}: {err['msg']}"
-                             for err in e.errors()[:3])
-        raise Rejected("invalid_fields", problems) from None
+        raise Rejected("invalid_fields", str(invalid(e, dotted("message"), limit=3))) from None
     text = " ".join(sample.text.split())
     if not text:
         raise Rejected("empty_text", "the text is empty")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field, ValidationError
 
 from pgkd.artifacts import ArtifactError, ArtifactStore, DamagedRecord
-from pgkd.errors import UserError
+from pgkd.errors import UserError, dotted, invalid
 from pgkd.names import NAME_PATTERN
 from pgkd.stream.samples import StoredSample, text_key
 
@@ -286,4 +286,4 @@ def _parse(data: bytes, where: str) -> list[StoredSample]:
     try:
         return [StoredSample.model_validate_json(line) for line in data.splitlines() if line]
     except ValidationError as e:
-        raise SegmentDamaged(f"{where}: a line is not a stored sample ({e.errors()[0]['msg']})") from None
+        raise SegmentDamaged(f"{where}: a line is not a stored sample ({invalid(e, dotted('line'), limit=1)})") from None

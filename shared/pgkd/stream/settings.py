@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError, field_validator
 
-from pgkd.errors import UserError, invalid
+from pgkd.errors import UserError, dotted, invalid
 from pgkd.loop.config import DistillConfig
 from pgkd.settings import StreamFields, StreamVariables, read
 
@@ -70,9 +70,7 @@ class StreamSettings(StreamFields):
         try:
             merged = self.model_validate({**self.model_dump(), **values})
         except ValidationError as e:
-            error = e.errors()[0]
-            message = error["msg"].removeprefix("Value error, ")
-            raise UserError(f"{path}: {'.'.join(str(x) for x in error['loc'])}: {message}") from None
+            raise UserError(f"{path}: {invalid(e, dotted())}") from None
         return merged, SettingsFile(path=str(path), sha256=hashlib.sha256(data).hexdigest(), values=values)
 
     def in_force(self) -> dict:

@@ -27,7 +27,7 @@ from pgkd.distributed.steps import (
     run_context,
     submit_splits,
 )
-from pgkd.errors import UserError
+from pgkd.errors import UserError, dotted, invalid
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.state import Best, RunState
 from pgkd.stream.promotion import compare, score
@@ -193,9 +193,8 @@ class Stream:
         try:
             self.run_config(settings)
         except ValidationError as e:
-            error = e.errors()[0]
             where = settings.settings_file or StreamSettings.variable("run")
-            raise UserError(f"{where}: run.{'.'.join(str(x) for x in error['loc'])}: {error['msg']}") from None
+            raise UserError(f"{where}: {invalid(e, dotted(prefix='run.'))}") from None
 
     def run_config(self, settings: StreamSettings | None = None) -> DistillConfig:
         """The options of a run it triggers: the base run's, the settings' `run` over them."""

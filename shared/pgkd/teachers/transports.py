@@ -38,7 +38,11 @@ class TransportError(Exception):
         self.kind, self.transient = kind, transient
 
 
-SCHEMES = ("triton", "triton+http", "triton+grpc", "openai", "openai+http", "openai+https")
+# Each scheme and the port a URL without one means: Triton's HTTP and gRPC ports, vLLM's for an
+# OpenAI-compatible server over plain HTTP, and HTTPS's own (api.openai.com, a gateway).
+DEFAULT_PORTS = {"triton": 8000, "triton+http": 8000, "triton+grpc": 8001, "openai": 8000, "openai+http": 8000,
+                 "openai+https": 443}
+SCHEMES = tuple(DEFAULT_PORTS)
 
 
 def is_llm_teacher(spec: str) -> bool:
@@ -67,7 +71,7 @@ class TeacherURL:
         if not parts.hostname:
             raise UserError(Option("teacher", spec), f": no host (expected {_EXPECTED[parts.scheme.split('+')[0]]})")
         host, port = parse_address(parts.netloc.rpartition("@")[2], Option("teacher", spec),
-                                   default_port=8001 if parts.scheme == "triton+grpc" else 8000)
+                                   default_port=DEFAULT_PORTS[parts.scheme])
         url = cls(parts.scheme, host, port, parts.path, parse_qs(parts.query))
         if url.is_triton and (not url.model or "/" in url.model):
             raise UserError(Option("teacher", spec), f": expected {_EXPECTED['triton']}")
