@@ -204,3 +204,8 @@ def test_stream_status_names_the_stream_of_pgkd_stream(tmp_path, monkeypatch, ca
     monkeypatch.setenv("PGKD_STREAM", "tickets")
     assert main(["stream", "status"]) == 2
     assert "stream tickets: not found" in capsys.readouterr().err
+
+
+def test_a_prometheus_url_with_a_password_is_refused_without_showing_it():
+    text = refused({"PGKD_PROMETHEUS_URL": f"http://admin:{PASSWORD}@127.0.0.1:9090"}, ServiceSettings)
+    assert text.startswith("PGKD_PROMETHEUS_URL: a user or password") and PASSWORD not in text

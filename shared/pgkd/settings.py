@@ -314,6 +314,9 @@ class ServiceSettings(Section):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError("expected http://HOST:PORT")
+            if "@" in parts.netloc:   # named without the value: it holds a password
+                raise ValueError(UserError("PGKD_PROMETHEUS_URL: a user or password in the URL is not supported "
+                                           "(it would be shown in logs and reports); give http://HOST:PORT"))
             _checked(parse_address, parts.netloc.rpartition("@")[2], "address",
                      443 if parts.scheme == "https" else 80)
         return url
