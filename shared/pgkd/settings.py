@@ -375,10 +375,6 @@ class Settings(BaseModel):
         return cls(**{key: read(section, env) for key, section in SECTIONS.items()})
 
 
-def settings(env: Mapping[str, str] | None = None) -> Settings:
-    return Settings.from_env(env)
-
-
 def described() -> list[dict]:
     """Every variable: its section, name, default and meaning (`pgkd settings`). A secret's default is none."""
     rows = []
