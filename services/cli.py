@@ -374,7 +374,7 @@ def register(sub, distill_arguments) -> None:
     """Add the bus commands to `pgkd`'s subcommands; `distill_arguments` adds a run's options."""
     from pgkd.cli import Parser
     submit = sub.add_parser("submit", help="submit a run to the services (PGKD_BROKER_URL, PGKD_ARTIFACTS)")
-    distill_arguments(submit, with_out=False)
+    distill_arguments(submit, with_out=False, with_dry_run=True)
     submit.add_argument("--run-id", default=None, help="default: DATASET-DATE-TIME-RANDOM")
     submit.add_argument("--wait", action="store_true", help="follow the run until RunCompleted; print its report")
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
@@ -421,5 +421,10 @@ def _submit(args) -> int:
     if not args.start_timeout >= 0:   # nan too
         raise UserError(f"--start-timeout {args.start_timeout:g}: expected seconds, 0 or more (0: no limit)")
     config = from_options(DistillConfig, args)   # the run's options (distill_arguments), validated
+    if args.dry_run:                             # nothing stored, nothing published
+        from pgkd.cli import dry_run
+        return dry_run(config, args.prompt_file)
+    if args.prompt_file is not None:
+        raise UserError("--prompt-file is for --dry-run only")
     return submit_run(config, args.run_id, args.wait, args.timeout, args.poll, promote=args.promote,
                       start_timeout=args.start_timeout)

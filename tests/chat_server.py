@@ -14,7 +14,13 @@ def answer(n: int, label: str = "refund", start: int = 0) -> str:
 
 class ChatServer:
     """Replies from a script of behaviours, one per request: ("ok", content), ("status", code),
-    ("sleep", seconds, content). Records every request and the most calls seen in flight."""
+    ("sleep", seconds, content). Records every request and the most calls seen in flight.
+
+    As real servers do, it can also: refuse a structured-answer request (`refuse_schema`: the status,
+    400 as vLLM's or llama.cpp's validation, 422 as TGI's, with a body naming `response_format`);
+    answer one by its JSON schema when the script is empty (`follow_schema`: samples whose labels
+    cycle through the schema's enum); and refuse a prompt longer than its context (`context_tokens`, as
+    `count` counts them: whitespace-separated words unless a test gives a tokenizer)."""
 
     def __init__(self):
         self.ready = threading.Event()
@@ -22,6 +28,11 @@ class ChatServer:
         self.requests: list[dict] = []
         self.in_flight = self.most_in_flight = 0
         self.model_list: list[str] | int | None = None
+        self.refuse_schema: int | None = None
+        self.follow_schema = False
+        self.context_tokens: int | None = None
+        self.count = lambda text: len(text.split())
+        self.longest_prompt = 0     # in tokens (`count`), of the prompts it answered
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self._run, daemon=True).start()
@@ -49,6 +60,23 @@ class ChatServer:
     async def handle(self, request):
         body = await request.json()
         self.requests.append({"body": body, "authorization": request.headers.get("Authorization")})
+        if self.refuse_schema and "response_format" in body:
+            return web.json_response({"object": "error", "message": "1 validation error: response_format: "
+                                      "json_schema is not supported by this server", "code": self.refuse_schema},
+                                     status=self.refuse_schema)
+        tokens = self.count("\n".join(m["content"] for m in body["messages"]))
+        if self.context_tokens is not None and tokens > self.context_tokens:
+            return web.json_response({"object": "error", "message": f"This model's maximum context length is "
+                                      f"{self.context_tokens} tokens. However, you requested {tokens} tokens."},
+                                     status=400)
+        self.longest_prompt = max(self.longest_prompt, tokens)
+        if self.follow_schema and not self.script and "response_format" in body:
+            schema = body["response_format"]["json_schema"]["schema"]["properties"]["samples"]
+            labels, n = schema["items"]["properties"]["label"]["enum"], schema["minItems"]
+            start = len(self.requests) * 100
+            self.script = [("ok", json.dumps({"samples": [
+                {"text": f"a new text about {labels[i % len(labels)]} number {start + i}", "label": labels[i % len(labels)]}
+                for i in range(n)]}))]
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:

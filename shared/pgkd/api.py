@@ -37,6 +37,8 @@ def distill(data, teacher="pool-guided", student="minilm", out: str | Path | Non
         raise TypeError("pgkd.distill: warm_start=False retrains a fresh student each cycle, which pgkd can make "
                         "from a student's name or folder, not from an object")
     _no_text_for_numbers(options)
+    if isinstance(options.get("taxonomy"), Path):
+        options["taxonomy"] = str(options["taxonomy"])
     try:
         config = DistillConfig(data=str(data) if isinstance(data, (str, Path)) else "python:samples",
                                teacher=teacher if teacher_name is None else f"python:{teacher_name}",

@@ -8,10 +8,11 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
-from pgkd.errors import EnvironmentFailure, UserError, invalid
+from pgkd.errors import EnvironmentFailure, Option, UserError, invalid
 from pgkd.names import check_name
 from pgkd.net import DEFAULT_HOST, host_option, port_option
 from pgkd.processes import Stopped, stop_signals
@@ -34,16 +35,48 @@ def _command_plugins():
     return [entry.load() for entry in sorted(entry_points(group="pgkd.commands"), key=lambda e: e.name)]
 
 
-def distill_arguments(p: argparse.ArgumentParser, with_out: bool = True) -> None:
+def distill_arguments(p: argparse.ArgumentParser, with_out: bool = True, with_dry_run: bool = False) -> None:
     """The options of a run (`pgkd distill`; `pgkd submit`, `pgkd bench bus` and `python -m
-    pgkd_services.local` take them too): one per DistillConfig field (pgkd.options), then --out and
-    --no-progress, which are the command's, not the run's. `run_config(args)` reads them back."""
+    pgkd_services.local` take them too): one per DistillConfig field (pgkd.options), then --out,
+    --dry-run and --no-progress, which are the command's, not the run's. `run_config(args)` reads them back."""
     from pgkd.loop.config import DistillConfig
     from pgkd.options import add_options
     add_options(p, DistillConfig)
     if with_out:
-        p.add_argument("--out", required=True, help="output folder: report.json, best/, history.png")
+        p.add_argument("--out", help="output folder: report.json, best/, history.png (required but with --dry-run)")
+    if with_dry_run:
+        p.add_argument("--dry-run", action="store_true", help=(
+            "train nothing, call no teacher, write nothing: print the first prompt, its tokens, and the most "
+            "teacher calls, tokens and cost the run can spend"))
+        p.add_argument("--prompt-file", help="with --dry-run: write the first prompt to this new file instead")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def dry_run(config, prompt_file: str | None) -> int:
+    """`--dry-run`: what the run would send and spend (pgkd.loop.dryrun), from its data alone."""
+    from pgkd.data import load_dataset, make_splits, with_taxonomy
+    from pgkd.files import write_bytes_atomic
+    from pgkd.loop.dryrun import plan
+    from pgkd.teachers.llm import default_token_counter
+    from pgkd.teachers.transports import is_llm_teacher, public_url
+    if prompt_file is not None and Path(prompt_file).exists():
+        raise UserError(Option("prompt_file", prompt_file), ": exists already; name a new file")
+    dataset = with_taxonomy(load_dataset(config.data, config.text_column, config.label_column, seed=config.seed),
+                            config.taxonomy)
+    splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
+    llm = is_llm_teacher(config.teacher)
+    result = plan(config, splits, public_url(config.teacher) if llm else config.teacher, not llm,
+                  default_token_counter())
+    if prompt_file is None:
+        print("----- first prompt -----")
+        print(result.prompt.text, end="")
+        print("----- end of prompt -----")
+    else:
+        write_bytes_atomic(Path(prompt_file), result.prompt.text.encode("utf-8"))
+    print("\n".join(result.lines()))
+    if prompt_file is not None:
+        print(f"wrote the first prompt to {prompt_file}")
+    return 0
 
 
 def run_config(args: argparse.Namespace):
@@ -59,6 +92,12 @@ def cmd_distill(args) -> int:
     from pgkd.loop.embedded import run
     from pgkd.loop.report import summary_table
     config = run_config(args)
+    if args.dry_run:
+        return dry_run(config, args.prompt_file)
+    if args.prompt_file is not None:
+        raise UserError(Option("prompt_file", args.prompt_file), ": is for --dry-run only")
+    if args.out is None:
+        raise UserError(Option("out"), ": required (the output folder), but with --dry-run")
     report = run(config, args.out, progress=args.progress).report
     print(summary_table(report))
     print(f"stopped: {report.stop_reason}")
@@ -214,6 +253,8 @@ def cmd_bench_quality(args) -> int:
 
     from pgkd.bench.quality import run_quality
     quick = args.quick
+    if args.dev_samples < 0:
+        raise UserError(Option("dev_samples", args.dev_samples), ": expected 0 or more")
     options = {"student": args.student, "labeled": args.labeled, "samples_per_cycle": args.samples_per_cycle,
                "max_cycles": args.max_cycles if args.max_cycles is not None else (3 if quick else 10),
                "patience": args.patience, "label_noise": args.label_noise}
@@ -224,7 +265,7 @@ def cmd_bench_quality(args) -> int:
     datasets = args.datasets or (["banking77", "hwu64"] if quick else ["banking77", "clinc150", "hwu64", "ag_news"])
     seeds = args.seeds or ([1] if quick else [1, 2, 3])
     summary = run_quality(Path(args.data_dir), datasets, args.arms, seeds, Path(args.out), options,
-                          progress=args.progress)
+                          progress=args.progress, dev_samples=args.dev_samples)
     from pgkd.bench.quality import markdown
     print(markdown(summary), end="")
     print(f"wrote {args.out}/quality.json, quality.md, quality.png ({summary['seconds']:.0f} s)")
@@ -336,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pgkd", description="Performance-Guided Knowledge Distillation")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     distill = sub.add_parser("distill", help="run PGKD in this process")
-    distill_arguments(distill)
+    distill_arguments(distill, with_dry_run=True)
     distill.set_defaults(func=cmd_distill)
     predict = sub.add_parser("predict", help="classify texts with a saved student")
     predict.add_argument("--model", required=True, help="a student folder, e.g. OUT/best")
@@ -423,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--label-noise", type=float, default=0.0)
     quality.add_argument("--epochs", type=int, default=None)
     quality.add_argument("--cycle-epochs", type=int, default=None)
+    quality.add_argument("--dev-samples", type=int, default=0, help=(
+        "hold this many train samples out of every run and score each kept student on them: a dev set for "
+        "choices that must not be made on test (0: none)"))
     quality.add_argument("--quick", action="store_true", help="a small configuration: minutes, not hours")
     quality.add_argument("--out", default="runs/bench/quality")
     quality.add_argument("--no-progress", dest="progress", action="store_false")

@@ -11,11 +11,12 @@ import csv
 import json
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pgkd.allocation import allocate
 from pgkd.errors import Option, UserError
+from pgkd.taxonomy import Taxonomy, read_taxonomy
 from pgkd.types import Sample
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -99,11 +100,29 @@ class Dataset:
     validation: list[Sample]
     test: list[Sample]
     notes: list[str] = field(default_factory=list)
+    taxonomy: Taxonomy | None = None     # the classes described (--taxonomy); may name classes train lacks
 
     @property
     def labels(self) -> list[str]:
-        """The taxonomy: every label of train, sorted."""
-        return sorted({s.label for s in self.train})
+        """The classes: every label of train and of the taxonomy file, sorted."""
+        return sorted({s.label for s in self.train} | set(self.taxonomy.labels if self.taxonomy else ()))
+
+
+def with_taxonomy(dataset: Dataset, path: str | None) -> Dataset:
+    """The dataset with its taxonomy file (pgkd.taxonomy) read and checked against its labels: a label
+    of the data the file lacks is an error; a class of the file the data lacks is a note (the teacher
+    may write samples for it, and the student has a class for them)."""
+    if path is None:
+        return dataset
+    taxonomy = read_taxonomy(path)
+    data_labels = sorted({s.label for s in dataset.train + dataset.test})
+    absent = taxonomy.check_against(data_labels, dataset.path)
+    notes = list(dataset.notes)
+    if absent:
+        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        notes.append(f"{len(absent)} class(es) of {Path(path).name} have no sample in the data: {shown} (the "
+                     "teacher may write samples for them)")
+    return replace(dataset, taxonomy=taxonomy, notes=notes)
 
 
 def load_dataset(path: str | Path, text_column: str = "text", label_column: str = "label",
@@ -221,6 +240,7 @@ class Splits:
     validation: list[Sample]
     pool: list[Sample]
     test: list[Sample]
+    taxonomy: Taxonomy | None = None     # the classes' descriptions, shown to an LLM teacher
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation),
@@ -230,7 +250,7 @@ class Splits:
 def make_splits(dataset: Dataset, labeled: int, seed: int, validation_fraction: float = 0.2) -> Splits:
     """Draw `labeled` samples from train (stratified; every class at least twice so that both
     train and validation can hold it), split them into train and validation; the rest is the pool."""
-    labels = dataset.labels
+    labels = sorted({s.label for s in dataset.train})     # the classes a sample can be drawn of
     if len(labels) < 2:
         raise UserError(f"{dataset.path}: every train sample is labeled {labels[0]!r}: a classifier needs samples "
                         "of at least two classes")
@@ -252,7 +272,8 @@ def make_splits(dataset: Dataset, labeled: int, seed: int, validation_fraction: 
                         f"to train on and one to validate ({2 * len(labels)} labeled samples or more, and 2 train "
                         "rows per class)")
     rng.shuffle(pool)
-    return Splits(labels=labels, train=train, validation=validation, pool=pool, test=list(dataset.test))
+    return Splits(labels=dataset.labels, train=train, validation=validation, pool=pool, test=list(dataset.test),
+                  taxonomy=dataset.taxonomy)
 
 
 def label_counts(rows: list[Sample]) -> dict[str, int]:

@@ -92,6 +92,16 @@ class GenerationRequest(BaseModel):
     correct: list[MinedSample]
     n: int = Field(gt=0)
     cycle: int = 0
+    descriptions: dict[str, str] = {}  # label -> what it means (a taxonomy file), shown beside each class
+    report_min_support: int = 1        # the report leaves out classes scored on fewer samples (too few to judge)
+
+
+class ClassificationRequest(BaseModel):
+    """Texts for a teacher to label into the taxonomy (pgkd.teachers.prompt.render_classification)."""
+    taxonomy: list[str]
+    texts: list[str] = Field(min_length=1)
+    descriptions: dict[str, str] = {}
+    examples: list[Sample] = []
 
 
 class TeacherUsage(BaseModel):
@@ -105,6 +115,7 @@ class TeacherUsage(BaseModel):
     cache_hits: int = 0                # answers read from the response cache instead of the teacher
     errors: dict[str, int] = {}        # failed calls by kind (timeout, transport, server_error, ...)
     call_seconds: list[float] = []     # the round trip of each answered call
+    trimmed: list[dict[str, int]] = []  # per prompt sent: what was left out to fit the token limit ({}: nothing)
 
     def __add__(self, other: "TeacherUsage") -> "TeacherUsage":
         errors = dict(self.errors)
@@ -114,7 +125,8 @@ class TeacherUsage(BaseModel):
                             completion_tokens=self.completion_tokens + other.completion_tokens,
                             seconds=self.seconds + other.seconds, cost=self.cost + other.cost,
                             retries=self.retries + other.retries, cache_hits=self.cache_hits + other.cache_hits,
-                            errors=errors, call_seconds=self.call_seconds + other.call_seconds)
+                            errors=errors, call_seconds=self.call_seconds + other.call_seconds,
+                            trimmed=self.trimmed + other.trimmed)
 
 
 class GeneratedBatch(BaseModel):

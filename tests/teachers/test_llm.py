@@ -38,7 +38,7 @@ def test_answers_usage_cost_and_the_key_stays_a_secret(chat, monkeypatch):
     assert batch.usage.cost == pytest.approx(1000 / 1000 * 0.5 + 200 / 1000 * 2.0)
     sent = chat.requests[0]
     assert sent["authorization"] == "Bearer sk-secret-123" and sent["body"]["model"] == "test-llm"
-    assert "Answer with a JSON list of exactly 4 objects" in sent["body"]["messages"][0]["content"]
+    assert "a list of exactly 4 samples" in sent["body"]["messages"][0]["content"]
     assert "sk-secret" not in json.dumps(t.describe()) and t.describe()["simulated"] is False
 
 

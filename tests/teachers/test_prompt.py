@@ -42,7 +42,7 @@ def test_prompt_without_report_or_hard_negatives_leaves_those_sections_out():
     assert "## Validation report" in full and "## Hard negatives" in full
     bare = render_prompt(request.model_copy(update={"report": None, "hard_negatives": []}))
     assert "## Validation report" not in bare and "## Hard negatives" not in bare
-    assert "exactly 8 objects" in bare
+    assert "exactly 8 samples" in bare
 
 
 def test_a_prompt_reads_back_into_the_request_it_was_rendered_from():

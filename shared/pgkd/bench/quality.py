@@ -13,14 +13,19 @@ whose report.json lands under OUT/runs/; a sweep interrupted part-way resumes fr
 """
 from __future__ import annotations
 
+import json
+import random
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from pgkd.loop.config import DistillConfig
-from pgkd.loop.cycle import log
+from pgkd.data import Dataset, load_dataset, stratified_split
+from pgkd.loop.cycle import evaluate_student, log
+from pgkd.types import Sample
 from pgkd.loop.embedded import run
 from pgkd.errors import UserError
 from pgkd.names import check_name
@@ -36,6 +41,9 @@ ARMS = {
     "pool-guided": {"teacher": "pool-guided", **VALIDATION},
     "guided-no-report": {"teacher": "pool-guided", "guidance": "no-report", **VALIDATION},
     "guided-no-hard-negatives": {"teacher": "pool-guided", "guidance": "no-hard-negatives", **VALIDATION},
+    # The report shows a class only when scored on 3 (5) validation samples or more (--report-min-support).
+    "guided-support-3": {"teacher": "pool-guided", "report_min_support": 3, **VALIDATION},
+    "guided-support-5": {"teacher": "pool-guided", "report_min_support": 5, **VALIDATION},
     # Guidance from out-of-fold predictions over the labeled train samples; validation selects only.
     "oof-random": {"teacher": "pool-random", **OUT_OF_FOLD},
     "oof-guided": {"teacher": "pool-guided", **OUT_OF_FOLD},
@@ -78,8 +86,22 @@ def _existing(folder: Path, config: DistillConfig) -> RunReport | None:
     return report if DistillConfig(**report.config).model_dump() == config.model_dump() else None
 
 
+def _dev_split(dataset: Dataset, n: int) -> tuple[Dataset, list[Sample]]:
+    rest, dev = stratified_split(dataset.train, min(n, len(dataset.train) // 2) / len(dataset.train),
+                                 random.Random(0))
+    return replace(dataset, train=rest, notes=dataset.notes + [f"{len(dev)} train samples held out as the "
+                                                                "benchmark's dev set (seed 0)"]), dev
+
+
+def _dev_scores(folder: Path, result, dev: list[Sample], labels: list[str]) -> dict:
+    report, _ = evaluate_student(result.student, dev, labels)
+    scores = {"dev_accuracy": report.accuracy, "dev_macro_f1": report.macro_f1, "dev_samples": len(dev)}
+    write_json_atomic(folder / "dev.json", scores)
+    return scores
+
+
 def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: list[int], out: Path,
-                run_options: dict, progress: bool = True, existing_only: bool = False) -> dict:
+                run_options: dict, progress: bool = True, existing_only: bool = False, dev_samples: int = 0) -> dict:
     """Every arm on every dataset and seed; with `existing_only`, only the runs written already (a
     summary of a sweep that has not finished, or was cut short)."""
     unknown = [a for a in arms if a not in ALL_ARMS]
@@ -96,31 +118,55 @@ def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: lis
     results = []
     started = time.perf_counter()
     jobs = [(name, arm, seed) for name in datasets for seed in seeds for arm in teacher_arms]
+    if dev_samples and "baseline" in arms:   # the baseline's kept student is cycle 0's: a run of it alone
+        jobs = [(name, "baseline", seed) for name in datasets for seed in seeds] + jobs
     bar = tqdm(jobs, desc="bench quality", unit="run", disable=not progress)
     caches: dict[str, EmbeddingCache] = {}
     baselines: set[tuple[str, int]] = set()
+    held: dict[str, tuple[Dataset, list[Sample]]] = {}
     for name, arm, seed in bar:
         bar.set_postfix_str(f"{name} {arm} seed {seed}")
-        config = DistillConfig(data=str(paths[name]), seed=seed, **run_options, **ARMS[arm])
+        options = ({**run_options, **ARMS["pool-random"], "max_cycles": 0} if arm == "baseline"
+                   else {**run_options, **ARMS[arm]})
+        config = DistillConfig(data=str(paths[name]), seed=seed, **options)
         folder = _run_dir(out, Path(name).name, arm, seed)
         report = _existing(folder, config)
+        if report is not None and dev_samples and not (folder / "dev.json").is_file():
+            report = None
         if report is None and existing_only:
             continue
+        dev: dict = {}
         if report is None:
             if name not in caches:
                 caches[name] = EmbeddingCache(path=out / "cache" / f"{Path(name).name}.npz", progress=progress)
             cache = caches[name]
-            report = run(config, folder, progress=False, embed=cache, keep_model=False).report
+            dataset = None
+            if dev_samples:
+                if name not in held:
+                    held[name] = _dev_split(load_dataset(paths[name]), dev_samples)
+                dataset = held[name][0]
+            result = run(config, folder, progress=False, embed=cache, keep_model=False, dataset=dataset)
+            report = result.report
+            if dev_samples:
+                dev = _dev_scores(folder, result, held[name][1], held[name][0].labels)
             cache.save()
         else:
             log(f"bench: {folder} done before, reused")
-        # The baseline is cycle 0 of any run of this dataset and seed: taken from the first one read.
-        rows = [("baseline", report.baseline.test)] if (name, seed) not in baselines and "baseline" in arms else []
-        baselines.add((name, seed))
-        if arm in arms:
-            rows.append((arm, report.best.test))
-        for arm_name, test in rows:
-            results.append({"dataset": Path(name).name, "arm": arm_name, "seed": seed,
+            if dev_samples:
+                dev = json.loads((folder / "dev.json").read_text())
+        rows = []
+        if arm == "baseline":
+            rows.append(("baseline", report.baseline.test, dev))
+            baselines.add((name, seed))
+        else:
+            # Without a dev set the baseline is cycle 0 of any run of this dataset and seed: the first one read.
+            if (name, seed) not in baselines and "baseline" in arms:
+                rows.append(("baseline", report.baseline.test, {}))
+                baselines.add((name, seed))
+            if arm in arms:
+                rows.append((arm, report.best.test, dev))
+        for arm_name, test, dev_scores in rows:
+            results.append({"dataset": Path(name).name, "arm": arm_name, "seed": seed, **dev_scores,
                             "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
                             "selection_macro_f1": selection_score(report, arm_name == "baseline"),
                             "best_cycle": 0 if arm_name == "baseline" else report.best.cycle,
@@ -130,7 +176,8 @@ def run_quality(data_dir: Path, datasets: list[str], arms: list[str], seeds: lis
                             # wall time: the first round's alone for the baseline, the whole run otherwise
                             "seconds": report.cycles[0].seconds if arm_name == "baseline" else report.seconds,
                             "run": str(folder / "report.json")})
-    summary = {"config": {"datasets": datasets, "arms": arms, "seeds": seeds, **run_options},
+    summary = {"config": {"datasets": datasets, "arms": arms, "seeds": seeds, "dev_samples": dev_samples,
+                          **run_options},
                "seconds": time.perf_counter() - started, "runs": results, "table": aggregate(results, arms)}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "quality.json", summary)
@@ -160,18 +207,37 @@ def aggregate(results: list[dict], arms: list[str]) -> list[dict]:
             acc, f1 = _mean_std([r["test_accuracy"] for r in rows]), _mean_std([r["test_macro_f1"] for r in rows])
             gains = [r["test_macro_f1"] - base[r["seed"]]["test_macro_f1"] for r in rows if r["seed"] in base]
             optimism = [r["selection_macro_f1"] - r["test_macro_f1"] for r in rows if "selection_macro_f1" in r]
+            dev = [r["dev_macro_f1"] for r in rows if "dev_macro_f1" in r]
+            dev_gains = [r["dev_macro_f1"] - base[r["seed"]]["dev_macro_f1"] for r in rows
+                         if "dev_macro_f1" in r and "dev_macro_f1" in base.get(r["seed"], {})]
             table.append({"dataset": dataset, "arm": arm, "seeds": len(rows),
                           "test_accuracy_mean": acc[0], "test_accuracy_std": acc[1],
                           "test_macro_f1_mean": f1[0], "test_macro_f1_std": f1[1],
                           "macro_f1_gain_mean": statistics.fmean(gains) if gains else None,
                           "macro_f1_gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
-                          "selection_optimism_mean": statistics.fmean(optimism) if optimism else None})
+                          "selection_optimism_mean": statistics.fmean(optimism) if optimism else None,
+                          **({"dev_macro_f1_mean": _mean_std(dev)[0], "dev_macro_f1_std": _mean_std(dev)[1],
+                              "dev_gain_mean": statistics.fmean(dev_gains) if dev_gains else None,
+                              "dev_gain_std": statistics.stdev(dev_gains) if len(dev_gains) > 1 else 0.0}
+                             if dev else {})})
     return table
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| dataset | arm | seeds | test accuracy | test macro-F1 | macro-F1 gain over baseline "
-             "| selection optimism |", "|---|---|---|---|---|---|---|"]
+    lines = []
+    if any("dev_macro_f1_mean" in row for row in summary["table"]):
+        lines += [f"Dev: {summary['config'].get('dev_samples')} train samples no run drew from (stratified, seed 0), "
+                  "the figures choices are made on:", "",
+                  "| dataset | arm | seeds | dev macro-F1 | dev gain over baseline |", "|---|---|---|---|---|"]
+        for row in summary["table"]:
+            if "dev_macro_f1_mean" in row:
+                gain = ("" if row["arm"] == "baseline" or row.get("dev_gain_mean") is None
+                        else f"{row['dev_gain_mean']:+.4f} ± {row['dev_gain_std']:.4f}")
+                lines.append(f"| {row['dataset']} | {row['arm']} | {row['seeds']} | "
+                             f"{row['dev_macro_f1_mean']:.4f} ± {row['dev_macro_f1_std']:.4f} | {gain} |")
+        lines += ["", "Test, for the record (no choice is made on it):", ""]
+    lines += ["| dataset | arm | seeds | test accuracy | test macro-F1 | macro-F1 gain over baseline "
+              "| selection optimism |", "|---|---|---|---|---|---|---|"]
     for row in summary["table"]:
         gain = ("" if row["macro_f1_gain_mean"] is None or row["arm"] == "baseline"
                 else f"{row['macro_f1_gain_mean']:+.4f} ± {row['macro_f1_gain_std']:.4f}")

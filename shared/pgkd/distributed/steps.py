@@ -38,11 +38,13 @@ import numpy as np
 from pydantic import ValidationError
 
 from pgkd.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
-from pgkd.data import Dataset, Splits, load_dataset, make_splits
+from pgkd.data import Dataset, Splits, load_dataset, make_splits, with_taxonomy
+from pgkd.taxonomy import Taxonomy
 from pgkd.types import Sample
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import make_teacher
 from pgkd.loop.distillation import Distillation
+from pgkd.loop.dryrun import check_fits
 from pgkd.loop.state import STATE_SCHEMA, RunState, StateError
 from pgkd.distributed.messages import (
     CycleEvaluated,
@@ -110,7 +112,8 @@ def new_run_id(dataset_name: str) -> str:
 def _dataset_json(dataset: Dataset) -> dict:
     rows = lambda samples: [s.model_dump() for s in samples]  # noqa: E731
     return {"name": dataset.name, "path": dataset.path, "notes": dataset.notes, "train": rows(dataset.train),
-            "validation": rows(dataset.validation), "test": rows(dataset.test)}
+            "validation": rows(dataset.validation), "test": rows(dataset.test),
+            **({"taxonomy": dataset.taxonomy.model_dump(mode="json")} if dataset.taxonomy else {})}
 
 
 def _put_dataset(store: ArtifactStore, data: dict) -> ArtifactRef:
@@ -133,7 +136,9 @@ def prepare_request(config: DistillConfig, store: ArtifactStore, run_id: str | N
     if run_id is not None:
         check_name(run_id, "run id")
     dataset = load_dataset(config.data, config.text_column, config.label_column, seed=config.seed)
-    make_splits(dataset, config.labeled, config.seed, config.validation_fraction)  # raises on a bad --labeled
+    dataset = with_taxonomy(dataset, config.taxonomy)   # read here: the services never see the submitter's file
+    splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)  # raises on a bad --labeled
+    check_fits(config, splits)   # an LLM teacher's prompt can fit --teacher-max-prompt-tokens
     return RunRequested(run_id=run_id or new_run_id(dataset.name), cycle=0, config=config.model_dump(),
                         dataset=_put_dataset(store, _dataset_json(dataset)))
 
@@ -196,7 +201,8 @@ def run_context(store: ArtifactStore, run_id: str) -> RunContext:
     else:
         rows = lambda name: [Sample.model_validate(r) for r in raw[name]]  # noqa: E731
         dataset = Dataset(name=raw["name"], path=raw["path"], train=rows("train"), validation=rows("validation"),
-                          test=rows("test"), notes=raw["notes"])
+                          test=rows("test"), notes=raw["notes"],
+                          taxonomy=Taxonomy.model_validate(raw["taxonomy"]) if raw.get("taxonomy") else None)
         splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
     context = RunContext(request, config, dataset, splits, files)
     _contexts[cache_key] = context

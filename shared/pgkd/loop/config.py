@@ -26,6 +26,9 @@ class DistillConfig(BaseModel):
     submit`, `pgkd bench bus` and `python -m pgkd_services.local` from these fields."""
     model_config = ConfigDict(allow_inf_nan=False)    # a NaN target is never reached, an infinite timeout never ends
     data: str = Field(description="dataset folder (train/validation/test .jsonl or .csv) or one file")
+    taxonomy: str | None = Field(None, description=(
+        "a file of the classes and what each means (CSV label,description[,examples]; JSON or YAML), shown to "
+        "the teacher; it may name classes the data lacks"))
     text_column: str = Field("text", description="the column (or JSON key) holding the text")
     label_column: str = Field("label", description="the column (or JSON key) holding the label")
     labeled: int = Field(1000, gt=0, description="labeled samples drawn from train (split by --validation-fraction)")
@@ -45,6 +48,9 @@ class DistillConfig(BaseModel):
                                     description="the most tokens one answer may take")
     teacher_temperature: float = Field(0.7, ge=0, json_schema_extra={"group": LLM},
                                        description="the LLM's sampling temperature")
+    teacher_max_prompt_tokens: int = Field(8000, gt=0, json_schema_extra={"group": LLM}, description=(
+        "the longest prompt sent; longer ones leave out correct samples, then misclassified ones, then examples, "
+        "then report lines of classes without errors (never the classes or the hard negatives)"))
     price_prompt_per_1k: float = Field(0.0, ge=0, json_schema_extra={"group": LLM},
                                        description="cost of 1,000 prompt tokens (currency units)")
     price_completion_per_1k: float = Field(0.0, ge=0, json_schema_extra={"group": LLM},
@@ -54,6 +60,9 @@ class DistillConfig(BaseModel):
         "artifact store"))
     guidance: Literal["full", "no-report", "no-hard-negatives"] = Field("full", description=(
         "what the teacher is shown: everything, or all but the report / hard negatives (the paper's ablations)"))
+    report_min_support: int = Field(1, ge=1, description=(
+        "the report shows the teacher a class's scores only when measured on this many samples or more; classes "
+        "with fewer are left out, said to be too few to judge"))
     guidance_source: Literal["out-of-fold", "validation"] = Field("validation", description=(
         "where the report and the mistakes come from (pgkd.loop.guidance): out-of-fold predictions over the "
         "labeled train samples (validation is then a selection split the teacher never sees), or validation "
@@ -137,6 +146,7 @@ class DistillConfig(BaseModel):
         return LLMSettings(timeout=self.teacher_timeout, retries=self.teacher_retries,
                            concurrency=self.teacher_concurrency, max_per_call=self.teacher_max_per_call,
                            max_tokens=self.teacher_max_tokens, temperature=self.teacher_temperature,
+                           max_prompt_tokens=self.teacher_max_prompt_tokens,
                            price_prompt_per_1k=self.price_prompt_per_1k,
                            price_completion_per_1k=self.price_completion_per_1k)
 

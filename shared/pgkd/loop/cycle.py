@@ -25,6 +25,7 @@ from pgkd.loop.report import (BestScores, CycleRecord, PhaseTimes, Provenance, R
                               TrainingRound, environment)
 from pgkd.loop.screening import screen
 from pgkd.students import create_student
+from pgkd.taxonomy import Taxonomy
 
 TEACHER_EXHAUSTED = "teacher_exhausted: the teacher returned no samples"
 TEACHER_UNAVAILABLE = "teacher_unavailable"
@@ -138,30 +139,40 @@ def mine_cycle(config: DistillConfig, samples: list[Sample], probs: np.ndarray, 
 
 # -- 4. teach: ask the teacher, screen its answer ----------------------------------------------------------
 
-def build_request(config: DistillConfig, taxonomy: list[str], train: list[Sample], mined: MiningResult,
-                  report: EvalReport, n: int, cycle: int, examples_per_class: int = 1,
-                  max_examples: int = 40) -> GenerationRequest:
+def build_request(config: DistillConfig, labels: list[str], train: list[Sample], mined: MiningResult,
+                  report: EvalReport, n: int, cycle: int, taxonomy: Taxonomy | None = None,
+                  examples_per_class: int = 1, max_examples: int = 40) -> GenerationRequest:
     """The guidance of one cycle, less what --guidance leaves out. Few-shot examples come from the
     weakest classes first (by validation F1 when the report is shown), so a long taxonomy still fits
-    a prompt."""
+    a prompt; a class without train samples shows the examples of the taxonomy file, if it has any.
+    The report keeps only the classes scored on --report-min-support samples or more."""
     with_report = config.guidance != "no-report"
     rng = random.Random(config.seed * 1_000_003 + cycle)
     by_label: dict[str, list[Sample]] = {}
     for s in train:
         by_label.setdefault(s.label, []).append(s)
-    order = list(taxonomy)
+    for c in (taxonomy.classes if taxonomy else ()):
+        if c.label not in by_label and c.examples:
+            by_label[c.label] = [Sample(text=t, label=c.label) for t in c.examples]
+    order = list(labels)
     if with_report:
-        order.sort(key=lambda c: report.per_class[c].f1 if report.per_class[c].support else 1.0)
+        order.sort(key=lambda c: report.per_class[c].f1 if c in report.per_class and report.per_class[c].support
+                   else 1.0)
     examples: list[Sample] = []
     for label in order:
         group = by_label.get(label, [])
         examples.extend(rng.sample(group, min(examples_per_class, len(group))))
         if len(examples) >= max_examples:
             break
-    return GenerationRequest(taxonomy=taxonomy, examples=examples[:max_examples],
-                             report=report if with_report else None,
+    shown = None
+    if with_report:
+        shown = report.model_copy(update={"per_class": {c: s for c, s in report.per_class.items()
+                                                        if s.support >= config.report_min_support}})
+    return GenerationRequest(taxonomy=labels, examples=examples[:max_examples], report=shown,
                              hard_negatives=mined.hard_negatives if config.guidance != "no-hard-negatives" else [],
-                             misclassified=mined.misclassified, correct=mined.correct, n=n, cycle=cycle)
+                             misclassified=mined.misclassified, correct=mined.correct, n=n, cycle=cycle,
+                             descriptions=taxonomy.descriptions if taxonomy else {},
+                             report_min_support=config.report_min_support)
 
 
 def known_texts(splits: Splits, train: list[Sample]) -> set[str]:
@@ -180,7 +191,7 @@ class Lesson:
 
 def teach(config: DistillConfig, teacher, splits: Splits, train: list[Sample], mined: MiningResult,
           report: EvalReport, wanted: int, cycle: int) -> Lesson:
-    request = build_request(config, splits.labels, train, mined, report, wanted, cycle)
+    request = build_request(config, splits.labels, train, mined, report, wanted, cycle, taxonomy=splits.taxonomy)
     try:
         batch = teacher.generate(request)
     except TeacherUnavailable as e:
@@ -210,7 +221,8 @@ def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student
         pgkd_version=__version__,
         dataset={"name": dataset.name, "path": dataset.path, "classes": len(splits.labels), "sizes": splits.sizes(),
                  "train_label_counts": label_counts(final_train), "duplicates": dataset_duplicates(splits),
-                 "notes": dataset.notes},
+                 "notes": dataset.notes,
+                 **({"taxonomy": dataset.taxonomy.record(sorted({s.label for s in dataset.train}))} if dataset.taxonomy else {})},
         student={"spec": config.student, "parameters": parameter_count(best_student),
                  "device": str(getattr(best_student, "device", "cpu"))},
         teacher=teacher, teacher_usage=sum((c.teacher_usage for c in cycles), TeacherUsage()), seed=config.seed,

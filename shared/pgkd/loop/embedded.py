@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgkd.data import Dataset, Splits, load_dataset, make_splits
+from pgkd.loop.dryrun import check_fits
+from pgkd.data import Dataset, Splits, load_dataset, make_splits, with_taxonomy
 from pgkd.errors import UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import dataset_duplicates, fresh_student, log, make_teacher, parameter_count
@@ -42,7 +43,9 @@ def run(config: DistillConfig, out: str | Path | None, progress: bool = True, em
     try:
         if dataset is None:
             dataset = load_dataset(config.data, config.text_column, config.label_column, seed=config.seed)
+        dataset = with_taxonomy(dataset, config.taxonomy) if dataset.taxonomy is None else dataset
         splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
+        check_fits(config, splits, teacher)   # an LLM's prompt can fit --teacher-max-prompt-tokens: before any work
         result = distill_splits(config, dataset, splits, progress=progress, embed=embed, teacher=teacher,
                                 student=student, started=started)
         if output is not None:

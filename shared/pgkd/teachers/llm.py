@@ -8,8 +8,12 @@ One `generate` call:
 3. retries transient failures (timeouts, connection errors, 5xx) with exponential backoff, at most
    `retries` times; a circuit breaker opens after `breaker_threshold` calls failed in a row, and then
    `generate` raises TeacherUnavailable at once instead of hanging on a teacher that is down;
-4. parses each answer tolerantly (answers.py); a broken answer gets one repair request;
-5. counts usage (calls, tokens from the server or else a tokenizer, latency, cost) and every
+4. asks for a structured answer (the answer's JSON schema: pgkd.teachers.prompt) where the server
+   takes one; a server that refuses it (HTTP 400 naming `response_format`) is asked once more without,
+   and for the rest of the run (`structured` in describe() says so; `&structured=off` in the URL);
+5. keeps each prompt within `max_prompt_tokens` (prompt.fit), recording what it left out per call;
+6. parses each answer tolerantly (answers.py); a broken answer gets one repair request;
+7. counts usage (calls, tokens from the server or else a tokenizer, latency, cost) and every
    dropped answer or list item by reason.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import time
 from collections import Counter
@@ -24,8 +29,10 @@ from dataclasses import dataclass
 
 from pgkd.teachers.answers import AnswerError, parse_answer
 from pgkd.types import GeneratedBatch, GenerationRequest, Sample, TeacherUnavailable, TeacherUsage
-from pgkd.teachers.transports import Completion, TransportError, make_transport, public_url
-from pgkd.teachers.prompt import render_prompt, repair_prompt
+from pgkd.teachers.transports import Completion, TeacherURL, TransportError, make_transport, public_url
+from pgkd.teachers.prompt import Prompt, PromptTooLong, fit, repair_prompt
+
+log = logging.getLogger("pgkd.teachers")
 
 
 @dataclass
@@ -36,6 +43,7 @@ class LLMSettings:
     concurrency: int = 4
     max_per_call: int = 32             # samples asked for in one call
     max_tokens: int = 4096
+    max_prompt_tokens: int | None = 8000   # longer prompts are trimmed (prompt.fit); None: never
     temperature: float = 0.7
     breaker_threshold: int = 2         # calls failed in a row (each after its retries) that open the circuit
     breaker_cooldown: float = 60.0     # seconds the circuit stays open before one call may try again
@@ -100,6 +108,8 @@ class LLMTeacher:
         self.breaker = CircuitBreaker(self.settings.breaker_threshold, self.settings.breaker_cooldown)
         self.rng = random.Random(seed)   # only for backoff jitter
         self.served_by: dict | None = None
+        self.structured = TeacherURL.parse(spec).structured   # ask for a structured (JSON schema) answer
+        self.structured_refused: str | None = None              # why the server refused one, once it did
 
     def describe(self) -> dict:
         s = self.settings
@@ -108,15 +118,32 @@ class LLMTeacher:
                 **({"served_model": served} if served else {}), "transport": type(self.transport).__name__,
                 "max_per_call": s.max_per_call, "max_tokens": s.max_tokens, "temperature": s.temperature,
                 "timeout": s.timeout, "retries": s.retries, "concurrency": s.concurrency,
+                "max_prompt_tokens": s.max_prompt_tokens, "structured": self.structured_answers(),
                 "price_per_1k_tokens": {"prompt": s.price_prompt_per_1k, "completion": s.price_completion_per_1k},
                 "tokens_counted_by": "the server where it reports them, else "
                 + getattr(self.count_tokens, "name", "a token counter")}
 
-    def state(self) -> dict:  # nothing carries over between requests but the cache
-        return {}
+    def structured_answers(self) -> str:
+        if not self.structured:
+            return "off (structured=off in the URL): the answer format is asked for in the prompt only"
+        if getattr(self.transport, "takes_schema", True) is False:
+            return ("not taken by the model (no sampling_parameters or guided_decoding_guide input): the answer "
+                    "format is asked for in the prompt only")
+        if self.structured_refused:
+            return (f"refused by the server ({self.structured_refused}): the answer format is asked for in the "
+                    "prompt only, for the rest of the run")
+        return "json_schema: the answer must follow the JSON schema of its samples (labels: the taxonomy)"
+
+    def state(self) -> dict:  # what carries over between requests: a server's refusal of structured answers
+        return {"structured_refused": self.structured_refused} if self.structured_refused else {}
 
     def load_state(self, state: dict) -> None:
-        pass
+        self.structured_refused = (state or {}).get("structured_refused")
+
+    def prompt(self, request: GenerationRequest, note: str = "") -> Prompt:
+        """The prompt sent for `request`, trimmed to `max_prompt_tokens`; PromptTooLong when even the
+        smallest does not fit (a run checks this before any training: pgkd.loop.dryrun)."""
+        return fit(request, self.settings.max_prompt_tokens, self.count_tokens, note)
 
     # -- one generation request -----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> GeneratedBatch:
@@ -167,10 +194,13 @@ class LLMTeacher:
     async def _generate(self, request: GenerationRequest) -> GeneratedBatch:
         per_call = self.settings.max_per_call
         sizes = [min(per_call, request.n - i) for i in range(0, request.n, per_call)]
-        prompts = [render_prompt(request.model_copy(update={"n": size})) for size in sizes]
-        if len(prompts) > 1:  # otherwise identical prompts; a note makes each part ask for other texts
-            prompts = [p + f"\n(This is part {i + 1} of {len(prompts)} of the request: write texts unlike those "
-                       "you would write for the other parts.)\n" for i, p in enumerate(prompts)]
+        # Parts of one request would be identical prompts; a note makes each part ask for other texts.
+        notes = [f"(This is part {i + 1} of {len(sizes)} of the request: write texts unlike those you would write "
+                 "for the other parts.)" if len(sizes) > 1 else "" for i in range(len(sizes))]
+        try:
+            prompts = [self.prompt(request.model_copy(update={"n": size}), note) for size, note in zip(sizes, notes)]
+        except PromptTooLong as e:
+            raise TeacherUnavailable(f"teacher {self.name}: {e}") from None
         usage, dropped = TeacherUsage(), Counter()
         limit = asyncio.Semaphore(self.settings.concurrency)
         await self._open()
@@ -196,16 +226,17 @@ class LLMTeacher:
             raise unavailable
         return GeneratedBatch(samples=samples, teacher=self.name, usage=usage, rejected=dict(dropped))
 
-    async def _answer(self, prompt: str, cycle: int) -> tuple[list[Sample], TeacherUsage, Counter]:
+    async def _answer(self, prompt: Prompt, cycle: int) -> tuple[list[Sample], TeacherUsage, Counter]:
         """One part: ask (from the cache if answered before), parse, and ask once more if broken."""
         usage, dropped = TeacherUsage(), Counter()
-        completion = await self._call(prompt, usage)
+        usage.trimmed = [prompt.trimmed]
+        completion = await self._call(prompt.text, usage, prompt.schema)
         try:
             parsed = parse_answer(completion.text)
         except AnswerError as e:
             dropped["unparseable_answer"] += 1
-            conversation = f"{prompt}\n\n[your answer]\n{completion.text}\n\n{repair_prompt(str(e))}"
-            completion = await self._call(conversation, usage)
+            conversation = f"{prompt.text}\n\n[your answer]\n{completion.text}\n\n{repair_prompt(str(e))}"
+            completion = await self._call(conversation, usage, prompt.schema)
             try:
                 parsed = parse_answer(completion.text)
             except AnswerError:
@@ -214,9 +245,11 @@ class LLMTeacher:
         dropped.update(parsed.dropped)
         return parsed.samples, usage, dropped
 
-    async def _call(self, prompt: str, usage: TeacherUsage) -> Completion:
+    async def _call(self, prompt: str, usage: TeacherUsage, schema: dict | None = None) -> Completion:
         s = self.settings
-        digest = hashlib.sha256(json.dumps([self.name, prompt, s.max_tokens, s.temperature]).encode()).hexdigest()
+        schema = schema if self.structured and not self.structured_refused else None
+        digest = hashlib.sha256(json.dumps([self.name, prompt, s.max_tokens, s.temperature, schema],
+                                           sort_keys=True).encode()).hexdigest()
         if self.cache is not None and (hit := await asyncio.to_thread(self.cache.get, digest)) is not None:
             usage.cache_hits += 1
             return Completion(**hit)
@@ -224,12 +257,19 @@ class LLMTeacher:
         for attempt in range(s.retries + 1):
             started = time.perf_counter()
             try:
-                completion = await asyncio.wait_for(self.transport.complete(prompt, s.max_tokens, s.temperature),
-                                                    s.timeout)
+                completion = await asyncio.wait_for(
+                    self.transport.complete(prompt, s.max_tokens, s.temperature, schema), s.timeout)
             except (TransportError, asyncio.TimeoutError) as e:
                 error = e if isinstance(e, TransportError) else TransportError(
                     "timeout", f"no answer within {s.timeout:g} s", transient=True)
                 usage.seconds += time.perf_counter() - started
+                if error.kind == "structured_refused" and schema is not None:
+                    if not self.structured_refused:
+                        self.structured_refused = str(error)
+                        log.warning("teacher %s refused structured answers (%s): asking for the answer format in "
+                                    "the prompt only, for the rest of the run", self.name, error)
+                    usage.errors = {**usage.errors, error.kind: usage.errors.get(error.kind, 0) + 1}
+                    return await self._call(prompt, usage)
                 usage.errors = {**usage.errors, error.kind: usage.errors.get(error.kind, 0) + 1}
                 if not error.transient:
                     self.breaker.failed(f"{error.kind}: {error}")
@@ -285,6 +325,7 @@ class TokenCounter:
             from pgkd.encoder import minilm_path
             self._tokenizer = AutoTokenizer.from_pretrained(self.path or str(minilm_path()),
                                                             local_files_only=True)
+            self._tokenizer.model_max_length = 10**9   # it counts prompts; it does not cut them for a model
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

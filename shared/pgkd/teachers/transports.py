@@ -8,6 +8,12 @@ does those).
 - `openai://HOST:PORT/v1?model=NAME` (`openai+https://` for TLS): OpenAI-compatible chat completions
   (vLLM, gateways). The API key comes from the environment variable named by `key_env` (default
   OPENAI_API_KEY) and is never logged or recorded.
+
+A structured answer (`schema`, the answer's JSON schema) is asked for as each server takes it: an
+OpenAI-compatible server as `response_format` of type `json_schema` (a 400 that names it is
+`structured_refused`, for the teacher to ask again without); a Triton model of vLLM's backend in its
+`sampling_parameters` (`guided_decoding`), one of TensorRT-LLM's in `guided_decoding_guide_type` and
+`guided_decoding_guide`; a Triton model that takes neither gets the prompt alone (docs/real-llms.md).
 """
 from __future__ import annotations
 
@@ -77,6 +83,8 @@ class TeacherURL:
             raise UserError(Option("teacher", spec), f": expected {_EXPECTED['triton']}")
         if not url.is_triton and not url.model:
             raise UserError(Option("teacher", spec), f": expected {_EXPECTED['openai']}")
+        if any(v not in ("on", "off") for v in url.query.get("structured", [])):
+            raise UserError(Option("teacher", spec), ": structured= takes on or off")
         return url
 
     @property
@@ -86,6 +94,11 @@ class TeacherURL:
     @property
     def address(self) -> str:
         return f"{url_host(self.host)}:{self.port}"
+
+    @property
+    def structured(self) -> bool:
+        """`&structured=off` turns structured answers off (on by default)."""
+        return self.query.get("structured", ["on"])[-1] != "off"
 
     @property
     def model(self) -> str:
@@ -111,6 +124,12 @@ def make_transport(spec: str):
     scheme = "https" if url.scheme == "openai+https" else "http"
     base = f"{scheme}://{url.address}{url.path.rstrip('/')}"
     return OpenAITransport(base, url.model, key_env=url.query.get("key_env", ["OPENAI_API_KEY"])[0])
+
+
+# The key of vLLM's SamplingParams that takes a JSON schema, as Triton's vLLM backend reads the
+# `sampling_parameters` input: `structured_outputs` from release r25.11 on (`guided_decoding` in r25.01 to
+# r25.10); its value is itself a JSON string. docs/real-llms.md says what else that backend needs.
+VLLM_GUIDED_KEY = "structured_outputs"
 
 
 class TritonTransport:
@@ -152,7 +171,14 @@ class TritonTransport:
             await self._client.close()
             self._client = None
 
-    async def complete(self, prompt: str, max_tokens: int, temperature: float) -> Completion:
+    @property
+    def takes_schema(self) -> bool | None:
+        """Whether the model takes a JSON schema for its answer (None: not asked yet)."""
+        if self._inputs is None:
+            return None
+        return "sampling_parameters" in self._inputs or "guided_decoding_guide" in self._inputs
+
+    async def complete(self, prompt: str, max_tokens: int, temperature: float, schema: dict | None = None) -> Completion:
         import tritonclient.grpc as grpc_types
         import tritonclient.http as http_types
         types = grpc_types if self.grpc else http_types
@@ -166,6 +192,16 @@ class TritonTransport:
             inputs.append(tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"))
         if "temperature" in self._inputs:
             inputs.append(tensor("temperature", np.array([[temperature]], dtype=np.float32), "FP32"))
+        if "sampling_parameters" in self._inputs:   # Triton's vLLM backend: vLLM's SamplingParams, as JSON
+            parameters = {"max_tokens": max_tokens, "temperature": temperature}
+            if schema is not None:
+                parameters[VLLM_GUIDED_KEY] = json.dumps({"json": schema})
+            inputs.append(tensor("sampling_parameters", np.array([[json.dumps(parameters).encode()]], dtype=object),
+                                 "BYTES"))
+        if schema is not None and "guided_decoding_guide" in self._inputs:   # TensorRT-LLM's backend
+            inputs.append(tensor("guided_decoding_guide_type", np.array([[b"json_schema"]], dtype=object), "BYTES"))
+            inputs.append(tensor("guided_decoding_guide", np.array([[json.dumps(schema).encode()]], dtype=object),
+                                 "BYTES"))
         wanted = [n for n in ("text_output", "prompt_tokens", "completion_tokens", "served_by") if n in self._outputs]
         outputs = [types.InferRequestedOutput(n) for n in wanted]
         try:
@@ -182,6 +218,12 @@ class TritonTransport:
         return Completion(text=_text(text), prompt_tokens=None if tokens[0] is None else int(tokens[0]),
                           completion_tokens=None if tokens[1] is None else int(tokens[1]),
                           served_by=None if served_by is None else _text(served_by))
+
+
+def refuses_schema(text: str) -> bool:
+    """A 400's (TGI: 422's) body names the structured-answer request (`response_format`, `json_schema`)."""
+    lowered = text.lower()
+    return "response_format" in lowered or "json_schema" in lowered
 
 
 def _text(value) -> str:
@@ -244,16 +286,29 @@ class OpenAITransport:
             await self._session.close()
             self._session = None
 
-    async def complete(self, prompt: str, max_tokens: int, temperature: float) -> Completion:
-        import aiohttp
+    takes_schema = True
+
+    def body(self, prompt: str, max_tokens: int, temperature: float, schema: dict | None = None) -> dict:
+        """The chat-completions request (tests/teachers check it against the OpenAI API's own types)."""
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                 "temperature": temperature}
+        if schema is not None:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "pgkd_answer", "strict": True, "schema": schema}}
+        return body
+
+    async def complete(self, prompt: str, max_tokens: int, temperature: float, schema: dict | None = None) -> Completion:
+        import aiohttp
+        body = self.body(prompt, max_tokens, temperature, schema)
         try:
             async with self._session.post(f"{self.base_url}/chat/completions", json=body) as response:
                 text = await response.text()
                 if response.status >= 500 or response.status == 429:
                     raise TransportError("rate_limited" if response.status == 429 else "server_error",
                                          f"HTTP {response.status}: {text[:200]}", transient=True)
+                if response.status in (400, 422) and schema is not None and refuses_schema(text):   # 422: TGI
+                    raise TransportError("structured_refused", f"HTTP {response.status}: {text[:200]}",
+                                         transient=False)
                 if response.status >= 400:
                     raise TransportError("rejected_request", f"HTTP {response.status}: {text[:200]}", transient=False)
         except aiohttp.ClientError as e:

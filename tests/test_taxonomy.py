@@ -1,0 +1,138 @@
+"""--taxonomy FILE: the classes with descriptions, in CSV, JSON or YAML; every bad file is one line
+naming the file and the row, exit 2, before any work; and --dry-run, which spends nothing."""
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import TOY_CLASSES, make_toy_dataset
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pgkd.data import load_dataset, make_splits, with_taxonomy
+from pgkd.errors import UserError
+from pgkd.taxonomy import read_taxonomy
+
+DESCRIBED = {"card_lost": "the card is lost, stolen or missing", "refund": "wants money back, a refund",
+             "transfer": "sending money to another account", "pin_change": "changing or resetting the PIN"}
+
+
+def write_csv(path, rows, header="label,description") -> str:
+    path.write_text(header + "\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy_dataset(tmp_path_factory.mktemp("data") / "toy")
+
+
+def test_the_three_formats_read_the_same_classes(tmp_path):
+    csv_path = write_csv(tmp_path / "t.csv", ['card_lost,"the card is lost, stolen or missing",i lost my card | '
+                                              'my wallet was stolen', "refund,wants money back"],
+                         header="label,description,examples")
+    classes = [{"label": "card_lost", "description": "the card is lost, stolen or missing",
+                "examples": ["i lost my card", "my wallet was stolen"]},
+               {"label": "refund", "description": "wants money back"}]
+    (tmp_path / "t.json").write_text(json.dumps(classes))
+    (tmp_path / "t.yaml").write_text("classes:\n" + "".join(
+        f"  - label: {c['label']}\n    description: {c['description']}\n" +
+        ("    examples: [" + ", ".join(json.dumps(e) for e in c.get("examples", [])) + "]\n"
+         if c.get("examples") else "") for c in classes))
+    read = [read_taxonomy(p).classes for p in (csv_path, tmp_path / "t.json", tmp_path / "t.yaml")]
+    assert read[0] == read[1] == read[2]
+    assert read[0][0].examples == ("i lost my card", "my wallet was stolen")
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("t.csv", "label,description\ncard_lost,lost card\ncard_lost,again\n", "t.csv:3: duplicate label 'card_lost'"),
+    ("t.csv", "label,description\ncard_lost,\n", "t.csv:2: label 'card_lost' has an empty description"),
+    ("t.csv", "label,text\ncard_lost,x\n", "t.csv:1: missing column(s) description"),
+    ("t.csv", "label,description\ncard_lost,a,b\n", "t.csv:2: more fields than the header"),
+    ("t.csv", "label,description\n", "t.csv: no classes"),
+    ("t.json", '[{"label": "a", "description": "x"}, {"label": "b"}]', "t.json: class 2: label 'b' has an empty"),
+    ("t.json", '{"label": ', "t.json:1: not JSON"),
+    ("t.json", '{"a": 1}', "t.json: expected a list of classes"),
+    ("t.yaml", "- label: a\n  description: [unclosed\n", "t.yaml:3: not YAML"),
+    ("t.txt", "a,b\n", "unknown taxonomy format '.txt'"),
+])
+def test_a_bad_taxonomy_file_is_one_line_naming_the_file_and_row(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_taxonomy(path)
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_not_utf8_is_named_with_the_byte(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"label,description\ncard_lost,caf\xe9\n")
+    with pytest.raises(UserError, match=r"t.csv:2: not UTF-8 text \(invalid continuation byte at byte 31\)"):
+        read_taxonomy(path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=300), suffix=st.sampled_from([".csv", ".json", ".yaml"]))
+def test_any_bytes_are_read_or_refused_with_a_user_error(tmp_path, content, suffix):
+    path = tmp_path / f"t{suffix}"
+    path.write_bytes(content)
+    try:
+        taxonomy = read_taxonomy(path)
+    except UserError as e:
+        assert str(e).startswith(str(path)) and "\n" not in str(e)
+    else:
+        assert taxonomy.classes and all(c.description.strip() for c in taxonomy.classes)
+
+
+def test_the_data_must_be_described_and_extra_classes_are_allowed_and_noted(tmp_path, toy):
+    dataset = load_dataset(toy)
+    missing = write_csv(tmp_path / "missing.csv", [f"{c},\"{d}\"" for c, d in list(DESCRIBED.items())[:3]])
+    with pytest.raises(UserError, match=r"missing.csv: no row for label\(s\) 'pin_change' of "):
+        with_taxonomy(dataset, missing)
+    extra = write_csv(tmp_path / "extra.csv", [f"{c},\"{d}\"" for c, d in DESCRIBED.items()] + ["card_fraud,fraud on a card"])
+    described = with_taxonomy(dataset, extra)
+    assert described.labels == sorted([*TOY_CLASSES, "card_fraud"])
+    assert any("card_fraud" in note and "no sample in the data" in note for note in described.notes)
+    splits = make_splits(described, 40, 1)
+    assert "card_fraud" in splits.labels and splits.taxonomy.descriptions["card_fraud"] == "fraud on a card"
+
+
+def pgkd(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pgkd.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_dry_run_prints_tokens_calls_and_cost_and_writes_nothing(tmp_path, toy):
+    taxonomy = write_csv(tmp_path / "classes.csv", [f"{c},\"{d}\"" for c, d in DESCRIBED.items()])
+    before = set(tmp_path.iterdir())
+    args = ["distill", "--data", str(toy), "--labeled", "40", "--taxonomy", taxonomy, "--dry-run",
+            "--teacher", "openai://127.0.0.1:9/v1?model=m", "--max-cycles", "3", "--samples-per-cycle", "40",
+            "--teacher-max-per-call", "16", "--teacher-max-tokens", "1000", "--teacher-max-prompt-tokens", "2000"]
+    done = pgkd(*args, cwd=tmp_path)             # an unreachable teacher: a dry run calls none
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "- card_lost: the card is lost, stolen or missing" in out     # the prompt, with the descriptions
+    assert "teacher calls at most: 18 (3 cycles x 3 calls, each with its one repair request)" in out
+    assert "tokens at most: " in out and "18,000 completion" in out
+    assert "cost at most: unknown (no --price-prompt-per-1k" in out
+    assert set(tmp_path.iterdir()) == before                              # nothing written
+    priced = pgkd(*args, "--price-prompt-per-1k", "0.5", "--price-completion-per-1k", "1", "--prompt-file",
+                  "prompt.txt", cwd=tmp_path)
+    assert priced.returncode == 0, priced.stderr
+    prompt_tokens = int(priced.stdout.split("tokens at most: ")[1].split(" prompt")[0].replace(",", ""))
+    assert f"cost at most: {prompt_tokens * 0.5 / 1000 + 18000 / 1000:.4f}" in priced.stdout
+    assert (tmp_path / "prompt.txt").read_text().startswith("You are the teacher") and "## Classes" not in priced.stdout
+    again = pgkd(*args, "--prompt-file", "prompt.txt", cwd=tmp_path)      # never overwritten
+    assert again.returncode == 2 and again.stderr.strip() == "pgkd: error: --prompt-file prompt.txt: exists already; name a new file"
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--teacher-max-prompt-tokens", "50"], "pgkd: error: --teacher-max-prompt-tokens 50: even the smallest prompt takes"),
+    (["--taxonomy", "nope.csv"], "pgkd: error: nope.csv: no such file"),
+])
+def test_a_run_that_cannot_start_says_so_in_one_line_before_any_work(tmp_path, toy, extra, expected):
+    out = tmp_path / "out"
+    done = pgkd("distill", "--data", str(toy), "--labeled", "40", "--teacher", "openai://127.0.0.1:9/v1?model=m",
+                "--out", str(out), "--no-progress", *extra, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().startswith(expected), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
