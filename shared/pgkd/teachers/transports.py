@@ -294,7 +294,8 @@ class OpenAITransport:
                 "temperature": temperature}
         if schema is not None:
             body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "pgkd_answer", "strict": True, "schema": schema}}
+                                       "json_schema": {"name": "pgkd_" + next(iter(schema["properties"])),
+                                                       "strict": True, "schema": schema}}
         return body
 
     async def complete(self, prompt: str, max_tokens: int, temperature: float, schema: dict | None = None) -> Completion:
