@@ -64,6 +64,25 @@ def test_submit_without_wait_publishes_one_request_and_status_follows_it(env, tm
     assert waited.returncode == 1 and "not completed after 1 s" in waited.stderr
 
 
+def test_submit_dry_run_spends_nothing_and_a_taxonomy_travels_with_the_run(env, tmp_path, bus):
+    from pgkd.distributed.steps import run_context
+    data = make_toy_dataset(tmp_path / "toy")
+    taxonomy = tmp_path / "classes.json"
+    taxonomy.write_text(json.dumps([{"label": c, "description": f"about {c}"} for c in
+                                    ("card_lost", "refund", "transfer", "pin_change", "card_fraud")]))
+    args = ["submit", "--data", str(data), "--labeled", "40", "--taxonomy", str(taxonomy),
+            "--teacher", "openai://127.0.0.1:9/v1?model=m"]
+    dry = pgkd(*args, "--dry-run", env=env)
+    assert dry.returncode == 0 and "- card_fraud: about card_fraud" in dry.stdout and "teacher calls at most" in dry.stdout
+    stored = tmp_path / "artifacts"
+    assert bus.bodies("run-requested") == [] and not (stored.exists() and any(stored.rglob("*.json")))   # nothing kept
+    submitted = pgkd(*args, "--run-id", "described", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    context = run_context(bus.store, "described")       # as a service rebuilds the run: the file's classes with it
+    assert context.splits.taxonomy.descriptions["card_fraud"] == "about card_fraud"
+    assert "card_fraud" in context.labels
+
+
 def test_send_reads_json_lines_and_csv_and_publishes_every_row(env, tmp_path, bus):
     lines = tmp_path / "corrections.jsonl"
     lines.write_text('{"text": "lost my card", "label": "card_lost", "id": "t1"}\n\nnot json\n')

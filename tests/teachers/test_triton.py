@@ -202,3 +202,62 @@ def test_a_teacher_that_accepts_and_never_answers_is_named_and_bounded(toy, tmp_
     assert lines[-1] == (f"pgkd: error: teacher triton://127.0.0.1:{port}/teacher: cannot reach it "
                          "(no answer within 2 s; 2 attempts)")
     assert not (tmp_path / "run").exists()
+
+
+def test_triton_llm_models_get_the_answer_schema_as_vllm_and_tensorrt_llm_backends_take_it(tmp_path, monkeypatch):
+    """Two Triton models (PyTriton, in this process) declared as Triton's vLLM backend and TensorRT-LLM
+    ensemble declare their guided-decoding inputs; the teacher passes the answer's JSON schema to each
+    the way that backend reads it, over HTTP and gRPC, and reads the structured answer back."""
+    monkeypatch.setenv("LD_LIBRARY_PATH", sysconfig.get_config_var("LIBDIR"))
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    from pgkd.teachers.llm import LLMSettings, LLMTeacher
+    from pgkd.teachers.transports import VLLM_GUIDED_KEY
+    from pgkd.types import GenerationRequest
+    seen: list[dict] = []
+
+    def answer_by(schema: dict) -> bytes:
+        items = schema["properties"]["samples"]
+        labels = items["items"]["properties"]["label"]["enum"]
+        return json.dumps({"samples": [{"text": f"text {i} for {labels[i % len(labels)]}",
+                                        "label": labels[i % len(labels)]} for i in range(items["minItems"])]}).encode()
+
+    def vllm_like(requests):
+        out = []
+        for r in requests:
+            parameters = json.loads(r["sampling_parameters"][0][0])
+            seen.append({"backend": "vllm", **parameters})
+            schema = json.loads(parameters[VLLM_GUIDED_KEY])["json"]     # a JSON string, parsed again
+            out.append({"text_output": np.array([[answer_by(schema)]], dtype=object)})
+        return out
+
+    def tensorrt_like(requests):
+        out = []
+        for r in requests:
+            kind, guide = r["guided_decoding_guide_type"][0][0].decode(), r["guided_decoding_guide"][0][0]
+            seen.append({"backend": "tensorrt", "type": kind, "max_tokens": int(r["max_tokens"][0][0])})
+            out.append({"text_output": np.array([[answer_by(json.loads(guide))]], dtype=object)})
+        return out
+
+    text = Tensor(name="text_input", dtype=bytes, shape=(1,))
+    output = [Tensor(name="text_output", dtype=bytes, shape=(1,))]
+    http_port, grpc_port = free_ports(2)
+    with Triton(config=TritonConfig(http_port=http_port, grpc_port=grpc_port, metrics_port=free_port())) as triton:
+        triton.bind(model_name="vllm_model", infer_func=vllm_like, outputs=output, config=ModelConfig(max_batch_size=1),
+                    inputs=[text, Tensor(name="sampling_parameters", dtype=bytes, shape=(1,))], strict=False)
+        triton.bind(model_name="ensemble", infer_func=tensorrt_like, outputs=output, config=ModelConfig(max_batch_size=1),
+                    inputs=[text, Tensor(name="max_tokens", dtype=np.int32, shape=(1,)),
+                            Tensor(name="guided_decoding_guide_type", dtype=bytes, shape=(1,)),
+                            Tensor(name="guided_decoding_guide", dtype=bytes, shape=(1,))], strict=False)
+        triton.run()
+        request = GenerationRequest(taxonomy=["refund", "transfer"], examples=[], report=None, hard_negatives=[],
+                                    misclassified=[], correct=[], n=3)
+        for url in (f"triton://127.0.0.1:{http_port}/vllm_model", f"triton+grpc://127.0.0.1:{grpc_port}/ensemble"):
+            teacher = LLMTeacher(url, LLMSettings(max_tokens=300, temperature=0.5, timeout=30),
+                                 count_tokens=lambda t: len(t.split()))
+            batch = teacher.generate(request)
+            assert [s.label for s in batch.samples] == ["refund", "transfer", "refund"] and batch.rejected == {}
+            assert teacher.describe()["structured"].startswith("json_schema")
+    assert seen == [{"backend": "vllm", "max_tokens": 300, "temperature": 0.5, VLLM_GUIDED_KEY: seen[0][VLLM_GUIDED_KEY]},
+                    {"backend": "tensorrt", "type": "json_schema", "max_tokens": 300}]
