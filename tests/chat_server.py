@@ -70,6 +70,11 @@ class ChatServer:
                                       f"{self.context_tokens} tokens. However, you requested {tokens} tokens."},
                                      status=400)
         self.longest_prompt = max(self.longest_prompt, tokens)
+        if self.follow_schema and not self.script and "labels" in body.get("response_format", {}).get(
+                "json_schema", {}).get("schema", {}).get("properties", {}):     # a classification: labels in turn
+            labels = body["response_format"]["json_schema"]["schema"]["properties"]["labels"]
+            enum = labels["items"]["enum"]
+            self.script = [("ok", json.dumps({"labels": [enum[i % len(enum)] for i in range(labels["minItems"])]}))]
         if self.follow_schema and not self.script and "response_format" in body:
             schema = body["response_format"]["json_schema"]["schema"]["properties"]["samples"]
             labels, n = schema["items"]["properties"]["label"]["enum"], schema["minItems"]

@@ -17,7 +17,8 @@ def banking10(banking77, tmp_path):
     classes = sorted({s.label for s in train})[:10]
     folder = tmp_path / "banking10"
     folder.mkdir()
-    write_jsonl(folder / "train.jsonl", [s.model_dump() for s in train if s.label in classes])
+    kept = {c: [s for s in train if s.label == c][:40] for c in classes}     # 100 labeled, a pool of 300
+    write_jsonl(folder / "train.jsonl", [s.model_dump() for rows in kept.values() for s in rows])
     picked = {c: [s for s in test if s.label == c][:15] for c in classes}
     write_jsonl(folder / "test.jsonl", [s.model_dump() for rows in picked.values() for s in rows])
     return folder
@@ -28,7 +29,7 @@ def test_two_cycles_with_the_real_minilm_student(banking10, tmp_path, capsys):
     assert main(["distill", "--data", str(banking10), "--out", str(out), "--labeled", "100", "--student", "minilm",
                  "--teacher", "pool-guided", "--samples-per-cycle", "16", "--max-cycles", "2", "--epochs", "4",
                  "--cycle-epochs", "1", "--seed", "1", "--no-progress"]) == 0
-    assert "embed" not in capsys.readouterr().err     # --no-progress: no sentence-encoder bars either (1,200 pool texts)
+    assert "embed" not in capsys.readouterr().err     # --no-progress: no sentence-encoder bars either (300 pool texts)
     report = json.loads((out / "report.json").read_text())
     assert [c["cycle"] for c in report["cycles"]] == [0, 1, 2]
     assert report["student"]["parameters"] > 20_000_000               # the real 22.7M-parameter encoder

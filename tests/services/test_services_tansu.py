@@ -204,7 +204,7 @@ def test_two_replicas_of_every_service_complete_three_runs_at_once_and_survive_a
     data = make_toy_dataset(tmp_path / "toy")
     submits = {}
     for run_id, seed in runs.items():      # at once
-        options = cli_options({**CONFIG, "max_cycles": 4, "seed": seed})
+        options = cli_options({**CONFIG, "max_cycles": 3, "seed": seed})
         with (tmp_path / f"submit-{run_id}.log").open("w") as log:
             submits[run_id] = spawn([sys.executable, "-m", "pgkd.cli", "submit", "--data", str(data),
                                      "--run-id", run_id, *options], log=log, env=processes.env)
@@ -227,5 +227,5 @@ def test_two_replicas_of_every_service_complete_three_runs_at_once_and_survive_a
     for run_id, seed in runs.items():
         report = processes.store.get_json(f"runs/{run_id}/report.json")
         check_run_integrity(processes.store, run_id, report)
-        config = {**CONFIG, "max_cycles": 4, "seed": seed}
+        config = {**CONFIG, "max_cycles": 3, "seed": seed}
         assert without_times(report) == embedded_report(data, config, tmp_path / f"embedded-{run_id}"), run_id

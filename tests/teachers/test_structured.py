@@ -254,3 +254,21 @@ def test_a_run_with_a_taxonomy_completes_against_a_small_context_server_trimmed_
     assert recorded["not_in_data"] == ["card_fraud"] and recorded["classes"] == 5
     assert report["config"]["taxonomy"] == str(taxonomy) and report["dataset"]["classes"] == 5
     assert sum(c["accepted"] for c in report["cycles"]) > 0
+
+
+def test_the_teacher_labels_texts_into_the_taxonomy_with_the_classification_prompt(chat):
+    chat.follow_schema = True
+    t = teacher(chat.url)
+    request = ClassificationRequest(taxonomy=TAXONOMY, descriptions={"refund": "wants money back"},
+                                    texts=["where is my money", "send 5 to bob", "lost it"])
+    labels, usage = t.classify(request)
+    assert labels == ["card_lost", "refund", "transfer"] and usage.calls == 1
+    sent = chat.requests[0]["body"]
+    assert sent["response_format"]["json_schema"]["name"] == "pgkd_labels"
+    assert sent["response_format"]["json_schema"]["schema"] == labels_schema(TAXONOMY, 3)
+    assert "- refund: wants money back" in sent["messages"][0]["content"]
+    chat.script = [("ok", '{"labels": ["refund", "pizza"]}')]        # outside the taxonomy, and one short
+    assert t.classify(request)[0] == ["refund", None, None]
+    chat.script = [("ok", "I think it is a refund.")]
+    labels, usage = t.classify(request)
+    assert labels == [None, None, None] and usage.errors == {"unparseable_answer": 1}

@@ -70,3 +70,17 @@ def parse_answer(text: str) -> ParsedAnswer:
         return parsed
     snippet = " ".join(text.split())[:120]
     raise AnswerError(f"no JSON list of {{\"text\", \"label\"}} objects in the answer (it begins: {snippet!r})")
+
+
+def parse_labels(text: str, taxonomy: list[str], n: int) -> list[str | None]:
+    """A classification answer: {"labels": [...]} (or a bare list) of n labels in the texts' order.
+    A label outside the taxonomy, a missing one, or one that is not text is None; no such list at all
+    is AnswerError."""
+    for value in _candidates(text):
+        labels = value.get("labels") if isinstance(value, dict) else value
+        if isinstance(labels, list) and (not labels or all(not isinstance(v, (dict, list)) for v in labels)):
+            known = set(taxonomy)
+            read = [str(v) if isinstance(v, (str, int)) and str(v) in known else None for v in labels[:n]]
+            return read + [None] * (n - len(read))
+    snippet = " ".join(text.split())[:120]
+    raise AnswerError(f"no JSON list of labels in the answer (it begins: {snippet!r})")

@@ -27,10 +27,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from pgkd.teachers.answers import AnswerError, parse_answer
-from pgkd.types import GeneratedBatch, GenerationRequest, Sample, TeacherUnavailable, TeacherUsage
+from pgkd.teachers.answers import AnswerError, parse_answer, parse_labels
+from pgkd.types import (ClassificationRequest, GeneratedBatch, GenerationRequest, Sample, TeacherUnavailable,
+                        TeacherUsage)
 from pgkd.teachers.transports import Completion, TeacherURL, TransportError, make_transport, public_url
-from pgkd.teachers.prompt import Prompt, PromptTooLong, fit, repair_prompt
+from pgkd.teachers.prompt import Prompt, PromptTooLong, fit, render_classification, repair_prompt
 
 log = logging.getLogger("pgkd.teachers")
 
@@ -149,6 +150,26 @@ class LLMTeacher:
     def generate(self, request: GenerationRequest) -> GeneratedBatch:
         self.breaker.check(self.name)
         return asyncio.run(self._generate(request))
+
+    def classify(self, request: ClassificationRequest) -> tuple[list[str | None], TeacherUsage]:
+        """The teacher's label for each text (the classification prompt, with its answer's schema where
+        the server takes one): None where its answer held no label of the taxonomy for that text."""
+        self.breaker.check(self.name)
+
+        async def ask():
+            usage = TeacherUsage()
+            await self._open()
+            try:
+                prompt = render_classification(request)
+                completion = await self._call(prompt.text, usage, prompt.schema)
+            finally:
+                await self.transport.close()
+            try:
+                return parse_labels(completion.text, request.taxonomy, len(request.texts)), usage
+            except AnswerError:
+                usage.errors = {**usage.errors, "unparseable_answer": 1}
+                return [None] * len(request.texts), usage
+        return asyncio.run(ask())
 
     def check(self) -> None:
         """Reach the teacher once, before a run spends minutes training its first student, so that a
