@@ -136,3 +136,20 @@ def test_a_run_that_cannot_start_says_so_in_one_line_before_any_work(tmp_path, t
                 "--out", str(out), "--no-progress", *extra, cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip().startswith(expected), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_dry_run_on_the_demos_settings_prints_tokens_and_cost_and_writes_no_result(tmp_path, banking77):
+    """`make demo`'s own run (Makefile), with --dry-run and prices: its --out is never made."""
+    demo = ["distill", "--data", str(banking77), "--labeled", "1000", "--teacher", "triton://127.0.0.1:8010/teacher",
+            "--teacher-cache", "none", "--student", "minilm", "--samples-per-cycle", "32", "--max-cycles", "10",
+            "--patience", "5", "--seed", "1", "--out", "runs/demo"]
+    done = pgkd(*demo, "--dry-run", "--price-prompt-per-1k", "0.003", "--price-completion-per-1k", "0.015",
+                "--prompt-file", "first-prompt.txt", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    tokens = int(done.stdout.split("first prompt: ")[1].split(" tokens")[0])
+    assert 1000 < tokens <= 8000                          # 77 classes, 16 + 16 + 16 samples: trimmed to the default
+    assert "teacher calls at most: 20 (10 cycles x 1 call, each with its one repair request)" in done.stdout
+    cost = float(done.stdout.split("cost at most: ")[1].split(" ")[0])
+    assert cost > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first-prompt.txt"]      # no runs/demo
+    assert (tmp_path / "first-prompt.txt").read_text().count("\n- ") >= 77

@@ -57,3 +57,21 @@ def test_a_prompt_reads_back_into_the_request_it_was_rendered_from():
         c for c, s in request.report.per_class.items() if s.support}
     with pytest.raises(PromptError):
         read_prompt("Write me a poem about cards.")
+
+
+def test_a_prompt_with_descriptions_and_a_supported_report_reads_back_whole():
+    from pgkd.teachers.prompt import read_prompt
+    request = _request()
+    odd = "refund: not showing up"                     # a label that holds ": " is quoted in the class list
+    request = request.model_copy(update={
+        "taxonomy": [*request.taxonomy, odd], "report_min_support": 2,
+        "descriptions": {"card_arrival": "asks when a new card arrives", odd: "a refund: missing"},
+        "report": request.report.model_copy(update={"per_class": {
+            c: s for c, s in request.report.per_class.items() if s.support >= 2}})})
+    text = render_prompt(request)
+    assert '- "refund: not showing up": a refund: missing' in text
+    assert "Classes not listed were scored on fewer than 2 samples each" in text
+    back = read_prompt(text)
+    assert back.taxonomy == request.taxonomy and back.descriptions == request.descriptions
+    assert back.report_min_support == 2 and set(back.report.per_class) == {"card_arrival"}
+    assert render_prompt(back) == text
