@@ -153,3 +153,84 @@ def test_dry_run_on_the_demos_settings_prints_tokens_and_cost_and_writes_no_resu
     assert cost > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first-prompt.txt"]      # no runs/demo
     assert (tmp_path / "first-prompt.txt").read_text().count("\n- ") >= 77
+
+
+def test_a_csv_description_may_hold_a_line_break_and_yaml_scalars_stay_as_written(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text('label,description,examples\nNO,"Norway: the country\nin the north",fjords | a|b\nSE,Sweden,\n')
+    classes = read_taxonomy(path).classes
+    assert [(c.label, c.description, c.examples) for c in classes] == [
+        ("NO", "Norway: the country in the north", ("fjords", "a|b")), ("SE", "Sweden", ())]
+    (tmp_path / "t.yaml").write_text("- {label: NO, description: 010}\n- {label: 010, description: yes}\n"
+                                     "- {label: 1.5, description: null}\n")
+    assert [(c.label, c.description) for c in read_taxonomy(tmp_path / "t.yaml").classes] == [
+        ("NO", "010"), ("010", "yes"), ("1.5", "null")]
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("deep.json", "[" * 100000 + "]" * 100000, "deep.json: nested too deeply"),
+    ("deep.yaml", "- " * 50000 + "x", "deep.yaml: nested too deeply"),
+    ("t.json", '[{"label": 7, "description": "x"}]', "class 1: the label is not text (int 7; quote it)"),
+    ("t.json", '[{"label": "a\\nb", "description": "x"}]', "label 'a\\nb' has a line break"),
+    ("t.json", '[{"label": "a", "description": "x", "examples": ["1", "2", "3", "4", "5", "6"]}]',
+     "6 examples of 'a'; at most 5 a class"),
+])
+def test_more_bad_taxonomy_files_are_one_line(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_taxonomy(path)
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_label_with_a_line_break_in_the_data_is_refused(tmp_path):
+    from pgkd.data import read_samples
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "hello", "label": "a\\nb"}\n')
+    with pytest.raises(UserError, match=r"rows.jsonl:1: the label 'a\\nb' has a line break"):
+        read_samples(path)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("", "--prompt-file '': an empty file name"),
+    ("missing/p.txt", "--prompt-file missing/p.txt: no folder missing"),
+    ("dangling", "--prompt-file dangling: exists already"),
+])
+def test_a_prompt_file_that_cannot_be_made_new_is_refused_before_any_work(tmp_path, toy, name, expected):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    done = pgkd("distill", "--data", str(toy), "--labeled", "40", "--dry-run", "--prompt-file", name, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == f"pgkd: error: {expected}" + (
+        "; name a new file" if name == "dangling" else ""), done.stderr
+    assert (tmp_path / "dangling").is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_budgets_bound_the_dry_runs_figures_and_a_cost_budget_needs_prices(tmp_path, toy):
+    from pgkd.data import load_dataset, make_splits
+    from pgkd.loop.config import DistillConfig
+    from pgkd.loop.dryrun import plan
+    splits = make_splits(load_dataset(toy), 40, 1)
+
+    def figures(**options):
+        config = DistillConfig(data=str(toy), labeled=40, teacher="openai://h:1/v1?model=m", **options)
+        return plan(config, splits, "t", False, lambda text: len(text.split()))
+    free = figures(teacher_max_prompt_tokens=1000, teacher_max_tokens=500, price_prompt_per_1k=1.0,
+                   price_completion_per_1k=2.0)
+    assert (free.calls, free.prompt_tokens, free.completion_tokens) == (20, 20 * 1000, 20 * 500)
+    assert free.cost == pytest.approx(20 * 1.0 + 10 * 2.0)
+    capped = figures(teacher_max_prompt_tokens=1000, teacher_max_tokens=500, price_prompt_per_1k=1.0,
+                     price_completion_per_1k=2.0, token_budget=100, cost_budget=0.1)
+    # One cycle past each budget at most: 2 calls of 1,000 prompt tokens and 500 completion tokens.
+    assert (capped.prompt_tokens, capped.completion_tokens) == (100 + 2000, 100 + 1000)
+    assert capped.cost == pytest.approx(0.1 + 2 * 1.0 + 1 * 2.0)    # below the tokens' own bound, 2.1 + 2.2
+    simulated = plan(DistillConfig(data=str(toy), labeled=40), splits, "pool-guided", True, lambda t: len(t.split()))
+    assert simulated.lines()[0].endswith("it calls no LLM and spends nothing)") and "cost" not in " ".join(
+        simulated.lines()[:3])
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="would never stop the run: without price_prompt_per_1k"):
+        DistillConfig(data="d", cost_budget=5)
+
+
+def test_tokens_the_counter_does_not_know_count_by_their_bytes():
+    from pgkd.teachers.llm import default_token_counter
+    count = default_token_counter()
+    assert count("🙂" * 10) == 40 and count("hello world") == 2

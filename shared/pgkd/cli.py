@@ -53,28 +53,38 @@ def distill_arguments(p: argparse.ArgumentParser, with_out: bool = True, with_dr
 
 
 def dry_run(config, prompt_file: str | None) -> int:
-    """`--dry-run`: what the run would send and spend (pgkd.loop.dryrun), from its data alone."""
+    """`--dry-run`: what the run would send and spend (pgkd.loop.dryrun), from its data alone. The
+    prompt goes to `prompt_file`, a new file (never one that exists), or to stdout (None or -)."""
     from pgkd.data import load_dataset, make_splits, with_taxonomy
-    from pgkd.files import write_bytes_atomic
     from pgkd.loop.dryrun import plan
     from pgkd.teachers.llm import default_token_counter
     from pgkd.teachers.transports import is_llm_teacher, public_url
-    if prompt_file is not None and Path(prompt_file).exists():
-        raise UserError(Option("prompt_file", prompt_file), ": exists already; name a new file")
+    target = None if prompt_file in (None, "-") else Path(prompt_file)
+    if target is not None:     # checked before any work; created exclusively, so never over another file
+        if not prompt_file.strip():
+            raise UserError(Option("prompt_file", prompt_file, quoted=True), ": an empty file name")
+        if os.path.lexists(target):
+            raise UserError(Option("prompt_file", prompt_file), ": exists already; name a new file")
+        if not target.parent.is_dir():
+            raise UserError(Option("prompt_file", prompt_file), f": no folder {target.parent}")
     dataset = with_taxonomy(load_dataset(config.data, config.text_column, config.label_column, seed=config.seed),
                             config.taxonomy)
     splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
     llm = is_llm_teacher(config.teacher)
     result = plan(config, splits, public_url(config.teacher) if llm else config.teacher, not llm,
                   default_token_counter())
-    if prompt_file is None:
+    if target is None:
         print("----- first prompt -----")
         print(result.prompt.text, end="")
         print("----- end of prompt -----")
     else:
-        write_bytes_atomic(Path(prompt_file), result.prompt.text.encode("utf-8"))
+        try:
+            with open(target, "x", encoding="utf-8") as f:
+                f.write(result.prompt.text)
+        except FileExistsError:
+            raise UserError(Option("prompt_file", prompt_file), ": exists already; name a new file") from None
     print("\n".join(result.lines()))
-    if prompt_file is not None:
+    if target is not None:
         print(f"wrote the first prompt to {prompt_file}")
     return 0
 

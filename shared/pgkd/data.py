@@ -36,6 +36,8 @@ def _check_row(text, label, where: str) -> Sample:
         raise UserError(f"{where}: the text is not a string ({type(text).__name__} {shown})")
     if text is None or not text.strip():
         raise UserError(f"{where}: empty text")
+    if len(str(label).strip().splitlines()) > 1:   # a label is one line: prompts and reports list them so
+        raise UserError(f"{where}: the label {str(label)!r} has a line break")
     for name, value in (("text", text), ("label", label)):
         try:
             str(value).encode("utf-8")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from pydantic import BaseModel
 from pgkd.errors import UserError
 
 EXAMPLE_SEPARATOR = " | "
-MAX_EXAMPLES = 5          # example texts per class, at most, kept from the file
+MAX_EXAMPLES = 5          # example texts per class, at most (more is one line: the prompt shows few anyway)
 
 
 class ClassInfo(BaseModel, frozen=True):
@@ -70,26 +71,33 @@ def _row(value, where: str, label_seen: set[str]) -> ClassInfo:
     if not isinstance(value, dict):
         raise UserError(f"{where}: expected an object with label and description, not {type(value).__name__}")
     label, description, examples = value.get("label"), value.get("description"), value.get("examples", [])
-    if not isinstance(label, (str, int)) or isinstance(label, bool) or not str(label).strip():
+    if label is not None and not isinstance(label, str):
+        raise UserError(f"{where}: the label is not text ({type(label).__name__} {label!r}; quote it)")
+    if not label or not label.strip():
         raise UserError(f"{where}: missing label")
-    label = str(label)
+    if len(label.splitlines()) > 1:
+        raise UserError(f"{where}: label {label!r} has a line break")
     if label != label.strip():
         raise UserError(f"{where}: label {label!r} has leading or trailing spaces")
     if label in label_seen:
         raise UserError(f"{where}: duplicate label {label!r}")
-    if not isinstance(description, str) or not description.strip():
+    if description is not None and not isinstance(description, str):
+        raise UserError(f"{where}: the description of {label!r} is not text ({type(description).__name__}; quote it)")
+    if not description or not description.strip():
         raise UserError(f"{where}: label {label!r} has an empty description")
     if isinstance(examples, str):
-        examples = [e for e in examples.split(EXAMPLE_SEPARATOR.strip())]
+        examples = examples.split(EXAMPLE_SEPARATOR)
     if not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
         raise UserError(f"{where}: examples of {label!r} must be a list of texts")
+    texts = tuple(" ".join(e.split()) for e in examples if e.strip())
+    if len(texts) > MAX_EXAMPLES:
+        raise UserError(f"{where}: {len(texts)} examples of {label!r}; at most {MAX_EXAMPLES} a class")
     label_seen.add(label)
-    texts = tuple(e.strip() for e in examples if e.strip())[:MAX_EXAMPLES]
     return ClassInfo(label=label, description=" ".join(description.split()), examples=texts)
 
 
 def _csv_rows(text: str, path: Path) -> list[tuple[str, dict]]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))   # a quoted field may hold a line break
     columns = reader.fieldnames or []
     missing = {"label", "description"} - set(columns)
     if missing:
@@ -116,7 +124,8 @@ def read_taxonomy(path: str | Path) -> Taxonomy:
     """Read and check a taxonomy file; every problem is one line naming the file and the row."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file" + (" (a folder)" if path.is_dir() else ""))
+        raise UserError(f"{path}: " + ("a folder, not a file" if path.is_dir() else "not a regular file"
+                                       if path.exists() else "no such file"))
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -134,11 +143,15 @@ def read_taxonomy(path: str | Path) -> Taxonomy:
             value = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}: nested too deeply to be a taxonomy") from None
         rows = [(f"{path}: class {i + 1}", v) for i, v in enumerate(_listed(value, path))]
     elif suffix in (".yaml", ".yml"):
         import yaml
-        try:
-            value = yaml.safe_load(text)
+        try:   # BaseLoader: every scalar is text, as written (NO, 010 and 1.5 are labels, not a bool or numbers)
+            value = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 -- BaseLoader builds no objects
+        except RecursionError:
+            raise UserError(f"{path}: nested too deeply to be a taxonomy") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: not YAML "

@@ -63,7 +63,9 @@ def test_a_broken_answer_gets_one_repair_request(chat):
     batch = teacher(chat.url).generate(request(2))
     assert len(batch.samples) == 2 and batch.rejected == {"unparseable_answer": 1} and batch.usage.calls == 2
     repair = chat.requests[1]["body"]["messages"][0]["content"]
-    assert "could not be used: no JSON list" in repair and "single quotes are not JSON" in repair
+    # The prompt again and the repair words, not the broken answer: it fits where the prompt fit.
+    assert repair.startswith(chat.requests[0]["body"]["messages"][0]["content"])
+    assert "could not be used" in repair and "single quotes are not JSON" not in repair
 
 
 def test_an_answer_that_stays_broken_yields_no_samples_and_says_why(chat):

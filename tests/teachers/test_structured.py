@@ -233,18 +233,18 @@ def test_a_run_with_a_taxonomy_completes_against_a_small_context_server_trimmed_
                         "- {label: card_fraud, description: a payment the customer did not make, examples: "
                         "[someone used my card]}\n")
     options = dict(labeled=40, epochs=1, cycle_epochs=1, batch_size=16, samples_per_cycle=8, max_cycles=2,
-                   hard_negatives=2, misclassified=8, correct=8, seed=1, teacher_max_prompt_tokens=600)
+                   hard_negatives=2, misclassified=16, correct=16, seed=1, teacher_max_prompt_tokens=800)
     config = DistillConfig(data=str(data), teacher=chat.url, taxonomy=str(taxonomy), **options)
     splits = make_splits(with_taxonomy(load_dataset(data), str(taxonomy)), 40, 1)
     untrimmed = render_prompt(stand_in_request(config, splits))
     chat.count = default_token_counter()           # the server counts tokens as the teacher estimates them
-    assert chat.count(untrimmed) > 600
-    chat.follow_schema, chat.context_tokens = True, 600     # fewer tokens than the untrimmed prompt has
+    assert chat.count(untrimmed) > 800
+    chat.follow_schema, chat.context_tokens = True, 800     # fewer tokens than the untrimmed prompt has
     result = pgkd.distill(data, teacher=chat.url, taxonomy=taxonomy, student="tiny", out=tmp_path / "out",
                           progress=False, teacher_cache="none", **options)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert result.report.stop_reason.startswith("max_cycles") and len(chat.requests) == 2
-    assert chat.longest_prompt <= 600 and all("response_format" in r["body"] for r in chat.requests)
+    assert chat.longest_prompt <= 800 and all("response_format" in r["body"] for r in chat.requests)
     sent = chat.requests[0]["body"]["messages"][0]["content"]
     assert "- card_fraud: a payment the customer did not make" in sent and "someone used my card" in sent
     usage = report["teacher_usage"]
@@ -272,3 +272,15 @@ def test_the_teacher_labels_texts_into_the_taxonomy_with_the_classification_prom
     chat.script = [("ok", "I think it is a refund.")]
     labels, usage = t.classify(request)
     assert labels == [None, None, None] and usage.errors == {"unparseable_answer": 1}
+
+
+def test_a_repair_request_fits_where_its_prompt_did(chat):
+    from pgkd.teachers.llm import default_token_counter
+    from pgkd.teachers.prompt import REPAIR_TOKENS, repair_prompt
+    count = default_token_counter()
+    chat.count, chat.context_tokens = count, 3000
+    chat.script = [("ok", "not json at all"), ("ok", answer(2))]
+    t = LLMTeacher(chat.url, LLMSettings(backoff=0.01, timeout=5.0, max_prompt_tokens=3000), count_tokens=count)
+    batch = t.generate(big_request(classes=40).model_copy(update={"n": 2}))
+    assert len(batch.samples) == 2 and batch.usage.calls == 2 and chat.longest_prompt <= 3000
+    assert batch.usage.trimmed[0] and count(repair_prompt()) <= REPAIR_TOKENS

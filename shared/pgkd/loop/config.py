@@ -139,6 +139,10 @@ class DistillConfig(BaseModel):
                 Option("guidance_source", self.guidance_source), " and ",
                 Option("selection_source", self.selection_source),
                 " cannot both be out-of-fold: the teacher would be aimed at the very scores that pick the best cycle"))
+        if self.cost_budget is not None and not (self.price_prompt_per_1k or self.price_completion_per_1k):
+            raise ValueError(UserError(
+                Option("cost_budget", self.cost_budget), " would never stop the run: without ",
+                Option("price_prompt_per_1k"), " or ", Option("price_completion_per_1k"), " the cost stays 0"))
         return self
 
     def llm_settings(self) -> LLMSettings:

@@ -7,7 +7,10 @@ from pgkd.students.contract import log_loss
 from pgkd.types import ClassScores, Confusion, EvalReport
 
 
-def evaluate(targets: list[str], probs: np.ndarray, labels: list[str], top_confusions: int = 10) -> EvalReport:
+TOP_CONFUSIONS = 10    # the most confused pairs a report lists
+
+
+def evaluate(targets: list[str], probs: np.ndarray, labels: list[str], top_confusions: int = TOP_CONFUSIONS) -> EvalReport:
     """Score predicted probabilities against true labels.
 
     Macro averages run over the classes the split holds (support > 0): a 200-sample validation set

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -31,7 +32,7 @@ from pgkd.teachers.answers import AnswerError, parse_answer, parse_labels
 from pgkd.types import (ClassificationRequest, GeneratedBatch, GenerationRequest, Sample, TeacherUnavailable,
                         TeacherUsage)
 from pgkd.teachers.transports import Completion, TeacherURL, TransportError, make_transport, public_url
-from pgkd.teachers.prompt import Prompt, PromptTooLong, fit, render_classification, repair_prompt
+from pgkd.teachers.prompt import REPAIR_TOKENS, Prompt, PromptTooLong, fit, render_classification, repair_prompt
 
 log = logging.getLogger("pgkd.teachers")
 
@@ -144,7 +145,7 @@ class LLMTeacher:
     def prompt(self, request: GenerationRequest, note: str = "") -> Prompt:
         """The prompt sent for `request`, trimmed to `max_prompt_tokens`; PromptTooLong when even the
         smallest does not fit (a run checks this before any training: pgkd.loop.dryrun)."""
-        return fit(request, self.settings.max_prompt_tokens, self.count_tokens, note)
+        return fit(request, self.settings.max_prompt_tokens, self.count_tokens, note, reserve=REPAIR_TOKENS)
 
     # -- one generation request -----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> GeneratedBatch:
@@ -215,9 +216,7 @@ class LLMTeacher:
     async def _generate(self, request: GenerationRequest) -> GeneratedBatch:
         per_call = self.settings.max_per_call
         sizes = [min(per_call, request.n - i) for i in range(0, request.n, per_call)]
-        # Parts of one request would be identical prompts; a note makes each part ask for other texts.
-        notes = [f"(This is part {i + 1} of {len(sizes)} of the request: write texts unlike those you would write "
-                 "for the other parts.)" if len(sizes) > 1 else "" for i in range(len(sizes))]
+        notes = part_notes(request.n, per_call)
         try:
             prompts = [self.prompt(request.model_copy(update={"n": size}), note) for size, note in zip(sizes, notes)]
         except PromptTooLong as e:
@@ -254,10 +253,9 @@ class LLMTeacher:
         completion = await self._call(prompt.text, usage, prompt.schema)
         try:
             parsed = parse_answer(completion.text)
-        except AnswerError as e:
+        except AnswerError:
             dropped["unparseable_answer"] += 1
-            conversation = f"{prompt.text}\n\n[your answer]\n{completion.text}\n\n{repair_prompt(str(e))}"
-            completion = await self._call(conversation, usage, prompt.schema)
+            completion = await self._call(f"{prompt.text}\n{repair_prompt()}", usage, prompt.schema)
             try:
                 parsed = parse_answer(completion.text)
             except AnswerError:
@@ -329,15 +327,25 @@ class LLMTeacher:
                        + completion.completion_tokens * s.price_completion_per_1k) / 1000
 
 
+def part_notes(n: int, per_call: int) -> list[str]:
+    """A request for n samples goes in parts of at most per_call; identical prompts would get alike
+    answers, so each part's prompt says which part it is ("" for a request in one part)."""
+    parts = math.ceil(n / per_call)
+    return [f"(This is part {i + 1} of {parts} of the request: write texts unlike those you would write for the "
+            "other parts.)" if parts > 1 else "" for i in range(parts)]
+
+
 class TokenCounter:
     """Counts tokens with a Hugging Face tokenizer when the server does not report them: an estimate
-    for another model's tokenizer, exact for the same one."""
+    for another model's tokenizer, exact for the same one. A piece the tokenizer does not know ([UNK]:
+    emoji, scripts outside its vocabulary) counts as one token per UTF-8 byte, as a byte-level tokenizer
+    may count it at worst, so that the estimate does not fall far below the model's own count."""
 
     def __init__(self, path: str | None = None):
         self.path = path
         self._tokenizer = None
         from pathlib import Path
-        self.name = f"the {Path(path).name if path else 'MiniLM (BERT WordPiece)'} tokenizer"
+        self.name = f"the {Path(path).name if path else 'MiniLM (BERT WordPiece)'} tokenizer, unknown pieces by bytes"
 
     def __call__(self, text: str) -> int:
         if self._tokenizer is None:
@@ -347,7 +355,10 @@ class TokenCounter:
             self._tokenizer = AutoTokenizer.from_pretrained(self.path or str(minilm_path()),
                                                             local_files_only=True)
             self._tokenizer.model_max_length = 10**9   # it counts prompts; it does not cut them for a model
-        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        encoded = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        unknown = self._tokenizer.unk_token_id
+        return sum(len(text[a:b].encode("utf-8")) if token == unknown else 1
+                   for token, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]))
 
 
 def default_token_counter() -> TokenCounter:

@@ -49,7 +49,9 @@ CLASSIFY_ANSWER_FORMAT = """\
 Answer with a JSON object holding the {n} labels in the order of the texts, and nothing else:
 {{"labels": ["...", ...]}}"""
 
-REPAIR_TOKENS = 100   # a repair request's own words, at most (pgkd.loop.dryrun bounds a run's tokens with it)
+# Room kept in every prompt for the words of a repair request (the prompt again, and `repair_prompt()`),
+# so that no request sent exceeds --teacher-max-prompt-tokens.
+REPAIR_TOKENS = 80
 TRIM_ORDER = ("correct", "misclassified", "examples", "report_lines")   # what `fit` leaves out first
 
 
@@ -198,9 +200,10 @@ def render_prompt(request: GenerationRequest) -> str:
 
 
 def fit(request: GenerationRequest, max_tokens: int | None, count: Callable[[str], int] | None,
-        note: str = "") -> Prompt:
-    """The generation prompt within `max_tokens` (as `count` counts them), trimmed in TRIM_ORDER; `note`
-    is appended (a part of a split request says which part it is)."""
+        note: str = "", reserve: int = 0) -> Prompt:
+    """The generation prompt within `max_tokens` less `reserve` (as `count` counts them), trimmed in
+    TRIM_ORDER; `note` is appended (a part of a split request says which part it is)."""
+    limit = None if max_tokens is None else max_tokens - reserve
     available = _available(request)
     keep = dict(available)
     schema = samples_schema(request.taxonomy, request.n)
@@ -209,17 +212,17 @@ def fit(request: GenerationRequest, max_tokens: int | None, count: Callable[[str
         text = _render_generation(request, kept, note)
         return text, (count(text) if count is not None else None)
     text, tokens = tokens_of(keep)
-    if max_tokens is None or tokens is None or tokens <= max_tokens:
+    if limit is None or tokens is None or tokens <= limit:
         return Prompt(text=text, schema=schema, tokens=tokens)
     for kind in TRIM_ORDER:
         keep[kind] = 0
         text, tokens = tokens_of(keep)
-        if tokens > max_tokens:
+        if tokens > limit:
             continue                      # all of this kind is not enough: on to the next
         low, high = 0, available[kind]    # the most of this kind that still fits: low fits, high + 1 does not
         while low < high:
             middle = (low + high + 1) // 2
-            if tokens_of({**keep, kind: middle})[1] <= max_tokens:
+            if tokens_of({**keep, kind: middle})[1] <= limit:
                 low = middle
             else:
                 high = middle - 1
@@ -230,13 +233,15 @@ def fit(request: GenerationRequest, max_tokens: int | None, count: Callable[[str
     raise PromptTooLong(Option("teacher_max_prompt_tokens", max_tokens),
                         f": even the smallest prompt takes {tokens} tokens (the {len(request.taxonomy)} classes"
                         f"{' with their descriptions' if request.descriptions else ''}, "
-                        f"{len(request.hard_negatives)} hard negatives and the report lines of classes with errors); "
-                        "raise the limit, or lower --hard-negatives")
+                        f"{len(request.hard_negatives)} hard negatives and the report lines of classes with errors"
+                        f"{f', and {reserve} for a repair request' if reserve else ''}); raise the limit, or lower "
+                        "--hard-negatives")
 
 
-def repair_prompt(error: str) -> str:
-    """The one follow-up an LLM gets when its answer was not the JSON asked for."""
-    return (f"Your previous answer could not be used: {error}.\n"
+def repair_prompt() -> str:
+    """The one follow-up an LLM gets when its answer was not the JSON asked for: sent after the prompt
+    again, without the broken answer, so that it fits where the prompt did (REPAIR_TOKENS)."""
+    return ("[Your previous answer to this could not be used: it held no JSON object with the samples.]\n"
             "Answer again with only the JSON object {\"samples\": [{\"text\": ..., \"label\": ...}, ...]}, "
             "nothing else.")
 
