@@ -26,7 +26,8 @@ def _request():
     train = [Sample(text="When will my card arrive?", label="card_arrival"),
              Sample(text="I lost my card yesterday", label="lost_or_stolen_card"),
              Sample(text="Refund still missing", label="refund_not_showing_up")]
-    return build_request(DistillConfig(data="-", seed=1), labels, train, mined, report, n=8, cycle=1)
+    return build_request(DistillConfig(data="-", seed=1, report_min_support=1), labels, train, mined, report, n=8,
+                         cycle=1)
 
 
 def test_prompt_matches_golden_file():
