@@ -72,6 +72,10 @@ demo-services: setup
 # so its module fixtures start once): much of its time is spent waiting on brokers, servers and service
 # processes, not computing. PYTEST_WORKERS=0 runs it in one process; 3 on two cores, as the waiting leaves room.
 PYTEST_WORKERS ?= 3
+# One intra-op thread per process (torch, ONNX Runtime, BLAS): the workers and the service processes they
+# start already outnumber the cores, and each one splitting its matrix work over both cores only adds switching.
+test: export OMP_NUM_THREADS = 1
+test: export MKL_NUM_THREADS = 1
 test: setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25

@@ -23,13 +23,14 @@ DATA = Path(os.environ.get("PGKD_DATA_DIR", REPO.parent / "shared" / "data"))
 # with --no-loadscope-reorder, hands the files out in this order; by default it would hand out the files
 # with the most tests first, which puts the few long tests over a broker or Triton at the end).
 SLOWEST_FIRST = [
-    "tests/services/test_services_tansu.py", "tests/teachers/test_triton.py",
-    "tests/services/test_stream_storage_tansu.py", "tests/loop/test_minilm_run.py", "tests/test_api.py",
-    "tests/services/test_demo_services.py", "tests/services/test_ingest_tansu.py",
-    "tests/services/test_services_kafka.py", "tests/services/test_prometheus_stop.py",
-    "tests/serving/test_promotion_tansu.py", "tests/teachers/test_teacher_serve_processes.py",
-    "tests/bench/test_bench.py", "tests/serving/test_serving.py", "tests/distributed/test_run_state.py",
-    "tests/loop/test_guidance.py", "tests/services/test_kafka_security.py", "tests/services/test_service_start.py",
+    "tests/services/test_service_replicas_tansu.py", "tests/services/test_services_tansu.py",
+    "tests/loop/test_minilm_run.py", "tests/services/test_demo_services.py", "tests/teachers/test_triton.py",
+    "tests/services/test_stream_storage_tansu.py", "tests/services/test_stream_drift_tansu.py", "tests/test_api.py",
+    "tests/services/test_ingest_tansu.py", "tests/services/test_services_kafka.py",
+    "tests/services/test_prometheus_stop.py", "tests/serving/test_promotion_tansu.py",
+    "tests/teachers/test_teacher_serve_processes.py", "tests/bench/test_bench.py", "tests/serving/test_serving.py",
+    "tests/distributed/test_run_state.py", "tests/test_taxonomy.py", "tests/loop/test_guidance.py",
+    "tests/services/test_kafka_security.py", "tests/services/test_service_start.py",
 ]
 
 

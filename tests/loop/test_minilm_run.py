@@ -27,7 +27,7 @@ def banking10(banking77, tmp_path):
 def test_two_cycles_with_the_real_minilm_student(banking10, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["distill", "--data", str(banking10), "--out", str(out), "--labeled", "100", "--student", "minilm",
-                 "--teacher", "pool-guided", "--samples-per-cycle", "16", "--max-cycles", "2", "--epochs", "4",
+                 "--teacher", "pool-guided", "--samples-per-cycle", "16", "--max-cycles", "2", "--epochs", "2",
                  "--cycle-epochs", "1", "--seed", "1", "--no-progress"]) == 0
     assert "embed" not in capsys.readouterr().err     # --no-progress: no sentence-encoder bars either (300 pool texts)
     report = json.loads((out / "report.json").read_text())
