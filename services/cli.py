@@ -420,6 +420,8 @@ def register(sub, distill_arguments) -> None:
 def _submit(args) -> int:
     if not args.start_timeout >= 0:   # nan too
         raise UserError(f"--start-timeout {args.start_timeout:g}: expected seconds, 0 or more (0: no limit)")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UserError(f"--timeout {args.timeout:g}: expected seconds, more than 0")
     config = from_options(DistillConfig, args)   # the run's options (distill_arguments), validated
     if args.dry_run:                             # nothing stored, nothing published
         from pgkd.cli import dry_run

@@ -36,6 +36,18 @@ def test_bad_distill_input(capsys, toy_data, tmp_path, make_args, message):
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "bus", "--data", "d", "--repeats", "0"], "--repeats 0: expected 1 or more"),
+    (["submit", "--data", "d", "--wait", "--timeout", "-5"], "--timeout -5: expected seconds, more than 0"),
+    (["distill", "--data", "d", "--prompt-file", "p.txt", "--out", "o"], "--prompt-file p.txt: is for --dry-run only"),
+    (["distill", "--data", "d"], "--out: required (the output folder), but with --dry-run"),
+])
+def test_bad_command_options_are_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert message in _bad(capsys, argv)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_data_files(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -186,6 +186,23 @@ CASES = {
         lambda toy, student, tmp: pgkd.export(student, tmp / "models", fmt="torch", int8=True),
         lambda toy, student, tmp: ["serve", "--model", str(student), "--format", "torch", "--int8"],
         "int8=True needs fmt='onnx'", "--int8 needs --format onnx"),
+    "an empty data path": (
+        lambda toy, student, tmp: pgkd.distill("", student="tiny"),
+        lambda toy, student, tmp: ["distill", "--data", "", "--out", str(tmp / "r")],
+        "data='': an empty name", "--data : an empty name"),
+    "a taxonomy the data outgrows": (
+        lambda toy, student, tmp: pgkd.distill(toy, student="tiny", taxonomy=tmp / "one.csv", **TINY),
+        lambda toy, student, tmp: ["distill", "--data", str(toy), "--taxonomy", str(tmp / "one.csv"),
+                                   "--out", str(tmp / "r")],
+        "one.csv: no row for label(s)", "one.csv: no row for label(s)"),
+    "a cost budget without prices": (
+        lambda toy, student, tmp: pgkd.distill(toy, student="tiny", cost_budget=1.0),
+        lambda toy, student, tmp: ["distill", "--data", str(toy), "--cost-budget", "1", "--out", str(tmp / "r")],
+        "cost_budget=1.0 would never stop the run: without price_prompt_per_1k",
+        "--cost-budget 1.0 would never stop the run: without --price-prompt-per-1k"),
+    "an empty text to predict": (
+        None, lambda toy, student, tmp: ["predict", "--model", str(student), "hello", " "],
+        None, "argument 2: an empty text"),
     "an unknown format": (
         lambda toy, student, tmp: pgkd.export(student, tmp / "models", fmt="tflite"),
         None, "fmt='tflite': one of onnx, torch", None),
@@ -196,12 +213,14 @@ CASES = {
 def test_a_python_caller_is_told_the_argument_and_a_command_the_flag(case, toy, saved_student, tmp_path, monkeypatch,
                                                                     capsys):
     (tmp_path / "afile").write_text("a file\n")
+    (tmp_path / "one.csv").write_text("label,description\ncard_lost,the card is lost\n")
     no_cuda(monkeypatch)
     call, argv, in_python, on_command = CASES[case]
-    with pytest.raises((UserError, ValidationError)) as raised:
-        call(toy, saved_student, tmp_path)
-    message = str(raised.value)
-    assert in_python in message and "--" not in message, message
+    if call is not None:
+        with pytest.raises((UserError, ValidationError)) as raised:
+            call(toy, saved_student, tmp_path)
+        message = str(raised.value)
+        assert in_python in message and "--" not in message, message
     if argv is not None:
         assert main(argv(toy, saved_student, tmp_path)) == 2
         line = one_error_line(capsys)

@@ -162,6 +162,9 @@ def cmd_predict(args) -> int:
     texts = [_utf8_text(t, f"argument {i}") for i, t in enumerate(args.texts, start=1)] or _read_stdin_texts()
     if not texts:
         raise UserError("no texts: give them as arguments or as JSON Lines on stdin")
+    empty = next((i for i, t in enumerate(texts, start=1) if not t.strip()), None)
+    if empty is not None:     # as stdin's rows are: an empty text has nothing to classify
+        raise UserError(f"argument {empty}: an empty text")
     student = load_student(args.model, device=args.device)
     probs = student.predict_proba(texts)
     for text, row in zip(texts, probs):
@@ -377,6 +380,8 @@ def cmd_bench_bus(args) -> int:
     from pathlib import Path
 
     from pgkd.bench.bus import markdown, run_bus_bench
+    if args.repeats < 1:
+        raise UserError(Option("repeats", args.repeats), ": expected 1 or more")
     result = run_bus_bench(run_config(args), Path(args.out), repeats=args.repeats)
     print(markdown(result), end="")
     print(f"wrote {args.out}/bus.json, bus.md")

@@ -112,6 +112,13 @@ class DistillConfig(BaseModel):
     correct: int = Field(16, ge=0, description="correctly classified samples shown to the teacher (a seeded draw)")
     device: str = Field("auto", description="auto | cpu | cuda")
 
+    @field_validator("data")
+    @classmethod
+    def _data_named(cls, v: str) -> str:
+        if not v.strip():    # an empty path would read the current folder
+            raise ValueError("an empty name: expected a dataset folder or file")
+        return v
+
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
