@@ -115,6 +115,8 @@ class LocalCluster:
         self.stop()
 
     def _prepare_folder(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"{self.folder}: not a folder; choose another")
         if self.folder.exists() and any(self.folder.iterdir()) and not (self.folder / MARKER).exists():
             raise UserError(f"{self.folder}: not empty and not a local cluster's folder; choose another")
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -191,3 +191,6 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_starts(tmp_path, capsy
     assert main(["--folder", str(folder), "--data", str(tmp_path)]) == 2
     assert "not a local cluster's folder" in capsys.readouterr().err
     assert (folder / "notes.txt").read_text() == "mine"
+    assert main(["--folder", str(folder / "notes.txt"), "--data", str(tmp_path)]) == 2    # a file, not a folder
+    assert capsys.readouterr().err == f"local: error: {folder / 'notes.txt'}: not a folder; choose another\n"
+    assert (folder / "notes.txt").read_text() == "mine"
