@@ -28,6 +28,8 @@ def _bad(capsys, argv) -> str:
     (lambda d, t: ["--data", str(d), "--metric", "vibes"], "unknown metric 'vibes'"),
     (lambda d, t: ["--data", str(d), "--labeled", "many"], "invalid int value"),
     (lambda d, t: ["--data", str(d), "--samples-per-cycle", "0"], "--samples-per-cycle"),
+    (lambda d, t: ["--data", str(d), "--teacher-cache", "s3://"], "--teacher-cache s3://: no bucket"),
+    (lambda d, t: ["--data", str(d), "--teacher-cache", "ftp://x/y"], "--teacher-cache ftp://x/y: unknown scheme 'ftp'"),
 ])
 def test_bad_distill_input(capsys, toy_data, tmp_path, make_args, message):
     out = tmp_path / "out"

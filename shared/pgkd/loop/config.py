@@ -3,10 +3,12 @@ the stop policy, each round's training settings, how many samples to ask for."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pgkd.errors import Option, UserError
+from pgkd.settings import check_artifacts_url
 from pgkd.loop.stopping import StopPolicy
 from pgkd.teachers.simulated import TEACHERS
 from pgkd.teachers.transports import TeacherURL, is_llm_teacher
@@ -16,7 +18,8 @@ if TYPE_CHECKING:
     from pgkd.teachers.llm import LLMSettings
 
 
-LLM = "LLM teacher (triton://, openai://)"   # the command line's group of the LLM teachers' options
+LLM = "LLM teacher (triton://, openai://)"
+CACHE_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs")     # fsspec's, as pgkd.artifacts opens them   # the command line's group of the LLM teachers' options
 
 
 class DistillConfig(BaseModel):
@@ -117,6 +120,19 @@ class DistillConfig(BaseModel):
     def _data_named(cls, v: str) -> str:
         if not v.strip():    # an empty path would read the current folder
             raise ValueError("an empty name: expected a dataset folder or file")
+        return v
+
+    @field_validator("teacher_cache")
+    @classmethod
+    def _cache_store(cls, v: str) -> str:
+        """A store pgkd's artifact store can be (a folder, file://, a bucket), or none."""
+        if v == "none":
+            return v
+        scheme = urlsplit(v).scheme if "://" in v else "file"
+        if scheme not in CACHE_SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}: expected a folder, file://PATH, s3://BUCKET[/PREFIX], "
+                             "gs://..., az://... or none")
+        check_artifacts_url(v)      # a bucket's URL without its bucket
         return v
 
     @field_validator("metric")
