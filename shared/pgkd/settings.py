@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from typing import Literal, TypeVar
@@ -94,6 +95,14 @@ class BrokerSettings(Section):
         for server in servers:
             _checked(parse_address, server, "broker")
         return url
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, prefix: str) -> str:
+        """Kafka's topic names: ASCII letters, digits, '.', '_' and '-', at most 249 characters in all."""
+        if not re.fullmatch(r"[A-Za-z0-9._-]{0,200}", prefix):
+            raise ValueError("a topic name's prefix takes letters, digits, '.', '_' and '-' (at most 200)")
+        return prefix
 
     @field_validator("connect_timeout", mode="before")
     @classmethod
