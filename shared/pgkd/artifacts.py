@@ -23,7 +23,7 @@ from typing import TypeVar
 import fsspec
 from pydantic import BaseModel, Field, ValidationError
 
-from pgkd.errors import EnvironmentFailure, UserError, dotted, invalid
+from pgkd.errors import EnvironmentFailure, Option, UserError, dotted, invalid
 from pgkd.files import write_bytes_atomic
 from pgkd.names import check_relative, inside, is_relative
 from pgkd.ownership import write_owner
@@ -78,22 +78,24 @@ def sha256_of(data: bytes) -> str:
 
 
 class ArtifactStore:
-    def __init__(self, url: str | None = None):
-        # PGKD_ARTIFACTS (pgkd.settings.ArtifactSettings) when no URL is given
+    def __init__(self, url: str | None = None, named: Option | None = None):
+        # PGKD_ARTIFACTS (pgkd.settings.ArtifactSettings) when no URL is given; `named`: the option that
+        # gave the URL instead (--teacher-cache), for the messages
         self.url = url or read(ArtifactSettings).artifacts
+        self.named = named
         try:
             check_artifacts_url(self.url)
             self.url = self.url.rstrip("/")
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as e:
-            raise UserError(f"PGKD_ARTIFACTS={self.url}: {e}") from None
+            raise UserError(named or f"PGKD_ARTIFACTS={self.url}", f": {e}") from None
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         if self.local:
             self.root = os.path.abspath(self.root)
             self.url = f"file://{self.root}"
         self._claimed = not self.local
 
-    def _claim(self) -> None:
+    def claim(self) -> None:
         """Before the first write into a local store: its folder is new, empty, or pgkd's (OWNER, or only
         what pgkd writes there); a folder of someone else's is refused (UserError), nothing written."""
         if self._claimed:
@@ -106,7 +108,8 @@ class ArtifactStore:
             foreign = sorted(entries - STORE_FOLDERS)
             if foreign:
                 raise UserError(f"artifact store {self.url}: {foreign[0]} was not written by pgkd (no {OWNER}); "
-                                "a store is a folder of pgkd's own: choose another (PGKD_ARTIFACTS)")
+                                "a store is a folder of pgkd's own: choose another (",
+                                self.named or "PGKD_ARTIFACTS", ")")
             root.mkdir(parents=True, exist_ok=True)
             write_owner(root / OWNER, note="pgkd's artifact store: runs, datasets, checkpoints, streams")
         self._claimed = True
@@ -164,7 +167,7 @@ class ArtifactStore:
         path = self._path(key)
         try:
             if self.local:
-                self._claim()
+                self.claim()
                 self.fs.makedirs(os.path.dirname(path), exist_ok=True)
                 write_bytes_atomic(path, data)
             else:

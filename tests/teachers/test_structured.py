@@ -284,3 +284,16 @@ def test_a_repair_request_fits_where_its_prompt_did(chat):
     batch = t.generate(big_request(classes=40).model_copy(update={"n": 2}))
     assert len(batch.samples) == 2 and batch.usage.calls == 2 and chat.longest_prompt <= 3000
     assert batch.usage.trimmed[0] and count(repair_prompt()) <= REPAIR_TOKENS
+
+
+def test_a_teacher_cache_in_a_folder_of_someone_elses_is_refused_before_any_training(chat, tmp_path):
+    import pgkd
+    from conftest import make_toy_dataset
+    from pgkd.errors import UserError
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"notes.txt was not written by pgkd .* \(teacher_cache='"):
+        pgkd.distill(make_toy_dataset(tmp_path / "toy"), teacher=chat.url, student="tiny", labeled=40,
+                     teacher_cache=str(foreign), progress=False)
+    assert chat.requests == [] and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]

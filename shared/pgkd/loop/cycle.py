@@ -259,7 +259,9 @@ def make_teacher(config: DistillConfig, splits: Splits, embed=None, cache_store=
     if is_llm_teacher(config.teacher):
         if cache_store is None and config.teacher_cache != "none":
             from pgkd.artifacts import ArtifactStore
-            cache_store = ArtifactStore(config.teacher_cache.replace("~", str(Path.home()), 1))
+            cache_store = ArtifactStore(config.teacher_cache.replace("~", str(Path.home()), 1),
+                                        named=Option("teacher_cache", config.teacher_cache))
+            cache_store.claim()    # a folder of someone else's is refused now, before any training
         return LLMTeacher(config.teacher, config.llm_settings(),
                           cache=ResponseCache(cache_store) if cache_store is not None else None, seed=config.seed)
     return make_simulated_teacher(config.teacher, splits.pool, seed=config.seed, label_noise=config.label_noise,
