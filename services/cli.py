@@ -37,13 +37,14 @@ def serve(name: str) -> int:
     return 0
 
 
-async def _publish_request(settings: Settings, store: ArtifactStore, request: RunRequested) -> None:
-    """Record the run, then publish it. The broker is reached first, so an unreachable one leaves no
-    run behind; a publish that fails after that marks the run as not submitted."""
+async def _publish_request(settings: Settings, store: ArtifactStore, make_request, promote: bool) -> RunRequested:
+    """Store the data and record the run, then publish it. The broker is reached first, so an unreachable
+    one leaves nothing behind; a publish that fails after that marks the run as not submitted."""
     broker = make_broker(settings.broker_url)
     from pgkd.distributed.steps import record_request
-    files = RunFiles(request.run_id)
     async with connected(broker, settings.broker_url):
+        request = make_request(store).model_copy(update={"promote": promote})
+        files = RunFiles(request.run_id)
         record_request(store, request)
         try:
             await send(broker, request.model_dump_json().encode(), settings.topic_prefix + request.topic,
@@ -53,17 +54,18 @@ async def _publish_request(settings: Settings, store: ArtifactStore, request: Ru
                                                  "reason": f"{type(e).__name__}: {e}"})
             raise UserError(f"PGKD_BROKER_URL={settings.broker_url}: cannot publish run {request.run_id} "
                             f"({type(e).__name__}: {e}); it is recorded as not submitted") from None
+    return request
 
 
 def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: float | None, poll: float,
                promote: bool = False, start_timeout: float | None = None) -> int:
-    from pgkd.distributed.steps import prepare_request
+    from pgkd.distributed.steps import checked_request
     if run_id is not None:
         check_name(run_id, "--run-id")   # before the data is read: it becomes the run's folder
     settings = Settings.from_env()
     store = ArtifactStore(settings.artifacts)
-    request = prepare_request(config, store, run_id).model_copy(update={"promote": promote})
-    asyncio.run(_publish_request(settings, store, request))
+    make_request = checked_request(config, run_id)     # the data checked; nothing stored until the broker answers
+    request = asyncio.run(_publish_request(settings, store, make_request, promote))
     print(f"submitted run {request.run_id} (artifacts {store.uri(RunFiles(request.run_id).base)})")
     if not wait:
         return 0

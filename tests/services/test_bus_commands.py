@@ -142,6 +142,7 @@ def test_an_unreachable_broker_is_one_line_and_leaves_no_run_behind(tmp_path):
         assert "127.0.0.1" in result.stderr and ("cannot reach" in result.stderr or "bootstrap" in result.stderr)
     status = pgkd("status", "never", env=env)
     assert status.returncode == 2 and "run never: not found" in status.stderr
+    assert not list((tmp_path / "artifacts").rglob("*.json"))      # not even the dataset was stored
     bad = pgkd("topics", "create", env={**env, "PGKD_CONNECT_TIMEOUT": "soon"})
     assert bad.returncode == 2 and bad.stderr.strip() == \
         "pgkd: error: PGKD_CONNECT_TIMEOUT='soon': expected a number of seconds above 0"

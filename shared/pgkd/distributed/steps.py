@@ -32,7 +32,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable, TYPE_CHECKING
 
 import numpy as np
 from pydantic import ValidationError
@@ -133,14 +133,22 @@ def submit(config: DistillConfig, store: ArtifactStore, run_id: str | None = Non
 def prepare_request(config: DistillConfig, store: ArtifactStore, run_id: str | None = None) -> RunRequested:
     """Check the data here, where a mistake can still be one line on the submitter's terminal, then
     store it (content-addressed). The run itself is not recorded: `record_request` does that."""
+    return checked_request(config, run_id)(store)
+
+
+def checked_request(config: DistillConfig, run_id: str | None = None) -> Callable[[ArtifactStore], RunRequested]:
+    """The data checked, nothing written yet: a function that stores it and returns the run's request
+    (`pgkd submit` calls it once the broker is known to answer, so that an unreachable one leaves
+    nothing behind)."""
     if run_id is not None:
         check_name(run_id, "run id")
     dataset = load_dataset(config.data, config.text_column, config.label_column, seed=config.seed)
     dataset = with_taxonomy(dataset, config.taxonomy)   # read here: the services never see the submitter's file
     splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)  # raises on a bad --labeled
     check_fits(config, splits)   # an LLM teacher's prompt can fit --teacher-max-prompt-tokens
-    return RunRequested(run_id=run_id or new_run_id(dataset.name), cycle=0, config=config.model_dump(),
-                        dataset=_put_dataset(store, _dataset_json(dataset)))
+    run_id = run_id or new_run_id(dataset.name)
+    return lambda store: RunRequested(run_id=run_id, cycle=0, config=config.model_dump(),
+                                      dataset=_put_dataset(store, _dataset_json(dataset)))
 
 
 def record_request(store: ArtifactStore, request: RunRequested) -> None:
