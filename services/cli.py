@@ -427,6 +427,8 @@ def _submit(args) -> int:
     config = from_options(DistillConfig, args)   # the run's options (distill_arguments), validated
     if args.dry_run:                             # nothing stored, nothing published
         from pgkd.cli import dry_run
+        if args.run_id is not None:
+            check_name(args.run_id, "--run-id")   # as the real submit would
         return dry_run(config, args.prompt_file)
     if args.prompt_file is not None:
         raise UserError("--prompt-file is for --dry-run only")

@@ -43,6 +43,10 @@ def test_bad_distill_input(capsys, toy_data, tmp_path, make_args, message):
     (["submit", "--data", "d", "--wait", "--timeout", "-5"], "--timeout -5: expected seconds, more than 0"),
     (["distill", "--data", "d", "--prompt-file", "p.txt", "--out", "o"], "--prompt-file p.txt: is for --dry-run only"),
     (["distill", "--data", "d"], "--out: required (the output folder), but with --dry-run"),
+    (["distill", "--data", "d", "--teacher", "openai://h:1/v1?model=m&key-env=K", "--dry-run"],
+     "--teacher openai://h:1/v1?model=m&key-env=K: unknown parameter 'key-env' (it takes model, key_env, structured)"),
+    (["distill", "--data", "d", "--taxonomy", "", "--dry-run"], "--taxonomy : an empty name"),
+    (["submit", "--data", "d", "--dry-run", "--run-id", "a b"], "--run-id 'a b': not a name"),
 ])
 def test_bad_command_options_are_one_line(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -194,6 +194,34 @@ def test_a_prompt_file_that_cannot_be_made_new_is_refused_before_any_work(tmp_pa
     assert (tmp_path / "dangling").is_symlink() and not (tmp_path / "nowhere").exists()
 
 
+def test_a_dry_run_checks_out_as_the_run_would_and_writes_nothing_there(tmp_path, toy):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    done = pgkd("distill", "--data", str(toy), "--labeled", "40", "--dry-run", "--out", "mine", cwd=tmp_path)
+    assert done.returncode == 2 and "--out mine: folder exists, is not empty and was not written by pgkd" in done.stderr
+    fresh = pgkd("distill", "--data", str(toy), "--labeled", "40", "--dry-run", "--out", "new", cwd=tmp_path)
+    assert fresh.returncode == 0 and not (tmp_path / "new").exists()
+
+
+def test_a_trimmed_first_prompt_is_bounded_by_the_limit_and_file_examples_count(tmp_path, toy):
+    from pgkd.data import load_dataset, make_splits, with_taxonomy
+    from pgkd.loop.config import DistillConfig
+    from pgkd.loop.dryrun import plan
+    from pgkd.teachers.prompt import REPAIR_TOKENS
+    taxonomy = tmp_path / "t.json"
+    taxonomy.write_text(json.dumps([{"label": c, "description": d} for c, d in DESCRIBED.items()] + [
+        {"label": "extra", "description": "a class the data lacks", "examples": ["word " * 400]}]))
+    splits = make_splits(with_taxonomy(load_dataset(toy), str(taxonomy)), 40, 1)
+    words = lambda text: len(text.split())  # noqa: E731
+    config = DistillConfig(data=str(toy), labeled=40, teacher="openai://h:1/v1?model=m", taxonomy=str(taxonomy))
+    whole = plan(config, splits, "t", False, words)
+    assert not whole.prompt.trimmed and whole.first_prompt_tokens > 400          # the file's long example is in it
+    tight = plan(config.model_copy(update={"teacher_max_prompt_tokens": whole.prompt.tokens}), splits, "t", False,
+                 words)
+    assert tight.prompt.trimmed and tight.first_prompt_tokens == whole.prompt.tokens - REPAIR_TOKENS
+
+
 def test_budgets_bound_the_dry_runs_figures_and_a_cost_budget_needs_prices(tmp_path, toy):
     from pgkd.data import load_dataset, make_splits
     from pgkd.loop.config import DistillConfig

@@ -103,6 +103,9 @@ def cmd_distill(args) -> int:
     from pgkd.loop.report import summary_table
     config = run_config(args)
     if args.dry_run:
+        if args.out is not None:           # as the run would check it; nothing is written
+            from pgkd.loop.outputs import RunOutput
+            RunOutput(args.out).check()
         return dry_run(config, args.prompt_file)
     if args.prompt_file is not None:
         raise UserError(Option("prompt_file", args.prompt_file), ": is for --dry-run only")

@@ -5,6 +5,7 @@ The frozen-encoder student (pgkd.students.frozen) and the simulated teachers (ne
 pgkd.teachers.simulated) both use them: this module sits below both, so neither imports the other."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,19 @@ from transformers import AutoModel, AutoTokenizer
 from pgkd.errors import Option, UserError
 from pgkd.files import write_atomic_with
 from pgkd.types import MAX_LENGTH, MAX_TEXT_CHARS
+
+
+@contextmanager
+def loading_bars(shown: bool):
+    """transformers' own progress bars ("Loading weights") shown or not, as --no-progress (or
+    progress=False) asks; as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 def minilm_path() -> Path:

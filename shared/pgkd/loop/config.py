@@ -38,8 +38,9 @@ class DistillConfig(BaseModel):
     validation_fraction: float = Field(0.2, gt=0, lt=1,
                                        description="share of the labeled samples held out for validation")
     teacher: str = Field("pool-guided", description=(
-        "pool-guided | pool-random (simulated LLM teachers), or an LLM: triton://HOST:PORT/MODEL, "
-        "triton+grpc://HOST:PORT/MODEL, openai://HOST:PORT/v1?model=NAME[&key_env=VAR]"))
+        "pool-guided | pool-random | pool-guided-pairs (simulations of an LLM teacher), or an LLM: "
+        "triton://HOST:PORT/MODEL, triton+grpc://HOST:PORT/MODEL, openai://HOST:PORT/v1?model=NAME[&key_env=VAR]"
+        "[&structured=off] (openai+https:// for TLS)"))
     teacher_timeout: float = Field(120.0, gt=0, json_schema_extra={"group": LLM},
                                    description="seconds per call (LLM teachers, a teacher object)")
     teacher_retries: int = Field(3, ge=0, json_schema_extra={"group": LLM},
@@ -115,11 +116,11 @@ class DistillConfig(BaseModel):
     correct: int = Field(16, ge=0, description="correctly classified samples shown to the teacher (a seeded draw)")
     device: str = Field("auto", description="auto | cpu | cuda")
 
-    @field_validator("data")
+    @field_validator("data", "taxonomy")
     @classmethod
-    def _data_named(cls, v: str) -> str:
-        if not v.strip():    # an empty path would read the current folder
-            raise ValueError("an empty name: expected a dataset folder or file")
+    def _path_named(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():    # an empty path would name the current folder
+            raise ValueError("an empty name: expected a file or folder")
         return v
 
     @field_validator("teacher_cache")

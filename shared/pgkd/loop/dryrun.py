@@ -37,20 +37,30 @@ class Plan:
     prompt_tokens: int                 # at most, over the run
     completion_tokens: int
     cost: float | None                 # at the given prices; None: no prices given
+    limit: int | None = None           # --teacher-max-prompt-tokens less the room kept for a repair request
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def first_prompt_tokens(self) -> int | None:
+        """A bound on the first prompt: the stand-in's own size, or the limit once it had to be trimmed
+        (another request's trimming may keep a little more)."""
+        return self.limit if self.prompt.trimmed and self.limit is not None else self.prompt.tokens
 
     def lines(self) -> list[str]:
         trimmed = (", left out to fit: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in self.prompt.trimmed.items())
                    if self.prompt.trimmed else "")
         out = [f"dry run: teacher {self.teacher}"
                + (" (a simulation of an LLM teacher: it calls no LLM and spends nothing)" if self.simulated else ""),
-               f"first prompt: {self.prompt.tokens} tokens at most{trimmed}"
+               f"first prompt: {self.first_prompt_tokens} tokens at most{trimmed}"
                + (" (what an LLM teacher would be sent)" if self.simulated else "")]
         if not self.simulated:
-            out += [f"teacher calls at most: {self.calls} ({self.cycles} cycles x {self.calls_per_cycle} "
-                    f"call{'s' if self.calls_per_cycle != 1 else ''}, each with its one repair request)",
-                    f"tokens at most: {self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion",
-                    "cost at most: " + (f"{self.cost:.4f} (at the given prices per 1,000 tokens)" if self.cost is not None
+            out += [f"teacher calls at most: {self.calls} ({self.cycles} cycle{'s' if self.cycles != 1 else ''} x "
+                    f"{self.calls_per_cycle} call{'s' if self.calls_per_cycle != 1 else ''}, each with its one repair "
+                    "request)",
+                    f"tokens at most: {self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion (as pgkd "
+                    "counts them; a server that counts more spends more)",
+                    "cost at most: " + (f"{self.cost:.4f} (at the given prices per 1,000 tokens, on pgkd's count)"
+                                        if self.cost is not None
                                         else "unknown (no --price-prompt-per-1k or --price-completion-per-1k given)")]
         return out + [f"note: {n}" for n in self.notes]
 
@@ -84,7 +94,10 @@ def stand_in_request(config: DistillConfig, splits: Splits) -> GenerationRequest
     request = build_request(config, labels, splits.train, mining, report, first_part(config), 1,
                             taxonomy=splits.taxonomy)
     longest_of: dict[str, Sample] = {}
-    for s in splits.train:
+    file_examples = [Sample(text=t, label=c.label) for c in (splits.taxonomy.classes if splits.taxonomy else ())
+                     for t in c.examples]
+    present = {s.label for s in splits.train}
+    for s in splits.train + [e for e in file_examples if e.label not in present]:   # as build_request picks them
         if s.label not in longest_of or len(s.text) > len(longest_of[s.label].text):
             longest_of[s.label] = s
     examples = sorted(longest_of.values(), key=lambda s: (-len(s.text), s.label))[:len(request.examples)]
@@ -121,7 +134,7 @@ def plan(config: DistillConfig, splits: Splits, teacher_name: str, simulated: bo
     if simulated:
         notes.append("the simulated teacher reads the request itself: no prompt is sent, nothing is spent")
         return Plan(teacher=teacher_name, simulated=True, prompt=prompt, cycles=cycles, calls_per_cycle=per_cycle,
-                    calls=0, prompt_tokens=0, completion_tokens=0, cost=0.0, notes=notes)
+                    calls=0, prompt_tokens=0, completion_tokens=0, cost=0.0, limit=limit - REPAIR_TOKENS, notes=notes)
     if config.token_budget is not None:   # the run stops after the cycle that reaches it
         prompt_tokens = min(prompt_tokens, config.token_budget + cycle_prompt)
         completion_tokens = min(completion_tokens, config.token_budget + cycle_completion)
@@ -137,15 +150,17 @@ def plan(config: DistillConfig, splits: Splits, teacher_name: str, simulated: bo
                          "most one cycle's cost past it")
     if config.sample_budget is not None:
         notes.append(f"--sample-budget {config.sample_budget} may stop the run sooner (it counts the samples answered)")
-    if prompt.tokens is not None and prompt.tokens < limit - REPAIR_TOKENS:
+    if prompt.tokens is not None and not prompt.trimmed and prompt.tokens < limit - REPAIR_TOKENS:
+        at_size = min(prompt_tokens, cycles * 2 * per_cycle * (prompt.tokens + REPAIR_TOKENS))
         notes.append(f"at the first prompt's size ({prompt.tokens} tokens) rather than the limit ({limit}), the prompt "
-                     f"tokens would be at most {cycles * 2 * per_cycle * (prompt.tokens + REPAIR_TOKENS):,}")
+                     f"tokens would be at most {at_size:,}")
     notes.append("not counted: a failed call's retries (--teacher-retries; a server may bill a call it timed out) "
                  "and a refusal of the structured answer, which is not answered")
     notes.append("the student's mistakes are not known before it trains: the longest texts stand in for them and the "
                  "report's figures are placeholders, so the first prompt shown is the largest it can be")
     return Plan(teacher=teacher_name, simulated=simulated, prompt=prompt, cycles=cycles, calls_per_cycle=per_cycle,
-                calls=calls, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost, notes=notes)
+                calls=calls, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost,
+                limit=limit - REPAIR_TOKENS, notes=notes)
 
 
 def check_fits(config: DistillConfig, splits: Splits, teacher=None) -> None:

@@ -17,7 +17,7 @@ from pgkd.loop.distillation import Distillation, MemoryKeeper
 from pgkd.files import write_json_atomic
 from pgkd.loop.outputs import RunOutput
 from pgkd.loop.report import RunReport, plot_history
-from pgkd.encoder import EmbeddingCache
+from pgkd.encoder import EmbeddingCache, loading_bars
 from pgkd.types import TeacherUnavailable
 
 
@@ -37,6 +37,12 @@ def run(config: DistillConfig, out: str | Path | None, progress: bool = True, em
     own objects). `embed` is the sentence encoder of the guided simulation (default: MiniLM), shared
     with the frozen-encoder student, so each text is encoded once. Without `keep_model` (benchmarks)
     OUT/best/ is not written."""
+    with loading_bars(progress):
+        return _run(config, out, progress, embed, keep_model, dataset, teacher, student)
+
+
+def _run(config: DistillConfig, out, progress: bool, embed, keep_model: bool, dataset: Dataset | None, teacher,
+         student) -> DistillResult:
     started = time.time()
     output = RunOutput(out) if out is not None else None
     staging = output.open() if output is not None else None       # checks OUT before any work

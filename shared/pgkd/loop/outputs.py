@@ -55,9 +55,13 @@ class RunOutput:
         self.option = Option("out", self.out)     # named in every refusal: `out=` in Python, `--out` on a command
 
     # -- before any work --------------------------------------------------------------------------------
-    def open(self) -> Path:
+    def check(self) -> None:
+        """What `open` checks, writing nothing (a dry run's --out)."""
         self._check_path()
         self._check_owned()
+
+    def open(self) -> Path:
+        self.check()
         try:
             if not self.out.exists():
                 self.out.mkdir(parents=True)

@@ -234,8 +234,8 @@ def fit(request: GenerationRequest, max_tokens: int | None, count: Callable[[str
                         f": even the smallest prompt takes {tokens} tokens (the {len(request.taxonomy)} classes"
                         f"{' with their descriptions' if request.descriptions else ''}, "
                         f"{len(request.hard_negatives)} hard negatives and the report lines of classes with errors"
-                        f"{f', and {reserve} for a repair request' if reserve else ''}); raise the limit, or lower "
-                        "--hard-negatives")
+                        f"{f', and {reserve} for a repair request' if reserve else ''}); raise the limit, or lower ",
+                        Option("hard_negatives"))
 
 
 def repair_prompt() -> str:

@@ -83,6 +83,11 @@ class TeacherURL:
             raise UserError(Option("teacher", spec), f": expected {_EXPECTED['triton']}")
         if not url.is_triton and not url.model:
             raise UserError(Option("teacher", spec), f": expected {_EXPECTED['openai']}")
+        known = ("structured",) if url.is_triton else ("model", "key_env", "structured")
+        unknown = [k for k in url.query if k not in known]
+        if unknown:     # a typo (key-env=) would otherwise fall back to a default without a word
+            raise UserError(Option("teacher", spec), f": unknown parameter {unknown[0]!r} (it takes "
+                            f"{', '.join(known)})")
         if any(v not in ("on", "off") for v in url.query.get("structured", [])):
             raise UserError(Option("teacher", spec), ": structured= takes on or off")
         return url
