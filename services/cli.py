@@ -27,7 +27,8 @@ from pgkd.stream.state import stream_key
 from tqdm.auto import tqdm
 
 from pgkd_services import ALL, build, kafka_security
-from pgkd_services.runtime import Settings, bootstrap_servers, connect_timeout, broker_errors, connected, make_broker, send
+from pgkd_services.runtime import (Settings, bootstrap_servers, broker_errors, broker_failure, connect_timeout,
+                                   connected, make_broker, send)
 
 
 def serve(name: str) -> int:
@@ -65,6 +66,7 @@ def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: f
     settings = Settings.from_env()
     store = ArtifactStore(settings.artifacts)
     make_request = checked_request(config, run_id)     # the data checked; nothing stored until the broker answers
+    store.check_owned()                                # a store of someone else's is refused before that too
     request = asyncio.run(_publish_request(settings, store, make_request, promote))
     print(f"submitted run {request.run_id} (artifacts {store.uri(RunFiles(request.run_id).base)})")
     if not wait:
@@ -200,7 +202,8 @@ def create_kafka_topics(bootstrap: list[str], topics: list[str], partitions: int
                 pass
         return created
     except KafkaError as e:
-        raise UserError(f"kafka {','.join(bootstrap)}: cannot create topics ({_kafka_reason(e)})") from None
+        raise broker_failure(f"kafka {','.join(bootstrap)}: cannot create topics ({_kafka_reason(e)})",
+                             bootstrap) from None
 
 
 def _kafka_reason(e: Exception) -> str:
@@ -307,8 +310,8 @@ def _send_kafka(bootstrap: list[str], topic: str, bodies: list[bytes], bar, prod
             producer.close()         # sends what was queued
     if failure is not None:          # and say how many went out before it
         sent = sum(1 for f in futures if getattr(f, "is_done", False) and f.succeeded())
-        raise UserError(f"kafka {','.join(bootstrap)}: cannot send to {topic} ({_kafka_reason(failure)}); "
-                        f"{sent} of {len(bodies)} sample(s) sent")
+        raise broker_failure(f"kafka {','.join(bootstrap)}: cannot send to {topic} ({_kafka_reason(failure)}); "
+                             f"{sent} of {len(bodies)} sample(s) sent", bootstrap)
 
 
 def stream_status(name: str) -> int:

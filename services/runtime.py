@@ -128,6 +128,21 @@ def broker_errors() -> tuple[type[BaseException], ...]:
     return OSError, asyncio.TimeoutError, KafkaError
 
 
+def broker_failure(message: str, servers: list[str]) -> Exception:
+    """A broker that failed a command. If no broker's port answers at all, the environment failed (it
+    is down, or not where PGKD_BROKER_URL says): exit 1. If a port answers and the client still failed,
+    the broker is there and refused what was asked of it (a login, a certificate, a record): the
+    input's fault, exit 2."""
+    for server in servers:
+        host, port = parse_address(server, "broker")
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return UserError(message)
+        except OSError:
+            continue
+    return EnvironmentFailure(message)
+
+
 @contextlib.asynccontextmanager
 async def connected(broker, url: str):
     """The broker, connected for a command (not a service): one that cannot be reached is one line,
@@ -137,7 +152,8 @@ async def connected(broker, url: str):
         await asyncio.wait_for(broker.connect(), connect_timeout())
     except broker_errors() as e:
         await _quietly_stop(broker)
-        raise UserError(f"PGKD_BROKER_URL={url}: cannot reach the broker ({_reason(e)})") from None
+        raise broker_failure(f"PGKD_BROKER_URL={url}: cannot reach the broker ({_reason(e)})",
+                             bootstrap_servers(url)) from None
     try:
         yield broker
     finally:

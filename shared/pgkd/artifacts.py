@@ -95,14 +95,26 @@ class ArtifactStore:
             self.url = f"file://{self.root}"
         self._claimed = not self.local
 
+    def check_owned(self) -> None:
+        """What `claim` refuses, refused without writing anything (a command that must first reach a
+        broker, and store nothing if it cannot)."""
+        if not self._claimed:
+            self._owned_or_refused(write=False)
+
     def claim(self) -> None:
         """Before the first write into a local store: its folder is new, empty, or pgkd's (OWNER, or only
         what pgkd writes there); a folder of someone else's is refused (UserError), nothing written."""
-        if self._claimed:
-            return
+        if not self._claimed:
+            self._owned_or_refused(write=True)
+            self._claimed = True
+
+    def _owned_or_refused(self, write: bool) -> None:
         root = Path(self.root)
         if root.exists() and not root.is_dir():
             raise UserError(f"artifact store {self.url}: not a folder")
+        above = next((p for p in root.parents if p.exists()), None)
+        if not root.exists() and above is not None and not above.is_dir():
+            raise StoreUnwritable(f"artifact store {self.url}: cannot write there ({above} is a file, not a folder)")
         entries = {p.name for p in root.iterdir()} if root.exists() else set()
         if OWNER not in entries:
             foreign = sorted(entries - STORE_FOLDERS)
@@ -110,9 +122,9 @@ class ArtifactStore:
                 raise UserError(f"artifact store {self.url}: {foreign[0]} was not written by pgkd (no {OWNER}); "
                                 "a store is a folder of pgkd's own: choose another (",
                                 self.named or "PGKD_ARTIFACTS", ")")
-            root.mkdir(parents=True, exist_ok=True)
-            write_owner(root / OWNER, note="pgkd's artifact store: runs, datasets, checkpoints, streams")
-        self._claimed = True
+            if write:
+                root.mkdir(parents=True, exist_ok=True)
+                write_owner(root / OWNER, note="pgkd's artifact store: runs, datasets, checkpoints, streams")
 
     def uri(self, key: str) -> str:
         """The absolute URI of a key, for people (a reference names the key alone: `ArtifactRef`)."""

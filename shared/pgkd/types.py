@@ -137,7 +137,13 @@ class GeneratedBatch(BaseModel):
 
 
 class TeacherUnavailable(RuntimeError):
-    """The teacher cannot be reached (its calls keep failing): the cycle cannot get samples."""
+    """The teacher cannot be reached (its calls keep failing): the cycle cannot get samples.
+    `refused`: it answered and refused (a key, a model it does not serve): the input's fault, not the
+    environment's."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
 
 
 # --- the student contract's values (pgkd.students.contract holds the protocol) ---

@@ -143,14 +143,15 @@ def test_check_reaches_the_server_before_any_call_and_says_what_is_wrong(chat):
 
 
 def test_an_unreachable_openai_teacher_stops_the_run_before_any_training(toy_data, tmp_path, capsys):
-    """As a Triton teacher does: one error line, exit 2, nothing written (it used to train cycle 0)."""
+    """As a Triton teacher does: one error line, exit 1 (the environment's failure), nothing written (it used
+    to train cycle 0)."""
     from pgkd.net import free_port
     from pgkd.cli import main
     out = tmp_path / "run"
     assert main(["distill", "--data", str(toy_data), "--out", str(out), "--labeled", "40", "--student", "tiny",
-                 "--teacher", f"openai://127.0.0.1:{free_port()}/v1?model=x", "--no-progress"]) == 2
+                 "--teacher", f"openai://127.0.0.1:{free_port()}/v1?model=x", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "cycle 0" not in err and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("pgkd: error: teacher openai://127.0.0.1:")
+    assert err.strip().splitlines()[-1].startswith("pgkd: teacher openai://127.0.0.1:")
     assert "cannot reach it (transport: ClientConnectorError" in err
     assert not out.exists()

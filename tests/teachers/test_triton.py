@@ -175,9 +175,9 @@ def test_the_deployed_python_backend_model_answers_garbage_and_the_run_records_i
 
 def test_a_teacher_that_cannot_be_reached_is_one_line_before_any_training(toy, tmp_path):
     result = distill(toy, tmp_path / "run", f"triton://127.0.0.1:{free_port()}/teacher", "--teacher-retries", "0")
-    assert result.returncode == 2 and "Traceback" not in result.stderr and "cycle 0" not in result.stderr, result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "cycle 0" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("pgkd: error: teacher triton://127.0.0.1:") and "cannot reach it" in last
+    assert last.startswith("pgkd: teacher triton://127.0.0.1:") and "cannot reach it" in last
     assert not (tmp_path / "run").exists()             # nothing trained, nothing written
 
 
@@ -196,10 +196,10 @@ def test_a_teacher_that_accepts_and_never_answers_is_named_and_bounded(toy, tmp_
         result = distill(toy, tmp_path / "run", f"triton://127.0.0.1:{port}/teacher", "--teacher-timeout", "2")
     finally:
         listener.close()
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-2] == f"pgkd: reaching the teacher at triton://127.0.0.1:{port}/teacher (up to 2 s an attempt)"
-    assert lines[-1] == (f"pgkd: error: teacher triton://127.0.0.1:{port}/teacher: cannot reach it "
+    assert lines[-1] == (f"pgkd: teacher triton://127.0.0.1:{port}/teacher: cannot reach it "
                          "(no answer within 2 s; 2 attempts)")
     assert not (tmp_path / "run").exists()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pgkd.loop.dryrun import check_fits
 from pgkd.data import Dataset, Splits, load_dataset, make_splits, with_taxonomy
-from pgkd.errors import UserError
+from pgkd.errors import EnvironmentFailure, UserError
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import dataset_duplicates, fresh_student, log, make_teacher, parameter_count
 from pgkd.loop.distillation import Distillation, MemoryKeeper
@@ -122,5 +122,5 @@ def announce(config: DistillConfig, dataset: Dataset, splits: Splits, student, t
             log(f"pgkd: reaching the teacher at {name} (up to {teacher.check_timeout:g} s an attempt)")
         try:
             teacher.check()
-        except TeacherUnavailable as e:
-            raise UserError(str(e)) from None
+        except TeacherUnavailable as e:   # refused (a key, a model): the input's fault; else the environment's
+            raise (UserError if e.refused else EnvironmentFailure)(str(e)) from None

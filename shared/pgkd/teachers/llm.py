@@ -190,9 +190,11 @@ class LLMTeacher:
             except (TransportError, asyncio.TimeoutError) as e:
                 reason = (f"no answer within {limit:g} s" if isinstance(e, asyncio.TimeoutError)
                           else f"{e.kind}: {e}")
-                if (isinstance(e, TransportError) and not e.transient) or attempt == CHECK_ATTEMPTS - 1:
+                refused = isinstance(e, TransportError) and not e.transient
+                if refused or attempt == CHECK_ATTEMPTS - 1:
                     raise TeacherUnavailable(f"teacher {self.name}: cannot reach it ({reason}"
-                                             f"{'' if attempt == 0 else f'; {attempt + 1} attempts'})") from None
+                                             f"{'' if attempt == 0 else f'; {attempt + 1} attempts'})",
+                                             refused=refused) from None
                 time.sleep(self.settings.backoff)
 
     @property
