@@ -221,8 +221,7 @@ def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student
         pgkd_version=__version__,
         dataset={"name": dataset.name, "path": dataset.path, "classes": len(splits.labels), "sizes": splits.sizes(),
                  "train_label_counts": label_counts(final_train), "duplicates": dataset_duplicates(splits),
-                 "notes": dataset.notes,
-                 **({"taxonomy": dataset.taxonomy.record(sorted({s.label for s in dataset.train}))} if dataset.taxonomy else {})},
+                 "notes": dataset.notes, **_taxonomy_record(dataset)},
         student={"spec": config.student, "parameters": parameter_count(best_student),
                  "device": str(getattr(best_student, "device", "cpu"))},
         teacher=teacher, teacher_usage=sum((c.teacher_usage for c in cycles), TeacherUsage()), seed=config.seed,
@@ -230,6 +229,12 @@ def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student
         baseline=baseline, best=best, stop_reason=stop_reason,
         seconds=seconds, environment=environment(),
         selection=selection_note(config, splits, cycles[best_cycle]))
+
+
+def _taxonomy_record(dataset: Dataset) -> dict:
+    if dataset.taxonomy is None:
+        return {}
+    return {"taxonomy": dataset.taxonomy.record(sorted({s.label for s in dataset.train}))}
 
 
 def selection_note(config: DistillConfig, splits: Splits, best: CycleRecord) -> Selection:
