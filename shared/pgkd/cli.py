@@ -114,8 +114,19 @@ def cmd_distill(args) -> int:
     report = run(config, args.out, progress=args.progress).report
     print(summary_table(report))
     print(f"stopped: {report.stop_reason}")
-    print(f"wrote {args.out}/report.json, {args.out}/best/, {args.out}/history.png")
-    # The run's results are written either way; a teacher that went away is still a failure to report.
+    calibration = report.calibration or {}
+    print(f"wrote {args.out}/report.json, {args.out}/best/, {args.out}/history.png"
+          + (", reliability.png" if calibration.get("samples") else ""))
+    if calibration.get("deferral"):
+        d = calibration["deferral"]
+        print(f"cascade: threshold {d['threshold']:.4f} ({d['target']}): on {d['samples']} held texts the student "
+              f"answers {d['student_share']:.1%}" + ("" if d["student_accuracy"] is None else
+                                                      f" at accuracy {d['student_accuracy']:.4f}"))
+    # The run's results are written either way; a teacher that went away is still a failure to report,
+    # and so is a deferral target the held scores cannot meet (the student is kept without a threshold).
+    if calibration.get("deferral_problem"):
+        raise UserError(f"{calibration['deferral_problem']} (the run's results are written to {args.out}, "
+                        "the student without a threshold)")
     return 1 if report.stop_reason.startswith(TEACHER_UNAVAILABLE) else 0
 
 

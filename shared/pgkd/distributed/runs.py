@@ -16,6 +16,8 @@ class RunFiles:
         self.not_submitted = f"{self.base}/not_submitted.json"     # the request was recorded, its publish failed
         self.report = f"{self.base}/report.json"
         self.plot = f"{self.base}/history.png"
+        self.reliability = f"{self.base}/reliability.png"
+        self.best = f"{self.base}/checkpoints/best.json"      # the kept student, calibrated
         self.completed = f"{self.base}/completed.json"
         self.states = f"{self.base}/state"
 

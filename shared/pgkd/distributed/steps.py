@@ -58,7 +58,7 @@ from pgkd.distributed.messages import (
     TeacherStopped,
 )
 from pgkd.distributed.runs import RunFiles
-from pgkd.loop.report import plot_history
+from pgkd.loop.report import plot_history, plot_reliability
 from pgkd.errors import UserError, dotted, invalid
 from pgkd.names import check_name
 from pgkd.settings import ArtifactSettings, one
@@ -399,14 +399,19 @@ def generate(message: NegativesMined, store: ArtifactStore, events=()) -> Sample
 def complete_run(store: ArtifactStore, run: Distillation, state: RunState) -> RunCompleted:
     """Score the best student on test and write the run's report.json, history.png and final state;
     with --promote, its best student goes to serving (the RunCompleted carries the StudentPromoted)."""
-    state, report, _ = run.finish(state)
+    state, report, student = run.finish(state)
     files = RunFiles(state.run_id)
     with tempfile.TemporaryDirectory() as folder:
         plot_history(report, Path(folder) / "history.png")
         store.put_bytes(files.plot, (Path(folder) / "history.png").read_bytes())
+        if report.calibration and report.calibration["samples"]:
+            plot_reliability(report, Path(folder) / "reliability.png")
+            store.put_bytes(files.reliability, (Path(folder) / "reliability.png").read_bytes())
     report_ref = store.put_json(files.report, report.model_dump(mode="json"))
-    state = state.model_copy(update={"report": report_ref})
     best = state.best
+    if getattr(student, "calibration", None) is not None:   # the kept student as served: with its calibration
+        best = best.model_copy(update={"student": store_checkpoint(store, files.best, student)})
+    state = state.model_copy(update={"report": report_ref, "best": best})
     promotion = None
     if state.promote:
         scores = {f"validation_{k}": v for k, v in best.validation.headline().items()}

@@ -115,6 +115,15 @@ class DistillConfig(BaseModel):
     misclassified: int = Field(16, ge=0, description="other misclassified samples shown to the teacher (a seeded draw)")
     correct: int = Field(16, ge=0, description="correctly classified samples shown to the teacher (a seeded draw)")
     device: str = Field("auto", description="auto | cpu | cuda")
+    # The cascade's deferral policy (pgkd.calibration): when the run ends, the kept student's probabilities
+    # are calibrated on the validation texts the teacher was never shown, and the threshold is picked there.
+    target_accuracy: float | None = Field(None, gt=0, le=1, json_schema_extra={"group": "the cascade"}, description=(
+        "the accuracy the student's own answers must hold when served as a cascade: the lowest confidence "
+        "threshold that holds it is recorded with the student (the LLM answers below it)"))
+    max_teacher_share: float | None = Field(None, ge=0, le=1, json_schema_extra={"group": "the cascade"},
+                                            description=(
+        "instead of --target-accuracy: the share of traffic the LLM may answer; the threshold that sends at "
+        "most that share to it is recorded with the student"))
 
     @field_validator("data", "taxonomy")
     @classmethod
@@ -165,6 +174,10 @@ class DistillConfig(BaseModel):
                 Option("guidance_source", self.guidance_source), " and ",
                 Option("selection_source", self.selection_source),
                 " cannot both be out-of-fold: the teacher would be aimed at the very scores that pick the best cycle"))
+        if self.target_accuracy is not None and self.max_teacher_share is not None:
+            raise ValueError(UserError(
+                Option("target_accuracy", self.target_accuracy), " and ", Option("max_teacher_share", self.max_teacher_share),
+                " each choose the threshold: give one"))
         if self.cost_budget is not None and not (self.price_prompt_per_1k or self.price_completion_per_1k):
             raise ValueError(UserError(
                 Option("cost_budget", self.cost_budget), " would never stop the run: without ",

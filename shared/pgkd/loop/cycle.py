@@ -24,6 +24,7 @@ from pgkd.loop.mining import mine
 from pgkd.loop.report import (BestScores, CycleRecord, PhaseTimes, Provenance, RunReport, Scores, Selection,
                               TrainingRound, environment)
 from pgkd.loop.screening import screen
+from pgkd.calibration import Calibration, calibrate
 from pgkd.students import create_student
 from pgkd.taxonomy import Taxonomy
 
@@ -213,7 +214,8 @@ def provenance_of(batch: GeneratedBatch, screened) -> Provenance:
 
 def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student, best_cycle: int,
            cycles: list[CycleRecord], best_validation: EvalReport, baseline: Scores,
-           final_train: list[Sample], teacher: dict, stop_reason: str, seconds: float) -> RunReport:
+           final_train: list[Sample], teacher: dict, stop_reason: str, seconds: float,
+           calibration: Calibration | None = None) -> RunReport:
     """The run's report: the kept student (the best cycle's) scored once on test, against the baseline."""
     best = BestScores(cycle=best_cycle, validation=best_validation,
                       test=evaluate_student(best_student, splits.test, splits.labels)[0])
@@ -228,7 +230,25 @@ def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student
         config=config.model_dump(), cycles=cycles,
         baseline=baseline, best=best, stop_reason=stop_reason,
         seconds=seconds, environment=environment(),
-        selection=selection_note(config, splits, cycles[best_cycle]))
+        selection=selection_note(config, splits, cycles[best_cycle]),
+        calibration=None if calibration is None else calibration.record())
+
+
+def calibrate_student(config: DistillConfig, student, splits: Splits, shown: list[int]) -> Calibration:
+    """Calibrate the kept student on the validation texts no request showed the teacher, and choose
+    the cascade's threshold there when --target-accuracy or --max-teacher-share asks for one. Those
+    texts also selected the best cycle when validation selects (the record says so). Test is never used.
+    The student is left uncalibrated: the caller attaches it once test is scored as the baseline was."""
+    seen = set(shown)
+    held = [s for i, s in enumerate(splits.validation) if i not in seen]
+    index = {label: i for i, label in enumerate(splits.labels)}
+    source = (f"the {len(held)} of {len(splits.validation)} validation texts the teacher was never shown"
+              + ("; they also selected the best cycle" if config.selection_source == "validation" else ""))
+    if hasattr(student, "calibration"):
+        student.calibration = None          # its own probabilities are what is calibrated
+    probs = np.asarray(student.predict_proba([s.text for s in held])) if held else np.zeros((0, len(splits.labels)))
+    return calibrate(probs, np.array([index[s.label] for s in held], dtype=np.int64), source,
+                     config.target_accuracy, config.max_teacher_share)
 
 
 def _taxonomy_record(dataset: Dataset) -> dict:

@@ -19,9 +19,10 @@ from typing import Callable, Protocol
 import numpy as np
 
 from pgkd.data import Dataset, Splits
-from pgkd.types import Sample
+from pgkd.types import MiningResult, Sample
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.cycle import (
+    calibrate_student,
     cycle_record,
     evaluate_cycle,
     finish,
@@ -96,6 +97,13 @@ class MemoryKeeper:
 
 def describe(teacher) -> dict:
     return teacher.describe() if hasattr(teacher, "describe") else {"name": getattr(teacher, "name", "")}
+
+
+def shown_validation(validation: list[Sample], mined: MiningResult, shown: list[int]) -> list[int]:
+    """`shown` and the validation texts this request shows the teacher (by index): they cannot be
+    scores to calibrate on. Mined out of fold, the request shows none."""
+    texts = {m.text for m in (*mined.hard_negatives, *mined.misclassified, *mined.correct)}
+    return sorted(set(shown) | {i for i, s in enumerate(validation) if s.text in texts})
 
 
 class Distillation:
@@ -220,8 +228,9 @@ class Distillation:
         train = self.keeper.load_samples(state.train_set) if config.guidance_source == "out-of-fold" else []
         guidance = guidance_cycle(config, self.splits, train, state.validation, probs, cycle, embed=self.embed)
         mined = mine_cycle(config, guidance.samples, guidance.probs, self.labels, cycle)
-        shown = state.cycles[-1].model_copy(update={"guidance": guidance.report.headline()})
-        return state.next("mined", cycle=cycle, cycles=[*state.cycles[:-1], shown], mined=mined,
+        record = state.cycles[-1].model_copy(update={"guidance": guidance.report.headline()})
+        return state.next("mined", cycle=cycle, cycles=[*state.cycles[:-1], record], mined=mined,
+                          shown=shown_validation(self.splits.validation, mined, state.shown),
                           guidance=guidance.report,
                           timings=PhaseTimes(queue=waited, mine=time.perf_counter() - began))
 
@@ -253,10 +262,13 @@ class Distillation:
         Returns the completed state, the report and the kept student."""
         best = state.best
         student = self.keeper.load_student(best.student)
+        calibration = calibrate_student(self.config, student, self.splits, state.shown)
         report = finish(self.config, self.dataset, self.splits, student, best.cycle, state.cycles, best.validation,
                         state.baseline, self.keeper.load_samples(state.train_set),
                         state.teacher or describe(self.teacher()), state.stop_reason,
-                        time.time() - state.started_at)
+                        time.time() - state.started_at, calibration)
+        if hasattr(student, "calibration"):     # pgkd's students keep it, in memory and in their folder
+            student.calibration = calibration
         state = state.next("completed")
         self.emit("completed", state)
         return state, report, student

@@ -16,7 +16,7 @@ from pgkd.loop.cycle import dataset_duplicates, fresh_student, log, make_teacher
 from pgkd.loop.distillation import Distillation, MemoryKeeper
 from pgkd.files import write_json_atomic
 from pgkd.loop.outputs import RunOutput
-from pgkd.loop.report import RunReport, plot_history
+from pgkd.loop.report import RunReport, plot_history, plot_reliability
 from pgkd.encoder import EmbeddingCache, loading_bars
 from pgkd.types import TeacherUnavailable
 
@@ -58,6 +58,8 @@ def _run(config: DistillConfig, out, progress: bool, embed, keep_model: bool, da
             if keep_model:
                 result.student.save(staging / "best")
             plot_history(result.report, staging / "history.png")
+            if result.report.calibration and result.report.calibration["samples"]:
+                plot_reliability(result.report, staging / "reliability.png")
             write_json_atomic(staging / "report.json", result.report.model_dump(mode="json"))
             output.commit()
         return result

@@ -1,6 +1,6 @@
 """A run's output folder: pgkd replaces only what it wrote there, and a failed run leaves no result.
 
-pgkd owns the entries it writes in OUT (`report.json`, `best/`, `history.png`) and records every file
+pgkd owns the entries it writes in OUT (`report.json`, `best/`, `history.png`, `reliability.png`) and records every file
 it wrote in a manifest, `OUT/.pgkd-run.json`. A later run into the same OUT replaces the files that
 manifest lists and nothing else: a user's notes beside the result stay, and a folder pgkd did not
 write (no manifest) is refused before any work. The run writes into a hidden staging folder inside
@@ -173,4 +173,4 @@ class RunOutput:
 
 
 # The entries of OUT a run writes; each must be wholly pgkd's before a run may replace it.
-RESULT_ENTRIES = frozenset({"report.json", "best", "history.png"})
+RESULT_ENTRIES = frozenset({"report.json", "best", "history.png", "reliability.png"})

@@ -99,6 +99,9 @@ class RunReport(BaseModel):
     seconds: float
     environment: dict
     selection: Selection = Selection()
+    # The kept student's calibration (pgkd.calibration.Calibration, less the held scores): its
+    # temperature, the calibration error before and after, reliability bins, the cascade's threshold.
+    calibration: dict | None = None
 
 
 def without_times(report: dict) -> dict:
@@ -147,6 +150,37 @@ def plot_history(report: RunReport, path) -> None:
                  + (" (simulated)" if report.teacher.get("simulated") else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reliability(report: RunReport, path) -> None:
+    """The kept student's reliability diagram on its held scores, before and after calibration: each
+    bin's accuracy against its mean confidence (the diagonal is a perfectly calibrated student)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calibration = report.calibration
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated perfectly")
+    for key, label in (("before", "as trained"), ("after", f"temperature {calibration['temperature']:.2f}")):
+        bins = [b for b in calibration[f"reliability_{key}"] if b["samples"]]
+        ece = calibration[f"ece_{key}"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                label=f"{label} (ECE {ece:.3f})")
+    deferral = calibration.get("deferral")
+    if deferral:
+        ax.axvline(deferral["threshold"], color="black", alpha=0.5, linestyle="--",
+                   label=f"threshold {deferral['threshold']:.3f} ({deferral['target']})")
+    ax.set_xlabel("confidence (mean of the bin)")
+    ax.set_ylabel("accuracy of the bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{report.dataset['name']}: {calibration['samples']} held validation texts", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

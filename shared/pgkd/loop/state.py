@@ -80,6 +80,7 @@ class RunState(BaseModel):
     train_size: int = 0
     timings: PhaseTimes = PhaseTimes()
     provenance: Provenance = Provenance()  # the teacher's answer, screened
+    shown: list[int] = []                  # the validation texts (their indices) any request showed the teacher
     mined: MiningResult | None = None      # what the request shows the teacher ...
     guidance: EvalReport | None = None     # ... with these scores (validation, or out-of-fold)
     student: Handle | None = None          # trained, not yet evaluated

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgkd.students.contract import calibration_files
 from pgkd.errors import Option, UserError
 from pgkd.names import check_name, inside
 from pgkd.ownership import read_owner, write_owner
@@ -197,7 +198,13 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
         else:
             export_torchscript(student, staging / "model.pt")
         shutil.copyfile(HANDLER, staging / "model.py")
+        calibration = getattr(student, "calibration", None)   # pgkd.calibration: the model scales its logits by T
+        for name, data in calibration_files(student).items():
+            (staging / name).write_bytes(data)
         manifest = {"format": fmt, "precision": "int8" if int8 else "fp32", "labels": list(student.labels),
+                    "temperature": 1.0 if calibration is None else calibration.temperature,
+                    "threshold": None if calibration is None or calibration.deferral is None
+                    else calibration.deferral.threshold,
                     "max_length": MAX_LENGTH, "pad_token_id": int(tokenizer.pad_token_id or 0),
                     "student": getattr(student, "spec", type(student).__name__), "source": source,
                     "written_at": time.time(),

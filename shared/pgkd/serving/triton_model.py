@@ -10,7 +10,8 @@ Tensors (every one with the batch dimension first; a request carries one text or
     text           BYTES [1]   UTF-8 text
     ->
     label          BYTES [1]   the most probable label
-    probability    FP32  [1]   its probability
+    probability    FP32  [1]   its probability (calibrated: softmax of the logits over the temperature
+                               in pgkd-version.json, fit when the run ended)
     probabilities  FP32  [-1]  every label's, in the order of labels.txt (Triton's classification
                                extension reads it: ask for `class_count` to get the top k as text)
 
@@ -76,6 +77,8 @@ class TritonPythonModel:
         self.manifest = check_version_folder(folder)
         self.labels = self.manifest["labels"]
         self.max_length = int(self.manifest["max_length"])
+        # The student's calibration (pgkd-calibration.json beside it): softmax(logits / T).
+        self.temperature = float(self.manifest.get("temperature", 1.0))
         self.max_text_chars = int(_parameter(config, "max_text_chars", "10000"))
         self.batch_size = int(_parameter(config, "inference_batch_size", "64"))
 
@@ -148,7 +151,7 @@ class TritonPythonModel:
             for row, i in enumerate(index):
                 batch[row, :len(ids[i])] = ids[i]
                 mask[row, :len(ids[i])] = 1
-            logits = np.asarray(self._logits(batch, mask), dtype=np.float32)
+            logits = np.asarray(self._logits(batch, mask), dtype=np.float32) / self.temperature
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             out[index] = e / e.sum(axis=1, keepdims=True)
         return out

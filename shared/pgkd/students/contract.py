@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from pgkd.calibration import FILE as CALIBRATION_FILE, Calibration, scaled
 from pgkd.errors import UserError
 from pgkd.types import Sample, TrainConfig, TrainResult
 
@@ -59,3 +60,28 @@ def predicted_labels(student, texts: list[str]) -> list[str]:
 def log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
     """Mean cross-entropy of the true classes' probabilities."""
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None))))
+
+
+# -- calibration, kept with the student (pgkd.calibration) ------------------------------------------------
+def calibrated(student, probs: np.ndarray) -> np.ndarray:
+    """`probs` scaled by the student's calibration, if it has one."""
+    calibration = getattr(student, "calibration", None)
+    return probs if calibration is None else scaled(probs, calibration.temperature)
+
+
+def calibration_files(student) -> dict[str, bytes]:
+    """The file a saved student keeps its calibration in, when it has one."""
+    calibration = getattr(student, "calibration", None)
+    return {} if calibration is None else {CALIBRATION_FILE: (calibration.model_dump_json(indent=2) + "\n").encode()}
+
+
+def read_calibration(folder: str | Path) -> Calibration | None:
+    """A saved student's calibration, None when it has none; a damaged file is a UserError."""
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Calibration.model_validate_json(path.read_bytes())
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path}: not a readable calibration ({first[:160]})") from None

