@@ -142,6 +142,7 @@ class Calibration(BaseModel):
     threshold when one was asked for, and the held scores themselves (each text's calibrated confidence
     and whether the student was right), so a threshold can be chosen again for another target."""
     temperature: float = 1.0
+    labels: list[str] = []              # the student's, in the order of its probabilities
     source: str                         # which scores, in words
     samples: int
     ece_before: float | None = None
@@ -160,11 +161,11 @@ class Calibration(BaseModel):
 
     def record(self) -> dict:
         """What report.json keeps: all but the held scores (the student's folder keeps those)."""
-        return self.model_dump(mode="json", exclude={"confidence", "correct"})
+        return self.model_dump(mode="json", exclude={"confidence", "correct", "labels"})
 
 
 def calibrate(probs: np.ndarray, targets: np.ndarray, source: str, target_accuracy: float | None = None,
-              max_teacher_share: float | None = None) -> Calibration:
+              max_teacher_share: float | None = None, labels: list[str] = ()) -> Calibration:
     """Fit T on the held scores (`probs`, one row per text; `targets`, the true classes), record its
     effect, and choose the threshold when a target is given. Too few scores: T stays 1, said in `source`."""
     probs, targets = np.asarray(probs), np.asarray(targets, dtype=np.int64)
@@ -175,7 +176,7 @@ def calibrate(probs: np.ndarray, targets: np.ndarray, source: str, target_accura
         temperature = fit_temperature(probs, targets)
     after = scaled(probs, temperature)
     confidence, correct = after.max(axis=1), after.argmax(axis=1) == targets
-    record = Calibration(temperature=round(temperature, 6), source=source, samples=n,
+    record = Calibration(temperature=round(temperature, 6), labels=list(labels), source=source, samples=n,
                          confidence=[round(float(c), 6) for c in confidence], correct=[bool(c) for c in correct])
     if n:
         record = record.model_copy(update=dict(

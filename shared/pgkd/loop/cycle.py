@@ -248,7 +248,7 @@ def calibrate_student(config: DistillConfig, student, splits: Splits, shown: lis
         student.calibration = None          # its own probabilities are what is calibrated
     probs = np.asarray(student.predict_proba([s.text for s in held])) if held else np.zeros((0, len(splits.labels)))
     return calibrate(probs, np.array([index[s.label] for s in held], dtype=np.int64), source,
-                     config.target_accuracy, config.max_teacher_share)
+                     config.target_accuracy, config.max_teacher_share, labels=splits.labels)
 
 
 def _taxonomy_record(dataset: Dataset) -> dict:

@@ -21,12 +21,15 @@ import time
 
 import numpy as np
 
+from pgkd.errors import Option, UserError
+
 from pgkd.data import load_dataset, make_splits
 from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
 from pgkd.processes import Stopped, stop_signals
 from pgkd.encoder import EmbeddingCache
 from pgkd.teachers.llm import TokenCounter
-from pgkd.teachers.prompt import PromptError, read_prompt
+from pgkd.teachers.classifier import SimulatedLLMClassifier, confusable_classes
+from pgkd.teachers.prompt import CLASSIFY_INSTRUCTIONS, PromptError, read_classification, read_prompt
 from pgkd.teachers.simulated import make_simulated_teacher
 
 MODEL_NAME = "teacher"
@@ -36,8 +39,8 @@ class SimulatedTeacherModel:
     """The inference function: prompts in, JSON answers out, one request at a time (the teacher
     remembers what it gave, so two requests must not interleave)."""
 
-    def __init__(self, teacher, latency: float = 0.0):
-        self.teacher = teacher
+    def __init__(self, teacher, latency: float = 0.0, classifier=None):
+        self.teacher, self.classifier = teacher, classifier
         # Sent with every answer, so the client's report says what answered it.
         self.served_by = json.dumps({**teacher.describe(), "served_by": "pgkd teacher serve (PyTriton)"}).encode()
         self.latency = latency
@@ -45,6 +48,13 @@ class SimulatedTeacherModel:
         self._lock = threading.Lock()
 
     def answer(self, prompt: str) -> str:
+        if self.classifier is not None and prompt.startswith(CLASSIFY_INSTRUCTIONS.splitlines()[0]):
+            try:
+                request = read_classification(prompt)
+            except (PromptError, ValueError) as e:
+                return f"I cannot answer that: {e}"
+            labels, _ = self.classifier.classify(request)
+            return json.dumps({"labels": labels}, ensure_ascii=False)
         try:
             request = read_prompt(prompt)
         except (PromptError, ValueError) as e:
@@ -72,14 +82,21 @@ class SimulatedTeacherModel:
 
 def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_port: int, metrics_port: int,
           host: str = DEFAULT_HOST, validation_fraction: float = 0.2, label_noise: float = 0.0, latency: float = 0.0,
-          text_column: str = "text", label_column: str = "label") -> None:
+          text_column: str = "text", label_column: str = "label", llm_accuracy: float = 0.95) -> None:
     """Serve on `host` until SIGTERM, SIGHUP or Ctrl-C. The pool is the train split minus the labeled
     samples a run with the same --data, --labeled and --seed trains on, so the simulation never hands the
     student its own samples (the client's screening would reject them anyway)."""
     dataset = load_dataset(data, text_column, label_column, seed=seed)
     splits = make_splits(dataset, labeled, seed, validation_fraction)
-    teacher = make_simulated_teacher(kind, splits.pool, seed=seed, label_noise=label_noise, embed=EmbeddingCache())
-    model = SimulatedTeacherModel(teacher, latency=latency)
+    if not 0 <= llm_accuracy <= 1:
+        raise UserError(Option("llm_accuracy", llm_accuracy), ": expected a number in [0, 1]")
+    embed = EmbeddingCache()
+    teacher = make_simulated_teacher(kind, splits.pool, seed=seed, label_noise=label_noise, embed=embed)
+    # The cascade's classification prompts: a simulated LLM that knows every gold label of the dataset.
+    classifier = SimulatedLLMClassifier(dataset.train + dataset.validation + dataset.test, splits.labels, llm_accuracy,
+                                        seed=seed,
+                                        confusable=confusable_classes(splits.labels, embed))
+    model = SimulatedTeacherModel(teacher, latency=latency, classifier=classifier)
 
     libdir = sysconfig.get_config_var("LIBDIR")
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)

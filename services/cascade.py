@@ -1,0 +1,257 @@
+"""`pgkd cascade serve`: the served cascade (pgkd.serving.cascade_server), and the publisher that
+sends each teacher label to the stream's input topic, so that the stream's runs distill production
+traffic (ingest stores them as teacher labels: never in validation, their share of a run bounded).
+
+The publisher never blocks a request: labels wait in a bounded buffer that one thread drains to the
+broker (kafka-python's producer, as `pgkd send`); while the broker is down they wait there, and
+when the buffer is full a label is dropped and counted (pgkd_cascade_labels{outcome="dropped"})."""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+
+from pgkd.distributed.messages import LabeledSample
+from pgkd.errors import Option, UserError
+from pgkd.net import DEFAULT_HOST, host_option, port_option, require_free_ports
+
+from pgkd_services import kafka_security
+from pgkd_services.runtime import Settings, bootstrap_servers
+
+log = logging.getLogger("pgkd.cascade")
+
+BATCH = 256               # labels sent between two flushes
+RETRY_SECONDS = 1.0       # after the broker failed a send
+
+
+class LabelPublisher:
+    """`publisher(labels)` queues teacher labels (pgkd.serving.cascade.TeacherLabel) for `topic`;
+    `start()` begins draining the queue, `stop()` sends what it can within `flush_timeout`."""
+
+    def __init__(self, bootstrap: list[str], topic: str, capacity: int = 10_000, metrics=None, producer=None,
+                 flush_timeout: float = 10.0):
+        self.bootstrap, self.topic, self.metrics, self.flush_timeout = bootstrap, topic, metrics, flush_timeout
+        self.queue: queue.Queue[bytes] = queue.Queue(maxsize=capacity)
+        self.published = self.dropped = 0
+        self._producer, self._stop, self._thread = producer, threading.Event(), None
+        self._pending: list[bytes] = []
+
+    def __call__(self, labels) -> None:
+        for label in labels:
+            body = LabeledSample(text=label.text, label=label.label, source="teacher",
+                                 model=label.model).model_dump_json(exclude_none=True).encode()
+            try:
+                self.queue.put_nowait(body)
+            except queue.Full:
+                self.dropped += 1
+                if self.metrics is not None:
+                    self.metrics.labels.labels("dropped").inc()
+
+    def start(self) -> "LabelPublisher":
+        self._thread = threading.Thread(target=self._run, name="cascade-labels", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.flush_timeout + 5)
+
+    def _make_producer(self):
+        from kafka import KafkaProducer
+        return KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=20, client_id="pgkd-cascade",
+                             max_block_ms=5000, **kafka_security.current().kafka_python())
+
+    def _run(self) -> None:
+        deadline = None
+        while True:
+            if self._stop.is_set():
+                deadline = deadline or time.monotonic() + self.flush_timeout
+                if (not self._pending and self.queue.empty()) or time.monotonic() > deadline:
+                    break
+            while len(self._pending) < BATCH:
+                try:
+                    self._pending.append(self.queue.get(timeout=0.2 if not self._pending else 0))
+                except queue.Empty:
+                    break
+            if not self._pending:
+                continue
+            try:
+                self._send()
+            except Exception as e:  # noqa: BLE001 -- the broker is down or refused: the labels wait, requests go on
+                log.warning("cascade: cannot publish %d teacher label(s) to %s (%s); they wait (buffer %d of %d)",
+                            len(self._pending), self.topic, str(e)[:200] or type(e).__name__, self.queue.qsize(),
+                            self.queue.maxsize)
+                self._close_producer()
+                self._stop.wait(RETRY_SECONDS * (1 + random.random()))
+        self._close_producer()
+
+    def _send(self) -> None:
+        if self._producer is None:
+            self._producer = self._make_producer()
+        futures = [self._producer.send(self.topic, value=body) for body in self._pending]
+        self._producer.flush(timeout=self.flush_timeout)
+        sent = 0
+        for future in futures:
+            future.get(timeout=self.flush_timeout)
+            sent += 1
+        self.published += sent
+        if self.metrics is not None:
+            self.metrics.labels.labels("published").inc(sent)
+        self._pending = []
+
+    def _close_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=1)
+            except Exception:  # noqa: BLE001 -- closing a producer of a broker that is gone
+                pass
+            self._producer = None
+
+
+def serve_cascade(args) -> int:
+    from pgkd.serving.cascade import Cascade, CascadeMetrics, Policy, PolicySource, read_calibration_path
+    from pgkd.serving.cascade_server import CascadeModel, serve
+    from pgkd.serving.client import StudentClient
+
+    for name in ("student_timeout", "teacher_timeout"):
+        value = getattr(args, name)
+        if not (value > 0 and value < float("inf")):
+            raise UserError(Option(name, value), ": expected a finite number of seconds above 0")
+    for name in ("teacher_concurrency", "max_per_call", "instances", "label_buffer"):
+        if getattr(args, name) < 1:
+            raise UserError(Option(name, getattr(args, name)), ": expected 1 or more")
+    require_free_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
+                                   "--metrics-port": args.metrics_port,
+                                   "--cascade-metrics-port": args.cascade_metrics_port})
+    calibration = read_calibration_path(args.calibration)
+    if not calibration.labels:
+        raise UserError(Option("calibration", args.calibration), ": names no labels (written by an older pgkd?)")
+    given = {k: getattr(args, k) for k in ("threshold", "target_accuracy", "max_teacher_share")
+             if getattr(args, k) is not None}
+    if not given and calibration.deferral is None and not args.policy_file:
+        raise UserError("no threshold: the student was calibrated without a target; give --threshold, "
+                        "--target-accuracy or --max-teacher-share")
+    policy = Policy(**given) if given else Policy(threshold=calibration.deferral.threshold) \
+        if calibration.deferral is not None else None
+    metrics = CascadeMetrics(price_prompt_per_1k=args.price_prompt_per_1k,
+                             price_completion_per_1k=args.price_completion_per_1k)
+    if policy is None:   # only the policy file says it
+        from pgkd.serving.cascade import read_policy_file
+        policy = read_policy_file(args.policy_file)
+    source = PolicySource(policy, calibration, args.policy_file, on_change=metrics.policy_changed)
+    teacher = teacher_factory(args.teacher, args.teacher_timeout, args.price_prompt_per_1k,
+                              args.price_completion_per_1k)
+    descriptions, examples = prompt_parts(args, calibration.labels)
+    publisher = None
+    if args.publish_labels:
+        settings = Settings.from_env()
+        publisher = LabelPublisher(bootstrap_servers(settings.broker_url), settings.topic_prefix + LabeledSample.topic,
+                                   capacity=args.label_buffer, metrics=metrics).start()
+    cascade = Cascade(calibration.labels, teacher, source, timeout=args.teacher_timeout,
+                      concurrency=args.teacher_concurrency, max_per_call=args.max_per_call,
+                      descriptions=descriptions, examples=examples, sink=publisher, metrics=metrics)
+    model = CascadeModel(cascade, lambda: StudentClient(args.student, args.student_model, timeout=args.student_timeout),
+                         calibration.labels, metrics)
+    from prometheus_client import REGISTRY, start_http_server
+    server, _ = start_http_server(args.cascade_metrics_port, addr=args.host, registry=REGISTRY)
+    try:
+        serve(model, args.http_port, args.grpc_port, args.metrics_port, host=args.host, instances=args.instances,
+              announce=f"threshold {source.threshold:.4f} ({source.described}); teacher {args.teacher}; cascade "
+                       f"metrics on :{args.cascade_metrics_port}/metrics"
+                       + (f"; teacher labels to {publisher.topic}" if publisher else ""))
+    finally:
+        cascade.close()
+        server.shutdown()
+        if publisher is not None:
+            publisher.stop()
+    return 0
+
+
+def teacher_factory(url: str, timeout: float, price_prompt: float, price_completion: float):
+    """A teacher client per worker thread, all sharing one circuit breaker: after two failures in a row
+    the teacher is not asked for 10 s, and deferred texts keep the student's answer at once."""
+    from pgkd.teachers.llm import CircuitBreaker, LLMSettings, LLMTeacher
+    from pgkd.teachers.transports import is_llm_teacher
+    if not is_llm_teacher(url):
+        raise UserError(Option("teacher", url), ": expected a teacher URL (triton://, triton+grpc://, openai://)")
+    settings = LLMSettings(timeout=timeout, retries=0, concurrency=1, breaker_cooldown=10.0, max_prompt_tokens=None,
+                           temperature=0.0, price_prompt_per_1k=price_prompt, price_completion_per_1k=price_completion)
+    LLMTeacher(url, settings)     # the URL checked now, in one line, not in a worker thread
+    breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown)
+
+    def make():
+        teacher = LLMTeacher(url, settings)
+        teacher.breaker = breaker
+        return teacher
+    return make
+
+
+def prompt_parts(args, labels: list[str]):
+    """The classification prompt's descriptions (--taxonomy) and labeled examples (the taxonomy's, or
+    --examples-per-class of --data's train split, seeded)."""
+    descriptions, examples = {}, []
+    from pgkd.types import Sample
+    if args.taxonomy:
+        from pgkd.taxonomy import read_taxonomy
+        taxonomy = read_taxonomy(args.taxonomy)
+        taxonomy.check_against(labels, "the student's labels")
+        descriptions = taxonomy.descriptions
+        examples = [Sample(text=t, label=c.label) for c in taxonomy.classes for t in c.examples]
+    if args.data and args.examples_per_class:
+        from pgkd.data import load_dataset
+        rng = random.Random(args.seed)
+        by_label: dict[str, list] = {}
+        for sample in load_dataset(args.data, seed=args.seed).train:
+            by_label.setdefault(sample.label, []).append(sample)
+        for label in labels:
+            pool = by_label.get(label, [])
+            examples += rng.sample(pool, min(args.examples_per_class, len(pool)))
+    return descriptions, examples
+
+
+def register(sub, distill_arguments=None) -> None:
+    cascade = sub.add_parser("cascade", help="the student answers what it is sure of, the LLM the rest")
+    cascade_sub = cascade.add_subparsers(dest="cascade_command", required=True)
+    s = cascade_sub.add_parser("serve", help="serve the cascade as a Triton model (KServe v2 over HTTP and gRPC)")
+    s.add_argument("--student", required=True, help="the served student: http://HOST:PORT or grpc://HOST:PORT")
+    s.add_argument("--student-model", default="student", help="its model name (pgkd export --model-name)")
+    s.add_argument("--student-timeout", type=float, default=10.0, help="seconds a call to the student may take")
+    s.add_argument("--teacher", required=True, help="the LLM: triton://HOST:PORT/MODEL, triton+grpc://..., "
+                   "openai://HOST:PORT/v1?model=NAME (docs/real-llms.md)")
+    s.add_argument("--calibration", required=True, help="the student's pgkd-calibration.json, or its folder (best/, "
+                   "or the served version's folder): its labels and held scores")
+    policy = s.add_mutually_exclusive_group()
+    policy.add_argument("--threshold", type=float, help="the student answers a text when its confidence is at least "
+                        "this (default: the threshold the run recorded)")
+    policy.add_argument("--target-accuracy", type=float, help="the threshold whose answers hold this accuracy on "
+                        "the held scores")
+    policy.add_argument("--max-teacher-share", type=float, help="the threshold that sends at most this share of "
+                        "texts to the LLM on the held scores")
+    s.add_argument("--policy-file", help="a JSON file {\"threshold\": T} (or target_accuracy, max_teacher_share), "
+                   "read again whenever it changes: the threshold moves without a new model version")
+    s.add_argument("--taxonomy", help="a taxonomy file (pgkd distill --taxonomy): descriptions and examples for the "
+                   "prompt")
+    s.add_argument("--data", help="a dataset folder whose train split gives the prompt's labeled examples")
+    s.add_argument("--examples-per-class", type=int, default=2)
+    s.add_argument("--seed", type=int, default=1, help="seeds the examples' draw")
+    s.add_argument("--teacher-timeout", type=float, default=5.0, help="seconds the teacher has to answer a batch's "
+                   "deferred texts; later, the student's answers stand")
+    s.add_argument("--teacher-concurrency", type=int, default=4, help="teacher calls at once, at most")
+    s.add_argument("--max-per-call", type=int, default=16, help="deferred texts in one classification prompt")
+    s.add_argument("--instances", type=int, default=4, help="batches served at once")
+    s.add_argument("--price-prompt-per-1k", type=float, default=0.0)
+    s.add_argument("--price-completion-per-1k", type=float, default=0.0)
+    s.add_argument("--publish-labels", action="store_true", help="send each teacher label to the stream's input "
+                   "topic (PGKD_BROKER_URL, PGKD_TOPIC_PREFIX)")
+    s.add_argument("--label-buffer", type=int, default=10_000, help="teacher labels kept while the broker is away; "
+                   "more are dropped and counted")
+    s.add_argument("--host", type=host_option, default=DEFAULT_HOST, help="the address to listen on")
+    s.add_argument("--http-port", type=port_option, default=8020)
+    s.add_argument("--grpc-port", type=port_option, default=8021)
+    s.add_argument("--metrics-port", type=port_option, default=8022, help="Triton's own metrics")
+    s.add_argument("--cascade-metrics-port", type=port_option, default=8023, help="the cascade's metrics "
+                   "(pgkd_cascade_*, docs/metrics.md)")
+    s.set_defaults(func=serve_cascade)

@@ -1,0 +1,299 @@
+"""The cascade: the student answers the texts it is sure of, the teacher LLM answers the rest, and
+every answer says who gave it.
+
+    texts -> student (calibrated confidence) -> confidence >= threshold ? student : teacher
+                                                                          (classification prompt)
+
+The threshold comes from a `Policy`: a threshold, or a target (an accuracy the student's answers must
+hold, or the share of texts the LLM may see) turned into one on the student's held calibration
+scores (pgkd.calibration). A policy file, when given, is read again whenever it changes, so an
+operator moves the threshold while the cascade serves, without a new model version.
+
+The deferred texts of a batch go to the teacher together, in prompts of `max_per_call` texts, at
+most `concurrency` at a time, within `timeout` seconds. A teacher that is slow, down, refuses, or
+answers something outside the taxonomy never fails a text: the student's answer is returned, and
+`fallback` says why. Each teacher label goes to `sink` (the stream's input topic, as a label with
+source "teacher"), which must never block.
+
+This module knows nothing of Triton or Kafka: pgkd.serving.cascade_server serves it over KServe v2
+(HTTP and gRPC), pgkd_services.cascade publishes the labels.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pgkd.calibration import FILE as CALIBRATION_FILE, Calibration
+from pgkd.errors import UserError, invalid
+from pgkd.types import ClassificationRequest, Sample, TeacherUnavailable
+
+log = logging.getLogger("pgkd.cascade")
+
+STUDENT, TEACHER, ERROR = "student", "teacher", "error"     # who answered a text (`answered_by`)
+# Why the student's answer stands for a deferred text (`fallback`); "" when nothing failed.
+FALLBACKS = ("teacher_timeout", "teacher_unavailable", "teacher_error", "out_of_taxonomy")
+POLICY_CHECK_SECONDS = 1.0    # a policy file is looked at (its mtime) at most this often
+
+
+class Policy(BaseModel):
+    """What decides the threshold: exactly one of the three."""
+    model_config = ConfigDict(extra="forbid")
+    threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    target_accuracy: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    max_teacher_share: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one(self) -> "Policy":
+        given = [k for k in ("threshold", "target_accuracy", "max_teacher_share") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of threshold, target_accuracy, max_teacher_share (got "
+                             f"{', '.join(given) or 'none'})")
+        return self
+
+    def resolve(self, calibration: Calibration | None) -> tuple[float, str]:
+        """The threshold, and what it was chosen for. A target needs the held scores; one they cannot
+        meet is a UserError naming what they can."""
+        if self.threshold is not None:
+            return self.threshold, f"threshold {self.threshold:g}"
+        if calibration is None or not calibration.confidence:
+            raise UserError("a target needs the student's calibration (its held scores): give --calibration")
+        deferral = calibration.threshold_for(self.target_accuracy, self.max_teacher_share)
+        return deferral.threshold, deferral.target
+
+
+def _in(file: Path):
+    """A namer for pgkd.errors.invalid: the file, and the key when there is one."""
+    return lambda loc, value: str(file) + (f": {'.'.join(map(str, loc))}" if loc else "")
+
+
+def read_calibration_path(path: str | Path) -> Calibration:
+    """A student's calibration: its pgkd-calibration.json, or a folder holding one (best/, an exported version)."""
+    path = Path(path)
+    file = path / CALIBRATION_FILE if path.is_dir() else path
+    try:
+        return Calibration.model_validate_json(file.read_bytes())
+    except OSError as e:
+        raise UserError(f"{file}: cannot read the calibration ({e.strerror or e})") from None
+    except ValidationError as e:
+        raise invalid(e, _in(file), limit=2) from None
+
+
+def read_policy_file(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the cascade's policy ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not JSON ({e})") from None
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as e:
+        raise invalid(e, _in(path), limit=2) from None
+
+
+class PolicySource:
+    """The threshold in force: the starting policy's, then the policy file's whenever the file changes.
+    A file that becomes unreadable or names an unmeetable target keeps the last good threshold (logged,
+    counted in `errors`)."""
+
+    def __init__(self, policy: Policy, calibration: Calibration | None = None, file: str | Path | None = None,
+                 on_change: Callable[[float, Policy], None] | None = None):
+        self.calibration, self.file, self.on_change = calibration, Path(file) if file else None, on_change
+        self._lock, self._checked, self._mtime, self.errors = threading.Lock(), 0.0, None, 0
+        if self.file is not None and self.file.exists():
+            policy = read_policy_file(self.file)
+            self._mtime = self.file.stat().st_mtime_ns
+        self._set(policy)
+
+    def _set(self, policy: Policy) -> None:
+        threshold, described = policy.resolve(self.calibration)
+        self.policy, self.threshold, self.described = policy, threshold, described
+        if self.on_change is not None:
+            self.on_change(threshold, policy)
+
+    def current(self) -> float:
+        if self.file is not None and time.monotonic() - self._checked >= POLICY_CHECK_SECONDS:
+            with self._lock:
+                self._checked = time.monotonic()
+                try:
+                    mtime = self.file.stat().st_mtime_ns
+                except OSError:
+                    mtime = self._mtime     # a file being replaced: the threshold stays
+                if mtime != self._mtime:
+                    self._mtime = mtime
+                    try:
+                        self._set(read_policy_file(self.file))
+                        log.info("cascade: policy from %s: threshold %.4f (%s)", self.file, self.threshold,
+                                 self.described)
+                    except UserError as e:
+                        self.errors += 1
+                        log.warning("cascade: %s; the threshold stays %.4f", e, self.threshold)
+        return self.threshold
+
+
+@dataclass
+class Answer:
+    label: str
+    answered_by: str             # student | teacher | error
+    confidence: float            # the student's calibrated probability of its own label
+    student_label: str
+    teacher_label: str = ""      # "" when the teacher was not asked or gave no label of the taxonomy
+    fallback: str = ""           # one of FALLBACKS when the teacher was asked and the student's answer stands
+    error: str = ""              # what is wrong with the text (answered_by "error")
+
+
+@dataclass
+class TeacherLabel:
+    """A deferred text and the label the teacher gave it: a label for the stream (source "teacher")."""
+    text: str
+    label: str
+    model: str
+
+
+class Cascade:
+    """Routes a batch of texts with the student's probabilities; asks the teacher for the rest.
+
+    `teacher` makes a teacher client for one thread (each worker thread asks with its own: an LLM
+    client's connections are not shared across threads): an object with `classify(request) ->
+    (labels, usage)` and `name`, as pgkd.teachers.llm.LLMTeacher."""
+
+    def __init__(self, labels: list[str], teacher: Callable[[], object], policy: PolicySource, timeout: float = 5.0,
+                 concurrency: int = 4, max_per_call: int = 16, descriptions: dict[str, str] | None = None,
+                 examples: list[Sample] | None = None, sink: Callable[[list[TeacherLabel]], None] | None = None,
+                 metrics: "CascadeMetrics | None" = None):
+        self.labels, self.policy, self.timeout, self.max_per_call = list(labels), policy, timeout, max_per_call
+        self.descriptions, self.examples = descriptions or {}, examples or []
+        self.sink, self.metrics = sink, metrics
+        self._make_teacher, self._local = teacher, threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="cascade-teacher")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _teacher(self):
+        if getattr(self._local, "teacher", None) is None:
+            self._local.teacher = self._make_teacher()
+        return self._local.teacher
+
+    def _ask(self, texts: list[str]):
+        teacher = self._teacher()
+        began = time.perf_counter()
+        labels, usage = teacher.classify(ClassificationRequest(taxonomy=self.labels, texts=texts,
+                                                               descriptions=self.descriptions,
+                                                               examples=self.examples))
+        if self.metrics is not None:
+            self.metrics.teacher_call(time.perf_counter() - began, usage)
+        return labels, getattr(teacher, "name", "teacher")
+
+    def answer(self, texts: list[str], probs: np.ndarray) -> list[Answer]:
+        """Each text's answer: the student's where its confidence reaches the threshold, else the teacher's."""
+        probs = np.asarray(probs)
+        threshold = self.policy.current()
+        best = probs.argmax(axis=1) if len(texts) else np.zeros(0, dtype=int)
+        answers = [Answer(label=self.labels[b], answered_by=STUDENT, confidence=float(probs[i, b]),
+                          student_label=self.labels[b]) for i, b in enumerate(best)]
+        deferred = [i for i, a in enumerate(answers) if a.confidence < threshold]
+        if deferred:
+            self._defer(texts, answers, deferred)
+        if self.metrics is not None:
+            self.metrics.answered(answers)
+        return answers
+
+    def _defer(self, texts: list[str], answers: list[Answer], deferred: list[int]) -> None:
+        chunks = [deferred[i:i + self.max_per_call] for i in range(0, len(deferred), self.max_per_call)]
+        futures = {self._pool.submit(self._ask, [texts[i] for i in chunk]): chunk for chunk in chunks}
+        done, late = wait(futures, timeout=self.timeout)
+        labels_out: list[TeacherLabel] = []
+        for future, chunk in futures.items():
+            if future in late:
+                future.cancel()            # not started: never sent; started: its answer is dropped
+                reason, labels, model = "teacher_timeout", None, ""
+            else:
+                try:
+                    labels, model = future.result()
+                    reason = ""
+                except TeacherUnavailable as e:
+                    reason, labels, model = "teacher_unavailable", None, ""
+                    log.warning("cascade: the teacher is unavailable: %s", e)
+                except Exception as e:  # noqa: BLE001 -- whatever the teacher did, the student's answer stands
+                    reason, labels, model = "teacher_error", None, ""
+                    log.warning("cascade: the teacher failed: %s: %s", type(e).__name__, str(e)[:200])
+            for n, i in enumerate(chunk):
+                label = labels[n] if labels is not None and n < len(labels) else None
+                if label is None or label not in self.labels:
+                    answers[i].fallback = reason or "out_of_taxonomy"
+                    continue
+                answers[i].label, answers[i].answered_by, answers[i].teacher_label = label, TEACHER, label
+                labels_out.append(TeacherLabel(text=texts[i], label=label, model=model))
+        if labels_out and self.sink is not None:
+            self.sink(labels_out)
+
+
+class CascadeMetrics:
+    """What operators watch (Prometheus): who answered, the teacher's calls, latency, tokens and cost,
+    the fallbacks, how often the teacher disagreed with the student on deferred texts (a drift
+    signal), the threshold in force and the teacher share it aims at, the labels sent to the stream."""
+
+    def __init__(self, registry=None, price_prompt_per_1k: float = 0.0, price_completion_per_1k: float = 0.0):
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+        r = {"registry": registry if registry is not None else REGISTRY}
+        self.prices = (price_prompt_per_1k, price_completion_per_1k)
+        self.texts = Counter("pgkd_cascade_texts", "Texts answered, by who answered (student, teacher; error: a "
+                             "text refused)", ["answered_by"], **r)
+        self.deferred = Counter("pgkd_cascade_deferred", "Texts below the threshold, sent to the teacher", **r)
+        self.fallbacks = Counter("pgkd_cascade_fallbacks", "Deferred texts answered by the student after all, by "
+                                 "reason", ["reason"], **r)
+        self.disagreements = Counter("pgkd_cascade_disagreements", "Deferred texts the teacher labeled otherwise "
+                                     "than the student", **r)
+        self.teacher_calls = Counter("pgkd_cascade_teacher_calls", "Classification prompts the teacher answered", **r)
+        self.teacher_latency = Histogram("pgkd_cascade_teacher_latency_seconds", "Round trip of one teacher call",
+                                         buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), **r)
+        self.teacher_tokens = Counter("pgkd_cascade_teacher_tokens", "Teacher tokens, by kind", ["kind"], **r)
+        self.teacher_cost = Counter("pgkd_cascade_teacher_cost", "Teacher cost, from the configured prices", **r)
+        self.request_latency = Histogram("pgkd_cascade_request_latency_seconds", "A batch of texts, student and "
+                                         "teacher", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+                                         **r)
+        self.threshold = Gauge("pgkd_cascade_threshold", "The confidence threshold in force", **r)
+        self.teacher_share_target = Gauge("pgkd_cascade_teacher_share_target", "The share of texts the teacher may "
+                                          "answer (the policy's max_teacher_share; 1 when the policy sets none)", **r)
+        self.labels = Counter("pgkd_cascade_labels", "Teacher labels for the stream, by outcome (published, "
+                              "dropped: the buffer was full)", ["outcome"], **r)
+        for who in (STUDENT, TEACHER, ERROR):
+            self.texts.labels(who)
+        for reason in FALLBACKS:
+            self.fallbacks.labels(reason)
+        for kind in ("prompt", "completion"):
+            self.teacher_tokens.labels(kind)
+        for outcome in ("published", "dropped"):
+            self.labels.labels(outcome)
+
+    def policy_changed(self, threshold: float, policy: Policy) -> None:
+        self.threshold.set(threshold)
+        self.teacher_share_target.set(1.0 if policy.max_teacher_share is None else policy.max_teacher_share)
+
+    def teacher_call(self, seconds: float, usage) -> None:
+        self.teacher_calls.inc()
+        self.teacher_latency.observe(seconds)
+        self.teacher_tokens.labels("prompt").inc(usage.prompt_tokens)
+        self.teacher_tokens.labels("completion").inc(usage.completion_tokens)
+        self.teacher_cost.inc(usage.prompt_tokens / 1000 * self.prices[0] + usage.completion_tokens / 1000 * self.prices[1])
+
+    def answered(self, answers: list[Answer]) -> None:
+        for a in answers:
+            self.texts.labels(a.answered_by).inc()
+            if a.answered_by == TEACHER or a.fallback:
+                self.deferred.inc()
+            if a.fallback:
+                self.fallbacks.labels(a.fallback).inc()
+            if a.answered_by == TEACHER and a.teacher_label != a.student_label:
+                self.disagreements.inc()

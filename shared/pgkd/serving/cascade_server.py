@@ -1,0 +1,146 @@
+"""`pgkd cascade serve`: the cascade (pgkd.serving.cascade) as a Triton model, beside the student's server.
+
+It runs on a real Triton server (PyTriton's bundled tritonserver, as `pgkd teacher serve` does), so
+clients keep the KServe v2 protocol over HTTP and gRPC: `pgkd classify --model cascade`, tritonclient
+and perf_analyzer work as they do with the student. The model asks the served student (`pgkd serve`,
+over its URL) for calibrated probabilities, and the teacher LLM (any teacher URL pgkd takes) for the
+texts below the threshold.
+
+Tensors of the model `cascade` (batch dimension first; a request carries one text or several):
+    text           BYTES [1]   UTF-8 text
+    ->
+    label          BYTES [1]   the answer
+    probability    FP32  [1]   the student's calibrated confidence in its own label
+    probabilities  FP32  [-1]  the student's calibrated probabilities (labels.txt order)
+    answered_by    BYTES [1]   student | teacher | error
+    student_label  BYTES [1]   the student's label
+    teacher_label  BYTES [1]   the teacher's, "" when it was not asked or gave none of the taxonomy
+    fallback       BYTES [1]   why a deferred text kept the student's answer (teacher_timeout, ...), or ""
+    error          BYTES [1]   what is wrong with the text (empty, too long, not UTF-8), or ""
+
+A bad text is answered in its own row (`answered_by` error, `error` saying what and which), and the
+other texts are answered: PyTriton can fail only a whole batch, with a traceback as its message.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sysconfig
+import threading
+import time
+
+import numpy as np
+
+from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
+from pgkd.processes import Stopped, stop_signals
+from pgkd.serving.cascade import ERROR, Answer, Cascade
+from pgkd.types import MAX_TEXT_CHARS
+
+MODEL_NAME = "cascade"
+OUTPUTS = ("label", "probability", "probabilities", "answered_by", "student_label", "teacher_label", "fallback",
+           "error")
+
+
+def check_text(value, number: int, max_chars: int = MAX_TEXT_CHARS) -> str:
+    """The text, or ValueError saying what is wrong with it."""
+    if not isinstance(value, (bytes, str)):
+        raise ValueError(f"text {number}: not a string ({type(value).__name__})")
+    try:
+        text = value.decode("utf-8") if isinstance(value, bytes) else value
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text {number}: not UTF-8 (byte {e.start + 1})") from None
+    if not text.strip():
+        raise ValueError(f"text {number}: empty")
+    if len(text) > max_chars:
+        raise ValueError(f"text {number}: {len(text)} characters, more than the {max_chars} the cascade takes")
+    return text
+
+
+class CascadeModel:
+    """The inference function: every text of a batch of requests goes to the student in one call,
+    the deferred ones to the teacher together. `student` makes a client for one thread, with
+    `infer(texts) -> {"probabilities": ...}` (pgkd.serving.client.StudentClient)."""
+
+    def __init__(self, cascade: Cascade, student, labels: list[str], metrics=None):
+        self.cascade, self.labels, self.metrics = cascade, labels, metrics
+        self._make_student, self._local = student, threading.local()
+
+    def _student(self):
+        if getattr(self._local, "student", None) is None:
+            self._local.student = self._make_student()
+        return self._local.student
+
+    def answers(self, values: list) -> tuple[list[Answer], np.ndarray]:
+        """One answer per value, in order, and the student's probabilities (zeros for a bad value): a bad
+        value is an error row, the rest are answered."""
+        texts, rows, answers = [], [], [None] * len(values)
+        probs = np.zeros((len(values), len(self.labels)), dtype=np.float32)
+        for number, value in enumerate(values, start=1):
+            try:
+                texts.append(check_text(value, number))
+                rows.append(number - 1)
+            except ValueError as e:
+                answers[number - 1] = Answer(label="", answered_by=ERROR, confidence=0.0, student_label="",
+                                             error=str(e))
+        if texts:
+            student = np.asarray(self._student().infer(texts)["probabilities"], dtype=np.float32)
+            probs[rows] = student
+            for row, answer in zip(rows, self.cascade.answer(texts, student)):
+                answers[row] = answer
+        if self.metrics is not None:
+            self.metrics.texts.labels(ERROR).inc(sum(a.answered_by == ERROR for a in answers))
+        return answers, probs
+
+    def __call__(self, requests: list[dict]) -> list[dict]:
+        began = time.perf_counter()
+        values = [request["text"].reshape(-1) for request in requests]
+        flat = [v for request_values in values for v in request_values]
+        try:
+            answers, probs = self.answers(flat)
+        except Exception as e:  # noqa: BLE001 -- the student unreachable: every text says so, the server goes on
+            message = f"the student could not answer: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+            answers = [Answer(label="", answered_by=ERROR, confidence=0.0, student_label="", error=message)
+                       for _ in flat]
+            probs = np.zeros((len(flat), len(self.labels)), dtype=np.float32)
+        if self.metrics is not None:
+            self.metrics.request_latency.observe(time.perf_counter() - began)
+        responses, start = [], 0
+        for request_values in values:
+            end = start + len(request_values)
+            responses.append(self._response(answers[start:end], probs[start:end]))
+            start = end
+        return responses
+
+    @staticmethod
+    def _response(answers: list[Answer], probs: np.ndarray) -> dict:
+        def column(name: str) -> np.ndarray:
+            return np.array([[getattr(a, name).encode("utf-8")] for a in answers], dtype=object)
+        return {"label": column("label"), "answered_by": column("answered_by"),
+                "student_label": column("student_label"), "teacher_label": column("teacher_label"),
+                "fallback": column("fallback"), "error": column("error"),
+                "probability": np.array([[a.confidence] for a in answers], dtype=np.float32),
+                "probabilities": probs}
+
+
+def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int, host: str = DEFAULT_HOST,
+          instances: int = 4, max_batch_size: int = 64, announce: str = "") -> None:
+    """Serve `model` on `host` until SIGTERM, SIGHUP or Ctrl-C (PyTriton's tritonserver, CPU)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
+    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5)
+    outputs = [Tensor(name=n, dtype=np.float32, shape=(-1,) if n == "probabilities" else (1,))
+               if n.startswith("probabilit") else Tensor(name=n, dtype=bytes, shape=(1,)) for n in OUTPUTS]
+    with stop_signals(), contextlib.suppress(Stopped), Triton(config=config) as triton:
+        # Several instances, so that a batch waiting on the teacher does not hold up the others.
+        triton.bind(model_name=MODEL_NAME, infer_func=[model] * instances,
+                    inputs=[Tensor(name="text", dtype=bytes, shape=(1,))], outputs=outputs,
+                    config=ModelConfig(max_batch_size=max_batch_size, batching=True), strict=False)
+        print(f"pgkd: serving the cascade as Triton model '{MODEL_NAME}' on {host}: http :{http_port}, "
+              f"grpc :{grpc_port}; pgkd classify --url http://{url_host(host)}:{http_port} --model {MODEL_NAME}"
+              + (f"; {announce}" if announce else ""), flush=True)
+        triton.serve()

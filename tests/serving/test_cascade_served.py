@@ -1,0 +1,250 @@
+"""The served cascade with real servers: the calibrated student on Triton (`pgkd serve`'s tritonserver),
+the simulated LLM on Triton behind it (`pgkd teacher serve`: a simulation, not an LLM), `pgkd cascade
+serve` in front, Tansu (a Kafka-compatible broker, not Apache Kafka) carrying the teacher's labels,
+and the stream storing them as the ingest service does, as teacher labels. A teacher killed mid-traffic
+fails no request: the student's answers stand, flagged, and the fallbacks are counted."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import TOY_CLASSES, make_toy_dataset, tansu_broker, toy_text
+from pgkd.calibration import FILE, calibrate
+from pgkd.data import load_dataset, make_splits
+from pgkd.net import free_ports
+from pgkd.serving.tritonserver import run_tritonserver
+from pgkd.students import create_student
+from pgkd.types import TrainConfig
+from process_tools import Pgkd
+
+SHARE = 0.5     # the LLM may answer half the texts: both kinds of answer are seen
+
+
+def infer(url: str, texts: list, protocol: str = "http", model: str = "cascade") -> dict[str, list]:
+    """One KServe v2 request with tritonclient, as any client sends it."""
+    if protocol == "http":
+        import tritonclient.http as client
+    else:
+        import tritonclient.grpc as client
+    values = np.array([[t if isinstance(t, bytes) else t.encode()] for t in texts], dtype=object)
+    with client.InferenceServerClient(url) as c:
+        inputs = [client.InferInput("text", list(values.shape), "BYTES")]
+        inputs[0].set_data_from_numpy(values)
+        result = c.infer(model, inputs)
+    out = {}
+    for name in ("label", "answered_by", "student_label", "teacher_label", "fallback", "error"):
+        out[name] = [v.decode() for v in result.as_numpy(name).reshape(-1)]
+    out["probability"] = result.as_numpy("probability").reshape(-1).tolist()
+    out["probabilities"] = result.as_numpy("probabilities")
+    return out
+
+
+def metric(port: int, name: str, labels: str = "") -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f"{name}{'{' + labels + '}' if labels else ''} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name}{{{labels}}} in the metrics")
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cascade")
+    data_path = make_toy_dataset(folder / "toy", train_per_class=80, test_per_class=30)
+    data = load_dataset(data_path)
+    splits = make_splits(data, 120, 1, 0.3)
+    # A briefly trained student (so that its confidence varies), calibrated on held texts, the threshold
+    # sending half of them to the LLM: a run ends so (tests/loop/test_calibrated_run.py).
+    student = create_student("tiny", splits.labels, seed=3)
+    student.train(splits.train, [], TrainConfig(epochs=2, seed=3, learning_rate=3e-3), progress=False)
+    probs = student.predict_proba([s.text for s in splits.validation])
+    index = {label: i for i, label in enumerate(splits.labels)}
+    student.calibration = calibrate(probs, np.array([index[s.label] for s in splits.validation]), "held",
+                                    max_teacher_share=SHARE, labels=splits.labels)
+    student.save(folder / "best")
+    done = Pgkd(folder, "export", str(folder / "best"), "--out", str(folder / "repo"))
+    assert done.process.wait(300) == 0, done.log()
+    assert (folder / "repo" / "student" / "1" / FILE).is_file()
+
+    started = []
+    with tansu_broker(folder) as broker, run_tritonserver(folder / "repo", models=["student"]) as student_server:
+        os.environ["PGKD_BROKER_URL"] = broker
+        try:
+            topics = Pgkd(folder, "topics", "create")
+            assert topics.process.wait(120) == 0, topics.log()
+            teacher_ports = free_ports(3)
+            teacher = Pgkd(folder, "teacher", "serve", "--kind", "pool-random", "--data", str(data_path), "--labeled",
+                           "120", "--llm-accuracy", "1", "--http-port", str(teacher_ports[0]), "--grpc-port",
+                           str(teacher_ports[1]), "--metrics-port", str(teacher_ports[2]))
+            started.append(teacher)
+            teacher.wait_for("pgkd: serving the simulated teacher")
+            ports = free_ports(4)
+            policy = folder / "policy.json"
+            server = Pgkd(folder, "cascade", "serve", "--student", f"http://{student_server.http_url}",
+                          "--teacher", f"triton://127.0.0.1:{teacher_ports[0]}/teacher",
+                          "--calibration", str(folder / "repo" / "student" / "1"), "--policy-file", str(policy),
+                          "--data", str(data_path), "--teacher-timeout", "5", "--publish-labels",
+                          "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                          "--cascade-metrics-port", str(ports[3]))
+            started.append(server)
+            server.wait_for("pgkd: serving the cascade")
+            yield dict(folder=folder, data=data, splits=splits, student=student, server=server, teacher=teacher,
+                       http=f"127.0.0.1:{ports[0]}", grpc=f"127.0.0.1:{ports[1]}", metrics=ports[3], policy=policy,
+                       broker=broker)
+        finally:
+            os.environ.pop("PGKD_BROKER_URL", None)
+            for process in started:
+                process.kill()
+
+
+def test_the_student_answers_what_it_is_sure_of_and_the_teacher_the_rest_over_http_and_grpc(cascade):
+    texts = [s.text for s in cascade["data"].test[:40]]
+    gold = [s.label for s in cascade["data"].test[:40]]
+    threshold = cascade["student"].calibration.deferral.threshold
+    expected = cascade["student"].predict_proba(texts)
+    for protocol, url in (("http", cascade["http"]), ("grpc", cascade["grpc"])):
+        out = infer(url, texts, protocol)
+        assert np.allclose(out["probabilities"], expected, atol=2e-3), protocol     # calibrated, as predict_proba
+        for i in range(len(texts)):
+            sure = out["probability"][i] >= threshold
+            assert out["student_label"][i] == cascade["student"].labels[int(expected[i].argmax())]
+            if sure:
+                assert (out["answered_by"][i], out["label"][i], out["teacher_label"][i]) == \
+                       ("student", out["student_label"][i], "")
+            else:     # the simulated LLM of accuracy 1 gives the gold label
+                assert (out["answered_by"][i], out["label"][i], out["teacher_label"][i]) == ("teacher", gold[i], gold[i])
+        assert 0 < out["answered_by"].count("teacher") < len(texts), protocol
+        assert set(out["fallback"]) == {""} and set(out["error"]) == {""}
+
+
+def test_pgkd_classify_and_perf_analyzer_work_on_the_cascade_unchanged(cascade):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "pgkd.cli", "classify", "--url", f"http://{cascade['http']}",
+                           "--model", "cascade", "I lost my card", "refund please"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["text"] for a in answers] == ["I lost my card", "refund please"]
+    assert all(a["label"] in cascade["student"].labels for a in answers)
+
+
+def test_a_bad_text_is_its_own_error_and_the_others_are_answered(cascade):
+    out = infer(cascade["http"], ["I lost my card", "", "x" * 100_000, b"\xff\xfe caf\xe9", "refund please"])
+    assert out["answered_by"][1:4] == ["error"] * 3
+    assert out["error"][1] == "text 2: empty"
+    assert out["error"][2].startswith("text 3: 100000 characters, more than the")
+    assert out["error"][3] == "text 4: not UTF-8 (byte 1)"
+    assert out["answered_by"][0] in ("student", "teacher") and out["answered_by"][4] in ("student", "teacher")
+    assert infer(cascade["grpc"], ["still serving"], "grpc")["answered_by"][0] in ("student", "teacher")
+
+
+def test_the_teachers_labels_reach_the_stream_as_teacher_labels(cascade, tmp_path):
+    """Tansu carries them; the stream takes each as the ingest service does (Stream.take), and stores it
+    in train, marked source teacher with the model that answered."""
+    from confluent_kafka import Consumer, TopicPartition
+    known = {s.text for s in cascade["data"].train + cascade["data"].test}
+    rng = random.Random(7)       # traffic: texts of the toy kind that no split holds (the stream drops those)
+    texts = list(dict.fromkeys(t for t in (toy_text(rng, label) for label in sorted(TOY_CLASSES) * 15)
+                               if t not in known))
+    out = infer(cascade["http"], texts)
+    deferred = {t for t, who in zip(texts, out["answered_by"]) if who == "teacher"}
+    assert deferred
+    consumer = Consumer({"bootstrap.servers": cascade["broker"].removeprefix("kafka://"), "group.id": "test-cascade",
+                         "enable.auto.commit": False})
+    got, deadline = {}, time.monotonic() + 30
+    try:
+        consumer.assign([TopicPartition("pgkd.labeled-samples", p, 0) for p in range(3)])
+        while not deferred <= set(got) and time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is not None and not message.error():
+                row = json.loads(message.value())
+                got[row["text"]] = message.value()
+    finally:
+        consumer.close()
+    assert deferred <= set(got), cascade["server"].log()
+    for text in deferred:
+        row = json.loads(got[text])
+        assert row["source"] == "teacher" and row["model"].startswith("triton://") and "label" in row
+
+    from pgkd.artifacts import ArtifactStore
+    from pgkd.distributed import steps
+    from pgkd.loop.config import DistillConfig
+    from pgkd.stream import Stream, StreamSettings
+    store = ArtifactStore(f"file://{tmp_path}/artifacts")
+    config = DistillConfig(data=str(cascade["folder"] / "toy"), labeled=40, student="minilm-frozen",
+                           teacher="pool-random", samples_per_cycle=8, max_cycles=0, seed=1)
+    steps.run_through_steps(steps.submit(config, store, run_id="base"), store)
+    stream = Stream(store, StreamSettings(stream="cascade", base_run="base", trigger_count=10_000))
+    stream.open()
+    for text in deferred:
+        assert stream.take(got[text]).outcome == "accepted"
+    stored = [s for s in stream.log.read() if s.text in deferred]
+    assert len(stored) == len(deferred)
+    assert all(s.source == "teacher" and s.split == "train" for s in stored)
+
+
+def test_the_operator_moves_the_threshold_with_the_policy_file_and_the_metrics_follow(cascade):
+    texts = [s.text for s in cascade["data"].test[80:100]]
+    try:
+        cascade["policy"].write_text(json.dumps({"threshold": 0.0}))
+        deadline = time.monotonic() + 15
+        while metric(cascade["metrics"], "pgkd_cascade_threshold") != 0.0:
+            infer(cascade["http"], texts[:1])
+            assert time.monotonic() < deadline, cascade["server"].log()
+            time.sleep(0.3)
+        assert set(infer(cascade["http"], texts)["answered_by"]) == {"student"}
+        cascade["policy"].write_text(json.dumps({"threshold": 1.5}))     # refused: the last good one stays
+        time.sleep(1.2)
+        assert set(infer(cascade["http"], texts)["answered_by"]) == {"student"}
+        assert "threshold stays" in cascade["server"].log()
+    finally:
+        cascade["policy"].write_text(json.dumps({"max_teacher_share": SHARE}))
+    before = metric(cascade["metrics"], "pgkd_cascade_texts_total", 'answered_by="teacher"')
+    time.sleep(1.2)
+    out = infer(cascade["http"], texts)
+    assert metric(cascade["metrics"], "pgkd_cascade_texts_total", 'answered_by="teacher"') == \
+        before + out["answered_by"].count("teacher")
+    assert metric(cascade["metrics"], "pgkd_cascade_teacher_share_target") == SHARE
+    assert metric(cascade["metrics"], "pgkd_cascade_labels_total", 'outcome="published"') > 0
+
+
+def test_a_teacher_killed_mid_traffic_fails_no_request_and_the_fallbacks_are_counted(cascade):
+    """16 clients at once; the teacher's server is SIGKILLed while they send. Every request is answered;
+    the deferred texts after the kill keep the student's answer, flagged."""
+    texts = [s.text for s in cascade["data"].test]
+    failures, answers, stop = [], [], threading.Event()
+
+    def client(n: int) -> None:
+        i = n
+        while not stop.is_set():
+            try:
+                out = infer(cascade["http"], [texts[i % len(texts)], texts[(i + 7) % len(texts)]])
+                answers.append(out)
+            except Exception as e:  # noqa: BLE001 -- any failed request fails the test
+                failures.append(repr(e))
+            i += 16
+    before = sum(metric(cascade["metrics"], "pgkd_cascade_fallbacks_total", f'reason="{r}"')
+                 for r in ("teacher_timeout", "teacher_unavailable", "teacher_error"))
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    cascade["teacher"].stop(signal.SIGKILL)
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert failures == []
+    flagged = [(who, fb) for out in answers for who, fb in zip(out["answered_by"], out["fallback"]) if fb]
+    assert flagged and all(who == "student" for who, _ in flagged)
+    after = sum(metric(cascade["metrics"], "pgkd_cascade_fallbacks_total", f'reason="{r}"')
+                for r in ("teacher_timeout", "teacher_unavailable", "teacher_error"))
+    assert after - before == len(flagged)
