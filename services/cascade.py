@@ -13,7 +13,7 @@ import random
 import threading
 import time
 
-from pgkd.distributed.messages import LabeledSample
+from pgkd.distributed.messages import TEACHER_SOURCE, LabeledSample
 from pgkd.errors import Option, UserError
 from pgkd.net import DEFAULT_HOST, host_option, port_option, require_free_ports
 
@@ -40,7 +40,7 @@ class LabelPublisher:
 
     def __call__(self, labels) -> None:
         for label in labels:
-            body = LabeledSample(text=label.text, label=label.label, source="teacher",
+            body = LabeledSample(text=label.text, label=label.label, source=TEACHER_SOURCE,
                                  model=label.model).model_dump_json(exclude_none=True).encode()
             try:
                 self.queue.put_nowait(body)
@@ -126,6 +126,8 @@ def serve_cascade(args) -> int:
     require_free_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
                                    "--metrics-port": args.metrics_port,
                                    "--cascade-metrics-port": args.cascade_metrics_port})
+    teacher = teacher_factory(args.teacher, args.teacher_timeout, args.price_prompt_per_1k,
+                              args.price_completion_per_1k)
     calibration = read_calibration_path(args.calibration)
     if not calibration.labels:
         raise UserError(Option("calibration", args.calibration), ": names no labels (written by an older pgkd?)")
@@ -136,14 +138,14 @@ def serve_cascade(args) -> int:
                         "--target-accuracy or --max-teacher-share")
     policy = Policy(**given) if given else Policy(threshold=calibration.deferral.threshold) \
         if calibration.deferral is not None else None
-    metrics = CascadeMetrics(price_prompt_per_1k=args.price_prompt_per_1k,
+    from prometheus_client import CollectorRegistry, start_http_server
+    registry = CollectorRegistry()     # the cascade's own: served on --cascade-metrics-port
+    metrics = CascadeMetrics(registry, price_prompt_per_1k=args.price_prompt_per_1k,
                              price_completion_per_1k=args.price_completion_per_1k)
     if policy is None:   # only the policy file says it
         from pgkd.serving.cascade import read_policy_file
         policy = read_policy_file(args.policy_file)
     source = PolicySource(policy, calibration, args.policy_file, on_change=metrics.policy_changed)
-    teacher = teacher_factory(args.teacher, args.teacher_timeout, args.price_prompt_per_1k,
-                              args.price_completion_per_1k)
     descriptions, examples = prompt_parts(args, calibration.labels)
     publisher = None
     if args.publish_labels:
@@ -155,8 +157,7 @@ def serve_cascade(args) -> int:
                       descriptions=descriptions, examples=examples, sink=publisher, metrics=metrics)
     model = CascadeModel(cascade, lambda: StudentClient(args.student, args.student_model, timeout=args.student_timeout),
                          calibration.labels, metrics)
-    from prometheus_client import REGISTRY, start_http_server
-    server, _ = start_http_server(args.cascade_metrics_port, addr=args.host, registry=REGISTRY)
+    server, _ = start_http_server(args.cascade_metrics_port, addr=args.host, registry=registry)
     try:
         serve(model, args.http_port, args.grpc_port, args.metrics_port, host=args.host, instances=args.instances,
               announce=f"threshold {source.threshold:.4f} ({source.described}); teacher {args.teacher}; cascade "
@@ -177,7 +178,9 @@ def teacher_factory(url: str, timeout: float, price_prompt: float, price_complet
     from pgkd.teachers.transports import is_llm_teacher
     if not is_llm_teacher(url):
         raise UserError(Option("teacher", url), ": expected a teacher URL (triton://, triton+grpc://, openai://)")
-    settings = LLMSettings(timeout=timeout, retries=0, concurrency=1, breaker_cooldown=10.0, max_prompt_tokens=None,
+    # The client's own timeout a second past the cascade's, so the cascade's deadline is the one that
+    # answers (the call left behind ends by itself soon after).
+    settings = LLMSettings(timeout=timeout + 1.0, retries=0, concurrency=1, breaker_cooldown=10.0, max_prompt_tokens=None,
                            temperature=0.0, price_prompt_per_1k=price_prompt, price_completion_per_1k=price_completion)
     LLMTeacher(url, settings)     # the URL checked now, in one line, not in a worker thread
     breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown)

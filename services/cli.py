@@ -325,9 +325,11 @@ def stream_status(name: str) -> int:
     log = SegmentLog(store, f"{stream_key(name)}/segments")
     manifest = log.load_manifest()
     since = log.last_seq - (state.runs[-1].samples_through if state.runs else 0)
+    teacher = log.teacher_count
     print(f"stream {name}: base run {state.base_run}, {len(state.labels)} labels, {log.count} samples stored "
-          f"({log.split_count('train')} train, {log.split_count('validation')} validation) in "
-          f"{len(manifest.segments)} segment(s), {since} since the last run")
+          f"in {len(manifest.segments)} segment(s), {since} since the last run: {log.count - teacher} human labels "
+          f"({log.split_count('train') - teacher} train, {log.split_count('validation')} validation), "
+          f"{teacher} teacher labels (train only)")
     for repair in manifest.repairs:
         print(f"repaired: segment {repair.segment} ({repair.reason}): {repair.kept} samples kept, {repair.lost} lost")
     for segment, reason in log.damaged():
@@ -341,13 +343,16 @@ def stream_status(name: str) -> int:
     for run in state.runs:
         outcome = (("replaced the current student" if run.decision.replaced else "kept the current student")
                    + f": {run.decision.reason}") if run.decision else "running"
-        print(f"run {run.run_id} ({run.trigger}; train {run.train_size}, validation {run.validation_size}): "
-              f"{outcome}")
+        teacher = f"{run.teacher_labels} teacher labels" + (f", {run.teacher_labels_left_out} left out"
+                                                             if run.teacher_labels_left_out else "")
+        print(f"run {run.run_id} ({run.trigger}; train {run.train_size} ({teacher}), validation "
+              f"{run.validation_size}): {outcome}")
     if state.drift_checks:
         check = state.drift_checks[-1]
         reference = f"{'a reference window, floor' if check.role == 'reference' else 'reference'} {check.reference:.4f}"
-        print(f"last drift check: accuracy {check.accuracy:.4f} on samples {check.through - check.window + 1}-"
-              f"{check.through}, {reference}{' (drift)' if check.drifted else ''}")
+        print(f"last drift check: accuracy {check.accuracy:.4f} on {check.window} human labels, samples "
+              f"{check.first or check.through - check.window + 1}-{check.through}, {reference}"
+              f"{' (drift)' if check.drifted else ''}")
     if state.pending_trigger:
         print(f"waiting to start: {state.pending_trigger}")
     return 0

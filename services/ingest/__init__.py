@@ -1,6 +1,6 @@
-"""ingest: takes the stream of human-labeled samples and keeps the student current (pgkd.stream).
+"""ingest: takes the stream of labeled samples and keeps the student current (pgkd.stream).
 
-LabeledSample (labeled-samples), in batches (PGKD_STREAM_BATCH_MAX, PGKD_STREAM_BATCH_SECONDS)
+LabeledSample (labeled-samples: human labels, and teacher labels, `source` "teacher"), in batches (PGKD_STREAM_BATCH_MAX, PGKD_STREAM_BATCH_SECONDS)
 -> stored once, or the dead-letter topic with the reason; a trigger
 (enough new samples, or drift) -> RunRequested, warm-started from the current student on the grown
 dataset. RunCompleted (run-completed) of a stream run -> the decision: does its student replace
@@ -68,8 +68,10 @@ class IngestService(Service):
                                for body, record, taken in zip(bodies, records, step.taken)
                                if taken.rejected is not None))
         outcomes = Counter(taken.outcome for taken in step.taken)
-        log.info("ingest: batch of %d: %d stored, %d duplicate(s), %d rejected (%.2f s)", len(bodies),
-                 outcomes["accepted"], outcomes["duplicate"], outcomes["rejected"], time.perf_counter() - started)
+        teacher = sum(taken.outcome == "accepted" and taken.source == "teacher" for taken in step.taken)
+        log.info("ingest: batch of %d: %d stored (%d teacher labels), %d duplicate(s), %d rejected (%.2f s)",
+                 len(bodies), outcomes["accepted"], teacher, outcomes["duplicate"], outcomes["rejected"],
+                 time.perf_counter() - started)
         await self._apply(step)
 
     async def on_run_completed(self, completed: RunCompleted) -> None:
@@ -80,7 +82,7 @@ class IngestService(Service):
         async with self._busy:   # not held while publishing: an in-memory test broker delivers in this call
             step = await asyncio.to_thread(entry, *args)
         for taken in step.taken:
-            self.metrics.ingested(taken.outcome, taken.rejected.reason if taken.rejected else None)
+            self.metrics.ingested(taken.outcome, taken.rejected.reason if taken.rejected else None, taken.source)
         if step.decision is not None:
             self.metrics.stream_decisions.labels("replaced" if step.decision.replaced else "kept").inc()
         if step.started is not None:

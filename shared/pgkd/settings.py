@@ -267,6 +267,9 @@ class StreamFields(Variables, BaseModel):
     drift_reference_windows: int = var("PGKD_STREAM_DRIFT_REFERENCE_WINDOWS", 3,
                                        "the drift reference: the current student's accuracy on its first windows",
                                        gt=0)
+    max_teacher_label_share: float = var("PGKD_STREAM_MAX_TEACHER_LABEL_SHARE", 0.5,
+                                         "the largest share of a triggered run's training set that teacher labels "
+                                         "(source teacher) may be; beyond it, the newest are kept", ge=0, le=1)
     run: dict = var("PGKD_STREAM_RUN", {}, "a JSON object: options of the runs the stream triggers, over the "
                     "base run's")
     serving_model: str = var("PGKD_STREAM_SERVING_MODEL", "student", "the served model the stream keeps current",

@@ -69,7 +69,7 @@ STREAM_DEFAULTS = {
     "PGKD_STREAM_NEW_LABELS": "reject", "PGKD_STREAM_MIN_CHARS": "1", "PGKD_STREAM_MAX_CHARS": "2000",
     "PGKD_STREAM_SERVING_MODEL": "student", "PGKD_STREAM_DRIFT_REFERENCE_WINDOWS": "3", "PGKD_STREAM_RUN": "",
     "PGKD_STREAM_SETTINGS_FILE": "", "PGKD_STREAM_SEGMENT_SAMPLES": "10000", "PGKD_STREAM_BATCH_MAX": "500",
-    "PGKD_STREAM_BATCH_SECONDS": "0.2",
+    "PGKD_STREAM_BATCH_SECONDS": "0.2", "PGKD_STREAM_MAX_TEACHER_LABEL_SHARE": "0.5",
 }
 # Where the deploy files differ from the code's defaults, on purpose: the stream's settings file they mount.
 STREAM_MOUNTED = {"PGKD_STREAM_SETTINGS_FILE": "/etc/pgkd/stream/stream.yaml"}

@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shlex
 import signal
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +27,16 @@ from pgkd.students import create_student
 from pgkd.types import TrainConfig
 from process_tools import Pgkd
 
-SHARE = 0.5     # the LLM may answer half the texts: both kinds of answer are seen
+REPO = Path(__file__).resolve().parents[2]
+
+SHARE = 0.2     # the LLM may answer a fifth of the texts, as the README's command says
+
+
+def readme_cascade_command() -> list[str]:
+    """The README's `pgkd cascade serve` command, its continued lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), flags=re.S)
+    block = next(b for b in blocks if "pgkd cascade serve" in b).replace("\\\n", " ")
+    return shlex.split(next(line for line in block.splitlines() if "cascade serve" in line).split("  #")[0])
 
 
 def infer(url: str, texts: list, protocol: str = "http", model: str = "cascade") -> dict[str, list]:
@@ -69,12 +81,12 @@ def cascade(tmp_path_factory):
     student.calibration = calibrate(probs, np.array([index[s.label] for s in splits.validation]), "held",
                                     max_teacher_share=SHARE, labels=splits.labels)
     student.save(folder / "best")
-    done = Pgkd(folder, "export", str(folder / "best"), "--out", str(folder / "repo"))
+    done = Pgkd(folder, "export", str(folder / "best"), "--out", str(folder / "models"))
     assert done.process.wait(300) == 0, done.log()
-    assert (folder / "repo" / "student" / "1" / FILE).is_file()
+    assert (folder / "models" / "student" / "1" / FILE).is_file()
 
     started = []
-    with tansu_broker(folder) as broker, run_tritonserver(folder / "repo", models=["student"]) as student_server:
+    with tansu_broker(folder) as broker, run_tritonserver(folder / "models", models=["student"]) as student_server:
         os.environ["PGKD_BROKER_URL"] = broker
         try:
             topics = Pgkd(folder, "topics", "create")
@@ -87,12 +99,16 @@ def cascade(tmp_path_factory):
             teacher.wait_for("pgkd: serving the simulated teacher")
             ports = free_ports(4)
             policy = folder / "policy.json"
-            server = Pgkd(folder, "cascade", "serve", "--student", f"http://{student_server.http_url}",
-                          "--teacher", f"triton://127.0.0.1:{teacher_ports[0]}/teacher",
-                          "--calibration", str(folder / "repo" / "student" / "1"), "--policy-file", str(policy),
-                          "--data", str(data_path), "--teacher-timeout", "5", "--publish-labels",
-                          "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-                          "--cascade-metrics-port", str(ports[3]))
+            # The README's command as written (relative paths), run from a folder laid out as the repository
+            # root after `pgkd export --out models`; only the ports are free ones, and what the test also
+            # needs is added: a policy file, the data for the prompt's examples, the labels to the broker.
+            readme = readme_cascade_command()
+            assert readme[:3] == [".venv/bin/pgkd", "cascade", "serve"] and "models/student/1" in readme
+            argv = [a.replace("127.0.0.1:8000", student_server.http_url)
+                     .replace("127.0.0.1:8010", f"127.0.0.1:{teacher_ports[0]}") for a in readme[1:]]
+            server = Pgkd(folder, *argv, "--policy-file", str(policy), "--data", str(data_path), "--teacher-timeout",
+                          "5", "--publish-labels", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+                          "--metrics-port", str(ports[2]), "--cascade-metrics-port", str(ports[3]), cwd=folder)
             started.append(server)
             server.wait_for("pgkd: serving the cascade")
             yield dict(folder=folder, data=data, splits=splits, student=student, server=server, teacher=teacher,

@@ -143,15 +143,32 @@ class DeadLetter(BaseModel):
     payload_base64: str | None = None  # the value's exact bytes, where they are not UTF-8 (`payload` lost some)
 
 
+TEACHER_SOURCE = "teacher"
+SOURCE_KINDS = ("human", "teacher")
+
+
+def source_kind(source: str | None) -> Literal["human", "teacher"]:
+    """The one rule that tells labels apart: `source` "teacher" is a teacher label (an LLM answered a
+    text the served student deferred); anything else (none, "pool", a tool's or an agent's name) is
+    a human label."""
+    return "teacher" if source == TEACHER_SOURCE else "human"
+
+
 class LabeledSample(BaseModel):
-    """A human-labeled sample streamed to the ingest service (pgkd.stream). Producers write it
+    """A labeled sample streamed to the ingest service (pgkd.stream): a human label, or a teacher
+    label (`source` "teacher", `model` the LLM that answered; see `source_kind`). Producers write it
     without a schema_version; other fields a labeling tool adds are ignored."""
     model_config = ConfigDict(extra="ignore")
     topic: ClassVar[str] = "labeled-samples"
     text: str
     label: str
-    source: str | None = None         # who labeled it (an agent, a tool, a queue)
+    source: str | None = None         # who labeled it (an agent, a tool, a queue; TEACHER_SOURCE: an LLM)
     id: str | None = None             # the producer's id, kept with the sample
+    model: str | None = None          # for a teacher label, the model that answered
+
+    @property
+    def is_teacher(self) -> bool:
+        return source_kind(self.source) == "teacher"
 
 
 RunCompleted.model_rebuild()

@@ -12,6 +12,7 @@ import time
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from pgkd.types import METRICS
+from pgkd.distributed.messages import SOURCE_KINDS
 from pgkd.loop.screening import REASONS
 
 TEACHER_ERROR_KINDS = ("timeout", "transport", "server_error", "rate_limited", "rejected_request", "incompatible_model")
@@ -74,8 +75,13 @@ class LoopMetrics:
         self.ingest_messages = Counter("pgkd_ingest_messages", "Streamed labeled samples, by outcome "
                                        "(accepted, duplicate, rejected)", ["outcome"], **r)
         self.ingest_rejected = Counter("pgkd_ingest_rejected", "Streamed samples rejected, by reason", ["reason"], **r)
+        # whose label an accepted sample is: human, or teacher (an LLM's answer on a text the student deferred)
+        self.ingest_accepted = Counter("pgkd_ingest_accepted", "Streamed samples stored, by source (human, "
+                                       "teacher)", ["source"], **r)
         self.stream_samples = Gauge("pgkd_stream_samples", "Samples a stream stored, by split", ["stream", "split"],
                                     **r)
+        self.stream_teacher_samples = Gauge("pgkd_stream_teacher_samples", "Teacher labels a stream stored (all "
+                                            "in train, counted in pgkd_stream_samples too)", ["stream"], **r)
         self.stream_new_samples = Gauge("pgkd_stream_new_samples", "Samples accepted since the stream's last run "
                                         "started", ["stream"], **r)
         self.stream_window_accuracy = Gauge("pgkd_stream_window_accuracy", "The current student's accuracy on the "
@@ -111,6 +117,8 @@ class LoopMetrics:
             self.ingest_messages.labels(outcome)
         for reason in INGEST_REJECTIONS:
             self.ingest_rejected.labels(reason)
+        for source in SOURCE_KINDS:
+            self.ingest_accepted.labels(source)
         for trigger in ("count", "drift"):
             self.stream_runs.labels(trigger)
         for outcome in ("replaced", "kept"):
@@ -179,16 +187,22 @@ class LoopMetrics:
         self.runs_completed.labels(status).inc()
         self.run_stopped.labels(run, reason.split(":", 1)[0] if status == "completed" else "failed").set(1)
 
-    def ingested(self, outcome: str, reason: str | None = None) -> None:
+    def ingested(self, outcome: str, reason: str | None = None, source: str | None = None) -> None:
+        """One sample message's outcome; a rejected one's reason; an accepted one's source kind (human,
+        teacher: pgkd.distributed.messages.source_kind, never the free-text source itself)."""
         self.ingest_messages.labels(outcome).inc()
         if reason:
             self.ingest_rejected.labels(reason).inc()
+        if outcome == "accepted":
+            assert source in SOURCE_KINDS, source
+            self.ingest_accepted.labels(source).inc()
 
     def stream_state(self, stream) -> None:
         """A stream's gauges from its state (pgkd.stream.Stream), after each change."""
         name, state = stream.state.name, stream.state
         for split in ("train", "validation"):
             self.stream_samples.labels(name, split).set(stream.log.split_count(split))
+        self.stream_teacher_samples.labels(name).set(stream.log.teacher_count)
         self.stream_new_samples.labels(name).set(stream.new_samples())
         if state.drift_checks:
             self.stream_window_accuracy.labels(name).set(state.drift_checks[-1].accuracy)

@@ -37,6 +37,11 @@ from pgkd.serving.cascade import ERROR, Answer, Cascade
 from pgkd.types import MAX_TEXT_CHARS
 
 MODEL_NAME = "cascade"
+# PyTriton's second and later instances read their configuration from a Unix socket the first one opens;
+# under load one may find the socket's file before it listens (ConnectionRefusedError) and the model fails to
+# load. That start-up race alone is tried again, with a fresh tritonserver.
+HANDSHAKE_RACE = "get_config_from_handshake_server"
+START_ATTEMPTS = 3
 OUTPUTS = ("label", "probability", "probabilities", "answered_by", "student_label", "teacher_label", "fallback",
            "error")
 
@@ -135,12 +140,20 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
                           metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5)
     outputs = [Tensor(name=n, dtype=np.float32, shape=(-1,) if n == "probabilities" else (1,))
                if n.startswith("probabilit") else Tensor(name=n, dtype=bytes, shape=(1,)) for n in OUTPUTS]
-    with stop_signals(), contextlib.suppress(Stopped), Triton(config=config) as triton:
-        # Several instances, so that a batch waiting on the teacher does not hold up the others.
-        triton.bind(model_name=MODEL_NAME, infer_func=[model] * instances,
-                    inputs=[Tensor(name="text", dtype=bytes, shape=(1,))], outputs=outputs,
-                    config=ModelConfig(max_batch_size=max_batch_size, batching=True), strict=False)
-        print(f"pgkd: serving the cascade as Triton model '{MODEL_NAME}' on {host}: http :{http_port}, "
-              f"grpc :{grpc_port}; pgkd classify --url http://{url_host(host)}:{http_port} --model {MODEL_NAME}"
-              + (f"; {announce}" if announce else ""), flush=True)
-        triton.serve()
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            with stop_signals(), contextlib.suppress(Stopped), Triton(config=config) as triton:
+                # Several instances, so that a batch waiting on the teacher does not hold up the others.
+                triton.bind(model_name=MODEL_NAME, infer_func=[model] * instances,
+                            inputs=[Tensor(name="text", dtype=bytes, shape=(1,))], outputs=outputs,
+                            config=ModelConfig(max_batch_size=max_batch_size, batching=True), strict=False)
+                print(f"pgkd: serving the cascade as Triton model '{MODEL_NAME}' on {host}: http :{http_port}, "
+                      f"grpc :{grpc_port}; pgkd classify --url http://{url_host(host)}:{http_port} --model "
+                      f"{MODEL_NAME}" + (f"; {announce}" if announce else ""), flush=True)
+                triton.serve()
+            return
+        except Exception as e:  # noqa: BLE001 -- only PyTriton's start-up race is tried again
+            if HANDSHAKE_RACE not in str(e) or attempt == START_ATTEMPTS:
+                raise
+            print(f"pgkd: the cascade's Triton model failed to start (PyTriton's instances missed its handshake "
+                  f"socket); starting again ({attempt + 1} of {START_ATTEMPTS})", flush=True)

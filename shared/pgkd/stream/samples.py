@@ -1,5 +1,6 @@
 """One streamed sample: validated (a bad one is Rejected with a reason), keyed by its normalised
-text, routed to train or validation by a stable hash (segments.py stores it)."""
+text, routed to train or validation by a stable hash; a teacher label (pgkd.distributed.messages.
+source_kind) always to train (segments.py stores it)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from pgkd.data import normalize_text
-from pgkd.distributed.messages import LabeledSample
+from pgkd.distributed.messages import LabeledSample, source_kind
 from pgkd.distributed.metrics import INGEST_REJECTIONS
 from pgkd.errors import dotted, invalid
 from pgkd.stream.settings import StreamSettings
@@ -31,7 +32,12 @@ class StoredSample(BaseModel):
     seq: int                      # arrival order among the stream's accepted samples, from 1
     source: str | None = None
     id: str | None = None
+    model: str | None = None      # a teacher label's model
     arrived_at: float
+
+    @property
+    def is_teacher(self) -> bool:
+        return source_kind(self.source) == "teacher"
 
 
 def parse_sample(body: bytes | None, settings: StreamSettings) -> LabeledSample:
@@ -66,7 +72,8 @@ def parse_sample(body: bytes | None, settings: StreamSettings) -> LabeledSample:
         raise Rejected("oversized", f"{len(text)} characters, more than {settings.max_chars}")
     if not sample.label.strip():
         raise Rejected("invalid_fields", "label: empty")
-    return sample.model_copy(update={"text": text, "label": sample.label.strip()})
+    return sample.model_copy(update={"text": text, "label": sample.label.strip(),
+                                     "model": (sample.model or "").strip() or None})
 
 
 def _not_json(body: bytes, text: str, e: ValueError) -> str:
@@ -90,4 +97,10 @@ def text_key(text: str) -> str:
 def route(text: str, validation_percent: int) -> Literal["train", "validation"]:
     """Train or validation, by a hash of the normalised text: the same text always goes the same way."""
     return "validation" if int(text_key(text)[:8], 16) % 100 < validation_percent else "train"
+
+
+def split_for(sample: LabeledSample, validation_percent: int) -> Literal["train", "validation"]:
+    """Where a sample is stored: a teacher label always in train (validation, which selects and
+    promotes students and measures drift, holds human labels only); a human label by `route`."""
+    return "train" if sample.is_teacher else route(sample.text, validation_percent)
 

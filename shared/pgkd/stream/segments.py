@@ -49,6 +49,7 @@ class Segment(BaseModel):
     samples: int
     train: int
     validation: int
+    teacher: int = 0              # teacher labels among them (all in train); 0 in manifests written before
     bytes: int
     sha256: str
     keys_sha256: str
@@ -96,7 +97,13 @@ class SegmentLog:
         return sum(s.samples for s in self.manifest.segments)
 
     def split_count(self, split: str) -> int:
+        """Stored samples in `split`, teacher labels included (they are all in train)."""
         return sum(getattr(s, split) for s in self.manifest.segments)
+
+    @property
+    def teacher_count(self) -> int:
+        """Stored teacher labels (pgkd.distributed.messages.source_kind)."""
+        return sum(s.teacher for s in self.manifest.segments)
 
     @property
     def last_seq(self) -> int:
@@ -278,7 +285,8 @@ def _describe(name: str, tail: _Tail) -> Segment:
     samples = tail.samples
     return Segment(name=name, first_seq=samples[0].seq if samples else 0, last_seq=samples[-1].seq if samples else 0,
                    samples=len(samples), train=sum(s.split == "train" for s in samples),
-                   validation=sum(s.split == "validation" for s in samples), bytes=len(tail.lines),
+                   validation=sum(s.split == "validation" for s in samples),
+                   teacher=sum(s.is_teacher for s in samples), bytes=len(tail.lines),
                    sha256=hashlib.sha256(tail.lines).hexdigest(), keys_sha256=hashlib.sha256(tail.keys).hexdigest())
 
 

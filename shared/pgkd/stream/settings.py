@@ -2,9 +2,9 @@
 (PGKD_STREAM_SETTINGS_FILE), which an operator edits while ingest runs.
 
 The file (YAML or JSON: a Kubernetes ConfigMap mounted as a file, a bind mount in compose) holds the
-settings that may change while the stream goes on (RELOADABLE): the triggers, the drift check, and
-`run`, the options of the runs it triggers (any `pgkd distill` option but data and labeled, over the
-base run's). Ingest looks at the file before each batch; a changed file that does not validate is
+settings that may change while the stream goes on (RELOADABLE): the triggers, the drift check, the
+share of teacher labels a run may train on, and `run`, the options of the runs it triggers (any
+`pgkd distill` option but data and labeled, over the base run's). Ingest looks at the file before each batch; a changed file that does not validate is
 one logged line, and the settings in force stay."""
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pgkd.errors import UserError, dotted, invalid
 from pgkd.loop.config import DistillConfig
 from pgkd.settings import StreamFields, StreamVariables, read
 
-RELOADABLE = ("trigger_count", "drift_window", "drift_margin", "drift_reference_windows", "new_labels", "run")
+RELOADABLE = ("trigger_count", "drift_window", "drift_margin", "drift_reference_windows", "new_labels",
+              "max_teacher_label_share", "run")
 FIXED_RUN_OPTIONS = ("data", "labeled")    # a stream run's data is the stream's
 
 

@@ -68,6 +68,9 @@ class StreamRun(BaseModel):
     train_size: int
     validation_size: int
     started_at: float
+    # teacher labels in its training set, and those the share bound left out (max_teacher_label_share)
+    teacher_labels: int = 0
+    teacher_labels_left_out: int = 0
     # the segments its dataset was cut from, as the manifest had them: each one's first `samples`
     # lines, whose bytes hash to `sha256` (the open segment grows after, by appending)
     cut_from: list[dict] = []
@@ -78,7 +81,9 @@ class StreamRun(BaseModel):
 
 
 class DriftCheck(BaseModel):
+    """The current student scored on a window of new human labels (teacher labels never count)."""
     through: int                  # the last sample (seq) of the window
+    first: int = 0                # its first sample (seq); 0 in states written before it was kept
     window: int
     accuracy: float
     reference: float              # the current student's drift reference; for its first windows, the floor

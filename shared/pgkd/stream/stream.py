@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,20 +32,23 @@ from pgkd.errors import UserError, dotted, invalid
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.state import Best, RunState
 from pgkd.stream.promotion import compare, score
-from pgkd.stream.samples import Rejected, StoredSample, parse_sample, route
+from pgkd.stream.samples import Rejected, StoredSample, parse_sample, split_for
 from pgkd.stream.segments import KEY_BYTES, SegmentLog, index_key
 from pgkd.stream.settings import SettingsFile, StreamSettings
 from pgkd.stream.state import (CurrentStudent, DriftCheck, PromotionDecision, StreamRun, StreamState, Trigger,
                                stream_key)
+from pgkd.stream.teacher_share import TeacherShare, bound_teacher_share
 
 log = logging.getLogger("pgkd.stream")
 
 
 @dataclass
 class Taken:
-    """What became of one sample message: stored, a duplicate, or rejected (and why)."""
+    """What became of one sample message: stored, a duplicate, or rejected (and why); for the first
+    two, whose label it was (human or teacher: pgkd.distributed.messages.source_kind)."""
     outcome: Literal["accepted", "duplicate", "rejected"]
     rejected: Rejected | None = None
+    source: Literal["human", "teacher"] | None = None
 
 
 @dataclass
@@ -140,13 +144,13 @@ class Stream:
         self._migrate_one_file_per_sample()
         self.log.open()
         if self.state.current is None:   # the base run may have completed before ingest first started
-            self.pending = list(self.log.read(after_seq=max(self.state.drift_checked_through,
-                                                            self.log.last_seq - self.settings.drift_window)))
+            self.pending = list(deque(self._human(self.log.read(after_seq=self.state.drift_checked_through)),
+                                      maxlen=self.settings.drift_window))
             completed = RunFiles(self.state.base_run).completed
             if self.store.exists(completed):
                 self.run_completed(self.store.get_model(completed, RunCompleted))
         else:
-            self.pending = list(self.log.read(after_seq=self.state.drift_checked_through))
+            self.pending = list(self._human(self.log.read(after_seq=self.state.drift_checked_through)))
             self.known |= self._trained_keys(self.state.current.train_set)
         log.info("stream %s: base run %s, %d labels, %d samples stored in %d segment(s), current student: %s "
                  "(read back in %.2f s)", self.state.name, self.state.base_run, len(self.state.labels), self.log.count,
@@ -250,22 +254,23 @@ class Stream:
             except Rejected as e:
                 taken.append(Taken("rejected", e))
                 continue
+            kind = "teacher" if sample.is_teacher else "human"
             key = index_key(sample.text)
             if key in self.known or key in self.log.keys or key in keys:
-                taken.append(Taken("duplicate"))
+                taken.append(Taken("duplicate", source=kind))
                 continue
             keys.add(key)
             accepted.append(StoredSample(text=sample.text, label=sample.label,
-                                         split=route(sample.text, self.settings.validation_percent),
+                                         split=split_for(sample, self.settings.validation_percent),
                                          seq=self.log.last_seq + 1 + len(accepted), source=sample.source,
-                                         id=sample.id, arrived_at=time.time()))
-            taken.append(Taken("accepted"))
+                                         id=sample.id, model=sample.model, arrived_at=time.time()))
+            taken.append(Taken("accepted", source=kind))
         if self.state.labels != labels_before:
             # before the samples: stored samples of a label the state lacks would never add it (their
             # redelivery is a duplicate)
             self._save()
         self.log.append(accepted)
-        self.pending.extend(accepted)
+        self.pending.extend(self._human(accepted))
         if self.state.current is None:   # nothing to check yet: the first student is judged on what comes last
             self.pending = self.pending[-self.settings.drift_window:]
         return taken
@@ -276,6 +281,12 @@ class Stream:
         if taken.rejected is not None:
             raise taken.rejected
         return taken.outcome
+
+    @staticmethod
+    def _human(samples):
+        """The human labels among stored samples: what drift is measured on (a teacher label answers a
+        text the student deferred, and is the teacher's word, not the truth the student is judged by)."""
+        return (s for s in samples if not s.is_teacher)
 
     def _check_label(self, label: str) -> None:
         if label in self.state.labels:
@@ -297,7 +308,8 @@ class Stream:
         return self.log.last_seq - (self.state.runs[-1].samples_through if self.state.runs else 0)
 
     def check_drift(self) -> DriftCheck | None:
-        """Score the current student on each full window of new samples. Its first windows make its
+        """Score the current student on each full window of new human labels (never teacher labels:
+        see `_human`). Its first windows make its
         reference (`drift_reference_windows` of them: samples it was neither trained nor selected on,
         so the reference is neither flattered by selection nor by the teacher aiming at validation);
         each later window drifts when its accuracy is below the reference by more than the margin.
@@ -314,12 +326,12 @@ class Stream:
                 current.reference_correct += round(report.accuracy * len(window))
                 if current.reference_windows == self.settings.drift_reference_windows:
                     current.drift_reference = current.reference_correct / current.reference_samples
-                check = DriftCheck(through=window[-1].seq, window=len(window), accuracy=report.accuracy,
-                                   reference=current.reference_floor, role="reference",
+                check = DriftCheck(through=window[-1].seq, first=window[0].seq, window=len(window),
+                                   accuracy=report.accuracy, reference=current.reference_floor, role="reference",
                                    drifted=report.accuracy < current.reference_floor - self.settings.drift_margin)
             else:
-                check = DriftCheck(through=window[-1].seq, window=len(window), accuracy=report.accuracy,
-                                   reference=current.drift_reference,
+                check = DriftCheck(through=window[-1].seq, first=window[0].seq, window=len(window),
+                                   accuracy=report.accuracy, reference=current.drift_reference,
                                    drifted=report.accuracy < current.drift_reference - self.settings.drift_margin)
             self.state.drift_checked_through = check.through
             self.state.drift_checks = (self.state.drift_checks + [check])[-self.MAX_DRIFT_CHECKS:]
@@ -329,7 +341,7 @@ class Stream:
                      check.reference, " (drift)" if check.drifted else "")
             if check.drifted and self.state.pending_trigger is None:
                 self.state.pending_trigger = Trigger(
-                    kind="drift", detail=f"accuracy {check.accuracy:.4f} on samples {check.through - check.window + 1}-"
+                    kind="drift", detail=f"accuracy {check.accuracy:.4f} on samples {check.first}-"
                                          f"{check.through} < {'floor' if check.role == 'reference' else 'reference'} "
                                          f"{check.reference:.4f} - margin "
                                          f"{self.settings.drift_margin}")
@@ -352,7 +364,7 @@ class Stream:
         encoder when the settings' `run` names another student). Recorded before it is published, so a
         crash in between publishes it on the next start (`unpublished`)."""
         current = self.state.current
-        splits = self.dataset()
+        splits, teacher = self.cut()
         config = self.run_config().model_copy(update={
             "data": f"stream://{self.state.name}", "labeled": len(splits.train) + len(splits.validation)})
         same_student = config.student == run_context(self.store, current.run_id).config.student
@@ -361,31 +373,43 @@ class Stream:
                                 start_from=current.checkpoint if same_student else None)
         self.state.runs.append(StreamRun(run_id=run_id, trigger=trigger, samples_through=self.log.last_seq,
                                          train_size=len(splits.train), validation_size=len(splits.validation),
+                                         teacher_labels=teacher.kept, teacher_labels_left_out=teacher.left_out,
                                          started_at=time.time(), settings=self.settings.in_force(),
                                          cut_from=[{"segment": s.name, "samples": s.samples, "bytes": s.bytes,
                                                     "sha256": s.sha256} for s in self.log.manifest.segments],
                                          settings_sha256=self.settings_file.sha256 if self.settings_file else None))
         self.state.pending_trigger = None
         self._save()
-        log.info("stream %s: run %s started (%s): train %d, validation %d, %d labels, %s", self.state.name,
-                 run_id, trigger, len(splits.train), len(splits.validation), len(self.state.labels),
-                 f"from {current.run_id}" if same_student else f"a new {config.student} student")
+        log.info("stream %s: run %s started (%s): train %d (%d teacher labels, %d left out: at most %s of it), "
+                 "validation %d, %d labels, %s", self.state.name, run_id, trigger, len(splits.train), teacher.kept,
+                 teacher.left_out, self.settings.max_teacher_label_share, len(splits.validation),
+                 len(self.state.labels), f"from {current.run_id}" if same_student else f"a new {config.student} student")
         return request
 
     def dataset(self) -> Splits:
+        """The grown dataset a run is cut from (see `cut`)."""
+        return self.cut()[0]
+
+    def cut(self) -> tuple[Splits, TeacherShare]:
         """The grown dataset a run is cut from: the current student's training set (the base run's
-        train split before there is one) and every streamed train sample; the base run's validation and every streamed validation sample; the base run's
-        pool (less what is now labeled) and test."""
+        train split before there is one) and every streamed human train sample, then the newest
+        teacher labels up to `max_teacher_label_share` of the training set (teacher_share.py says
+        why the newest); the base run's validation and every streamed validation sample (human
+        labels only); the base run's pool (less what is now labeled) and test. And how many teacher
+        labels were kept and left out."""
         current, base = self.state.current, self._base_splits()
-        streamed = {"train": [], "validation": []}
+        streamed = {"train": [], "validation": [], "teacher": []}
         for s in self.log.read():
-            streamed[s.split].append(Sample(text=s.text, label=s.label))
+            streamed["teacher" if s.is_teacher else s.split].append(Sample(text=s.text, label=s.label))
+        teacher_texts = {normalize_text(s.text) for s in streamed["teacher"]}
         trained = read_samples_artifact(self.store, current.train_set) if current else base.train
-        train = _unique(trained + streamed["train"])
+        # a teacher label an earlier stream run trained on is in `trained`: it is counted (and bounded) as one
+        others = _unique([s for s in trained if normalize_text(s.text) not in teacher_texts] + streamed["train"])
+        teacher = bound_teacher_share(others, streamed["teacher"], self.settings.max_teacher_label_share)
         validation = _unique(base.validation + streamed["validation"])
-        taken = {normalize_text(s.text) for s in train + validation}
-        return Splits(labels=list(self.state.labels), train=train, validation=validation,
-                      pool=[s for s in base.pool if normalize_text(s.text) not in taken], test=base.test)
+        taken = {normalize_text(s.text) for s in teacher.train + validation}
+        return Splits(labels=list(self.state.labels), train=teacher.train, validation=validation,
+                      pool=[s for s in base.pool if normalize_text(s.text) not in taken], test=base.test), teacher
 
     def published(self, run_id: str) -> None:
         for r in self.state.runs:
@@ -413,9 +437,11 @@ class Stream:
 
     # -- a finished run --------------------------------------------------------------------------------------
     def validation_set(self) -> list[Sample]:
-        """The current validation set: the base run's and every streamed validation sample."""
+        """The current validation set: the base run's and every streamed validation sample, human
+        labels only (what promotion compares students on)."""
         return _unique(self._base_splits().validation
-                       + [Sample(text=s.text, label=s.label) for s in self.log.read() if s.split == "validation"])
+                       + [Sample(text=s.text, label=s.label) for s in self._human(self.log.read())
+                          if s.split == "validation"])
 
     def run_completed(self, completed: RunCompleted) -> PromotionDecision | None:
         """The base run's student becomes the first current one; a stream run's replaces it only if
@@ -437,7 +463,8 @@ class Stream:
             self._promote(completed, {f"validation_{k}": v for k, v in best.validation.headline().items()},
                           f"the first student of stream {state.name} (its base run)")
             # judged for drift on what arrived last (pending keeps the last window while there is no student)
-            state.drift_checked_through = max(state.drift_checked_through, self.log.last_seq - len(self.pending))
+            state.drift_checked_through = max(state.drift_checked_through,
+                                              self.pending[0].seq - 1 if self.pending else self.log.last_seq)
             self.known |= self._trained_keys(best.train_set)
             self._save()
             log.info("stream %s: current student: run %s cycle %d (drift reference: accuracy %.4f)", state.name,

@@ -1,0 +1,179 @@
+"""The cascade's request path (pgkd.serving.cascade) with a real OpenAI-compatible teacher server: a
+teacher that hangs, refuses, answers garbage or a label outside the taxonomy never fails a text (the
+student's answer, flagged, within the timeout); the policy's threshold, its file read again while
+serving; the labels' publisher with the broker down never blocks; `pgkd cascade serve`'s bad input
+is one line, exit 2."""
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+from chat_server import ChatServer
+from pgkd.calibration import Calibration, calibrate
+from pgkd.cli import main
+from pgkd.errors import UserError
+from pgkd.serving.cascade import Cascade, CascadeMetrics, Policy, PolicySource, TeacherLabel
+from prometheus_client import CollectorRegistry
+
+from pgkd_services.cascade import LabelPublisher, teacher_factory
+
+LABELS = ["card_lost", "refund", "transfer"]
+TEXTS = ["sure one", "unsure one", "unsure two", "sure two"]
+PROBS = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25], [0.3, 0.3, 0.4], [0.05, 0.9, 0.05]], dtype=np.float32)
+
+
+@pytest.fixture
+def chat():
+    return ChatServer()
+
+
+def make(chat, timeout: float = 2.0, threshold: float = 0.5):
+    registry = CollectorRegistry()
+    metrics = CascadeMetrics(registry)
+    labels: list[TeacherLabel] = []
+    policy = PolicySource(Policy(threshold=threshold), on_change=metrics.policy_changed)
+    cascade = Cascade(LABELS, teacher_factory(chat.url, timeout, 0.0, 0.0), policy, timeout=timeout,
+                      sink=labels.extend, metrics=metrics)
+    return cascade, registry, labels
+
+
+def value(registry, name: str, **labels) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def test_the_student_keeps_what_it_is_sure_of_and_the_teacher_labels_the_rest_in_one_prompt(chat):
+    os.environ["PGKD_TEST_KEY"] = "k"
+    chat.script = [("ok", json.dumps({"labels": ["refund", "transfer"]}))]
+    cascade, registry, labels = make(chat)
+    answers = cascade.answer(TEXTS, PROBS)
+    assert [(a.answered_by, a.label) for a in answers] == [("student", "card_lost"), ("teacher", "refund"),
+                                                             ("teacher", "transfer"), ("student", "refund")]
+    assert [a.fallback for a in answers] == [""] * 4 and answers[1].student_label == "card_lost"
+    assert len(chat.requests) == 1           # the batch's deferred texts together
+    prompt = chat.requests[0]["body"]["messages"][-1]["content"]
+    assert '1. "unsure one"' in prompt and '2. "unsure two"' in prompt and "sure one" not in prompt.replace("unsure", "")
+    assert [(x.text, x.label) for x in labels] == [("unsure one", "refund"), ("unsure two", "transfer")]
+    assert labels[0].model.startswith("openai://")
+    assert value(registry, "pgkd_cascade_texts_total", answered_by="teacher") == 2
+    assert value(registry, "pgkd_cascade_disagreements_total") == 1       # card_lost -> refund; transfer agreed
+    assert value(registry, "pgkd_cascade_teacher_calls_total") == 1
+    assert value(registry, "pgkd_cascade_teacher_tokens_total", kind="prompt") == 1000
+
+
+@pytest.mark.parametrize("behaviour, reason", [
+    (("sleep", 30, "{}"), "teacher_timeout"),                       # hangs
+    (("status", 401), "teacher_unavailable"),                       # refuses (a key)
+    (("status", 503), "teacher_unavailable"),                       # down
+    (("ok", "I think these are about banking."), "out_of_taxonomy"),  # garbage
+    (("ok", json.dumps({"labels": ["close_account", "refund"]})), None),   # one label unknown
+])
+def test_a_teacher_that_fails_in_any_way_leaves_the_students_answer_flagged_within_the_timeout(chat, behaviour,
+                                                                                             reason):
+    os.environ["PGKD_TEST_KEY"] = "k"
+    chat.script = [behaviour]
+    cascade, registry, labels = make(chat, timeout=1.0)
+    began = time.monotonic()
+    answers = cascade.answer(TEXTS, PROBS)
+    assert time.monotonic() - began < 3
+    if reason is None:     # the unknown label alone falls back; the other is the teacher's
+        assert [(a.answered_by, a.fallback) for a in answers[1:3]] == [("student", "out_of_taxonomy"),
+                                                                       ("teacher", "")]
+        return
+    assert [(a.answered_by, a.label, a.fallback) for a in answers[1:3]] == [
+        ("student", "card_lost", reason), ("student", "transfer", reason)]
+    assert labels == []
+    assert value(registry, "pgkd_cascade_fallbacks_total", reason=reason) == 2
+
+
+def test_after_two_failures_the_teacher_is_not_asked_and_the_fallback_is_at_once(chat):
+    os.environ["PGKD_TEST_KEY"] = "k"
+    chat.script = [("status", 503), ("status", 503)]
+    cascade, registry, _ = make(chat)
+    cascade.answer(TEXTS, PROBS)
+    cascade.answer(TEXTS, PROBS)
+    asked = len(chat.requests)
+    answers = cascade.answer(TEXTS, PROBS)
+    assert len(chat.requests) == asked and answers[1].fallback == "teacher_unavailable"
+
+
+def test_the_policy_file_moves_the_threshold_and_a_bad_one_keeps_the_last(tmp_path, monkeypatch):
+    import pgkd.serving.cascade as module
+    monkeypatch.setattr(module, "POLICY_CHECK_SECONDS", 0.0)
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3) * 0.5, size=300)
+    calibration = calibrate(probs, probs.argmax(axis=1), "held", labels=LABELS)
+    file = tmp_path / "policy.json"
+    file.write_text(json.dumps({"threshold": 0.7}))
+    seen = []
+    source = PolicySource(Policy(threshold=0.2), calibration, file, on_change=lambda t, p: seen.append(t))
+    assert source.current() == 0.7                       # the file wins over the starting policy
+    file.write_text(json.dumps({"max_teacher_share": 0.25}))
+    os.utime(file, ns=(time.time_ns(), time.time_ns() + 10**9))
+    share = source.current()
+    assert share == calibration.threshold_for(max_teacher_share=0.25).threshold and seen[-1] == share
+    for bad in ('{"threshold": 1.5}', "not json", '{"threshold": 0.5, "max_teacher_share": 0.1}'):
+        file.write_text(bad)
+        os.utime(file, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+        assert source.current() == share
+    assert source.errors == 3
+
+
+def test_a_target_needs_the_held_scores_and_one_they_cannot_meet_names_what_they_can():
+    with pytest.raises(UserError, match="needs the student's calibration"):
+        Policy(target_accuracy=0.9).resolve(None)
+    calibration = Calibration(source="held", samples=3, confidence=[0.9, 0.8, 0.7], correct=[False, True, True])
+    with pytest.raises(UserError, match="cannot be met.*achievable: a target up to 0.6667"):
+        Policy(target_accuracy=0.99).resolve(calibration)
+
+
+def test_with_the_broker_down_labels_wait_in_a_bounded_buffer_then_are_dropped_and_never_block(monkeypatch):
+    with socket.socket() as closed:           # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    metrics = CascadeMetrics(CollectorRegistry())
+    publisher = LabelPublisher([f"127.0.0.1:{port}"], "pgkd.labeled-samples", capacity=100, metrics=metrics,
+                               flush_timeout=1.0).start()
+    try:
+        began = time.monotonic()
+        for i in range(50):
+            publisher([TeacherLabel(text=f"text {i} {j}", label="refund", model="m") for j in range(10)])
+        assert time.monotonic() - began < 1.0          # 500 labels handed over without waiting on the broker
+        time.sleep(0.5)
+        held = publisher.queue.qsize() + len(publisher._pending)
+        assert publisher.published == 0 and 100 <= held <= 100 + 256     # the buffer, and one batch in hand
+        assert abs(publisher.dropped + held - 500) <= 1                  # every label kept or counted
+        assert metrics.labels.labels("dropped")._value.get() == publisher.dropped
+    finally:
+        publisher.stop()
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--threshold", "1.5"], "threshold"),
+    (["--target-accuracy", "0.999"], "cannot be met"),
+    (["--teacher-timeout", "0"], "--teacher-timeout 0"),
+    (["--teacher", "pool-guided"], "expected a teacher URL"),
+])
+def test_bad_input_to_cascade_serve_is_one_line_and_exit_2(flags, said, tmp_path, capsys):
+    calibration = Calibration(labels=LABELS, source="held", samples=4, confidence=[0.9, 0.8, 0.7, 0.6],
+                              correct=[False, True, True, True])
+    (tmp_path / "pgkd-calibration.json").write_text(calibration.model_dump_json())
+    args = {"--student": "http://127.0.0.1:1", "--teacher": "openai://127.0.0.1:1/v1?model=m",
+            "--calibration": str(tmp_path), "--threshold": "0.5"}
+    for i in range(0, len(flags), 2):
+        args[flags[i]] = flags[i + 1]
+    if "--target-accuracy" in args:
+        del args["--threshold"]
+    code = main(["cascade", "serve", *[x for pair in args.items() for x in pair]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and said in err[0], err
+
+
+def test_a_missing_or_damaged_calibration_is_one_line(tmp_path, capsys):
+    (tmp_path / "pgkd-calibration.json").write_text('{"temperature": "hot"}')
+    for where in (tmp_path, tmp_path / "nowhere"):
+        code = main(["cascade", "serve", "--student", "http://127.0.0.1:1", "--teacher",
+                     "openai://127.0.0.1:1/v1?model=m", "--calibration", str(where)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "calibration" in err[0], err
