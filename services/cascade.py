@@ -112,7 +112,7 @@ class LabelPublisher:
 
 
 def serve_cascade(args) -> int:
-    from pgkd.serving.cascade import Cascade, CascadeMetrics, Policy, PolicySource, read_calibration_path
+    from pgkd.serving.cascade import Cascade, CascadeMetrics, Policy, PolicySource, ServedCalibration
     from pgkd.serving.cascade_server import CascadeModel, serve
     from pgkd.serving.client import StudentClient
 
@@ -128,23 +128,17 @@ def serve_cascade(args) -> int:
                                    "--cascade-metrics-port": args.cascade_metrics_port})
     teacher = teacher_factory(args.teacher, args.teacher_timeout, args.price_prompt_per_1k,
                               args.price_completion_per_1k)
-    calibration = read_calibration_path(args.calibration)
+    calibrations = ServedCalibration(args.calibration)
+    calibration = calibrations.current
     if not calibration.labels:
         raise UserError(Option("calibration", args.calibration), ": names no labels (written by an older pgkd?)")
     given = {k: getattr(args, k) for k in ("threshold", "target_accuracy", "max_teacher_share")
              if getattr(args, k) is not None}
-    if not given and calibration.deferral is None and not args.policy_file:
-        raise UserError("no threshold: the student was calibrated without a target; give --threshold, "
-                        "--target-accuracy or --max-teacher-share")
-    policy = Policy(**given) if given else Policy(threshold=calibration.deferral.threshold) \
-        if calibration.deferral is not None else None
+    policy = Policy(**given)          # none: the threshold the run recorded with the student
     from prometheus_client import CollectorRegistry, start_http_server
     registry = CollectorRegistry()     # the cascade's own: served on --cascade-metrics-port
     metrics = CascadeMetrics(registry, price_prompt_per_1k=args.price_prompt_per_1k,
                              price_completion_per_1k=args.price_completion_per_1k)
-    if policy is None:   # only the policy file says it
-        from pgkd.serving.cascade import read_policy_file
-        policy = read_policy_file(args.policy_file)
     source = PolicySource(policy, calibration, args.policy_file, on_change=metrics.policy_changed)
     descriptions, examples = prompt_parts(args, calibration.labels)
     publisher = None
@@ -156,7 +150,7 @@ def serve_cascade(args) -> int:
                       concurrency=args.teacher_concurrency, max_per_call=args.max_per_call,
                       descriptions=descriptions, examples=examples, sink=publisher, metrics=metrics)
     model = CascadeModel(cascade, lambda: StudentClient(args.student, args.student_model, timeout=args.student_timeout),
-                         calibration.labels, metrics)
+                         calibrations, metrics)
     server, _ = start_http_server(args.cascade_metrics_port, addr=args.host, registry=registry)
     try:
         serve(model, args.http_port, args.grpc_port, args.metrics_port, host=args.host, instances=args.instances,
@@ -224,8 +218,9 @@ def register(sub, distill_arguments=None) -> None:
     s.add_argument("--student-timeout", type=float, default=10.0, help="seconds a call to the student may take")
     s.add_argument("--teacher", required=True, help="the LLM: triton://HOST:PORT/MODEL, triton+grpc://..., "
                    "openai://HOST:PORT/v1?model=NAME (docs/real-llms.md)")
-    s.add_argument("--calibration", required=True, help="the student's pgkd-calibration.json, or its folder (best/, "
-                   "or the served version's folder): its labels and held scores")
+    s.add_argument("--calibration", required=True, help="the served model's folder in its repository (models/student: "
+                   "each version's own calibration, followed as versions are promoted), or one pgkd-calibration.json "
+                   "or a folder holding one (best/): the labels and held scores")
     policy = s.add_mutually_exclusive_group()
     policy.add_argument("--threshold", type=float, help="the student answers a text when its confidence is at least "
                         "this (default: the threshold the run recorded)")

@@ -8,8 +8,8 @@
   template variables included, Grafana's $variables replaced by concrete values) is run against a real
   Prometheus started here on a loopback port: it must be accepted. The server also loads the rules and
   must evaluate every one of them without error.
-- every metric those expressions name is one the code exports (pgkd.metrics, FastStream's Prometheus
-  middleware), `up`, or a recording rule of the rules file; every label they match on or group by is one
+- every metric those expressions name is one the code exports (pgkd.metrics, the served cascade's
+  pgkd.serving.cascade.CascadeMetrics, FastStream's Prometheus middleware), `up`, or a recording rule of the rules file; every label they match on or group by is one
   those series carry.
 - negative controls: a broken expression gets 400 from the server, promtool rejects a broken rule and a
   wrong test expectation, the name check flags a name nobody exports.
@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry
 from pgkd import processes
 from pgkd.distributed.metrics import LoopMetrics, exported_names
 from pgkd.net import free_port
+from pgkd.serving.cascade import CascadeMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -53,7 +54,8 @@ DASHBOARD_PROVISIONING = GRAFANA / "provisioning" / "dashboards" / "pgkd.yml"
 DASHBOARD_MOUNT = "/etc/grafana/dashboards"   # where docker-compose.yml mounts deploy/grafana/dashboards
 
 ALERTS = {"PgkdRunStalled", "PgkdTeacherErrorRatioHigh", "PgkdDeadLettersGrowing", "PgkdNoImprovement",
-          "PgkdServiceDown", "PgkdIngestRejecting", "PgkdPromotionFailed"}
+          "PgkdServiceDown", "PgkdIngestRejecting", "PgkdPromotionFailed", "PgkdCascadeTeacherShareHigh",
+          "PgkdCascadeLabelsDropped"}
 # The pgkd services, as deploy/prometheus/prometheus.yml labels their targets (service=<name>).
 SERVICES = ("trainer", "evaluator", "miner", "generator", "ingest")
 SEVERITIES = {"info", "warning", "critical"}
@@ -214,11 +216,14 @@ def references(expr: str) -> tuple[dict[str, set[str]], set[str]]:
 
 @cache
 def exported_series() -> dict[str, frozenset[str]]:
-    """Every series name the services export -> its label names: pgkd.metrics and FastStream's Prometheus
-    middleware (its metrics container, as the middleware builds it, in a registry of its own)."""
+    """Every series name the services export -> its label names: pgkd.metrics, the served cascade's
+    (`pgkd cascade serve`, on its own port) and FastStream's Prometheus middleware (its metrics container, as
+    the middleware builds it, in a registry of its own)."""
     loop = LoopMetrics(CollectorRegistry())
+    cascade = CascadeMetrics(CollectorRegistry())
     faststream = MetricsContainer(CollectorRegistry(), custom_label_names=())
     collectors = [v for v in vars(loop).values() if hasattr(v, "describe")]
+    collectors += [v for v in vars(cascade).values() if hasattr(v, "describe")]
     collectors += [getattr(faststream, name) for name in MetricsContainer.__slots__
                    if hasattr(getattr(faststream, name, None), "describe")]
     assert len(collectors) >= 24 + 9, "fewer collectors than pgkd.metrics and faststream define"
@@ -306,6 +311,10 @@ def test_promtool_check_rules_accepts_the_rules():
     rejecting = alerting_rules()["PgkdIngestRejecting"]
     assert rejecting["for"] == "15m" and rejecting["labels"]["severity"] == "warning"
     assert "[15m]" in rejecting["expr"] and "> 0.5" in rejecting["expr"], rejecting["expr"]
+    # The cascade's teacher share against the policy's own target, held for 15 minutes.
+    share = alerting_rules()["PgkdCascadeTeacherShareHigh"]
+    assert share["for"] == "15m" and "pgkd_cascade_teacher_share_target" in share["expr"], share["expr"]
+    assert "[15m]" in recording_rules()["pgkd:cascade_teacher_share:rate15m"]
 
 
 def test_promtool_test_rules_passes_and_covers_every_alert_firing_and_quiet():
@@ -464,6 +473,12 @@ def test_every_metric_and_label_in_the_rules_and_the_dashboard_is_exported():
     assert {"pgkd_ingest_messages_total", "pgkd_ingest_rejected_total", "pgkd_stream_samples",
             "pgkd_stream_new_samples", "pgkd_stream_window_accuracy", "pgkd_stream_reference_accuracy",
             "pgkd_stream_runs_triggered_total", "pgkd_stream_decisions_total"} <= names
+    # and the served cascade's.
+    assert {"pgkd_cascade_texts_total", "pgkd_cascade_deferred_total", "pgkd_cascade_fallbacks_total",
+            "pgkd_cascade_disagreements_total", "pgkd_cascade_teacher_calls_total",
+            "pgkd_cascade_teacher_latency_seconds_bucket", "pgkd_cascade_request_latency_seconds_bucket",
+            "pgkd_cascade_threshold", "pgkd_cascade_teacher_share_target", "pgkd_cascade_labels_total",
+            "pgkd:cascade_teacher_share:rate15m"} <= names
 
 
 def test_the_name_check_can_fail():
@@ -524,12 +539,20 @@ def test_dashboard_shows_a_run_with_the_prometheus_datasource():
     for metric in ("pgkd_validation_score", "pgkd_best_score", "pgkd_cycles_since_improvement", "pgkd_run_stopped",
                    "pgkd_run_teacher_tokens", "pgkd_train_loss", "pgkd_train_samples_per_second"):
         assert any(re.search(rf'{metric}\{{run="\$run"\}}', e) for e in exprs), metric
-    # The stream's panels under a row of their own, not limited to the selected run.
+    # The stream's, serving's and the cascade's panels under rows of their own, not limited to the selected run.
     row_at = {panel["title"]: panel["gridPos"]["y"] for panel in panels if panel["type"] == "row"}
-    assert list(row_at)[-2:] == ["Stream (ingest)", "Serving (student server, deployers)"], list(row_at)
+    assert list(row_at)[-3:] == ["Stream (ingest)", "Serving (student server, deployers)", "Cascade"], list(row_at)
     stream_panels = [panel for panel in panels if panel["type"] != "row" and row_at["Stream (ingest)"] <
                      panel["gridPos"]["y"] < row_at["Serving (student server, deployers)"]]
-    serving_panels = [panel for panel in panels if panel["gridPos"]["y"] > row_at["Serving (student server, deployers)"]]
-    assert len(stream_panels) == 5 and len(serving_panels) == 1 and all(
-        "$run" not in target["expr"] for panel in stream_panels + serving_panels for target in panel["targets"])
+    serving_panels = [panel for panel in panels if panel["type"] != "row" and row_at[
+                      "Serving (student server, deployers)"] < panel["gridPos"]["y"] < row_at["Cascade"]]
+    cascade_panels = [panel for panel in panels if panel["gridPos"]["y"] > row_at["Cascade"]]
+    assert len(stream_panels) == 5 and len(serving_panels) == 1 and len(cascade_panels) == 8 and all(
+        "$run" not in target["expr"]
+        for panel in stream_panels + serving_panels + cascade_panels for target in panel["targets"])
     assert "pgkd_serving_promotions_total" in str(serving_panels[0]["targets"])
+    cascade_exprs = " ".join(target["expr"] for panel in cascade_panels for target in panel["targets"])
+    for metric in ("pgkd_cascade_texts_total", "pgkd_cascade_teacher_calls_total",
+                   "pgkd_cascade_teacher_latency_seconds_bucket", "pgkd_cascade_fallbacks_total",
+                   "pgkd_cascade_disagreements_total", "pgkd_cascade_threshold", "pgkd_cascade_labels_total"):
+        assert metric in cascade_exprs, metric

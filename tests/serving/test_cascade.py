@@ -22,6 +22,7 @@ from pgkd_services.cascade import LabelPublisher, teacher_factory
 LABELS = ["card_lost", "refund", "transfer"]
 TEXTS = ["sure one", "unsure one", "unsure two", "sure two"]
 PROBS = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25], [0.3, 0.3, 0.4], [0.05, 0.9, 0.05]], dtype=np.float32)
+STUDENT = ([LABELS[i] for i in PROBS.argmax(axis=1)], PROBS.max(axis=1).tolist())   # what the served student answers
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_the_student_keeps_what_it_is_sure_of_and_the_teacher_labels_the_rest_in
     os.environ["PGKD_TEST_KEY"] = "k"
     chat.script = [("ok", json.dumps({"labels": ["refund", "transfer"]}))]
     cascade, registry, labels = make(chat)
-    answers = cascade.answer(TEXTS, PROBS)
+    answers = cascade.answer(TEXTS, *STUDENT)
     assert [(a.answered_by, a.label) for a in answers] == [("student", "card_lost"), ("teacher", "refund"),
                                                              ("teacher", "transfer"), ("student", "refund")]
     assert [a.fallback for a in answers] == [""] * 4 and answers[1].student_label == "card_lost"
@@ -75,7 +76,7 @@ def test_a_teacher_that_fails_in_any_way_leaves_the_students_answer_flagged_with
     chat.script = [behaviour]
     cascade, registry, labels = make(chat, timeout=1.0)
     began = time.monotonic()
-    answers = cascade.answer(TEXTS, PROBS)
+    answers = cascade.answer(TEXTS, *STUDENT)
     assert time.monotonic() - began < 3
     if reason is None:     # the unknown label alone falls back; the other is the teacher's
         assert [(a.answered_by, a.fallback) for a in answers[1:3]] == [("student", "out_of_taxonomy"),
@@ -91,10 +92,10 @@ def test_after_two_failures_the_teacher_is_not_asked_and_the_fallback_is_at_once
     os.environ["PGKD_TEST_KEY"] = "k"
     chat.script = [("status", 503), ("status", 503)]
     cascade, registry, _ = make(chat)
-    cascade.answer(TEXTS, PROBS)
-    cascade.answer(TEXTS, PROBS)
+    cascade.answer(TEXTS, *STUDENT)
+    cascade.answer(TEXTS, *STUDENT)
     asked = len(chat.requests)
-    answers = cascade.answer(TEXTS, PROBS)
+    answers = cascade.answer(TEXTS, *STUDENT)
     assert len(chat.requests) == asked and answers[1].fallback == "teacher_unavailable"
 
 
@@ -123,6 +124,8 @@ def test_the_policy_file_moves_the_threshold_and_a_bad_one_keeps_the_last(tmp_pa
 def test_a_target_needs_the_held_scores_and_one_they_cannot_meet_names_what_they_can():
     with pytest.raises(UserError, match="needs the student's calibration"):
         Policy(target_accuracy=0.9).resolve(None)
+    with pytest.raises(UserError, match="calibrated without a target"):
+        Policy().resolve(Calibration(source="held", samples=0))
     calibration = Calibration(source="held", samples=3, confidence=[0.9, 0.8, 0.7], correct=[False, True, True])
     with pytest.raises(UserError, match="cannot be met.*achievable: a target up to 0.6667"):
         Policy(target_accuracy=0.99).resolve(calibration)
@@ -177,3 +180,38 @@ def test_a_missing_or_damaged_calibration_is_one_line(tmp_path, capsys):
                      "openai://127.0.0.1:1/v1?model=m", "--calibration", str(where)])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and "calibration" in err[0], err
+
+
+def test_a_promoted_version_brings_its_labels_and_threshold_and_the_cascade_follows(tmp_path):
+    """--calibration names the model's folder: each version's calibration is read when that version first
+    answers; the threshold is the policy's again on the new held scores."""
+    from pgkd.calibration import Deferral
+    from pgkd.serving.cascade import ServedCalibration
+    from pgkd.serving.cascade_server import CascadeModel
+
+    def version(n: int, labels: list[str], threshold: float) -> None:
+        (tmp_path / "student" / str(n)).mkdir(parents=True)
+        deferral = Deferral(threshold=threshold, target="max teacher share 0.2", student_share=0.8,
+                            student_accuracy=0.9, samples=10)
+        (tmp_path / "student" / str(n) / "pgkd-calibration.json").write_text(Calibration(
+            labels=labels, source="held", samples=10, deferral=deferral).model_dump_json())
+    version(1, LABELS, 0.5)
+    calibrations = ServedCalibration(tmp_path / "student")
+    assert (calibrations.version, calibrations.current.deferral.threshold) == ("1", 0.5)
+    answering = {"version": "1"}
+
+    class Student:
+        def infer(self, texts):
+            n = 3 if answering["version"] == "1" else 4
+            return {"version": answering["version"], "label": ["refund"] * len(texts), "probability": [0.6] * len(texts),
+                    "probabilities": np.full((len(texts), n), 1 / n, dtype=np.float32)}
+    policy = PolicySource(Policy(), calibrations.current)
+    cascade = Cascade(LABELS, lambda: None, policy)
+    model = CascadeModel(cascade, Student, calibrations)
+    answers, _ = model.answers([b"a text"])
+    assert answers[0].answered_by == "student" and policy.threshold == 0.5        # 0.6 >= 0.5
+    version(2, [*LABELS, "close_account"], 0.7)
+    answering["version"] = "2"
+    answers, probs = model.answers([b"a text"])
+    assert cascade.labels == [*LABELS, "close_account"] and policy.threshold == 0.7 and probs.shape == (1, 4)
+    assert answers[0].fallback == "teacher_error"      # 0.6 < 0.7: deferred (this teacher is no teacher at all)

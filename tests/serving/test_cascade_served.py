@@ -103,7 +103,7 @@ def cascade(tmp_path_factory):
             # root after `pgkd export --out models`; only the ports are free ones, and what the test also
             # needs is added: a policy file, the data for the prompt's examples, the labels to the broker.
             readme = readme_cascade_command()
-            assert readme[:3] == [".venv/bin/pgkd", "cascade", "serve"] and "models/student/1" in readme
+            assert readme[:3] == [".venv/bin/pgkd", "cascade", "serve"] and "models/student" in readme
             argv = [a.replace("127.0.0.1:8000", student_server.http_url)
                      .replace("127.0.0.1:8010", f"127.0.0.1:{teacher_ports[0]}") for a in readme[1:]]
             server = Pgkd(folder, *argv, "--policy-file", str(policy), "--data", str(data_path), "--teacher-timeout",

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pgkd.calibration import FILE as CALIBRATION_FILE, Calibration
@@ -45,7 +44,8 @@ POLICY_CHECK_SECONDS = 1.0    # a policy file is looked at (its mtime) at most t
 
 
 class Policy(BaseModel):
-    """What decides the threshold: exactly one of the three."""
+    """What decides the threshold: one of the three, or none (the threshold the served student's run
+    recorded with it)."""
     model_config = ConfigDict(extra="forbid")
     threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     target_accuracy: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
@@ -54,9 +54,8 @@ class Policy(BaseModel):
     @model_validator(mode="after")
     def _one(self) -> "Policy":
         given = [k for k in ("threshold", "target_accuracy", "max_teacher_share") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of threshold, target_accuracy, max_teacher_share (got "
-                             f"{', '.join(given) or 'none'})")
+        if len(given) > 1:
+            raise ValueError(f"give one of threshold, target_accuracy, max_teacher_share (got {', '.join(given)})")
         return self
 
     def resolve(self, calibration: Calibration | None) -> tuple[float, str]:
@@ -64,6 +63,11 @@ class Policy(BaseModel):
         meet is a UserError naming what they can."""
         if self.threshold is not None:
             return self.threshold, f"threshold {self.threshold:g}"
+        if self.target_accuracy is None and self.max_teacher_share is None:
+            if calibration is None or calibration.deferral is None:
+                raise UserError("no threshold: the student was calibrated without a target; give --threshold, "
+                                "--target-accuracy or --max-teacher-share")
+            return calibration.deferral.threshold, f"the run's ({calibration.deferral.target})"
         if calibration is None or not calibration.confidence:
             raise UserError("a target needs the student's calibration (its held scores): give --calibration")
         deferral = calibration.threshold_for(self.target_accuracy, self.max_teacher_share)
@@ -85,6 +89,41 @@ def read_calibration_path(path: str | Path) -> Calibration:
         raise UserError(f"{file}: cannot read the calibration ({e.strerror or e})") from None
     except ValidationError as e:
         raise invalid(e, _in(file), limit=2) from None
+
+
+class ServedCalibration:
+    """The calibration of the student version that answers. `path` is a calibration file or a version's
+    folder (fixed), or the model's folder in the repository the student is served from (`models/student`):
+    then each version's own calibration is read when a response first comes from that version, so a
+    promoted student brings its labels and its threshold with it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.follows = self.path.is_dir() and not (self.path / CALIBRATION_FILE).is_file()
+        self.version: str | None = None
+        if self.follows:
+            versions = sorted(int(p.name) for p in self.path.iterdir()
+                              if p.name.isdigit() and (p / CALIBRATION_FILE).is_file())
+            if not versions:
+                raise UserError(f"{self.path}: neither a calibration ({CALIBRATION_FILE}) nor a model folder with "
+                                "a version that has one")
+            self.version = str(versions[-1])
+            self.current = read_calibration_path(self.path / self.version)
+        else:
+            self.current = read_calibration_path(self.path)
+
+    def for_version(self, version: str) -> Calibration | None:
+        """`version`'s calibration when the answering version changed, else None."""
+        if not self.follows or not version or version == self.version:
+            return None
+        self.version = version           # read once a version, whatever comes of it
+        try:
+            self.current = read_calibration_path(self.path / version)
+        except UserError as e:
+            log.warning("cascade: version %s of the student: %s; its answers are routed with the calibration "
+                        "of the version before", version, e)
+            return None
+        return self.current
 
 
 def read_policy_file(path: str | Path) -> Policy:
@@ -120,6 +159,18 @@ class PolicySource:
         self.policy, self.threshold, self.described = policy, threshold, described
         if self.on_change is not None:
             self.on_change(threshold, policy)
+
+    def recalibrate(self, calibration: Calibration) -> None:
+        """A new student's calibration: the policy's threshold again, on its held scores."""
+        with self._lock:
+            before = self.calibration
+            self.calibration = calibration
+            try:
+                self._set(self.policy)
+                log.info("cascade: a new student: threshold %.4f (%s)", self.threshold, self.described)
+            except UserError as e:
+                self.calibration, self.errors = before, self.errors + 1
+                log.warning("cascade: a new student: %s; the threshold stays %.4f", e, self.threshold)
 
     def current(self) -> float:
         if self.file is not None and time.monotonic() - self._checked >= POLICY_CHECK_SECONDS:
@@ -195,13 +246,12 @@ class Cascade:
             self.metrics.teacher_call(time.perf_counter() - began, usage)
         return labels, getattr(teacher, "name", "teacher")
 
-    def answer(self, texts: list[str], probs: np.ndarray) -> list[Answer]:
-        """Each text's answer: the student's where its confidence reaches the threshold, else the teacher's."""
-        probs = np.asarray(probs)
+    def answer(self, texts: list[str], labels: list[str], confidence: list[float]) -> list[Answer]:
+        """Each text's answer: the student's (its `labels`, with their calibrated `confidence`) where the
+        confidence reaches the threshold, else the teacher's."""
         threshold = self.policy.current()
-        best = probs.argmax(axis=1) if len(texts) else np.zeros(0, dtype=int)
-        answers = [Answer(label=self.labels[b], answered_by=STUDENT, confidence=float(probs[i, b]),
-                          student_label=self.labels[b]) for i, b in enumerate(best)]
+        answers = [Answer(label=label, answered_by=STUDENT, confidence=float(c), student_label=label)
+                   for label, c in zip(labels, confidence, strict=True)]
         deferred = [i for i, a in enumerate(answers) if a.confidence < threshold]
         if deferred:
             self._defer(texts, answers, deferred)

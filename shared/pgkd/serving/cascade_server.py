@@ -33,7 +33,7 @@ import numpy as np
 
 from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
 from pgkd.processes import Stopped, stop_signals
-from pgkd.serving.cascade import ERROR, Answer, Cascade
+from pgkd.serving.cascade import ERROR, Answer, Cascade, ServedCalibration
 from pgkd.types import MAX_TEXT_CHARS
 
 MODEL_NAME = "cascade"
@@ -66,9 +66,10 @@ class CascadeModel:
     the deferred ones to the teacher together. `student` makes a client for one thread, with
     `infer(texts) -> {"probabilities": ...}` (pgkd.serving.client.StudentClient)."""
 
-    def __init__(self, cascade: Cascade, student, labels: list[str], metrics=None):
-        self.cascade, self.labels, self.metrics = cascade, labels, metrics
-        self._make_student, self._local = student, threading.local()
+    def __init__(self, cascade: Cascade, student, calibrations: ServedCalibration, metrics=None):
+        self.cascade, self.calibrations, self.metrics = cascade, calibrations, metrics
+        self.labels = calibrations.current.labels
+        self._make_student, self._local, self._lock = student, threading.local(), threading.Lock()
 
     def _student(self):
         if getattr(self._local, "student", None) is None:
@@ -88,13 +89,25 @@ class CascadeModel:
                 answers[number - 1] = Answer(label="", answered_by=ERROR, confidence=0.0, student_label="",
                                              error=str(e))
         if texts:
-            student = np.asarray(self._student().infer(texts)["probabilities"], dtype=np.float32)
+            result = self._student().infer(texts)
+            self._follow(result["version"])
+            student = np.asarray(result["probabilities"], dtype=np.float32)
+            if student.shape[1] != probs.shape[1]:    # a version whose calibration could not be read
+                probs = np.zeros((len(values), student.shape[1]), dtype=np.float32)
             probs[rows] = student
-            for row, answer in zip(rows, self.cascade.answer(texts, student)):
+            for row, answer in zip(rows, self.cascade.answer(texts, result["label"], result["probability"])):
                 answers[row] = answer
         if self.metrics is not None:
             self.metrics.texts.labels(ERROR).inc(sum(a.answered_by == ERROR for a in answers))
         return answers, probs
+
+    def _follow(self, version: str) -> None:
+        """A new version of the student answers: its labels and threshold, from its calibration."""
+        with self._lock:
+            calibration = self.calibrations.for_version(version)
+            if calibration is not None:
+                self.labels = self.cascade.labels = list(calibration.labels)
+                self.cascade.policy.recalibrate(calibration)
 
     def __call__(self, requests: list[dict]) -> list[dict]:
         began = time.perf_counter()
@@ -107,6 +120,8 @@ class CascadeModel:
             answers = [Answer(label="", answered_by=ERROR, confidence=0.0, student_label="", error=message)
                        for _ in flat]
             probs = np.zeros((len(flat), len(self.labels)), dtype=np.float32)
+            if self.metrics is not None:
+                self.metrics.texts.labels(ERROR).inc(len(flat))
         if self.metrics is not None:
             self.metrics.request_latency.observe(time.perf_counter() - began)
         responses, start = [], 0
