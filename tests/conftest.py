@@ -28,6 +28,7 @@ SLOWEST_FIRST = [
     "tests/services/test_stream_storage_tansu.py", "tests/services/test_stream_drift_tansu.py", "tests/test_api.py",
     "tests/services/test_ingest_tansu.py", "tests/services/test_services_kafka.py",
     "tests/services/test_prometheus_stop.py", "tests/serving/test_promotion_tansu.py",
+    "tests/serving/test_cascade_served.py",
     "tests/teachers/test_teacher_serve_processes.py", "tests/bench/test_bench.py", "tests/serving/test_serving.py",
     "tests/distributed/test_run_state.py", "tests/test_taxonomy.py", "tests/loop/test_guidance.py",
     "tests/services/test_kafka_security.py", "tests/services/test_service_start.py",

@@ -150,6 +150,21 @@ def test_pgkd_classify_and_perf_analyzer_work_on_the_cascade_unchanged(cascade):
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     assert [a["text"] for a in answers] == ["I lost my card", "refund please"]
     assert all(a["label"] in cascade["student"].labels for a in answers)
+    from test_perf_analyzer import perf_analyzer, perf_analyzer_environment
+    binary = perf_analyzer()
+    if binary is None:
+        pytest.skip("perf_analyzer: tritonclient's wheels have no build for this machine")
+    for protocol, url in (("http", cascade["http"]), ("grpc", cascade["grpc"])):
+        done = subprocess.run(
+            [binary, "-m", "cascade", "-u", url, "-i", protocol, "--string-data", "my card was stolen",
+             "--concurrency-range", "4", "--measurement-mode", "count_windows", "--measurement-request-count", "30",
+             "--stability-percentage", "100", "--max-trials", "3"],
+            capture_output=True, text=True, timeout=180, env=perf_analyzer_environment(cascade["folder"] / "libs"))
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output
+        inferences = [int(n) for n in re.findall(r"Inference count: (\d+)", output)]
+        succeeded = [int(n) for n in re.findall(r"Successful request count: (\d+)", output)]
+        assert inferences and inferences == succeeded and min(inferences) > 0, output
 
 
 def test_a_bad_text_is_its_own_error_and_the_others_are_answered(cascade):

@@ -148,16 +148,20 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
     libdir = sysconfig.get_config_var("LIBDIR")
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
     from pytriton.model_config import ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import DEFAULT_PROTECTED_ENDPOINTS, Triton, TritonConfig, TritonSecurityConfig
 
     require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                           metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5)
     outputs = [Tensor(name=n, dtype=np.float32, shape=(-1,) if n == "probabilities" else (1,))
                if n.startswith("probabilit") else Tensor(name=n, dtype=bytes, shape=(1,)) for n in OUTPUTS]
+    # PyTriton restricts Triton's statistics API (and the repository, shared memory, trace and logging ones) to
+    # a token of its own; perf_analyzer reads the statistics, which say nothing a client should not know. The
+    # others stay restricted: nobody loads or unloads models on the cascade's server.
+    security = TritonSecurityConfig(restricted_endpoints=[e for e in DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"])
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
-            with stop_signals(), contextlib.suppress(Stopped), Triton(config=config) as triton:
+            with stop_signals(), contextlib.suppress(Stopped), Triton(config=config, security_config=security) as triton:
                 # Several instances, so that a batch waiting on the teacher does not hold up the others.
                 triton.bind(model_name=MODEL_NAME, infer_func=[model] * instances,
                             inputs=[Tensor(name="text", dtype=bytes, shape=(1,))], outputs=outputs,
