@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pgkd.calibration import (Calibration, calibrate, choose_threshold, expected_calibration_error, fit_temperature,
-                              reliability, scaled)
+from pgkd.calibration import (Calibration, accuracy_lower_bound, calibrate, choose_threshold,
+                              expected_calibration_error, fit_temperature, reliability, scaled)
 from pgkd.errors import UserError
 
 
@@ -62,11 +62,14 @@ def test_the_threshold_for_an_accuracy_is_the_lowest_whose_answers_hold_it(score
         assert "cannot be met" in str(e) and "achievable" in str(e) and "\n" not in str(e)
         return
     answered = confidence >= d.threshold
-    assert correct[answered].mean() >= target - 1e-9
+
+    def bound(mask):
+        return accuracy_lower_bound(correct[mask].sum(), mask.sum())
+    assert bound(answered) >= target - 1e-9 and correct[answered].mean() >= target - 1e-9
     assert math.isclose(d.student_share, answered.mean())
     lower = confidence[confidence < d.threshold]
     if len(lower):     # one step lower (the next confidence down) no longer holds it
-        assert correct[confidence >= lower.max()].mean() < target
+        assert bound(confidence >= lower.max()) < target
 
 
 @settings(max_examples=100, deadline=None)
@@ -83,8 +86,20 @@ def test_the_threshold_for_a_teacher_share_sends_it_at_most_that_share(confidenc
 def test_a_target_the_scores_cannot_meet_names_what_they_can():
     with pytest.raises(UserError) as e:
         choose_threshold([0.9, 0.8, 0.7, 0.6], [False, True, True, False], target_accuracy=0.9)
+    best = max(accuracy_lower_bound(r, n) for r, n in ((0, 1), (1, 2), (2, 3), (2, 4)))
     assert "target accuracy 0.9 cannot be met" in str(e.value)
-    assert "up to 0.6667" in str(e.value)      # its three most confident answers: 2 of 3
+    assert f"up to {best:.4f}" in str(e.value) and "at 90% confidence" in str(e.value)
+
+
+def test_the_wilson_bound_is_below_the_accuracy_and_closes_in_as_texts_grow():
+    assert accuracy_lower_bound(9, 10) < 0.9 < accuracy_lower_bound(900, 1000) + 0.02
+    assert accuracy_lower_bound(90, 100) < accuracy_lower_bound(900, 1000) < 0.9
+
+
+def test_no_threshold_is_chosen_on_scores_the_teacher_was_shown():
+    probs, targets = overconfident(n=100)
+    c = calibrate(probs, targets, "held", max_teacher_share=0.2, shown_to_teacher=30)
+    assert c.deferral is None and "the teacher was shown 30 of these 100" in c.deferral_problem
 
 
 @pytest.mark.parametrize("kwargs", [dict(target_accuracy=1.5), dict(target_accuracy=float("nan")),

@@ -23,9 +23,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
+# Every character str.splitlines breaks a line at, as it is shown instead (\n, \x1e, \u2028, ...).
+_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def one_line(message: object) -> str:
-    """A message as one line: a newline inside a user's text (a name, a path) is shown, not obeyed."""
-    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+    """A message as one line: a line break inside a user's text (a name, a path) is shown, not obeyed."""
+    return str(message).translate(str.maketrans(_BREAKS))
 
 
 def _command_plugins():
@@ -133,7 +137,8 @@ def cmd_distill(args) -> int:
 def cmd_teacher_serve(args) -> int:
     from pgkd.teachers.server import serve
     serve(args.kind, args.data, args.labeled, args.seed, args.http_port, args.grpc_port, args.metrics_port,
-          host=args.host, label_noise=args.label_noise, latency=args.latency, text_column=args.text_column,
+          host=args.host, label_noise=args.label_noise, latency=args.latency, llm_accuracy=args.llm_accuracy,
+          text_column=args.text_column,
           label_column=args.label_column)
     return 0
 
@@ -390,6 +395,21 @@ def _bench_stream_scale(args) -> int:
     return 0
 
 
+def cmd_bench_cascade(args) -> int:
+    from pathlib import Path
+
+    from pgkd.bench.cascade import markdown, run_cascade_bench
+    given = {name: getattr(args, name) for name in ("targets", "price_per_million_tokens", "guidance_source",
+                                                    "price_per_million_output_tokens", "student_cost_per_million")
+             if getattr(args, name) is not None}
+    result = run_cascade_bench(Path(args.data_root), args.datasets, Path(args.out), labeled=args.labeled,
+                               student=args.student, max_cycles=args.max_cycles, llm_accuracy=args.llm_accuracy,
+                               windows=args.windows, seed=args.seed, progress=args.progress, **given)
+    print(markdown(result), end="")
+    print(f"wrote {args.out}/cascade.json, cascade.md, cascade.png ({result['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_bench_bus(args) -> int:
     from pathlib import Path
 
@@ -471,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=port_option, default=8002)
     serve.add_argument("--label-noise", type=float, default=0.0)
     serve.add_argument("--latency", type=float, default=0.0, help="seconds each answer takes, like an LLM's")
+    serve.add_argument("--llm-accuracy", type=float, default=0.95, help=(
+        "classification prompts (the cascade's) are answered by a simulated LLM of this accuracy: the gold "
+        "label with this probability, else a confusable class"))
     serve.add_argument("--text-column", default="text")
     serve.add_argument("--label-column", default="label")
     serve.set_defaults(func=cmd_teacher_serve)
@@ -566,6 +589,36 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--out", default=None, help="default: runs/bench/stream (with --samples: stream-scale)")
     stream.add_argument("--no-progress", dest="progress", action="store_false")
     stream.set_defaults(func=cmd_bench_stream)
+    # Defaults left None are pgkd.bench.cascade's (declared there, once; importing it here would load torch).
+    cascade = bench_sub.add_parser("cascade", help="the student answers, a simulated LLM backs it up: accuracy "
+                                                   "against the share deferred, costs, a stream of windows")
+    cascade.add_argument("--data-root", default="../shared/data", help="folder holding the dataset folders")
+    cascade.add_argument("--datasets", type=_csv(str), default=["banking77", "clinc150", "hwu64"],
+                         help="comma-separated names under --data-root")
+    cascade.add_argument("--labeled", type=int, default=1000, help="labels of each distilled run")
+    cascade.add_argument("--student", default="minilm-frozen", help="minilm-frozen (cheap on CPU) or minilm")
+    cascade.add_argument("--max-cycles", type=int, default=3, help="cycles of each distilled run")
+    cascade.add_argument("--llm-accuracy", type=float, default=0.95,
+                         help="the simulated LLM's accuracy p: the gold label with probability p (a simulation)")
+    cascade.add_argument("--targets", default=None, help=(
+        "comma-separated: p-D (the student's answers at least D below --llm-accuracy), a number (that accuracy), "
+        "share:S (the simulated LLM answers at most S); each threshold chosen on held validation scores; the "
+        "stream uses the first (default: p-0.01,p-0.02,share:0.2)"))
+    cascade.add_argument("--price-per-million-tokens", type=float, default=None,
+                         help="an assumed LLM price, $ per million input tokens (default 0.15)")
+    cascade.add_argument("--price-per-million-output-tokens", type=float, default=None,
+                         help="an assumed LLM price, $ per million output tokens (default 0.60)")
+    cascade.add_argument("--student-cost-per-million", type=float, default=None,
+                         help="$ per million texts the student answers (default: BENCHMARKS.md's served student, "
+                              "337 texts/s on 2 CPU threads at $0.05 per CPU-hour: 0.0824)")
+    cascade.add_argument("--windows", type=int, default=5, help="windows of the stream of test traffic")
+    cascade.add_argument("--guidance-source", default=None, choices=["out-of-fold", "validation"], help=(
+        "the distilled runs' guidance (default out-of-fold: the teacher is shown no validation text, so all of "
+        "them are held scores for the threshold)"))
+    cascade.add_argument("--seed", type=int, default=1)
+    cascade.add_argument("--out", default="runs/bench/cascade")
+    cascade.add_argument("--no-progress", dest="progress", action="store_false")
+    cascade.set_defaults(func=cmd_bench_cascade)
     bus = bench_sub.add_parser("bus", help="the distributed loop's cost: the same run embedded and through the "
                                            "services' steps and the artifact store, side by side")
     distill_arguments(bus, with_out=False)

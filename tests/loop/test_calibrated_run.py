@@ -16,7 +16,8 @@ from pgkd.students import load_student
 
 RUN = dict(labeled=200, validation_fraction=0.3, student="tiny", teacher="pool-guided", samples_per_cycle=8,
            max_cycles=1, patience=5, epochs=3, cycle_epochs=1, learning_rate=1e-2, head_learning_rate=1e-2,
-           batch_size=32, seed=1, hard_negatives=2, misclassified=2, correct=2)
+           batch_size=32, seed=1, hard_negatives=2, misclassified=2, correct=2, guidance_source="out-of-fold",
+           guidance_folds=2)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def calibrated(tmp_path_factory):
 def test_the_report_records_the_calibration_on_the_texts_the_teacher_never_saw(calibrated):
     config, out, result = calibrated
     saved = json.loads((out / "report.json").read_text())["calibration"]
-    # 60 validation texts; cycle 1's request showed the teacher at most 6 of them.
-    assert 54 <= saved["samples"] < 60 and "validation texts the teacher was never shown" in saved["source"]
+    # 60 validation texts, guided out of fold: the teacher saw none of them.
+    assert saved["samples"] == 60 and saved["shown_to_teacher"] == 0 and "which the teacher never saw" in saved["source"]
     assert saved["temperature"] > 0 and saved["ece_before"] >= 0 and saved["ece_after"] >= 0
     assert saved["nll_after"] <= saved["nll_before"] + 1e-6     # T is fit to lower exactly this
     assert sum(b["samples"] for b in saved["reliability_after"]) == saved["samples"]
@@ -94,8 +95,8 @@ def test_a_target_the_held_scores_cannot_meet_writes_the_run_and_exits_2_naming_
     does with an unmet target (the choice itself: tests/test_calibration.py)."""
     import pgkd.loop.cycle as cycle
     real = cycle.calibrate
-    monkeypatch.setattr(cycle, "calibrate", lambda probs, targets, *a: real(
-        probs, (np.asarray(probs).argmax(axis=1) + 1) % np.asarray(probs).shape[1], *a))
+    monkeypatch.setattr(cycle, "calibrate", lambda probs, targets, *a, **k: real(
+        probs, (np.asarray(probs).argmax(axis=1) + 1) % np.asarray(probs).shape[1], *a, **k))
     data = make_toy_dataset(tmp_path / "toy")
     args = ["distill", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress", "--target-accuracy", "0.9"]
     for key, value in {**RUN, "max_cycles": 0, "epochs": 1}.items():
@@ -111,11 +112,20 @@ def test_a_target_the_held_scores_cannot_meet_writes_the_run_and_exits_2_naming_
 
 @pytest.mark.parametrize("flags, said", [(["--target-accuracy", "1.5"], "--target-accuracy"),
                                          (["--max-teacher-share", "-0.1"], "--max-teacher-share"),
-                                         (["--target-accuracy", "0.9", "--max-teacher-share", "0.2"],
-                                          "each choose the threshold: give one")])
+                                         (["--target-accuracy", "0.9", "--max-teacher-share", "0.2",
+                                           "--guidance-source", "out-of-fold"], "each choose the threshold: give one"),
+                                         (["--target-accuracy", "0.9"], "--guidance-source out-of-fold")])
 def test_a_target_outside_0_1_or_both_targets_are_one_line_before_any_work(flags, said, tmp_path, capsys):
     data = make_toy_dataset(tmp_path / "toy")
     assert main(["distill", "--data", str(data), "--out", str(tmp_path / "run"), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and said in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_guided_by_validation_the_calibration_counts_what_the_teacher_saw(tmp_path):
+    config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")), **{**RUN, "guidance_source": "validation"})
+    report = run(config, None, progress=False, embed=bag_of_words_embed).report
+    saved = report.calibration
+    assert saved["samples"] == 60 and 0 < saved["shown_to_teacher"] <= 6 and saved["deferral"] is None
+    assert f"{saved['shown_to_teacher']} of which the teacher was shown" in saved["source"]

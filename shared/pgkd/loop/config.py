@@ -174,6 +174,13 @@ class DistillConfig(BaseModel):
                 Option("guidance_source", self.guidance_source), " and ",
                 Option("selection_source", self.selection_source),
                 " cannot both be out-of-fold: the teacher would be aimed at the very scores that pick the best cycle"))
+        if (self.target_accuracy is not None or self.max_teacher_share is not None) and \
+                self.guidance_source == "validation":
+            chosen = "target_accuracy" if self.target_accuracy is not None else "max_teacher_share"
+            raise ValueError(UserError(
+                Option(chosen, getattr(self, chosen)), " is chosen on validation texts the teacher never saw: add ",
+                Option("guidance_source", "out-of-fold"), " (guided by validation, the teacher is shown its "
+                "mistakes); ", Option("guidance_student", "minilm-frozen"), " makes the fold students cheap"))
         if self.target_accuracy is not None and self.max_teacher_share is not None:
             raise ValueError(UserError(
                 Option("target_accuracy", self.target_accuracy), " and ", Option("max_teacher_share", self.max_teacher_share),

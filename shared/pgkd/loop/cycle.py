@@ -235,20 +235,25 @@ def finish(config: DistillConfig, dataset: Dataset, splits: Splits, best_student
 
 
 def calibrate_student(config: DistillConfig, student, splits: Splits, shown: list[int]) -> Calibration:
-    """Calibrate the kept student on the validation texts no request showed the teacher, and choose
-    the cascade's threshold there when --target-accuracy or --max-teacher-share asks for one. Those
-    texts also selected the best cycle when validation selects (the record says so). Test is never used.
-    The student is left uncalibrated: the caller attaches it once test is scored as the baseline was."""
-    seen = set(shown)
-    held = [s for i, s in enumerate(splits.validation) if i not in seen]
+    """Calibrate the kept student on the validation texts, and choose the cascade's threshold there when
+    --target-accuracy or --max-teacher-share asks for one. Guided out of fold, the teacher never saw them;
+    guided by validation, it was shown some (`shown`, its mistakes above all): T is still fit on all of them
+    (leaving the shown ones out would keep mostly the texts the student gets right, a worse bias), the record
+    says how many were shown, and no threshold is chosen on them (the config refuses a target then). They
+    also selected the best cycle when validation selects. Test is never used. The student is left
+    uncalibrated: the caller attaches it once test is scored as the baseline was."""
+    held = splits.validation
+    seen = len(set(shown))
     index = {label: i for i, label in enumerate(splits.labels)}
-    source = (f"the {len(held)} of {len(splits.validation)} validation texts the teacher was never shown"
+    source = (f"the {len(held)} validation texts"
+              + (f", {seen} of which the teacher was shown (guided by validation)" if seen else
+                 ", which the teacher never saw")
               + ("; they also selected the best cycle" if config.selection_source == "validation" else ""))
     if hasattr(student, "calibration"):
         student.calibration = None          # its own probabilities are what is calibrated
     probs = np.asarray(student.predict_proba([s.text for s in held])) if held else np.zeros((0, len(splits.labels)))
     return calibrate(probs, np.array([index[s.label] for s in held], dtype=np.int64), source,
-                     config.target_accuracy, config.max_teacher_share, labels=splits.labels)
+                     config.target_accuracy, config.max_teacher_share, labels=splits.labels, shown_to_teacher=seen)
 
 
 def _taxonomy_record(dataset: Dataset) -> dict:

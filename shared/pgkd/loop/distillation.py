@@ -100,8 +100,9 @@ def describe(teacher) -> dict:
 
 
 def shown_validation(validation: list[Sample], mined: MiningResult, shown: list[int]) -> list[int]:
-    """`shown` and the validation texts this request shows the teacher (by index): they cannot be
-    scores to calibrate on. Mined out of fold, the request shows none."""
+    """`shown` and the validation texts this request shows the teacher (by index): the calibration says how
+    many, and no threshold is chosen on scores the teacher saw. Mined out of fold, the request shows none
+    (but for a text that is in both splits)."""
     texts = {m.text for m in (*mined.hard_negatives, *mined.misclassified, *mined.correct)}
     return sorted(set(shown) | {i for i, s in enumerate(validation) if s.text in texts})
 
