@@ -83,8 +83,10 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     with LocalCluster(out, quiet=False, prometheus=False) as cluster:
+        # No teaching cycle: guided out of fold, validation stays unseen and the threshold is chosen there.
         config = DistillConfig(data=args.data, labeled=args.labeled, student="minilm-frozen", teacher="pool-random",
-                               max_cycles=0, seed=args.seed, max_teacher_share=args.max_teacher_share)
+                               max_cycles=0, seed=args.seed, max_teacher_share=args.max_teacher_share,
+                               guidance_source="out-of-fold")
         result = run(config, out / "run", progress=False)
         exported = cluster.spawn("export", cluster.pgkd_argv("export", str(out / "run" / "best"), "--out",
                                                             str(out / "models")))

@@ -123,6 +123,8 @@ def serve_cascade(args) -> int:
     for name in ("teacher_concurrency", "max_per_call", "instances", "label_buffer"):
         if getattr(args, name) < 1:
             raise UserError(Option(name, getattr(args, name)), ": expected 1 or more")
+    if args.examples_per_class < 0:
+        raise UserError(Option("examples_per_class", args.examples_per_class), ": expected 0 or more")
     require_free_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
                                    "--metrics-port": args.metrics_port,
                                    "--cascade-metrics-port": args.cascade_metrics_port})
@@ -141,6 +143,15 @@ def serve_cascade(args) -> int:
                              price_completion_per_1k=args.price_completion_per_1k)
     source = PolicySource(policy, calibration, args.policy_file, on_change=metrics.policy_changed)
     descriptions, examples = prompt_parts(args, calibration.labels)
+    # The student must be there (its model served) before the cascade says it serves: one line, exit 1 when it
+    # cannot be reached (Compose and Kubernetes start the cascade again), exit 2 for a model it does not serve.
+    with StudentClient(args.student, args.student_model, timeout=args.student_timeout) as probe:
+        probe.max_batch_size()
+    try:                  # the teacher need not be: until it answers, deferred texts keep the student's answer
+        teacher().check()
+    except Exception as e:  # noqa: BLE001 -- said, not fatal
+        print(f"pgkd: note: the teacher cannot be reached now ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+              "deferred texts keep the student's answer until it answers", flush=True)
     publisher = None
     if args.publish_labels:
         settings = Settings.from_env()

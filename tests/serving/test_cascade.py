@@ -215,3 +215,17 @@ def test_a_promoted_version_brings_its_labels_and_threshold_and_the_cascade_foll
     answers, probs = model.answers([b"a text"])
     assert cascade.labels == [*LABELS, "close_account"] and policy.threshold == 0.7 and probs.shape == (1, 4)
     assert answers[0].fallback == "teacher_error"      # 0.6 < 0.7: deferred (this teacher is no teacher at all)
+
+
+def test_a_student_that_cannot_be_reached_is_one_line_and_exit_1(tmp_path, capsys):
+    """The environment's failure (Compose and Kubernetes start the cascade again), said before it serves."""
+    calibration = Calibration(labels=LABELS, source="held", samples=0)
+    (tmp_path / "pgkd-calibration.json").write_text(calibration.model_dump_json())
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    code = main(["cascade", "serve", "--student", f"http://127.0.0.1:{port}", "--teacher",
+                 "openai://127.0.0.1:1/v1?model=m", "--calibration", str(tmp_path), "--threshold", "0.5",
+                 "--student-timeout", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and f"127.0.0.1:{port}" in err[0], err
