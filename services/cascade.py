@@ -112,7 +112,7 @@ class LabelPublisher:
 
 
 def serve_cascade(args) -> int:
-    from pgkd.serving.cascade import Cascade, CascadeMetrics, Policy, PolicySource, ServedCalibration
+    from pgkd.serving.cascade import Cascade, CascadeMetrics, Policy, PolicySource
     from pgkd.serving.cascade_server import CascadeModel, serve
     from pgkd.serving.client import StudentClient
 
@@ -130,23 +130,22 @@ def serve_cascade(args) -> int:
                                    "--cascade-metrics-port": args.cascade_metrics_port})
     teacher = teacher_factory(args.teacher, args.teacher_timeout, args.price_prompt_per_1k,
                               args.price_completion_per_1k)
-    calibrations = ServedCalibration(args.calibration)
-    calibration = calibrations.current
-    if not calibration.labels:
-        raise UserError(Option("calibration", args.calibration), ": names no labels (written by an older pgkd?)")
     given = {k: getattr(args, k) for k in ("threshold", "target_accuracy", "max_teacher_share")
              if getattr(args, k) is not None}
     policy = Policy(**given)          # none: the threshold the run recorded with the student
+
+    def check(calibration) -> None:   # the input's faults, said before the student is reached
+        if not calibration.labels:
+            raise UserError(Option("calibration", args.calibration), ": names no labels (written by an older pgkd?)")
+        PolicySource(policy, calibration, args.policy_file)      # a target its held scores cannot meet
+    calibrations = student_ready(args, check)
+    calibration = calibrations.current
     from prometheus_client import CollectorRegistry, start_http_server
     registry = CollectorRegistry()     # the cascade's own: served on --cascade-metrics-port
     metrics = CascadeMetrics(registry, price_prompt_per_1k=args.price_prompt_per_1k,
                              price_completion_per_1k=args.price_completion_per_1k)
     source = PolicySource(policy, calibration, args.policy_file, on_change=metrics.policy_changed)
     descriptions, examples = prompt_parts(args, calibration.labels)
-    # The student must be there (its model served) before the cascade says it serves: one line, exit 1 when it
-    # cannot be reached (Compose and Kubernetes start the cascade again), exit 2 for a model it does not serve.
-    with StudentClient(args.student, args.student_model, timeout=args.student_timeout) as probe:
-        probe.max_batch_size()
     try:                  # the teacher need not be: until it answers, deferred texts keep the student's answer
         teacher().check()
     except Exception as e:  # noqa: BLE001 -- said, not fatal
@@ -174,6 +173,41 @@ def serve_cascade(args) -> int:
         if publisher is not None:
             publisher.stop()
     return 0
+
+
+def student_ready(args, check):
+    """The student's calibration and its served model, both there before the cascade says it serves: else
+    one line, exit 1 when the server cannot be reached (Compose and Kubernetes start the cascade again), exit 2
+    for a calibration or a model name that is not there; with --wait-for-student, waited for (a server beside a
+    deployer that has not written its first student yet)."""
+    from pgkd.errors import EnvironmentFailure
+    from pgkd.serving.cascade import ServedCalibration
+    from pgkd.serving.client import StudentClient
+    said = False
+    while True:
+        try:
+            calibrations = ServedCalibration(args.calibration)
+        except UserError as e:      # no version with a calibration yet, or none at all
+            if not args.wait_for_student:
+                raise
+            said = _waiting(e, said)
+            continue
+        check(calibrations.current)
+        try:
+            with StudentClient(args.student, args.student_model, timeout=args.student_timeout) as probe:
+                probe.max_batch_size()
+            return calibrations
+        except (UserError, EnvironmentFailure) as e:
+            if not args.wait_for_student:
+                raise
+            said = _waiting(e, said)
+
+
+def _waiting(e: Exception, said: bool) -> bool:
+    if not said:
+        print(f"pgkd: waiting for the student ({e})", flush=True)
+    time.sleep(2)
+    return True
 
 
 def teacher_factory(url: str, timeout: float, price_prompt: float, price_completion: float):
@@ -227,6 +261,9 @@ def register(sub, distill_arguments=None) -> None:
     s.add_argument("--student", required=True, help="the served student: http://HOST:PORT or grpc://HOST:PORT")
     s.add_argument("--student-model", default="student", help="its model name (pgkd export --model-name)")
     s.add_argument("--student-timeout", type=float, default=10.0, help="seconds a call to the student may take")
+    s.add_argument("--wait-for-student", action="store_true", help="wait until the student serves and its calibration "
+                   "is in --calibration (a student server whose deployer has not written a first version yet), "
+                   "instead of exiting")
     s.add_argument("--teacher", required=True, help="the LLM: triton://HOST:PORT/MODEL, triton+grpc://..., "
                    "openai://HOST:PORT/v1?model=NAME (docs/real-llms.md)")
     s.add_argument("--calibration", required=True, help="the served model's folder in its repository (models/student: "

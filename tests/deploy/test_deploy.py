@@ -5,7 +5,9 @@
   shared volumes, the broker URL, Kafka in KRaft mode, Prometheus and Grafana wired to them, the Triton
   teacher (image, shared memory, Hugging Face cache, health check, profile), the student server and its
   deployer (profile `serving`: the student-server image, explicit model control, the shared model volume,
-  the deployer's settings as the code parses them) and the GPU reservations.
+  the deployer's settings as the code parses them), the cascade in front of it (profile `serving`: its command
+  as `pgkd cascade serve` parses it, the student server's model volume read-only, the policy file) and the GPU
+  reservations.
 - deploy/Dockerfile and its .dockerignore: the base image, user, environment, entry point, what the deployer
   imports, and a build context that holds what `pip install .` needs and nothing heavy; deploy/triton/Dockerfile:
   the Triton image, its model repository and command; deploy/triton/Dockerfile.student: the student server's
@@ -16,9 +18,11 @@
   Services and topics, for the five pgkd services (ingest: one replica, and the PGKD_STREAM_* configuration)
   and, with their own expectations, the Triton teacher and the student server (Triton and the deployer
   sidecar in one pod, Triton's endpoints as probes, the autoscaler on Triton's CPU, the GPU Component
-  k8s/student-gpu/ rendered with kustomize). The opt-in monitoring component k8s/monitoring/ (Prometheus
-  Operator kinds) is tests/deploy/test_k8s_monitoring.py's; the Kafka users and network policies are
-  tests/deploy/test_k8s_kafka_security.py's.
+  k8s/student-gpu/ rendered with kustomize), and the cascade: a third container of the student server's pods
+  (it reads the calibrations from their per-pod model repository), its Service, and its policy ConfigMap
+  mounted as a folder (k8s/cascade.yaml); compose and Kubernetes run it alike. The opt-in monitoring component
+  k8s/monitoring/ (Prometheus Operator kinds) is tests/deploy/test_k8s_monitoring.py's; the Kafka users and
+  network policies are tests/deploy/test_k8s_kafka_security.py's.
 - test_the_validators_reject_broken_documents: the validators above do fail on broken documents, so a
   passing run means something.
 """
@@ -103,6 +107,18 @@ STUDENT_UID = 1000                            # the Triton image's triton-server
 STUDENT_MODEL_REPOSITORY = "/models"
 STUDENT_VOLUME = "student-models"
 SERVING_PROFILE = "serving"
+
+# The cascade (`pgkd cascade serve`, pgkd_services.cascade): the Triton model `cascade` (PyTriton, in the one pgkd
+# image) in front of the student server, the student answering what it is sure of and the teacher LLM the rest.
+# In compose a service of the profile `serving`, reading the student server's volume; on Kubernetes a third
+# container of the student server's pods (their model repository is a per-pod emptyDir, which only containers
+# of the pod can mount), with a Service and a policy ConfigMap of its own (k8s/cascade.yaml).
+CASCADE = "cascade"                           # the compose service, the k8s container and component label
+CASCADE_SERVICE = "pgkd-cascade"
+CASCADE_POLICY = "pgkd-cascade-policy"        # the ConfigMap holding its --policy-file
+CASCADE_POLICY_FILE = REPO / "deploy" / "cascade" / "policy.json"
+# The variable of `docker compose`'s environment that names another teacher (a compose default, not a setting).
+CASCADE_TEACHER_VARIABLE = "PGKD_CASCADE_TEACHER"
 
 # kubernetes-validate takes the target Kubernetes version as a string such as "1.30.0" (a leading "v" is
 # dropped) and validates against the newest schemas it bundles for a version not newer than that one
@@ -342,6 +358,32 @@ def student_command() -> list[str]:
 def student_model() -> str:
     from pgkd.serving.repository import MODEL_NAME
     return MODEL_NAME
+
+
+def cascade_options(argv: list[str]):
+    """`argv` (the pgkd image's arguments: `cascade serve ...`) as `pgkd cascade serve` parses them: an unknown
+    option, a missing required one or a bad host is SystemExit, as it would be at start."""
+    import argparse
+
+    from pgkd_services.cascade import register
+    parser = argparse.ArgumentParser(prog="pgkd")
+    register(parser.add_subparsers(dest="command", required=True))
+    options = parser.parse_args(argv)
+    assert (options.command, options.cascade_command) == ("cascade", "serve"), argv
+    return options
+
+
+def cascade_model() -> str:
+    from pgkd.serving.cascade_server import MODEL_NAME
+    return MODEL_NAME
+
+
+def read_policy(text: str, tmp_path: Path):
+    """A policy file's text as the cascade reads it (pgkd.serving.cascade.read_policy_file)."""
+    from pgkd.serving.cascade import read_policy_file
+    path = tmp_path / "policy.json"
+    path.write_text(text, encoding="utf-8")
+    return read_policy_file(path)
 
 
 class RecordingEnv(dict):
@@ -621,6 +663,62 @@ def test_compose_deployer_runs_the_one_image_beside_the_student_server():
     assert any("/healthz" in part and str(METRICS_PORT) in part for part in deployer["healthcheck"]["test"])
 
 
+def test_compose_cascade_serves_in_front_of_the_student_server_from_its_volume(tmp_path):
+    from pgkd.teachers.transports import TeacherURL
+    cascade, server, deployer = (compose()["services"][name] for name in (CASCADE, STUDENT_SERVER, "deployer"))
+    assert cascade["image"] == f"{IMAGE}:latest"
+    assert cascade["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile"}
+    assert "entrypoint" not in cascade  # the image's ENTRYPOINT ["pgkd"]
+    assert cascade["restart"] == "unless-stopped"
+    assert cascade["profiles"] == server["profiles"] == [SERVING_PROFILE]
+
+    # The command, as `pgkd cascade serve` parses it (compose's defaults taken).
+    options = cascade_options([compose_default(part) for part in cascade["command"]])
+    assert options.host == "0.0.0.0"   # reachable from the other containers, the host and Prometheus
+    student = urlsplit(options.student)
+    assert (student.scheme, student.hostname, student.port) == ("http", STUDENT_SERVER, TRITON_PORTS["http"])
+    assert options.student_model == student_model()
+    # The teacher: the compose service `teacher` by default, another one from the environment of `docker compose`.
+    (teacher,) = [part for part in cascade["command"] if CASCADE_TEACHER_VARIABLE in part]
+    teacher_url = TeacherURL.parse(options.teacher)
+    assert teacher == "${%s:-%s}" % (CASCADE_TEACHER_VARIABLE, options.teacher)
+    assert (teacher_url.scheme, teacher_url.host, teacher_url.port, teacher_url.model) == \
+        ("triton", "teacher", TRITON_PORTS["http"], TEACHER_MODEL_NAME)
+    assert teacher_url.host in compose()["services"]
+    assert options.publish_labels   # to the stream's input topic (PGKD_BROKER_URL, PGKD_TOPIC_PREFIX)
+
+    # The calibrations: the served model's folder in the student server's repository, mounted read-only from the
+    # volume the deployer writes.
+    mounts = compose_mounts(cascade)
+    repository = str(serving_settings({k: compose_default(v) for k, v in deployer["environment"].items()}).repository)
+    assert Path(options.calibration) == Path(repository) / student_model()
+    assert mounts[repository] == (STUDENT_VOLUME, True)
+    assert compose_mounts(deployer)[repository] == (STUDENT_VOLUME, False)
+    assert "/artifacts" not in mounts   # it reads no artifacts
+    # The policy: a file in a mounted folder of the repository (a file's bind mount would miss an editor's
+    # replace), a policy the cascade reads.
+    policy = Path(options.policy_file)
+    source, read_only = mounts[str(policy.parent)]
+    assert read_only and (REPO / source).resolve() == CASCADE_POLICY_FILE.parent
+    assert read_policy((REPO / source / policy.name).read_text(encoding="utf-8"), tmp_path).max_teacher_share == 0.2
+
+    # HTTP and gRPC published on the loopback interface only, on host ports no other service takes; the
+    # metrics (Triton's, the cascade's) on the compose network.
+    assert sorted(cascade["ports"]) == [f"127.0.0.1:{port}:{port}" for port in (options.http_port, options.grpc_port)]
+    assert {str(options.metrics_port), str(options.cascade_metrics_port)} <= set(map(str, cascade["expose"]))
+    # PyTriton's Python backend exchanges tensors through /dev/shm: above Docker's 64 MB.
+    assert compose_bytes(cascade["shm_size"]) > 64 * 2**20
+
+    # Healthy once the model `cascade` is ready (the image has python, no curl).
+    test = cascade["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    (url,) = re.findall(r"'(http://[^']+)'", test[-1])
+    assert urlsplit(url)[1:3] == (f"localhost:{options.http_port}", f"/v2/models/{cascade_model()}/ready")
+    # The topics first (it publishes), and the student server started, not healthy (that needs a promotion).
+    assert cascade["depends_on"] == {"topics": {"condition": "service_completed_successfully"},
+                                     STUDENT_SERVER: {"condition": "service_started"}}
+
+
 def test_compose_broker_url_is_the_internal_kafka_listener():
     kafka_env = {key: str(value) for key, value in compose()["services"]["kafka"]["environment"].items()}
     advertised = dict(listener.split("://") for listener in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(","))
@@ -684,7 +782,7 @@ def test_compose_cli_is_an_on_demand_tool():
 
 def test_compose_every_pgkd_container_shares_one_image_build_and_configuration():
     services = pgkd_image_services()
-    assert set(SERVICES) | {"topics", "cli", "deployer"} <= set(services)
+    assert set(SERVICES) | {"topics", "cli", "deployer", CASCADE} <= set(services)
     assert len({json.dumps(svc["build"], sort_keys=True) for svc in services.values()}) == 1
     # One configuration, the deployer's adding the settings of its own server (and nothing else) to it.
     shared = services["trainer"]["environment"]
@@ -756,10 +854,15 @@ def test_prometheus_config_scrapes_the_services():
     # The student server's Triton and its deployer, each a job of its own (optional, like the teacher).
     assert {f"{STUDENT_SERVER}:{TRITON_PORTS['metrics']}": STUDENT_SERVER,
             f"deployer:{METRICS_PORT}": "deployer"}.items() <= targets.items()
+    # The cascade's own metrics port (pgkd_cascade_*, not its Triton's), a job of its own too.
+    cascade_metrics = cascade_options([compose_default(part) for part in compose()["services"][CASCADE]["command"]]
+                                      ).cascade_metrics_port
+    assert {f"{CASCADE}:{cascade_metrics}": CASCADE}.items() <= targets.items()
     jobs = {target: job["job_name"] for job in config["scrape_configs"] for static in job["static_configs"]
             for target in static["targets"]}
     assert jobs[f"{STUDENT_SERVER}:{TRITON_PORTS['metrics']}"] == STUDENT_SERVER
     assert jobs[f"deployer:{METRICS_PORT}"] == "deployer"
+    assert jobs[f"{CASCADE}:{cascade_metrics}"] == CASCADE
     for target in targets:
         assert target.split(":")[0] in compose()["services"], f"{target} is not a compose service"
 
@@ -946,7 +1049,7 @@ def test_kustomization_lists_every_manifest_and_nothing_else():
     for entry in kustomization.get("labels", []):
         labels.update(entry["pairs"])
     assert labels.get("app.kubernetes.io/part-of") == "pgkd"
-    assert {"teacher.yaml", "student-server.yaml"} <= set(listed)
+    assert {"teacher.yaml", "student-server.yaml", "cascade.yaml"} <= set(listed)
     # `images:` retags the images everywhere; it matches containers by image name.
     images = {image["name"]: image for image in kustomization["images"]}
     assert list(images) == [IMAGE, TEACHER_IMAGE, STUDENT_IMAGE]
@@ -1276,6 +1379,11 @@ def student_pod() -> tuple[dict, dict, dict]:
     return pod, container_named(deployment, "triton"), container_named(deployment, "deployer")
 
 
+def cascade_container() -> dict:
+    """The cascade's container, in the student server's pods."""
+    return container_named(k8s_doc("Deployment", STUDENT_DEPLOYMENT), CASCADE)
+
+
 def test_student_server_runs_triton_and_the_deployer_sidecar_on_one_model_repository():
     deployment = k8s_doc("Deployment", STUDENT_DEPLOYMENT)
     pod, triton, deployer = student_pod()
@@ -1287,8 +1395,9 @@ def test_student_server_runs_triton_and_the_deployer_sidecar_on_one_model_reposi
     assert "replicas" not in deployment["spec"]
     # A new pod serves beside the old one until it is ready, never fewer ready pods than wanted.
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    # Triton first: the kubelet starts the deployer once Triton's postStart hook has returned.
-    assert [c["name"] for c in pod["containers"]] == ["triton", "deployer"] and "initContainers" not in pod
+    # Triton first: the kubelet starts the deployer (and the cascade, tested below) once Triton's postStart hook
+    # has returned.
+    assert [c["name"] for c in pod["containers"]] == ["triton", "deployer", CASCADE] and "initContainers" not in pod
     assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False
 
     assert triton["image"] == f"{STUDENT_IMAGE}:latest" and triton["imagePullPolicy"] == "IfNotPresent"
@@ -1368,9 +1477,10 @@ def test_student_server_probes_are_tritons_endpoints_and_the_deployers():
 
 def test_student_server_runs_as_the_images_non_root_users_with_resources():
     pod, triton, deployer = student_pod()
+    cascade = cascade_container()
     # Two images, two users: fsGroup the pgkd one (the artifacts volume), each container its image's user.
     assert pod["securityContext"] == {"runAsNonRoot": True, "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}}
-    for container, uid in ((triton, STUDENT_UID), (deployer, UID)):
+    for container, uid in ((triton, STUDENT_UID), (deployer, UID), (cascade, UID)):
         security = container["securityContext"]
         assert (security["runAsUser"], security["runAsGroup"]) == (uid, uid), container["name"]
         assert security["allowPrivilegeEscalation"] is False, container["name"]
@@ -1379,11 +1489,14 @@ def test_student_server_runs_as_the_images_non_root_users_with_resources():
         for resource in ("cpu", "memory"):
             request, limit = container["resources"]["requests"][resource], container["resources"]["limits"][resource]
             assert quantity(request) <= quantity(limit), f"{container['name']}: {resource} request above limit"
-    # As the pgkd services, the deployer's root filesystem is read-only; Triton's is not, as the teacher's.
+    # As the pgkd services, the deployer's and the cascade's root filesystems are read-only; Triton's is not, as
+    # the teacher's.
     assert deployer["securityContext"]["readOnlyRootFilesystem"] is True
+    assert cascade["securityContext"]["readOnlyRootFilesystem"] is True
     assert triton["securityContext"]["readOnlyRootFilesystem"] is False
     # On CPU by default: no GPU, no GPU node (the Component student-gpu/ adds both).
     assert "nvidia.com/gpu" not in triton["resources"]["limits"]
+    assert "nvidia.com/gpu" not in cascade["resources"]["limits"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
 
 
@@ -1476,6 +1589,119 @@ def test_compose_and_kubernetes_agree_on_the_student_server():
         assert compose_default(deployer["environment"][key]) == config[key], key
 
 
+def test_the_cascade_runs_in_the_student_server_pods_on_their_model_repository(tmp_path):
+    """The cascade's container: `pgkd cascade serve` in front of its own pod's Triton, reading the calibrations
+    from the pod's repository (an emptyDir: only a container of the pod can), its policy from a ConfigMap."""
+    from pgkd.teachers.transports import TeacherURL
+    pod, triton, deployer = student_pod()
+    cascade = cascade_container()
+    assert cascade["image"] == f"{IMAGE}:latest" and cascade["imagePullPolicy"] == "IfNotPresent"
+    assert "command" not in cascade   # the image's ENTRYPOINT ["pgkd"]
+    options = cascade_options(cascade["args"])
+    assert options.host == "0.0.0.0"   # reached through the Service pgkd-cascade, and by the probes
+    # The student: this pod's Triton, on loopback.
+    student = urlsplit(options.student)
+    triton_ports = {port["name"]: port["containerPort"] for port in triton["ports"]}
+    assert (student.scheme, student.hostname, student.port) == ("http", "127.0.0.1", triton_ports["http"])
+    assert options.student_model == student_model()
+    # The teacher: the Service pgkd-teacher, its HTTP port, the model `teacher`.
+    teacher = TeacherURL.parse(options.teacher)
+    teacher_ports = {port["name"]: port["port"] for port in k8s_doc("Service", "pgkd-teacher")["spec"]["ports"]}
+    assert (teacher.scheme, teacher.host, teacher.port, teacher.model) == \
+        ("triton", "pgkd-teacher", teacher_ports["http"], TEACHER_MODEL_NAME)
+    assert options.publish_labels
+    # PGKD_BROKER_URL, PGKD_TOPIC_PREFIX and PGKD_KAFKA_* from the ConfigMap; the TLS files are
+    # test_k8s_kafka_security.py's. It reads no artifacts: no S3 credentials.
+    assert cascade["envFrom"] == [{"configMapRef": {"name": "pgkd-config"}}]
+    assert "env" not in cascade
+
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in cascade["volumeMounts"]}
+    # The calibrations: the served model's folder in the repository the deployer writes, read-only.
+    repository = env_vars(deployer)["PGKD_SERVING_REPOSITORY"]["value"]
+    assert Path(options.calibration) == Path(repository) / student_model()
+    deployer_mounts = {mount["mountPath"]: mount["name"] for mount in deployer["volumeMounts"]}
+    assert mounts[repository]["name"] == deployer_mounts[repository] and mounts[repository].get("readOnly") is True
+    assert "emptyDir" in volumes[mounts[repository]["name"]]
+    # The policy: a key of the ConfigMap pgkd-cascade-policy, its folder mounted (a subPath mount would never see
+    # an edit of the ConfigMap), a policy the cascade reads.
+    policy = Path(options.policy_file)
+    mount = mounts[str(policy.parent)]
+    assert "subPath" not in mount and "subPathExpr" not in mount and mount.get("readOnly") is True
+    source = volumes[mount["name"]]["configMap"]
+    assert source["name"] == CASCADE_POLICY and "items" not in source and not source.get("optional")
+    data = k8s_doc("ConfigMap", CASCADE_POLICY)["data"]
+    assert set(data) == {policy.name}
+    assert read_policy(data[policy.name], tmp_path).max_teacher_share == 0.2
+    # The root filesystem is read-only: /tmp, PyTriton's workspace (~/.cache/pytriton) and the shared memory
+    # of its Python backend are volumes of the cascade's own, the shared memory bounded within the memory limit.
+    for path in ("/tmp", "/home/pgkd/.cache", "/dev/shm"):
+        volume = volumes[mounts[path]["name"]]
+        assert "emptyDir" in volume, path
+        assert not any(mounts[path]["name"] == m["name"] for c in (triton, deployer) for m in c["volumeMounts"]), path
+    shm = volumes[mounts["/dev/shm"]["name"]]["emptyDir"]
+    assert shm["medium"] == "Memory"
+    assert 64 * 2**20 < quantity(shm["sizeLimit"]) < quantity(cascade["resources"]["limits"]["memory"])
+
+    # Its ports, as it opens them; Triton's own metrics port of the cascade (--metrics-port) is not scraped.
+    assert {port["name"]: port["containerPort"] for port in cascade["ports"]} == {
+        "cascade-http": options.http_port, "cascade-grpc": options.grpc_port,
+        "cascade-metrics": options.cascade_metrics_port}
+    # Ready once the model `cascade` is; live while its Triton answers; PyTriton's start given time.
+    assert cascade["readinessProbe"]["httpGet"] == {"path": f"/v2/models/{cascade_model()}/ready",
+                                                    "port": "cascade-http"}
+    assert cascade["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "cascade-http"}
+    startup = cascade["startupProbe"]
+    assert startup["httpGet"] == {"path": "/v2/health/live", "port": "cascade-http"}
+    assert startup.get("periodSeconds", 10) * startup["failureThreshold"] >= 60
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert cascade[probe].get("initialDelaySeconds", 0) == 0, probe  # the startup probe does the waiting
+    assert cascade["resources"]["requests"]["cpu"] and cascade["resources"]["requests"]["memory"]
+
+
+def test_the_cascade_service_reaches_the_cascades_of_the_student_server_pods():
+    service = k8s_doc("Service", CASCADE_SERVICE)
+    cascade = cascade_container()
+    container_ports = {port["name"]: port["containerPort"] for port in cascade["ports"]}
+    ports = {port["name"]: port for port in service["spec"]["ports"]}
+    assert set(ports) == set(container_ports)
+    for name, port in ports.items():
+        assert port["targetPort"] in {name, container_ports[name]} and port["port"] == container_ports[name], name
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == str(container_ports["cascade-metrics"])
+    # Its own component label: not selected by the ServiceMonitors of the five services or the student server.
+    assert service["metadata"]["labels"]["app.kubernetes.io/component"] == CASCADE
+    assert "pgkd.io/metrics" not in service["metadata"]["labels"]
+    # The student server's pods, and no other deployment's.
+    selector = service["spec"]["selector"].items()
+    for deployment in k8s_docs("Deployment"):
+        picks = selector <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert picks == (deployment["metadata"]["name"] == STUDENT_DEPLOYMENT), deployment["metadata"]["name"]
+    # The student server's Service does not take the cascade's ports: clients choose which they ask.
+    assert not {port["name"] for port in k8s_doc("Service", STUDENT_DEPLOYMENT)["spec"]["ports"]} & set(ports)
+
+
+def test_compose_and_kubernetes_agree_on_the_cascade(tmp_path):
+    in_compose = compose()["services"][CASCADE]
+    container = cascade_container()
+    # The same command but for the addresses of the student and the teacher (compose's services, the pod's
+    # loopback and the Service pgkd-teacher); the same image.
+    assert in_compose["image"] == container["image"]
+    options = vars(cascade_options([compose_default(part) for part in in_compose["command"]]))
+    k8s_options = vars(cascade_options(container["args"]))
+    addresses = {"student", "teacher"}
+    assert {k: v for k, v in options.items() if k not in addresses} == \
+        {k: v for k, v in k8s_options.items() if k not in addresses}
+    # The same policy.
+    data = k8s_doc("ConfigMap", CASCADE_POLICY)["data"][CASCADE_POLICY_FILE.name]
+    assert read_policy(data, tmp_path) == read_policy(CASCADE_POLICY_FILE.read_text(encoding="utf-8"), tmp_path)
+    assert json.loads(data) == json.loads(CASCADE_POLICY_FILE.read_text(encoding="utf-8"))
+    # The health check is the readiness probe; the published ports are the container's.
+    (url,) = re.findall(r"'(http://[^']+)'", in_compose["healthcheck"]["test"][-1])
+    assert urlsplit(url).path == container["readinessProbe"]["httpGet"]["path"]
+    published = {int(port.rsplit(":", 1)[1]) for port in in_compose["ports"]}
+    assert published <= {port["containerPort"] for port in container["ports"]}
+
+
 def test_kafka_topics_match_the_configuration():
     from pgkd.distributed.messages import TOPICS as CODE_TOPICS
     assert sorted(TOPICS) == sorted(TOPIC_PREFIX + topic for topic in CODE_TOPICS)   # the code's topics
@@ -1562,8 +1788,13 @@ def test_the_validators_reject_broken_documents():
     student_bad_hook["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["postStart"]["exec"]["command"] = "curl"
     student_bad_env = copy.deepcopy(student)
     student_bad_env["spec"]["template"]["spec"]["containers"][1]["env"][2]["valueFrom"]["fieldRef"]["path"] = "x"
+    cascade_bad_mount = copy.deepcopy(student)
+    cascade_bad_mount["spec"]["template"]["spec"]["containers"][2]["volumeMounts"][0]["readOnly"] = "yes"
+    cascade_bad_policy = copy.deepcopy(k8s_doc("ConfigMap", CASCADE_POLICY))
+    cascade_bad_policy["data"]["policy.json"] = {"max_teacher_share": 0.2}    # data values are strings
     for broken in (misspelt, wrong_type, missing, topic_misspelt, topic_zero, topic_bad_label, teacher_misspelt,
-                   teacher_bad_port, hpa_misspelt, hpa_bad_type, student_bad_hook, student_bad_env):
+                   teacher_bad_port, hpa_misspelt, hpa_bad_type, student_bad_hook, student_bad_env, cascade_bad_mount,
+                   cascade_bad_policy):
         with pytest.raises(jsonschema.ValidationError):
             validate_manifest(broken, K8S_VERSIONS[-1])
     # A kind nobody has a schema for is an error, not a pass.
@@ -1595,3 +1826,20 @@ def test_the_validators_reject_broken_documents():
                 {"PGKD_SERVING_URL": "student-server:8000"}):
         with pytest.raises(UserError):
             serving_settings(env)
+
+    # `pgkd cascade serve` rejects what the cascade's command could get wrong: a misspelt option, a missing
+    # one, a bad host, two policies at once; its policy file reader a policy that is not one.
+    args = cascade_container()["args"]
+    for argv in ([part.replace("--policy-file", "--polcy-file") for part in args],
+                 [part for part in args if part not in ("--teacher", "triton://pgkd-teacher:8000/teacher")],
+                 [part.replace("0.0.0.0", "0.0.0.0:8020") for part in args],
+                 args + ["--threshold", "0.8", "--max-teacher-share", "0.2"]):
+        assert argv != args
+        with pytest.raises(SystemExit):
+            cascade_options(argv)
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        for text in ('{"max_teacher_share": 2}', '{"max_teacher_shar": 0.2}',
+                     '{"threshold": 0.8, "target_accuracy": 0.9}', "max_teacher_share: 0.2"):
+            with pytest.raises(UserError):
+                read_policy(text, Path(folder))

@@ -1,8 +1,9 @@
 """The secured cluster on Kubernetes: a Strimzi KafkaUser per service whose ACLs are exactly what the
 service consumes and publishes (read from the code, so they cannot drift apart; the deployer's consumer
-group, one per student server replica, as a prefix), the TLS files mounted where the ConfigMap's PGKD_KAFKA_*
-point (the deployer's in its sidecar of the student server pod), and the NetworkPolicies. The manifests
-themselves are validated with the others (test_deploy.test_manifest_is_valid: the KafkaUsers against
+group, one per student server replica, as a prefix), one for the cascade (it publishes the teacher labels it
+reads from its module, and consumes nothing), the TLS files mounted where the ConfigMap's PGKD_KAFKA_*
+point (the deployer's and the cascade's in their containers of the student server pod), and the NetworkPolicies.
+The manifests themselves are validated with the others (test_deploy.test_manifest_is_valid: the KafkaUsers against
 Strimzi's vendored CRD).
 """
 from __future__ import annotations
@@ -30,10 +31,13 @@ from pgkd_services.deployer import DeployerService, ServingSettings
 from pgkd_services.kafka_security import VARIABLES, KafkaSecurity
 from pgkd_services.runtime import Settings
 from test_deploy import (
+    CASCADE,
     K8S_VERSIONS,
     SERVICES,
     STUDENT_DEPLOYMENT,
+    TEACHER_MODEL_NAME,
     TOPIC_PREFIX,
+    cascade_options,
     container_named,
     containers,
     k8s_doc,
@@ -44,6 +48,9 @@ from test_deploy import (
 CLUSTER = "pgkd"
 # The services that run as a sidecar in another Deployment: name -> (Deployment, container).
 SIDECARS = {"deployer": (STUDENT_DEPLOYMENT, "deployer")}
+# Kafka clients that are not services (pgkd_services.ALL) and run in another Deployment: the cascade
+# (`pgkd cascade serve --publish-labels`, pgkd_services.cascade) in the student server's pods.
+PUBLISHERS = {CASCADE: (STUDENT_DEPLOYMENT, CASCADE)}
 # A consumer group the code names per replica: consumer_groups() builds it with this placeholder.
 REPLICA = "REPLICA"
 
@@ -53,9 +60,10 @@ def workload_container(name: str) -> tuple[dict, dict]:
     if name == "cli":
         workload = k8s_doc("Job", "pgkd-submit")
         (container,) = containers(workload)
-    elif name in SIDECARS:
-        workload = k8s_doc("Deployment", SIDECARS[name][0])
-        container = container_named(workload, SIDECARS[name][1])
+    elif name in SIDECARS or name in PUBLISHERS:
+        deployment, container_name = {**SIDECARS, **PUBLISHERS}[name]
+        workload = k8s_doc("Deployment", deployment)
+        container = container_named(workload, container_name)
     else:
         workload = k8s_doc("Deployment", f"pgkd-{name}")
         (container,) = containers(workload)
@@ -165,6 +173,32 @@ def test_each_service_reads_only_what_it_consumes_and_writes_only_what_it_publis
         assert acls(user) == expected, name
 
 
+def topics_named_by(module: str) -> set[str]:
+    """The topics a module names: every `<Message>.topic` in its source (LabeledSample.topic)."""
+    from pgkd.distributed import messages
+    tree = ast.parse(inspect.getsource(importlib.import_module(module)))
+    # The bus's message classes, LabeledSample (the stream's input, not one of the loop's MESSAGES) included.
+    by_name = {name: value for name, value in vars(messages).items()
+               if isinstance(value, type) and isinstance(getattr(value, "topic", None), str)}
+    assert {message.__name__ for message in (*MESSAGES, LabeledSample, DeadLetter)} <= set(by_name)
+    return {TOPIC_PREFIX + by_name[node.value.id].topic for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr == "topic" and isinstance(node.value, ast.Name)
+            and node.value.id in by_name}
+
+
+def test_the_cascades_user_may_publish_the_teacher_labels_only():
+    """`pgkd cascade serve --publish-labels` sends each teacher label to the stream's input topic (its
+    LabelPublisher, kafka-python's producer as `pgkd send`), and consumes nothing."""
+    named = topics_named_by("pgkd_services.cascade")
+    assert named == {TOPIC_PREFIX + LabeledSample.topic}   # the anchor: what the cascade does
+    _, container = workload_container(CASCADE)
+    args = cascade_options(container["args"])
+    assert args.publish_labels
+    assert acls(k8s_doc("KafkaUser", f"pgkd-{CASCADE}")) == {("topic", topic, "Write") for topic in named}
+    # The teacher it asks is the Service pgkd-teacher, which the NetworkPolicy pgkd-teacher must let it reach.
+    assert args.teacher == f"triton://pgkd-teacher:8000/{TEACHER_MODEL_NAME}"
+
+
 def test_the_commands_user_may_publish_runs_and_labeled_samples_only():
     """pgkd submit (RunRequested) and pgkd send (LabeledSample); topics come from the Topic Operator."""
     assert acls(k8s_doc("KafkaUser", "pgkd-cli")) == {("topic", TOPIC_PREFIX + RunRequested.topic, "Write"),
@@ -173,7 +207,8 @@ def test_the_commands_user_may_publish_runs_and_labeled_samples_only():
 
 def test_every_user_is_a_tls_identity_of_the_cluster_with_simple_authorization():
     users = k8s_docs("KafkaUser")
-    assert {u["metadata"]["name"] for u in users} == {f"pgkd-{name}" for name in (*SERVICES, *SIDECARS, "cli")}
+    assert {u["metadata"]["name"] for u in users} == \
+        {f"pgkd-{name}" for name in (*SERVICES, *SIDECARS, *PUBLISHERS, "cli")}
     for user in users:
         assert user["metadata"]["labels"]["strimzi.io/cluster"] == CLUSTER
         assert user["spec"]["authentication"] == {"type": "tls"}
@@ -200,7 +235,7 @@ def pod_files(pod: dict, container: dict) -> dict[str, tuple[str, str]]:
     return files
 
 
-@pytest.mark.parametrize("name", (*SERVICES, *SIDECARS, "cli"))
+@pytest.mark.parametrize("name", (*SERVICES, *SIDECARS, *PUBLISHERS, "cli"))
 def test_each_pod_mounts_the_cluster_ca_and_its_own_certificate_where_the_configmap_points(name):
     config = k8s_doc("ConfigMap", "pgkd-config")["data"]
     workload, container = workload_container(name)
@@ -223,7 +258,7 @@ def test_the_configmap_sets_tls_with_client_certificates_for_the_tls_listener():
     assert KafkaSecurity(protocol=settings["PGKD_KAFKA_SECURITY_PROTOCOL"]).uses_tls
 
 
-def test_only_prometheus_reaches_the_services_and_the_generator_the_teacher():
+def test_only_prometheus_reaches_the_services_and_the_generator_and_the_cascade_the_teacher():
     policies = {p["metadata"]["name"]: p["spec"] for p in k8s_docs("NetworkPolicy")}
     assert set(policies) == {"pgkd-services", "pgkd-teacher", STUDENT_DEPLOYMENT}
     prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
@@ -245,12 +280,18 @@ def test_only_prometheus_reaches_the_services_and_the_generator_the_teacher():
                                                      "app.kubernetes.io/component": "teacher"}
     generator = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "pgkd",
                                                  "app.kubernetes.io/component": "generator"}}}
+    # The cascade asks the teacher from the student server's pods (a policy selects pods, not containers).
+    student_server = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "pgkd",
+                                                      "app.kubernetes.io/component": "student-server"}}}
+    assert student_server["podSelector"]["matchLabels"].items() <= \
+        k8s_doc("Deployment", PUBLISHERS[CASCADE][0])["spec"]["template"]["metadata"]["labels"].items()
     assert teacher["ingress"] == [
-        {"from": [generator], "ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}]},
+        {"from": [generator, student_server],
+         "ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}]},
         {"from": [prometheus], "ports": [{"port": "metrics", "protocol": "TCP"}]}]
 
 
-def test_clients_in_the_namespace_reach_the_student_server_and_only_prometheus_its_metrics():
+def test_clients_in_the_namespace_reach_the_student_server_and_the_cascade_and_only_prometheus_their_metrics():
     policy = k8s_doc("NetworkPolicy", STUDENT_DEPLOYMENT)["spec"]
     deployment = k8s_doc("Deployment", STUDENT_DEPLOYMENT)
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -264,16 +305,20 @@ def test_clients_in_the_namespace_reach_the_student_server_and_only_prometheus_i
         assert selects(other["spec"]["podSelector"], labels) == (other["metadata"]["name"] == STUDENT_DEPLOYMENT)
     prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
-    # Any pod of the namespace (no namespaceSelector: this one only) on HTTP and gRPC; Prometheus on the
-    # metrics ports of Triton and of the deployer.
+    # Any pod of the namespace (no namespaceSelector: this one only) on HTTP and gRPC, Triton's and the
+    # cascade's; Prometheus on the metrics ports of Triton, of the deployer and of the cascade.
+    tcp = [{"port": port, "protocol": "TCP"} for port in ("http", "grpc", "cascade-http", "cascade-grpc")]
     assert policy["ingress"] == [
-        {"from": [{"podSelector": {}}], "ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}]},
-        {"from": [prometheus], "ports": [{"port": "metrics", "protocol": "TCP"}, {"port": "deploy-metrics", "protocol": "TCP"}]}]
-    # The named ports are the pod's: Triton's 8000, 8001, 8002 and the deployer's metrics port.
+        {"from": [{"podSelector": {}}], "ports": tcp},
+        {"from": [prometheus], "ports": [{"port": port, "protocol": "TCP"}
+                                         for port in ("metrics", "deploy-metrics", "cascade-metrics")]}]
+    # The named ports are the pod's: Triton's 8000, 8001, 8002, the deployer's metrics port, and the cascade's
+    # HTTP, gRPC and metrics ports (as `pgkd cascade serve` opens them).
     pod_ports = {port["name"]: port["containerPort"] for container in containers(deployment) for port in container["ports"]}
-    assert {name: pod_ports[name] for name in ("http", "grpc", "metrics", "deploy-metrics")} == \
-        {"http": 8000, "grpc": 8001, "metrics": 8002, "deploy-metrics": 9100}
-    assert set(pod_ports) == {"http", "grpc", "metrics", "deploy-metrics"}   # nothing left unlisted
+    cascade = cascade_options(container_named(deployment, CASCADE)["args"])
+    assert pod_ports == {"http": 8000, "grpc": 8001, "metrics": 8002, "deploy-metrics": 9100,
+                         "cascade-http": cascade.http_port, "cascade-grpc": cascade.grpc_port,
+                         "cascade-metrics": cascade.cascade_metrics_port}   # nothing left unlisted
 
 
 def test_the_kafka_user_validator_rejects_broken_users():

@@ -8,10 +8,11 @@ dashboard sidecar), offline: no cluster needed.
   `components: [monitoring]` in k8s/kustomization.yaml): every document valid, the base unchanged, the
   monitoring resources in the namespace pgkd;
 - the ServiceMonitors select exactly the five pgkd Services (the teacher's: only the teacher's; the student
-  server's: only its Service, two endpoints), and a real Prometheus given the operator's relabelings followed
-  by ours labels their targets job="pgkd" (job="teacher") and service=<name>, with one label set per service
-  whichever pod serves it; the student server's job="student-server" (Triton) and job="deployer", one label
-  set per pod (its replicas are separate servers), the `pod` label kept for a Prometheus adapter;
+  server's: only its Service, two endpoints; the cascade's: only its Service, its metrics port), and a real
+  Prometheus given the operator's relabelings followed by ours labels their targets job="pgkd" (job="teacher")
+  and service=<name>, with one label set per service whichever pod serves it; the student server's
+  job="student-server" (Triton) and job="deployer", and the cascade's job="cascade", one label set per pod
+  (its replicas are separate servers), the `pod` label kept for a Prometheus adapter;
 - the copies of deploy/ files: prometheusrule.yaml's groups are those of deploy/prometheus/rules/pgkd.rules.yml,
   pgkd.json is deploy/grafana/dashboards/pgkd.json byte for byte;
 - PGKD_PROMETHEUS_URL is the in-cluster address of kube-prometheus-stack's Prometheus.
@@ -41,8 +42,9 @@ import yaml
 
 from pgkd import processes
 from pgkd.net import free_port
-from test_deploy import (K8S, K8S_VERSIONS, METRICS_PORT, REPO, SCHEMAS, SERVICES, STUDENT_DEPLOYMENT, TRITON_PORTS,
-                         duration_seconds, k8s_doc, load_yaml, load_yaml_all, strict_schema, validate_manifest)
+from test_deploy import (CASCADE, CASCADE_SERVICE, K8S, K8S_VERSIONS, METRICS_PORT, REPO, SCHEMAS, SERVICES,
+                         STUDENT_DEPLOYMENT, TRITON_PORTS, cascade_container, cascade_options, duration_seconds,
+                         k8s_doc, load_yaml, load_yaml_all, strict_schema, validate_manifest)
 
 MONITORING = K8S / "monitoring"
 RULES = REPO / "deploy" / "prometheus" / "rules" / "pgkd.rules.yml"
@@ -55,10 +57,14 @@ NAMESPACE = "pgkd"
 PART_OF = {"app.kubernetes.io/part-of": "pgkd"}
 SERVICE_MONITOR, TEACHER_MONITOR, RULE, DASHBOARD_CONFIGMAP = "pgkd", "pgkd-teacher", "pgkd", "pgkd-grafana-dashboard"
 STUDENT_MONITOR = "pgkd-student-server"
+CASCADE_MONITOR = "pgkd-cascade"
 MONITORING_RESOURCES = {("ServiceMonitor", SERVICE_MONITOR), ("ServiceMonitor", TEACHER_MONITOR),
-                        ("ServiceMonitor", STUDENT_MONITOR), ("PrometheusRule", RULE), ("ConfigMap", DASHBOARD_CONFIGMAP)}
+                        ("ServiceMonitor", STUDENT_MONITOR), ("ServiceMonitor", CASCADE_MONITOR),
+                        ("PrometheusRule", RULE), ("ConfigMap", DASHBOARD_CONFIGMAP)}
 # The student server's endpoints, in order: Service port -> (job, container) of its targets.
 STUDENT_ENDPOINTS = {"metrics": ("student-server", "triton"), "deploy-metrics": ("deployer", "deployer")}
+# The cascade's (in the student server's pods, its own Service): its metrics port, job="cascade" as in compose.
+CASCADE_ENDPOINTS = {"cascade-metrics": (CASCADE, CASCADE)}
 # kube-prometheus-stack's Prometheus, as the Prometheus Operator exposes it (the Service prometheus-operated, in
 # the Prometheus' namespace, here the usual `monitoring`).
 PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
@@ -317,11 +323,13 @@ def services(docs: list[dict]) -> list[dict]:
     return [doc for doc in docs if doc["kind"] == "Service"] + [STRIMZI_SERVICE]
 
 
-def test_the_service_monitors_select_the_services_the_teacher_and_the_student_server(rendered):
+def test_the_service_monitors_select_the_services_the_teacher_the_student_server_and_the_cascade(rendered):
     # monitor -> Service -> the ports its endpoints scrape, in order.
+    cascade_metrics = cascade_options(cascade_container()["args"]).cascade_metrics_port   # not its Triton's
     expected = {SERVICE_MONITOR: {f"pgkd-{name}": [METRICS_PORT] for name in SERVICES},
                 TEACHER_MONITOR: {"pgkd-teacher": [TRITON_PORTS["metrics"]]},
-                STUDENT_MONITOR: {STUDENT_DEPLOYMENT: [TRITON_PORTS["metrics"], METRICS_PORT]}}
+                STUDENT_MONITOR: {STUDENT_DEPLOYMENT: [TRITON_PORTS["metrics"], METRICS_PORT]},
+                CASCADE_MONITOR: {CASCADE_SERVICE: [cascade_metrics]}}
     for name, ports in expected.items():
         monitor = rendered_doc(rendered, "ServiceMonitor", name)
         spec = monitor["spec"]
@@ -344,6 +352,12 @@ def test_the_service_monitors_select_the_services_the_teacher_and_the_student_se
     scraped = [endpoint["port"] for endpoint in rendered_doc(rendered, "ServiceMonitor", STUDENT_MONITOR)["spec"]["endpoints"]]
     assert scraped == list(STUDENT_ENDPOINTS)
     assert {p["name"] for p in service["spec"]["ports"]} - set(scraped) == {"http", "grpc"}
+    # And the metrics port of the cascade's.
+    service = rendered_doc(rendered, "Service", CASCADE_SERVICE)
+    monitor = rendered_doc(rendered, "ServiceMonitor", CASCADE_MONITOR)
+    scraped = [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]]
+    assert scraped == list(CASCADE_ENDPOINTS)
+    assert {p["name"] for p in service["spec"]["ports"]} - set(scraped) == {"cascade-http", "cascade-grpc"}
 
 
 def sanitize(name: str) -> str:
@@ -479,10 +493,11 @@ def test_prometheus_labels_the_targets_as_the_rules_expect(renders, tmp_path):
         monitor = rendered_doc(rendered, "ServiceMonitor", name)
         (endpoint,) = monitor["spec"]["endpoints"]
         configs.append(scrape_config(f"serviceMonitor/{NAMESPACE}/{name}/0", monitor, endpoint, targets))
-    # The student server's: one scrape configuration per endpoint, as the operator writes them.
-    student = rendered_doc(rendered, "ServiceMonitor", STUDENT_MONITOR)
-    for index, endpoint in enumerate(student["spec"]["endpoints"]):
-        configs.append(scrape_config(f"serviceMonitor/{NAMESPACE}/{STUDENT_MONITOR}/{index}", student, endpoint, targets))
+    # The student server's and the cascade's: one scrape configuration per endpoint, as the operator writes them.
+    for name in (STUDENT_MONITOR, CASCADE_MONITOR):
+        monitor = rendered_doc(rendered, "ServiceMonitor", name)
+        for index, endpoint in enumerate(monitor["spec"]["endpoints"]):
+            configs.append(scrape_config(f"serviceMonitor/{NAMESPACE}/{name}/{index}", monitor, endpoint, targets))
     # A control: the same ServiceMonitor without its relabelings gets the operator's labels instead, which the
     # rules would not match (so the comparison below can fail).
     control = copy.deepcopy(rendered_doc(rendered, "ServiceMonitor", SERVICE_MONITOR))
@@ -503,11 +518,14 @@ def test_prometheus_labels_the_targets_as_the_rules_expect(renders, tmp_path):
     assert pools[f"serviceMonitor/{NAMESPACE}/{TEACHER_MONITOR}/0"] == [expected("teacher", "teacher")] * 2
     # The student server: one label set per pod (instance and pod: the pod's name), Triton's as job
     # student-server, the deployer's as job deployer, as deploy/prometheus/prometheus.yml names them.
-    for index, (port, (job, container)) in enumerate(STUDENT_ENDPOINTS.items()):
-        pods = [f"{STUDENT_DEPLOYMENT}-5d9c7b-{replica}" for replica in "ab"]
-        assert canonical(pools[f"serviceMonitor/{NAMESPACE}/{STUDENT_MONITOR}/{index}"]) == canonical(
-            {"job": job, "service": job, "instance": pod, "pod": pod, "namespace": NAMESPACE, "container": container,
-             "endpoint": port} for pod in pods)
+    # The cascade alike (job cascade), its pods the student server's (here named after the Service that found them).
+    for monitor, service, endpoints in ((STUDENT_MONITOR, STUDENT_DEPLOYMENT, STUDENT_ENDPOINTS),
+                                        (CASCADE_MONITOR, CASCADE_SERVICE, CASCADE_ENDPOINTS)):
+        for index, (port, (job, container)) in enumerate(endpoints.items()):
+            pods = [f"{service}-5d9c7b-{replica}" for replica in "ab"]
+            assert canonical(pools[f"serviceMonitor/{NAMESPACE}/{monitor}/{index}"]) == canonical(
+                {"job": job, "service": job, "instance": pod, "pod": pod, "namespace": NAMESPACE,
+                 "container": container, "endpoint": port} for pod in pods)
     for labels in pools["control"]:
         assert labels["job"] == labels["service"] == f"pgkd-{labels['container']}"
         assert "pod" in labels and labels["instance"].startswith("127.0.0.1:")

@@ -278,9 +278,10 @@ def test_promtool_check_config_accepts_the_config_and_loads_its_rule_files():
     assert int(checked[1]) == len(rules())
 
     # The scrape configuration stays as it was, plus the optional Triton teacher, and the optional student
-    # server's Triton and deployer (profile `serving`), each a job of its own: up{job="pgkd"} is the five services.
+    # server's Triton and deployer and the cascade (profile `serving`), each a job of its own: up{job="pgkd"} is
+    # the five services.
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"pgkd", "teacher", "student-server", "deployer"}
+    assert set(jobs) == {"pgkd", "teacher", "student-server", "deployer", "cascade"}
     pgkd = {target: static["labels"]["service"] for static in jobs["pgkd"]["static_configs"]
             for target in static["targets"]}
     assert pgkd == {f"{name}:9100": name for name in SERVICES}
@@ -290,6 +291,9 @@ def test_promtool_check_config_accepts_the_config_and_loads_its_rule_files():
         [(["student-server:8002"], {"service": "student-server"})]
     assert [(static["targets"], static["labels"]) for static in jobs["deployer"]["static_configs"]] == \
         [(["deployer:9100"], {"service": "deployer"})]
+    # The cascade's own metrics (pgkd_cascade_*, --cascade-metrics-port), which the rules and the Cascade row read.
+    assert [(static["targets"], static["labels"]) for static in jobs["cascade"]["static_configs"]] == \
+        [(["cascade:8023"], {"service": "cascade"})]
 
 
 def test_promtool_check_rules_accepts_the_rules():

@@ -144,7 +144,7 @@ def test_pgkd_classify_and_perf_analyzer_work_on_the_cascade_unchanged(cascade):
     import subprocess
     import sys
     done = subprocess.run([sys.executable, "-m", "pgkd.cli", "classify", "--url", f"http://{cascade['http']}",
-                           "--model", "cascade", "I lost my card", "refund please"], capture_output=True, text=True,
+                           "--model-name", "cascade", "I lost my card", "refund please"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.splitlines()]

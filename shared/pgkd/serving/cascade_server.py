@@ -1,7 +1,7 @@
 """`pgkd cascade serve`: the cascade (pgkd.serving.cascade) as a Triton model, beside the student's server.
 
 It runs on a real Triton server (PyTriton's bundled tritonserver, as `pgkd teacher serve` does), so
-clients keep the KServe v2 protocol over HTTP and gRPC: `pgkd classify --model cascade`, tritonclient
+clients keep the KServe v2 protocol over HTTP and gRPC: `pgkd classify --model-name cascade`, tritonclient
 and perf_analyzer work as they do with the student. The model asks the served student (`pgkd serve`,
 over its URL) for calibrated probabilities, and the teacher LLM (any teacher URL pgkd takes) for the
 texts below the threshold.
