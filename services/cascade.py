@@ -287,7 +287,8 @@ def register(sub, distill_arguments=None) -> None:
                    "deferred texts; later, the student's answers stand")
     s.add_argument("--teacher-concurrency", type=int, default=4, help="teacher calls at once, at most")
     s.add_argument("--max-per-call", type=int, default=16, help="deferred texts in one classification prompt")
-    s.add_argument("--instances", type=int, default=4, help="batches served at once")
+    s.add_argument("--instances", type=int, default=8, help="requests served at once (each waits for its own "
+                   "texts' teacher answers only)")
     s.add_argument("--price-prompt-per-1k", type=float, default=0.0)
     s.add_argument("--price-completion-per-1k", type=float, default=0.0)
     s.add_argument("--publish-labels", action="store_true", help="send each teacher label to the stream's input "

@@ -1,7 +1,7 @@
 """The served cascade with real servers: the calibrated student on Triton (`pgkd serve`'s tritonserver),
 the simulated LLM on Triton behind it (`pgkd teacher serve`: a simulation, not an LLM), `pgkd cascade
 serve` in front, Tansu (a Kafka-compatible broker, not Apache Kafka) carrying the teacher's labels,
-and the stream storing them as the ingest service does, as teacher labels. A teacher killed mid-traffic
+and the ingest service (a process) storing them as teacher labels. A teacher killed mid-traffic
 fails no request: the student's answers stand, flagged, and the fallbacks are counted."""
 from __future__ import annotations
 
@@ -89,8 +89,20 @@ def cascade(tmp_path_factory):
     with tansu_broker(folder) as broker, run_tritonserver(folder / "models", models=["student"]) as student_server:
         os.environ["PGKD_BROKER_URL"] = broker
         try:
-            topics = Pgkd(folder, "topics", "create")
-            assert topics.process.wait(120) == 0, topics.log()
+            # The ingest service as a process on the same broker, its stream's base run the toy data's.
+            from pgkd.distributed import steps
+            from pgkd.loop.config import DistillConfig
+            from service_processes import ServiceProcesses
+            from stream_fixtures import BASE_CONFIG
+            services = ServiceProcesses(broker, folder)
+            started.append(services)
+            created = services.pgkd("topics", "create")
+            assert created.returncode == 0, created.stderr
+            steps.run_through_steps(steps.submit(DistillConfig(data=str(data_path), **BASE_CONFIG), services.store,
+                                                 run_id="base"), services.store)
+            services.start("ingest", PGKD_STREAM_BASE_RUN="base", PGKD_STREAM_TRIGGER_COUNT="100000",
+                           PGKD_STREAM_DRIFT_WINDOW="100000")
+            services.ready()
             teacher_ports = free_ports(3)
             teacher = Pgkd(folder, "teacher", "serve", "--kind", "pool-random", "--data", str(data_path), "--labeled",
                            "120", "--llm-accuracy", "1", "--http-port", str(teacher_ports[0]), "--grpc-port",
@@ -113,11 +125,11 @@ def cascade(tmp_path_factory):
             server.wait_for("pgkd: serving the cascade")
             yield dict(folder=folder, data=data, splits=splits, student=student, server=server, teacher=teacher,
                        http=f"127.0.0.1:{ports[0]}", grpc=f"127.0.0.1:{ports[1]}", metrics=ports[3], policy=policy,
-                       broker=broker)
+                       broker=broker, services=services)
         finally:
             os.environ.pop("PGKD_BROKER_URL", None)
             for process in started:
-                process.kill()
+                process.kill() if isinstance(process, Pgkd) else process.kill_all()
 
 
 def test_the_student_answers_what_it_is_sure_of_and_the_teacher_the_rest_over_http_and_grpc(cascade):
@@ -205,21 +217,19 @@ def test_the_teachers_labels_reach_the_stream_as_teacher_labels(cascade, tmp_pat
         row = json.loads(got[text])
         assert row["source"] == "teacher" and row["model"].startswith("triton://") and "label" in row
 
-    from pgkd.artifacts import ArtifactStore
-    from pgkd.distributed import steps
-    from pgkd.loop.config import DistillConfig
-    from pgkd.stream import Stream, StreamSettings
-    store = ArtifactStore(f"file://{tmp_path}/artifacts")
-    config = DistillConfig(data=str(cascade["folder"] / "toy"), labeled=40, student="minilm-frozen",
-                           teacher="pool-random", samples_per_cycle=8, max_cycles=0, seed=1)
-    steps.run_through_steps(steps.submit(config, store, run_id="base"), store)
-    stream = Stream(store, StreamSettings(stream="cascade", base_run="base", trigger_count=10_000))
-    stream.open()
-    for text in deferred:
-        assert stream.take(got[text]).outcome == "accepted"
-    stored = [s for s in stream.log.read() if s.text in deferred]
-    assert len(stored) == len(deferred)
-    assert all(s.source == "teacher" and s.split == "train" for s in stored)
+    # The ingest service (a process, on the same topic) stores each: in train, as a teacher label with its model.
+    from stream_fixtures import stored
+    store, deadline = cascade["services"].store, time.monotonic() + 60
+    while not deferred <= {s.text for s in stored(store)}:
+        assert time.monotonic() < deadline, cascade["services"].log_tails()
+        time.sleep(0.25)
+    kept = [s for s in stored(store) if s.text in deferred]
+    assert len(kept) == len(deferred)
+    assert all(s.source == "teacher" and s.split == "train" and s.model.startswith("triton://") for s in kept)
+    teacher = sum(s.source == "teacher" for s in stored(store))     # these, and the earlier tests' deferred texts
+    status = cascade["services"].pgkd("stream", "status")
+    assert status.returncode == 0 and "0 human labels" in status.stdout, status.stdout
+    assert f"{teacher} teacher labels (train only)" in status.stdout and teacher >= len(deferred), status.stdout
 
 
 def test_the_operator_moves_the_threshold_with_the_policy_file_and_the_metrics_follow(cascade):

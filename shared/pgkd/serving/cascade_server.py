@@ -143,7 +143,7 @@ class CascadeModel:
 
 
 def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int, host: str = DEFAULT_HOST,
-          instances: int = 4, max_batch_size: int = 64, announce: str = "") -> None:
+          instances: int = 8, max_batch_size: int = 64, announce: str = "") -> None:
     """Serve `model` on `host` until SIGTERM, SIGHUP or Ctrl-C (PyTriton's tritonserver, CPU)."""
     libdir = sysconfig.get_config_var("LIBDIR")
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
@@ -162,10 +162,14 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             with stop_signals(), contextlib.suppress(Stopped), Triton(config=config, security_config=security) as triton:
-                # Several instances, so that a batch waiting on the teacher does not hold up the others.
+                # No dynamic batching: a request batched with others would wait for their texts' teacher
+                # answers too (a student answer would take the LLM's time). Each request is one execution, its
+                # texts one call to the student (whose own server batches across the cascade's calls), and
+                # `instances` of them run at once.
                 triton.bind(model_name=MODEL_NAME, infer_func=[model] * instances,
                             inputs=[Tensor(name="text", dtype=bytes, shape=(1,))], outputs=outputs,
-                            config=ModelConfig(max_batch_size=max_batch_size, batching=True), strict=False)
+                            config=ModelConfig(max_batch_size=max_batch_size, batching=True, batcher=None),
+                            strict=False)
                 print(f"pgkd: serving the cascade as Triton model '{MODEL_NAME}' on {host}: http :{http_port}, "
                       f"grpc :{grpc_port}; pgkd classify --url http://{url_host(host)}:{http_port} --model "
                       f"{MODEL_NAME}" + (f"; {announce}" if announce else ""), flush=True)

@@ -64,12 +64,12 @@ class SimulatedTeacherModel:
         return json.dumps([s.model_dump() for s in batch.samples], ensure_ascii=False)
 
     def __call__(self, requests: list[dict]) -> list[dict]:
+        if self.latency:      # an LLM's response time, once a batch: an LLM server answers concurrent requests
+            time.sleep(self.latency)     # together (continuous batching), not one after the other
         responses = []
         for request in requests:
             prompts = [p.decode("utf-8", errors="replace") if isinstance(p, bytes) else str(p)
                        for p in request["text_input"].reshape(-1)]
-            if self.latency:
-                time.sleep(self.latency)   # an LLM's response time, when a test or a demo wants one
             answers = [self.answer(p) for p in prompts]
             responses.append({
                 "text_output": np.array([[a.encode()] for a in answers], dtype=object),
