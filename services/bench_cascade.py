@@ -77,6 +77,8 @@ def main() -> int:
     parser.add_argument("--llm-accuracy", type=float, default=0.95)
     parser.add_argument("--llm-latency", type=float, default=0.5, help="seconds the simulated LLM takes an answer")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--instances", type=int, default=16, help="the cascade's requests served at once")
+    parser.add_argument("--teacher-concurrency", type=int, default=16, help="the cascade's teacher calls at once")
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="runs/bench/cascade-serve")
@@ -105,7 +107,8 @@ def main() -> int:
         cluster.spawn("cascade", cluster.pgkd_argv(
             "cascade", "serve", "--student", f"http://127.0.0.1:{student_ports[0]}", "--teacher",
             f"triton://127.0.0.1:{teacher_ports[0]}/teacher", "--calibration", str(out / "models" / "student"),
-            "--data", args.data, "--publish-labels", *ports_args(cascade_ports[:3]),
+            "--data", args.data, "--publish-labels", "--instances", str(args.instances),
+            "--teacher-concurrency", str(args.teacher_concurrency), *ports_args(cascade_ports[:3]),
             "--cascade-metrics-port", str(cascade_ports[3])),
             ready=_http_ok(f"http://127.0.0.1:{cascade_ports[0]}/v2/models/cascade/ready"), message="cascade")
         cluster.ready()
