@@ -34,6 +34,7 @@ import numpy as np
 from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
 from pgkd.processes import Stopped, stop_signals
 from pgkd.serving.cascade import ERROR, Answer, Cascade, ServedCalibration
+from pgkd.serving.triton_model import check_text
 from pgkd.types import MAX_TEXT_CHARS
 
 MODEL_NAME = "cascade"
@@ -44,21 +45,6 @@ HANDSHAKE_RACE = "get_config_from_handshake_server"
 START_ATTEMPTS = 3
 OUTPUTS = ("label", "probability", "probabilities", "answered_by", "student_label", "teacher_label", "fallback",
            "error")
-
-
-def check_text(value, number: int, max_chars: int = MAX_TEXT_CHARS) -> str:
-    """The text, or ValueError saying what is wrong with it."""
-    if not isinstance(value, (bytes, str)):
-        raise ValueError(f"text {number}: not a string ({type(value).__name__})")
-    try:
-        text = value.decode("utf-8") if isinstance(value, bytes) else value
-    except UnicodeDecodeError as e:
-        raise ValueError(f"text {number}: not UTF-8 (byte {e.start + 1})") from None
-    if not text.strip():
-        raise ValueError(f"text {number}: empty")
-    if len(text) > max_chars:
-        raise ValueError(f"text {number}: {len(text)} characters, more than the {max_chars} the cascade takes")
-    return text
 
 
 class CascadeModel:
@@ -83,7 +69,7 @@ class CascadeModel:
         probs = np.zeros((len(values), len(self.labels)), dtype=np.float32)
         for number, value in enumerate(values, start=1):
             try:
-                texts.append(check_text(value, number))
+                texts.append(check_text(value, number, MAX_TEXT_CHARS))
                 rows.append(number - 1)
             except ValueError as e:
                 answers[number - 1] = Answer(label="", answered_by=ERROR, confidence=0.0, student_label="",

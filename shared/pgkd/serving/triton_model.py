@@ -62,6 +62,23 @@ def check_version_folder(folder: Path) -> dict:
     return manifest
 
 
+def check_text(value, number: int, max_chars: int) -> str:
+    """A request's text as str, or ValueError saying which one is wrong and why (the cascade checks its
+    texts with this too)."""
+    if not isinstance(value, (bytes, str)):
+        raise ValueError(f"text {number}: not a string ({type(value).__name__})")
+    try:
+        text = value.decode("utf-8") if isinstance(value, bytes) else value
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text {number}: not UTF-8 (byte {e.start + 1})") from None
+    if not text.strip():
+        raise ValueError(f"text {number}: empty")
+    if len(text) > max_chars:
+        raise ValueError(f"text {number}: {len(text)} characters, more than the {max_chars} this model takes "
+                         "(max_text_chars)")
+    return text
+
+
 def _error(message: str, invalid_request: bool = False):
     """A TritonError: INVALID_ARG for a request that is the client's fault (Triton answers HTTP 400, gRPC
     INVALID_ARGUMENT), INTERNAL otherwise (500, INTERNAL). A Python backend of an older Triton takes
@@ -122,21 +139,7 @@ class TritonPythonModel:
         values = tensor.as_numpy().reshape(-1)
         if values.size == 0:
             raise ValueError("no texts in the request")
-        texts = []
-        for number, value in enumerate(values, start=1):
-            if not isinstance(value, (bytes, str)):
-                raise ValueError(f"text {number}: not a string ({type(value).__name__})")
-            try:
-                text = value.decode("utf-8") if isinstance(value, bytes) else value
-            except UnicodeDecodeError as e:
-                raise ValueError(f"text {number}: not UTF-8 (byte {e.start + 1})") from None
-            if not text.strip():
-                raise ValueError(f"text {number}: empty")
-            if len(text) > self.max_text_chars:
-                raise ValueError(f"text {number}: {len(text)} characters, more than the {self.max_text_chars} "
-                                 "this model takes (max_text_chars in config.pbtxt)")
-            texts.append(text)
-        return texts
+        return [check_text(value, number, self.max_text_chars) for number, value in enumerate(values, start=1)]
 
     def _probabilities(self, texts: list[str]) -> np.ndarray:
         """Softmax over the logits, in batches of texts of similar length (the least padding)."""
