@@ -159,7 +159,7 @@ class Calibration(BaseModel):
     """What a student's probabilities are scaled by, what that did on the held scores, the deferral
     threshold when one was asked for, and the held scores themselves (each text's calibrated confidence
     and whether the student was right), so a threshold can be chosen again for another target."""
-    temperature: float = 1.0
+    temperature: float = Field(1.0, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])   # as fit_temperature finds it
     labels: list[str] = []              # the student's, in the order of its probabilities
     source: str                         # which scores, in words
     samples: int

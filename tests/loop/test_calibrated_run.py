@@ -66,11 +66,16 @@ def test_training_a_calibrated_student_again_drops_its_calibration(calibrated, t
     assert not (tmp_path / "again" / FILE).exists()
 
 
-def test_a_damaged_calibration_file_is_one_line(calibrated, tmp_path):
+@pytest.mark.parametrize("damage", ['{"temperature": "warm"', "temperature 0", "temperature -1", "temperature 50"])
+def test_a_damaged_or_edited_calibration_file_is_one_line(calibrated, tmp_path, damage):
     import shutil
     config, out, result = calibrated
     copy = shutil.copytree(out / "best", tmp_path / "best")
-    (copy / FILE).write_text('{"temperature": "warm"')
+    if damage.startswith("temperature "):     # a number pgkd never fits: 0 would divide by zero, -1 invert the answers
+        data = json.loads((copy / FILE).read_text())
+        (copy / FILE).write_text(json.dumps({**data, "temperature": float(damage.split()[1])}))
+    else:
+        (copy / FILE).write_text(damage)
     with pytest.raises(Exception) as e:
         load_student(copy)
     assert type(e.value).__name__ == "UserError" and FILE in str(e.value) and "\n" not in str(e.value)

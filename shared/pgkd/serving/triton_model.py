@@ -96,6 +96,8 @@ class TritonPythonModel:
         self.max_length = int(self.manifest["max_length"])
         # The student's calibration (pgkd-calibration.json beside it): softmax(logits / T).
         self.temperature = float(self.manifest.get("temperature", 1.0))
+        if not 0.01 <= self.temperature <= 100:     # (a number pgkd never writes: an edited manifest)
+            raise RuntimeError(f"{folder}: temperature {self.temperature} in {MANIFEST} is not a calibration's")
         self.max_text_chars = int(_parameter(config, "max_text_chars", "10000"))
         self.batch_size = int(_parameter(config, "inference_batch_size", "64"))
 
