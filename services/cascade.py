@@ -12,6 +12,7 @@ import queue
 import random
 import threading
 import time
+from pathlib import Path
 
 from pgkd.distributed.messages import TEACHER_SOURCE, LabeledSample
 from pgkd.errors import Option, UserError
@@ -123,6 +124,10 @@ def serve_cascade(args) -> int:
     for name in ("teacher_concurrency", "max_per_call", "instances", "label_buffer"):
         if getattr(args, name) < 1:
             raise UserError(Option(name, getattr(args, name)), ": expected 1 or more")
+    for name in ("price_prompt_per_1k", "price_completion_per_1k"):
+        value = getattr(args, name)
+        if not (value >= 0 and value < float("inf")):
+            raise UserError(Option(name, value), ": expected a finite number, 0 or more")
     if args.examples_per_class < 0:
         raise UserError(Option("examples_per_class", args.examples_per_class), ": expected 0 or more")
     require_free_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
@@ -145,6 +150,10 @@ def serve_cascade(args) -> int:
     metrics = CascadeMetrics(registry, price_prompt_per_1k=args.price_prompt_per_1k,
                              price_completion_per_1k=args.price_completion_per_1k)
     source = PolicySource(policy, calibration, args.policy_file, on_change=metrics.policy_changed)
+    if given and args.policy_file and Path(args.policy_file).exists():
+        print(f"pgkd: note: the policy file {args.policy_file} sets the threshold, not "
+              f"{', '.join('--' + k.replace('_', '-') for k in given)}", flush=True)
+    _show_logs()
     descriptions, examples = prompt_parts(args, calibration.labels)
     try:                  # the teacher need not be: until it answers, deferred texts keep the student's answer
         teacher().check()
@@ -195,12 +204,29 @@ def student_ready(args, check):
         check(calibrations.current)
         try:
             with StudentClient(args.student, args.student_model, timeout=args.student_timeout) as probe:
-                probe.max_batch_size()
-            return calibrations
+                answer = probe.infer(["a text to see the served student's labels"])
         except (UserError, EnvironmentFailure) as e:
             if not args.wait_for_student:
                 raise
             said = _waiting(e, said)
+            continue
+        labels = calibrations.current.labels
+        if answer["probabilities"].shape[1] != len(labels) or answer["label"][0] not in labels:
+            raise UserError(Option("calibration", args.calibration), f": the calibration of another student (its "
+                            f"{len(labels)} labels are not the {answer['probabilities'].shape[1]} of the student served "
+                            f"at {args.student}, model {args.student_model})")
+        return calibrations
+
+
+def _show_logs() -> None:
+    """The cascade's own log lines (a new threshold, a failing teacher, labels waiting) on stderr, one each."""
+    logger = logging.getLogger("pgkd.cascade")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("pgkd: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _waiting(e: Exception, said: bool) -> bool:

@@ -177,7 +177,7 @@ def test_the_wheel_ships_pgkd_and_pgkd_services_and_no_top_level_services(tmp_pa
               {f"pgkd_services/{p.parent.relative_to(REPO / 'services').as_posix()}".rstrip("/.")
                for p in (REPO / "services").rglob("__init__.py")}
     assert {n.rsplit("/", 1)[0] for n in names if n.endswith("__init__.py")} == in_tree
-    assert "[pgkd.commands]\nservices = pgkd_services.cli:register" in entry_points
+    assert "[pgkd.commands]\ncascade = pgkd_services.cascade:register\nservices = pgkd_services.cli:register" in entry_points
 
 
 # Child processes are started with pgkd.processes.spawn (a session of their own, SIGTERM when their parent

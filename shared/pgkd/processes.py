@@ -84,6 +84,53 @@ def _die_with_parent():
     return preexec
 
 
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def adopted_children(prefix: str = "pgkd-server-") -> Iterator[Path]:
+    """For a library that starts processes of its own (PyTriton: tritonserver and its Python-backend
+    stubs, which it does not always stop): within the block this process is their subreaper (Linux), so a
+    child orphaned by its parent is re-parented here, and their temporary files go to a folder of ours
+    (TMPDIR). On leaving, whatever child is left is killed and reaped, the folder removed, and the shared
+    memory segments PyTriton named after this process unlinked."""
+    import shutil
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+    ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield folder
+    finally:
+        for pid in _children():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+        for segment in Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*"):
+            segment.unlink(missing_ok=True)
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _children() -> list[int]:
+    """This process's child processes (from /proc)."""
+    me, found = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def spawn(argv: Sequence[str], *, log: IO | None = None, env: Mapping[str, str] | None = None,
           cwd: str | Path | None = None) -> subprocess.Popen:
     """Start `argv` in a session of its own, its stdout and stderr to `log` (an open file; None: this

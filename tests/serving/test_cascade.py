@@ -233,18 +233,14 @@ def test_a_student_that_cannot_be_reached_is_one_line_and_exit_1(tmp_path, capsy
 
 def test_with_wait_for_student_it_waits_for_a_first_version_instead_of_exiting(tmp_path):
     """A student server whose deployer has not written a first student yet (an empty model folder)."""
-    import subprocess
-    import sys
+    from process_tools import Pgkd
     (tmp_path / "student").mkdir()
-    process = subprocess.Popen([sys.executable, "-m", "pgkd.cli", "cascade", "serve", "--student", "http://127.0.0.1:1",
-                                "--teacher", "openai://127.0.0.1:1/v1?model=m", "--calibration",
-                                str(tmp_path / "student"), "--wait-for-student"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    waiting = Pgkd(tmp_path, "cascade", "serve", "--student", "http://127.0.0.1:1", "--teacher",
+                   "openai://127.0.0.1:1/v1?model=m", "--calibration", str(tmp_path / "student"), "--wait-for-student")
     try:
-        first = process.stdout.readline()
-        assert first.startswith("pgkd: waiting for the student") and "neither a calibration" in first, first
+        waiting.wait_for("pgkd: waiting for the student", timeout=60)
+        assert "neither a calibration" in waiting.log()
         time.sleep(3)
-        assert process.poll() is None      # still waiting
+        assert waiting.process.poll() is None      # still waiting
     finally:
-        process.kill()
-        process.wait()
+        waiting.kill()

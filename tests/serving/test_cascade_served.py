@@ -161,7 +161,11 @@ def test_pgkd_classify_and_perf_analyzer_work_on_the_cascade_unchanged(cascade):
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     assert [a["text"] for a in answers] == ["I lost my card", "refund please"]
-    assert all(a["label"] in cascade["student"].labels for a in answers)
+    assert all(a["label"] in cascade["student"].labels and a["answered_by"] in ("student", "teacher") for a in answers)
+    refused = subprocess.run([sys.executable, "-m", "pgkd.cli", "classify", "--url", f"http://{cascade['http']}",
+                              "--model-name", "cascade", "fine", ""], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "pgkd: error: the server refused the request: text 2: empty"], refused.stderr     # as the student says it
     from test_perf_analyzer import perf_analyzer, perf_analyzer_environment
     binary = perf_analyzer()
     if binary is None:
@@ -289,3 +293,17 @@ def test_a_teacher_killed_mid_traffic_fails_no_request_and_the_fallbacks_are_cou
     after = sum(metric(cascade["metrics"], "pgkd_cascade_fallbacks_total", f'reason="{r}"')
                 for r in ("teacher_timeout", "teacher_unavailable", "teacher_error"))
     assert after - before == len(flagged)
+
+
+def test_a_stopped_cascade_leaves_no_process_temporary_folder_or_shared_memory(cascade):
+    """SIGTERM: its tritonserver and every Python-backend stub gone (PyTriton leaves some stubs behind, so the
+    cascade adopts its children and stops what is left), nothing in its TMPDIR, no /dev/shm segment of its own."""
+    from process_tools import descendants, gone
+    server = cascade["server"]
+    pid = server.process.pid
+    children = list(descendants(pid))
+    assert children, server.log()
+    assert server.stop(signal.SIGTERM) == 0, server.log()
+    assert gone(children), "a child of pgkd cascade serve outlived it"
+    assert server.left_in_tmp() == []
+    assert list(Path("/dev/shm").glob(f"pytrtion{pid}-*")) == []

@@ -108,7 +108,7 @@ def parse_targets(text: str, llm_accuracy: float) -> list[Target]:
     targets = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
-            continue
+            raise UserError(Option("targets", text), ": an empty target between commas")
         try:
             if item.startswith("share:"):
                 target = Target("share", float(item[len("share:"):]), item)
@@ -118,8 +118,12 @@ def parse_targets(text: str, llm_accuracy: float) -> list[Target]:
                 target = Target("accuracy", float(item), item)
         except ValueError:
             raise UserError(Option("targets", text), f": {item!r} is not p-D, a number or share:S") from None
-        if not 0 <= target.value <= 1:
-            raise UserError(Option("targets", text), f": {item!r} gives {target.value:g}, outside [0, 1]")
+        low_ok = target.value >= 0 if target.kind == "share" else target.value > 0   # as distill's options
+        if not (low_ok and target.value <= 1):
+            raise UserError(Option("targets", text), f": {item!r} gives {target.value:g}, outside "
+                            + ("[0, 1]" if target.kind == "share" else "(0, 1]"))
+        if any(t.kind == target.kind and t.value == target.value for t in targets):
+            raise UserError(Option("targets", text), f": {item!r} is given twice")
         targets.append(target)
     if not targets:
         raise UserError(Option("targets", text), ": no target")

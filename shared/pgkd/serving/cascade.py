@@ -41,12 +41,13 @@ STUDENT, TEACHER, ERROR = "student", "teacher", "error"     # who answered a tex
 # Why the student's answer stands for a deferred text (`fallback`); "" when nothing failed.
 FALLBACKS = ("teacher_timeout", "teacher_unavailable", "teacher_error", "out_of_taxonomy")
 POLICY_CHECK_SECONDS = 1.0    # a policy file is looked at (its mtime) at most this often
+WARN_SECONDS = 10.0           # a failing teacher is logged at most this often
 
 
 class Policy(BaseModel):
     """What decides the threshold: one of the three, or none (the threshold the served student's run
     recorded with it)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)    # `true` or "0.7" is not a threshold
     threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     target_accuracy: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     max_teacher_share: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
@@ -58,20 +59,25 @@ class Policy(BaseModel):
             raise ValueError(f"give one of threshold, target_accuracy, max_teacher_share (got {', '.join(given)})")
         return self
 
-    def resolve(self, calibration: Calibration | None) -> tuple[float, str]:
-        """The threshold, and what it was chosen for. A target needs the held scores; one they cannot
-        meet is a UserError naming what they can."""
+    def resolve(self, calibration: Calibration | None) -> tuple[float, str, float]:
+        """The threshold, what it was chosen for, and the share of texts the teacher may answer (what the
+        alert compares with): the policy's max teacher share, else the held texts' share at the threshold,
+        1 for a bare threshold. A target needs the held scores; one they
+        cannot meet is a UserError naming what they can."""
         if self.threshold is not None:
-            return self.threshold, f"threshold {self.threshold:g}"
+            return self.threshold, f"threshold {self.threshold:g}", 1.0
         if self.target_accuracy is None and self.max_teacher_share is None:
             if calibration is None or calibration.deferral is None:
                 raise UserError("no threshold: the student was calibrated without a target; give --threshold, "
                                 "--target-accuracy or --max-teacher-share")
-            return calibration.deferral.threshold, f"the run's ({calibration.deferral.target})"
-        if calibration is None or not calibration.confidence:
-            raise UserError("a target needs the student's calibration (its held scores): give --calibration")
-        deferral = calibration.threshold_for(self.target_accuracy, self.max_teacher_share)
-        return deferral.threshold, deferral.target
+            deferral, described = calibration.deferral, f"the run's ({calibration.deferral.target})"
+        else:
+            if calibration is None or not calibration.confidence:
+                raise UserError("a target needs the student's calibration (its held scores): give --calibration")
+            deferral = calibration.threshold_for(self.target_accuracy, self.max_teacher_share)
+            described = deferral.target
+        share = self.max_teacher_share if self.max_teacher_share is not None else 1 - deferral.student_share
+        return deferral.threshold, described, round(share, 6)
 
 
 def _in(file: Path):
@@ -146,7 +152,7 @@ class PolicySource:
     counted in `errors`)."""
 
     def __init__(self, policy: Policy, calibration: Calibration | None = None, file: str | Path | None = None,
-                 on_change: Callable[[float, Policy], None] | None = None):
+                 on_change: Callable[[float, float], None] | None = None):
         self.calibration, self.file, self.on_change = calibration, Path(file) if file else None, on_change
         self._lock, self._checked, self._mtime, self.errors = threading.Lock(), 0.0, None, 0
         if self.file is not None and self.file.exists():
@@ -155,10 +161,10 @@ class PolicySource:
         self._set(policy)
 
     def _set(self, policy: Policy) -> None:
-        threshold, described = policy.resolve(self.calibration)
+        threshold, described, share = policy.resolve(self.calibration)
         self.policy, self.threshold, self.described = policy, threshold, described
         if self.on_change is not None:
-            self.on_change(threshold, policy)
+            self.on_change(threshold, share)
 
     def recalibrate(self, calibration: Calibration) -> None:
         """A new student's calibration: the policy's threshold again, on its held scores."""
@@ -227,9 +233,20 @@ class Cascade:
         self.sink, self.metrics = sink, metrics
         self._make_teacher, self._local = teacher, threading.local()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="cascade-teacher")
+        self._warned_lock, self._warned, self._failures = threading.Lock(), float("-inf"), 0
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _warn(self, message: str) -> None:
+        """At most one line every WARN_SECONDS (a dead teacher fails every deferred batch): how many since."""
+        with self._warned_lock:
+            self._failures += 1
+            if time.monotonic() - self._warned < WARN_SECONDS:
+                return
+            count, self._failures, self._warned = self._failures, 0, time.monotonic()
+        log.warning("cascade: %s%s; the student's answers stand", message,
+                    f" ({count} failed calls since the last warning)" if count > 1 else "")
 
     def _teacher(self):
         if getattr(self._local, "teacher", None) is None:
@@ -274,10 +291,10 @@ class Cascade:
                     reason = ""
                 except TeacherUnavailable as e:
                     reason, labels, model = "teacher_unavailable", None, ""
-                    log.warning("cascade: the teacher is unavailable: %s", e)
+                    self._warn(f"the teacher is unavailable: {e}")
                 except Exception as e:  # noqa: BLE001 -- whatever the teacher did, the student's answer stands
                     reason, labels, model = "teacher_error", None, ""
-                    log.warning("cascade: the teacher failed: %s: %s", type(e).__name__, str(e)[:200])
+                    self._warn(f"the teacher failed: {type(e).__name__}: {str(e)[:200]}")
             for n, i in enumerate(chunk):
                 label = labels[n] if labels is not None and n < len(labels) else None
                 if label is None or label not in self.labels:
@@ -314,8 +331,8 @@ class CascadeMetrics:
                                          "teacher", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
                                          **r)
         self.threshold = Gauge("pgkd_cascade_threshold", "The confidence threshold in force", **r)
-        self.teacher_share_target = Gauge("pgkd_cascade_teacher_share_target", "The share of texts the teacher may "
-                                          "answer (the policy's max_teacher_share; 1 when the policy sets none)", **r)
+        self.teacher_share_target = Gauge("pgkd_cascade_teacher_share_target", "The share of texts the teacher should "
+                                          "answer at the threshold, on the held texts (1 for a bare threshold)", **r)
         self.labels = Counter("pgkd_cascade_labels", "Teacher labels for the stream, by outcome (published, "
                               "dropped: the buffer was full)", ["outcome"], **r)
         for who in (STUDENT, TEACHER, ERROR):
@@ -327,9 +344,9 @@ class CascadeMetrics:
         for outcome in ("published", "dropped"):
             self.labels.labels(outcome)
 
-    def policy_changed(self, threshold: float, policy: Policy) -> None:
+    def policy_changed(self, threshold: float, share: float) -> None:
         self.threshold.set(threshold)
-        self.teacher_share_target.set(1.0 if policy.max_teacher_share is None else policy.max_teacher_share)
+        self.teacher_share_target.set(share)
 
     def teacher_call(self, seconds: float, usage) -> None:
         self.teacher_calls.inc()

@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
-from pgkd.processes import Stopped, stop_signals
+from pgkd.processes import Stopped, adopted_children, stop_signals
 from pgkd.serving.cascade import ERROR, Answer, Cascade, ServedCalibration
 from pgkd.serving.triton_model import check_text
 from pgkd.types import MAX_TEXT_CHARS
@@ -147,7 +147,8 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
     security = TritonSecurityConfig(restricted_endpoints=[e for e in DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"])
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
-            with stop_signals(), contextlib.suppress(Stopped), Triton(config=config, security_config=security) as triton:
+            with stop_signals(), contextlib.suppress(Stopped), adopted_children(), \
+                    Triton(config=config, security_config=security) as triton:
                 # No dynamic batching: a request batched with others would wait for their texts' teacher
                 # answers too (a student answer would take the LLM's time). Each request is one execution, its
                 # texts one call to the student (whose own server batches across the cascade's calls), and

@@ -80,17 +80,22 @@ class StudentClient:
         data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
         inputs = [self._module.InferInput("text", list(data.shape), "BYTES")]
         inputs[0].set_data_from_numpy(data)
-        outputs = [self._module.InferRequestedOutput(n) for n in ("label", "probability", "probabilities")]
-        result = self._call(self._client.infer, self.model, inputs, outputs=outputs)
+        # Every output the model has: a student's three, and a cascade's `answered_by` and `error` besides.
+        result = self._call(self._client.infer, self.model, inputs)
         labels, probability, probabilities = (result.as_numpy(n) for n in ("label", "probability", "probabilities"))
         if labels is None or probability is None or probabilities is None or labels.size != len(texts):
             raise ServingError(f"{self._where()}: the answer has no label and probability per text: not a "
                                f"student model (pgkd export) named {self.model!r}")
+        errors = [_text(x) for x in _column(result, "error")]
+        if any(errors):     # a cascade answers a bad text in its own row: the same refusal as a student's
+            raise UserError(f"the server refused the request: {next(e for e in errors if e)}")
         response = result.get_response()
         version = response.get("model_version", "") if isinstance(response, dict) else response.model_version
-        return {"label": [x.decode() if isinstance(x, bytes) else str(x) for x in labels.reshape(-1)],
-                "probability": probability.reshape(-1).tolist(), "probabilities": probabilities,
-                "version": str(version)}
+        answer = {"label": [_text(x) for x in labels.reshape(-1)],
+                  "probability": probability.reshape(-1).tolist(), "probabilities": probabilities,
+                  "version": str(version)}
+        answered_by = _column(result, "answered_by")
+        return answer | ({"answered_by": [_text(x) for x in answered_by]} if len(answered_by) else {})
 
     def max_batch_size(self) -> int | None:
         """The served model's max_batch_size (its config.pbtxt; Triton refuses a request of more texts),
@@ -164,9 +169,20 @@ class StudentClient:
                 result = self.infer(chunk)
             except UserError as e:   # the server numbers texts within the request: number them in the call
                 raise UserError(re.sub(r"text (\d+):", lambda m: f"text {int(m.group(1)) + start}:", str(e))) from None
+            who = result.get("answered_by") or [None] * len(chunk)     # a cascade says who answered each
             answers += [{"text": t, "label": label, "probability": round(float(p), 4)}
-                        for t, label, p in zip(chunk, result["label"], result["probability"], strict=True)]
+                        | ({"answered_by": by} if by is not None else {})
+                        for t, label, p, by in zip(chunk, result["label"], result["probability"], who, strict=True)]
         return answers
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _column(result, name: str) -> list:
+    values = result.as_numpy(name)
+    return [] if values is None else list(values.reshape(-1))
 
 
 class _NotServed(Exception):

@@ -75,13 +75,18 @@ def calibration_files(student) -> dict[str, bytes]:
     return {} if calibration is None else {CALIBRATION_FILE: (calibration.model_dump_json(indent=2) + "\n").encode()}
 
 
-def read_calibration(folder: str | Path) -> Calibration | None:
-    """A saved student's calibration, None when it has none; a damaged file is a UserError."""
+def read_calibration(folder: str | Path, labels: list[str]) -> Calibration | None:
+    """A saved student's calibration, None when it has none; a damaged file, or one of another student
+    (other labels), is a UserError."""
     path = Path(folder) / CALIBRATION_FILE
     if not path.is_file():
         return None
     try:
-        return Calibration.model_validate_json(path.read_bytes())
+        calibration = Calibration.model_validate_json(path.read_bytes())
     except ValueError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: not a readable calibration ({first[:160]})") from None
+    if calibration.labels != list(labels):
+        raise UserError(f"{path}: the calibration of another student (its labels are not this student's "
+                        f"{len(labels)})")
+    return calibration

@@ -150,7 +150,7 @@ class FineTunedStudent:
         # The spec it was created from, so a warm-started round trains the same parameters as before.
         student = cls(model, tokenizer, labels, spec=getattr(model.config, "pgkd_student", str(path)), device=device)
         student.head_fitted = True
-        student.calibration = read_calibration(path)
+        student.calibration = read_calibration(path, labels)
         return student
 
     def save(self, path: str | Path) -> None:

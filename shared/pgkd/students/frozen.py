@@ -128,7 +128,7 @@ class FrozenEncoderStudent:
             with np.load(path / "head.npz") as f:
                 student = cls(meta["labels"])
                 student.coef, student.intercept = f["coef"], f["intercept"]
-            student.calibration = read_calibration(path)
+            student.calibration = read_calibration(path, student.labels)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{path}: not a readable frozen-encoder student ({e})") from None
         return student

@@ -25,8 +25,8 @@ from pgkd.errors import Option, UserError
 
 from pgkd.data import load_dataset, make_splits
 from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
-from pgkd.processes import Stopped, stop_signals
-from pgkd.encoder import EmbeddingCache
+from pgkd.processes import Stopped, adopted_children, stop_signals
+from pgkd.encoder import EmbeddingCache, loading_bars
 from pgkd.teachers.llm import TokenCounter
 from pgkd.teachers.classifier import SimulatedLLMClassifier, confusable_classes
 from pgkd.teachers.prompt import CLASSIFY_INSTRUCTIONS, PromptError, read_classification, read_prompt
@@ -80,6 +80,12 @@ class SimulatedTeacherModel:
         return responses
 
 
+def _quietly(function, *args):
+    """The encoder loads without transformers' bars (a server's log says what it serves, not how it loads)."""
+    with loading_bars(False):
+        return function(*args)
+
+
 def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_port: int, metrics_port: int,
           host: str = DEFAULT_HOST, validation_fraction: float = 0.2, label_noise: float = 0.0, latency: float = 0.0,
           text_column: str = "text", label_column: str = "label", llm_accuracy: float = 0.95) -> None:
@@ -90,12 +96,16 @@ def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_po
     splits = make_splits(dataset, labeled, seed, validation_fraction)
     if not 0 <= llm_accuracy <= 1:
         raise UserError(Option("llm_accuracy", llm_accuracy), ": expected a number in [0, 1]")
+    # A port taken (or given twice) is said in one line, before anything loads, not found out by PyTriton,
+    # which waits a minute for a tritonserver that exited at once. One taken between this check and Triton's
+    # bind still is.
+    require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     embed = EmbeddingCache()
     teacher = make_simulated_teacher(kind, splits.pool, seed=seed, label_noise=label_noise, embed=embed)
     # The cascade's classification prompts: a simulated LLM that knows every gold label of the dataset.
     classifier = SimulatedLLMClassifier(dataset.train + dataset.validation + dataset.test, splits.labels, llm_accuracy,
                                         seed=seed,
-                                        confusable=confusable_classes(splits.labels, embed))
+                                        confusable=_quietly(confusable_classes, splits.labels, embed))
     model = SimulatedTeacherModel(teacher, latency=latency, classifier=classifier)
 
     libdir = sysconfig.get_config_var("LIBDIR")
@@ -103,15 +113,12 @@ def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_po
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    # A port taken (or given twice) is said in one line, not found out by PyTriton, which waits a minute for
-    # a tritonserver that exited at once. One taken between this check and Triton's bind still is.
-    require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                           metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5)
     # SIGTERM (docker stop, kill, make demo's cleanup) and SIGHUP (a closed terminal) leave through the
     # `with Triton`, which stops tritonserver and removes PyTriton's workspace. PyTriton starts tritonserver
     # with SIGTERM as its parent-death signal: a SIGKILL of this process stops it too (the workspace stays).
-    with stop_signals(), contextlib.suppress(Stopped), Triton(config=config) as triton:
+    with stop_signals(), contextlib.suppress(Stopped), adopted_children(), Triton(config=config) as triton:
         triton.bind(model_name=MODEL_NAME, infer_func=model,
                     inputs=[Tensor(name="text_input", dtype=bytes, shape=(1,)),
                             Tensor(name="max_tokens", dtype=np.int32, shape=(1,), optional=True),
