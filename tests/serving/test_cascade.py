@@ -244,3 +244,14 @@ def test_with_wait_for_student_it_waits_for_a_first_version_instead_of_exiting(t
         assert waiting.process.poll() is None      # still waiting
     finally:
         waiting.kill()
+
+
+def test_a_version_that_is_not_a_number_never_becomes_a_path(tmp_path):
+    from pgkd.serving.cascade import ServedCalibration
+    (tmp_path / "student" / "1").mkdir(parents=True)
+    (tmp_path / "student" / "1" / "pgkd-calibration.json").write_text(Calibration(labels=LABELS, source="h",
+                                                                                   samples=0).model_dump_json())
+    (tmp_path / "pgkd-calibration.json").write_text(Calibration(labels=["x"], source="h", samples=0).model_dump_json())
+    calibrations = ServedCalibration(tmp_path / "student")
+    assert calibrations.for_version("..") is None and calibrations.for_version("../..") is None
+    assert calibrations.current.labels == LABELS

@@ -122,6 +122,9 @@ class ServedCalibration:
         """`version`'s calibration when the answering version changed, else None."""
         if not self.follows or not version or version == self.version:
             return None
+        if not version.isdigit():      # a server's word, made a path: a version number, or nothing
+            log.warning("cascade: the student answered as version %r, not a version number", version[:40])
+            return None
         self.version = version           # read once a version, whatever comes of it
         try:
             self.current = read_calibration_path(self.path / version)
