@@ -113,7 +113,7 @@ class LabelPublisher:
 
 
 def serve_cascade(args) -> int:
-    from pgkd.serving.cascade import Cascade, CascadeMetrics, Policy, PolicySource
+    from pgkd.serving.cascade import Cascade, CascadeMetrics, Policy, PolicySource, prompt_parts
     from pgkd.serving.cascade_server import CascadeModel, serve
     from pgkd.serving.client import StudentClient
 
@@ -154,7 +154,8 @@ def serve_cascade(args) -> int:
         print(f"pgkd: note: the policy file {args.policy_file} sets the threshold, not "
               f"{', '.join('--' + k.replace('_', '-') for k in given)}", flush=True)
     _show_logs()
-    descriptions, examples = prompt_parts(args, calibration.labels)
+    descriptions, examples = prompt_parts(calibration.labels, args.taxonomy, args.data, args.examples_per_class,
+                                          args.seed)
     try:                  # the teacher need not be: until it answers, deferred texts keep the student's answer
         teacher().check()
     except Exception as e:  # noqa: BLE001 -- said, not fatal
@@ -255,29 +256,6 @@ def teacher_factory(url: str, timeout: float, price_prompt: float, price_complet
         teacher.breaker = breaker
         return teacher
     return make
-
-
-def prompt_parts(args, labels: list[str]):
-    """The classification prompt's descriptions (--taxonomy) and labeled examples (the taxonomy's, or
-    --examples-per-class of --data's train split, seeded)."""
-    descriptions, examples = {}, []
-    from pgkd.types import Sample
-    if args.taxonomy:
-        from pgkd.taxonomy import read_taxonomy
-        taxonomy = read_taxonomy(args.taxonomy)
-        taxonomy.check_against(labels, "the student's labels")
-        descriptions = taxonomy.descriptions
-        examples = [Sample(text=t, label=c.label) for c in taxonomy.classes for t in c.examples]
-    if args.data and args.examples_per_class:
-        from pgkd.data import load_dataset
-        rng = random.Random(args.seed)
-        by_label: dict[str, list] = {}
-        for sample in load_dataset(args.data, seed=args.seed).train:
-            by_label.setdefault(sample.label, []).append(sample)
-        for label in labels:
-            pool = by_label.get(label, [])
-            examples += rng.sample(pool, min(args.examples_per_class, len(pool)))
-    return descriptions, examples
 
 
 def register(sub, distill_arguments=None) -> None:

@@ -367,3 +367,27 @@ class CascadeMetrics:
                 self.fallbacks.labels(a.fallback).inc()
             if a.answered_by == TEACHER and a.teacher_label != a.student_label:
                 self.disagreements.inc()
+
+
+def prompt_parts(labels: list[str], taxonomy: str | None = None, data: str | None = None, per_class: int = 2,
+                 seed: int = 1) -> tuple[dict[str, str], list[Sample]]:
+    """The classification prompt's descriptions (a taxonomy file's) and labeled examples (the taxonomy's,
+    and `per_class` of each label from `data`'s train split, a seeded draw)."""
+    import random
+
+    from pgkd.data import load_dataset
+    from pgkd.taxonomy import read_taxonomy
+    descriptions, examples = {}, []
+    if taxonomy:
+        read = read_taxonomy(taxonomy)
+        read.check_against(labels, "the student's labels")
+        descriptions = read.descriptions
+        examples = [Sample(text=t, label=c.label) for c in read.classes for t in c.examples]
+    if data and per_class:
+        rng, by_label = random.Random(seed), {}
+        for sample in load_dataset(data, seed=seed).train:
+            by_label.setdefault(sample.label, []).append(sample)
+        for label in labels:
+            pool = by_label.get(label, [])
+            examples += rng.sample(pool, min(per_class, len(pool)))
+    return descriptions, examples
