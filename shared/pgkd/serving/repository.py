@@ -184,19 +184,20 @@ def write_version(repository: Path, student, source: dict, model: str = MODEL_NA
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{number}-", dir=folder))
     staging.chmod(0o755)   # mkdtemp's 0700 would hide the version from a server running as another user
     try:
-        tokenizer = tokenizer_of(student)
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.save_pretrained(tmp)
-            shutil.copyfile(Path(tmp) / "tokenizer.json", staging / "tokenizer.json")
+        # Scratch files go inside the staging folder, never to TMPDIR: a signal that lands anywhere in
+        # here leaves one folder to remove, the one the `except` below removes.
+        tokenizer, scratch = tokenizer_of(student), staging / ".scratch"
+        tokenizer.save_pretrained(scratch)
+        os.replace(scratch / "tokenizer.json", staging / "tokenizer.json")
         if fmt == "onnx":
             weights = staging / "model.onnx"
             if int8:
-                with tempfile.TemporaryDirectory() as tmp:
-                    quantize_int8(export_onnx(student, Path(tmp) / "fp32.onnx"), weights)
+                quantize_int8(export_onnx(student, scratch / "fp32.onnx"), weights)
             else:
                 export_onnx(student, weights)
         else:
             export_torchscript(student, staging / "model.pt")
+        shutil.rmtree(scratch)
         shutil.copyfile(HANDLER, staging / "model.py")
         calibration = getattr(student, "calibration", None)   # pgkd.calibration: the model scales its logits by T
         for name, data in calibration_files(student).items():
