@@ -25,6 +25,7 @@ log = logging.getLogger("pgkd.cascade")
 
 BATCH = 256               # labels sent between two flushes
 RETRY_SECONDS = 1.0       # after the broker failed a send
+MAX_INSTANCES = 64        # --instances: each is a Python-backend process of PyTriton's
 
 
 class LabelPublisher:
@@ -124,6 +125,8 @@ def serve_cascade(args) -> int:
     for name in ("teacher_concurrency", "max_per_call", "instances", "label_buffer"):
         if getattr(args, name) < 1:
             raise UserError(Option(name, getattr(args, name)), ": expected 1 or more")
+    if args.instances > MAX_INSTANCES:   # each instance is a process of PyTriton's
+        raise UserError(Option("instances", args.instances), f": at most {MAX_INSTANCES}")
     for name in ("price_prompt_per_1k", "price_completion_per_1k"):
         value = getattr(args, name)
         if not (value >= 0 and value < float("inf")):
@@ -292,7 +295,7 @@ def register(sub, distill_arguments=None) -> None:
     s.add_argument("--teacher-concurrency", type=int, default=4, help="teacher calls at once, at most")
     s.add_argument("--max-per-call", type=int, default=16, help="deferred texts in one classification prompt")
     s.add_argument("--instances", type=int, default=8, help="requests served at once (each waits for its own "
-                   "texts' teacher answers only)")
+                   f"texts' teacher answers only), at most {MAX_INSTANCES}")
     s.add_argument("--price-prompt-per-1k", type=float, default=0.0)
     s.add_argument("--price-completion-per-1k", type=float, default=0.0)
     s.add_argument("--publish-labels", action="store_true", help="send each teacher label to the stream's input "

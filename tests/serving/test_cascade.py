@@ -157,6 +157,8 @@ def test_with_the_broker_down_labels_wait_in_a_bounded_buffer_then_are_dropped_a
     (["--target-accuracy", "0.999"], "cannot be met"),
     (["--teacher-timeout", "0"], "--teacher-timeout 0"),
     (["--teacher", "pool-guided"], "expected a teacher URL"),
+    (["--instances", "0"], "--instances 0: expected 1 or more"),
+    (["--instances", "100000"], "--instances 100000: at most 64"),
 ])
 def test_bad_input_to_cascade_serve_is_one_line_and_exit_2(flags, said, tmp_path, capsys):
     calibration = Calibration(labels=LABELS, source="held", samples=4, confidence=[0.9, 0.8, 0.7, 0.6],
