@@ -331,6 +331,24 @@ def test_an_artifact_store_is_a_folder_of_pgkds_own(store_env, toy_data, tmp_pat
     assert (older / ".pgkd-store.json").is_file()
 
 
+def test_services_claiming_a_new_store_at_once_do_not_refuse_each_other(tmp_path):
+    """The second finds the first half way through writing the store's owner file (CI found the race:
+    replicas started together, one refused the store)."""
+    from pgkd.files import temporary_name
+    root = tmp_path / "store"
+    root.mkdir()
+    half_written = temporary_name(root / ".pgkd-store.json")
+    half_written.write_text("{")
+    ArtifactStore(f"file://{root}").put_json("runs/r/request.json", {})
+    assert (root / ".pgkd-store.json").is_file()
+    for i, name in enumerate([".pgkd-store.json.tmp", ".pgkd-store.json.xyz.tmp", ".thesis.tex." + "a" * 32 + ".tmp"]):
+        other = tmp_path / f"other{i}"
+        other.mkdir()
+        (other / name).write_text("mine")
+        with pytest.raises(UserError, match="not written by pgkd"):
+            ArtifactStore(f"file://{other}").put_json("runs/r/request.json", {})
+
+
 def test_a_version_manifest_naming_a_file_outside_its_folder_fails_to_load(tmp_path):
     """model.py runs inside Triton without pgkd: it checks the manifest's file names itself."""
     from pgkd.serving.triton_model import MANIFEST as VERSION_MANIFEST, check_version_folder

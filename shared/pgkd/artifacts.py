@@ -24,7 +24,7 @@ import fsspec
 from pydantic import BaseModel, Field, ValidationError
 
 from pgkd.errors import EnvironmentFailure, Option, UserError, dotted, invalid
-from pgkd.files import write_bytes_atomic
+from pgkd.files import is_temporary_of, write_bytes_atomic
 from pgkd.names import check_relative, inside, is_relative
 from pgkd.ownership import write_owner
 from pgkd import settings
@@ -117,7 +117,8 @@ class ArtifactStore:
             raise StoreUnwritable(f"artifact store {self.url}: cannot write there ({above} is a file, not a folder)")
         entries = {p.name for p in root.iterdir()} if root.exists() else set()
         if OWNER not in entries:
-            foreign = sorted(entries - STORE_FOLDERS)
+            # another process claiming the store at once is half way through writing OWNER
+            foreign = sorted(e for e in entries - STORE_FOLDERS if not is_temporary_of(e, OWNER))
             if foreign:
                 raise UserError(f"artifact store {self.url}: {foreign[0]} was not written by pgkd (no {OWNER}); "
                                 "a store is a folder of pgkd's own: choose another (",

@@ -20,6 +20,14 @@ def temporary_name(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
+def is_temporary_of(name: str, path: str | Path) -> bool:
+    """Whether `name` (a file name in `path`'s folder) is one of `temporary_name(path)`'s: another
+    process may be half way through writing `path`."""
+    prefix, suffix = f".{Path(path).name}.", ".tmp"
+    middle = name[len(prefix):-len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else ""
+    return len(middle) == 32 and all(c in "0123456789abcdef" for c in middle)
+
+
 def write_atomic_with(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Atomically replace `path` by what `write(f)` writes to the binary file `f` (for writers such as
     numpy.savez that want a file rather than bytes). The folder must exist."""

@@ -70,8 +70,10 @@ class Demo:
                 family |= more
                 grew = bool(more)
             for pid in family - {self.process.pid}:
-                if table[pid][2]:     # an exiting process has no command line left
-                    self.seen.setdefault((pid, table[pid][1]), table[pid][2])
+                # The latest command line: a child caught between fork and exec still shows its parent's
+                # (CI saw it under load); an exiting process has none left.
+                if table[pid][2]:
+                    self.seen[(pid, table[pid][1])] = table[pid][2]
             time.sleep(0.2)
 
     def wait_for(self, text: str, timeout: float = 180) -> None:

@@ -174,7 +174,8 @@ def test_pgkd_classify_and_perf_analyzer_work_on_the_cascade_unchanged(cascade):
         done = subprocess.run(
             [binary, "-m", "cascade", "-u", url, "-i", protocol, "--string-data", "my card was stolen",
              "--concurrency-range", "4", "--measurement-mode", "count_windows", "--measurement-request-count", "30",
-             "--stability-percentage", "100", "--max-trials", "3"],
+             # that it measures is the point, not how steadily: a loaded 2-core machine varies 2x between windows
+             "--stability-percentage", "1000", "--max-trials", "10"],
             capture_output=True, text=True, timeout=180, env=perf_analyzer_environment(cascade["folder"] / "libs"))
         output = done.stdout + done.stderr
         assert done.returncode == 0, output
