@@ -39,6 +39,7 @@ class LabelPublisher:
         self.published = self.dropped = 0
         self._producer, self._stop, self._thread = producer, threading.Event(), None
         self._pending: list[bytes] = []
+        self._left_lock, self._left_counted = threading.Lock(), False
 
     def __call__(self, labels) -> None:
         for label in labels:
@@ -60,6 +61,7 @@ class LabelPublisher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.flush_timeout + 5)
+        self._drop_left()     # the thread still waiting on the broker: the process ends without it
 
     def _make_producer(self):
         from kafka import KafkaProducer
@@ -89,6 +91,19 @@ class LabelPublisher:
                 self._close_producer()
                 self._stop.wait(RETRY_SECONDS * (1 + random.random()))
         self._close_producer()
+        self._drop_left()
+
+    def _drop_left(self) -> None:
+        """Stopping: what the broker did not take within flush_timeout is said and counted, once."""
+        with self._left_lock:
+            left = 0 if self._left_counted else len(self._pending) + self.queue.qsize()
+            self._left_counted = True
+        if left:
+            self.dropped += left
+            if self.metrics is not None:
+                self.metrics.labels.labels("dropped").inc(left)
+            log.warning("cascade: stopping: %d teacher label(s) could not be published to %s and are dropped",
+                        left, self.topic)
 
     def _send(self) -> None:
         if self._producer is None:
@@ -152,7 +167,7 @@ def serve_cascade(args) -> int:
     registry = CollectorRegistry()     # the cascade's own: served on --cascade-metrics-port
     metrics = CascadeMetrics(registry, price_prompt_per_1k=args.price_prompt_per_1k,
                              price_completion_per_1k=args.price_completion_per_1k)
-    source = PolicySource(policy, calibration, args.policy_file, on_change=metrics.policy_changed)
+    source = PolicySource(policy, calibration, args.policy_file, on_change=metrics.policy_changed).watch()
     if given and args.policy_file and Path(args.policy_file).exists():
         print(f"pgkd: note: the policy file {args.policy_file} sets the threshold, not "
               f"{', '.join('--' + k.replace('_', '-') for k in given)}", flush=True)
@@ -181,6 +196,7 @@ def serve_cascade(args) -> int:
                        f"metrics on :{args.cascade_metrics_port}/metrics"
                        + (f"; teacher labels to {publisher.topic}" if publisher else ""))
     finally:
+        source.close()
         cascade.close()
         server.shutdown()
         if publisher is not None:
@@ -208,17 +224,19 @@ def student_ready(args, check):
         check(calibrations.current)
         try:
             with StudentClient(args.student, args.student_model, timeout=args.student_timeout) as probe:
-                answer = probe.infer(["a text to see the served student's labels"])
+                served = probe.served_labels()
         except (UserError, EnvironmentFailure) as e:
             if not args.wait_for_student:
                 raise
             said = _waiting(e, said)
             continue
         labels = calibrations.current.labels
-        if answer["probabilities"].shape[1] != len(labels) or answer["label"][0] not in labels:
-            raise UserError(Option("calibration", args.calibration), f": the calibration of another student (its "
-                            f"{len(labels)} labels are not the {answer['probabilities'].shape[1]} of the student served "
-                            f"at {args.student}, model {args.student_model})")
+        if served != labels:
+            differ = (f"{len(labels)} labels, not the served {len(served)}" if len(served) != len(labels) else
+                      next(f"label {i + 1} is {a!r}, the served student's {b!r}"
+                           for i, (a, b) in enumerate(zip(labels, served)) if a != b))
+            raise UserError(Option("calibration", args.calibration), f": the calibration of another student ({differ}; "
+                            f"the student served at {args.student}, model {args.student_model})")
         return calibrations
 
 

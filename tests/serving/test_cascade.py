@@ -14,7 +14,7 @@ from chat_server import ChatServer
 from pgkd.calibration import Calibration, calibrate
 from pgkd.cli import main
 from pgkd.errors import UserError
-from pgkd.serving.cascade import Cascade, CascadeMetrics, Policy, PolicySource, TeacherLabel
+from pgkd.serving.cascade import Cascade, CascadeMetrics, Policy, PolicySource, TeacherLabel, read_policy_file
 from prometheus_client import CollectorRegistry
 
 from pgkd_services.cascade import LabelPublisher, teacher_factory
@@ -67,7 +67,8 @@ def test_the_student_keeps_what_it_is_sure_of_and_the_teacher_labels_the_rest_in
     (("sleep", 30, "{}"), "teacher_timeout"),                       # hangs
     (("status", 401), "teacher_unavailable"),                       # refuses (a key)
     (("status", 503), "teacher_unavailable"),                       # down
-    (("ok", "I think these are about banking."), "out_of_taxonomy"),  # garbage
+    (("ok", "I think these are about banking."), "teacher_error"),    # garbage: no list of labels
+    (("ok", json.dumps({"labels": ["bank", "banking"]})), "out_of_taxonomy"),   # labels, none of the taxonomy
     (("ok", json.dumps({"labels": ["close_account", "refund"]})), None),   # one label unknown
 ])
 def test_a_teacher_that_fails_in_any_way_leaves_the_students_answer_flagged_within_the_timeout(chat, behaviour,
@@ -99,9 +100,7 @@ def test_after_two_failures_the_teacher_is_not_asked_and_the_fallback_is_at_once
     assert len(chat.requests) == asked and answers[1].fallback == "teacher_unavailable"
 
 
-def test_the_policy_file_moves_the_threshold_and_a_bad_one_keeps_the_last(tmp_path, monkeypatch):
-    import pgkd.serving.cascade as module
-    monkeypatch.setattr(module, "POLICY_CHECK_SECONDS", 0.0)
+def test_the_policy_file_moves_the_threshold_and_a_bad_one_keeps_the_last(tmp_path):
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(3) * 0.5, size=300)
     calibration = calibrate(probs, probs.argmax(axis=1), "held", labels=LABELS)
@@ -112,13 +111,47 @@ def test_the_policy_file_moves_the_threshold_and_a_bad_one_keeps_the_last(tmp_pa
     assert source.current() == 0.7                       # the file wins over the starting policy
     file.write_text(json.dumps({"max_teacher_share": 0.25}))
     os.utime(file, ns=(time.time_ns(), time.time_ns() + 10**9))
+    source.check()
     share = source.current()
     assert share == calibration.threshold_for(max_teacher_share=0.25).threshold and seen[-1] == share
     for bad in ('{"threshold": 1.5}', "not json", '{"threshold": 0.5, "max_teacher_share": 0.1}'):
         file.write_text(bad)
         os.utime(file, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+        source.check()
         assert source.current() == share
     assert source.errors == 3
+
+
+def test_a_policy_file_that_would_block_or_is_huge_is_refused_and_requests_never_wait_on_it(tmp_path, monkeypatch):
+    """A FIFO put where the policy file was hung every request (the file was read in the request path)."""
+    import pgkd.serving.cascade as module
+    monkeypatch.setattr(module, "POLICY_CHECK_SECONDS", 0.05)
+    file = tmp_path / "policy.json"
+    file.write_text(json.dumps({"threshold": 0.7}))
+    source = PolicySource(Policy(threshold=0.2), file=file).watch()
+    try:
+        file.unlink()
+        os.mkfifo(file)                                  # nobody ever writes to it
+        time.sleep(0.3)
+        began = time.monotonic()
+        assert source.current() == 0.7 and time.monotonic() - began < 0.1
+        assert source.errors >= 1                         # refused (not waited on) by the watching thread
+        file.unlink()
+        file.write_text(json.dumps({"threshold": 0.6}))
+        deadline = time.monotonic() + 5
+        while source.current() != 0.6:                   # picked up with no request at all
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        source.close()
+    for content, said in ((None, "must be a regular file"), (b" " * 70_000 + b"{}", "is over 65,536 bytes")):
+        other = tmp_path / f"other-{len(said)}.json"
+        if content is None:
+            os.mkfifo(other)
+        else:
+            other.write_bytes(content)
+        with pytest.raises(UserError, match=said):
+            read_policy_file(other)
 
 
 def test_a_target_needs_the_held_scores_and_one_they_cannot_meet_names_what_they_can():
@@ -150,6 +183,8 @@ def test_with_the_broker_down_labels_wait_in_a_bounded_buffer_then_are_dropped_a
         assert metrics.labels.labels("dropped")._value.get() == publisher.dropped
     finally:
         publisher.stop()
+    assert publisher.published == 0 and publisher.dropped == 500      # what the stop could not send: counted
+    assert metrics.labels.labels("dropped")._value.get() == 500
 
 
 @pytest.mark.parametrize("flags, said", [
@@ -257,3 +292,37 @@ def test_a_version_that_is_not_a_number_never_becomes_a_path(tmp_path):
     calibrations = ServedCalibration(tmp_path / "student")
     assert calibrations.for_version("..") is None and calibrations.for_version("../..") is None
     assert calibrations.current.labels == LABELS
+
+
+def test_a_student_gone_mid_traffic_is_the_servers_failure_not_the_texts(tmp_path, monkeypatch):
+    """Every row says the student could not answer, and `pgkd classify` / the Python API take that as an
+    environment failure (exit 1), not as a refused text (exit 2)."""
+    from pgkd.errors import EnvironmentFailure
+    from pgkd.serving.cascade import ServedCalibration
+    from pgkd.serving.cascade_server import CascadeModel
+    from pgkd.serving.client import STUDENT_UNAVAILABLE, StudentClient
+
+    class Gone:
+        def infer(self, texts):
+            raise EnvironmentFailure("http://127.0.0.1:1: [Errno 111] Connection refused")
+    (tmp_path / "pgkd-calibration.json").write_text(Calibration(labels=LABELS, source="held", samples=0).model_dump_json())
+    model = CascadeModel(Cascade(LABELS, lambda: None, PolicySource(Policy(threshold=0.5))), Gone,
+                         ServedCalibration(tmp_path / "pgkd-calibration.json"))
+    (response,) = model([{"text": np.array([[b"a text"], [b"another"]], dtype=np.object_)}])
+    errors = [e.decode() for e in response["error"].reshape(-1)]
+    assert all(e.startswith(STUDENT_UNAVAILABLE) and "Connection refused" in e for e in errors), errors
+
+    class Result:     # what tritonclient hands back for that response
+        def as_numpy(self, name):
+            return response.get(name)
+
+        def get_response(self):
+            return {"model_version": "1"}
+    client = StudentClient("http://127.0.0.1:1", "cascade")
+    monkeypatch.setattr(client, "_call", lambda *a, **k: Result())
+    with pytest.raises(EnvironmentFailure, match=STUDENT_UNAVAILABLE):
+        client.infer(["a text", "another"])
+    response["error"] = np.array([[b""], [b"text 2: empty"]], dtype=np.object_)
+    with pytest.raises(UserError, match="the server refused the request: text 2: empty"):
+        client.infer(["a text", ""])
+

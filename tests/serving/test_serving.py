@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import make_toy_dataset
 from pgkd.data import load_dataset
+from pgkd.net import free_ports
 from pgkd.serving.client import StudentClient, classify
 from pgkd.serving.deploy import DeployFailed, activate
 from pgkd.serving.repository import MAX_QUEUE_DELAY_US, check_repository, reject_version, versions, write_version
@@ -265,3 +266,28 @@ def test_the_config_is_a_valid_triton_model_config_with_batching_labels_and_one_
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_AUTO]
     assert config.version_policy.latest.num_versions == 1
     assert (repository / "student" / "labels.txt").read_text().splitlines() == load_student(folder / "best").labels
+
+
+def test_the_served_labels_are_read_from_the_server_and_a_calibration_of_other_labels_is_refused(
+        served, tmp_path, capsys):
+    """The label map comes back through Triton's classification extension, in the probabilities' order,
+    over HTTP and gRPC; `pgkd cascade serve` compares the calibration's labels with it, name by name (a
+    reviewer's calibration of 64 labels, 10 named differently, was taken)."""
+    from pgkd.calibration import Calibration
+    from pgkd.cli import main
+    from pgkd.serving.client import StudentClient
+    folder, _, server = served
+    labels = list(load_student(folder / "best").labels)
+    for url in (f"http://{server.http_url}", f"grpc://{server.grpc_url}"):
+        with StudentClient(url) as client:
+            assert client.served_labels() == labels and len(labels) >= 3
+    other = [*labels[:1], labels[1] + "_renamed", *labels[2:]]
+    (tmp_path / "pgkd-calibration.json").write_text(Calibration(labels=other, source="held", samples=0).model_dump_json())
+    ports = [str(p) for p in free_ports(4)]
+    code = main(["cascade", "serve", "--student", f"http://{server.http_url}", "--teacher",
+                 "openai://127.0.0.1:1/v1?model=m", "--calibration", str(tmp_path), "--threshold", "0.5",
+                 "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+                 "--cascade-metrics-port", ports[3]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "the calibration of another student" in err[0], err
+    assert f"label 2 is {other[1]!r}, the served student's {labels[1]!r}" in err[0], err

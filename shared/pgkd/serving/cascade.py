@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -40,7 +42,8 @@ log = logging.getLogger("pgkd.cascade")
 STUDENT, TEACHER, ERROR = "student", "teacher", "error"     # who answered a text (`answered_by`)
 # Why the student's answer stands for a deferred text (`fallback`); "" when nothing failed.
 FALLBACKS = ("teacher_timeout", "teacher_unavailable", "teacher_error", "out_of_taxonomy")
-POLICY_CHECK_SECONDS = 1.0    # a policy file is looked at (its mtime) at most this often
+POLICY_CHECK_SECONDS = 1.0    # how often a policy file is looked at (its mtime)
+POLICY_MAX_BYTES = 65_536     # a policy file is a few bytes of JSON
 WARN_SECONDS = 10.0           # a failing teacher is logged at most this often
 
 
@@ -136,9 +139,18 @@ class ServedCalibration:
 
 
 def read_policy_file(path: str | Path) -> Policy:
+    """The policy in a regular file of at most POLICY_MAX_BYTES: opened without blocking, so a FIFO or a
+    device named there is refused instead of waited on."""
     path = Path(path)
     try:
-        data = json.loads(path.read_bytes())
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UserError(f"{path}: the cascade's policy must be a regular file")
+            raw = f.read(POLICY_MAX_BYTES + 1)
+        if len(raw) > POLICY_MAX_BYTES:
+            raise UserError(f"{path}: the cascade's policy is over {POLICY_MAX_BYTES:,} bytes")
+        data = json.loads(raw)
     except OSError as e:
         raise UserError(f"{path}: cannot read the cascade's policy ({e.strerror or e})") from None
     except ValueError as e:
@@ -152,12 +164,13 @@ def read_policy_file(path: str | Path) -> Policy:
 class PolicySource:
     """The threshold in force: the starting policy's, then the policy file's whenever the file changes.
     A file that becomes unreadable or names an unmeetable target keeps the last good threshold (logged,
-    counted in `errors`)."""
+    counted in `errors`). `watch()` looks at the file every POLICY_CHECK_SECONDS in a thread of its own:
+    a request reads the threshold and never waits on the file."""
 
     def __init__(self, policy: Policy, calibration: Calibration | None = None, file: str | Path | None = None,
                  on_change: Callable[[float, float], None] | None = None):
         self.calibration, self.file, self.on_change = calibration, Path(file) if file else None, on_change
-        self._lock, self._checked, self._mtime, self.errors = threading.Lock(), 0.0, None, 0
+        self._lock, self._mtime, self.errors, self._stop = threading.Lock(), None, 0, threading.Event()
         if self.file is not None and self.file.exists():
             policy = read_policy_file(self.file)
             self._mtime = self.file.stat().st_mtime_ns
@@ -182,23 +195,42 @@ class PolicySource:
                 log.warning("cascade: a new student: %s; the threshold stays %.4f", e, self.threshold)
 
     def current(self) -> float:
-        if self.file is not None and time.monotonic() - self._checked >= POLICY_CHECK_SECONDS:
-            with self._lock:
-                self._checked = time.monotonic()
-                try:
-                    mtime = self.file.stat().st_mtime_ns
-                except OSError:
-                    mtime = self._mtime     # a file being replaced: the threshold stays
-                if mtime != self._mtime:
-                    self._mtime = mtime
-                    try:
-                        self._set(read_policy_file(self.file))
-                        log.info("cascade: policy from %s: threshold %.4f (%s)", self.file, self.threshold,
-                                 self.described)
-                    except UserError as e:
-                        self.errors += 1
-                        log.warning("cascade: %s; the threshold stays %.4f", e, self.threshold)
         return self.threshold
+
+    def check(self) -> None:
+        """The policy file again if it changed (its mtime)."""
+        if self.file is None:
+            return
+        with self._lock:
+            try:
+                mtime = self.file.stat().st_mtime_ns
+            except OSError:
+                mtime = self._mtime     # a file being replaced: the threshold stays
+            if mtime != self._mtime:
+                self._mtime = mtime
+                try:
+                    self._set(read_policy_file(self.file))
+                    log.info("cascade: policy from %s: threshold %.4f (%s)", self.file, self.threshold,
+                             self.described)
+                except UserError as e:
+                    self.errors += 1
+                    log.warning("cascade: %s; the threshold stays %.4f", e, self.threshold)
+
+    def watch(self) -> PolicySource:
+        """Check the policy file every POLICY_CHECK_SECONDS until `close()`, in a daemon thread."""
+        def loop():
+            while not self._stop.wait(POLICY_CHECK_SECONDS):
+                self.check()
+        if self.file is not None:
+            threading.Thread(target=loop, name="pgkd-policy-file", daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class UnparseableAnswer(Exception):
+    """The teacher answered, with no list of labels in its answer (fallback teacher_error)."""
 
 
 @dataclass
@@ -264,6 +296,8 @@ class Cascade:
                                                                examples=self.examples))
         if self.metrics is not None:
             self.metrics.teacher_call(time.perf_counter() - began, usage)
+        if usage.errors.get("unparseable_answer"):    # garbage, not a label outside the taxonomy
+            raise UnparseableAnswer("its answer held no list of labels")
         return labels, getattr(teacher, "name", "teacher")
 
     def answer(self, texts: list[str], labels: list[str], confidence: list[float]) -> list[Answer]:

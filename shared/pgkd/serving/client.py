@@ -46,6 +46,10 @@ class Endpoint:
         return cls(scheme, f"{url_host(host)}:{port}")
 
 
+# How a cascade's row begins when the student behind it did not answer: the server's fault, not the text's
+STUDENT_UNAVAILABLE = "the student could not answer"
+
+
 class StudentClient:
     """One connection to a served student; `classify` batches texts into requests of `batch_size`."""
 
@@ -88,7 +92,10 @@ class StudentClient:
                                f"student model (pgkd export) named {self.model!r}")
         errors = [_text(x) for x in _column(result, "error")]
         if any(errors):     # a cascade answers a bad text in its own row: the same refusal as a student's
-            raise UserError(f"the server refused the request: {next(e for e in errors if e)}")
+            error = next(e for e in errors if e)
+            if error.startswith(STUDENT_UNAVAILABLE):
+                raise ServingError(f"{self._where()}: {error}")
+            raise UserError(f"the server refused the request: {error}")
         response = result.get_response()
         version = response.get("model_version", "") if isinstance(response, dict) else response.model_version
         answer = {"label": [_text(x) for x in labels.reshape(-1)],
@@ -96,6 +103,25 @@ class StudentClient:
                   "version": str(version)}
         answered_by = _column(result, "answered_by")
         return answer | ({"answered_by": [_text(x) for x in answered_by]} if len(answered_by) else {})
+
+    def served_labels(self) -> list[str]:
+        """The served model's labels, in the order of its probabilities: its label map (labels.txt), read
+        through Triton's classification extension (the top `n` classes of one request, as value:index:label)."""
+        data = np.array([[b"a text to read the served labels"]], dtype=np.object_)
+        inputs = [self._module.InferInput("text", list(data.shape), "BYTES")]
+        inputs[0].set_data_from_numpy(data)
+        n = self.infer(["a text to read the served labels"])["probabilities"].shape[1]
+        outputs = [self._module.InferRequestedOutput("probabilities", class_count=n)]
+        result = self._call(self._client.infer, self.model, inputs, outputs=outputs)
+        labels: list[str | None] = [None] * n
+        for entry in result.as_numpy("probabilities").reshape(-1):
+            _, index, *label = _text(entry).split(":", 2)
+            if label and index.isdigit() and int(index) < n:
+                labels[int(index)] = label[0]
+        if any(label is None for label in labels):
+            raise ServingError(f"{self._where()}: model {self.model!r} has no label map (labels.txt) for its "
+                               f"{n} probabilities")
+        return labels
 
     def max_batch_size(self) -> int | None:
         """The served model's max_batch_size (its config.pbtxt; Triton refuses a request of more texts),
