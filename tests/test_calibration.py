@@ -126,3 +126,22 @@ def test_an_unmet_target_is_recorded_not_raised_and_too_few_scores_fit_no_temper
     assert c.deferral is None and "target accuracy 0.5 cannot be met" in c.deferral_problem
     few = calibrate(probs[:10], targets[:10], "held")
     assert few.temperature == 1.0 and "too few (10 < 30)" in few.source
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"temperature": "hot", "source": "held", "samples": 3}', "(temperature: Input should be a valid number"),
+    ('{"temperature": 1e9, "source": "held", "samples": 3}', "(temperature: Input should be less than or equal"),
+    ('{"source": "held"}', "(samples: Field required"),
+    ('{"source": "held", "samples": 3, "deferral": {"threshold": 2}}', "deferral.threshold: Input should be less"),
+    ('{"tempera', "(the file: Invalid JSON"),
+])
+def test_a_damaged_saved_calibration_is_one_line_naming_the_field_and_the_problem(tmp_path, content, says):
+    """What `pgkd predict` and `pgkd export` say of a student folder whose pgkd-calibration.json is damaged."""
+    from pgkd.calibration import FILE
+    from pgkd.students.contract import read_calibration
+    (tmp_path / FILE).write_text(content)
+    with pytest.raises(UserError) as error:
+        read_calibration(tmp_path, ["a", "b"])
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / FILE}: not a readable calibration (") and says in message, message
+    assert "\n" not in message and "validation error" not in message, message

@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--latency", type=float, default=0.0, help="seconds each answer takes, like an LLM's")
     serve.add_argument("--llm-accuracy", type=float, default=0.95, help=(
         "classification prompts (the cascade's) are answered by a simulated LLM of this accuracy: the gold "
-        "label with this probability, else a confusable class"))
+        "label with this probability, else a confusable class; a text not in --data gets a random class"))
     serve.add_argument("--text-column", default="text")
     serve.add_argument("--label-column", default="label")
     serve.set_defaults(func=cmd_teacher_serve)

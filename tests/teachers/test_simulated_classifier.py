@@ -26,6 +26,12 @@ def test_it_is_right_about_as_often_as_its_accuracy_and_wrong_only_to_a_confusab
     assert labels == answers[:2] and usage.calls == 1
 
 
+def test_it_knows_a_dataset_text_whatever_its_case_and_spacing_and_no_other():
+    llm = SimulatedLLMClassifier([Sample(text="My card has not arrived", label="card_arrival")], LABELS, accuracy=1)
+    assert llm.label("  my CARD has\tnot arrived ") == "card_arrival" and llm.unknown == 0
+    assert llm.label("I still have not received my card") in LABELS and llm.unknown == 1   # a random class
+
+
 def test_its_accuracy_must_be_a_probability():
     with pytest.raises(ValueError):
         SimulatedLLMClassifier([], LABELS, accuracy=1.5)

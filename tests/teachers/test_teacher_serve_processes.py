@@ -5,6 +5,7 @@ import signal
 import pytest
 from conftest import make_toy_dataset
 from pgkd.net import free_ports
+from pgkd.teachers.classifier import UNKNOWN_TEXTS
 from process_tools import Pgkd, descendants, gone
 
 
@@ -32,6 +33,7 @@ def test_the_teacher_listens_on_loopback_unless_told_otherwise_and_sighup_stops_
     # every interface: HTTP and metrics on 0.0.0.0, gRPC on :: (both IPv4 and IPv6, as gRPC binds 0.0.0.0)
     assert server.listening_on(ports[1::2]) == ({"127.0.0.1"} if host is None else {"0.0.0.0", "::"})
     assert f"--teacher triton://127.0.0.1:{ports[1]}/teacher" in server.log()
+    assert UNKNOWN_TEXTS in server.log()     # a user's own text gets a random class, and it says so at start
     assert server.stop(signal.SIGHUP) == 0, server.log()
     assert gone([triton]), "tritonserver outlived pgkd teacher serve"
     assert server.left_in_tmp() == []     # PyTriton's workspace removed
@@ -64,3 +66,20 @@ def test_a_teacher_on_a_taken_port_is_one_line_and_exit_2(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("pgkd: error: ") and f"--http-port {http}" in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--latency", "-1", "--latency -1.0: expected a number of seconds, 0 or more"),
+    ("--latency", "nan", "--latency nan: expected"),
+    ("--latency", "inf", "--latency inf: expected"),
+    ("--llm-accuracy", "1.5", "--llm-accuracy 1.5: expected a number in [0, 1]"),
+    ("--llm-accuracy", "nan", "--llm-accuracy nan: expected a number in [0, 1]"),
+    ("--label-noise", "-0.1", "--label-noise -0.1: expected a number in [0, 1]"),
+    ("--label-noise", "nan", "--label-noise nan: expected a number in [0, 1]"),
+])
+def test_a_bad_number_is_one_line_and_exit_2_before_anything_loads(option, value, says, capsys):
+    """Refused before the data is read (there is none at `d`) and before any port is taken."""
+    from pgkd.cli import main
+    code = main(["teacher", "serve", "--data", "d", option, value])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("pgkd: error: ") and says in err, err

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from pydantic import ValidationError
 
 from pgkd.calibration import FILE as CALIBRATION_FILE, Calibration, scaled
-from pgkd.errors import UserError
+from pgkd.errors import UserError, dotted, invalid
 from pgkd.types import Sample, TrainConfig, TrainResult
 
 SPEC = "minilm-frozen"                 # the frozen-encoder student's name
@@ -83,9 +84,8 @@ def read_calibration(folder: str | Path, labels: list[str]) -> Calibration | Non
         return None
     try:
         calibration = Calibration.model_validate_json(path.read_bytes())
-    except ValueError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{path}: not a readable calibration ({first[:160]})") from None
+    except ValidationError as e:     # which field, and what is wrong with it (the first two problems)
+        raise UserError(f"{path}: not a readable calibration ({invalid(e, dotted('the file'), limit=2)})") from None
     if calibration.labels != list(labels):
         raise UserError(f"{path}: the calibration of another student (its labels are not this student's "
                         f"{len(labels)})")

@@ -20,6 +20,9 @@ from pgkd.data import normalize_text
 from pgkd.types import ClassificationRequest, Sample, TeacherUsage
 
 CONFUSABLE = 3
+# What it knows, as `pgkd teacher serve` says when it starts: a user's own text gets an arbitrary label.
+UNKNOWN_TEXTS = ("it knows the gold labels of the dataset's texts only (case and spacing aside) and answers "
+                 "any other text with a random class")
 
 
 def confusable_classes(labels: list[str], embed, k: int = CONFUSABLE) -> dict[str, list[str]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sysconfig
 import threading
@@ -28,7 +29,7 @@ from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
 from pgkd.processes import Stopped, adopted_children, stop_signals
 from pgkd.encoder import EmbeddingCache, loading_bars
 from pgkd.teachers.llm import TokenCounter
-from pgkd.teachers.classifier import SimulatedLLMClassifier, confusable_classes
+from pgkd.teachers.classifier import UNKNOWN_TEXTS, SimulatedLLMClassifier, confusable_classes
 from pgkd.teachers.prompt import CLASSIFY_INSTRUCTIONS, PromptError, read_classification, read_prompt
 from pgkd.teachers.simulated import make_simulated_teacher
 
@@ -92,17 +93,20 @@ def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_po
     """Serve on `host` until SIGTERM, SIGHUP or Ctrl-C. The pool is the train split minus the labeled
     samples a run with the same --data, --labeled and --seed trains on, so the simulation never hands the
     student its own samples (the client's screening would reject them anyway)."""
+    if not (math.isfinite(latency) and latency >= 0):    # NaN and inf too (time.sleep fails on them)
+        raise UserError(Option("latency", latency), ": expected a number of seconds, 0 or more")
+    for name, value in (("label_noise", label_noise), ("llm_accuracy", llm_accuracy)):
+        if not 0 <= value <= 1:
+            raise UserError(Option(name, value), ": expected a number in [0, 1]")
     dataset = load_dataset(data, text_column, label_column, seed=seed)
     splits = make_splits(dataset, labeled, seed, validation_fraction)
-    if not 0 <= llm_accuracy <= 1:
-        raise UserError(Option("llm_accuracy", llm_accuracy), ": expected a number in [0, 1]")
     # A port taken (or given twice) is said in one line, before anything loads, not found out by PyTriton,
     # which waits a minute for a tritonserver that exited at once. One taken between this check and Triton's
     # bind still is.
     require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     embed = EmbeddingCache()
     teacher = make_simulated_teacher(kind, splits.pool, seed=seed, label_noise=label_noise, embed=embed)
-    # The cascade's classification prompts: a simulated LLM that knows every gold label of the dataset.
+    # The cascade's classification prompts: a simulated LLM that knows every gold label of the dataset (only).
     classifier = SimulatedLLMClassifier(dataset.train + dataset.validation + dataset.test, splits.labels, llm_accuracy,
                                         seed=seed,
                                         confusable=_quietly(confusable_classes, splits.labels, embed))
@@ -130,5 +134,7 @@ def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_po
                     config=ModelConfig(max_batch_size=8, batching=True), strict=False)
         print(f"pgkd: serving the simulated teacher {teacher.name} ({len(splits.pool)} pool texts; a simulation, "
               f"not an LLM) as Triton model '{MODEL_NAME}' on {host}: http :{http_port}, grpc :{grpc_port}; "
-              f"--teacher triton://{url_host(host)}:{http_port}/{MODEL_NAME}", flush=True)
+              f"--teacher triton://{url_host(host)}:{http_port}/{MODEL_NAME}\n"    # one write: both lines, or none
+              f"pgkd: classification prompts (the cascade's) are answered by a simulated LLM of accuracy "
+              f"{llm_accuracy:g}, not an LLM: {UNKNOWN_TEXTS}", flush=True)
         triton.serve()
