@@ -120,6 +120,31 @@ def test_duplicates_and_poison_go_where_they_go_for_human_labels(base):
         ("rejected", None, "invalid_fields")]
 
 
+def test_a_persons_label_corrects_the_teachers_once_and_replaces_it_in_the_runs_cut_after(base):
+    """A human label after a teacher label of the same text was a duplicate: a person could not correct
+    the LLM. Now it is stored once, and the cut trains (or validates) on it, never on the teacher's."""
+    store, data = base
+    stream = opened(store, stream="corrections", validation_percent=0)
+    rows = new_samples(data, 3, seed=21)
+    wrong = [teacher({**r, "label": next(label for label in LABELS if label != r["label"])}) for r in rows]
+    stream.take_batch([body(w) for w in wrong])
+    step = stream.take_batch([body({**rows[0], "text": rows[0]["text"].upper()}), body(rows[1])])
+    assert [(t.outcome, t.source) for t in step.taken] == [("accepted", "human"), ("accepted", "human")]
+    again = stream.take_batch([body(rows[0]), body(teacher(rows[1])), body({**rows[1], "label": wrong[1]["label"]})])
+    assert [t.outcome for t in again.taken] == ["duplicate"] * 3          # corrected once; then as before
+    def labels_in(samples):
+        return {normalize_text(s.text): s.label for s in samples if normalize_text(s.text) in wanted}
+    wanted = {normalize_text(r["text"]) for r in rows}
+    splits, share = stream.cut()
+    assert labels_in(splits.train) == {normalize_text(rows[0]["text"]): rows[0]["label"],
+                                       normalize_text(rows[1]["text"]): rows[1]["label"],
+                                       normalize_text(rows[2]["text"]): wrong[2]["label"]}
+    assert share.kept == 1                                                # the uncorrected teacher label alone
+    reopened = opened(store, stream="corrections", validation_percent=0)  # what is corrected survives a restart
+    assert reopened.log.corrected == stream.log.corrected and len(stream.log.corrected) == 2
+    assert [t.outcome for t in reopened.take_batch([body(rows[1]), body(rows[2])]).taken] == ["duplicate", "accepted"]
+
+
 def test_teacher_labels_never_enter_a_drift_window(base):
     """Remapped (wrong) teacher labels would drift at once if they counted; only human labels make windows."""
     store, data = base

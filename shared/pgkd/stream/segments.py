@@ -89,6 +89,8 @@ class SegmentLog:
         self.store, self.prefix, self.segment_samples = store, prefix, segment_samples
         self.manifest = Manifest()
         self.keys: set[bytes] = set()
+        self.teacher_keys: set[bytes] = set()   # texts stored with a teacher label
+        self.corrected: set[bytes] = set()      # texts stored twice: a teacher label, then a person's
         self._tail = _Tail()
 
     # -- what is stored ----------------------------------------------------------------------------------------
@@ -124,11 +126,25 @@ class SegmentLog:
                                  f"{len(damaged)} damaged segment(s) in all. Restore the file from a backup, or run "
                                  f"`pgkd stream repair {self.prefix.split('/')[-2]}` to keep their complete samples "
                                  "and record the loss")
-        self.keys = set()
+        self.keys, self.teacher_keys, self.corrected = set(), set(), set()
         for segment in self.manifest.segments:
-            self.keys.update(self._segment_keys(segment))
+            self._index(self._segment_keys(segment))
         if self.manifest.segments:
             self._load_tail()
+        for segment in self.manifest.segments:    # only the segments that hold teacher labels are read
+            if segment.teacher:
+                self.teacher_keys.update(index_key(s.text) for s in self._read_segment(segment) if s.is_teacher)
+
+    def _index(self, keys) -> None:
+        for key in keys:
+            if key in self.keys:      # the one way a text is stored twice
+                self.corrected.add(key)
+            self.keys.add(key)
+
+    def correctable(self, key: bytes) -> bool:
+        """Whether a person's label for this text would correct the teacher's: the text is stored with a
+        teacher label and has not been corrected yet."""
+        return key in self.teacher_keys and key not in self.corrected
 
     def load_manifest(self) -> Manifest:
         key = f"{self.prefix}/manifest.json"
@@ -213,7 +229,8 @@ class SegmentLog:
         manifest = self.manifest.model_copy(update={"segments": segments, "next_seq": samples[-1].seq + 1})
         self.store.put_json(f"{self.prefix}/manifest.json", manifest.model_dump(mode="json"))   # the commit
         self.manifest, self._tail = manifest, (tail if len(tail.samples) < self.segment_samples else _Tail())
-        self.keys.update(index_key(s.text) for s in samples)
+        self._index(index_key(s.text) for s in samples)
+        self.teacher_keys.update(index_key(s.text) for s in samples if s.is_teacher)
 
     # -- reading -----------------------------------------------------------------------------------------------
     def read(self, after_seq: int = 0) -> Iterator[StoredSample]:

@@ -256,7 +256,10 @@ class Stream:
                 continue
             kind = "teacher" if sample.is_teacher else "human"
             key = index_key(sample.text)
-            if key in self.known or key in self.log.keys or key in keys:
+            # A person's label of a text stored with the teacher's corrects it (once); else a known text is a
+            # duplicate. (A text the teacher labeled is no base run's: `known` holds it only as trained on.)
+            correction = kind == "human" and key not in keys and self.log.correctable(key)
+            if not correction and (key in self.known or key in self.log.keys or key in keys):
                 taken.append(Taken("duplicate", source=kind))
                 continue
             keys.add(key)
@@ -402,10 +405,13 @@ class Stream:
         for s in self.log.read():
             streamed["teacher" if s.is_teacher else s.split].append(Sample(text=s.text, label=s.label))
         teacher_texts = {normalize_text(s.text) for s in streamed["teacher"]}
+        # a person's label of a text the teacher labeled first replaces the teacher's (in train or validation)
+        corrected = teacher_texts & {normalize_text(s.text) for s in streamed["train"] + streamed["validation"]}
         trained = read_samples_artifact(self.store, current.train_set) if current else base.train
         # a teacher label an earlier stream run trained on is in `trained`: it is counted (and bounded) as one
         others = _unique([s for s in trained if normalize_text(s.text) not in teacher_texts] + streamed["train"])
-        teacher = bound_teacher_share(others, streamed["teacher"], self.settings.max_teacher_label_share)
+        teacher = bound_teacher_share(others, [s for s in streamed["teacher"] if normalize_text(s.text) not in corrected],
+                                      self.settings.max_teacher_label_share)
         validation = _unique(base.validation + streamed["validation"])
         taken = {normalize_text(s.text) for s in teacher.train + validation}
         return Splits(labels=list(self.state.labels), train=teacher.train, validation=validation,
