@@ -120,7 +120,7 @@ def cmd_distill(args) -> int:
     print(f"stopped: {report.stop_reason}")
     calibration = report.calibration or {}
     print(f"wrote {args.out}/report.json, {args.out}/best/, {args.out}/history.png"
-          + (", reliability.png" if calibration.get("samples") else ""))
+          + (f", {args.out}/reliability.png" if calibration.get("samples") else ""))
     if calibration.get("deferral"):
         d = calibration["deferral"]
         print(f"cascade: threshold {d['threshold']:.4f} ({d['target']}): on {d['samples']} held texts the student "
