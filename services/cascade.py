@@ -7,6 +7,7 @@ broker (kafka-python's producer, as `pgkd send`); while the broker is down they 
 when the buffer is full a label is dropped and counted (pgkd_cascade_labels{outcome="dropped"})."""
 from __future__ import annotations
 
+import argparse
 import logging
 import queue
 import random
@@ -126,6 +127,16 @@ class LabelPublisher:
             except Exception:  # noqa: BLE001 -- closing a producer of a broker that is gone
                 pass
             self._producer = None
+
+
+class _WithDefaults(argparse.HelpFormatter):
+    """--help shows each option's default (one that has a value)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def serve_cascade(args) -> int:
@@ -282,7 +293,8 @@ def teacher_factory(url: str, timeout: float, price_prompt: float, price_complet
 def register(sub, distill_arguments=None) -> None:
     cascade = sub.add_parser("cascade", help="the student answers what it is sure of, the LLM the rest")
     cascade_sub = cascade.add_subparsers(dest="cascade_command", required=True)
-    s = cascade_sub.add_parser("serve", help="serve the cascade as a Triton model (KServe v2 over HTTP and gRPC)")
+    s = cascade_sub.add_parser("serve", help="serve the cascade as a Triton model (KServe v2 over HTTP and gRPC)",
+                               formatter_class=_WithDefaults)
     s.add_argument("--student", required=True, help="the served student: http://HOST:PORT or grpc://HOST:PORT")
     s.add_argument("--student-model", default="student", help="its model name (pgkd export --model-name)")
     s.add_argument("--student-timeout", type=float, default=10.0, help="seconds a call to the student may take")
@@ -306,7 +318,7 @@ def register(sub, distill_arguments=None) -> None:
     s.add_argument("--taxonomy", help="a taxonomy file (pgkd distill --taxonomy): descriptions and examples for the "
                    "prompt")
     s.add_argument("--data", help="a dataset folder whose train split gives the prompt's labeled examples")
-    s.add_argument("--examples-per-class", type=int, default=2)
+    s.add_argument("--examples-per-class", type=int, default=2, help="labeled examples per class in the prompt")
     s.add_argument("--seed", type=int, default=1, help="seeds the examples' draw")
     s.add_argument("--teacher-timeout", type=float, default=5.0, help="seconds the teacher has to answer a batch's "
                    "deferred texts; later, the student's answers stand")
@@ -314,15 +326,16 @@ def register(sub, distill_arguments=None) -> None:
     s.add_argument("--max-per-call", type=int, default=16, help="deferred texts in one classification prompt")
     s.add_argument("--instances", type=int, default=8, help="requests served at once (each waits for its own "
                    f"texts' teacher answers only), at most {MAX_INSTANCES}")
-    s.add_argument("--price-prompt-per-1k", type=float, default=0.0)
-    s.add_argument("--price-completion-per-1k", type=float, default=0.0)
+    s.add_argument("--price-prompt-per-1k", type=float, default=0.0, help="the LLM's price of 1,000 prompt tokens "
+                   "(pgkd_cascade_teacher_cost_total)")
+    s.add_argument("--price-completion-per-1k", type=float, default=0.0, help="and of 1,000 completion tokens")
     s.add_argument("--publish-labels", action="store_true", help="send each teacher label to the stream's input "
                    "topic (PGKD_BROKER_URL, PGKD_TOPIC_PREFIX)")
     s.add_argument("--label-buffer", type=int, default=10_000, help="teacher labels kept while the broker is away; "
                    "more are dropped and counted")
     s.add_argument("--host", type=host_option, default=DEFAULT_HOST, help="the address to listen on")
-    s.add_argument("--http-port", type=port_option, default=8020)
-    s.add_argument("--grpc-port", type=port_option, default=8021)
+    s.add_argument("--http-port", type=port_option, default=8020, help="KServe v2 over HTTP")
+    s.add_argument("--grpc-port", type=port_option, default=8021, help="KServe v2 over gRPC")
     s.add_argument("--metrics-port", type=port_option, default=8022, help="Triton's own metrics")
     s.add_argument("--cascade-metrics-port", type=port_option, default=8023, help="the cascade's metrics "
                    "(pgkd_cascade_*, docs/metrics.md)")
