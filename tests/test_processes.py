@@ -2,11 +2,15 @@
 what it started, and dead with its parent even when the parent is SIGKILLed; SIGTERM and SIGHUP unwind
 the main thread as Ctrl-C does."""
 import os
+import random
+import shutil
 import signal
+import string
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from process_tools import as_in_a_terminal
@@ -109,3 +113,41 @@ def test_stop_signals_unwind_the_main_thread_through_finally(sig):
     out, _ = process.communicate(timeout=60)   # a loaded machine may starve it; the child sleeps longer
     said = "interrupted" if sig == signal.SIGINT else f"stopped {int(sig)}"
     assert out.splitlines() == ["finally", said, "default handlers back: True"] and process.returncode == 0
+
+
+def model_folder() -> Path:
+    """A folder as tritonserver makes for a model it loads with files (/tmp/folderXXXXXX), with its model.py."""
+    while True:
+        folder = Path("/tmp") / ("folder" + "".join(random.choices(string.ascii_letters + string.digits, k=6)))
+        try:
+            (folder / "1").mkdir(parents=True)
+        except FileExistsError:
+            continue
+        (folder / "1" / "model.py").write_text("")
+        return folder
+
+
+def test_adopted_children_remove_the_model_folders_their_descendants_named_and_no_other():
+    """tritonserver names its model folders in /tmp to its Python-backend stubs and removes one only when it
+    unloads the model, which a stop on a timeout skips: the folders named by a descendant started within
+    the block are removed at its end, also when that descendant has exited before; one named by a child
+    from before the block, or by nobody, stays."""
+    exited, running, before, unnamed = folders = [model_folder() for _ in range(4)]
+    try:
+        sleep = "import sys, time; time.sleep(float(sys.argv[1]))"
+        process = python(f"""
+            import subprocess, sys
+            from pgkd.processes import adopted_children
+            subprocess.Popen([sys.executable, "-c", {sleep!r}, "300", "{before}/1/model.py"])
+            with adopted_children():
+                subprocess.Popen([sys.executable, "-c", {sleep!r}, "300", "{running}/1/model.py"])
+                # a grandchild that names its folder (its parent does not), gone before the block ends
+                subprocess.run([sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, "
+                                "'-c', {sleep!r}, '3', '{exited}/1/model.py'])"])
+            """)
+        process.communicate(timeout=60)
+        assert process.returncode == 0
+        assert [f.exists() for f in folders] == [False, False, True, True]
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)

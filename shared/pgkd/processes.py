@@ -16,7 +16,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -85,6 +88,8 @@ def _die_with_parent():
 
 
 _PR_SET_CHILD_SUBREAPER = 36
+MODEL_FOLDER_POLL = 1.0      # seconds between two looks at the descendants' command lines
+_MODEL_FOLDER = re.compile(r"/tmp/folder[A-Za-z0-9]{6}(?=/|$)")   # Triton's mkdtemp("/tmp/folderXXXXXX")
 
 
 @contextlib.contextmanager
@@ -92,22 +97,37 @@ def adopted_children(prefix: str = "pgkd-server-") -> Iterator[Path]:
     """For a library that starts processes of its own (PyTriton: tritonserver and its Python-backend
     stubs, which it does not always stop): within the block this process is their subreaper (Linux), so a
     child orphaned by its parent is re-parented here, and their temporary files go to a folder of ours
-    (TMPDIR). On leaving, whatever child is left is killed and reaped, the folder removed, and the shared
-    memory segments PyTriton named after this process unlinked."""
-    import shutil
+    (TMPDIR). On leaving, whatever child is left is killed and reaped, the folder removed, the shared
+    memory segments PyTriton named after this process unlinked, and the model folders tritonserver made
+    in /tmp for itself removed (`_model_folders`: they are noted while the block runs, from the command
+    lines of this process's descendants, since the stubs that name them are gone by the time it ends)."""
     import tempfile
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
     ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    noted: set[Path] = set()
+    done, others = threading.Event(), set(_children())   # children from before: not the block's
+
+    def note() -> None:
+        while not done.wait(MODEL_FOLDER_POLL):
+            with contextlib.suppress(OSError):   # a process that went while /proc was read
+                noted.update(_model_folders(others))
+    watcher = threading.Thread(target=note, name="pgkd-model-folders", daemon=True)
+    watcher.start()
     try:
         yield folder
     finally:
+        done.set()
+        watcher.join()
+        noted.update(_model_folders(others))
         for pid in _children():
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(OSError):
                 os.waitpid(pid, 0)
+        for model_folder in noted:
+            _remove_model_folder(model_folder)
         for segment in Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*"):
             segment.unlink(missing_ok=True)
         tempfile.tempdir = saved_tempdir
@@ -118,17 +138,59 @@ def adopted_children(prefix: str = "pgkd-server-") -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _children() -> list[int]:
-    """This process's child processes (from /proc)."""
-    me, found = os.getpid(), []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (from /proc)."""
+    parents = {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(path.parent.name)] = int(path.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return parents
+
+
+def _children() -> list[int]:
+    """This process's child processes."""
+    me = os.getpid()
+    return [pid for pid, parent in _parents().items() if parent == me]
+
+
+def _descendants(besides: set[int] = frozenset()) -> set[int]:
+    """The processes this one started, and theirs; but for the children `besides` and what they started."""
+    parents = _parents()
+    family, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in family} - family - besides
+        family |= more
+        grew = bool(more)
+    return family - {os.getpid()}
+
+
+def _model_folders(besides: set[int] = frozenset()) -> set[Path]:
+    """The folders /tmp/folderXXXXXX named by an argument of a descendant's command line (but for the
+    children `besides` and what they started). Triton makes one
+    (in /tmp, whatever TMPDIR says) for each model loaded with files of the load request, as PyTriton loads
+    its models, and names it to the model's Python-backend stubs (`triton_python_backend_stub
+    /tmp/folderXXXXXX/1/model.py ...`); it removes it when it unloads the model, which a tritonserver that
+    stops on a timeout does not always do."""
+    found = set()
+    for pid in _descendants(besides):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if int(fields[1]) == me:
-            found.append(int(stat.parent.name))
+        found.update(Path(match.group(0)) for match in map(_MODEL_FOLDER.match, args) if match)
     return found
+
+
+def _remove_model_folder(folder: Path) -> None:
+    """A folder noted by `_model_folders`, when it still is a folder of this user's (not a link)."""
+    try:
+        info = folder.lstat()
+    except OSError:
+        return
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def spawn(argv: Sequence[str], *, log: IO | None = None, env: Mapping[str, str] | None = None,

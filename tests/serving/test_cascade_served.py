@@ -5,12 +5,14 @@ and the ingest service (a process) storing them as teacher labels. A teacher kil
 fails no request: the student's answers stand, flagged, and the fallbacks are counted."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shlex
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -129,7 +131,13 @@ def cascade(tmp_path_factory):
         finally:
             os.environ.pop("PGKD_BROKER_URL", None)
             for process in started:
-                process.kill() if isinstance(process, Pgkd) else process.kill_all()
+                if isinstance(process, Pgkd):
+                    if process.process.poll() is None:   # stopped as a user stops it: a SIGKILL leaves files
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            process.stop(signal.SIGTERM)
+                    process.kill()
+                else:
+                    process.kill_all()
 
 
 def test_the_student_answers_what_it_is_sure_of_and_the_teacher_the_rest_over_http_and_grpc(cascade):
@@ -296,15 +304,114 @@ def test_a_teacher_killed_mid_traffic_fails_no_request_and_the_fallbacks_are_cou
     assert after - before == len(flagged)
 
 
+def model_folders(pids) -> set[Path]:
+    """The folders /tmp/folderXXXXXX that tritonserver made for its models (in /tmp, whatever TMPDIR says),
+    as the command lines of `pids` (its Python-backend stubs) name them."""
+    found = set()
+    for pid in pids:
+        for arg in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0"):
+            match = re.match(r"/tmp/folder[A-Za-z0-9]{6}(?=/|$)", arg)
+            found |= {Path(match.group(0))} if match else set()
+    return found
+
+
 def test_a_stopped_cascade_leaves_no_process_temporary_folder_or_shared_memory(cascade):
     """SIGTERM: its tritonserver and every Python-backend stub gone (PyTriton leaves some stubs behind, so the
-    cascade adopts its children and stops what is left), nothing in its TMPDIR, no /dev/shm segment of its own."""
+    cascade adopts its children and stops what is left), nothing in its TMPDIR, no /dev/shm segment of its own,
+    and no model folder of its tritonserver in /tmp (which tritonserver leaves when it stops before it has
+    unloaded the model's 8 instances)."""
     from process_tools import descendants, gone
     server = cascade["server"]
     pid = server.process.pid
     children = list(descendants(pid))
     assert children, server.log()
+    folders = model_folders(children)
+    assert folders, "no stub names its model folder"
     assert server.stop(signal.SIGTERM) == 0, server.log()
     assert gone(children), "a child of pgkd cascade serve outlived it"
     assert server.left_in_tmp() == []
     assert list(Path("/dev/shm").glob(f"pytrtion{pid}-*")) == []
+    assert [f for f in folders if f.exists()] == []
+
+
+class FlakyTriton:
+    """PyTriton's Triton as `serve` uses it: each attempt's start fails with the next of `failures` (None: it
+    serves), and `serve` raises `serving_failure`."""
+    failures: list = []
+    serving_failure: BaseException | None = None
+    started: list["FlakyTriton"] = []
+
+    def __init__(self, **_):
+        self.stopped = False
+        FlakyTriton.started.append(self)
+
+    def run(self) -> None:
+        pass
+
+    def bind(self, **_) -> None:
+        failure = FlakyTriton.failures.pop(0)
+        if failure is not None:
+            raise failure
+
+    def serve(self) -> None:
+        if FlakyTriton.serving_failure is not None:
+            raise FlakyTriton.serving_failure
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@pytest.fixture
+def flaky_start(monkeypatch):
+    """`serve` on a FlakyTriton, without a pause between attempts or subreaping (this is pytest's process).
+    Each attempt's Triton is stopped."""
+    import contextlib
+    import pytriton.triton
+    from pgkd.serving import cascade_server
+    monkeypatch.setattr(pytriton.triton, "Triton", FlakyTriton)
+    monkeypatch.setattr(cascade_server, "adopted_children", contextlib.nullcontext)
+    monkeypatch.setattr(cascade_server, "START_PAUSE", 0)
+    monkeypatch.setattr(FlakyTriton, "started", [])
+
+    def start(failures: list, serving_failure: BaseException | None = None) -> None:
+        monkeypatch.setattr(FlakyTriton, "failures", list(failures))
+        monkeypatch.setattr(FlakyTriton, "serving_failure", serving_failure)
+        try:
+            cascade_server.serve(None, *free_ports(3), instances=2)
+        finally:
+            assert all(triton.stopped for triton in FlakyTriton.started)
+    return start
+
+
+def test_a_start_that_fails_in_any_way_is_tried_again_with_a_fresh_server(flaky_start, capsys):
+    """PyTriton's start races under load (a missed handshake, a tritonserver that aborts and closes the
+    connection): each failure before the server serves is tried again, and stopped."""
+    from geventhttpclient.response import HTTPConnectionClosed
+    flaky_start([RuntimeError("\nTraceback ...get_config_from_handshake_server..."),
+                 HTTPConnectionClosed("connection closed."), None])
+    out = capsys.readouterr().out
+    assert "attempt 1 of 5 (RuntimeError: Traceback ...get_config_from_handshake_server...); starting again" in out
+    assert "attempt 2 of 5 (HTTPConnectionClosed: connection closed.); starting again" in out
+    assert "pgkd: serving the cascade" in out and len(set(map(id, FlakyTriton.started))) == 3
+
+
+def test_a_start_that_always_fails_is_one_environment_failure(flaky_start):
+    from geventhttpclient.response import HTTPConnectionClosed
+    from pgkd.errors import EnvironmentFailure
+    with pytest.raises(EnvironmentFailure) as failed:
+        flaky_start([HTTPConnectionClosed("connection closed.")] * 5)
+    assert str(failed.value) == ("the cascade's Triton server failed to start, attempt 5 of 5: "
+                                 "HTTPConnectionClosed: connection closed.")
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__
+
+
+@pytest.mark.parametrize("failures, serving_failure, raised", [
+    ([None], RuntimeError("tritonserver died"), "failed while serving: RuntimeError: tritonserver died"),
+    ([KeyboardInterrupt()], None, KeyboardInterrupt),
+])
+def test_a_failure_once_serving_or_a_ctrl_c_is_not_tried_again(flaky_start, failures, serving_failure, raised):
+    from pgkd.errors import EnvironmentFailure
+    with pytest.raises(EnvironmentFailure if isinstance(raised, str) else raised) as failed:
+        flaky_start(failures, serving_failure)
+    assert isinstance(raised, type) or raised in str(failed.value)
+    assert len(FlakyTriton.started) == 1

@@ -2,10 +2,11 @@
 (the README's commands), the server's own files outside the model repository (a stock tritonserver
 takes the repository as it is), loopback unless told otherwise, and every way of stopping them
 (SIGTERM, SIGHUP, Ctrl-C, a SIGKILL of pgkd itself, an interrupted export) leaves no process and no
-temporary or staging folder behind."""
+temporary or staging folder or shared memory behind."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -67,6 +68,15 @@ def pgkd(tmp_path):
         command.kill()
 
 
+def shared_memory(triton: int) -> list[Path]:
+    """The Python backend's shared-memory segments of the tritonserver `triton`: /dev/shm/PREFIX*, the prefix
+    pgkd gave it on its command line."""
+    args = Path(f"/proc/{triton}/cmdline").read_bytes().decode().split("\0")
+    (prefix,) = [a.split("shm-region-prefix-name=", 1)[1] for a in args if "shm-region-prefix-name=" in a]
+    assert prefix.startswith("pgkd"), prefix
+    return list(Path("/dev/shm").glob(f"{prefix}*"))
+
+
 def ports() -> list[str]:
     http, grpc, metrics = free_ports(3)
     return ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
@@ -123,9 +133,12 @@ def test_the_readmes_serving_commands_work_as_written_from_the_repository_root(s
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["label"] in TOY_CLASSES
     triton = server.tritonserver()
+    segments = shared_memory(triton)
+    assert segments
     assert server.stop(signal.SIGTERM) == 0, server.log()
     assert "pgkd: stopped serving" in server.log()
     assert gone([triton]) and server.left_in_tmp() == []
+    assert [s for s in segments if s.exists()] == []     # the Python backend's shared memory unlinked
     assert listing(work / "models") == written
 
 
@@ -135,8 +148,11 @@ def test_the_repository_is_left_as_export_wrote_it_and_a_stock_tritonserver_load
     written = listing(exported)
     server = pgkd("serve", "--model", str(exported), *ports())
     server.wait_for("pgkd: serving")
+    segments = shared_memory(server.tritonserver())
+    assert segments
     assert server.stop(signal.SIGINT) == 0, server.log()
     assert listing(exported) == written
+    assert [s for s in segments if s.exists()] == []
     with run_tritonserver(exported) as triton:     # no model control arguments: Triton's default
         (answer,) = classify(f"http://{triton.http_url}", ["please send money to my payee account"])
         assert answer["label"] in TOY_CLASSES
@@ -152,9 +168,10 @@ def test_a_served_model_listens_on_loopback_unless_told_otherwise_and_sighup_sto
     # every interface: HTTP and metrics on 0.0.0.0, gRPC on :: (both IPv4 and IPv6, as gRPC binds 0.0.0.0)
     assert server.listening_on(options[1::2]) == ({"127.0.0.1"} if host is None else {"0.0.0.0", "::"})
     assert f"pgkd classify --url http://127.0.0.1:{options[1]} TEXT" in server.log()
+    segments = shared_memory(triton)
     assert server.stop(signal.SIGHUP) == 0, server.log()
     assert gone([triton]), "tritonserver outlived pgkd serve"
-    assert server.left_in_tmp() == []
+    assert server.left_in_tmp() == [] and [s for s in segments if s.exists()] == []
 
 
 def test_a_sigkilled_serve_takes_its_tritonserver_with_it(exported, pgkd):
@@ -262,3 +279,17 @@ def test_a_port_taken_as_tritonserver_starts_is_recognised_in_its_log_and_retrie
     monkeypatch.setattr(tritonserver, "free_ports", lambda count: next(chosen, None) or free_ports(count))
     with run_tritonserver(exported, attempts=2) as triton:
         assert triton.http_port != held_port and triton.is_ready()
+
+
+def test_a_tritonserver_killed_at_the_stop_leaves_no_shared_memory(exported, pgkd):
+    """A tritonserver that does not stop (stopped here with SIGSTOP; a hung or a starved one) is killed after
+    the stop's timeout, before it unlinks its Python backend's shared memory: pgkd unlinks it."""
+    server = pgkd("serve", "--model", str(exported), *ports())
+    server.wait_for("pgkd: serving")
+    triton = server.tritonserver()
+    segments, stubs = shared_memory(triton), list(descendants(triton))
+    assert segments
+    os.kill(triton, signal.SIGSTOP)
+    assert server.stop(signal.SIGTERM) == 0, server.log()
+    assert gone([triton, *stubs]) and server.left_in_tmp() == []
+    assert [s for s in segments if s.exists()] == []

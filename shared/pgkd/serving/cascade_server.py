@@ -31,18 +31,21 @@ import time
 
 import numpy as np
 
+from pgkd.errors import EnvironmentFailure
 from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
 from pgkd.processes import Stopped, adopted_children, stop_signals
 from pgkd.serving.cascade import ERROR, Answer, Cascade, ServedCalibration
+from pgkd.serving.client import STUDENT_UNAVAILABLE
 from pgkd.serving.triton_model import check_text
 from pgkd.types import MAX_TEXT_CHARS
 
 MODEL_NAME = "cascade"
-# PyTriton's second and later instances read their configuration from a Unix socket the first one opens;
-# under load one may find the socket's file before it listens (ConnectionRefusedError) and the model fails to
-# load. That start-up race alone is tried again, with a fresh tritonserver.
-HANDSHAKE_RACE = "get_config_from_handshake_server"
-START_ATTEMPTS = 3
+# PyTriton's start is racy under load: Triton starts the model's instances at once, and the second and later
+# ones wait 1 s only for the Unix socket the first one opens (PyTriton's get_config_from_handshake_server);
+# one that misses it fails the model's load, and tritonserver may abort with it. Any failure before the
+# server serves is tried again with a fresh tritonserver.
+START_ATTEMPTS = 5
+START_PAUSE = 1.0     # seconds between two attempts
 OUTPUTS = ("label", "probability", "probabilities", "answered_by", "student_label", "teacher_label", "fallback",
            "error")
 
@@ -102,7 +105,7 @@ class CascadeModel:
         try:
             answers, probs = self.answers(flat)
         except Exception as e:  # noqa: BLE001 -- the student unreachable: every text says so, the server goes on
-            message = f"the student could not answer: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+            message = f"{STUDENT_UNAVAILABLE}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
             answers = [Answer(label="", answered_by=ERROR, confidence=0.0, student_label="", error=message)
                        for _ in flat]
             probs = np.zeros((len(flat), len(self.labels)), dtype=np.float32)
@@ -130,7 +133,9 @@ class CascadeModel:
 
 def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int, host: str = DEFAULT_HOST,
           instances: int = 8, max_batch_size: int = 64, announce: str = "") -> None:
-    """Serve `model` on `host` until SIGTERM, SIGHUP or Ctrl-C (PyTriton's tritonserver, CPU)."""
+    """Serve `model` on `host` until SIGTERM, SIGHUP or Ctrl-C (PyTriton's tritonserver, CPU). A start that
+    fails is tried again with a fresh tritonserver, up to START_ATTEMPTS times: EnvironmentFailure (one line)
+    when none serves, or when the server fails once it serves."""
     libdir = sysconfig.get_config_var("LIBDIR")
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
     from pytriton.model_config import ModelConfig, Tensor
@@ -145,25 +150,45 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
     # a token of its own; perf_analyzer reads the statistics, which say nothing a client should not know. The
     # others stay restricted: nobody loads or unloads models on the cascade's server.
     security = TritonSecurityConfig(restricted_endpoints=[e for e in DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"])
-    for attempt in range(1, START_ATTEMPTS + 1):
-        try:
-            with stop_signals(), contextlib.suppress(Stopped), adopted_children(), \
-                    Triton(config=config, security_config=security) as triton:
-                # No dynamic batching: a request batched with others would wait for their texts' teacher
-                # answers too (a student answer would take the LLM's time). Each request is one execution, its
-                # texts one call to the student (whose own server batches across the cascade's calls), and
-                # `instances` of them run at once.
-                triton.bind(model_name=MODEL_NAME, infer_func=[model] * instances,
-                            inputs=[Tensor(name="text", dtype=bytes, shape=(1,))], outputs=outputs,
-                            config=ModelConfig(max_batch_size=max_batch_size, batching=True, batcher=None),
-                            strict=False)
-                print(f"pgkd: serving the cascade as Triton model '{MODEL_NAME}' on {host}: http :{http_port}, "
-                      f"grpc :{grpc_port}; pgkd classify --url http://{url_host(host)}:{http_port} --model "
-                      f"{MODEL_NAME}" + (f"; {announce}" if announce else ""), flush=True)
-                triton.serve()
-            return
-        except Exception as e:  # noqa: BLE001 -- only PyTriton's start-up race is tried again
-            if HANDSHAKE_RACE not in str(e) or attempt == START_ATTEMPTS:
-                raise
-            print(f"pgkd: the cascade's Triton model failed to start (PyTriton's instances missed its handshake "
-                  f"socket); starting again ({attempt + 1} of {START_ATTEMPTS})", flush=True)
+    with stop_signals(), contextlib.suppress(Stopped):
+        for attempt in range(1, START_ATTEMPTS + 1):
+            serving = False
+            try:
+                with adopted_children(), contextlib.ExitStack() as stack:
+                    triton = Triton(config=config, security_config=security)
+                    stack.callback(triton.stop)    # also when the start fails: its tritonserver and workspace
+                    triton.run()
+                    # No dynamic batching: a request batched with others would wait for their texts' teacher
+                    # answers too (a student answer would take the LLM's time). Each request is one execution,
+                    # its texts one call to the student (whose own server batches across the cascade's calls),
+                    # and `instances` of them run at once.
+                    triton.bind(model_name=MODEL_NAME, infer_func=[model] * instances,
+                                inputs=[Tensor(name="text", dtype=bytes, shape=(1,))], outputs=outputs,
+                                config=ModelConfig(max_batch_size=max_batch_size, batching=True, batcher=None),
+                                strict=False)
+                    serving = True
+                    print(f"pgkd: serving the cascade as Triton model '{MODEL_NAME}' on {host}: http :{http_port}, "
+                          f"grpc :{grpc_port}; pgkd classify --url http://{url_host(host)}:{http_port} --model-name "
+                          f"{MODEL_NAME}" + (f"; {announce}" if announce else ""), flush=True)
+                    triton.serve()
+                return
+            except Exception as e:  # noqa: BLE001 -- a failed start is tried again; a failure once serving is not
+                if serving:
+                    raise EnvironmentFailure(f"the cascade's Triton server failed while serving: "
+                                             f"{summary(e)}") from None
+                if attempt == START_ATTEMPTS:
+                    raise EnvironmentFailure(f"the cascade's Triton server failed to start, attempt {attempt} of "
+                                             f"{START_ATTEMPTS}: {summary(e)}") from None
+                print(f"pgkd: the cascade's Triton server failed to start, attempt {attempt} of {START_ATTEMPTS} "
+                      f"({summary(e)}); starting again", flush=True)
+                # A port another program took meanwhile is said at once (PyTriton waits minutes for a server
+                # that could not bind it); ours are closed, its tritonserver is gone.
+                require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port,
+                                          "--metrics-port": metrics_port})
+                time.sleep(START_PAUSE)
+
+
+def summary(error: Exception) -> str:
+    """An exception in one line: its type and the first line of its message (PyTriton's may hold a traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__

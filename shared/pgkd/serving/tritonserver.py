@@ -130,6 +130,9 @@ class RunningTriton:
     # The ports it must listen on itself before it counts as ready (default: all three). Another program
     # that answers on the HTTP port (a server left running) must not pass for it.
     listens_on: tuple[int, ...] | None = None
+    # The Python backend's shared-memory segments are /dev/shm/PREFIX*: tritonserver leaves them when it
+    # exits, so stop() unlinks them once it has.
+    shm_prefix: str | None = None
 
     @property
     def http_url(self) -> str:
@@ -196,8 +199,11 @@ class RunningTriton:
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM to the server and its stubs (Triton unloads its models and stops the stubs), SIGKILL to
-        what is left after `timeout_s` seconds. Returns the exit code."""
+        what is left after `timeout_s` seconds; then its shared-memory segments unlinked. Returns the exit code."""
         processes.stop(self.process, timeout_s)
+        if self.shm_prefix:
+            for segment in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+                segment.unlink(missing_ok=True)
         return self.process.returncode
 
 
@@ -281,6 +287,9 @@ def run_tritonserver(
         for attempt in range(1, attempts + 1):
             http_port, grpc_port, metrics_port = ports or free_ports(3)
             log_path = folder / ("tritonserver.log" if attempt == 1 else f"tritonserver.{attempt}.log")
+            # Shared-memory regions of the Python backend are named by this prefix: a unique one keeps servers
+            # that run at the same time (parallel test workers) apart, as PyTriton does.
+            shm_prefix = f"pgkd{os.getpid()}-{secrets.token_hex(4)}"
             command = [
                 str(dist.binary),
                 f"--model-repository={model_repository}",
@@ -291,15 +300,14 @@ def run_tritonserver(
                 "--allow-gpu-metrics=false",
                 "--exit-on-error=true",
                 "--exit-timeout-secs=5",
-                # Shared-memory regions of the Python backend are named by this prefix: a unique one
-                # keeps servers that run at the same time (parallel test workers) apart, as PyTriton does.
-                f"--backend-config=python,shm-region-prefix-name=pgkd{os.getpid()}-{secrets.token_hex(4)}",
+                f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
                 *extra_args,
             ]
             with open(log_path, "wb") as log:
                 process = processes.spawn(command, log=log, env=environment, cwd=folder)
             server = RunningTriton(process, http_port, grpc_port, metrics_port, log_path, model_repository, address,
-                                   listens_on=_enabled_ports(http_port, grpc_port, metrics_port, command))
+                                   listens_on=_enabled_ports(http_port, grpc_port, metrics_port, command),
+                                   shm_prefix=shm_prefix)
             try:
                 server.wait_ready(models, timeout_s)
                 break
