@@ -8,6 +8,7 @@ import asyncio
 import csv
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ from pgkd.loop.config import DistillConfig
 from pgkd.options import from_options
 from pgkd.loop.cycle import log
 from pgkd.loop.report import summary_table
-from pgkd.errors import UserError, dotted, invalid
+from pgkd.errors import Option, UserError, dotted, invalid
 from pgkd.names import check_name
+from pgkd.processes import Stopped
 from pgkd.distributed.messages import TOPICS, LabeledSample, RunCompleted, RunRequested
 from pgkd.loop.report import RunReport
 from pgkd.distributed.runs import RunFiles
@@ -65,14 +67,22 @@ def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: f
         check_name(run_id, "--run-id")   # before the data is read: it becomes the run's folder
     settings = Settings.from_env()
     store = ArtifactStore(settings.artifacts)
+    if run_id is not None and store.exists(RunFiles(run_id).request):
+        # services read a run's options from its request: a second one would change a run under way
+        raise UserError(Option("run_id", run_id), f": a run of this id is already in {store.url} "
+                        f"(`pgkd status {run_id}`); choose another")
     make_request = checked_request(config, run_id)     # the data checked; nothing stored until the broker answers
     store.check_owned()                                # a store of someone else's is refused before that too
     request = asyncio.run(_publish_request(settings, store, make_request, promote))
     print(f"submitted run {request.run_id} (artifacts {store.uri(RunFiles(request.run_id).base)})")
     if not wait:
         return 0
-    completed = wait_for(store, request.run_id, timeout, poll,
-                         START_TIMEOUT if start_timeout is None else start_timeout)
+    try:
+        completed = wait_for(store, request.run_id, timeout, poll,
+                             START_TIMEOUT if start_timeout is None else start_timeout)
+    except (KeyboardInterrupt, Stopped) as e:    # the wait ends; the run, submitted, goes on
+        print(f"pgkd: stopped waiting; run {request.run_id} goes on (`pgkd status {request.run_id}`)", file=sys.stderr)
+        return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
     return _print_completion(store, completed)
 
 
@@ -94,7 +104,7 @@ def wait_for(store: ArtifactStore, run_id: str, timeout: float | None, poll: flo
         shown = _show_cycles(store, run_id, shown, looked=looked)
         if store.exists(files.completed):
             _show_cycles(store, run_id, shown, looked=looked)
-            return store.get_model(files.completed, RunCompleted)
+            return _completion(store, run_id)
         taken = taken or _taken(store, files)
         waited = time.monotonic() - started
         if not taken and start_timeout and waited > start_timeout:
@@ -140,6 +150,15 @@ def _show_cycles(store: ArtifactStore, run_id: str, shown: int, write=None, look
     return max(shown, len(state.cycles))
 
 
+def _completion(store: ArtifactStore, run_id: str) -> RunCompleted:
+    """The run's stored completion; one of another run (a file copied in) is a damaged record, named."""
+    key = RunFiles(run_id).completed
+    completed = store.get_model(key, RunCompleted)
+    if completed.run_id != run_id:
+        raise DamagedRecord(store.uri(key), f"the completion of run {completed.run_id}, not of run {run_id}")
+    return completed
+
+
 def _print_completion(store: ArtifactStore, completed: RunCompleted) -> int:
     if completed.status == "failed":
         print(f"run {completed.run_id} failed: {completed.reason}", file=sys.stderr)
@@ -169,7 +188,7 @@ def status(run_id: str) -> int:
     if not _show_cycles(store, run_id, 0, write=print):
         print("no cycle evaluated yet")
     if store.exists(files.completed):
-        return _print_completion(store, store.get_model(files.completed, RunCompleted))
+        return _print_completion(store, _completion(store, run_id))
     print("running")
     return 0
 

@@ -316,6 +316,10 @@ class Service:
                     log.error("%s: run %s: %s", self.name, message.run_id, reason)
                 else:
                     log.exception("%s: run %s: %s", self.name, message.run_id, reason)
+                if await asyncio.to_thread(self.store.exists, RunFiles(message.run_id).completed):
+                    # a stray or replayed message of a run that has ended: its outcome stands
+                    await self.park(f"{reason} (run {message.run_id} had ended; its outcome stands)", message)
+                    return
                 await self.park(reason, message)
                 output, unpublished = await asyncio.to_thread(self._record_failure, message, reason), True
         if not unpublished:

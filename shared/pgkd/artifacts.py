@@ -52,8 +52,8 @@ class ArtifactRef(BaseModel, frozen=True):
     size: int
 
 
-class ArtifactError(Exception):
-    """An artifact is missing or is not what its reference says."""
+class ArtifactError(EnvironmentFailure):
+    """An artifact is missing or is not what its reference says: the store's fault (one line, exit 1)."""
 
 
 class DamagedRecord(ArtifactError, UserError):
@@ -68,7 +68,7 @@ class NotInStore(ArtifactError, UserError):
     """A reference that names another store's artifact (another scheme, another bucket): one line."""
 
 
-class StoreUnwritable(ArtifactError, EnvironmentFailure):
+class StoreUnwritable(ArtifactError):
     """The store cannot be written (permissions, a full disk, a file where a folder should be): the
     environment's fault, not the request's."""
 

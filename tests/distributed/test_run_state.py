@@ -35,7 +35,8 @@ def test_status_shows_the_best_cycle_on_the_scores_that_select_not_on_validation
     final = store.get_model(ran.state, RunState)
     # The same run, its scores set as the issue reproduced them: validation 0.80 then 0.75, selection 0.70 then 0.75.
     cycles = [final.cycles[0].model_copy(update={"validation": scores(0.8), "selection": scores(0.7)}),
-              final.cycles[1].model_copy(update={"validation": scores(0.75), "selection": scores(0.75)})]
+              final.cycles[1].model_copy(update={"validation": scores(0.75),
+                                                 "selection": scores(0.75) | {"accuracy": 0.6}})]
     state = final.model_copy(update={"cycles": cycles, "cycle": 1, "phase": "evaluated"})
     store.put_json(RunFiles("oof").state(9, "evaluated", "f" * 64), state.model_dump(mode="json"))   # the latest state
     monkeypatch.setenv("PGKD_ARTIFACTS", store.url)
@@ -45,7 +46,35 @@ def test_status_shows_the_best_cycle_on_the_scores_that_select_not_on_validation
     assert len(lines) == 2
     assert "selection macro_f1 0.7000" in lines[0] and "best 0.7000 @ 0" in lines[0]
     assert "selection macro_f1 0.7500" in lines[1] and "best 0.7500 @ 1" in lines[1]   # not "best 0.8000 @ 0"
+    assert "acc 0.6000" in lines[1]          # the selection's accuracy beside its macro-F1, not validation's 0.75
     assert state.best_cycle() == 1
+
+
+def test_status_names_a_state_or_an_ending_of_another_run_and_a_lost_report_in_one_line(tmp_path, monkeypatch, capsys):
+    """A reviewer copied one run's state and completed.json into another's folder: `pgkd status` showed them
+    as that run's. And a report gone from the store was a traceback."""
+    import shutil
+    store = ArtifactStore(f"file://{tmp_path}/artifacts")
+    config = DistillConfig(data=str(make_toy_dataset(tmp_path / "toy")), **RUN)
+    for run_id in ("one", "two"):
+        steps.run_through_steps(steps.submit(config, store, run_id=run_id), store)
+    monkeypatch.setenv("PGKD_ARTIFACTS", store.url)
+    runs = tmp_path / "artifacts" / "runs"
+
+    def status(run_id: str) -> tuple[int, list[str]]:
+        code = main(["status", run_id])
+        return code, capsys.readouterr().err.strip().splitlines()
+    shutil.copy(runs / "one" / "completed.json", runs / "two" / "completed.json")
+    code, err = status("two")
+    assert code == 2 and len(err) == 1 and "completed.json: damaged (the completion of run one, not of run two)" in err[0]
+    newest = sorted((runs / "one" / "state").iterdir())[-1]
+    shutil.copy(newest, runs / "two" / "state" / "9999-9-taught.json")
+    code, err = status("two")
+    assert code == 2 and len(err) == 1 and "run two: state " in err[0] and "of run one, not of this run" in err[0], err
+    completed = json.loads((runs / "one" / "completed.json").read_text())
+    (tmp_path / "artifacts" / store.key_of(completed["report"]["uri"])).unlink()
+    code, err = status("one")
+    assert code == 1 and len(err) == 1 and "report.json: missing" in err[0] and "Traceback" not in err[0], err
 
 
 def test_the_steps_and_the_embedded_run_time_every_phase_of_a_cycle_alike(tmp_path):

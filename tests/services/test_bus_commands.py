@@ -60,8 +60,35 @@ def test_submit_without_wait_publishes_one_request_and_status_follows_it(env, tm
     assert status.returncode == 0 and "no cycle evaluated yet" in status.stdout and "running" in status.stdout
     missing = pgkd("status", "nope", env=env)
     assert missing.returncode == 2 and "run nope: not found" in missing.stderr
+    request = (tmp_path / "artifacts" / "runs" / "queued" / "request.json").read_bytes()
+    again = pgkd("submit", "--data", str(data), "--labeled", "30", "--run-id", "queued", env=env)   # a reviewer's
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [    # resubmit corrupted the run under way
+        f"pgkd: error: --run-id queued: a run of this id is already in file://{tmp_path / 'artifacts'} "
+        "(`pgkd status queued`); choose another"], again.stderr
+    assert len(bus.bodies("run-requested")) == 1
+    assert (tmp_path / "artifacts" / "runs" / "queued" / "request.json").read_bytes() == request
     waited = pgkd("submit", "--data", str(data), "--labeled", "40", "--wait", "--timeout", "1", env=env)
     assert waited.returncode == 1 and "not completed after 1 s" in waited.stderr
+
+
+def test_ctrl_c_on_submit_wait_stops_the_wait_and_says_the_run_goes_on(env, tmp_path, bus):
+    """It said "interrupted; nothing was written to the output folder": submit has none, and the run stays."""
+    import signal
+    import time
+    data = make_toy_dataset(tmp_path / "toy")
+    waiting = subprocess.Popen([sys.executable, "-m", "pgkd.cli", "submit", "--data", str(data), "--labeled", "40",
+                                "--run-id", "waited", "--wait"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "artifacts" / "runs" / "waited" / "request.json").exists():   # submitted: now waiting
+        assert waiting.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1)
+    waiting.send_signal(signal.SIGINT)
+    out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 130 and "submitted run waited" in out
+    assert err.strip().splitlines()[-1] == "pgkd: stopped waiting; run waited goes on (`pgkd status waited`)", err
+    assert len(bus.bodies("run-requested")) == 1
 
 
 def test_submit_dry_run_spends_nothing_and_a_taxonomy_travels_with_the_run(env, tmp_path, bus):

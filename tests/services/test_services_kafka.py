@@ -14,7 +14,7 @@ from pgkd.loop.config import DistillConfig
 from pgkd.loop.embedded import run
 from pgkd.loop.report import without_times
 from pgkd.loop.state import RunState
-from pgkd.distributed.messages import CycleEvaluated, DeadLetter, RunCompleted, SamplesGenerated
+from pgkd.distributed.messages import CycleEvaluated, DeadLetter, ModelTrained, RunCompleted, SamplesGenerated
 
 import pgkd_services as services
 from pgkd_services.runtime import Settings, make_broker, send
@@ -166,6 +166,21 @@ def test_bad_messages_go_to_the_dead_letter_topic_and_the_services_keep_consumin
         letters[5].reason and "\n" not in letters[5].reason
     assert outcomes["lost-state"].status == "failed"
     assert [k.rsplit("/", 1)[1] for k in bus.store.list("runs/lost-state/state")] == []
+    # A stray (or forged) message of a run that has ended is parked; the run's outcome stands (a reviewer's
+    # message pointing at another run's state turned a completed run into a failed one).
+    ended = bus.store.get_bytes("runs/after-bad-ones/completed.json")
+    stray = ModelTrained(run_id="after-bad-ones", cycle=5, state=ArtifactRef(
+        uri="runs/lost-state/state/0001-1-trained.json", sha256="0" * 64, size=2))
+
+    async def late():
+        async with TestKafkaBroker(bus.broker) as broker:
+            await send(broker, stray.model_dump_json().encode(), "pgkd.model-trained")
+    published = len(bus.seen["run-completed"])
+    asyncio.run(late())
+    letter = DeadLetter.model_validate(bus.seen["dead-letter"][-1])
+    assert letter.run_id == "after-bad-ones" and "had ended; its outcome stands" in letter.reason
+    assert bus.store.get_bytes("runs/after-bad-ones/completed.json") == ended
+    assert len(bus.seen["run-completed"]) == published
 
 
 def test_the_generator_service_asks_an_llm_teacher_and_caches_its_answers_in_the_artifact_store(bus, tmp_path):

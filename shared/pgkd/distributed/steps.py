@@ -348,7 +348,12 @@ def load_state(store: ArtifactStore, message: LoopMessage) -> RunState:
 def latest_state(store: ArtifactStore, run_id: str) -> RunState | None:
     """The run's last saved state (what `pgkd status` and `pgkd submit --wait` show), if any."""
     keys = sorted(store.list(RunFiles(run_id).states))
-    return store.get_model(keys[-1], RunState) if keys else None
+    if not keys:
+        return None
+    state = store.get_model(keys[-1], RunState)
+    if state.run_id != run_id:     # a file copied (or edited) in: never shown as this run's
+        raise StateError(run_id, store.uri(keys[-1]), f"of run {state.run_id}, not of this run")
+    return state
 
 
 # -- the phases, one per service -----------------------------------------------------------------------------

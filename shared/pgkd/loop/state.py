@@ -134,8 +134,9 @@ class RunState(BaseModel):
         record, history = self.cycles[cycle], self.selection_history()[:cycle + 1]
         best = self.best_cycle(cycle)
         scores = "selection" if record.selection is not None else "val"
+        shown = record.selection if record.selection is not None else record.validation   # both figures of one set
         return (f"cycle {record.cycle:>2}: train {record.train_size:>5}  {scores} {self.config.metric} "
-                f"{history[-1]:.4f}  acc {record.validation['accuracy']:.4f}  best {history[best]:.4f} @ {best}  "
+                f"{history[-1]:.4f}  acc {shown['accuracy']:.4f}  best {history[best]:.4f} @ {best}  "
                 f"accepted {record.accepted}/{record.generated}"
                 + (f" rejected {record.rejected}" if record.rejected else "") + f"  {record.seconds:.0f}s")
 
