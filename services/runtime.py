@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import dataclasses
 import errno
 import logging
 import signal
@@ -265,7 +266,8 @@ class Service:
         # Offsets are committed after the handler: a crash means redelivery, not loss. A long training
         # round must not count as a dead consumer, hence the long poll interval.
         self.broker.subscriber(*self._handlers, group_id=self.group, auto_offset_reset="earliest",
-                               ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=3_600_000, **batch)(handle)
+                               ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=3_600_000,
+                               parser=_any_header_bytes, decoder=_undecoded, **batch)(handle)
 
     async def handle_batch(self, records: list) -> None:
         """A batch of records (aiokafka's ConsumerRecord), in order: by default each to its topic's handler."""
@@ -518,3 +520,24 @@ def dead_letter_headers(letter: DeadLetter, record) -> dict[str, str]:
         headers.update({"pgkd.dead-letter.partition": str(record.partition),
                         "pgkd.dead-letter.offset": str(record.offset)})
     return headers
+
+
+async def _any_header_bytes(records, parse):
+    """FastStream's parser decodes every header value as UTF-8 and drops a record whose one is not, before
+    any handler sees it. Such a record is parsed with its header values decoded leniently; the handler
+    reads the raw record (`raw_message`), the exact bytes, which a dead letter keeps."""
+    try:
+        return await parse(records)
+    except UnicodeDecodeError:
+        raw = records
+        lenient = [dataclasses.replace(r, headers=[(k, v.decode("utf-8", "replace").encode()) for k, v in r.headers])
+                   for r in (records if isinstance(records, tuple) else [records])]
+        message = await parse(tuple(lenient) if isinstance(records, tuple) else lenient[0])
+        message.raw_message = raw
+        return message
+
+
+async def _undecoded(message, decode):
+    """No body decoding by FastStream (its batch decoder parses the raw records again): `deliver` decodes
+    each record itself, from its raw bytes."""
+    return None

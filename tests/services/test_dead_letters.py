@@ -104,6 +104,8 @@ def sent(ingest):
     for (key, (value, headers)), row in zip(bad.items(), [good[0:2], good[2:4], good[4:6], good[6:8]]):
         records.append((key, value, headers))
         records += [(row_["id"].encode(), json.dumps(row_).encode(), []) for row_ in row]
+    # A good sample whose header is not UTF-8: FastStream's parser dropped it, unseen (now: stored).
+    records[1] = (records[1][0], records[1][1], [("origin", b"\xff\xfe latin-1 \xe9")])
     landed = ingest.produce(records)
     ingest.wait_stored([row["id"] for row in good])
     where = {key: meta for (key, _, _), meta in zip(records, landed)}
