@@ -102,6 +102,17 @@ def test_a_bad_value_at_the_command_line_is_one_line_and_exit_2(monkeypatch, cap
     assert err == ["pgkd: error: PGKD_ARTIFACTS='s3://': no bucket (expected s3://BUCKET[/PREFIX])"]
 
 
+def test_check_names_a_pgkd_variable_no_setting_reads_and_the_one_it_may_have_meant(monkeypatch, capsys):
+    """A misspelt variable was silently ignored, even by --check (a reviewer's PGKD_CONNECTTIMEOUT)."""
+    monkeypatch.setenv("PGKD_CONNECTTIMEOUT", "3")
+    monkeypatch.setenv("PGKD_OPENAI_KEY", "k")            # an API key's variable may be named so: a note, not an error
+    assert main(["settings", "--check"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()      # (another test's variable may be set in this process)
+    assert "pgkd: note: PGKD_CONNECTTIMEOUT is not a variable pgkd reads (did you mean PGKD_CONNECT_TIMEOUT?)" in err
+    assert "pgkd: note: PGKD_OPENAI_KEY is not a variable pgkd reads" in err
+    assert all(line.startswith("pgkd: note: PGKD_") for line in err), err
+
+
 def test_s3_without_a_bucket_is_not_a_local_folder(monkeypatch, tmp_path, capsys):
     from pgkd.artifacts import ArtifactStore
     monkeypatch.chdir(tmp_path)

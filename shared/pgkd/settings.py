@@ -406,6 +406,18 @@ def known_variables() -> frozenset[str]:
     return frozenset(row["variable"] for row in described())
 
 
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """The PGKD_* names in `env` that no setting reads (a misspelled one is ignored where it is set)."""
+    known = known_variables()
+    return sorted(name for name in env if name.startswith("PGKD_") and name not in known)
+
+
+def _closest(name: str) -> str:
+    import difflib
+    close = difflib.get_close_matches(name, sorted(known_variables()), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 # -- `pgkd settings` -------------------------------------------------------------------------------------
 def add_command(sub) -> None:
     """`pgkd settings` in the command's subparsers."""
@@ -423,6 +435,8 @@ def cmd_settings(args) -> int:
     import sys
     if args.check:
         Settings.from_env()
+        for name in unknown_variables(os.environ):   # said, not refused: an API key's variable may be named so
+            print(f"pgkd: note: {name} is not a variable pgkd reads{_closest(name)}", file=sys.stderr)
     rows = described()
     if args.json:
         print(json.dumps(rows, indent=2))
