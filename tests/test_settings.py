@@ -89,6 +89,8 @@ def test_a_mapping_is_the_only_source(monkeypatch):
     ("PGKD_ARTIFACTS", "s3://", "no bucket"),
     ("PGKD_ARTIFACTS", "gs:///prefix", "no bucket"),
     ("PGKD_TOPIC_PREFIX", "team a/", "a topic name's prefix takes letters"),
+    ("PGKD_ARTIFACTS", "http://x/y", "not a store pgkd writes to"),
+    ("PGKD_GRACEFUL_TIMEOUT", "inf", "finite"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(variable, value, message):
     text = refused({variable: value})

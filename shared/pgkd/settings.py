@@ -187,10 +187,16 @@ class ArtifactSettings(Section):
         return url
 
 
+STORE_SCHEMES = ("file", "s3", "gs", "gcs", "memory")   # a path without a scheme is a local folder
+
+
 def check_artifacts_url(url: str) -> None:
-    """ValueError for a remote store's URL without its bucket (`s3://`, `gs:///x`): fsspec would read
-    `s3:` as a local folder name."""
+    """ValueError for a URL of no store pgkd writes to (`http://...`), or a remote store's URL without its
+    bucket (`s3://`, `gs:///x`): fsspec would read `s3:` as a local folder name."""
     parts = urlsplit(url)
+    if "://" in url and parts.scheme not in STORE_SCHEMES:
+        raise ValueError(f"not a store pgkd writes to (expected file:///PATH, s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] "
+                         "or a folder's path)")
     if parts.scheme and parts.scheme != "file" and "://" in url and not parts.netloc:
         raise ValueError(f"no bucket (expected {parts.scheme}://BUCKET[/PREFIX])")
 
@@ -303,11 +309,11 @@ class ServiceSettings(Section):
     http_host: str = var("PGKD_HTTP_HOST", DEFAULT_HOST, "where a service's /metrics, /healthz and /readyz listen")
     metrics_port: int = var("PGKD_METRICS_PORT", 9100, "the port of /metrics, /healthz and /readyz")
     graceful_timeout: float = var("PGKD_GRACEFUL_TIMEOUT", 300.0,
-                                  "on SIGTERM, seconds a service waits for the message in flight", ge=0)
+                                  "on SIGTERM, seconds a service waits for the message in flight", ge=0, allow_inf_nan=False)
     prometheus_url: str | None = var("PGKD_PROMETHEUS_URL", None,
                                      "the Prometheus the evaluator's stop policy reads: http[s]://HOST[:PORT][/PATH]")
     prometheus_wait: float = var("PGKD_PROMETHEUS_WAIT", 30.0,
-                                 "seconds the evaluator waits for Prometheus to scrape the current cycle", ge=0)
+                                 "seconds the evaluator waits for Prometheus to scrape the current cycle", ge=0, allow_inf_nan=False)
 
     @field_validator("http_host", mode="before")
     @classmethod
