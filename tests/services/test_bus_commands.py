@@ -71,24 +71,28 @@ def test_submit_without_wait_publishes_one_request_and_status_follows_it(env, tm
     assert waited.returncode == 1 and "not completed after 1 s" in waited.stderr
 
 
-def test_ctrl_c_on_submit_wait_stops_the_wait_and_says_the_run_goes_on(env, tmp_path, bus):
+def test_ctrl_c_on_submit_wait_stops_the_wait_and_says_the_run_goes_on(env, tmp_path, bus, monkeypatch):
     """It said "interrupted; nothing was written to the output folder": submit has none, and the run stays."""
     import signal
     import time
+    from process_tools import Pgkd
     data = make_toy_dataset(tmp_path / "toy")
-    waiting = subprocess.Popen([sys.executable, "-m", "pgkd.cli", "submit", "--data", str(data), "--labeled", "40",
-                                "--run-id", "waited", "--wait"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "artifacts" / "runs" / "waited" / "request.json").exists():   # submitted: now waiting
-        assert waiting.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
-    time.sleep(1)
-    waiting.send_signal(signal.SIGINT)
-    out, err = waiting.communicate(timeout=30)
-    assert waiting.returncode == 130 and "submitted run waited" in out
-    assert err.strip().splitlines()[-1] == "pgkd: stopped waiting; run waited goes on (`pgkd status waited`)", err
-    assert len(bus.bodies("run-requested")) == 1
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    waiting = Pgkd(tmp_path, "submit", "--data", str(data), "--labeled", "40", "--run-id", "waited", "--wait")
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "artifacts" / "runs" / "waited" / "request.json").exists():   # submitted: now waiting
+            assert waiting.process.poll() is None and time.monotonic() < deadline, waiting.log()
+            time.sleep(0.1)
+        time.sleep(1)
+        assert waiting.stop(signal.SIGINT, timeout=30) == 130, waiting.log()
+        lines = waiting.log().strip().splitlines()
+        assert "submitted run waited" in waiting.log() and \
+            lines[-1] == "pgkd: stopped waiting; run waited goes on (`pgkd status waited`)", lines
+        assert len(bus.bodies("run-requested")) == 1
+    finally:
+        waiting.kill()
 
 
 def test_submit_dry_run_spends_nothing_and_a_taxonomy_travels_with_the_run(env, tmp_path, bus):
