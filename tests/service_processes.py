@@ -13,6 +13,9 @@ from pgkd.net import free_port
 import pgkd_services as services
 from pgkd_services.local import LocalCluster
 
+# seconds a read of a topic waits for its first record (then `quiet` seconds after the last)
+FIRST_FETCH = 5.0
+
 
 def cli_options(options: dict) -> list[str]:
     args = []
@@ -84,7 +87,10 @@ class ServiceProcesses(LocalCluster):
             consumer.assign(partitions)
             consumer.seek_to_beginning(*partitions)
             received, last, deadline = [], time.monotonic(), time.monotonic() + timeout
-            while time.monotonic() - last < quiet and time.monotonic() < deadline:
+            # Before the first record, more than `quiet`: the consumer's first fetch waits on metadata, which
+            # on a loaded machine took over a second (CI read no dead letter of forty).
+            while time.monotonic() - last < (quiet if received else max(quiet, FIRST_FETCH)) \
+                    and time.monotonic() < deadline:
                 for batch in consumer.poll(timeout_ms=200).values():
                     received += batch
                     last = time.monotonic()
