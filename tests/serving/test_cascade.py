@@ -75,10 +75,13 @@ def test_a_teacher_that_fails_in_any_way_leaves_the_students_answer_flagged_with
                                                                                              reason):
     os.environ["PGKD_TEST_KEY"] = "k"
     chat.script = [behaviour]
-    cascade, registry, labels = make(chat, timeout=1.0)
+    # A short deadline for the teacher that hangs; a long one for the others, whose answer (a refusal,
+    # garbage) must be read as such even when a loaded machine takes over a second to carry it.
+    timeout = 1.0 if reason == "teacher_timeout" else 8.0
+    cascade, registry, labels = make(chat, timeout=timeout)
     began = time.monotonic()
     answers = cascade.answer(TEXTS, *STUDENT)
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < timeout + 2
     if reason is None:     # the unknown label alone falls back; the other is the teacher's
         assert [(a.answered_by, a.fallback) for a in answers[1:3]] == [("student", "out_of_taxonomy"),
                                                                        ("teacher", "")]
