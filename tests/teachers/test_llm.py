@@ -84,7 +84,7 @@ def test_timeouts_open_the_circuit_and_the_teacher_fails_fast(chat):
     started = time.monotonic()
     with pytest.raises(TeacherUnavailable, match=r"1 call\(s\) failed in a row"):
         t.generate(request(2))                      # open: no call at all
-    assert time.monotonic() - started < 0.2 and len(chat.requests) == 2
+    assert time.monotonic() - started < 1.0 and len(chat.requests) == 2      # open: at once, not after a timeout
 
 
 def test_a_client_error_is_not_retried(chat):
