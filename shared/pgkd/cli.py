@@ -135,11 +135,9 @@ def cmd_distill(args) -> int:
 
 
 def cmd_teacher_serve(args) -> int:
-    from pgkd.teachers.server import serve
-    serve(args.kind, args.data, args.labeled, args.seed, args.http_port, args.grpc_port, args.metrics_port,
-          host=args.host, label_noise=args.label_noise, latency=args.latency, llm_accuracy=args.llm_accuracy,
-          text_column=args.text_column,
-          label_column=args.label_column)
+    from pgkd.options import from_options
+    from pgkd.teachers.server import Simulation, serve
+    serve(from_options(Simulation, args), args.http_port, args.grpc_port, args.metrics_port, host=args.host)
     return 0
 
 
@@ -480,22 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = sub.add_parser("teacher", help="the teacher side")
     teacher_sub = teacher.add_subparsers(dest="teacher_command", required=True, parser_class=Parser)
     serve = teacher_sub.add_parser("serve", help="serve a simulated teacher as a Triton LLM model (text in, JSON out)")
-    serve.add_argument("--kind", default="pool-guided", choices=["pool-guided", "pool-random", "pool-guided-pairs"])
-    serve.add_argument("--data", required=True, help="the dataset the runs use")
-    serve.add_argument("--labeled", type=int, default=1000, help="the runs' --labeled: their samples are not served")
-    serve.add_argument("--seed", type=int, default=1, help="the runs' --seed")
+    from pgkd.options import add_options
+    from pgkd.teachers.simulated import Simulation
+    add_options(serve, Simulation)
     serve.add_argument("--host", type=host_option, default=DEFAULT_HOST,
                        help="the address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--http-port", "--port", type=port_option, default=8000)
     serve.add_argument("--grpc-port", type=port_option, default=8001)
     serve.add_argument("--metrics-port", type=port_option, default=8002)
-    serve.add_argument("--label-noise", type=float, default=0.0)
-    serve.add_argument("--latency", type=float, default=0.0, help="seconds each answer takes, like an LLM's")
-    serve.add_argument("--llm-accuracy", type=float, default=0.95, help=(
-        "classification prompts (the cascade's) are answered by a simulated LLM of this accuracy: the gold "
-        "label with this probability, else a confusable class; a text not in --data gets a random class"))
-    serve.add_argument("--text-column", default="text")
-    serve.add_argument("--label-column", default="label")
     serve.set_defaults(func=cmd_teacher_serve)
 
     bench = sub.add_parser("bench", help="benchmarks: quality of the arms, speed of the student")

@@ -6,6 +6,7 @@ can all share these types without importing each other (the layers contract in p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +23,11 @@ MAX_TEXT_CHARS = 10_000
 
 # The metrics a stop policy or a benchmark can name.
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "loss")
+
+# The constrained numbers more than one command takes (pgkd distill's, pgkd teacher serve's): a seed
+# numpy and torch both accept, and a share of something.
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Share = Annotated[float, Field(ge=0, le=1)]
 
 
 class Sample(BaseModel, frozen=True):

@@ -69,13 +69,16 @@ def test_a_teacher_on_a_taken_port_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("option, value, says", [
-    ("--latency", "-1", "--latency -1.0: expected a number of seconds, 0 or more"),
-    ("--latency", "nan", "--latency nan: expected"),
-    ("--latency", "inf", "--latency inf: expected"),
-    ("--llm-accuracy", "1.5", "--llm-accuracy 1.5: expected a number in [0, 1]"),
-    ("--llm-accuracy", "nan", "--llm-accuracy nan: expected a number in [0, 1]"),
-    ("--label-noise", "-0.1", "--label-noise -0.1: expected a number in [0, 1]"),
-    ("--label-noise", "nan", "--label-noise nan: expected a number in [0, 1]"),
+    ("--latency", "-1", "--latency -1.0: Input should be greater than or equal to 0"),
+    ("--latency", "nan", "--latency nan: Input should be a finite number"),
+    ("--latency", "inf", "--latency inf: Input should be a finite number"),
+    ("--llm-accuracy", "1.5", "--llm-accuracy 1.5: Input should be less than or equal to 1"),
+    ("--llm-accuracy", "nan", "--llm-accuracy nan: Input should be a finite number"),
+    ("--label-noise", "-0.1", "--label-noise -0.1: Input should be greater than or equal to 0"),
+    ("--label-noise", "nan", "--label-noise nan: Input should be a finite number"),
+    ("--seed", "-1", "--seed -1: Input should be greater than or equal to 0"),      # as pgkd distill's --seed
+    ("--labeled", "0", "--labeled 0: Input should be greater than 0"),
+    ("--validation-fraction", "1", "--validation-fraction 1.0: Input should be less than 1"),
 ])
 def test_a_bad_number_is_one_line_and_exit_2_before_anything_loads(option, value, says, capsys):
     """Refused before the data is read (there is none at `d`) and before any port is taken."""

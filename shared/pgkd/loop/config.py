@@ -12,7 +12,7 @@ from pgkd.settings import check_artifacts_url
 from pgkd.loop.stopping import StopPolicy
 from pgkd.teachers.simulated import TEACHERS
 from pgkd.teachers.transports import TeacherURL, is_llm_teacher
-from pgkd.types import METRICS, TrainConfig
+from pgkd.types import METRICS, Seed, Share, TrainConfig
 
 if TYPE_CHECKING:
     from pgkd.teachers.llm import LLMSettings
@@ -79,7 +79,7 @@ class DistillConfig(BaseModel):
     guidance_folds: int = Field(5, ge=2, description="folds of the out-of-fold guidance or selection")
     guidance_student: str | None = Field(None, description=(
         "the fold students' recipe (default: --student; minilm-frozen is a cheap stand-in)"))
-    label_noise: float = Field(0.0, ge=0, le=1, description="share of teacher answers relabeled at random")
+    label_noise: Share = Field(0.0, description="share of teacher answers relabeled at random")
     student: str = Field("minilm", description=(
         "minilm (fine-tuned, mean pooling) | minilm-frozen | minilm-cls ([CLS] pooler) | tiny | a Hugging Face "
         "id or model folder"))
@@ -92,7 +92,7 @@ class DistillConfig(BaseModel):
     token_budget: int | None = Field(None, gt=0, description="stop once the teacher used this many tokens")
     cost_budget: float | None = Field(None, gt=0, description="stop once the teacher cost this much")
     metric: str = Field("macro_f1", description=f"the validation metric the stop policy watches: {' | '.join(METRICS)}")
-    seed: int = Field(1, ge=0, le=2**31 - 1, description="seeds the split, the teacher's simulation and each round's training")
+    seed: Seed = Field(1, description="seeds the split, the teacher's simulation and each round's training")
     epochs: int = Field(8, gt=0, description="epochs of the first training round, from the pretrained encoder")
     cycle_epochs: int = Field(3, gt=0, description="epochs of each later round, warm-started from the best student")
     warm_start: bool = Field(True, description=(

@@ -22,8 +22,6 @@ import time
 
 import numpy as np
 
-from pgkd.errors import Option, UserError
-
 from pgkd.data import load_dataset, make_splits
 from pgkd.net import DEFAULT_HOST, require_free_ports, url_host
 from pgkd.processes import Stopped, adopted_children, stop_signals
@@ -31,7 +29,7 @@ from pgkd.encoder import EmbeddingCache, loading_bars
 from pgkd.teachers.llm import TokenCounter
 from pgkd.teachers.classifier import UNKNOWN_TEXTS, SimulatedLLMClassifier, confusable_classes
 from pgkd.teachers.prompt import CLASSIFY_INSTRUCTIONS, PromptError, read_classification, read_prompt
-from pgkd.teachers.simulated import make_simulated_teacher
+from pgkd.teachers.simulated import Simulation, make_simulated_teacher
 
 MODEL_NAME = "teacher"
 
@@ -87,30 +85,25 @@ def _quietly(function, *args):
         return function(*args)
 
 
-def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_port: int, metrics_port: int,
-          host: str = DEFAULT_HOST, validation_fraction: float = 0.2, label_noise: float = 0.0, latency: float = 0.0,
-          text_column: str = "text", label_column: str = "label", llm_accuracy: float = 0.95) -> None:
+def serve(simulation: Simulation, http_port: int, grpc_port: int, metrics_port: int,
+          host: str = DEFAULT_HOST) -> None:
     """Serve on `host` until SIGTERM, SIGHUP or Ctrl-C. The pool is the train split minus the labeled
     samples a run with the same --data, --labeled and --seed trains on, so the simulation never hands the
     student its own samples (the client's screening would reject them anyway)."""
-    if not (math.isfinite(latency) and latency >= 0):    # NaN and inf too (time.sleep fails on them)
-        raise UserError(Option("latency", latency), ": expected a number of seconds, 0 or more")
-    for name, value in (("label_noise", label_noise), ("llm_accuracy", llm_accuracy)):
-        if not 0 <= value <= 1:
-            raise UserError(Option(name, value), ": expected a number in [0, 1]")
-    dataset = load_dataset(data, text_column, label_column, seed=seed)
-    splits = make_splits(dataset, labeled, seed, validation_fraction)
+    o = simulation
+    dataset = load_dataset(o.data, o.text_column, o.label_column, seed=o.seed)
+    splits = make_splits(dataset, o.labeled, o.seed, o.validation_fraction)
     # A port taken (or given twice) is said in one line, before anything loads, not found out by PyTriton,
     # which waits a minute for a tritonserver that exited at once. One taken between this check and Triton's
     # bind still is.
     require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     embed = EmbeddingCache()
-    teacher = make_simulated_teacher(kind, splits.pool, seed=seed, label_noise=label_noise, embed=embed)
+    teacher = make_simulated_teacher(o.kind, splits.pool, seed=o.seed, label_noise=o.label_noise, embed=embed)
     # The cascade's classification prompts: a simulated LLM that knows every gold label of the dataset (only).
-    classifier = SimulatedLLMClassifier(dataset.train + dataset.validation + dataset.test, splits.labels, llm_accuracy,
-                                        seed=seed,
+    classifier = SimulatedLLMClassifier(dataset.train + dataset.validation + dataset.test, splits.labels,
+                                        o.llm_accuracy, seed=o.seed,
                                         confusable=_quietly(confusable_classes, splits.labels, embed))
-    model = SimulatedTeacherModel(teacher, latency=latency, classifier=classifier)
+    model = SimulatedTeacherModel(teacher, latency=o.latency, classifier=classifier)
 
     libdir = sysconfig.get_config_var("LIBDIR")
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
@@ -136,5 +129,5 @@ def serve(kind: str, data: str, labeled: int, seed: int, http_port: int, grpc_po
               f"not an LLM) as Triton model '{MODEL_NAME}' on {host}: http :{http_port}, grpc :{grpc_port}; "
               f"--teacher triton://{url_host(host)}:{http_port}/{MODEL_NAME}\n"    # one write: both lines, or none
               f"pgkd: classification prompts (the cascade's) are answered by a simulated LLM of accuracy "
-              f"{llm_accuracy:g}, not an LLM: {UNKNOWN_TEXTS}", flush=True)
+              f"{o.llm_accuracy:g}, not an LLM: {UNKNOWN_TEXTS}", flush=True)
         triton.serve()

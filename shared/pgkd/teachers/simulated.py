@@ -14,12 +14,13 @@ their answers at random to mimic a teacher's mistakes.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from pgkd.allocation import allocate
-from pgkd.types import GeneratedBatch, GenerationRequest, Sample, TeacherUsage
+from pgkd.types import GeneratedBatch, GenerationRequest, Sample, Seed, Share, TeacherUsage
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -152,6 +153,25 @@ class PoolGuidedTeacher(_PoolTeacher):
 
 
 TEACHERS = ("pool-guided", "pool-random", "pool-guided-pairs")
+
+
+class Simulation(BaseModel):
+    """What `pgkd teacher serve` serves, declared once: its options (pgkd.options) and their checks, made
+    before anything loads."""
+    model_config = ConfigDict(allow_inf_nan=False)   # time.sleep fails on NaN and inf
+    kind: Literal[TEACHERS] = Field(
+        "pool-guided", description="the simulation of an LLM teacher writing samples")
+    data: str = Field(description="the dataset the runs use")
+    labeled: int = Field(1000, gt=0, description="the runs' --labeled: their samples are not served")
+    seed: Seed = Field(1, description="the runs' --seed")
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description="the runs' --validation-fraction")
+    label_noise: Share = Field(0.0, description="share of answers relabeled at random")
+    latency: float = Field(0.0, ge=0, description="seconds each answer takes, like an LLM's")
+    llm_accuracy: Share = Field(0.95, description=(
+        "classification prompts (the cascade's) are answered by a simulated LLM of this accuracy: the gold "
+        "label with this probability, else a confusable class; a text not in --data gets a random class"))
+    text_column: str = Field("text", description="the column (or JSON key) holding the text")
+    label_column: str = Field("label", description="the column (or JSON key) holding the label")
 
 
 def make_simulated_teacher(name: str, pool: list[Sample], seed: int, label_noise: float = 0.0,
