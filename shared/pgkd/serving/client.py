@@ -79,13 +79,16 @@ class StudentClient:
     def __exit__(self, *exc):
         self.close()
 
-    def infer(self, texts: list[str]) -> dict:
-        """One request: {"label": [...], "probability": [...], "probabilities": array, "version": str}."""
+    def _inputs(self, texts: list[str]) -> list:
         data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
         inputs = [self._module.InferInput("text", list(data.shape), "BYTES")]
         inputs[0].set_data_from_numpy(data)
+        return inputs
+
+    def infer(self, texts: list[str]) -> dict:
+        """One request: {"label": [...], "probability": [...], "probabilities": array, "version": str}."""
         # Every output the model has: a student's three, and a cascade's `answered_by` and `error` besides.
-        result = self._call(self._client.infer, self.model, inputs)
+        result = self._call(self._client.infer, self.model, self._inputs(texts))
         labels, probability, probabilities = (result.as_numpy(n) for n in ("label", "probability", "probabilities"))
         if labels is None or probability is None or probabilities is None or labels.size != len(texts):
             raise ServingError(f"{self._where()}: the answer has no label and probability per text: not a "
@@ -107,12 +110,10 @@ class StudentClient:
     def served_labels(self) -> list[str]:
         """The served model's labels, in the order of its probabilities: its label map (labels.txt), read
         through Triton's classification extension (the top `n` classes of one request, as value:index:label)."""
-        data = np.array([[b"a text to read the served labels"]], dtype=np.object_)
-        inputs = [self._module.InferInput("text", list(data.shape), "BYTES")]
-        inputs[0].set_data_from_numpy(data)
-        n = self.infer(["a text to read the served labels"])["probabilities"].shape[1]
+        text = ["a text to read the served labels"]
+        n = self.infer(text)["probabilities"].shape[1]
         outputs = [self._module.InferRequestedOutput("probabilities", class_count=n)]
-        result = self._call(self._client.infer, self.model, inputs, outputs=outputs)
+        result = self._call(self._client.infer, self.model, self._inputs(text), outputs=outputs)
         labels: list[str | None] = [None] * n
         for entry in result.as_numpy("probabilities").reshape(-1):
             _, index, *label = _text(entry).split(":", 2)
