@@ -159,14 +159,14 @@ def serve_cascade(args) -> int:
             raise UserError(Option(name, value), ": expected a finite number, 0 or more")
     if args.examples_per_class < 0:
         raise UserError(Option("examples_per_class", args.examples_per_class), ": expected 0 or more")
-    require_free_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
-                                   "--metrics-port": args.metrics_port,
-                                   "--cascade-metrics-port": args.cascade_metrics_port})
     teacher = teacher_factory(args.teacher, args.teacher_timeout, args.price_prompt_per_1k,
                               args.price_completion_per_1k)
     given = {k: getattr(args, k) for k in ("threshold", "target_accuracy", "max_teacher_share")
              if getattr(args, k) is not None}
     policy = Policy(**given)          # none: the threshold the run recorded with the student
+    require_free_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
+                                   "--metrics-port": args.metrics_port,
+                                   "--cascade-metrics-port": args.cascade_metrics_port})
 
     def check(calibration) -> None:   # the input's faults, said before the student is reached
         if not calibration.labels:

@@ -40,6 +40,13 @@ def make(chat, timeout: float = 2.0, threshold: float = 0.5):
     return cascade, registry, labels
 
 
+def ports() -> list[str]:
+    """Free ports for `pgkd cascade serve`: its defaults may be taken on the machine that runs the tests."""
+    from pgkd.net import free_ports
+    return [x for flag, port in zip(("--http-port", "--grpc-port", "--metrics-port", "--cascade-metrics-port"),
+                                    free_ports(4)) for x in (flag, str(port))]
+
+
 def value(registry, name: str, **labels) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
@@ -208,7 +215,7 @@ def test_bad_input_to_cascade_serve_is_one_line_and_exit_2(flags, said, tmp_path
         args[flags[i]] = flags[i + 1]
     if "--target-accuracy" in args:
         del args["--threshold"]
-    code = main(["cascade", "serve", *[x for pair in args.items() for x in pair]])
+    code = main(["cascade", "serve", *[x for pair in args.items() for x in pair], *ports()])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and said in err[0], err
 
@@ -217,7 +224,7 @@ def test_a_missing_or_damaged_calibration_is_one_line(tmp_path, capsys):
     (tmp_path / "pgkd-calibration.json").write_text('{"temperature": "hot"}')
     for where in (tmp_path, tmp_path / "nowhere"):
         code = main(["cascade", "serve", "--student", "http://127.0.0.1:1", "--teacher",
-                     "openai://127.0.0.1:1/v1?model=m", "--calibration", str(where)])
+                     "openai://127.0.0.1:1/v1?model=m", "--calibration", str(where), *ports()])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and "calibration" in err[0], err
 
@@ -266,7 +273,7 @@ def test_a_student_that_cannot_be_reached_is_one_line_and_exit_1(tmp_path, capsy
         port = closed.getsockname()[1]
     code = main(["cascade", "serve", "--student", f"http://127.0.0.1:{port}", "--teacher",
                  "openai://127.0.0.1:1/v1?model=m", "--calibration", str(tmp_path), "--threshold", "0.5",
-                 "--student-timeout", "2"])
+                 "--student-timeout", "2", *ports()])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and f"127.0.0.1:{port}" in err[0], err
 
@@ -276,7 +283,8 @@ def test_with_wait_for_student_it_waits_for_a_first_version_instead_of_exiting(t
     from process_tools import Pgkd
     (tmp_path / "student").mkdir()
     waiting = Pgkd(tmp_path, "cascade", "serve", "--student", "http://127.0.0.1:1", "--teacher",
-                   "openai://127.0.0.1:1/v1?model=m", "--calibration", str(tmp_path / "student"), "--wait-for-student")
+                   "openai://127.0.0.1:1/v1?model=m", "--calibration", str(tmp_path / "student"), "--wait-for-student",
+                   *ports())
     try:
         waiting.wait_for("pgkd: waiting for the student", timeout=60)
         assert "neither a calibration" in waiting.log()
