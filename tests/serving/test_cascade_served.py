@@ -189,7 +189,9 @@ def test_pgkd_classify_and_perf_analyzer_work_on_the_cascade_unchanged(cascade):
         assert done.returncode == 0, output
         inferences = [int(n) for n in re.findall(r"Inference count: (\d+)", output)]
         succeeded = [int(n) for n in re.findall(r"Successful request count: (\d+)", output)]
-        assert inferences and inferences == succeeded and min(inferences) > 0, output
+        # read at the window's edges with 4 requests in flight: they may differ by as many (test_perf_analyzer)
+        assert inferences and len(inferences) == len(succeeded) and min(inferences) > 0, output
+        assert all(abs(i - s) <= 4 for i, s in zip(inferences, succeeded)) and "failed" not in output.lower(), output
 
 
 def test_a_bad_text_is_its_own_error_and_the_others_are_answered(cascade):

@@ -77,10 +77,13 @@ def test_perf_analyzer_at_concurrency_1_and_8_has_no_failed_request(server, prot
     rows = list(csv.DictReader(table.open()))
     assert [row["Concurrency"] for row in rows] == ["1", "8"], rows
     assert all(float(row["Inferences/Second"]) > 0 for row in rows), rows
-    # the server's own count, per concurrency: every inference it ran succeeded
+    # the server's own count, per concurrency: every inference it ran succeeded. The two counters are read
+    # at the window's edges while up to 8 requests are in flight, so they may differ by as many (CI saw
+    # 6134 inferences against 6139 successes); a failed request would also say "failed" above.
     inferences = [int(n) for n in re.findall(r"Inference count: (\d+)", output)]
     succeeded = [int(n) for n in re.findall(r"Successful request count: (\d+)", output)]
-    assert len(inferences) == 2 and inferences == succeeded and min(inferences) > 0, output
+    assert len(inferences) == 2 == len(succeeded) and min(inferences) > 0, output
+    assert all(abs(i - s) <= 8 for i, s in zip(inferences, succeeded)), output
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
