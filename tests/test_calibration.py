@@ -78,9 +78,18 @@ def test_the_threshold_for_a_teacher_share_sends_it_at_most_that_share(confidenc
     confidence = np.array(confidence)
     d = choose_threshold(confidence, np.ones(len(confidence), dtype=bool), max_teacher_share=share)
     assert (confidence < d.threshold).mean() <= share + 1e-9
-    higher = confidence[confidence > d.threshold]
+    lowest_answered = confidence[confidence >= d.threshold].min(initial=1.0)   # 0 answers what the lowest does
+    higher = confidence[confidence > lowest_answered]
     if len(higher) and share < 1:   # one step higher would send the LLM more than its share
         assert (confidence < higher.min()).mean() > share
+
+
+@pytest.mark.parametrize("target", [dict(max_teacher_share=0.0), dict(target_accuracy=0.3)])
+def test_a_target_every_held_text_meets_lets_the_student_answer_every_text(target):
+    """A teacher share of 0 (an operator switching the LLM off), or an accuracy the student holds on every
+    held text: the threshold is 0, so a live text less sure than any held one is not sent to the LLM."""
+    d = choose_threshold([0.9, 0.8, 0.7, 0.6], [True, True, True, False], **target)
+    assert d.threshold == 0.0 and d.student_share == 1.0
 
 
 def test_a_target_the_scores_cannot_meet_names_what_they_can():

@@ -118,6 +118,12 @@ def _answered(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, 
     return conf[last], np.flatnonzero(last) + 1, right[last]
 
 
+def _threshold(thresholds: np.ndarray, k: int) -> float:
+    """The threshold at `thresholds[k]`; where that answers every held text, 0: the student then answers
+    every text, live ones less sure than any held one too (a teacher share of 0 sends the LLM nothing)."""
+    return 0.0 if k == len(thresholds) - 1 else float(thresholds[k])
+
+
 def choose_threshold(confidence, correct, target_accuracy: float | None = None,
                      max_teacher_share: float | None = None) -> Deferral:
     """The lowest threshold (the most texts for the student) whose answers are at least
@@ -139,7 +145,7 @@ def choose_threshold(confidence, correct, target_accuracy: float | None = None,
             return Deferral(threshold=1.0, target=f"max teacher share {max_teacher_share:g}",
                             student_share=float((confidence >= 1.0).mean()), student_accuracy=None, samples=n)
         k = np.flatnonzero(answered >= n * (1 - max_teacher_share) - 1e-9)[0]   # the last always fits
-        return Deferral(threshold=float(thresholds[k]), target=f"max teacher share {max_teacher_share:g}",
+        return Deferral(threshold=_threshold(thresholds, k), target=f"max teacher share {max_teacher_share:g}",
                         student_share=float(answered[k] / n), student_accuracy=float(accuracy[k]), samples=n)
     bound = accuracy_lower_bound(right, answered)
     meets = np.flatnonzero(bound >= target_accuracy - 1e-12)
@@ -150,7 +156,7 @@ def choose_threshold(confidence, correct, target_accuracy: float | None = None,
             f"most {bound[best]:.4f} accurate at {CONFIDENCE_LEVEL:.0%} confidence (at {answered[best] / n:.1%} of "
             f"texts); achievable: a target up to {bound[best]:.4f}, or --max-teacher-share")
     k = meets[-1]
-    return Deferral(threshold=float(thresholds[k]), target=f"target accuracy {target_accuracy:g}",
+    return Deferral(threshold=_threshold(thresholds, k), target=f"target accuracy {target_accuracy:g}",
                     student_share=float(answered[k] / n), student_accuracy=float(accuracy[k]),
                     accuracy_lower_bound=round(float(bound[k]), 6), samples=n)
 
