@@ -197,7 +197,7 @@ def test_export_and_serve_refuse_bad_input_with_one_line(served, tmp_path, capsy
         assert code == 2, (args, err)
         assert len(err.strip().splitlines()) == 1 and says in err, (args, err)
     done = pgkd(*cases[0][0])     # and as a process: no traceback on its way out
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"pgkd: error: {not_a_student}: not a saved student (no config.json)"]
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"pgkd: error: {not_a_student}: not a saved student (no config.json, nor pgkd_frozen_student.json of a frozen-encoder one)"]
     assert [p.name for p in not_a_student.iterdir()] == ["todo.txt"]   # nothing written into a user's folder
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
 

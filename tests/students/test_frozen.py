@@ -62,6 +62,39 @@ def test_unreadable_folder_is_a_user_error(tmp_path):
         load_student(tmp_path)
 
 
+def _saved(tmp_path):
+    student = FrozenEncoderStudent(["alpha", "beta", "gamma"], embed=EmbeddingCache(CountingEncoder()))
+    samples = [Sample(text=f"{w} {i}", label=w) for w in ("alpha", "beta", "gamma") for i in range(5)]
+    student.train(samples, samples[::5], TrainConfig(), progress=False)
+    student.save(tmp_path / "m")
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda m: (m / "head.npz").write_bytes((m / "head.npz").read_bytes()[:300]), "not a readable"),   # cut short
+    (lambda m: (m / "head.npz").write_bytes(b"not a zip"), "not a readable"),
+    (lambda m: (m / "pgkd_frozen_student.json").write_text('{"labels": ["alpha", "beta"]}'),
+     "head.npz holds 3 classes' weights for the 2 labels"),
+    (lambda m: (m / "pgkd_frozen_student.json").write_text('{"labels": ["alpha", "alpha", "beta"]}'),
+     "not a list of distinct names"),
+    (lambda m: (m / "pgkd_frozen_student.json").write_text('{"labels": "alpha"}'), "not a list of distinct names"),
+])
+def test_a_damaged_saved_student_is_one_user_error_naming_it(tmp_path, damage, says):
+    """A head cut short or a label map that does not fit it: refused at load, never a traceback in predict
+    nor an exported model whose labels.txt and outputs differ."""
+    folder = _saved(tmp_path)
+    (folder / "pgkd-calibration.json").unlink(missing_ok=True)      # the head and the label map alone
+    damage(folder)
+    with pytest.raises(UserError, match="not a readable frozen-encoder student") as e:
+        load_student(folder)
+    assert says in str(e.value) and str(folder) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_student_folder_says_so(tmp_path):
+    with pytest.raises(UserError, match="nope: no such folder"):
+        load_student(tmp_path / "nope")
+
+
 def test_embedding_cache_writes_only_when_something_new_was_encoded(tmp_path):
     path = tmp_path / "cache.npz"
     cache = EmbeddingCache(CountingEncoder(), path=path)

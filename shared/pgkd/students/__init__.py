@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pgkd.errors import UserError
 from pgkd.students.contract import MARKER, SPEC
 
 _LAZY = {"FineTunedStudent": "pgkd.students.finetuned", "FrozenEncoderStudent": "pgkd.students.frozen"}
@@ -28,6 +29,9 @@ def create_student(spec: str, labels: list[str], seed: int = 0, device: str | No
 
 
 def load_student(path: str | Path, device: str | None = None):
+    if not Path(path).is_dir():
+        raise UserError(f"{path}: {'no such folder' if not Path(path).exists() else 'not a folder'}: expected a "
+                        "saved student's folder (a run's best/)")
     if (Path(path) / MARKER).is_file():
         from pgkd.students.frozen import FrozenEncoderStudent
         return FrozenEncoderStudent.load(path)

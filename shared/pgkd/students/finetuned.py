@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from pgkd.encoder import length_sorted_batches, minilm_path, pick_device
 from pgkd.errors import UserError
-from pgkd.students.contract import (calibrated, calibration_files, log_loss, predicted_labels, read_calibration,
-                                    text_list)
+from pgkd.students.contract import (MARKER, calibrated, calibration_files, log_loss, predicted_labels,
+                                    read_calibration, text_list)
 from pgkd.types import MAX_LENGTH, MAX_TEXT_CHARS, Sample, TrainConfig, TrainResult
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,7 +136,7 @@ class FineTunedStudent:
     def load(cls, path: str | Path, device: str | None = None) -> "FineTunedStudent":
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise UserError(f"{path}: not a saved student (no config.json)")
+            raise UserError(f"{path}: not a saved student (no config.json, nor {MARKER} of a frozen-encoder one)")
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
             # transformers would build a tokenizer of its special tokens alone: every word [UNK], wrong answers
             raise UserError(f"{path}: not a readable saved student (no tokenizer: none of {', '.join(TOKENIZER_FILES)})")

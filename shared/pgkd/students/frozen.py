@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +126,17 @@ class FrozenEncoderStudent:
         path = Path(path)
         try:
             meta = json.loads((path / MARKER).read_text())
-            with np.load(path / "head.npz") as f:
-                student = cls(meta["labels"])
+            labels = meta["labels"]
+            if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)
+                    and len(set(labels)) == len(labels)):
+                raise ValueError(f"{MARKER}: 'labels' is not a list of distinct names")
+            with np.load(path / "head.npz", allow_pickle=False) as f:
+                student = cls(labels)
                 student.coef, student.intercept = f["coef"], f["intercept"]
+            if student.coef.ndim != 2 or student.coef.shape[0] != len(labels) or student.intercept.shape != (len(labels),):
+                raise ValueError(f"head.npz holds {student.coef.shape[0] if student.coef.ndim else 0} classes' weights "
+                                 f"for the {len(labels)} labels of {MARKER}")
             student.calibration = read_calibration(path, student.labels)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
             raise UserError(f"{path}: not a readable frozen-encoder student ({e})") from None
         return student
