@@ -330,6 +330,8 @@ def test_a_stopped_cascade_leaves_no_process_temporary_folder_or_shared_memory(c
     folders = model_folders(children)
     assert folders, "no stub names its model folder"
     assert server.stop(signal.SIGTERM) == 0, server.log()
+    # unloaded before tritonserver's exit timeout: else its Python backend leaves /tmp/python_env_XXXXXX
+    assert "successfully unloaded 'cascade' version 1" in server.log(), server.log()[-3000:]
     assert gone(children), "a child of pgkd cascade serve outlived it"
     assert server.left_in_tmp() == []
     assert list(Path("/dev/shm").glob(f"pytrtion{pid}-*")) == []

@@ -131,6 +131,13 @@ class CascadeModel:
                 "probabilities": probs}
 
 
+# Seconds tritonserver takes at a stop to finish in-flight requests and unload the model. Its Python backend
+# finalizes the instances one after another, and PyTriton's stub takes about 2 s each (8 instances: 16 s);
+# a tritonserver that exits before leaves its /tmp/python_env_XXXXXX behind, which nothing can tell apart
+# from another server's. Within Kubernetes' default grace of 30 s (docker-compose.yml sets the cascade's).
+EXIT_TIMEOUT = 25
+
+
 def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int, host: str = DEFAULT_HOST,
           instances: int = 8, max_batch_size: int = 64, announce: str = "") -> None:
     """Serve `model` on `host` until SIGTERM, SIGHUP or Ctrl-C (PyTriton's tritonserver, CPU). A start that
@@ -143,7 +150,7 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
 
     require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5)
+                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=EXIT_TIMEOUT)
     outputs = [Tensor(name=n, dtype=np.float32, shape=(-1,) if n == "probabilities" else (1,))
                if n.startswith("probabilit") else Tensor(name=n, dtype=bytes, shape=(1,)) for n in OUTPUTS]
     # PyTriton restricts Triton's statistics API (and the repository, shared memory, trace and logging ones) to
