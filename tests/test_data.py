@@ -32,6 +32,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
     ('{"text": "hi", "label": ""}', "missing label"),
     ('{"text": "hi", "label": "a"', "unreadable row"),
     ('["hi", "a"]', "unreadable row"),
+    ('{"text": "broken', r"unreadable row \(not JSON: Invalid control character at column 17\)"),
 ])
 def test_bad_jsonl_rows_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "train.jsonl"
@@ -53,6 +54,8 @@ def test_bad_csv_names_file_line_and_columns(tmp_path):
 def test_folder_dataset_errors(tmp_path):
     with pytest.raises(UserError, match="no such file or folder"):
         load_dataset(tmp_path / "nope")
+    with pytest.raises(UserError, match="/dev/null: not a regular file"):
+        load_dataset("/dev/null")
     (tmp_path / "d").mkdir()
     with pytest.raises(UserError, match="no train file"):
         load_dataset(tmp_path / "d")

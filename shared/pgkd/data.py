@@ -50,7 +50,7 @@ def _check_row(text, label, where: str) -> Sample:
 def read_samples(path: Path, text_column: str = "text", label_column: str = "label") -> list[Sample]:
     """Read one JSON Lines or CSV file; errors name the file and line."""
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     samples: list[Sample] = []
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:   # -sig: a byte-order mark (Excel) is not text
@@ -72,8 +72,8 @@ def read_samples(path: Path, text_column: str = "text", label_column: str = "lab
                     where = f"{path}:{line_number}"
                     try:
                         row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{where}: unreadable row (not JSON: {e.msg})") from None
+                    except json.JSONDecodeError as e:   # e.msg ends "at", its position apart: said whole
+                        raise UserError(f"{where}: unreadable row (not JSON: {e.msg} column {e.colno})") from None
                     if not isinstance(row, dict):
                         raise UserError(f"{where}: unreadable row (expected a JSON object)")
                     if text_column not in row:   # not "empty text": the column is named wrong, or missing
