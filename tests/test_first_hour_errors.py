@@ -170,6 +170,20 @@ CASES = {
         lambda toy, student, tmp: ["distill", "--data", str(toy), "--student", "tiny", "--labeled", "40",
                                    "--out", str(tmp / "afile" / "run")],
         "out='", "--out /"),
+    "a device of no such name": (
+        lambda toy, student, tmp: pgkd.distill(toy, student="minilm-frozen", device="tpu", **TINY),
+        lambda toy, student, tmp: ["distill", "--data", str(toy), "--student", "minilm-frozen", "--device", "tpu",
+                                   "--dry-run"],
+        "device='tpu': not a device", "--device tpu: not a device"),
+    "no CUDA device for the frozen student": (
+        lambda toy, student, tmp: pgkd.distill(toy, student="minilm-frozen", device="cuda", out=tmp / "r", **TINY),
+        lambda toy, student, tmp: ["distill", "--data", str(toy), "--student", "minilm-frozen", "--device", "cuda",
+                                   "--labeled", "40", "--out", str(tmp / "r")],
+        "device='cuda': no CUDA device", "--device cuda: no CUDA device"),
+    "an unknown student in a dry run": (
+        lambda toy, student, tmp: pgkd.distill(toy, student="bogus", out=tmp / "r", **TINY),
+        lambda toy, student, tmp: ["distill", "--data", str(toy), "--student", "bogus", "--dry-run"],
+        "unknown student 'bogus'", "unknown student 'bogus'"),
     "no CUDA device": (
         lambda toy, student, tmp: pgkd.load_student(student, device="cuda"),
         lambda toy, student, tmp: ["predict", "--model", str(student), "--device", "cuda", "hello"],

@@ -61,6 +61,7 @@ def dry_run(config, prompt_file: str | None) -> int:
     prompt goes to `prompt_file`, a new file (never one that exists), or to stdout (None or -)."""
     from pgkd.data import load_dataset, make_splits, with_taxonomy
     from pgkd.loop.dryrun import plan
+    from pgkd.students.contract import check_student
     from pgkd.teachers.llm import default_token_counter
     from pgkd.teachers.transports import is_llm_teacher, public_url
     target = None if prompt_file in (None, "-") else Path(prompt_file)
@@ -71,6 +72,7 @@ def dry_run(config, prompt_file: str | None) -> int:
             raise UserError(Option("prompt_file", prompt_file), ": exists already; name a new file")
         if not target.parent.is_dir():
             raise UserError(Option("prompt_file", prompt_file), f": no folder {target.parent}")
+    check_student(config.student)      # what the run would refuse, a dry run refuses too (without loading it)
     dataset = with_taxonomy(load_dataset(config.data, config.text_column, config.label_column, seed=config.seed),
                             config.taxonomy)
     splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)

@@ -88,9 +88,10 @@ class SentenceEncoder:
 class EmbeddingCache:
     """Sentence embeddings by text: each text is encoded once per process, or once ever with a file."""
 
-    def __init__(self, encoder: SentenceEncoder | None = None, path: str | Path | None = None, progress: bool = True):
+    def __init__(self, encoder: SentenceEncoder | None = None, path: str | Path | None = None, progress: bool = True,
+                 device: str | None = None):
         self._encoder = encoder
-        self.progress = progress
+        self.progress, self.device = progress, device   # the encoder's, when it loads on first use
         self.path = Path(path) if path else None
         self.vectors: dict[str, np.ndarray] = {}
         self._unsaved = False
@@ -101,7 +102,7 @@ class EmbeddingCache:
     @property
     def encoder(self) -> SentenceEncoder:
         if self._encoder is None:
-            self._encoder = SentenceEncoder(progress=self.progress)
+            self._encoder = SentenceEncoder(device=self.device, progress=self.progress)
         return self._encoder
 
     def __call__(self, texts: list[str]) -> np.ndarray:

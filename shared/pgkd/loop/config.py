@@ -2,6 +2,7 @@
 the stop policy, each round's training settings, how many samples to ask for."""
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
@@ -114,7 +115,7 @@ class DistillConfig(BaseModel):
         "the misclassified samples the student was most sure of, shown to the teacher"))
     misclassified: int = Field(16, ge=0, description="other misclassified samples shown to the teacher (a seeded draw)")
     correct: int = Field(16, ge=0, description="correctly classified samples shown to the teacher (a seeded draw)")
-    device: str = Field("auto", description="auto | cpu | cuda")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     # The cascade's deferral policy (pgkd.calibration): when the run ends, the kept student's probabilities
     # are calibrated on the validation texts the teacher was never shown, and the threshold is picked there.
     target_accuracy: float | None = Field(None, gt=0, le=1, json_schema_extra={"group": "the cascade"}, description=(
@@ -143,6 +144,14 @@ class DistillConfig(BaseModel):
             raise ValueError(f"unknown scheme {scheme!r}: expected a folder, file://PATH, s3://BUCKET[/PREFIX], "
                              "gs://..., az://... or none")
         check_artifacts_url(v)      # a bucket's URL without its bucket
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_named(cls, v: str) -> str:
+        """Its spelling; whether this machine has it is asked when the student is made (pgkd.encoder.pick_device)."""
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("not a device (auto, cpu, cuda, cuda:N, mps)")
         return v
 
     @field_validator("metric")

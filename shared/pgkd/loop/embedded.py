@@ -74,7 +74,8 @@ def distill_splits(config: DistillConfig, dataset: Dataset, splits: Splits, prog
     """The loop itself, on splits made already: the phases of pgkd.loop.distillation, in order, on a
     state kept in memory."""
     # One sentence encoder for the frozen student and the guided teacher; it loads on first use.
-    cache = embed if isinstance(embed, EmbeddingCache) else EmbeddingCache(progress=progress) if embed is None else None
+    cache = embed if isinstance(embed, EmbeddingCache) else \
+        EmbeddingCache(progress=progress, device=config.device) if embed is None else None
     student = student if student is not None else fresh_student(config, splits.labels, 0, embed=cache)
     teacher = teacher if teacher is not None else make_teacher(config, splits, embed=embed or cache)
     announce(config, dataset, splits, student, teacher)

@@ -22,7 +22,9 @@ def __getattr__(name: str):
 
 def create_student(spec: str, labels: list[str], seed: int = 0, device: str | None = None, embed=None):
     if spec == SPEC:
+        from pgkd.encoder import pick_device
         from pgkd.students.frozen import FrozenEncoderStudent
+        pick_device(device)    # refused as for the others (its encoder is the loop's, on the loop's device)
         return FrozenEncoderStudent(labels, embed=embed, seed=seed)
     from pgkd.students.finetuned import FineTunedStudent
     return FineTunedStudent.create(spec, labels, seed=seed, device=device)

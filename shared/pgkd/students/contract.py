@@ -16,6 +16,27 @@ from pgkd.types import Sample, TrainConfig, TrainResult
 
 SPEC = "minilm-frozen"                 # the frozen-encoder student's name
 MARKER = "pgkd_frozen_student.json"    # the file that marks a saved frozen-encoder student
+NAMED = ("minilm", "minilm-cls", SPEC, "tiny")   # the students known by name; else a folder or a cached id
+
+
+def unknown_student(spec: str, why: str = "") -> UserError:
+    return UserError(f"unknown student {spec!r}: not {', '.join(repr(n) for n in NAMED)}, a model folder, or a "
+                     f"Hugging Face id in the local cache{why}")
+
+
+def check_student(spec: str) -> None:
+    """That `spec` names a student this machine can make, without loading it: a name pgkd knows, a folder,
+    or a Hugging Face id whose config is in the local cache (pgkd never downloads one). Whether a folder
+    holds a model is found when it is loaded."""
+    if spec in NAMED or Path(spec).is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        cached = try_to_load_from_cache(spec, "config.json")
+    except ValueError:         # not a repository id at all (spaces, two slashes, ...)
+        cached = None
+    if not isinstance(cached, str):
+        raise unknown_student(spec)
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pgkd.encoder import length_sorted_batches, minilm_path, pick_device
 from pgkd.errors import UserError
 from pgkd.students.contract import (MARKER, calibrated, calibration_files, log_loss, predicted_labels,
-                                    read_calibration, text_list)
+                                    read_calibration, text_list, unknown_student)
 from pgkd.types import MAX_LENGTH, MAX_TEXT_CHARS, Sample, TrainConfig, TrainResult
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,8 +128,7 @@ class FineTunedStudent:
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             why = f" ({first[:160]})" if Path(source).is_dir() else ""   # a folder, but not a model's
-            raise UserError(f"unknown student {spec!r}: not 'minilm', 'minilm-cls', 'minilm-frozen', 'tiny', a "
-                            f"model folder, or a Hugging Face id in the local cache{why}") from None
+            raise unknown_student(spec, why) from None
         return cls(model, tokenizer, labels, spec, device)
 
     @classmethod
