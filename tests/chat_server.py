@@ -59,6 +59,8 @@ class ChatServer:
 
     async def handle(self, request):
         body = await request.json()
+        if "messages" not in body:   # refused as invalid, as OpenAI-compatible servers do (pgkd's check sends {})
+            return web.json_response({"object": "error", "message": "messages: field required"}, status=400)
         self.requests.append({"body": body, "authorization": request.headers.get("Authorization")})
         if self.refuse_schema and "response_format" in body:
             return web.json_response({"object": "error", "message": "1 validation error: response_format: "

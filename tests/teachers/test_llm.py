@@ -139,6 +139,11 @@ def test_check_reaches_the_server_before_any_call_and_says_what_is_wrong(chat):
     chat.model_list = 401
     with pytest.raises(TeacherUnavailable, match="refused the key in PGKD_TEST_KEY"):
         teacher(chat.url).check()
+    chat.model_list = None
+    wrong = chat.url.replace("/v1?", "/v2?")      # a wrong path, as a Triton server's port is: 404 everywhere
+    with pytest.raises(TeacherUnavailable, match=r"HTTP 404 at http://127.0.0.1:\d+/v2/chat/completions: no "
+                                                 "OpenAI-compatible API there"):
+        teacher(wrong).check()
     assert chat.requests == []                    # reaching it asked for no completion
 
 

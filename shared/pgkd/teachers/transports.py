@@ -276,8 +276,9 @@ class OpenAITransport:
                                  f"{self.key_env}", transient=False)
         if response.status >= 500:
             raise TransportError("server_error", f"HTTP {response.status}: {text[:200]}", transient=True)
-        if response.status != 200:
-            return   # a server without the list (404, 405): it answered, which is what is checked
+        if response.status != 200:     # a server without the list (404, 405): is its chat endpoint there?
+            await self._chat_endpoint_answers()
+            return
         try:
             served = [m["id"] for m in json.loads(text)["data"]]
         except (ValueError, KeyError, TypeError):
@@ -285,6 +286,19 @@ class OpenAITransport:
         if served and self.model not in served:
             raise TransportError("rejected_request", f"model {self.model!r} is not served there (it serves "
                                  f"{', '.join(served[:10])})", transient=False)
+
+    async def _chat_endpoint_answers(self) -> None:
+        """An empty request costs nothing (an OpenAI-compatible server refuses it as invalid: 400, 422); a
+        404 means no such endpoint: a URL of another server (a Triton server's port) or a wrong path."""
+        import aiohttp
+        try:
+            async with self._session.post(f"{self.base_url}/chat/completions", json={}) as response:
+                await response.read()
+        except aiohttp.ClientError as e:
+            raise TransportError("transport", f"{type(e).__name__}: {e}", transient=True) from None
+        if response.status == 404:
+            raise TransportError("rejected_request", f"HTTP 404 at {self.base_url}/chat/completions: no "
+                                 "OpenAI-compatible API there", transient=False)
 
     async def close(self) -> None:
         if self._session is not None:
