@@ -8,6 +8,7 @@ when the buffer is full a label is dropped and counted (pgkd_cascade_labels{outc
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import queue
 import random
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from pgkd.distributed.messages import TEACHER_SOURCE, LabeledSample
 from pgkd.errors import Option, UserError
+from pgkd.names import check_name
 from pgkd.net import DEFAULT_HOST, host_option, port_option, require_free_ports
 
 from pgkd_services import kafka_security
@@ -161,6 +163,9 @@ def serve_cascade(args) -> int:
         raise UserError(Option("examples_per_class", args.examples_per_class), ": expected 0 or more")
     teacher = teacher_factory(args.teacher, args.teacher_timeout, args.price_prompt_per_1k,
                               args.price_completion_per_1k)
+    check_name(args.student_model, Option("student_model"))    # named as this command spells it
+    if args.policy_file and not Path(args.policy_file).parent.is_dir():
+        raise UserError(Option("policy_file", args.policy_file), ": no such folder")
     given = {k: getattr(args, k) for k in ("threshold", "target_accuracy", "max_teacher_share")
              if getattr(args, k) is not None}
     policy = Policy(**given)          # none: the threshold the run recorded with the student
@@ -168,10 +173,16 @@ def serve_cascade(args) -> int:
                                    "--metrics-port": args.metrics_port,
                                    "--cascade-metrics-port": args.cascade_metrics_port})
 
+    # The prompt's descriptions and examples for a student's labels: read once per set of labels (the wait
+    # for a student checks its calibration every few seconds).
+    parts = functools.lru_cache(maxsize=1)(lambda labels: prompt_parts(
+        list(labels), args.taxonomy, args.data, args.examples_per_class, args.seed))
+
     def check(calibration) -> None:   # the input's faults, said before the student is reached
         if not calibration.labels:
             raise UserError(Option("calibration", args.calibration), ": names no labels (written by an older pgkd?)")
         PolicySource(policy, calibration, args.policy_file)      # a target its held scores cannot meet
+        parts(tuple(calibration.labels))                         # a taxonomy or --data that does not fit them
     calibrations = student_ready(args, check)
     calibration = calibrations.current
     from prometheus_client import CollectorRegistry, start_http_server
@@ -182,9 +193,11 @@ def serve_cascade(args) -> int:
     if given and args.policy_file and Path(args.policy_file).exists():
         print(f"pgkd: note: the policy file {args.policy_file} sets the threshold, not "
               f"{', '.join('--' + k.replace('_', '-') for k in given)}", flush=True)
+    elif args.policy_file and not Path(args.policy_file).exists():    # a typo would otherwise go unseen
+        print(f"pgkd: note: no policy file {args.policy_file} yet: the threshold is {source.threshold:.4f} "
+              f"({source.described}) until it is written", flush=True)
     _show_logs()
-    descriptions, examples = prompt_parts(calibration.labels, args.taxonomy, args.data, args.examples_per_class,
-                                          args.seed)
+    descriptions, examples = parts(tuple(calibration.labels))
     try:                  # the teacher need not be: until it answers, deferred texts keep the student's answer
         teacher().check()
     except Exception as e:  # noqa: BLE001 -- said, not fatal

@@ -204,6 +204,9 @@ def test_with_the_broker_down_labels_wait_in_a_bounded_buffer_then_are_dropped_a
     (["--teacher", "pool-guided"], "expected a teacher URL"),
     (["--instances", "0"], "--instances 0: expected 1 or more"),
     (["--instances", "100000"], "--instances 100000: at most 64"),
+    (["--student-model", "../x"], "--student-model '../x': not a name"),
+    (["--policy-file", "/nowhere/policy.json"], "--policy-file /nowhere/policy.json: no such folder"),
+    (["--data", "DATA"], "--data DATA: its train split holds none of the student's 3 labels"),
 ])
 def test_bad_input_to_cascade_serve_is_one_line_and_exit_2(flags, said, tmp_path, capsys):
     calibration = Calibration(labels=LABELS, source="held", samples=4, confidence=[0.9, 0.8, 0.7, 0.6],
@@ -213,6 +216,11 @@ def test_bad_input_to_cascade_serve_is_one_line_and_exit_2(flags, said, tmp_path
             "--calibration": str(tmp_path), "--threshold": "0.5"}
     for i in range(0, len(flags), 2):
         args[flags[i]] = flags[i + 1]
+    if args.get("--data") == "DATA":    # another dataset's labels
+        (tmp_path / "other.jsonl").write_text("".join(json.dumps({"text": f"text {i}", "label": label}) + "\n"
+                                                      for i, label in enumerate(["alarm_set", "weather"] * 10)))
+        args["--data"] = str(tmp_path / "other.jsonl")
+        said = said.replace("DATA", args["--data"])
     if "--target-accuracy" in args:
         del args["--threshold"]
     code = main(["cascade", "serve", *[x for pair in args.items() for x in pair], *ports()])

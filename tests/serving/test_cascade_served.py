@@ -249,8 +249,9 @@ def test_the_teachers_labels_reach_the_stream_as_teacher_labels(cascade, tmp_pat
 
 def test_the_operator_moves_the_threshold_with_the_policy_file_and_the_metrics_follow(cascade):
     texts = [s.text for s in cascade["data"].test[80:100]]
+    assert f"no policy file {cascade['policy']} yet" in cascade["server"].log()    # said at start: a typo shows
     try:
-        cascade["policy"].write_text(json.dumps({"threshold": 0.0}))
+        cascade["policy"].write_text(json.dumps({"max_teacher_share": 0}))        # the LLM switched off
         deadline = time.monotonic() + 15
         while metric(cascade["metrics"], "pgkd_cascade_threshold") != 0.0:
             infer(cascade["http"], texts[:1])

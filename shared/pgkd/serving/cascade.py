@@ -34,7 +34,7 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pgkd.calibration import FILE as CALIBRATION_FILE, Calibration
-from pgkd.errors import UserError, invalid
+from pgkd.errors import Option, UserError, invalid
 from pgkd.types import ClassificationRequest, Sample, TeacherUnavailable
 
 log = logging.getLogger("pgkd.cascade")
@@ -421,6 +421,9 @@ def prompt_parts(labels: list[str], taxonomy: str | None = None, data: str | Non
         rng, by_label = random.Random(seed), {}
         for sample in load_dataset(data, seed=seed).train:
             by_label.setdefault(sample.label, []).append(sample)
+        if not by_label.keys() & set(labels):     # another dataset: the prompt would show no example at all
+            raise UserError(Option("data", data), f": its train split holds none of the student's {len(labels)} "
+                            f"labels ({', '.join(labels[:3])}, ...): the data the student was distilled from?")
         for label in labels:
             pool = by_label.get(label, [])
             examples += rng.sample(pool, min(per_class, len(pool)))
