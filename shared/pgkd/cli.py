@@ -660,8 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     except (EnvironmentFailure, TimeoutError, OSError) as e:    # OSError: a disk full, a file system gone
         print(f"pgkd: {one_line(e)}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, Stopped) as e:
-        print("pgkd: interrupted; nothing was written to the output folder", file=sys.stderr)
+    except (KeyboardInterrupt, Stopped) as e:    # the commands that write an output folder write it whole or not at all
+        written = "; nothing was written to the output folder" if args.func in (cmd_distill, cmd_export) else ""
+        print(f"pgkd: interrupted{written}", file=sys.stderr)
         return 128 + (e.signum if isinstance(e, Stopped) else 2)   # 130: Ctrl-C (SIGINT)
 
 

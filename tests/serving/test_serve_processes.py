@@ -193,6 +193,7 @@ def test_an_interrupted_serve_of_a_student_folder_leaves_no_temporary_repository
     code = server.stop(signal.SIGTERM)
     assert server.left_in_tmp() == []
     assert code == 128 + signal.SIGTERM and "Traceback" not in server.log(), server.log()
+    assert "pgkd: interrupted" in server.log() and "output folder" not in server.log()    # serve has none
 
 
 def test_an_interrupted_export_leaves_no_staging_folder(student, tmp_path, pgkd):

@@ -40,6 +40,7 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
     # started (and `serving` is said) only once its own process holds all three ports and answers ready,
     # not when another program answers on the HTTP port.
     require_free_ports(address, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
+    serving = False
     try:
         # Without a version, the failed load of the model at start must not stop the server.
         extra = explicit_control(model) + (["--exit-on-error=false"] if version is None else [])
@@ -51,6 +52,7 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
             print(f"pgkd: serving {model} {what} from {repository} on {address}: http :{http_port}, grpc :{grpc_port}, "
                   f"metrics :{metrics_port}/metrics; pgkd classify --url http://{url_host(address)}:{http_port} TEXT",
                   flush=True)
+            serving = True
             code = server.process.wait()
             print(f"pgkd: tritonserver exited with code {code}; its log:\n{server.log_tail()}", file=sys.stderr)
             return 1
@@ -66,5 +68,7 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
         print(f"pgkd: {message}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, processes.Stopped):
-        print("pgkd: stopped serving", file=sys.stderr)
+        if not serving:     # a start interrupted: said as any command's interruption (exit 130 on Ctrl-C)
+            raise
+        print("pgkd: stopped serving", file=sys.stderr)     # a server's normal end
         return 0
