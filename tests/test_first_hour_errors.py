@@ -214,6 +214,11 @@ CASES = {
         lambda toy, student, tmp: ["distill", "--data", str(toy), "--cost-budget", "1", "--out", str(tmp / "r")],
         "cost_budget=1.0 would never stop the run: without price_prompt_per_1k",
         "--cost-budget 1.0 would never stop the run: without --price-prompt-per-1k"),
+    "a target score no share reaches": (
+        lambda toy, student, tmp: pgkd.distill(toy, student="tiny", target_score=5.0),
+        lambda toy, student, tmp: ["distill", "--data", str(toy), "--target-score", "5", "--dry-run"],
+        "target_score=5.0 would never stop the run: metric='macro_f1' is between 0 and 1",
+        "--target-score 5.0 would never stop the run: --metric macro_f1 is between 0 and 1"),
     "an empty text to predict": (
         None, lambda toy, student, tmp: ["predict", "--model", str(student), "hello", " "],
         None, "argument 2: an empty text"),
