@@ -104,6 +104,18 @@ def test_a_bad_value_at_the_command_line_is_one_line_and_exit_2(monkeypatch, cap
     assert err == ["pgkd: error: PGKD_ARTIFACTS='s3://': no bucket (expected s3://BUCKET[/PREFIX])"]
 
 
+def test_check_says_every_bad_variable_one_line_each_not_the_first_only(monkeypatch, capsys):
+    """A reviewer had to fix and run again once per variable."""
+    monkeypatch.setenv("PGKD_METRICS_PORT", "0")
+    monkeypatch.setenv("PGKD_STREAM", "../x")
+    monkeypatch.setenv("PGKD_CONNECT_TIMEOUT", "nan")
+    assert main(["settings", "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("pgkd: error: PGKD_") for line in err), err
+    assert {line.split("=")[0] for line in err} == {"pgkd: error: PGKD_METRICS_PORT", "pgkd: error: PGKD_STREAM",
+                                                     "pgkd: error: PGKD_CONNECT_TIMEOUT"}
+
+
 def test_check_names_a_pgkd_variable_no_setting_reads_and_the_one_it_may_have_meant(monkeypatch, capsys):
     """A misspelt variable was silently ignored, even by --check (a reviewer's PGKD_CONNECTTIMEOUT)."""
     monkeypatch.setenv("PGKD_CONNECTTIMEOUT", "3")
