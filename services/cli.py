@@ -48,7 +48,10 @@ async def _publish_request(settings: Settings, store: ArtifactStore, make_reques
     async with connected(broker, settings.broker_url):
         request = make_request(store).model_copy(update={"promote": promote})
         files = RunFiles(request.run_id)
-        record_request(store, request)
+        # Created only if absent: of two submits of one id at once, one records its run and the other is
+        # refused here, before it publishes (its data, stored by content, may be the first's too).
+        if not record_request(store, request, new=True):
+            raise _id_in_use(store, request.run_id)
         try:
             await send(broker, request.model_dump_json().encode(), settings.topic_prefix + request.topic,
                        key=request.run_id)
@@ -68,9 +71,7 @@ def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: f
     settings = Settings.from_env()
     store = ArtifactStore(settings.artifacts)
     if run_id is not None and store.exists(RunFiles(run_id).request):
-        # services read a run's options from its request: a second one would change a run under way
-        raise UserError(Option("run_id", run_id), f": a run of this id is already in {store.url} "
-                        f"(`pgkd status {run_id}`); choose another")
+        raise _id_in_use(store, run_id)   # said before the data is read; _publish_request makes it sure
     make_request = checked_request(config, run_id)     # the data checked; nothing stored until the broker answers
     store.check_owned()                                # a store of someone else's is refused before that too
     request = asyncio.run(_publish_request(settings, store, make_request, promote))
@@ -84,6 +85,12 @@ def submit_run(config: DistillConfig, run_id: str | None, wait: bool, timeout: f
         print(f"pgkd: stopped waiting; run {request.run_id} goes on (`pgkd status {request.run_id}`)", file=sys.stderr)
         return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
     return _print_completion(store, completed)
+
+
+def _id_in_use(store: ArtifactStore, run_id: str) -> UserError:
+    # services read a run's options from its request: a second one would change a run under way
+    return UserError(Option("run_id", run_id), f": a run of this id is already in {store.url} "
+                     f"(`pgkd status {run_id}`); choose another")
 
 
 POLL = 0.25            # seconds between two looks of `pgkd submit --wait` at the run's states
@@ -185,6 +192,9 @@ def status(run_id: str) -> int:
         return 1
     config = _run_config(store, files)
     print(f"run {run_id}: {config.data}, student {config.student}, teacher {config.teacher}, seed {config.seed}")
+    if not store.exists(files.completed) and not _taken(store, files):
+        print("submitted; waiting for a trainer to take it (none has yet: are the services running?)")
+        return 0
     if not _show_cycles(store, run_id, 0, write=print):
         print("no cycle evaluated yet")
     if store.exists(files.completed):

@@ -35,10 +35,12 @@ from typing import Self
 
 from pgkd import processes
 from pgkd.errors import UserError
+from pgkd.names import check_name
 from pgkd.net import free_port, free_ports
+from pgkd.ownership import read_owner, write_owner
 from pgkd_services import NAMES
 
-MARKER = ".pgkd-local-cluster"   # a folder holding it is ours to empty at the next start
+MARKER = ".pgkd-local-cluster"   # the entries of its folder the cluster wrote: the next start removes them
 
 
 class StartError(RuntimeError):
@@ -56,7 +58,8 @@ def tansu_binary() -> Path:
 
 class LocalCluster:
     """The servers and services of one local cluster, their URLs and ports, and their logs in `folder`
-    (emptied at each start: the broker keeps its messages in memory, so nothing there could resume).
+    (what it wrote there is removed at each start: the broker keeps its messages in memory, so nothing
+    there could resume; anything else in the folder is kept).
 
     What it starts at the opening is chosen: `broker_url` uses a broker already running instead of
     starting Tansu (on `broker_port`, default a free one); topics=False leaves the topics to create;
@@ -74,6 +77,7 @@ class LocalCluster:
         self._given_broker, self._broker_port = broker_url, broker_port
         self._topics, self._prometheus = topics, prometheus
         self.metrics_ports = {name: free_port() for name in NAMES}
+        self._written: set[str] = set()   # the folder's entries this cluster writes (MARKER lists them)
         self.processes: dict[str, subprocess.Popen] = {}   # by name, in the order they started
         self.log_starts: dict[str, list[int]] = {}         # name: where each start's output begins in NAME.log
         self._starting: dict[str, tuple] = {}              # name: (readiness probe, message once ready)
@@ -115,13 +119,48 @@ class LocalCluster:
         self.stop()
 
     def _prepare_folder(self) -> None:
+        """Remove what the last cluster in the folder wrote (MARKER lists it), and nothing else: notes or
+        an analysis a person keeps beside the logs stay, as in any folder of theirs (refusing them would
+        make `make demo-services` fail until they were moved, for names the cluster does not need)."""
+        marker = self.folder / MARKER
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f"{self.folder}: not a folder; choose another")
-        if self.folder.exists() and any(self.folder.iterdir()) and not (self.folder / MARKER).exists():
+        if self.folder.exists() and any(self.folder.iterdir()) and not marker.exists():
             raise UserError(f"{self.folder}: not empty and not a local cluster's folder; choose another")
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
-        (self.folder / MARKER).write_text("logs and artifacts of pgkd_services.local; emptied at each start\n")
+        if marker.exists():
+            owner = read_owner(marker)
+            listed = owner.get("written") if owner else None    # an older pgkd's marker listed nothing
+            if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+                raise UserError(f"{marker}: lists nothing the cluster wrote (damaged, or an older pgkd's); remove "
+                                "the folder yourself, or choose another folder")
+            for path in [self.folder / check_name(name, f"an entry of {marker}") for name in listed]:
+                try:                                      # a name: never a path outside the folder
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
+                except OSError as e:
+                    raise StartError(f"{path}: cannot remove it ({e.strerror or e})") from None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._written = set()
+        # PGKD_ARTIFACTS and PGKD_CACHE of every process it starts, where `env` left them in the folder
+        self._own(*(name for name, value in (("artifacts", self.env.get("PGKD_ARTIFACTS")),
+                                             ("cache", self.env.get("PGKD_CACHE")))
+                    if value in (f"file://{self.folder / name}", str(self.folder / name))))
+
+    def _own(self, *names: str) -> None:
+        """Before the cluster writes `names` into its folder: MARKER lists them, for the next start to
+        remove. One that is there and not listed is someone else's: refused, not written into."""
+        new = [name for name in names if name not in self._written]
+        for name in new:
+            path = self.folder / name
+            if path.exists() or path.is_symlink():
+                raise UserError(f"{path}: not written by the local cluster, which writes there; move it, "
+                                "or choose another folder")
+        if new:
+            self._written.update(new)
+            write_owner(self.folder / MARKER, note="what pgkd_services.local wrote here: removed at its next "
+                        "start; anything else in the folder is kept", written=sorted(self._written))
 
     def _start_broker(self) -> None:
         port = self._broker_port or free_port()
@@ -141,6 +180,7 @@ class LocalCluster:
         # A second's scrape interval: the evaluator waits for the current cycle's scrape before it decides.
         targets = "".join(f"      - targets: ['127.0.0.1:{p}']\n        labels: {{service: {name}}}\n"
                           for name, p in self.metrics_ports.items())
+        self._own("prometheus.yml", "prometheus")
         config = self.folder / "prometheus.yml"
         config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
                           f"scrape_configs:\n  - job_name: pgkd\n    static_configs:\n{targets}")
@@ -170,6 +210,7 @@ class LocalCluster:
         """`pgkd serve` on an empty model repository and its deployer (`pgkd service deployer`): the student
         of a run submitted with --promote is served once the run completes. Returns the server's HTTP URL."""
         http, grpc, metrics = free_ports(3)
+        self._own("models")
         repository = self.folder / "models"
         self.student_url = f"http://127.0.0.1:{http}"
         self.spawn("student-server", self.pgkd_argv(
@@ -252,6 +293,8 @@ class LocalCluster:
         `ready(process)` raises OSError until it is ready."""
         if name in self.processes and self.processes[name].poll() is None:
             raise ValueError(f"{name} is already running")
+        if to_log:
+            self._own(self.log_path(name).name)
         out = self.log_path(name).open("ab") if to_log else None
         if out:
             self.log_starts.setdefault(name, []).append(out.tell())
@@ -361,7 +404,9 @@ def _parser():
     parser = Parser(prog="python -m pgkd_services.local",
                     description="one run submitted to the services on a local cluster (Tansu, a Kafka-compatible "
                                 "broker, not Apache Kafka; Prometheus; the teacher on Triton), all stopped at the end")
-    parser.add_argument("--folder", default="runs/demo-services", help="logs and artifacts; emptied at each start")
+    parser.add_argument("--folder", default="runs/demo-services",
+                        help="logs and artifacts; what the cluster wrote there is removed at each start, anything "
+                             "else kept")
     parser.add_argument("--serve-teacher", choices=["pool-guided", "pool-random"], default=None,
                         help="serve this simulation on Triton and make it the run's --teacher")
     parser.add_argument("--serve-student", action="store_true",

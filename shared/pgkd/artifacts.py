@@ -10,6 +10,7 @@ half-written artifact under its real name; an object store's PUT is atomic alrea
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -24,7 +25,7 @@ import fsspec
 from pydantic import BaseModel, Field, ValidationError
 
 from pgkd.errors import EnvironmentFailure, Option, UserError, dotted, invalid
-from pgkd.files import is_temporary_of, write_bytes_atomic
+from pgkd.files import is_temporary_of, temporary_name, write_bytes_atomic
 from pgkd.names import check_relative, inside, is_relative
 from pgkd.ownership import write_owner
 from pgkd import settings
@@ -189,6 +190,34 @@ class ArtifactStore:
             raise StoreUnwritable(f"artifact store {self.url}: cannot write {key} ({e.strerror or e})") from None
         return ArtifactRef(uri=key, sha256=digest or sha256_of(data), size=len(data))
 
+    def put_new(self, key: str, data: bytes) -> ArtifactRef | None:
+        """Store `data` under `key` only if the store holds nothing there yet, as one step: of writers
+        racing for one key (two `pgkd submit --run-id R` at once), exactly one stores its bytes and
+        the others get None; a reader never sees half of them."""
+        path = self._path(key)
+        put = getattr(self.fs, "_pipe_file", None)   # an object store client's own put (s3fs, gcsfs)
+        try:
+            if self.local:
+                self.claim()
+                self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+                _link_new(path, data)
+            elif put is not None and "mode" in inspect.signature(put).parameters:
+                # s3fs and gcsfs since 2024.12: a conditional put (If-None-Match: *; ifGenerationMatch=0),
+                # FileExistsError when the key exists. An S3-compatible server that ignores the header
+                # (some do) puts anyway: there the race below remains.
+                self.fs.pipe_file(path, data, mode="create")
+            else:
+                # An older client has no conditional put: a writer racing this one between the look and
+                # the put can still be overwritten by it (the last one's bytes stay).
+                if self.fs.exists(path):
+                    return None
+                self.fs.pipe_file(path, data)
+        except FileExistsError:
+            return None
+        except OSError as e:
+            raise StoreUnwritable(f"artifact store {self.url}: cannot write {key} ({e.strerror or e})") from None
+        return ArtifactRef(uri=key, sha256=sha256_of(data), size=len(data))
+
     def get_bytes(self, ref: ArtifactRef | str) -> bytes:
         """By reference (checked against its sha256) or by key."""
         path = self._path_of_uri(ref.uri) if isinstance(ref, ArtifactRef) else self._path(ref)
@@ -225,7 +254,7 @@ class ArtifactStore:
 
     # -- JSON and pydantic models -------------------------------------------------------------------------
     def put_json(self, key: str, data) -> ArtifactRef:
-        return self.put_bytes(key, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode())
+        return self.put_bytes(key, json_bytes(data))
 
     def get_json(self, ref: ArtifactRef | str):
         try:
@@ -303,8 +332,25 @@ class ArtifactStore:
 MANIFEST_FORMAT = "pgkd-folder/1"
 
 
+def json_bytes(data) -> bytes:
+    """How the store writes a JSON record."""
+    return (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode()
+
+
 def blob_key(digest: str) -> str:
     return f"blobs/sha256/{digest}"
+
+
+def _link_new(path: str, data: bytes) -> None:
+    """`data` at `path` unless a file is there (FileExistsError): written whole under a temporary name,
+    then hard-linked to `path`, which fails when `path` exists; O_EXCL on `path` itself would let a
+    reader see the file half written."""
+    tmp = temporary_name(path)
+    write_bytes_atomic(tmp, data)
+    try:
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
 
 
 def _write_new(path: Path, data: bytes) -> None:

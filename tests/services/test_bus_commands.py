@@ -57,7 +57,8 @@ def test_submit_without_wait_publishes_one_request_and_status_follows_it(env, tm
     (request,) = bus.bodies("run-requested")
     assert json.loads(request)["run_id"] == "queued"
     status = pgkd("status", "queued", env=env)
-    assert status.returncode == 0 and "no cycle evaluated yet" in status.stdout and "running" in status.stdout
+    assert status.returncode == 0 and "waiting for a trainer" in status.stdout \
+        and "running" not in status.stdout.splitlines()
     missing = pgkd("status", "nope", env=env)
     assert missing.returncode == 2 and "run nope: not found" in missing.stderr
     request = (tmp_path / "artifacts" / "runs" / "queued" / "request.json").read_bytes()

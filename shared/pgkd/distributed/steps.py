@@ -37,7 +37,7 @@ from typing import Callable, TYPE_CHECKING
 import numpy as np
 from pydantic import ValidationError
 
-from pgkd.artifacts import ArtifactError, ArtifactRef, ArtifactStore, sha256_of
+from pgkd.artifacts import ArtifactError, ArtifactRef, ArtifactStore, json_bytes, sha256_of
 from pgkd.data import Dataset, Splits, load_dataset, make_splits, with_taxonomy
 from pgkd.taxonomy import Taxonomy
 from pgkd.types import Sample
@@ -151,9 +151,14 @@ def checked_request(config: DistillConfig, run_id: str | None = None) -> Callabl
                                       dataset=_put_dataset(store, _dataset_json(dataset)))
 
 
-def record_request(store: ArtifactStore, request: RunRequested) -> None:
-    """The run's request in the store, where every service reads its configuration."""
-    store.put_json(RunFiles(request.run_id).request, request.model_dump(mode="json"))
+def record_request(store: ArtifactStore, request: RunRequested, new: bool = False) -> bool:
+    """The run's request in the store, where every service reads its configuration. With `new`, only where
+    no run of its id is recorded yet, in one step (ArtifactStore.put_new): False when one is."""
+    data = json_bytes(request.model_dump(mode="json"))
+    if new:
+        return store.put_new(RunFiles(request.run_id).request, data) is not None
+    store.put_bytes(RunFiles(request.run_id).request, data)
+    return True
 
 
 def submit_splits(config: DistillConfig, name: str, splits: Splits, store: ArtifactStore, run_id: str,
