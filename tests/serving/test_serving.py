@@ -192,6 +192,15 @@ def test_export_and_serve_refuse_bad_input_with_one_line(served, tmp_path, capsy
     shutil.copytree(repository / "student", half / "student", ignore=shutil.ignore_patterns("rejected"))
     (half / "student" / "1" / "pgkd-version.json").unlink()           # as if the copy stopped half-way
     cases.append((["serve", "--model", str(half), "--http-port", "1"], "no pgkd-version.json"))
+    for name, damage, says in (("nolabels", lambda f: (f / "labels.txt").unlink(), "labels.txt: cannot read it"),
+                               ("fewlabels", lambda f: (f / "labels.txt").write_text("one\n"),
+                                "labels.txt: not the label map of version 1 (1 lines"),
+                               ("badconfig", lambda f: (f / "config.pbtxt").write_text("garbage {"),
+                                "config.pbtxt: not a Triton model configuration")):
+        damaged = tmp_path / name     # one line naming the file, not a page of Triton's log
+        shutil.copytree(repository / "student", damaged / "student")
+        damage(damaged / "student")
+        cases.append((["serve", "--model", str(damaged), "--http-port", "1"], says))
     for args, says in cases:
         code, _, err = pgkd_here(capsys, monkeypatch, *args)
         assert code == 2, (args, err)

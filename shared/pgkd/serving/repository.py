@@ -144,9 +144,26 @@ def check_repository(repository: Path, model: str = MODEL_NAME) -> Version:
         raise UserError(f"{folder}: no version folder (1/, 2/, ...)")
     path = folder / str(numbers[-1])
     try:
-        return Version(numbers[-1], path, check_version_folder(path))
+        version = Version(numbers[-1], path, check_version_folder(path))
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{e}; remove it or export again") from None
+    # The model's own files, which Triton would refuse with a page of its log: the label map of the newest
+    # version (pgkd export writes it with each), and a configuration Triton can read (a user may tune it).
+    labels = folder / "labels.txt"
+    try:
+        written = labels.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{labels}: cannot read it ({getattr(e, 'strerror', None) or e}); export again") from None
+    if written != version.manifest["labels"]:
+        raise UserError(f"{labels}: not the label map of version {version.number} ({len(written)} lines for its "
+                        f"{len(version.manifest['labels'])} labels); export again")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    try:
+        text_format.Parse((folder / "config.pbtxt").read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder / 'config.pbtxt'}: not a Triton model configuration ({e})") from None
+    return version
 
 
 def config_text(model: str = MODEL_NAME, gpu: bool = False, max_queue_delay_us: int = MAX_QUEUE_DELAY_US) -> str:
