@@ -149,3 +149,13 @@ def test_classify_refuses_a_port_outside_1_to_65535_in_one_line(capsys, url):
                                        ("triton+grpc://h/teacher", 8001), ("openai+https://h:8443/v1?model=m", 8443)])
 def test_a_teacher_url_without_a_port_means_its_schemes(url, port):
     assert TeacherURL.parse(url).port == port
+
+
+@pytest.mark.parametrize("host", ["::1", "::", "fe80::1"])
+def test_an_ipv6_address_is_refused_for_a_triton_server_in_one_line(host):
+    """tritonserver binds neither HTTP nor gRPC on `::1`, then says the port is in use (a reviewer's)."""
+    from pgkd.net import require_ipv4_for_triton
+    with pytest.raises(UserError, match="Triton listens on IPv4 addresses only"):
+        require_ipv4_for_triton(host)
+    for fine in ("127.0.0.1", "0.0.0.0", "localhost"):
+        require_ipv4_for_triton(fine)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from pgkd.errors import UserError
+from pgkd.errors import Option, UserError
 
 DEFAULT_HOST = "127.0.0.1"
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -109,6 +109,18 @@ def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
 def free_port(host: str = DEFAULT_HOST) -> int:
     """One TCP port free on `host` now (free_ports)."""
     return free_ports(1, host)[0]
+
+
+def require_ipv4_for_triton(host: str) -> None:
+    """Triton's servers listen on IPv4 addresses only (tritonserver cannot bind `::1` for gRPC nor HTTP, and
+    says the port is in use): an IPv6 address is refused in one line, before anything starts."""
+    try:
+        v6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return           # a host name: resolved by tritonserver itself
+    if v6:
+        raise UserError(Option("host", host), ": Triton listens on IPv4 addresses only (127.0.0.1, or 0.0.0.0 "
+                        "for every interface)")
 
 
 def require_free_ports(host: str, ports: dict[str, int]) -> None:

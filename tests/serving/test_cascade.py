@@ -205,6 +205,7 @@ def test_with_the_broker_down_labels_wait_in_a_bounded_buffer_then_are_dropped_a
     (["--instances", "0"], "--instances 0: expected 1 or more"),
     (["--instances", "100000"], "--instances 100000: at most 64"),
     (["--student-model", "../x"], "--student-model '../x': not a name"),
+    (["--host", "::1"], "--host ::1: Triton listens on IPv4 addresses only"),
     (["--policy-file", "/nowhere/policy.json"], "--policy-file /nowhere/policy.json: no such folder"),
     (["--data", "DATA"], "--data DATA: its train split holds none of the student's 3 labels"),
 ])
