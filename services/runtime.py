@@ -19,6 +19,7 @@ import contextvars
 import dataclasses
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -227,9 +228,19 @@ class Service:
         # batches, in `handle_batch`, each batch acknowledged when that returns
         self.batch: tuple[int, float] | None = None
         self.warm: list[Callable[[], None]] = []   # run by `prepare`, before the service consumes
+        self.fatal: str | None = None   # why the service stopped itself (`stop_failed`): its exit is 1
 
     def topic(self, name: str) -> str:
         return f"{self.settings.topic_prefix}{name}"
+
+    def stop_failed(self, reason: str) -> None:
+        """A condition no message is to blame for and none can fix (another ingest writes its stream): said
+        once, and the service stops as on SIGTERM, its message in flight not acknowledged, then exits with
+        code 1 (`run`): Compose and Kubernetes show it failed, not finished."""
+        if self.fatal is None:
+            log.error("%s: %s; stopping", self.name, reason)
+            self.fatal = reason
+            os.kill(os.getpid(), signal.SIGTERM)
 
     # -- consuming -----------------------------------------------------------------------------------------
     def consume(self, message_type: type[Message], step: Callable[..., Message]) -> None:
@@ -453,8 +464,13 @@ class Service:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             asyncio.run(self._serve(sock))
+        except SystemExit:
+            if self.fatal is None:
+                raise
         finally:
             sock.close()
+        if self.fatal is not None:
+            raise CannotServe(f"{self.name}: {self.fatal}")
 
     async def _serve(self, sock: socket.socket) -> None:
         import uvicorn

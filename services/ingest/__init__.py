@@ -14,7 +14,7 @@ import time
 from collections import Counter
 
 from pgkd.distributed.messages import LabeledSample, RunCompleted, StudentPromoted
-from pgkd.stream import Stream, StreamSettings, StreamStep
+from pgkd.stream import AnotherWriter, Stream, StreamSettings, StreamStep
 
 from pgkd_services.runtime import Service
 
@@ -63,7 +63,11 @@ class IngestService(Service):
         records = records or [None] * len(bodies)
         log.info("ingest: batch of %d sample message(s) received", len(bodies))
         started = time.perf_counter()
-        step = await self._step(self.stream.take_batch, bodies)
+        try:
+            step = await self._step(self.stream.take_batch, bodies)
+        except AnotherWriter as e:     # a second replica: the batch is not acknowledged, and this one stops
+            self.stop_failed(str(e))
+            raise
         await asyncio.gather(*(self.dead_letter(self.samples_topic, body, str(taken.rejected), record=record)
                                for body, record, taken in zip(bodies, records, step.taken)
                                if taken.rejected is not None))

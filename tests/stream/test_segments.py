@@ -42,6 +42,22 @@ def test_batches_fill_segments_in_order_and_come_back_whole_after_a_restart(tmp_
     assert [s.text for s in opened(store).read()] == [s.text for s in samples(1, 23)]
 
 
+def test_a_second_writer_of_one_stream_is_stopped_before_it_overwrites_the_firsts_samples(tmp_path):
+    """Two ingest replicas of one stream (a reviewer's): each overwrote the other's open segment, and 204
+    acknowledged samples were gone. The first to see the other's commit now writes nothing."""
+    from pgkd.errors import EnvironmentFailure
+    from pgkd.stream import AnotherWriter
+    store = ArtifactStore(f"file://{tmp_path}")
+    first, second = opened(store), opened(store)       # both read the same (empty) stream
+    first.append(samples(1, 5))
+    with pytest.raises(AnotherWriter, match="another process committed to this stream") as e:
+        second.append(samples(1, 3))                   # its own seqs 1..3: it never saw the first's
+    assert isinstance(e.value, EnvironmentFailure)     # exit 1 from a service: restarted, not a bad message
+    assert [s.text for s in opened(store).read()] == [s.text for s in samples(1, 5)]
+    first.append(samples(6, 9))                        # the one writer goes on
+    assert opened(store).count == 9
+
+
 def test_a_batch_a_crash_interrupted_before_its_manifest_is_not_stored_and_its_redelivery_is(tmp_path, monkeypatch):
     store = ArtifactStore(f"file://{tmp_path}")
     log = opened(store)

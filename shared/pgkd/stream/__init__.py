@@ -40,9 +40,9 @@ from pgkd.stream.promotion import compare, score
 from pgkd.stream.samples import REJECTION_REASONS, Rejected, StoredSample, parse_sample, route, split_for, text_key
 from pgkd.stream.settings import StreamSettings
 from pgkd.stream.state import CurrentStudent, DriftCheck, PromotionDecision, StreamRun, StreamState, Trigger
-from pgkd.stream.segments import SegmentDamaged, SegmentLog
+from pgkd.stream.segments import AnotherWriter, SegmentDamaged, SegmentLog
 from pgkd.stream.stream import Stream, StreamStep, Taken
 
-__all__ = ["REJECTION_REASONS", "CurrentStudent", "DriftCheck", "PromotionDecision", "Rejected", "SegmentDamaged",
+__all__ = ["REJECTION_REASONS", "AnotherWriter", "CurrentStudent", "DriftCheck", "PromotionDecision", "Rejected", "SegmentDamaged",
            "SegmentLog", "StoredSample", "Stream", "StreamRun", "StreamSettings", "StreamState", "StreamStep", "Taken",
            "Trigger", "compare", "parse_sample", "route", "score", "split_for", "text_key"]

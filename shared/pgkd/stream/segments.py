@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field, ValidationError
 
 from pgkd.artifacts import ArtifactError, ArtifactStore, DamagedRecord
-from pgkd.errors import UserError, dotted, invalid
+from pgkd.errors import EnvironmentFailure, UserError, dotted, invalid
 from pgkd.names import NAME_PATTERN
 from pgkd.stream.samples import StoredSample, text_key
 
@@ -72,6 +72,11 @@ class Manifest(BaseModel):
 
 class SegmentDamaged(UserError):
     """A committed segment is not what the manifest says: cut short, or other bytes."""
+
+
+class AnotherWriter(EnvironmentFailure):
+    """Another process committed to this stream since this one read it: two writers would overwrite each
+    other's segments. The one that sees it writes nothing more."""
 
 
 @dataclass
@@ -146,6 +151,19 @@ class SegmentLog:
         teacher label and has not been corrected yet."""
         return key in self.teacher_keys and key not in self.corrected
 
+    def _still_the_only_writer(self) -> None:
+        """The manifest in the store is still the one this log last read or committed. A second ingest of
+        the stream (a replica, a copy started by hand) commits its own batches meanwhile; each would
+        overwrite the other's segments, and acknowledged samples would be lost. The first to see the
+        other's commit raises before writing (one small read a batch; two commits in the same instant
+        still race)."""
+        key = f"{self.prefix}/manifest.json"
+        stored = self.store.get_model(key, Manifest) if self.store.exists(key) else Manifest()
+        if stored != self.manifest:
+            raise AnotherWriter(f"{self.store.uri(key)}: another process committed to this stream since this one "
+                                f"read it ({stored.next_seq - 1} samples stored, not {self.manifest.next_seq - 1}): "
+                                "one ingest writes a stream, never two replicas")
+
     def load_manifest(self) -> Manifest:
         key = f"{self.prefix}/manifest.json"
         try:
@@ -207,6 +225,7 @@ class SegmentLog:
         if not samples:
             return
         assert samples[0].seq == self.manifest.next_seq, (samples[0].seq, self.manifest.next_seq)
+        self._still_the_only_writer()
         segments = list(self.manifest.segments)
         tail = self._tail
         if not segments or segments[-1].samples >= self.segment_samples:
