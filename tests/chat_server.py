@@ -27,7 +27,8 @@ class ChatServer:
         self.script: list[tuple] = []
         self.requests: list[dict] = []
         self.in_flight = self.most_in_flight = 0
-        self.model_list: list[str] | int | None = None
+        self.model_list: list[str] | int | str | None = None
+        self.chat_status: int | None = None
         self.refuse_schema: int | None = None
         self.follow_schema = False
         self.context_tokens: int | None = None
@@ -55,9 +56,13 @@ class ChatServer:
             return web.Response(status=404)
         if isinstance(self.model_list, int):
             return web.Response(status=self.model_list)
+        if self.model_list == "metrics":     # a 200 that is no list of models: Triton's metrics port
+            return web.Response(text="# HELP nv_inference_count\n", content_type="text/plain")
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.model_list]})
 
     async def handle(self, request):
+        if self.chat_status is not None:     # a server with no such endpoint (405: it takes no POST there)
+            return web.Response(status=self.chat_status)
         body = await request.json()
         if "messages" not in body:   # refused as invalid, as OpenAI-compatible servers do (pgkd's check sends {})
             return web.json_response({"object": "error", "message": "messages: field required"}, status=400)

@@ -144,6 +144,9 @@ def test_check_reaches_the_server_before_any_call_and_says_what_is_wrong(chat):
     with pytest.raises(TeacherUnavailable, match=r"HTTP 404 at http://127.0.0.1:\d+/v2/chat/completions: no "
                                                  "OpenAI-compatible API there"):
         teacher(wrong).check()
+    chat.model_list, chat.chat_status = "metrics", 405     # a Triton server's metrics port, as a reviewer tried
+    with pytest.raises(TeacherUnavailable, match="HTTP 405 at .*: no OpenAI-compatible API there"):
+        teacher(chat.url).check()
     assert chat.requests == []                    # reaching it asked for no completion
 
 

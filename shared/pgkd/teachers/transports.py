@@ -281,7 +281,8 @@ class OpenAITransport:
             return
         try:
             served = [m["id"] for m in json.loads(text)["data"]]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):     # a 200 that is no list of models (a metrics page)
+            await self._chat_endpoint_answers()
             return
         if served and self.model not in served:
             raise TransportError("rejected_request", f"model {self.model!r} is not served there (it serves "
@@ -289,16 +290,16 @@ class OpenAITransport:
 
     async def _chat_endpoint_answers(self) -> None:
         """An empty request costs nothing (an OpenAI-compatible server refuses it as invalid: 400, 422); a
-        404 means no such endpoint: a URL of another server (a Triton server's port) or a wrong path."""
+        404 or 405 means no such endpoint: a URL of another server (a Triton server's port) or a wrong path."""
         import aiohttp
         try:
             async with self._session.post(f"{self.base_url}/chat/completions", json={}) as response:
                 await response.read()
         except aiohttp.ClientError as e:
             raise TransportError("transport", f"{type(e).__name__}: {e}", transient=True) from None
-        if response.status == 404:
-            raise TransportError("rejected_request", f"HTTP 404 at {self.base_url}/chat/completions: no "
-                                 "OpenAI-compatible API there", transient=False)
+        if response.status in (404, 405):    # no such endpoint, or one that takes no POST
+            raise TransportError("rejected_request", f"HTTP {response.status} at {self.base_url}/chat/completions: "
+                                 "no OpenAI-compatible API there", transient=False)
 
     async def close(self) -> None:
         if self._session is not None:
