@@ -19,7 +19,7 @@ from pathlib import Path
 from pgkd.distributed.messages import TEACHER_SOURCE, LabeledSample
 from pgkd.errors import Option, UserError
 from pgkd.names import check_name
-from pgkd.net import DEFAULT_HOST, host_option, port_option, require_free_ports, require_ipv4_for_triton
+from pgkd.net import DEFAULT_HOST, host_option, port_option, require_free_ports, triton_host
 
 from pgkd_services import kafka_security
 from pgkd_services.runtime import Settings, bootstrap_servers
@@ -169,7 +169,7 @@ def serve_cascade(args) -> int:
     given = {k: getattr(args, k) for k in ("threshold", "target_accuracy", "max_teacher_share")
              if getattr(args, k) is not None}
     policy = Policy(**given)          # none: the threshold the run recorded with the student
-    require_ipv4_for_triton(args.host)
+    args.host = triton_host(args.host)
     require_free_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
                                    "--metrics-port": args.metrics_port,
                                    "--cascade-metrics-port": args.cascade_metrics_port})

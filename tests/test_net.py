@@ -154,8 +154,9 @@ def test_a_teacher_url_without_a_port_means_its_schemes(url, port):
 @pytest.mark.parametrize("host", ["::1", "::", "fe80::1"])
 def test_an_ipv6_address_is_refused_for_a_triton_server_in_one_line(host):
     """tritonserver binds neither HTTP nor gRPC on `::1`, then says the port is in use (a reviewer's)."""
-    from pgkd.net import require_ipv4_for_triton
+    from pgkd.net import triton_host
     with pytest.raises(UserError, match="Triton listens on IPv4 addresses only"):
-        require_ipv4_for_triton(host)
-    for fine in ("127.0.0.1", "0.0.0.0", "localhost"):
-        require_ipv4_for_triton(fine)
+        triton_host(host)
+    assert [triton_host(h) for h in ("127.0.0.1", "0.0.0.0", "localhost")] == ["127.0.0.1", "0.0.0.0", "127.0.0.1"]
+    with pytest.raises(UserError, match="no IPv4 address for it"):      # tritonserver resolves no name itself
+        triton_host("no-such-host.invalid")

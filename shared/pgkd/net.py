@@ -111,16 +111,23 @@ def free_port(host: str = DEFAULT_HOST) -> int:
     return free_ports(1, host)[0]
 
 
-def require_ipv4_for_triton(host: str) -> None:
-    """Triton's servers listen on IPv4 addresses only (tritonserver cannot bind `::1` for gRPC nor HTTP, and
-    says the port is in use): an IPv6 address is refused in one line, before anything starts."""
+def triton_host(host: str) -> str:
+    """The IPv4 address a Triton server is to listen on, for `host`. tritonserver binds neither HTTP nor gRPC
+    on an IPv6 address (and says the port is in use), nor resolves a name (`localhost` became
+    255.255.255.255): an IPv6 address is refused, a name is resolved here, each in one line when it fails."""
+    import socket
     try:
-        v6 = ipaddress.ip_address(host).version == 6
+        if ipaddress.ip_address(host).version == 6:
+            raise UserError(Option("host", host), ": Triton listens on IPv4 addresses only (127.0.0.1, or "
+                            "0.0.0.0 for every interface)")
+        return host
     except ValueError:
-        return           # a host name: resolved by tritonserver itself
-    if v6:
-        raise UserError(Option("host", host), ": Triton listens on IPv4 addresses only (127.0.0.1, or 0.0.0.0 "
-                        "for every interface)")
+        pass
+    try:
+        return socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(Option("host", host), f": no IPv4 address for it ({e}); Triton listens on IPv4 "
+                        "addresses only") from None
 
 
 def require_free_ports(host: str, ports: dict[str, int]) -> None:

@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from pgkd.errors import EnvironmentFailure
-from pgkd.net import DEFAULT_HOST, require_free_ports, require_ipv4_for_triton, url_host
+from pgkd.net import DEFAULT_HOST, require_free_ports, triton_host, url_host
 from pgkd.processes import Stopped, adopted_children, stop_signals
 from pgkd.serving.cascade import ERROR, Answer, Cascade, ServedCalibration
 from pgkd.serving.client import STUDENT_UNAVAILABLE
@@ -148,7 +148,7 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.triton import DEFAULT_PROTECTED_ENDPOINTS, Triton, TritonConfig, TritonSecurityConfig
 
-    require_ipv4_for_triton(host)
+    host = triton_host(host)
     require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                           metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=EXIT_TIMEOUT)

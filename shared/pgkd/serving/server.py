@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pgkd import processes
 from pgkd.errors import UserError
-from pgkd.net import DEFAULT_HOST, require_free_ports, require_ipv4_for_triton, url_host
+from pgkd.net import DEFAULT_HOST, require_free_ports, triton_host, url_host
 from pgkd.serving.repository import MODEL_NAME, check_repository, versions
 from pgkd.serving.tritonserver import TritonServerError, port_taken, run_tritonserver, taken_port
 
@@ -39,7 +39,7 @@ def serve_repository(repository: Path, model: str = MODEL_NAME, http_port: int =
     # taken between this check and Triton's bind is caught from Triton's log below; the server counts as
     # started (and `serving` is said) only once its own process holds all three ports and answers ready,
     # not when another program answers on the HTTP port.
-    require_ipv4_for_triton(address)
+    address = triton_host(address)
     require_free_ports(address, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     serving = False
     try:

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from pgkd.data import load_dataset, make_splits
-from pgkd.net import DEFAULT_HOST, require_free_ports, require_ipv4_for_triton, url_host
+from pgkd.net import DEFAULT_HOST, require_free_ports, triton_host, url_host
 from pgkd.processes import Stopped, adopted_children, stop_signals
 from pgkd.encoder import EmbeddingCache, loading_bars
 from pgkd.teachers.llm import TokenCounter
@@ -96,7 +96,7 @@ def serve(simulation: Simulation, http_port: int, grpc_port: int, metrics_port: 
     # A port taken (or given twice) is said in one line, before anything loads, not found out by PyTriton,
     # which waits a minute for a tritonserver that exited at once. One taken between this check and Triton's
     # bind still is.
-    require_ipv4_for_triton(host)
+    host = triton_host(host)
     require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     embed = EmbeddingCache()
     teacher = make_simulated_teacher(o.kind, splits.pool, seed=o.seed, label_noise=o.label_noise, embed=embed)
