@@ -141,8 +141,9 @@ def test_predict_shows_a_long_text_as_its_start_and_a_short_one_whole(saved_stud
 
 # -- 4. the same fact, named as the caller names it --------------------------------------------------------
 
-def no_cuda(monkeypatch):
+def no_cuda(monkeypatch):     # nor MPS: the machine these cases describe, whatever runs them
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
 
 CASES = {
@@ -180,6 +181,16 @@ CASES = {
         lambda toy, student, tmp: ["distill", "--data", str(toy), "--student", "minilm-frozen", "--device", "cuda",
                                    "--labeled", "40", "--out", str(tmp / "r")],
         "device='cuda': no CUDA device", "--device cuda: no CUDA device"),
+    "no MPS device": (
+        lambda toy, student, tmp: pgkd.load_student(student, device="mps"),
+        lambda toy, student, tmp: ["predict", "--model", str(student), "--device", "mps", "hello"],
+        "device='mps': no MPS device", "--device mps: no MPS device"),
+    "no CUDA device in a dry run": (
+        None, lambda toy, student, tmp: ["distill", "--data", str(toy), "--device", "cuda", "--dry-run"],
+        None, "--device cuda: no CUDA device"),
+    "an empty student in a dry run": (
+        None, lambda toy, student, tmp: ["distill", "--data", str(toy), "--student", "", "--dry-run"],
+        None, "unknown student ''"),
     "an unknown student in a dry run": (
         lambda toy, student, tmp: pgkd.distill(toy, student="bogus", out=tmp / "r", **TINY),
         lambda toy, student, tmp: ["distill", "--data", str(toy), "--student", "bogus", "--dry-run"],

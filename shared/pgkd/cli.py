@@ -73,6 +73,9 @@ def dry_run(config, prompt_file: str | None) -> int:
         if not target.parent.is_dir():
             raise UserError(Option("prompt_file", prompt_file), f": no folder {target.parent}")
     check_student(config.student)      # what the run would refuse, a dry run refuses too (without loading it)
+    if config.device != "auto":        # and a device this machine lacks
+        from pgkd.encoder import pick_device
+        pick_device(config.device)
     dataset = with_taxonomy(load_dataset(config.data, config.text_column, config.label_column, seed=config.seed),
                             config.taxonomy)
     splits = make_splits(dataset, config.labeled, config.seed, config.validation_fraction)
@@ -643,8 +646,12 @@ def flags_of(parser: argparse.ArgumentParser, func):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:        # the commands' modules load here: a Ctrl-C this early is an interruption too, not a traceback
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("pgkd: interrupted", file=sys.stderr)
+        return 130
     try:
         with stop_signals():   # SIGTERM and SIGHUP unwind every command as Ctrl-C does: its `finally`s run
             return args.func(args)

@@ -48,6 +48,8 @@ def pick_device(device: str | None = None) -> torch.device:
         chosen = None
     if chosen is None or chosen.type not in ("cpu", "cuda", "mps"):   # torch's 'meta' holds no numbers
         raise UserError(Option("device", device), ": not a device (auto, cpu, cuda, cuda:N)")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(Option("device", device), ": no MPS device on this machine (Apple silicon)")
     return chosen
 
 

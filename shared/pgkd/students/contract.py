@@ -28,7 +28,7 @@ def check_student(spec: str) -> None:
     """That `spec` names a student this machine can make, without loading it: a name pgkd knows, a folder,
     or a Hugging Face id whose config is in the local cache (pgkd never downloads one). Whether a folder
     holds a model is found when it is loaded."""
-    if spec in NAMED or Path(spec).is_dir():
+    if spec in NAMED or (spec.strip() and Path(spec).is_dir()):    # "" would be the current folder
         return
     from huggingface_hub import try_to_load_from_cache
     try:
