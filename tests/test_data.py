@@ -33,6 +33,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
     ('{"text": "hi", "label": "a"', "unreadable row"),
     ('["hi", "a"]', "unreadable row"),
     ('{"text": "broken', r"unreadable row \(not JSON: Invalid control character at column 17\)"),
+    ('{"text": "a", "label": ', r"unreadable row \(not JSON: Expecting value at column 24\)"),   # cut: its end
 ])
 def test_bad_jsonl_rows_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "train.jsonl"

@@ -109,8 +109,12 @@ def test_check_says_every_bad_variable_one_line_each_not_the_first_only(monkeypa
     monkeypatch.setenv("PGKD_METRICS_PORT", "0")
     monkeypatch.setenv("PGKD_STREAM", "../x")
     monkeypatch.setenv("PGKD_CONNECT_TIMEOUT", "nan")
+    monkeypatch.setenv("PGKD_BROKR_URL", "kafka://x:9092")       # a misspelling is noted even then
     assert main(["settings", "--check"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    notes = [line for line in err if line.startswith("pgkd: note: ")]
+    assert any("PGKD_BROKR_URL" in n and "did you mean PGKD_BROKER_URL?" in n for n in notes), err
+    err = [line for line in err if line not in notes]
     assert len(err) == 3 and all(line.startswith("pgkd: error: PGKD_") for line in err), err
     assert {line.split("=")[0] for line in err} == {"pgkd: error: PGKD_METRICS_PORT", "pgkd: error: PGKD_STREAM",
                                                      "pgkd: error: PGKD_CONNECT_TIMEOUT"}

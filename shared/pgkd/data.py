@@ -72,8 +72,10 @@ def read_samples(path: Path, text_column: str = "text", label_column: str = "lab
                     where = f"{path}:{line_number}"
                     try:
                         row = json.loads(line)
-                    except json.JSONDecodeError as e:   # e.msg ends "at", its position apart: said whole
-                        raise UserError(f"{where}: unreadable row (not JSON: {e.msg} column {e.colno})") from None
+                    except json.JSONDecodeError as e:   # where in this line (a row cut short: its end)
+                        column = min(e.pos, len(line.rstrip("\r\n"))) + 1
+                        raise UserError(f"{where}: unreadable row (not JSON: {e.msg.removesuffix(' at')} at column "
+                                        f"{column})") from None
                     if not isinstance(row, dict):
                         raise UserError(f"{where}: unreadable row (expected a JSON object)")
                     if text_column not in row:   # not "empty text": the column is named wrong, or missing

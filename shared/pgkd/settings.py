@@ -439,20 +439,20 @@ def add_command(sub) -> None:
 def cmd_settings(args) -> int:
     import json
     import sys
-    if args.check:     # every section read on its own, so that each bad variable is said, not the first only
+    if args.check:     # every section read on its own, so that every bad variable is said, not the first only
         errors = []
         for section in SECTIONS.values():
             try:
                 read(section)
             except UserError as e:
                 errors.append(str(e))
-        if len(errors) > 1:      # one line each; the last goes through the error boundary as one alone would
+        for name in unknown_variables(os.environ):   # said, not refused: an API key's variable may be named so
+            print(f"pgkd: note: {name} is not a variable pgkd reads{_closest(name)}", file=sys.stderr)
+        if len(errors) > 1:      # a line a section; the last goes through the error boundary as one alone would
             for error in errors[:-1]:
                 print(f"pgkd: error: {error}", file=sys.stderr)
         if errors:
             raise UserError(errors[-1])
-        for name in unknown_variables(os.environ):   # said, not refused: an API key's variable may be named so
-            print(f"pgkd: note: {name} is not a variable pgkd reads{_closest(name)}", file=sys.stderr)
     rows = described()
     if args.json:
         print(json.dumps(rows, indent=2))

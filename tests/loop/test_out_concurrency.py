@@ -125,3 +125,14 @@ def test_an_out_name_too_long_is_one_line_and_leaves_nothing(capsys, toy_data, t
         assert main(["distill", *dry_run, *TINY, "--data", str(toy_data), "--out", name]) == 2
         assert f"--out {name}: cannot write there (File name too long)" in _one_error_line(capsys)
         assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_refused_run_leaves_no_folder_it_made_on_the_way_to_out(capsys, tmp_path):
+    """A reviewer's: bad data into --out p1/p2/p3 left p1/p2 behind."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": \n')
+    (tmp_path / "p1").mkdir()
+    (tmp_path / "p1" / "mine.txt").write_text("mine\n")       # p1 was there: it stays, with its file
+    assert main(["distill", "--data", str(bad), "--out", str(tmp_path / "p1" / "p2" / "p3")]) == 2
+    assert "unreadable row" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "p1").iterdir()) == ["mine.txt"]

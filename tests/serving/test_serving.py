@@ -196,7 +196,10 @@ def test_export_and_serve_refuse_bad_input_with_one_line(served, tmp_path, capsy
                                ("fewlabels", lambda f: (f / "labels.txt").write_text("one\n"),
                                 "labels.txt: not the label map of version 1 (1 lines"),
                                ("badconfig", lambda f: (f / "config.pbtxt").write_text("garbage {"),
-                                "config.pbtxt: not a Triton model configuration")):
+                                "config.pbtxt: not a Triton model configuration"),
+                               ("crlf", lambda f: (f / "labels.txt").write_bytes(
+                                   (f / "labels.txt").read_bytes().replace(b"\n", b"\r\n")),
+                                "labels.txt: Windows line endings")):
         damaged = tmp_path / name     # one line naming the file, not a page of Triton's log
         shutil.copytree(repository / "student", damaged / "student")
         damage(damaged / "student")

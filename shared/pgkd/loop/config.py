@@ -2,6 +2,7 @@
 the stop policy, each round's training settings, how many samples to ask for."""
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
@@ -194,10 +195,10 @@ class DistillConfig(BaseModel):
             raise ValueError(UserError(
                 Option("target_accuracy", self.target_accuracy), " and ", Option("max_teacher_share", self.max_teacher_share),
                 " each choose the threshold: give one"))
-        if self.target_score is not None and self.metric != "loss" and not 0 <= self.target_score <= 1:
-            raise ValueError(UserError(   # every metric but the loss is a share: a target above 1 is never reached
+        if self.target_score is not None and not 0 <= self.target_score <= (1 if self.metric != "loss" else math.inf):
+            raise ValueError(UserError(   # a share lies in [0, 1], a loss is never below 0: else never reached
                 Option("target_score", self.target_score), " would never stop the run: ", Option("metric", self.metric),
-                " is between 0 and 1"))
+                " is between 0 and 1" if self.metric != "loss" else " is never below 0"))
         if self.cost_budget is not None and not (self.price_prompt_per_1k or self.price_completion_per_1k):
             raise ValueError(UserError(
                 Option("cost_budget", self.cost_budget), " would never stop the run: without ",

@@ -62,6 +62,7 @@ class RunOutput:
         self.out = Path(out)
         self.staging = self.out / STAGING
         self._created_out = False
+        self._made_folders: list[Path] = []   # the folders making OUT created, OUT first: abort removes them
         self._made_staging = False     # only what this run made is removed by abort()
         self._lock_file = None         # open while this run holds OUT's lock
         self.option = Option("out", self.out)     # named in every refusal: `out=` in Python, `--out` on a command
@@ -99,9 +100,10 @@ class RunOutput:
         # Up to three tries: only a run that ends at this moment (removing OUT's lock file, or OUT it
         # made) makes a try fail, and then the next finds no one holding OUT.
         for _ in range(3):
+            missing = [f for f in [self.out, *self.out.parents] if not f.exists()]   # OUT first, then its parents
             try:
                 self.out.mkdir(parents=True)
-                self._created_out = True
+                self._created_out, self._made_folders = True, missing
             except FileExistsError:
                 pass          # there already, or made a moment ago by another run: the lock decides
             try:
@@ -254,8 +256,12 @@ class RunOutput:
         try:
             self._unlock()
         finally:    # OUT is removed after its lock: a run that takes OUT's lock meanwhile makes OUT again
-            if self._created_out and self.out.is_dir() and not any(self.out.iterdir()):
-                self.out.rmdir()
+            if self._created_out:
+                for folder in self._made_folders:   # OUT, then the parents it made, each while it is empty
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
 
 
 # The entries of OUT a run writes; each must be wholly pgkd's before a run may replace it.

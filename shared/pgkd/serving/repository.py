@@ -151,9 +151,11 @@ def check_repository(repository: Path, model: str = MODEL_NAME) -> Version:
     # version (pgkd export writes it with each), and a configuration Triton can read (a user may tune it).
     labels = folder / "labels.txt"
     try:
-        written = labels.read_text(encoding="utf-8").splitlines()
+        written = labels.read_bytes().decode("utf-8").removesuffix("\n").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{labels}: cannot read it ({getattr(e, 'strerror', None) or e}); export again") from None
+    if any(line != line.rstrip("\r") for line in written):   # Triton reads a label up to "\n": "\r" stays in it
+        raise UserError(f"{labels}: Windows line endings (\\r\\n); export again")
     if written != version.manifest["labels"]:
         raise UserError(f"{labels}: not the label map of version {version.number} ({len(written)} lines for its "
                         f"{len(version.manifest['labels'])} labels); export again")
