@@ -105,7 +105,7 @@ def run_scale_bench(samples: int = 1_000_000, out: str | Path = "runs/bench/stre
                 restarts.append(restart)
             say(f"ingest started on {stored:,} stored samples in {restart['ready_seconds']:.1f} s; ingesting")
             _wait_stored(store, target, cluster)
-            received, done = _batch_times(cluster, restart)
+            received, done = _batch_times(cluster, restart, target - stored)
             memory = _memory(cluster.processes["ingest"].pid)
             _stop(cluster)
             rows.append({"stored": target, "sent_per_second": round((target - stored) / send_seconds),
@@ -117,7 +117,7 @@ def run_scale_bench(samples: int = 1_000_000, out: str | Path = "runs/bench/stre
         _send(cluster.broker_url, topic, stored, stored + 100)     # a batch to store after the last restart
         restarts.append(_start(cluster, env, stored))
         _wait_stored(store, stored + 100, cluster)
-        _batch_times(cluster, restarts[-1])
+        _batch_times(cluster, restarts[-1], 100)
         _stop(cluster)
     for row, restart in zip(rows, restarts):
         row["restart"] = {k: v for k, v in restart.items() if k not in ("log_offset", "exec_at")}
@@ -145,11 +145,21 @@ def _start(cluster: LocalCluster, env: dict, stored: int) -> dict:
             "rss_mib": memory["rss_mib"], "log_offset": log_offset, "exec_at": exec_at}
 
 
-def _batch_times(cluster: LocalCluster, restart: dict) -> tuple[list[float], list[float]]:
+def _batch_times(cluster: LocalCluster, restart: dict, expected: int,
+                 timeout: float = 60) -> tuple[list[float], list[float]]:
     """When ingest's batches since `restart` were received and stored (its log's times); the first
-    stored one's, from exec, goes into `restart`."""
-    text = cluster.log_path("ingest").read_text(errors="replace")[restart["log_offset"]:]
+    stored one's, from exec, goes into `restart`. Ingest logs a batch just after committing it, so the
+    log is read until its lines account for the `expected` samples stored since the restart."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = cluster.log_path("ingest").read_text(errors="replace")[restart["log_offset"]:]
+        logged = sum(int(n) for n in re.findall(r"INFO .*: (\d+) stored, ", text))
+        if logged >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     received, done = _log_times(text, r"sample message\(s\) received"), _log_times(text, " stored, ")
+    if not done:
+        raise SystemExit(f"ingest logged no stored batch since its restart:\n{cluster.tail('ingest')}")
     restart["first_batch_stored_seconds"] = round(done[0] - restart["exec_at"], 2)
     return received, done
 
