@@ -49,6 +49,22 @@ TOY_CLASSES = {
 FILLER = ["please", "i", "my", "the", "need", "help", "with", "today", "now", "can", "you", "a"]
 
 
+@pytest.fixture(autouse=True)
+def _pgkd_variables_left_as_found():
+    """A test that sets a PGKD_ variable and leaves it set changes what the next test on its worker reads
+    (`pgkd settings --check` notes it): its variables are put back, and the test fails, naming them.
+    Set them with monkeypatch.setenv."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("PGKD_")}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith("PGKD_")}
+    if after != before:
+        for name in after.keys() - before.keys():
+            del os.environ[name]
+        os.environ.update(before)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        pytest.fail(f"the test left PGKD_ variables changed: {', '.join(changed)} (use monkeypatch.setenv)")
+
+
 def toy_text(rng: random.Random, label: str) -> str:
     words = rng.sample(TOY_CLASSES[label], 3) + rng.sample(FILLER, 4)
     rng.shuffle(words)

@@ -51,8 +51,12 @@ def value(registry, name: str, **labels) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
+@pytest.fixture(autouse=True)
+def _key(monkeypatch):
+    monkeypatch.setenv("PGKD_TEST_KEY", "k")     # the chat server's key (ChatServer.teacher_url's key_env)
+
+
 def test_the_student_keeps_what_it_is_sure_of_and_the_teacher_labels_the_rest_in_one_prompt(chat):
-    os.environ["PGKD_TEST_KEY"] = "k"
     chat.script = [("ok", json.dumps({"labels": ["refund", "transfer"]}))]
     cascade, registry, labels = make(chat)
     answers = cascade.answer(TEXTS, *STUDENT)
@@ -80,7 +84,6 @@ def test_the_student_keeps_what_it_is_sure_of_and_the_teacher_labels_the_rest_in
 ])
 def test_a_teacher_that_fails_in_any_way_leaves_the_students_answer_flagged_within_the_timeout(chat, behaviour,
                                                                                              reason):
-    os.environ["PGKD_TEST_KEY"] = "k"
     chat.script = [behaviour]
     # A short deadline for the teacher that hangs; a long one for the others, whose answer (a refusal,
     # garbage) must be read as such even when a loaded machine takes over a second to carry it.
@@ -100,7 +103,6 @@ def test_a_teacher_that_fails_in_any_way_leaves_the_students_answer_flagged_with
 
 
 def test_after_two_failures_the_teacher_is_not_asked_and_the_fallback_is_at_once(chat):
-    os.environ["PGKD_TEST_KEY"] = "k"
     chat.script = [("status", 503), ("status", 503)]
     cascade, registry, _ = make(chat)
     cascade.answer(TEXTS, *STUDENT)
