@@ -95,7 +95,7 @@ class Pgkd:
     """A `pgkd` command running as a process of its own (as a terminal runs it), its temporary folders
     (TMPDIR, PYTRITON_HOME) one of the test's, its output to a log."""
 
-    def __init__(self, tmp_path: Path, *args: str, cwd: Path | None = None):
+    def __init__(self, tmp_path: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
         # Short, not under tmp_path: PyTriton puts a Unix socket in it, and a socket's path has at most
         # 107 bytes (pytest's folders under xdist are longer). Removed by kill().
         self.tmp = Path(tempfile.mkdtemp(prefix="pgkd-t-"))
@@ -103,7 +103,8 @@ class Pgkd:
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pgkd.cli", *args], stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                env={**os.environ, "TMPDIR": str(self.tmp), "PYTRITON_HOME": str(self.tmp)}, start_new_session=True,
+                env={**os.environ, "TMPDIR": str(self.tmp), "PYTRITON_HOME": str(self.tmp), **(env or {})},
+                start_new_session=True,
                 preexec_fn=as_in_a_terminal)   # Ctrl-C, as in a terminal
         self.seen: dict[int, str] = {}
 

@@ -151,3 +151,46 @@ def test_adopted_children_remove_the_model_folders_their_descendants_named_and_n
     finally:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_childs_log_folder_goes_at_the_end_and_at_a_stop_and_stays_when_it_failed(tmp_path, monkeypatch):
+    """pgkd.processes.child_log: tritonserver's log (cascade serve, teacher serve) off the terminal."""
+    import tempfile
+    from pgkd.processes import Stopped, child_log
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with child_log("tritonserver.log") as path:
+        path.write_text("started")
+    assert not path.parent.exists()
+    for stop in (KeyboardInterrupt(), Stopped(signal.SIGTERM)):
+        with pytest.raises(type(stop)), child_log("tritonserver.log") as path:
+            path.write_text("started")
+            raise stop
+        assert not path.parent.exists()
+    with pytest.raises(RuntimeError), child_log("tritonserver.log") as path:
+        path.write_text("failed")
+        raise RuntimeError("no start")
+    assert path.read_text() == "failed"        # kept: the error names it
+
+
+def test_a_log_file_the_user_names_is_used_as_it_is_and_a_missing_folder_is_one_line(tmp_path):
+    from pgkd.errors import UserError
+    from pgkd.processes import child_log
+    mine = tmp_path / "triton.log"
+    with child_log("tritonserver.log", str(mine)) as path:
+        assert path == mine
+        path.write_text("started")
+    assert mine.read_text() == "started"
+    with pytest.raises(UserError, match=r"PGKD_TRITON_LOG=.*nowhere/triton.log: no such folder"):
+        with child_log("tritonserver.log", str(tmp_path / "nowhere" / "triton.log")):
+            pass
+
+
+def test_a_failing_teacher_triton_server_is_one_line_naming_its_log(tmp_path):
+    from pgkd.errors import EnvironmentFailure
+    from pgkd.teachers.server import _named_log
+    log = tmp_path / "tritonserver.log"
+    with pytest.raises(EnvironmentFailure) as e:
+        with _named_log(log):
+            raise RuntimeError("tritonserver exited\nTraceback (most recent call last):\n  ...")
+    assert str(e.value) == f"the simulated teacher's Triton server failed: RuntimeError: tritonserver exited; " \
+                           f"tritonserver's log: {log}"

@@ -340,9 +340,18 @@ class ServiceSettings(Section):
         return url
 
 
+# -- the Triton servers pgkd starts through PyTriton ----------------------------------------------------
+class TritonSettings(Section):
+    """`pgkd cascade serve` and `pgkd teacher serve`: tritonserver's own log."""
+    log: str | None = var("PGKD_TRITON_LOG", None,
+                          "the file tritonserver writes its own log to (/dev/stdout: the terminal); unset: a "
+                          "temporary file, removed at the stop and kept (and named) when the server fails")
+
+
 SECTIONS: dict[str, type[Section]] = {
     "broker": BrokerSettings, "kafka": KafkaSecuritySettings, "artifacts": ArtifactSettings,
-    "serving": ServingSettings, "teacher": TeacherSettings, "stream": StreamVariables, "service": ServiceSettings}
+    "serving": ServingSettings, "teacher": TeacherSettings, "stream": StreamVariables, "service": ServiceSettings,
+    "triton": TritonSettings}
 S = TypeVar("S", bound=Section)
 
 
@@ -387,6 +396,7 @@ class Settings(BaseModel):
     teacher: TeacherSettings
     stream: StreamVariables
     service: ServiceSettings
+    triton: TritonSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":

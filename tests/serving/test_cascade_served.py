@@ -122,7 +122,8 @@ def cascade(tmp_path_factory):
                      .replace("127.0.0.1:8010", f"127.0.0.1:{teacher_ports[0]}") for a in readme[1:]]
             server = Pgkd(folder, *argv, "--policy-file", str(policy), "--data", str(data_path), "--teacher-timeout",
                           "5", "--publish-labels", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-                          "--metrics-port", str(ports[2]), "--cascade-metrics-port", str(ports[3]), cwd=folder)
+                          "--metrics-port", str(ports[2]), "--cascade-metrics-port", str(ports[3]), cwd=folder,
+                          env={"PGKD_TRITON_LOG": str(folder / "cascade-tritonserver.log")})
             started.append(server)
             server.wait_for("pgkd: serving the cascade")
             yield dict(folder=folder, data=data, splits=splits, student=student, server=server, teacher=teacher,
@@ -332,7 +333,8 @@ def test_a_stopped_cascade_leaves_no_process_temporary_folder_or_shared_memory(c
     assert folders, "no stub names its model folder"
     assert server.stop(signal.SIGTERM) == 0, server.log()
     # unloaded before tritonserver's exit timeout: else its Python backend leaves /tmp/python_env_XXXXXX
-    assert "successfully unloaded 'cascade' version 1" in server.log(), server.log()[-3000:]
+    triton_log = (cascade["folder"] / "cascade-tritonserver.log").read_text(errors="replace")   # PGKD_TRITON_LOG
+    assert "successfully unloaded 'cascade' version 1" in triton_log, triton_log[-3000:]
     assert gone(children), "a child of pgkd cascade serve outlived it"
     assert server.left_in_tmp() == []
     assert list(Path("/dev/shm").glob(f"pytrtion{pid}-*")) == []
@@ -367,12 +369,14 @@ class FlakyTriton:
 
 
 @pytest.fixture
-def flaky_start(monkeypatch):
+def flaky_start(monkeypatch, tmp_path):
     """`serve` on a FlakyTriton, without a pause between attempts or subreaping (this is pytest's process).
-    Each attempt's Triton is stopped."""
+    Each attempt's Triton is stopped. A failure's kept log folder is the test's."""
     import contextlib
+    import tempfile
     import pytriton.triton
     from pgkd.serving import cascade_server
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(pytriton.triton, "Triton", FlakyTriton)
     monkeypatch.setattr(cascade_server, "adopted_children", contextlib.nullcontext)
     monkeypatch.setattr(cascade_server, "START_PAUSE", 0)
@@ -400,13 +404,14 @@ def test_a_start_that_fails_in_any_way_is_tried_again_with_a_fresh_server(flaky_
     assert "pgkd: serving the cascade" in out and len(set(map(id, FlakyTriton.started))) == 3
 
 
-def test_a_start_that_always_fails_is_one_environment_failure(flaky_start):
+def test_a_start_that_always_fails_is_one_environment_failure(flaky_start, tmp_path, monkeypatch):
     from geventhttpclient.response import HTTPConnectionClosed
     from pgkd.errors import EnvironmentFailure
+    monkeypatch.setenv("PGKD_TRITON_LOG", str(tmp_path / "triton.log"))
     with pytest.raises(EnvironmentFailure) as failed:
         flaky_start([HTTPConnectionClosed("connection closed.")] * 5)
     assert str(failed.value) == ("the cascade's Triton server failed to start, attempt 5 of 5: "
-                                 "HTTPConnectionClosed: connection closed.")
+                                 f"HTTPConnectionClosed: connection closed.; tritonserver's log: {tmp_path}/triton.log")
     assert failed.value.__cause__ is None and failed.value.__suppress_context__
 
 

@@ -1,5 +1,6 @@
 """`pgkd teacher serve` (PyTriton) as a process: loopback unless told otherwise, and SIGHUP (a closed
 terminal) or a SIGKILL of pgkd leaves no tritonserver behind."""
+import re
 import signal
 
 import pytest
@@ -34,6 +35,8 @@ def test_the_teacher_listens_on_loopback_unless_told_otherwise_and_sighup_stops_
     assert server.listening_on(ports[1::2]) == ({"127.0.0.1"} if host is None else {"0.0.0.0", "::"})
     assert f"--teacher triton://127.0.0.1:{ports[1]}/teacher" in server.log()
     assert UNKNOWN_TEXTS in server.log()     # a user's own text gets a random class, and it says so at start
+    # tritonserver's own log (some 60 lines, a CUDA error among them) goes to a file, not to the terminal
+    assert not re.search(r"^[IWE]\d{4} |CUDA|NVML", server.log(), re.M), server.log()
     assert server.stop(signal.SIGHUP) == 0, server.log()
     assert gone([triton]), "tritonserver outlived pgkd teacher serve"
     assert server.left_in_tmp() == []     # PyTriton's workspace removed

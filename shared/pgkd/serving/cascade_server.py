@@ -24,6 +24,7 @@ other texts are answered: PyTriton can fail only a whole batch, with a traceback
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sysconfig
 import threading
@@ -33,10 +34,11 @@ import numpy as np
 
 from pgkd.errors import EnvironmentFailure
 from pgkd.net import DEFAULT_HOST, require_free_ports, triton_host, url_host
-from pgkd.processes import Stopped, adopted_children, stop_signals
+from pgkd.processes import Stopped, adopted_children, child_log, stop_signals
 from pgkd.serving.cascade import ERROR, Answer, Cascade, ServedCalibration
 from pgkd.serving.client import STUDENT_UNAVAILABLE
 from pgkd.serving.triton_model import check_text
+from pgkd.settings import TritonSettings, read
 from pgkd.types import MAX_TEXT_CHARS
 
 MODEL_NAME = "cascade"
@@ -151,19 +153,22 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
     host = triton_host(host)
     require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=EXIT_TIMEOUT)
+                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=EXIT_TIMEOUT,
+                          allow_gpu_metrics=False)
     outputs = [Tensor(name=n, dtype=np.float32, shape=(-1,) if n == "probabilities" else (1,))
                if n.startswith("probabilit") else Tensor(name=n, dtype=bytes, shape=(1,)) for n in OUTPUTS]
     # PyTriton restricts Triton's statistics API (and the repository, shared memory, trace and logging ones) to
     # a token of its own; perf_analyzer reads the statistics, which say nothing a client should not know. The
     # others stay restricted: nobody loads or unloads models on the cascade's server.
     security = TritonSecurityConfig(restricted_endpoints=[e for e in DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"])
-    with stop_signals(), contextlib.suppress(Stopped):
+    # tritonserver's log goes to a file (pgkd.processes.child_log), not to the terminal; a failure names it
+    with stop_signals(), contextlib.suppress(Stopped), \
+            child_log("tritonserver.log", read(TritonSettings).log) as log_file:
         for attempt in range(1, START_ATTEMPTS + 1):
             serving = False
             try:
                 with adopted_children(), contextlib.ExitStack() as stack:
-                    triton = Triton(config=config, security_config=security)
+                    triton = Triton(config=dataclasses.replace(config, log_file=log_file), security_config=security)
                     stack.callback(triton.stop)    # also when the start fails: its tritonserver and workspace
                     triton.run()
                     # No dynamic batching: a request batched with others would wait for their texts' teacher
@@ -183,10 +188,10 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
             except Exception as e:  # noqa: BLE001 -- a failed start is tried again; a failure once serving is not
                 if serving:
                     raise EnvironmentFailure(f"the cascade's Triton server failed while serving: "
-                                             f"{summary(e)}") from None
+                                             f"{summary(e)}; tritonserver's log: {log_file}") from None
                 if attempt == START_ATTEMPTS:
                     raise EnvironmentFailure(f"the cascade's Triton server failed to start, attempt {attempt} of "
-                                             f"{START_ATTEMPTS}: {summary(e)}") from None
+                                             f"{START_ATTEMPTS}: {summary(e)}; tritonserver's log: {log_file}") from None
                 print(f"pgkd: the cascade's Triton server failed to start, attempt {attempt} of {START_ATTEMPTS} "
                       f"({summary(e)}); starting again", flush=True)
                 # A port another program took meanwhile is said at once (PyTriton waits minutes for a server

@@ -13,6 +13,7 @@ LIBDIR on LD_LIBRARY_PATH, which `serve` sets before it starts the server.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +25,9 @@ import numpy as np
 
 from pgkd.data import load_dataset, make_splits
 from pgkd.net import DEFAULT_HOST, require_free_ports, triton_host, url_host
-from pgkd.processes import Stopped, adopted_children, stop_signals
+from pgkd.errors import EnvironmentFailure
+from pgkd.processes import Stopped, adopted_children, child_log, stop_signals
+from pgkd.settings import TritonSettings, read
 from pgkd.encoder import EmbeddingCache, loading_bars
 from pgkd.teachers.llm import TokenCounter
 from pgkd.teachers.classifier import UNKNOWN_TEXTS, SimulatedLLMClassifier, confusable_classes
@@ -79,6 +82,19 @@ class SimulatedTeacherModel:
         return responses
 
 
+@contextlib.contextmanager
+def _named_log(log_file):
+    """A failure of the teacher's Triton server, in one line that names its log (kept: pgkd.processes.child_log)."""
+    try:
+        yield
+    except EnvironmentFailure:
+        raise
+    except Exception as e:  # noqa: BLE001 -- PyTriton's errors, whose messages may hold a traceback
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise EnvironmentFailure(f"the simulated teacher's Triton server failed: {type(e).__name__}"
+                                 f"{': ' + first[:300] if first else ''}; tritonserver's log: {log_file}") from None
+
+
 def _quietly(function, *args):
     """The encoder loads without transformers' bars (a server's log says what it serves, not how it loads)."""
     with loading_bars(False):
@@ -112,11 +128,14 @@ def serve(simulation: Simulation, http_port: int, grpc_port: int, metrics_port: 
     from pytriton.triton import Triton, TritonConfig
 
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5)
+                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5,
+                          allow_gpu_metrics=False)
     # SIGTERM (docker stop, kill, make demo's cleanup) and SIGHUP (a closed terminal) leave through the
     # `with Triton`, which stops tritonserver and removes PyTriton's workspace. PyTriton starts tritonserver
     # with SIGTERM as its parent-death signal: a SIGKILL of this process stops it too (the workspace stays).
-    with stop_signals(), contextlib.suppress(Stopped), adopted_children(), Triton(config=config) as triton:
+    with stop_signals(), contextlib.suppress(Stopped), child_log("tritonserver.log", read(TritonSettings).log) as log_file, \
+            _named_log(log_file), adopted_children(), \
+            Triton(config=dataclasses.replace(config, log_file=log_file)) as triton:
         triton.bind(model_name=MODEL_NAME, infer_func=model,
                     inputs=[Tensor(name="text_input", dtype=bytes, shape=(1,)),
                             Tensor(name="max_tokens", dtype=np.int32, shape=(1,), optional=True),
