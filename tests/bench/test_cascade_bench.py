@@ -174,6 +174,30 @@ def test_the_stream_adds_the_simulated_llm_labels_of_each_window_to_train(bench)
     assert record["stream"]["target"] == "p-0.01" and "not through Kafka" in record["stream"]["retraining"]
 
 
+def test_a_retrained_student_serves_only_when_the_streams_promotion_rule_takes_it(bench):
+    """As the stream promotes: strictly better on validation, or the serving student (and its threshold) stays."""
+    _, summary, _ = bench
+    windows = summary["datasets"][0]["stream"]["windows"]
+    assert windows[0]["promoted"] is None and windows[0]["promotion"] is None
+    for before, w in zip(windows, windows[1:]):
+        p = w["promotion"]
+        assert p["metric"] == "macro_f1" and w["promoted"] == (p["retrained"] > p["serving"])
+        if not w["promoted"]:
+            assert w["threshold"] == before["threshold"] and w["temperature"] == before["temperature"]
+
+
+def test_a_retrained_student_that_is_not_better_never_serves(tmp_path, monkeypatch):
+    make_toy_dataset(tmp_path / "data" / "toy", train_per_class=150, test_per_class=40)
+    real = cascade.compare
+    monkeypatch.setattr(cascade, "compare", lambda run_id, new, current, *rest: real(run_id, current, current, *rest))
+    summary = cascade.run_cascade_bench(tmp_path / "data", ["toy"], tmp_path / "out", encoder=NoisyEncoder(),
+                                        progress=False, **{**RUN, "windows": 2}, **PRICES)
+    first, second = summary["datasets"][0]["stream"]["windows"]
+    assert second["promoted"] is False and second["teacher_labels"] > 0
+    assert (second["threshold"], second["temperature"]) == (first["threshold"], first["temperature"])
+    assert "kept (the retrained one not better)" in (tmp_path / "out" / "cascade.md").read_text()
+
+
 def test_the_output_records_what_was_measured(bench):
     root, summary, _ = bench
     out = root / "out"

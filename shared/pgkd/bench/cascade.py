@@ -16,8 +16,10 @@ nearest the gold label's) answers the texts the student defers. Measured on test
 - the stream (prequential, here in this process; not through Kafka and the services): test traffic,
   shuffled, in windows; in each, the current student and threshold route each text, the simulated LLM
   labels what is deferred, the window is scored on its gold labels, and then those labels (teacher
-  labels, kept apart from validation) join the training data, the student is retrained, recalibrated
-  on the same held validation texts and the threshold chosen again for the same target.
+  labels, kept apart from validation) join the training data, the student is retrained and recalibrated
+  on the same held validation texts; it replaces the serving student only when it scores strictly better
+  on validation (the stream's promotion rule, pgkd.stream.promotion), and the serving student's threshold
+  is chosen for the same target.
 
 The simulated LLM is right on hard texts as often as on easy ones, where a real LLM's errors gather on
 the texts a student finds hard too: a cascade's accuracy measured with it is an upper bound of what the
@@ -45,6 +47,7 @@ from pgkd.loop.embedded import run
 from pgkd.loop.screening import screen
 from pgkd.names import check_name
 from pgkd.ownership import claim_folder
+from pgkd.stream.promotion import compare, score
 from pgkd.teachers.classifier import SimulatedLLMClassifier, confusable_classes
 from pgkd.teachers.prompt import render_classification
 from pgkd.types import ClassificationRequest, Sample
@@ -408,17 +411,26 @@ def stream(config: DistillConfig, splits: Splits, student, train: list[Sample], 
            llm_cost: float, student_cost: float) -> dict:
     """Test traffic in windows, prequential: each window is routed by the current student and
     threshold and scored on its gold labels; then the simulated LLM's labels of its deferred texts join
-    the training data, the student is retrained and recalibrated on the held validation texts, and the
-    threshold is chosen again for `target`."""
+    the training data, the student is retrained and recalibrated on the held validation texts; it is
+    promoted as the stream promotes (strictly better on validation), and the serving student's threshold
+    is chosen for `target`."""
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     teacher_labeled: list[Sample] = []        # the simulated LLM's labels: train only, never validation
     rows = []
+    decision = None
     for w, part in enumerate(np.array_split(np.array(order, dtype=np.int64), windows), start=1):
         if w > 1:
-            student = fresh_student(config, splits.labels, 0, embed=cache)
-            student.train(train + teacher_labeled, splits.validation, config.round_config(0), progress=False)
-            recalibrate(student, held, splits.labels)
+            candidate = fresh_student(config, splits.labels, 0, embed=cache)
+            candidate.train(train + teacher_labeled, splits.validation, config.round_config(0), progress=False)
+            recalibrate(candidate, held, splits.labels)
+            # The stream's own rule (pgkd.stream.promotion): the retrained student replaces the serving one only
+            # when it scores strictly better on the validation texts (human labels, never the simulated LLM's).
+            decision = compare(f"window {w}", score(candidate, splits.validation, splits.labels),
+                               score(student, splits.validation, splits.labels), config.metric,
+                               "the serving student", splits.validation)
+            if decision.replaced:
+                student = candidate
         deferral, problem = chosen(target, student.calibration)
         probs = np.asarray(student.predict_proba([texts[i] for i in part]))
         confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
@@ -426,6 +438,10 @@ def stream(config: DistillConfig, splits: Splits, student, train: list[Sample], 
         window = route(confidence, threshold, predicted, llm_pred[part], gold[part])
         rows.append({"window": w, "train_size": len(train) + len(teacher_labeled),
                      "teacher_labels": len(teacher_labeled),
+                     "promoted": None if decision is None else decision.replaced,
+                     "promotion": None if decision is None else {"metric": decision.metric,
+                                                                 "retrained": decision.new_score,
+                                                                 "serving": decision.current_score},
                      "threshold": threshold, "problem": problem, "temperature": student.calibration.temperature,
                      "chosen_on_student_share": None if deferral is None else deferral.student_share,
                      **window, "llm_only_accuracy": float((llm_pred[part] == gold[part]).mean()),
@@ -437,8 +453,9 @@ def stream(config: DistillConfig, splits: Splits, student, train: list[Sample], 
             f"cascade accuracy {window['cascade_accuracy']:.4f}")
     return {"target": target.written, "name": target.name, "windows": rows,
             "retraining": "here, in this process (the student's train on labeled + kept teacher samples + the "
-                          "simulated LLM's labels so far; calibrate on the held validation texts); not through "
-                          "Kafka and the services"}
+                          "simulated LLM's labels so far; calibrate on the held validation texts; it replaces the "
+                          "serving student only when strictly better on validation, the stream's promotion rule); "
+                          "not through Kafka and the services"}
 
 
 # -- goals, tables, the plot ------------------------------------------------------------------------------
@@ -485,6 +502,15 @@ def _acc(x: float | None) -> str:
 
 def _threshold(x: float | None) -> str:
     return "none (the simulated LLM answers all)" if x is None else f"{x:.4f}" if x < 0.9999 else f"{x:.7f}"
+
+
+def _serving(window: dict) -> str:
+    """Which student served a stream window: the distilled run's, or the retrained one if it was promoted."""
+    p = window.get("promotion")
+    if p is None:
+        return "the distilled run's"
+    verdict = "retrained, promoted" if window["promoted"] else "kept (the retrained one not better)"
+    return f"{verdict}: validation {p['metric']} {p['retrained']:.4f} vs {p['serving']:.4f}"
 
 
 def _falls(s: dict) -> str:
@@ -540,13 +566,13 @@ def markdown(summary: dict) -> str:
         s = r["stream"]
         lines += ["", f"Stream, {r['dataset']} ({len(s['windows'])} windows of shuffled test traffic, target "
                       f"{s['name']}; retrained {s['retraining']}):", "",
-                  "| window | texts | train (of which simulated LLM labels) | threshold "
+                  "| window | texts | train (of which simulated LLM labels) | serving student | threshold "
                   "| held validation: student share "
                   "| simulated LLM share | cascade accuracy | student answers' accuracy | student alone "
-                  "| simulated LLM alone | $ per 1M texts |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| simulated LLM alone | $ per 1M texts |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for w in s["windows"]:
             lines.append(f"| {w['window']} | {w['texts']} | {w['train_size']} ({w['teacher_labels']}) | "
-                         f"{_threshold(w['threshold'])} | "
+                         f"{_serving(w)} | {_threshold(w['threshold'])} | "
                          f"{_pct(w['chosen_on_student_share'])} | {_pct(w['teacher_share'])} | "
                          f"{_acc(w['cascade_accuracy'])} | {_acc(w['student_accuracy'])} | "
                          f"{_acc(w['student_only_accuracy'])} | {_acc(w['llm_only_accuracy'])} | "
