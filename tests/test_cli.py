@@ -165,3 +165,13 @@ def test_predict_refuses_text_that_is_not_utf8(capsys, saved_student, monkeypatc
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO('\ufeff{"text": "café"}\n'.encode())))
     assert main(["predict", "--model", str(saved_student)]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == "café"
+
+
+def test_an_engine_warning_reaches_the_terminal_as_a_pgkd_line():
+    """Where no logging is set up (the commands; a service sets up its own), a warning of the engine's loggers
+    is `pgkd: ...` on stderr, not a bare line from Python's last-resort handler."""
+    code = ("import logging, sys; from pgkd import cli; cli._warnings_as_pgkd_lines(); "
+            "logging.getLogger('pgkd.teachers').warning('teacher t refused structured answers'); "
+            "logging.getLogger('pgkd.teachers').info('not shown')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "pgkd: teacher t refused structured answers\n")

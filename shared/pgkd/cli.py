@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -645,7 +646,18 @@ def flags_of(parser: argparse.ArgumentParser, func):
 
 
 
+def _warnings_as_pgkd_lines() -> None:
+    """A warning the engine logs (pgkd.teachers: a teacher that refused structured answers) reaches the
+    terminal as `pgkd: ...`, where no logging is set up (Python's last-resort handler would print it bare).
+    A service sets up its own logging (timestamps, levels), and then this is never used."""
+    handler = logging.StreamHandler()          # sys.stderr as it is when the warning is written
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("pgkd: %(message)s"))
+    logging.lastResort = handler
+
+
 def main(argv: list[str] | None = None) -> int:
+    _warnings_as_pgkd_lines()
     try:        # the commands' modules load here: a Ctrl-C this early is an interruption too, not a traceback
         parser = build_parser()
         args = parser.parse_args(argv)
