@@ -112,3 +112,20 @@ def test_stratified_split_keeps_every_class_in_the_rest():
     rows = [Sample(text=f"{i}", label=str(i % 5)) for i in range(12)]
     rest, part = stratified_split(rows, 0.5, random.Random(0))
     assert len(part) == 6 and {s.label for s in rest} == {str(i) for i in range(5)}
+
+
+def test_a_split_file_that_is_not_a_file_is_said_as_such_not_as_missing(tmp_path):
+    """train.jsonl a link to /dev/null, a folder, or a broken link: the file is named and what is wrong with it."""
+    write_jsonl(tmp_path / "test.jsonl", [{"text": "a b", "label": "x"}])
+    train = tmp_path / "train.jsonl"
+    train.symlink_to("/dev/null")
+    with pytest.raises(UserError, match=r"train.jsonl: not a regular file"):
+        load_dataset(tmp_path)
+    train.unlink()
+    train.mkdir()
+    with pytest.raises(UserError, match=r"train.jsonl: not a regular file"):
+        load_dataset(tmp_path)
+    train.rmdir()
+    train.symlink_to(tmp_path / "gone.jsonl")
+    with pytest.raises(UserError, match=r"train.jsonl: no such file"):
+        load_dataset(tmp_path)

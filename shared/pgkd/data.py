@@ -8,6 +8,7 @@ validation, stratified), the rest of train as the pool the student never sees, t
 from __future__ import annotations
 
 import csv
+import os
 import json
 import random
 from collections import Counter, defaultdict
@@ -89,7 +90,8 @@ def read_samples(path: Path, text_column: str = "text", label_column: str = "lab
 
 
 def _find_split_file(folder: Path, split: str) -> Path | None:
-    found = [folder / f"{split}{ext}" for ext in FORMATS if (folder / f"{split}{ext}").is_file()]
+    # Any entry of the name (a link to /dev/null, a folder, a broken link): read_samples says what is wrong with it
+    found = [folder / f"{split}{ext}" for ext in FORMATS if os.path.lexists(folder / f"{split}{ext}")]
     if len(found) > 1:
         raise UserError(f"{folder}: more than one {split} file ({', '.join(p.name for p in found)})")
     return found[0] if found else None
