@@ -124,6 +124,12 @@ def _threshold(thresholds: np.ndarray, k: int) -> float:
     return 0.0 if k == len(thresholds) - 1 else float(thresholds[k])
 
 
+def target_name(target_accuracy: float | None = None, max_teacher_share: float | None = None) -> str:
+    """A deferral target in words (Deferral.target)."""
+    return f"target accuracy {target_accuracy:g}" if target_accuracy is not None else \
+        f"max teacher share {max_teacher_share:g}"
+
+
 def choose_threshold(confidence, correct, target_accuracy: float | None = None,
                      max_teacher_share: float | None = None) -> Deferral:
     """The lowest threshold (the most texts for the student) whose answers are at least
@@ -142,10 +148,10 @@ def choose_threshold(confidence, correct, target_accuracy: float | None = None,
     accuracy = right / answered
     if max_teacher_share is not None:
         if max_teacher_share >= 1:     # the LLM may answer everything: the student only what it is sure of
-            return Deferral(threshold=1.0, target=f"max teacher share {max_teacher_share:g}",
+            return Deferral(threshold=1.0, target=target_name(max_teacher_share=max_teacher_share),
                             student_share=float((confidence >= 1.0).mean()), student_accuracy=None, samples=n)
         k = np.flatnonzero(answered >= n * (1 - max_teacher_share) - 1e-9)[0]   # the last always fits
-        return Deferral(threshold=_threshold(thresholds, k), target=f"max teacher share {max_teacher_share:g}",
+        return Deferral(threshold=_threshold(thresholds, k), target=target_name(max_teacher_share=max_teacher_share),
                         student_share=float(answered[k] / n), student_accuracy=float(accuracy[k]), samples=n)
     bound = accuracy_lower_bound(right, answered)
     meets = np.flatnonzero(bound >= target_accuracy - 1e-12)
@@ -156,7 +162,7 @@ def choose_threshold(confidence, correct, target_accuracy: float | None = None,
             f"most {bound[best]:.4f} accurate at {CONFIDENCE_LEVEL:.0%} confidence (at {answered[best] / n:.1%} of "
             f"texts); achievable: a target up to {bound[best]:.4f}, or --max-teacher-share")
     k = meets[-1]
-    return Deferral(threshold=_threshold(thresholds, k), target=f"target accuracy {target_accuracy:g}",
+    return Deferral(threshold=_threshold(thresholds, k), target=target_name(target_accuracy),
                     student_share=float(answered[k] / n), student_accuracy=float(accuracy[k]),
                     accuracy_lower_bound=round(float(bound[k]), 6), samples=n)
 

@@ -43,8 +43,13 @@ def bench(tmp_path_factory):
     original = pgkd.calibration.choose_threshold
 
     def recording(confidence, correct, *args, **kwargs):
-        deferral = original(confidence, correct, *args, **kwargs)
-        choices.append((np.asarray(confidence, dtype=np.float64).copy(), deferral))
+        try:
+            deferral = original(confidence, correct, *args, **kwargs)
+        except Exception:
+            deferral = None        # a target these scores cannot meet
+            raise
+        finally:
+            choices.append((np.asarray(confidence, dtype=np.float64).copy(), deferral))
         return deferral
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pgkd.calibration, "choose_threshold", recording)
@@ -80,10 +85,13 @@ def test_every_threshold_is_chosen_on_the_held_validation_scores(bench):
     held, test = record["calibration"]["samples"], record["sizes"]["test"]
     assert held == record["sizes"]["validation"] != test       # out of fold: no validation text shown, all held
     targets, windows = record["targets"], record["stream"]["windows"]
-    assert len(choices) == len(targets) + len(windows)         # one choice per target, one per stream window
+    # one choice per target; per stream window, the promotion's two (the retrained student's and the serving
+    # one's, after the first window) and then the serving student's
+    assert len(choices) == len(targets) + len(windows) + 2 * (len(windows) - 1)
     assert all(len(confidence) == held for confidence, _ in choices)
     assert [t["threshold"] for t in targets] == [d.threshold for _, d in choices[:len(targets)]]
-    assert [w["threshold"] for w in windows] == [d.threshold for _, d in choices[len(targets):]]
+    stream = choices[len(targets):]
+    assert [w["threshold"] for w in windows] == [d and d.threshold for _, d in [stream[0], *stream[3::3]]]
     for t, (_, d) in zip(targets, choices):
         assert t["chosen_on"]["student_share"] == d.student_share and t["chosen_on"]["samples"] == held
 
@@ -175,13 +183,19 @@ def test_the_stream_adds_the_simulated_llm_labels_of_each_window_to_train(bench)
 
 
 def test_a_retrained_student_serves_only_when_the_streams_promotion_rule_takes_it(bench):
-    """As the stream promotes: strictly better on validation, or the serving student (and its threshold) stays."""
+    """As the stream promotes runs with a cascade target: a larger share of the validation texts answered at the
+    target (the metric deciding a tie), or the serving student (and its threshold) stays."""
     _, summary, _ = bench
     windows = summary["datasets"][0]["stream"]["windows"]
     assert windows[0]["promoted"] is None and windows[0]["promotion"] is None
+    share = lambda x: -1 if x is None else x   # noqa: E731 -- None: the target cannot be met there
     for before, w in zip(windows, windows[1:]):
         p = w["promotion"]
-        assert p["metric"] == "macro_f1" and w["promoted"] == (p["retrained"] > p["serving"])
+        assert p["metric"] == "macro_f1" and p["target"] == "target accuracy 0.94"
+        if share(p["retrained_share"]) != share(p["serving_share"]):
+            assert w["promoted"] == (share(p["retrained_share"]) > share(p["serving_share"]))
+        else:
+            assert w["promoted"] == (p["retrained"] > p["serving"])
         if not w["promoted"]:
             assert w["threshold"] == before["threshold"] and w["temperature"] == before["temperature"]
 
@@ -189,7 +203,8 @@ def test_a_retrained_student_serves_only_when_the_streams_promotion_rule_takes_i
 def test_a_retrained_student_that_is_not_better_never_serves(tmp_path, monkeypatch):
     make_toy_dataset(tmp_path / "data" / "toy", train_per_class=150, test_per_class=40)
     real = cascade.compare
-    monkeypatch.setattr(cascade, "compare", lambda run_id, new, current, *rest: real(run_id, current, current, *rest))
+    monkeypatch.setattr(cascade, "compare", lambda run_id, new, current, metric, run, validation, scores, **target:
+                        real(run_id, current, current, metric, run, validation, (scores[1], scores[1]), **target))
     summary = cascade.run_cascade_bench(tmp_path / "data", ["toy"], tmp_path / "out", encoder=NoisyEncoder(),
                                         progress=False, **{**RUN, "windows": 2}, **PRICES)
     first, second = summary["datasets"][0]["stream"]["windows"]

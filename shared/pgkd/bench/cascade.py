@@ -17,9 +17,9 @@ nearest the gold label's) answers the texts the student defers. Measured on test
   shuffled, in windows; in each, the current student and threshold route each text, the simulated LLM
   labels what is deferred, the window is scored on its gold labels, and then those labels (teacher
   labels, kept apart from validation) join the training data, the student is retrained and recalibrated
-  on the same held validation texts; it replaces the serving student only when it scores strictly better
-  on validation (the stream's promotion rule, pgkd.stream.promotion), and the serving student's threshold
-  is chosen for the same target.
+  on the same held validation texts; it replaces the serving student only when it answers more of them at
+  the target (the stream's promotion rule for runs with a cascade target, pgkd.stream.promotion), and the
+  serving student's threshold is chosen for the same target.
 
 The simulated LLM is right on hard texts as often as on easy ones, where a real LLM's errors gather on
 the texts a student finds hard too: a cascade's accuracy measured with it is an upper bound of what the
@@ -47,7 +47,7 @@ from pgkd.loop.embedded import run
 from pgkd.loop.screening import screen
 from pgkd.names import check_name
 from pgkd.ownership import claim_folder
-from pgkd.stream.promotion import compare, score
+from pgkd.stream.promotion import cascade_score, compare, score
 from pgkd.teachers.classifier import SimulatedLLMClassifier, confusable_classes
 from pgkd.teachers.prompt import render_classification
 from pgkd.types import ClassificationRequest, Sample
@@ -97,6 +97,11 @@ class Target:
     def name(self) -> str:
         return (f"student accuracy {self.value:g}" if self.kind == "accuracy"
                 else f"simulated LLM share at most {self.value:g}")
+
+    @property
+    def policy(self) -> dict:
+        """As pgkd.calibration and pgkd.stream.promotion take it."""
+        return {"target_accuracy": self.value} if self.kind == "accuracy" else {"max_teacher_share": self.value}
 
     def choose(self, calibration: Calibration) -> Deferral:
         """The threshold, chosen on the held validation scores `calibration` keeps (never on test)."""
@@ -412,8 +417,8 @@ def stream(config: DistillConfig, splits: Splits, student, train: list[Sample], 
     """Test traffic in windows, prequential: each window is routed by the current student and
     threshold and scored on its gold labels; then the simulated LLM's labels of its deferred texts join
     the training data, the student is retrained and recalibrated on the held validation texts; it is
-    promoted as the stream promotes (strictly better on validation), and the serving student's threshold
-    is chosen for `target`."""
+    promoted as the stream promotes runs with a cascade target (it answers more of the validation texts at
+    `target`), and the serving student's threshold is chosen for `target`."""
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     teacher_labeled: list[Sample] = []        # the simulated LLM's labels: train only, never validation
@@ -424,11 +429,14 @@ def stream(config: DistillConfig, splits: Splits, student, train: list[Sample], 
             candidate = fresh_student(config, splits.labels, 0, embed=cache)
             candidate.train(train + teacher_labeled, splits.validation, config.round_config(0), progress=False)
             recalibrate(candidate, held, splits.labels)
-            # The stream's own rule (pgkd.stream.promotion): the retrained student replaces the serving one only
-            # when it scores strictly better on the validation texts (human labels, never the simulated LLM's).
+            # The stream's own rule for runs with a cascade target (pgkd.stream.promotion): the retrained student
+            # replaces the serving one only when it serves the cascade better on the validation texts (human
+            # labels, never the simulated LLM's): a larger share answered at the target accuracy.
+            cascade = tuple(cascade_score(s, splits.validation, splits.labels, **target.policy)
+                            for s in (candidate, student))
             decision = compare(f"window {w}", score(candidate, splits.validation, splits.labels),
                                score(student, splits.validation, splits.labels), config.metric,
-                               "the serving student", splits.validation)
+                               "the serving student", splits.validation, cascade, **target.policy)
             if decision.replaced:
                 student = candidate
         deferral, problem = chosen(target, student.calibration)
@@ -439,9 +447,11 @@ def stream(config: DistillConfig, splits: Splits, student, train: list[Sample], 
         rows.append({"window": w, "train_size": len(train) + len(teacher_labeled),
                      "teacher_labels": len(teacher_labeled),
                      "promoted": None if decision is None else decision.replaced,
-                     "promotion": None if decision is None else {"metric": decision.metric,
-                                                                 "retrained": decision.new_score,
-                                                                 "serving": decision.current_score},
+                     "promotion": None if decision is None else {
+                         "metric": decision.metric, "retrained": decision.new_score, "serving": decision.current_score,
+                         "target": decision.cascade_target, "reason": decision.reason,
+                         "retrained_share": decision.new_cascade and decision.new_cascade.student_share,
+                         "serving_share": decision.current_cascade and decision.current_cascade.student_share},
                      "threshold": threshold, "problem": problem, "temperature": student.calibration.temperature,
                      "chosen_on_student_share": None if deferral is None else deferral.student_share,
                      **window, "llm_only_accuracy": float((llm_pred[part] == gold[part]).mean()),
@@ -454,7 +464,8 @@ def stream(config: DistillConfig, splits: Splits, student, train: list[Sample], 
     return {"target": target.written, "name": target.name, "windows": rows,
             "retraining": "here, in this process (the student's train on labeled + kept teacher samples + the "
                           "simulated LLM's labels so far; calibrate on the held validation texts; it replaces the "
-                          "serving student only when strictly better on validation, the stream's promotion rule); "
+                          "serving student only when it answers more of them at the target, the stream's promotion "
+                          "rule for runs with a cascade target); "
                           "not through Kafka and the services"}
 
 
@@ -510,7 +521,8 @@ def _serving(window: dict) -> str:
     if p is None:
         return "the distilled run's"
     verdict = "retrained, promoted" if window["promoted"] else "kept (the retrained one not better)"
-    return f"{verdict}: validation {p['metric']} {p['retrained']:.4f} vs {p['serving']:.4f}"
+    return (f"{verdict}: at the target, validation share {_pct(p['retrained_share'])} vs {_pct(p['serving_share'])}; "
+            f"{p['metric']} {p['retrained']:.4f} vs {p['serving']:.4f}")
 
 
 def _falls(s: dict) -> str:

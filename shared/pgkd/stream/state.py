@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from pgkd.artifacts import ArtifactRef
+from pgkd.calibration import Deferral
 from pgkd.names import check_name
 
 
@@ -58,6 +59,11 @@ class PromotionDecision(BaseModel):
     current_run: str | None = None          # the student the new one was measured against
     validation_size: int = 0
     validation_sha256: str = ""
+    # "metric", or "cascade": the students as the cascade serves them, at `cascade_target` (pgkd.stream.promotion)
+    criterion: str = "metric"
+    cascade_target: str | None = None
+    new_cascade: Deferral | None = None
+    current_cascade: Deferral | None = None
     decided_at: float = Field(default_factory=time.time)
 
 

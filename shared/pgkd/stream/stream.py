@@ -31,7 +31,7 @@ from pgkd.distributed.steps import (
 from pgkd.errors import UserError, dotted, invalid
 from pgkd.loop.config import DistillConfig
 from pgkd.loop.state import Best, RunState
-from pgkd.stream.promotion import compare, score
+from pgkd.stream.promotion import cascade_score, compare, score
 from pgkd.stream.samples import Rejected, StoredSample, parse_sample, split_for
 from pgkd.stream.segments import KEY_BYTES, SegmentLog, index_key
 from pgkd.stream.settings import SettingsFile, StreamSettings
@@ -141,7 +141,6 @@ class Stream:
         self._check_run_options(self.settings)
         base = self._base_splits()
         self.known = {index_key(s.text) for s in base.train + base.validation + base.test}
-        self._migrate_one_file_per_sample()
         self.log.open()
         if self.state.current is None:   # the base run may have completed before ingest first started
             self.pending = list(deque(self._human(self.log.read(after_seq=self.state.drift_checked_through)),
@@ -203,18 +202,6 @@ class Stream:
     def run_config(self, settings: StreamSettings | None = None) -> DistillConfig:
         """The options of a run it triggers: the base run's, the settings' `run` over them."""
         return DistillConfig.model_validate({**self._base_config().model_dump(), **(settings or self.settings).run})
-
-    def _migrate_one_file_per_sample(self) -> None:
-        """Streams of pgkd before segments kept `samples/<text key>.json`, one per sample: moved into
-        segments once, in arrival order. The old files stay (remove streams/<name>/samples/ after)."""
-        old = f"{self.base}/samples"
-        if self.store.exists(f"{self.log.prefix}/manifest.json") or not self.store.list(old):
-            return
-        samples = sorted((self.store.get_model(k, StoredSample) for k in self.store.list(old)),
-                         key=lambda s: s.seq)
-        self.log.append([s.model_copy(update={"seq": i}) for i, s in enumerate(samples, start=1)])
-        log.warning("stream %s: %d samples moved from %s/ (one file each) into segments; that folder may be "
-                    "removed", self.state.name, len(samples), old)
 
     def _trained_keys(self, train_set) -> set[bytes]:
         """Index keys of a training set's texts that are not stored samples (the base run's, the teacher's),
@@ -509,7 +496,11 @@ class Stream:
         new_student = load_checkpoint(self.store, completed.best_checkpoint, self._base_config().device)
         new, current = (score(new_student, validation, state.labels),
                         score(self._current_student(), validation, state.labels))
-        decision = compare(completed.run_id, new, current, metric, state.current.run_id, validation)
+        config = self.run_config()         # its runs' cascade target, if they have one: the cascade decides
+        target = {"target_accuracy": config.target_accuracy, "max_teacher_share": config.max_teacher_share}
+        cascade = None if target == {"target_accuracy": None, "max_teacher_share": None} else \
+            tuple(cascade_score(s, validation, state.labels, **target) for s in (new_student, self._current_student()))
+        decision = compare(completed.run_id, new, current, metric, state.current.run_id, validation, cascade, **target)
         if decision.replaced:
             best = self._best_cycle(completed)
             state.current = CurrentStudent(run_id=completed.run_id, checkpoint=completed.best_checkpoint,
