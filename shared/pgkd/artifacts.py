@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import json
 import os
 import re
 import shutil
-import tarfile
 import uuid
 from pathlib import Path
 from typing import TypeVar
@@ -307,17 +305,19 @@ class ArtifactStore:
     def get_folder(self, ref: ArtifactRef, cache: str | Path) -> Path:
         """The folder unpacked into `cache/<sha256>/` once; later calls reuse it. Each file is checked
         against its sha256 and kept in `cache/blobs/`, so a file shared by several checkpoints is read
-        from the store once. (A checkpoint stored as one tar, before manifests, still unpacks.)"""
+        from the store once."""
         cache = Path(cache)
         target = cache / ref.sha256
         if (target / ".complete").is_file():
             return target
         data = self.get_bytes(ref)
-        if not data.startswith(b"{"):
-            return _untar(cache, ref.sha256, data)
-        manifest = json.loads(data)
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise ArtifactError(f"{self._uri_of(ref)}: not a folder manifest ({manifest.get('format')!r})")
+        try:
+            manifest = json.loads(data)
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            found = repr(manifest.get("format")) if isinstance(manifest, dict) else "not JSON"
+            raise ArtifactError(f"{self._uri_of(ref)}: not a folder manifest ({found})")
         return _unpack(cache, ref.sha256, manifest["files"], lambda name, entry: self._blob(entry, cache))
 
     def _blob(self, entry: dict, cache: Path) -> Path:
@@ -387,14 +387,6 @@ def _unpack(cache: Path, digest: str, entries: dict, source) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return _commit(staging, target)
-
-
-def _untar(cache: Path, digest: str, data: bytes) -> Path:
-    staging = cache / f".{digest}.{uuid.uuid4().hex}"
-    staging.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-        tar.extractall(staging, filter="data")
-    return _commit(staging, cache / digest)
 
 
 def _commit(staging: Path, target: Path) -> Path:

@@ -54,3 +54,12 @@ def test_a_folder_is_one_reproducible_artifact(tmp_path):
 def test_default_store_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PGKD_ARTIFACTS", f"file://{tmp_path}/env")
     assert ArtifactStore().url == f"file://{tmp_path}/env"
+
+
+def test_a_folder_reference_to_something_not_a_manifest_is_an_artifact_error(tmp_path):
+    """A checkpoint is a manifest of its files; anything else (a tar of an older pgkd, a damaged object) is refused."""
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    for key, data in (("old.tar", b"ustar\x00 not a manifest"), ("other.json", b'{"format": "something"}')):
+        ref = store.put_bytes(key, data)
+        with pytest.raises(ArtifactError, match=r"not a folder manifest \((not JSON|'something')\)"):
+            store.get_folder(ref, tmp_path / "cache")

@@ -208,19 +208,3 @@ def test_the_drift_reference_is_the_students_accuracy_on_its_first_windows_then_
     restarted = Stream(store, StreamSettings(base_run="base", drift_window=40, drift_reference_windows=2))
     restarted.open()                    # the reference is remembered, not made again
     assert restarted.state.current.drift_reference == stream.state.current.drift_reference
-
-
-def test_a_stream_of_one_file_per_sample_is_moved_into_segments_once(tmp_path):
-    store = ArtifactStore(f"file://{tmp_path}/artifacts")
-    data, _ = base_run(tmp_path, store)
-    Stream(store, StreamSettings(base_run="base")).open()
-    rows = new_samples(data, 5)
-    for seq, row in enumerate(rows, start=1):    # what pgkd wrote before segments
-        store.put_json(f"streams/default/samples/{seq:02d}.json", {**row, "split": "train", "seq": seq,
-                                                                    "arrived_at": 0.0})
-    stream = Stream(store, StreamSettings(base_run="base"))
-    stream.open()
-    assert [s.text for s in stored(store)] == [r["text"] for r in rows]
-    assert stream.ingest(body(rows[0])) == "duplicate"
-    Stream(store, StreamSettings(base_run="base")).open()     # once
-    assert len(stored(store)) == 5 and json.loads(store.get_bytes("streams/default/samples/01.json"))
