@@ -65,7 +65,8 @@ class SentenceEncoder:
         source = path or str(minilm_path())
         self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         self.device = pick_device(device)
-        self.model = AutoModel.from_pretrained(source, local_files_only=True).to(self.device).eval()
+        with loading_bars(False):    # a second's load: no "Loading weights" bar (before predict's JSON, say)
+            self.model = AutoModel.from_pretrained(source, local_files_only=True).to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = max_length
         self.progress = progress       # a bar for long encodings (1,000 texts and more)

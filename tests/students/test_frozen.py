@@ -106,3 +106,18 @@ def test_embedding_cache_writes_only_when_something_new_was_encoded(tmp_path):
     cache(["a b"])                                 # known text: no new vector
     cache.save()
     assert path.stat().st_mtime_ns == stamp
+
+
+def test_predict_on_a_saved_frozen_student_prints_its_json_lines_and_nothing_else(toy_data, tmp_path, capfd):
+    """Loading the real MiniLM encoder shows no "Loading weights" bar of transformers' on stderr (a saved student
+    loads in seconds)."""
+    import json
+    from pgkd.cli import main
+    splits = make_splits(load_dataset(toy_data), 80, seed=0)
+    student = create_student("minilm-frozen", splits.labels, embed=EmbeddingCache(CountingEncoder()))
+    student.train(splits.train, splits.validation, TrainConfig(seed=0), progress=False)
+    student.save(tmp_path / "m")
+    capfd.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "m"), "a text"]) == 0
+    out, err = capfd.readouterr()
+    assert err == "" and [json.loads(line)["text"] for line in out.splitlines()] == ["a text"]

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
 
-from pgkd.encoder import length_sorted_batches, minilm_path, pick_device
+from pgkd.encoder import length_sorted_batches, loading_bars, minilm_path, pick_device
 from pgkd.errors import UserError
 from pgkd.students.contract import (MARKER, calibrated, calibration_files, log_loss, predicted_labels,
                                     read_calibration, text_list, unknown_student)
@@ -140,7 +140,8 @@ class FineTunedStudent:
             # transformers would build a tokenizer of its special tokens alone: every word [UNK], wrong answers
             raise UserError(f"{path}: not a readable saved student (no tokenizer: none of {', '.join(TOKENIZER_FILES)})")
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+            with loading_bars(False):    # a saved student loads in seconds: no bar before predict's JSON lines
+                model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         except Exception as e:  # noqa: BLE001 -- a damaged folder fails in many libraries' own ways
