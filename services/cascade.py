@@ -19,6 +19,7 @@ from pathlib import Path
 from pgkd.distributed.messages import TEACHER_SOURCE, LabeledSample
 from pgkd.errors import Option, UserError
 from pgkd.names import check_name
+from pgkd.settings import TritonSettings, read
 from pgkd.net import DEFAULT_HOST, host_option, port_option, require_free_ports, triton_host
 
 from pgkd_services import kafka_security
@@ -164,6 +165,7 @@ def serve_cascade(args) -> int:
     teacher = teacher_factory(args.teacher, args.teacher_timeout, args.price_prompt_per_1k,
                               args.price_completion_per_1k)
     check_name(args.student_model, Option("student_model"))    # named as this command spells it
+    read(TritonSettings)              # a bad PGKD_TRITON_LOG is said now, not once the student is probed
     if args.policy_file and not Path(args.policy_file).parent.is_dir():
         raise UserError(Option("policy_file", args.policy_file), ": no such folder")
     given = {k: getattr(args, k) for k in ("threshold", "target_accuracy", "max_teacher_share")

@@ -172,17 +172,28 @@ def test_a_childs_log_folder_goes_at_the_end_and_at_a_stop_and_stays_when_it_fai
     assert path.read_text() == "failed"        # kept: the error names it
 
 
-def test_a_log_file_the_user_names_is_used_as_it_is_and_a_missing_folder_is_one_line(tmp_path):
-    from pgkd.errors import UserError
+def test_a_log_file_the_user_names_is_used_as_it_is(tmp_path):
     from pgkd.processes import child_log
     mine = tmp_path / "triton.log"
     with child_log("tritonserver.log", str(mine)) as path:
         assert path == mine
         path.write_text("started")
     assert mine.read_text() == "started"
-    with pytest.raises(UserError, match=r"PGKD_TRITON_LOG=.*nowhere/triton.log: no such folder"):
-        with child_log("tritonserver.log", str(tmp_path / "nowhere" / "triton.log")):
-            pass
+
+
+@pytest.mark.parametrize("value, says", [("nowhere/triton.log", "no such folder 'nowhere'"),
+                                         (".", "a folder, not a file")])
+def test_a_triton_log_in_no_folder_or_that_is_a_folder_is_one_line_and_exit_2(value, says, tmp_path, monkeypatch,
+                                                                               capsys):
+    """PGKD_TRITON_LOG (pgkd.settings.TritonSettings): `settings --check` says it, as the commands that read it do,
+    before anything loads."""
+    from pgkd.cli import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PGKD_TRITON_LOG", value)
+    assert main(["settings", "--check"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"pgkd: error: PGKD_TRITON_LOG={value!r}: {says}"]
+    assert main(["teacher", "serve", "--data", str(tmp_path / "no-data")]) == 2
+    assert capsys.readouterr().err.strip() == f"pgkd: error: PGKD_TRITON_LOG={value!r}: {says}"
 
 
 def test_a_failing_teacher_triton_server_is_one_line_naming_its_log(tmp_path):

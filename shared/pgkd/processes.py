@@ -91,14 +91,11 @@ def _die_with_parent():
 def child_log(name: str, path: str | None = None) -> Iterator[Path]:
     """Where a child that a library starts writes its log (PyTriton's tritonserver, whose start would
     otherwise fill the terminal: some 60 lines, a CUDA error among them on a machine without a GPU).
-    `path` given (PGKD_TRITON_LOG): that file, left as it is. Else a file `name` in a folder of its own in
+    `path` given (PGKD_TRITON_LOG, checked by pgkd.settings): that file, left as it is. Else a file `name` in a folder of its own in
     the system's temporary folder, removed when the block ends or is stopped (Ctrl-C, SIGTERM) and kept
     when an Exception leaves it: the error names the file. Enter it before `adopted_children`, whose
     folder goes at its end."""
     if path is not None:
-        if not Path(path).parent.is_dir():
-            from pgkd.errors import UserError
-            raise UserError(f"PGKD_TRITON_LOG={path}: no such folder")
         yield Path(path)
         return
     import tempfile

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import socket
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
@@ -342,10 +343,23 @@ class ServiceSettings(Section):
 
 # -- the Triton servers pgkd starts through PyTriton ----------------------------------------------------
 class TritonSettings(Section):
-    """`pgkd cascade serve` and `pgkd teacher serve`: tritonserver's own log."""
+    """`pgkd cascade serve` and `pgkd teacher serve` (PyTriton): tritonserver's own log."""
     log: str | None = var("PGKD_TRITON_LOG", None,
-                          "the file tritonserver writes its own log to (/dev/stdout: the terminal); unset: a "
-                          "temporary file, removed at the stop and kept (and named) when the server fails")
+                          "pgkd cascade serve and pgkd teacher serve: the file their tritonserver writes its log to, "
+                          "appended (/dev/stdout: the terminal); unset: a temporary file, removed at the stop and "
+                          "kept (and named) when the server fails. (pgkd serve keeps its log in its own temporary "
+                          "folder and shows its end when tritonserver fails.)")
+
+    @field_validator("log")
+    @classmethod
+    def _a_file_in_a_folder(cls, value: str | None) -> str | None:
+        if value is not None:
+            path = Path(value)
+            if path.is_dir():
+                raise ValueError("a folder, not a file")
+            if not path.parent.is_dir():
+                raise ValueError(f"no such folder {str(path.parent)!r}")
+        return value
 
 
 SECTIONS: dict[str, type[Section]] = {

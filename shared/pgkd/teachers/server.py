@@ -107,6 +107,7 @@ def serve(simulation: Simulation, http_port: int, grpc_port: int, metrics_port: 
     samples a run with the same --data, --labeled and --seed trains on, so the simulation never hands the
     student its own samples (the client's screening would reject them anyway)."""
     o = simulation
+    triton_log = read(TritonSettings).log       # a bad PGKD_TRITON_LOG is said before anything loads
     dataset = load_dataset(o.data, o.text_column, o.label_column, seed=o.seed)
     splits = make_splits(dataset, o.labeled, o.seed, o.validation_fraction)
     # A port taken (or given twice) is said in one line, before anything loads, not found out by PyTriton,
@@ -133,7 +134,7 @@ def serve(simulation: Simulation, http_port: int, grpc_port: int, metrics_port: 
     # SIGTERM (docker stop, kill, make demo's cleanup) and SIGHUP (a closed terminal) leave through the
     # `with Triton`, which stops tritonserver and removes PyTriton's workspace. PyTriton starts tritonserver
     # with SIGTERM as its parent-death signal: a SIGKILL of this process stops it too (the workspace stays).
-    with stop_signals(), contextlib.suppress(Stopped), child_log("tritonserver.log", read(TritonSettings).log) as log_file, \
+    with stop_signals(), contextlib.suppress(Stopped), child_log("tritonserver.log", triton_log) as log_file, \
             _named_log(log_file), adopted_children(), \
             Triton(config=dataclasses.replace(config, log_file=log_file)) as triton:
         triton.bind(model_name=MODEL_NAME, infer_func=model,
