@@ -365,3 +365,18 @@ def test_export_int8_takes_a_bool_not_a_truthy_string(saved_student, tmp_path):
     with pytest.raises(TypeError, match="int8 is True or False, got 'no'"):
         pgkd.export(saved_student, tmp_path / "models", int8="no")
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/pgkd-x", "/sys/pgkd-x"])
+def test_export_where_nothing_can_be_written_is_one_line_before_the_student_loads(out, saved_student, capsys,
+                                                                                  monkeypatch):
+    """/proc and /sys take no new folder (even for root): said as --out, exit 2, before the export's work."""
+    def loads(*args, **kwargs):
+        raise AssertionError("the student was loaded: the check came after the work")
+    monkeypatch.setattr("pgkd.serving.student_from", loads)
+    assert main(["export", str(saved_student), "--out", out]) == 2
+    assert f"--out {out}: cannot write there (" in one_error_line(capsys)
+    assert main(["export", str(saved_student), "--format", "hf", "--out", out]) == 2
+    assert f"--out {out}: cannot write there (" in one_error_line(capsys)
+    with pytest.raises(UserError, match=f"repository {out}: cannot write there"):
+        pgkd.export(pgkd.load_student(saved_student), out)

@@ -209,6 +209,7 @@ def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
 def cmd_export(args) -> int:
     from pathlib import Path
 
+    from pgkd.ownership import require_writable
     from pgkd.serving import student_from
     from pgkd.serving.repository import require_own_folder, write_version
     out = Path(args.out)
@@ -217,6 +218,7 @@ def cmd_export(args) -> int:
         from pgkd.distributed.steps import export_checkpoint
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"--out {out}: not empty")
+        require_writable(out)
         try:
             export_checkpoint(ArtifactStore(args.artifacts), args.model, out)
         except ArtifactError as e:

@@ -23,7 +23,7 @@ from pathlib import Path
 from pgkd.students.contract import calibration_files
 from pgkd.errors import Option, UserError
 from pgkd.names import check_name, inside
-from pgkd.ownership import read_owner, write_owner
+from pgkd.ownership import read_owner, require_writable, write_owner
 from pgkd.files import file_sha256, write_text_atomic
 from pgkd.serving.triton_model import MANIFEST, check_version_folder
 from pgkd.types import MAX_LENGTH, MAX_TEXT_CHARS   # the served model refuses longer texts
@@ -127,6 +127,7 @@ def require_own_folder(path: Path, option: str, model: str = MODEL_NAME) -> None
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _owned(folder))):
         raise UserError(f"{option} {path}: {folder} was not written by pgkd (no {OWNER}); pgkd writes only "
                         "model folders of its own: choose another model name or repository")
+    require_writable(path, option)     # /proc/x, a read-only mount: said now, not after the export's work
 
 
 def _owned(folder: Path) -> bool:
