@@ -39,8 +39,24 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+_signalled = threading.Event()   # SIGINT, SIGTERM or SIGHUP came within stop_signals (interrupted())
+
+
 def _raise_stopped(signum, _frame) -> None:
+    _signalled.set()
     raise Stopped(signum)
+
+
+def _raise_interrupt(_signum, _frame) -> None:
+    _signalled.set()
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether a stop signal (Ctrl-C, SIGTERM, SIGHUP) came since the current stop_signals began: a
+    library that turns the interruption into an error of its own (PyTriton: a model that failed to
+    load, its tritonserver gone with the terminal's Ctrl-C) is then told apart from a failure."""
+    return _signalled.is_set()
 
 
 @contextlib.contextmanager
@@ -51,7 +67,10 @@ def stop_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _signalled.clear()
     saved = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # Python's; an ignored SIGINT stays so
+        saved[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         yield
     finally:
@@ -108,6 +127,18 @@ def child_log(name: str, path: str | None = None) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def quiet_triton(triton_class):
+    """PyTriton's Triton whose tritonserver's stdout is not printed. With its log in a file
+    (child_log), what tritonserver still writes there is noise at a stop: "Signal (2) received.", a
+    Python-backend stub's traceback when it is killed. PyTriton has no option for it: its TritonServer's
+    `_verbose` is set off (on a PyTriton without it, nothing changes)."""
+    class QuietTriton(triton_class):
+        def _initialize_server(self):
+            super()._initialize_server()
+            self._triton_server._verbose = False
+    return QuietTriton
 
 
 _PR_SET_CHILD_SUBREAPER = 36

@@ -260,13 +260,18 @@ def test_the_operator_moves_the_threshold_with_the_policy_file_and_the_metrics_f
             time.sleep(0.3)
         assert set(infer(cascade["http"], texts)["answered_by"]) == {"student"}
         cascade["policy"].write_text(json.dumps({"threshold": 1.5}))     # refused: the last good one stays
-        time.sleep(1.2)
+        deadline = time.monotonic() + 15        # read again within a second; more on a loaded machine
+        while "threshold stays" not in cascade["server"].log():
+            assert time.monotonic() < deadline, cascade["server"].log()
+            time.sleep(0.2)
         assert set(infer(cascade["http"], texts)["answered_by"]) == {"student"}
-        assert "threshold stays" in cascade["server"].log()
     finally:
         cascade["policy"].write_text(json.dumps({"max_teacher_share": SHARE}))
+    deadline = time.monotonic() + 15
+    while metric(cascade["metrics"], "pgkd_cascade_teacher_share_target") != SHARE:   # the file read again
+        assert time.monotonic() < deadline, cascade["server"].log()
+        time.sleep(0.2)
     before = metric(cascade["metrics"], "pgkd_cascade_texts_total", 'answered_by="teacher"')
-    time.sleep(1.2)
     out = infer(cascade["http"], texts)
     assert metric(cascade["metrics"], "pgkd_cascade_texts_total", 'answered_by="teacher"') == \
         before + out["answered_by"].count("teacher")
@@ -357,6 +362,12 @@ class FlakyTriton:
 
     def bind(self, **_) -> None:
         failure = FlakyTriton.failures.pop(0)
+        if failure == "ctrl-c":     # a Ctrl-C that PyTriton turns into a failed load (its tritonserver gone)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                raise RuntimeError("[400] load failed for model 'cascade': version 1 is at UNAVAILABLE state") from None
         if failure is not None:
             raise failure
 
@@ -418,6 +429,7 @@ def test_a_start_that_always_fails_is_one_environment_failure(flaky_start, tmp_p
 @pytest.mark.parametrize("failures, serving_failure, raised", [
     ([None], RuntimeError("tritonserver died"), "failed while serving: RuntimeError: tritonserver died"),
     ([KeyboardInterrupt()], None, KeyboardInterrupt),
+    (["ctrl-c"], None, KeyboardInterrupt),
 ])
 def test_a_failure_once_serving_or_a_ctrl_c_is_not_tried_again(flaky_start, failures, serving_failure, raised):
     from pgkd.errors import EnvironmentFailure

@@ -34,7 +34,7 @@ import numpy as np
 
 from pgkd.errors import EnvironmentFailure
 from pgkd.net import DEFAULT_HOST, require_free_ports, triton_host, url_host
-from pgkd.processes import Stopped, adopted_children, child_log, stop_signals
+from pgkd.processes import Stopped, adopted_children, child_log, interrupted, quiet_triton, stop_signals
 from pgkd.serving.cascade import ERROR, Answer, Cascade, ServedCalibration
 from pgkd.serving.client import STUDENT_UNAVAILABLE
 from pgkd.serving.triton_model import check_text
@@ -168,7 +168,8 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
             serving = False
             try:
                 with adopted_children(), contextlib.ExitStack() as stack:
-                    triton = Triton(config=dataclasses.replace(config, log_file=log_file), security_config=security)
+                    triton = quiet_triton(Triton)(config=dataclasses.replace(config, log_file=log_file),
+                                                  security_config=security)
                     stack.callback(triton.stop)    # also when the start fails: its tritonserver and workspace
                     triton.run()
                     # No dynamic batching: a request batched with others would wait for their texts' teacher
@@ -186,6 +187,8 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
                     triton.serve()
                 return
             except Exception as e:  # noqa: BLE001 -- a failed start is tried again; a failure once serving is not
+                if interrupted():   # a Ctrl-C that PyTriton turned into a failed load: an interruption, not retried
+                    raise KeyboardInterrupt from None
                 if serving:
                     raise EnvironmentFailure(f"the cascade's Triton server failed while serving: "
                                              f"{summary(e)}; tritonserver's log: {log_file}") from None

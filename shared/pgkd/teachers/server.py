@@ -26,7 +26,7 @@ import numpy as np
 from pgkd.data import load_dataset, make_splits
 from pgkd.net import DEFAULT_HOST, require_free_ports, triton_host, url_host
 from pgkd.errors import EnvironmentFailure
-from pgkd.processes import Stopped, adopted_children, child_log, stop_signals
+from pgkd.processes import Stopped, adopted_children, child_log, quiet_triton, stop_signals
 from pgkd.settings import TritonSettings, read
 from pgkd.encoder import EmbeddingCache, loading_bars
 from pgkd.teachers.llm import TokenCounter
@@ -136,7 +136,7 @@ def serve(simulation: Simulation, http_port: int, grpc_port: int, metrics_port: 
     # with SIGTERM as its parent-death signal: a SIGKILL of this process stops it too (the workspace stays).
     with stop_signals(), contextlib.suppress(Stopped), child_log("tritonserver.log", triton_log) as log_file, \
             _named_log(log_file), adopted_children(), \
-            Triton(config=dataclasses.replace(config, log_file=log_file)) as triton:
+            quiet_triton(Triton)(config=dataclasses.replace(config, log_file=log_file)) as triton:
         triton.bind(model_name=MODEL_NAME, infer_func=model,
                     inputs=[Tensor(name="text_input", dtype=bytes, shape=(1,)),
                             Tensor(name="max_tokens", dtype=np.int32, shape=(1,), optional=True),
