@@ -44,6 +44,12 @@ class LabelPublisher:
         self._producer, self._stop, self._thread = producer, threading.Event(), None
         self._pending: list[bytes] = []
         self._left_lock, self._left_counted = threading.Lock(), False
+        if metrics is not None:      # read at each scrape: a broker that is down shows as labels waiting
+            metrics.labels_waiting.set_function(self.waiting)
+
+    def waiting(self) -> int:
+        """Labels not yet published nor dropped: in the buffer, and the batch being sent."""
+        return 0 if self._left_counted else self.queue.qsize() + len(self._pending)
 
     def __call__(self, labels) -> None:
         for label in labels:

@@ -42,7 +42,7 @@ def test_bad_distill_input(capsys, toy_data, tmp_path, make_args, message):
     (["bench", "bus", "--data", "d", "--repeats", "0"], "--repeats 0: expected 1 or more"),
     (["submit", "--data", "d", "--wait", "--timeout", "-5"], "--timeout -5: expected seconds, more than 0"),
     (["distill", "--data", "d", "--prompt-file", "p.txt", "--out", "o"], "--prompt-file p.txt: is for --dry-run only"),
-    (["distill", "--data", "d"], "--out: required (the output folder), but with --dry-run"),
+    (["distill", "--data", "d"], "--out: required: the folder the run writes (only --dry-run runs without one)"),
     (["distill", "--data", "d", "--teacher", "openai://h:1/v1?model=m&key-env=K", "--dry-run"],
      "--teacher openai://h:1/v1?model=m&key-env=K: unknown parameter 'key-env' (it takes model, key_env, structured)"),
     (["distill", "--data", "d", "--taxonomy", "", "--dry-run"], "--taxonomy : an empty name"),

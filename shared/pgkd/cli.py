@@ -120,7 +120,7 @@ def cmd_distill(args) -> int:
     if args.prompt_file is not None:
         raise UserError(Option("prompt_file", args.prompt_file), ": is for --dry-run only")
     if args.out is None:
-        raise UserError(Option("out"), ": required (the output folder), but with --dry-run")
+        raise UserError(Option("out"), ": required: the folder the run writes (only --dry-run runs without one)")
     report = run(config, args.out, progress=args.progress).report
     print(summary_table(report))
     print(f"stopped: {report.stop_reason}")

@@ -180,7 +180,8 @@ def test_with_the_broker_down_labels_wait_in_a_bounded_buffer_then_are_dropped_a
     with socket.socket() as closed:           # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    metrics = CascadeMetrics(CollectorRegistry())
+    registry = CollectorRegistry()
+    metrics = CascadeMetrics(registry)
     publisher = LabelPublisher([f"127.0.0.1:{port}"], "pgkd.labeled-samples", capacity=100, metrics=metrics,
                                flush_timeout=1.0).start()
     try:
@@ -191,12 +192,14 @@ def test_with_the_broker_down_labels_wait_in_a_bounded_buffer_then_are_dropped_a
         time.sleep(0.5)
         held = publisher.queue.qsize() + len(publisher._pending)
         assert publisher.published == 0 and 100 <= held <= 100 + 256     # the buffer, and one batch in hand
+        assert value(registry, "pgkd_cascade_labels_waiting") in (held, publisher.waiting())   # as scraped
         assert abs(publisher.dropped + held - 500) <= 1                  # every label kept or counted
         assert metrics.labels.labels("dropped")._value.get() == publisher.dropped
     finally:
         publisher.stop()
     assert publisher.published == 0 and publisher.dropped == 500      # what the stop could not send: counted
     assert metrics.labels.labels("dropped")._value.get() == 500
+    assert value(registry, "pgkd_cascade_labels_waiting") == 0
 
 
 @pytest.mark.parametrize("flags, said", [

@@ -73,7 +73,7 @@ class Policy(BaseModel):
             if calibration is None or calibration.deferral is None:
                 raise UserError("no threshold: the student was calibrated without a target; give --threshold, "
                                 "--target-accuracy or --max-teacher-share")
-            deferral, described = calibration.deferral, f"the run's ({calibration.deferral.target})"
+            deferral, described = calibration.deferral, f"the run's {calibration.deferral.target}"
         else:
             if calibration is None or not calibration.confidence:
                 raise UserError("a target needs the student's calibration (its held scores): give --calibration")
@@ -372,6 +372,8 @@ class CascadeMetrics:
                                           "answer at the threshold, on the held texts (1 for a bare threshold)", **r)
         self.labels = Counter("pgkd_cascade_labels", "Teacher labels for the stream, by outcome (published, "
                               "dropped: the buffer was full)", ["outcome"], **r)
+        self.labels_waiting = Gauge("pgkd_cascade_labels_waiting", "Teacher labels waiting for the broker (the "
+                                    "buffer and the batch being sent)", **r)
         for who in (STUDENT, TEACHER, ERROR):
             self.texts.labels(who)
         for reason in FALLBACKS:
