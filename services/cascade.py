@@ -44,6 +44,7 @@ class LabelPublisher:
         self._producer, self._stop, self._thread = producer, threading.Event(), None
         self._pending: list[bytes] = []
         self._left_lock, self._left_counted = threading.Lock(), False
+        self._broker_up = False         # the last send went through
         if metrics is not None:      # read at each scrape: a broker that is down shows as labels waiting
             metrics.labels_waiting.set_function(self.waiting)
 
@@ -70,7 +71,10 @@ class LabelPublisher:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(self.flush_timeout + 5)
+            # A broker not known to be up (the last send failed, or none went through yet) gets at most 5 s,
+            # not flush_timeout and more: a stop within the orchestrator's grace (Docker's 10 s, Kubernetes'
+            # 30 s) counts what is left as dropped.
+            self._thread.join(self.flush_timeout + 5 if self._broker_up else min(self.flush_timeout, 5.0))
         self._drop_left()     # the thread still waiting on the broker: the process ends without it
 
     def _make_producer(self):
@@ -94,7 +98,9 @@ class LabelPublisher:
                 continue
             try:
                 self._send()
+                self._broker_up = True
             except Exception as e:  # noqa: BLE001 -- the broker is down or refused: the labels wait, requests go on
+                self._broker_up = False
                 log.warning("cascade: cannot publish %d teacher label(s) to %s (%s); they wait (buffer %d of %d)",
                             len(self._pending), self.topic, str(e)[:200] or type(e).__name__, self.queue.qsize(),
                             self.queue.maxsize)

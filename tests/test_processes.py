@@ -205,3 +205,36 @@ def test_a_failing_teacher_triton_server_is_one_line_naming_its_log(tmp_path):
             raise RuntimeError("tritonserver exited\nTraceback (most recent call last):\n  ...")
     assert str(e.value) == f"the simulated teacher's Triton server failed: RuntimeError: tritonserver exited; " \
                            f"tritonserver's log: {log}"
+
+
+def test_a_triton_log_that_would_block_or_be_lost_is_refused_and_the_terminal_is_taken(tmp_path, monkeypatch, capsys):
+    """A named pipe nobody reads blocks tritonserver's start (2 minutes, then a misleading timeout); a control
+    character or a folder that takes no file (/proc) loses the log. /dev/stdout is the terminal."""
+    from pgkd.cli import main
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for value, says in ((str(fifo), "not a regular file"), (f"{tmp_path}/a\nb.log", "a control character"),
+                        ("/proc/pgkd-x.log", "its folder /proc: cannot write there")):
+        monkeypatch.setenv("PGKD_TRITON_LOG", value)
+        assert main(["settings", "--check"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    monkeypatch.setenv("PGKD_TRITON_LOG", "/dev/stdout")
+    assert main(["settings", "--check"]) == 0
+
+
+def test_a_child_forked_within_stop_signals_leaves_sigint_to_its_parent():
+    """PyTriton forks helpers of its own: pgkd's Ctrl-C handler is the parent's, and in a forked child it neither
+    raises (a traceback on the terminal) nor marks the child interrupted; the parent stops its children."""
+    with processes.stop_signals():
+        pid = os.fork()
+        if pid == 0:     # the child
+            try:
+                time.sleep(2)
+                os._exit(0 if not processes.interrupted() else 3)
+            except BaseException:
+                os._exit(1)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGINT)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

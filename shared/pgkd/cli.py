@@ -209,7 +209,7 @@ def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from pgkd.ownership import require_writable
+    from pgkd.files import require_writable
     from pgkd.serving import student_from
     from pgkd.serving.repository import require_own_folder, write_version
     out = Path(args.out)

@@ -67,3 +67,17 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def require_writable(folder: str | Path, option: str = "--out") -> None:
+    """A folder pgkd will write into can be written: a scratch folder is made (and removed at once) in
+    it, or in its nearest existing parent; UserError naming `option` otherwise, before any work (/proc/x,
+    /sys/x, a read-only mount). Nothing is left behind."""
+    import tempfile
+    from pgkd.errors import UserError
+    given, folder = folder, Path(folder).absolute()
+    above = next(p for p in (folder, *folder.parents) if p.exists())     # at worst /
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".pgkd-probe-", dir=above))
+    except OSError as e:
+        raise UserError(f"{option} {given}: cannot write there ({e.strerror or e})") from None

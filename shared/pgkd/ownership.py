@@ -8,7 +8,6 @@ the streams too). What it does not know, it never deletes or overwrites.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pgkd.files import write_json_atomic
@@ -31,20 +30,6 @@ def write_owner(path: Path, **fields) -> None:
 
 
 OUTPUT = ".pgkd-output.json"   # in a benchmark's --out: pgkd writes (and replaces) its results there
-
-
-def require_writable(folder: str | Path, option: str = "--out") -> None:
-    """A folder pgkd will write into can be written: a scratch folder is made (and removed at once) in
-    it, or in its nearest existing parent; UserError naming `option` otherwise, before any work (/proc/x,
-    /sys/x, a read-only mount). Nothing is left behind."""
-    import tempfile
-    from pgkd.errors import UserError
-    given, folder = folder, Path(folder).absolute()
-    above = next(p for p in (folder, *folder.parents) if p.exists())     # at worst /
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".pgkd-probe-", dir=above))
-    except OSError as e:
-        raise UserError(f"{option} {given}: cannot write there ({e.strerror or e})") from None
 
 
 def claim_folder(folder: str | Path, option: str = "--out") -> Path:

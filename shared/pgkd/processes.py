@@ -47,7 +47,12 @@ def _raise_stopped(signum, _frame) -> None:
     raise Stopped(signum)
 
 
+_handler_pid = 0   # the process that installed _raise_interrupt (stop_signals)
+
+
 def _raise_interrupt(_signum, _frame) -> None:
+    if os.getpid() != _handler_pid:   # a child forked meanwhile (PyTriton's): its parent stops it, quietly
+        return
     _signalled.set()
     raise KeyboardInterrupt
 
@@ -70,6 +75,8 @@ def stop_signals() -> Iterator[None]:
     _signalled.clear()
     saved = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # Python's; an ignored SIGINT stays so
+        global _handler_pid
+        _handler_pid = os.getpid()
         saved[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         yield

@@ -353,12 +353,25 @@ class TritonSettings(Section):
     @field_validator("log")
     @classmethod
     def _a_file_in_a_folder(cls, value: str | None) -> str | None:
-        if value is not None:
-            path = Path(value)
-            if path.is_dir():
-                raise ValueError("a folder, not a file")
-            if not path.parent.is_dir():
-                raise ValueError(f"no such folder {str(path.parent)!r}")
+        """A file tritonserver can append to: not a folder, not a named pipe nobody reads (it would block
+        its start), in a folder that takes new files (not /proc); the terminal's /dev/stdout, /dev/stderr."""
+        if value is None or value in ("/dev/stdout", "/dev/stderr"):
+            return value
+        if any(ord(c) < 32 for c in value):
+            raise ValueError("a control character in the path")
+        path = Path(value)
+        if path.is_dir():
+            raise ValueError("a folder, not a file")
+        if path.exists() and not path.is_file():
+            raise ValueError("not a regular file (a named pipe or a device would block or lose the log)")
+        if not path.parent.is_dir():
+            raise ValueError(f"no such folder {str(path.parent)!r}")
+        if not path.exists():
+            from pgkd.files import require_writable
+            try:
+                require_writable(path.parent, "its folder")
+            except UserError as e:
+                raise ValueError(str(e)) from None
         return value
 
 

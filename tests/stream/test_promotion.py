@@ -82,7 +82,8 @@ def test_a_students_cascade_score_is_the_share_it_answers_at_the_target_on_these
     assert cascade_score(Student(0), VALIDATION, ["a", "b"], target_accuracy=0.9) is None   # right on none
 
 
-def test_a_stream_whose_runs_have_a_cascade_target_decides_by_it(tmp_path):
+def run_of_a_stream_with_a_target(tmp_path):
+    """A stream whose base run has --target-accuracy 0.6, and its first triggered run, completed (not decided)."""
     store = ArtifactStore(f"file://{tmp_path}/artifacts")
     data, _ = base_run(tmp_path, store, guidance_source="out-of-fold", guidance_folds=3, target_accuracy=0.6)
     stream = Stream(store, StreamSettings(base_run="base", trigger_count=3, drift_window=1000))
@@ -92,10 +93,23 @@ def test_a_stream_whose_runs_have_a_cascade_target_decides_by_it(tmp_path):
         step = stream.take(body(row))
     [request] = step.publish
     stream.published(request.run_id)
-    decision = stream.finished(run_through_steps(request, store)).decision
+    return store, stream, request, run_through_steps(request, store)
+
+
+def test_a_stream_whose_runs_have_a_cascade_target_decides_by_it(tmp_path):
+    store, stream, request, completed = run_of_a_stream_with_a_target(tmp_path)
+    decision = stream.finished(completed).decision
     assert (decision.criterion, decision.cascade_target) == ("cascade", "target accuracy 0.6")
     assert decision.new_cascade is not None and decision.current_cascade is not None
     shares = decision.new_cascade.student_share, decision.current_cascade.student_share
     assert decision.replaced == (shares[0] > shares[1] or (shares[0] == shares[1]
                                                            and decision.new_score > decision.current_score))
     assert store.get_json(f"streams/default/decisions/{request.run_id}.json")["criterion"] == "cascade"
+
+
+def test_the_run_is_judged_at_its_own_target_not_at_one_the_settings_file_says_later(tmp_path):
+    """The target the run was calibrated for decides, whatever the stream's `run` settings say when it ends."""
+    _, stream, _, completed = run_of_a_stream_with_a_target(tmp_path)
+    stream.settings = stream.settings.model_copy(update={"run": {"target_accuracy": None, "max_teacher_share": 0.3}})
+    decision = stream.finished(completed).decision
+    assert decision.cascade_target == "target accuracy 0.6", decision.reason

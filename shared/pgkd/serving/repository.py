@@ -23,8 +23,8 @@ from pathlib import Path
 from pgkd.students.contract import calibration_files
 from pgkd.errors import Option, UserError
 from pgkd.names import check_name, inside
-from pgkd.ownership import read_owner, require_writable, write_owner
-from pgkd.files import file_sha256, write_text_atomic
+from pgkd.ownership import read_owner, write_owner
+from pgkd.files import file_sha256, require_writable, write_text_atomic
 from pgkd.serving.triton_model import MANIFEST, check_version_folder
 from pgkd.types import MAX_LENGTH, MAX_TEXT_CHARS   # the served model refuses longer texts
 

@@ -496,7 +496,7 @@ class Stream:
         new_student = load_checkpoint(self.store, completed.best_checkpoint, self._base_config().device)
         new, current = (score(new_student, validation, state.labels),
                         score(self._current_student(), validation, state.labels))
-        config = self.run_config()         # its runs' cascade target, if they have one: the cascade decides
+        config = run_context(self.store, completed.run_id).config   # the run's own target (it was calibrated for it)
         target = {"target_accuracy": config.target_accuracy, "max_teacher_share": config.max_teacher_share}
         cascade = None if target == {"target_accuracy": None, "max_teacher_share": None} else \
             tuple(cascade_score(s, validation, state.labels, **target) for s in (new_student, self._current_student()))
