@@ -65,25 +65,28 @@ def test_perf_analyzer_at_concurrency_1_and_8_has_no_failed_request(server, prot
         pytest.skip("perf_analyzer: tritonclient's wheels have no build for this machine")
     assert binary, "perf_analyzer is not installed: `make setup` puts it in .venv/bin (see the Makefile)"
     url = server.http_url if protocol == "http" else server.grpc_url
-    table = tmp_path / "perf.csv"
-    done = subprocess.run(
-        [binary, "-m", "student", "-u", url, "-i", protocol, "--string-data", "my card was stolen",
-         "--concurrency-range", "1:8:7", "--measurement-mode", "count_windows", "--measurement-request-count", "50",
-         "--stability-percentage", "100", "--max-trials", "5", "-f", str(table)],
-        capture_output=True, text=True, timeout=120, env=perf_analyzer_environment(tmp_path / "libs"))
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
-    assert not re.search(r"error|failed", output, flags=re.I), output
-    rows = list(csv.DictReader(table.open()))
-    assert [row["Concurrency"] for row in rows] == ["1", "8"], rows
-    assert all(float(row["Inferences/Second"]) > 0 for row in rows), rows
-    # the server's own count, per concurrency: every inference it ran succeeded. The two counters are read
-    # at the window's edges while up to 8 requests are in flight, so they may differ by as many (CI saw
-    # 6134 inferences against 6139 successes); a failed request would also say "failed" above.
-    inferences = [int(n) for n in re.findall(r"Inference count: (\d+)", output)]
-    succeeded = [int(n) for n in re.findall(r"Successful request count: (\d+)", output)]
-    assert len(inferences) == 2 == len(succeeded) and min(inferences) > 0, output
-    assert all(abs(i - s) <= 8 for i, s in zip(inferences, succeeded)), output
+    # a fixed count of requests at each concurrency (perf_analyzer takes one per run), not windows until
+    # latency is stable: on a loaded CI machine concurrency 8 never steadied in 5 windows, which says
+    # nothing about failed requests, the thing measured here
+    for concurrency in (1, 8):
+        table = tmp_path / f"perf-{concurrency}.csv"
+        done = subprocess.run(
+            [binary, "-m", "student", "-u", url, "-i", protocol, "--string-data", "my card was stolen",
+             "--concurrency-range", str(concurrency), "--request-count", "400", "-f", str(table)],
+            capture_output=True, text=True, timeout=120, env=perf_analyzer_environment(tmp_path / "libs"))
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output
+        assert not re.search(r"error|failed", output, flags=re.I), output
+        rows = list(csv.DictReader(table.open()))
+        assert [row["Concurrency"] for row in rows] == [str(concurrency)], rows
+        assert float(rows[0]["Inferences/Second"]) > 0, rows
+        # the server's own count: every inference it ran succeeded. The two counters are read at the
+        # measurement's edges while up to `concurrency` requests are in flight, so they may differ by as
+        # many (CI saw 6134 inferences against 6139 successes); a failed request would also say "failed".
+        inferences = [int(n) for n in re.findall(r"Inference count: (\d+)", output)]
+        succeeded = [int(n) for n in re.findall(r"Successful request count: (\d+)", output)]
+        assert len(inferences) == 1 == len(succeeded) and inferences[0] > 0, output
+        assert abs(inferences[0] - succeeded[0]) <= concurrency, output
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
