@@ -29,6 +29,8 @@ log = logging.getLogger("pgkd.cascade")
 
 BATCH = 256               # labels sent between two flushes
 RETRY_SECONDS = 1.0       # after the broker failed a send
+BROKER_WAIT_MS = 5000     # a producer gives up on a broker it cannot reach (connect, metadata) after this
+WARN_EVERY = 60.0         # while the broker stays away: the first failure said at once, then once a minute
 MAX_INSTANCES = 64        # --instances: each is a Python-backend process of PyTriton's
 
 
@@ -45,6 +47,7 @@ class LabelPublisher:
         self._pending: list[bytes] = []
         self._left_lock, self._left_counted = threading.Lock(), False
         self._broker_up = False         # the last send went through
+        self._warned_at: float | None = None     # when a failure was last said, while the broker stays away
         if metrics is not None:      # read at each scrape: a broker that is down shows as labels waiting
             metrics.labels_waiting.set_function(self.waiting)
 
@@ -80,7 +83,8 @@ class LabelPublisher:
     def _make_producer(self):
         from kafka import KafkaProducer
         return KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=20, client_id="pgkd-cascade",
-                             max_block_ms=5000, **kafka_security.current().kafka_python())
+                             max_block_ms=BROKER_WAIT_MS, bootstrap_timeout_ms=BROKER_WAIT_MS,
+                             reconnect_backoff_max_ms=BROKER_WAIT_MS, **kafka_security.current().kafka_python())
 
     def _run(self) -> None:
         deadline = None
@@ -97,13 +101,19 @@ class LabelPublisher:
             if not self._pending:
                 continue
             try:
+                sent = len(self._pending)
                 self._send()
                 self._broker_up = True
+                if self._warned_at is not None:
+                    log.warning("cascade: the broker is back: %d teacher label(s) published to %s", sent, self.topic)
+                    self._warned_at = None
             except Exception as e:  # noqa: BLE001 -- the broker is down or refused: the labels wait, requests go on
                 self._broker_up = False
-                log.warning("cascade: cannot publish %d teacher label(s) to %s (%s); they wait (buffer %d of %d)",
-                            len(self._pending), self.topic, str(e)[:200] or type(e).__name__, self.queue.qsize(),
-                            self.queue.maxsize)
+                if self._warned_at is None or time.monotonic() - self._warned_at >= WARN_EVERY:
+                    self._warned_at = time.monotonic()
+                    log.warning("cascade: cannot publish %d teacher label(s) to %s (%s); they wait (buffer %d of "
+                                "%d; said again each minute it lasts)", len(self._pending), self.topic,
+                                str(e)[:200] or type(e).__name__, self.queue.qsize(), self.queue.maxsize)
                 self._close_producer()
                 self._stop.wait(RETRY_SECONDS * (1 + random.random()))
         self._close_producer()

@@ -371,7 +371,7 @@ def stream_status(name: str) -> int:
           else "current student: none yet (the base run has not completed)")
     for run in state.runs:
         outcome = (("replaced the current student" if run.decision.replaced else "kept the current student")
-                   + f": {run.decision.reason}") if run.decision else "running"
+                   + f" (by {_criterion(run.decision)}): {run.decision.reason}") if run.decision else "running"
         teacher = f"{run.teacher_labels} teacher labels" + (f", {run.teacher_labels_left_out} left out"
                                                              if run.teacher_labels_left_out else "")
         print(f"run {run.run_id} ({run.trigger}; train {run.train_size} ({teacher}), validation "
@@ -385,6 +385,12 @@ def stream_status(name: str) -> int:
     if state.pending_trigger:
         print(f"waiting to start: {state.pending_trigger}")
     return 0
+
+
+def _criterion(decision) -> str:
+    """What a promotion decided on: the cascade at its target, or the metric."""
+    return f"the cascade at its {decision.cascade_target}" if decision.criterion == "cascade" else \
+        f"validation {decision.metric}"
 
 
 def stream_repair(name: str) -> int:

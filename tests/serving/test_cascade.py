@@ -204,6 +204,37 @@ def test_with_the_broker_down_labels_wait_in_a_bounded_buffer_then_are_dropped_a
     assert value(registry, "pgkd_cascade_labels_waiting") == 0
 
 
+def test_a_broker_that_is_away_is_said_within_seconds_once_and_its_return_is_said(tmp_path, caplog):
+    """The first failed send is said at once (not after kafka-python's minute of reconnects), then not
+    again for a minute while the broker stays away; when it answers, the waiting labels go and that is said."""
+    from conftest import tansu_broker
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    publisher = LabelPublisher([f"127.0.0.1:{port}"], "pgkd.labeled-samples", flush_timeout=5.0).start()
+    caplog.set_level("WARNING", logger="pgkd.cascade")
+    said = lambda: [r.getMessage() for r in caplog.records     # noqa: E731 -- this publisher's, not an earlier test's
+                    if r.name == "pgkd.cascade" and r.thread == publisher._thread.ident]
+    try:
+        began = time.monotonic()
+        publisher([TeacherLabel(text="my card is gone", label="card_lost", model="m")])
+        while not said() and time.monotonic() - began < 30:
+            time.sleep(0.2)
+        assert said() and said()[0].startswith("cascade: cannot publish 1 teacher label(s)"), said()
+        assert time.monotonic() - began < 15, said()
+        time.sleep(12)                      # at least one more failed attempt: not said again
+        assert len(said()) == 1, said()
+        with tansu_broker(tmp_path) as url:
+            publisher.bootstrap = [url.removeprefix("kafka://")]      # the broker back (where it now is)
+            while publisher.published == 0 and time.monotonic() - began < 90:
+                time.sleep(0.2)
+            assert publisher.published == 1 and publisher.dropped == 0
+            assert said()[-1] == "cascade: the broker is back: 1 teacher label(s) published to pgkd.labeled-samples"
+            publisher.stop()
+    finally:
+        publisher.stop()
+
+
 @pytest.mark.parametrize("flags, said", [
     (["--threshold", "1.5"], "threshold"),
     (["--target-accuracy", "0.999"], "cannot be met"),

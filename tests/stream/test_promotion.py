@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from pgkd.artifacts import ArtifactStore
 from pgkd.calibration import Deferral
+from pgkd.cli import main
 from pgkd.distributed.steps import run_through_steps
 from pgkd.loop.evaluation import evaluate
 from pgkd.stream import Stream, StreamSettings
@@ -96,7 +97,7 @@ def run_of_a_stream_with_a_target(tmp_path):
     return store, stream, request, run_through_steps(request, store)
 
 
-def test_a_stream_whose_runs_have_a_cascade_target_decides_by_it(tmp_path):
+def test_a_stream_whose_runs_have_a_cascade_target_decides_by_it(tmp_path, monkeypatch, capsys):
     store, stream, request, completed = run_of_a_stream_with_a_target(tmp_path)
     decision = stream.finished(completed).decision
     assert (decision.criterion, decision.cascade_target) == ("cascade", "target accuracy 0.6")
@@ -105,6 +106,18 @@ def test_a_stream_whose_runs_have_a_cascade_target_decides_by_it(tmp_path):
     assert decision.replaced == (shares[0] > shares[1] or (shares[0] == shares[1]
                                                            and decision.new_score > decision.current_score))
     assert store.get_json(f"streams/default/decisions/{request.run_id}.json")["criterion"] == "cascade"
+    monkeypatch.setenv("PGKD_ARTIFACTS", store.url)
+    assert main(["stream", "status", "default"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"run {request.run_id} "))
+    assert " current student (by the cascade at its target accuracy 0.6): at the cascade's " in line, line
+
+
+def test_with_no_validation_texts_the_current_student_stays(tmp_path, monkeypatch):
+    _, stream, _, completed = run_of_a_stream_with_a_target(tmp_path)
+    monkeypatch.setattr(stream, "validation_set", lambda: [])
+    decision = stream.finished(completed).decision
+    assert not decision.replaced and decision.reason.startswith("no validation texts"), decision.reason
+    assert stream.state.current.run_id == "base"
 
 
 def test_the_run_is_judged_at_its_own_target_not_at_one_the_settings_file_says_later(tmp_path):

@@ -493,6 +493,11 @@ class Stream:
 
     def _promote_if_better(self, completed: RunCompleted, metric: str) -> PromotionDecision:
         state, validation = self.state, self.validation_set()
+        if not validation:           # nothing to judge either student on: never a swap on no evidence
+            return PromotionDecision(run_id=completed.run_id, replaced=False, metric=metric,
+                                     current_run=state.current.run_id,
+                                     reason="no validation texts to compare the students on; the current "
+                                            "student stays")
         new_student = load_checkpoint(self.store, completed.best_checkpoint, self._base_config().device)
         new, current = (score(new_student, validation, state.labels),
                         score(self._current_student(), validation, state.labels))
