@@ -146,7 +146,7 @@ def test_a_policy_file_that_would_block_or_is_huge_is_refused_and_requests_never
         os.mkfifo(file)                                  # nobody ever writes to it
         time.sleep(0.3)
         began = time.monotonic()
-        assert source.current() == 0.7 and time.monotonic() - began < 0.1
+        assert source.current() == 0.7 and time.monotonic() - began < 1.0   # a FIFO read would never end
         assert source.errors >= 1                         # refused (not waited on) by the watching thread
         file.unlink()
         file.write_text(json.dumps({"threshold": 0.6}))
@@ -188,7 +188,7 @@ def test_with_the_broker_down_labels_wait_in_a_bounded_buffer_then_are_dropped_a
         began = time.monotonic()
         for i in range(50):
             publisher([TeacherLabel(text=f"text {i} {j}", label="refund", model="m") for j in range(10)])
-        assert time.monotonic() - began < 1.0          # 500 labels handed over without waiting on the broker
+        assert time.monotonic() - began < 3.0          # 500 labels handed over without waiting on the broker
         time.sleep(0.5)
         held = publisher.queue.qsize() + len(publisher._pending)
         assert publisher.published == 0 and 100 <= held <= 100 + 256     # the buffer, and one batch in hand
