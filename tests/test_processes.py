@@ -238,3 +238,65 @@ def test_a_child_forked_within_stop_signals_leaves_sigint_to_its_parent():
         os.kill(pid, signal.SIGINT)
         _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_a_server_folder_a_sigkilled_pgkd_left_is_removed_at_the_next_start_and_nothing_else(tmp_path, monkeypatch):
+    """adopted_children's `finally` never runs in a process killed by SIGKILL: its folder (PyTriton's
+    workspace inside) and its shared memory stay. The next block removes them, and only them: a folder of a
+    running process, one pgkd did not mark, a link, a folder whose pid now names another process (its
+    shared memory is that process's) all stay."""
+    import json
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed = python(f"""
+        import tempfile, time
+        tempfile.tempdir = {str(tmp_path)!r}
+        from pgkd.processes import adopted_children
+        with adopted_children() as folder:
+            (folder / "pytriton").mkdir()
+            print(folder, flush=True)
+            time.sleep(300)
+        """)
+    left = Path(killed.stdout.readline().strip())
+    killed.kill()
+    killed.wait(10)
+    segment = Path(f"/dev/shm/pytrtion{killed.pid}-pgkd-test")
+    segment.write_bytes(b"x")
+
+    def marked(name: str, pid, started) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / processes.SERVER_OWNER).write_text(json.dumps({"written_by": "pgkd", "pid": pid,
+                                                                  "started": started}))
+        return folder
+    running = marked("pgkd-server-running", os.getpid(), processes._started(os.getpid()))
+    reused = marked("pgkd-server-reused", os.getpid(), -1)          # the pid, now of another process
+    mine = Path(f"/dev/shm/pytrtion{os.getpid()}-pgkd-test")
+    mine.write_bytes(b"x")
+    foreign = tmp_path / "pgkd-server-foreign"
+    foreign.mkdir()
+    (foreign / processes.SERVER_OWNER).write_text(json.dumps({"pid": killed.pid, "started": 1}))
+    elsewhere = marked("elsewhere", killed.pid, 1)
+    (tmp_path / "pgkd-server-link").symlink_to(elsewhere)
+    try:
+        assert left.is_dir() and left.parent == tmp_path and (left / "pytriton").is_dir()
+        paths = [left, segment, reused, running, foreign, elsewhere, mine]
+        # in a process of its own: the block makes its process a subreaper
+        starts = python(f"""
+            import json, os, tempfile
+            from pathlib import Path
+            tempfile.tempdir = {str(tmp_path)!r}
+            from pgkd.processes import SERVER_OWNER, adopted_children
+            with adopted_children() as folder:
+                owner = json.loads((folder / SERVER_OWNER).read_text())
+                print(json.dumps([owner["pid"] == os.getpid(), [Path(p).exists() for p in {[str(p) for p in paths]!r}]]))
+            print(json.dumps(folder.exists()))
+            """)
+        out, _ = starts.communicate(timeout=60)
+        assert starts.returncode == 0
+        first, last = out.splitlines()
+        assert json.loads(first) == [True, [False, False, False, True, True, True, True]], first
+        assert json.loads(last) is False                 # the block's own folder, at its end
+    finally:
+        segment.unlink(missing_ok=True)
+        mine.unlink(missing_ok=True)

@@ -55,6 +55,9 @@ def write_text_atomic(path: str | Path, text: str) -> str:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+WRITTEN_BY = "pgkd"      # the mark of a file pgkd wrote to say a folder is its own (pgkd.ownership)
+
+
 def write_json_atomic(path: str | Path, data) -> str:
     """Atomically replace `path` by `data` as indented JSON (UTF-8, a final newline); its sha256."""
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

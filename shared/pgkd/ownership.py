@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pgkd.files import write_json_atomic
-
-WRITTEN_BY = "pgkd"
+from pgkd.files import WRITTEN_BY, write_json_atomic
 
 
 def read_owner(path: Path) -> dict | None:

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Mapping, Sequence
 
+from pgkd.files import WRITTEN_BY, write_json_atomic
+
 STOP_TIMEOUT = 15.0     # seconds a child gets after SIGTERM before its process group is killed
 _PR_SET_PDEATHSIG = 1   # from <linux/prctl.h>
 
@@ -153,17 +155,71 @@ MODEL_FOLDER_POLL = 1.0      # seconds between two looks at the descendants' com
 _MODEL_FOLDER = re.compile(r"/tmp/folder[A-Za-z0-9]{6}(?=/|$)")   # Triton's mkdtemp("/tmp/folderXXXXXX")
 
 
+SERVER_OWNER = ".pgkd-server.json"   # in adopted_children's folder: the pgkd process that made it, and when
+
+
+def _started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, /proc/PID/stat), None when there is none: with
+    the pid, it names one process, whatever pid a later one reuses."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _remove_stale_servers(parent: Path, prefix: str) -> None:
+    """What an adopted_children block of a pgkd process killed by SIGKILL left (its `finally` never ran):
+    each folder `prefix*` in `parent` that is ours (a real folder of this user, with SERVER_OWNER that pgkd
+    wrote) and whose process is gone is removed, with PyTriton's workspace in it and, when no process has
+    that pid any more, the Python backend's shared memory named after it (by PyTriton, `pytrtion<PID>-*`;
+    by pgkd.serving.tritonserver, `pgkd<PID>-*`). Anything else is left as it is."""
+    import json
+    for folder in parent.glob(f"{prefix}*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            owner = json.loads((folder / SERVER_OWNER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(owner, dict) or owner.get("written_by") != WRITTEN_BY:
+            continue
+        pid, started = owner.get("pid"), owner.get("started")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or _started(pid) == started:
+            continue                             # not a pid, or its process still runs
+        shutil.rmtree(folder, ignore_errors=True)
+        if _started(pid) is None:
+            for segment in (*Path("/dev/shm").glob(f"pytrtion{pid}-*"), *Path("/dev/shm").glob(f"pgkd{pid}-*")):
+                with contextlib.suppress(OSError):
+                    if segment.stat().st_uid == os.getuid():
+                        segment.unlink()
+
+
+def server_folder(prefix: str) -> Path:
+    """A new folder `prefix*` in the temporary folder for a server's files, marked as this process's (its
+    SERVER_OWNER). What servers killed by SIGKILL left under the same prefix goes first
+    (`_remove_stale_servers`). The caller removes the folder; to keep it for good (a failed start's log),
+    it unlinks the mark."""
+    import tempfile
+    _remove_stale_servers(Path(tempfile.gettempdir()), prefix)
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    write_json_atomic(folder / SERVER_OWNER, {"written_by": WRITTEN_BY, "pid": os.getpid(),
+                                              "started": _started(os.getpid())})
+    return folder
+
+
 @contextlib.contextmanager
 def adopted_children(prefix: str = "pgkd-server-") -> Iterator[Path]:
     """For a library that starts processes of its own (PyTriton: tritonserver and its Python-backend
     stubs, which it does not always stop): within the block this process is their subreaper (Linux), so a
     child orphaned by its parent is re-parented here, and their temporary files go to a folder of ours
-    (TMPDIR). On leaving, whatever child is left is killed and reaped, the folder removed, the shared
-    memory segments PyTriton named after this process unlinked, and the model folders tritonserver made
-    in /tmp for itself removed (`_model_folders`: they are noted while the block runs, from the command
-    lines of this process's descendants, since the stubs that name them are gone by the time it ends)."""
+    (TMPDIR; give PyTriton `folder / "pytriton"` as its workspace, else it is made in ~/.cache). On leaving,
+    whatever child is left is killed and reaped, the folder removed, the shared memory segments PyTriton
+    named after this process unlinked, and the model folders tritonserver made in /tmp for itself removed
+    (`_model_folders`: they are noted while the block runs, from the command lines of this process's
+    descendants, since the stubs that name them are gone by the time it ends). A SIGKILL skips all that: the
+    next block to start removes what such a process left (`_remove_stale_servers`)."""
     import tempfile
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder = server_folder(prefix)
     saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
     ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

@@ -388,7 +388,7 @@ def flaky_start(monkeypatch, tmp_path):
     from pgkd.serving import cascade_server
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(pytriton.triton, "Triton", FlakyTriton)
-    monkeypatch.setattr(cascade_server, "adopted_children", contextlib.nullcontext)
+    monkeypatch.setattr(cascade_server, "adopted_children", lambda: contextlib.nullcontext(tmp_path))
     monkeypatch.setattr(cascade_server, "START_PAUSE", 0)
     monkeypatch.setattr(FlakyTriton, "started", [])
 

@@ -60,8 +60,8 @@ def listing(folder: Path) -> dict[str, int]:
 def pgkd(tmp_path):
     started = []
 
-    def start(*args: str, cwd: Path | None = None) -> Pgkd:
-        started.append(Pgkd(tmp_path, *args, cwd=cwd))
+    def start(*args: str, cwd: Path | None = None, env: dict | None = None) -> Pgkd:
+        started.append(Pgkd(tmp_path, *args, cwd=cwd, env=env))
         return started[-1]
     yield start
     for command in started:
@@ -174,13 +174,19 @@ def test_a_served_model_listens_on_loopback_unless_told_otherwise_and_sighup_sto
     assert server.left_in_tmp() == [] and [s for s in segments if s.exists()] == []
 
 
-def test_a_sigkilled_serve_takes_its_tritonserver_with_it(exported, pgkd):
+def test_a_sigkilled_serve_takes_its_tritonserver_with_it_and_the_next_removes_what_it_left(exported, pgkd):
     server = pgkd("serve", "--model", str(exported), *ports())
     server.wait_for("pgkd: serving")
     triton = server.tritonserver()
     stubs = [p for p in descendants(triton)]
     server.stop(signal.SIGKILL)
     assert gone([triton, *stubs]), "tritonserver (or a stub) outlived a SIGKILLed pgkd serve"
+    left = [name for name in server.left_in_tmp() if name.startswith("tritonserver-")]   # its work folder
+    assert len(left) == 1, server.left_in_tmp()
+    following = pgkd("serve", "--model", str(exported), *ports(), env={"TMPDIR": str(server.tmp)})
+    following.wait_for("pgkd: serving")
+    assert not (server.tmp / left[0]).exists(), server.left_in_tmp()
+    assert following.stop(signal.SIGTERM) == 0 and server.left_in_tmp() == [], server.left_in_tmp()
 
 
 def test_an_interrupted_serve_of_a_student_folder_leaves_no_temporary_repository(student, pgkd):

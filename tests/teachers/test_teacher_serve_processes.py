@@ -15,11 +15,11 @@ def teacher(tmp_path):
     data = make_toy_dataset(tmp_path / "toy")
     started = []
 
-    def start(*extra: str) -> tuple[Pgkd, list[str]]:
+    def start(*extra: str, env: dict | None = None) -> tuple[Pgkd, list[str]]:
         http, grpc, metrics = free_ports(3)
         ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
         started.append(Pgkd(tmp_path, "teacher", "serve", "--kind", "pool-random", "--data", str(data),
-                            "--labeled", "40", "--seed", "1", *ports, *extra))
+                            "--labeled", "40", "--seed", "1", *ports, *extra, env=env))
         started[-1].wait_for("pgkd: serving the simulated teacher")
         return started[-1], ports
     yield start
@@ -42,13 +42,21 @@ def test_the_teacher_listens_on_loopback_unless_told_otherwise_and_sighup_stops_
     assert server.left_in_tmp() == []     # PyTriton's workspace removed
 
 
-def test_a_sigkilled_teacher_serve_takes_its_tritonserver_with_it(teacher):
-    """PyTriton starts tritonserver with SIGTERM as its parent-death signal."""
+def test_a_sigkilled_teacher_serve_takes_its_tritonserver_with_it_and_the_next_removes_what_it_left(teacher):
+    """PyTriton starts tritonserver with SIGTERM as its parent-death signal. What a SIGKILL leaves on disk
+    (PyTriton's workspace, in pgkd's server folder rather than in ~/.cache) the next server removes."""
     server, _ = teacher()
     triton = server.tritonserver()
     stubs = list(descendants(triton))
     server.stop(signal.SIGKILL)
     assert gone([triton, *stubs]), "tritonserver (or a stub) outlived a SIGKILLed pgkd teacher serve"
+    left = [name for name in server.left_in_tmp() if name.startswith("pgkd-server-")]
+    assert len(left) == 1 and (server.tmp / left[0] / "pytriton").is_dir(), server.left_in_tmp()
+    assert not [name for name in server.left_in_tmp() if name.startswith("workspace_")], server.left_in_tmp()
+    following, _ = teacher(env={"TMPDIR": str(server.tmp), "PYTRITON_HOME": str(server.tmp)})
+    assert not (server.tmp / left[0]).exists(), server.left_in_tmp()
+    assert following.stop(signal.SIGTERM) == 0, following.log()
+    assert not [name for name in server.left_in_tmp() if name.startswith("pgkd-server-")], server.left_in_tmp()
 
 
 def test_a_teacher_on_a_taken_port_is_one_line_and_exit_2(tmp_path):

@@ -167,9 +167,9 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
         for attempt in range(1, START_ATTEMPTS + 1):
             serving = False
             try:
-                with adopted_children(), contextlib.ExitStack() as stack:
+                with adopted_children() as folder, contextlib.ExitStack() as stack:
                     triton = quiet_triton(Triton)(config=dataclasses.replace(config, log_file=log_file),
-                                                  security_config=security)
+                                                  security_config=security, workspace=folder / "pytriton")
                     stack.callback(triton.stop)    # also when the start fails: its tritonserver and workspace
                     triton.run()
                     # No dynamic batching: a request batched with others would wait for their texts' teacher

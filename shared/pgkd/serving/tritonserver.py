@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -277,7 +276,7 @@ def run_tritonserver(
     models = default_models(model_repository) if models is None else list(models)
     own_workdir = workdir is None
     # Absolute: tritonserver runs in this folder and is given paths inside it.
-    folder = Path(tempfile.mkdtemp(prefix="tritonserver-")) if own_workdir else Path(workdir).resolve()
+    folder = processes.server_folder("tritonserver-") if own_workdir else Path(workdir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     server: RunningTriton | None = None
     failed = False
@@ -323,6 +322,8 @@ def run_tritonserver(
             server.stop()
         if own_workdir and not failed:
             shutil.rmtree(folder, ignore_errors=True)
+        elif own_workdir:        # kept with its log, which the error names: no later start removes it
+            (folder / processes.SERVER_OWNER).unlink(missing_ok=True)
 
 
 def port_taken(log: str) -> bool:

@@ -133,10 +133,12 @@ def serve(simulation: Simulation, http_port: int, grpc_port: int, metrics_port: 
                           allow_gpu_metrics=False)
     # SIGTERM (docker stop, kill, make demo's cleanup) and SIGHUP (a closed terminal) leave through the
     # `with Triton`, which stops tritonserver and removes PyTriton's workspace. PyTriton starts tritonserver
-    # with SIGTERM as its parent-death signal: a SIGKILL of this process stops it too (the workspace stays).
+    # with SIGTERM as its parent-death signal: a SIGKILL of this process stops it too (the workspace stays,
+    # in adopted_children's folder, until the next pgkd server starts).
     with stop_signals(), contextlib.suppress(Stopped), child_log("tritonserver.log", triton_log) as log_file, \
-            _named_log(log_file), adopted_children(), \
-            quiet_triton(Triton)(config=dataclasses.replace(config, log_file=log_file)) as triton:
+            _named_log(log_file), adopted_children() as folder, \
+            quiet_triton(Triton)(config=dataclasses.replace(config, log_file=log_file),
+                                 workspace=folder / "pytriton") as triton:
         triton.bind(model_name=MODEL_NAME, infer_func=model,
                     inputs=[Tensor(name="text_input", dtype=bytes, shape=(1,)),
                             Tensor(name="max_tokens", dtype=np.int32, shape=(1,), optional=True),
