@@ -121,3 +121,29 @@ def test_predict_on_a_saved_frozen_student_prints_its_json_lines_and_nothing_els
     assert main(["predict", "--model", str(tmp_path / "m"), "a text"]) == 0
     out, err = capfd.readouterr()
     assert err == "" and [json.loads(line)["text"] for line in out.splitlines()] == ["a text"]
+
+
+@pytest.mark.parametrize("kind", ["tiny", "minilm-frozen"])
+def test_save_writes_a_new_or_empty_folder_and_never_over_or_through_what_it_did_not_write(kind, tmp_path):
+    """`student.save(path)` (the Python API's, as docs/python-api.md shows it): a folder of someone else's
+    files, a link, a file are one UserError each, with nothing changed; a new or empty folder holds the
+    whole student, and no staging folder is left beside it."""
+    student = create_student(kind, ["a", "b"], embed=EmbeddingCache(CountingEncoder()))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"mine": true}')
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "link").symlink_to(victim)
+    (tmp_path / "file").write_text("a file")
+    for path, says in ((foreign, "not empty"), (tmp_path / "link", "a link"), (tmp_path / "file", "not a folder"),
+                       (tmp_path / "file" / "under", "cannot write there")):
+        with pytest.raises(UserError, match=says):
+            student.save(path)
+    assert (foreign / "config.json").read_text() == '{"mine": true}' and list(foreign.iterdir()) == [foreign / "config.json"]
+    assert list(victim.iterdir()) == [] and (tmp_path / "file").read_text() == "a file"
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "new" / "student", tmp_path / "empty"):
+        student.save(path)
+        assert load_student(path).labels == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "link", "mine", "new", "victim"]

@@ -85,6 +85,36 @@ def log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
 
 
 # -- calibration, kept with the student (pgkd.calibration) ------------------------------------------------
+def save_folder(path: str | Path, write) -> None:
+    """A student's `save(path)`: `write(folder)` fills a new folder beside `path`, which then becomes
+    `path` at once (a reader never sees half a student). `path` must be new or an empty folder: pgkd
+    never writes over or beside files it did not write, nor through a link (UserError, nothing touched)."""
+    import shutil
+    import tempfile
+    from pgkd.files import require_writable
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise UserError(f"save: expected a folder's path (str or Path), got {path!r}")
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"save {path}: a link; save into a folder of its own, not through a link")
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"save {path}: exists and is not a folder")
+        if any(path.iterdir()):
+            raise UserError(f"save {path}: not empty; a student is saved into a new or empty folder")
+    require_writable(path.parent, f"save {path}:")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    try:
+        write(staging)
+        if path.exists():
+            path.rmdir()             # empty, as checked (a file put there since: OSError, nothing lost)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def calibrated(student, probs: np.ndarray) -> np.ndarray:
     """`probs` scaled by the student's calibration, if it has one."""
     calibration = getattr(student, "calibration", None)

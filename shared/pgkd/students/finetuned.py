@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pgkd.encoder import length_sorted_batches, loading_bars, minilm_path, pick_device
 from pgkd.errors import UserError
-from pgkd.students.contract import (MARKER, calibrated, calibration_files, log_loss, predicted_labels,
+from pgkd.students.contract import (MARKER, calibrated, calibration_files, log_loss, predicted_labels, save_folder,
                                     read_calibration, text_list, unknown_student)
 from pgkd.types import MAX_LENGTH, MAX_TEXT_CHARS, Sample, TrainConfig, TrainResult
 
@@ -154,6 +154,10 @@ class FineTunedStudent:
         return student
 
     def save(self, path: str | Path) -> None:
+        """A Hugging Face folder at `path`, new or empty (pgkd.students.contract.save_folder)."""
+        save_folder(path, self._write)
+
+    def _write(self, path: Path) -> None:
         self.model.config.pgkd_student = self.spec
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)

