@@ -409,3 +409,52 @@ def test_a_benchmark_never_writes_into_a_folder_it_did_not_write(toy_data, tmp_p
     assert run("bench", *argv, "--out", str(out)) == 2
     assert "not written by pgkd" in one_error_line(capsys)
     assert snapshot(out) == before
+
+
+# -- where pgkd writes: no link, no control character (pgkd.files.output_path_problem) ----------------------
+
+@pytest.mark.parametrize("where", ["distill", "export", "export-hf", "bench", "prompt", "save"])
+@pytest.mark.parametrize("kind", ["link", "newline", "escape"])
+def test_a_place_to_write_that_is_a_link_or_holds_a_control_character_is_refused_and_nothing_is_made(
+        where, kind, toy_data, tmp_path, capsys, saved_student):
+    """The trial's cases: `--out` a link to another folder wrote the result there; `--out 'o\\nx'` and
+    `--out $'o\\x1b[31m'` made such folders and printed them raw (a split line, a terminal's escape)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = {"link": tmp_path / "out", "newline": tmp_path / "o\nx", "escape": tmp_path / "o\x1b[31mred"}[kind]
+    if kind == "link":
+        target.symlink_to(elsewhere)
+    before = snapshot(tmp_path)
+    if where == "save":
+        with pytest.raises(UserError, match="is a link" if kind == "link" else "control character"):
+            pgkd.load_student(saved_student).save(target)
+        assert snapshot(tmp_path) == before
+        return
+    argv = {"distill": ["distill", *TINY, "--data", str(toy_data), "--out", str(target)],
+            "export": ["export", str(saved_student), "--out", str(target)],
+            "export-hf": ["export", "file:///nowhere/x", "--format", "hf", "--out", str(target)],
+            "bench": ["bench", "speed", "--quick", "--data", str(toy_data), "--student", "tiny", "--out", str(target)],
+            "prompt": ["distill", "--data", str(toy_data), "--labeled", "40", "--dry-run", "--prompt-file",
+                       str(target)]}[where]
+    assert main(argv) == 2
+    err = one_error_line(capsys)
+    said = "holds a control character" if kind != "link" else "exists already" if where == "prompt" else "is a link"
+    assert said in err, err
+    assert "\x1b" not in err and snapshot(tmp_path) == before and list(elsewhere.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def saved_student(tmp_path_factory) -> Path:
+    from pgkd.students import create_student
+    folder = tmp_path_factory.mktemp("student") / "best"
+    create_student("tiny", ["a", "b"]).save(folder)
+    return folder
+
+
+@given(st.text())
+@settings(max_examples=300, deadline=None)
+def test_the_error_boundary_shows_every_control_character_and_line_break_instead_of_obeying_it(text):
+    from pgkd.cli import one_line
+    shown = one_line(f"pgkd: error: {text}")
+    assert len(shown.splitlines()) == 1
+    assert not any(ord(c) < 32 and c != "\t" or 127 <= ord(c) < 160 for c in shown), repr(shown)

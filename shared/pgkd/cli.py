@@ -24,12 +24,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
-# Every character str.splitlines breaks a line at, as it is shown instead (\n, \x1e, \u2028, ...).
-_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+# Every control character (C0, DEL, C1) and every other character str.splitlines breaks a line at, as it
+# is shown instead (\n, \x1b, \u2028, ...): a terminal's escape sequence in a name is shown, not obeyed.
+_BREAKS = {c: repr(c)[1:-1] for c in [*map(chr, range(32)), *map(chr, range(127, 160)), "\u2028", "\u2029"]
+           if c != "\t"}
 
 
 def one_line(message: object) -> str:
-    """A message as one line: a line break inside a user's text (a name, a path) is shown, not obeyed."""
+    """A message as one line: a line break or a control character inside a user's text (a name, a path) is
+    shown, not obeyed."""
     return str(message).translate(str.maketrans(_BREAKS))
 
 
@@ -71,6 +74,9 @@ def dry_run(config, prompt_file: str | None) -> int:
             raise UserError(Option("prompt_file", prompt_file, quoted=True), ": an empty file name")
         if os.path.lexists(target):
             raise UserError(Option("prompt_file", prompt_file), ": exists already; name a new file")
+        from pgkd.files import output_path_problem
+        if (problem := output_path_problem(target)) is not None:
+            raise UserError(Option("prompt_file", prompt_file), f": {problem}")
         if not target.parent.is_dir():
             raise UserError(Option("prompt_file", prompt_file), f": no folder {target.parent}")
     check_student(config.student)      # what the run would refuse, a dry run refuses too (without loading it)
@@ -209,11 +215,13 @@ def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from pgkd.files import require_writable
+    from pgkd.files import output_path_problem, require_writable
     from pgkd.serving import student_from
     from pgkd.serving.repository import require_own_folder, write_version
     out = Path(args.out)
     if args.format == "hf":
+        if (problem := output_path_problem(out)) is not None:
+            raise UserError(f"--out {out}: {problem}")
         from pgkd.artifacts import ArtifactError, ArtifactStore
         from pgkd.distributed.steps import export_checkpoint
         if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -72,6 +72,19 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def output_path_problem(path: str | Path) -> str | None:
+    """What makes `path` no place for pgkd to write a result (a folder or a file it creates), None when
+    nothing does: a control character in it (a name that would print as other text, or break a line), or
+    the path itself a link (pgkd writes into what it makes, not through a link to somewhere else)."""
+    text = str(path)
+    bad = next((c for c in text if ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029"), None)
+    if bad is not None:
+        return f"holds a control character (U+{ord(bad):04X}); name a path without one"
+    if Path(path).is_symlink():
+        return "is a link; pgkd writes into a folder or file of its own, not through a link"
+    return None
+
+
 def require_writable(folder: str | Path, option: str = "--out") -> None:
     """A folder pgkd will write into can be written: a scratch folder is made (and removed at once) in
     it, or in its nearest existing parent; UserError naming `option` otherwise, before any work (/proc/x,

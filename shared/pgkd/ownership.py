@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pgkd.files import WRITTEN_BY, write_json_atomic
+from pgkd.files import WRITTEN_BY, output_path_problem, write_json_atomic
 
 
 def read_owner(path: Path) -> dict | None:
@@ -36,6 +36,8 @@ def claim_folder(folder: str | Path, option: str = "--out") -> Path:
     for anything else. Call it before any work and before anything in the folder is removed."""
     from pgkd.errors import UserError
     folder = Path(folder)
+    if (problem := output_path_problem(folder)) is not None:
+        raise UserError(f"{option} {folder}: {problem}")
     if folder.exists():
         if not folder.is_dir():
             raise UserError(f"{option} {folder}: exists and is not a folder")

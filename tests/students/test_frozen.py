@@ -136,7 +136,7 @@ def test_save_writes_a_new_or_empty_folder_and_never_over_or_through_what_it_did
     victim.mkdir()
     (tmp_path / "link").symlink_to(victim)
     (tmp_path / "file").write_text("a file")
-    for path, says in ((foreign, "not empty"), (tmp_path / "link", "a link"), (tmp_path / "file", "not a folder"),
+    for path, says in ((foreign, "not empty"), (tmp_path / "link", "is a link"), (tmp_path / "file", "not a folder"),
                        (tmp_path / "file" / "under", "cannot write there")):
         with pytest.raises(UserError, match=says):
             student.save(path)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pgkd import __version__
 from pgkd.errors import Option, UserError
-from pgkd.files import file_sha256, write_json_atomic
+from pgkd.files import file_sha256, output_path_problem, write_json_atomic
 from pgkd.names import UnsafeName, inside
 from pgkd.ownership import WRITTEN_BY, read_owner
 
@@ -148,7 +148,10 @@ class RunOutput:
         self._lock_file = None
 
     def _check_path(self) -> None:
-        """OUT can be a folder: nothing on its way is a file, and no name in it is too long."""
+        """OUT can be a folder: nothing on its way is a file, and no name in it is too long; OUT itself is
+        no link and holds no control character (pgkd.files.output_path_problem)."""
+        if (problem := output_path_problem(self.out)) is not None:
+            raise UserError(self.option, f": {problem}")
         try:
             for folder in [self.out, *self.out.parents]:
                 if folder.exists():        # OSError for a path longer than the system allows

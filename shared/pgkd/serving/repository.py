@@ -24,7 +24,7 @@ from pgkd.students.contract import calibration_files
 from pgkd.errors import Option, UserError
 from pgkd.names import check_name, inside
 from pgkd.ownership import read_owner, write_owner
-from pgkd.files import file_sha256, require_writable, write_text_atomic
+from pgkd.files import file_sha256, output_path_problem, require_writable, write_text_atomic
 from pgkd.serving.triton_model import MANIFEST, check_version_folder
 from pgkd.types import MAX_LENGTH, MAX_TEXT_CHARS   # the served model refuses longer texts
 
@@ -111,6 +111,8 @@ def require_own_folder(path: Path, option: str, model: str = MODEL_NAME) -> None
     """`model` may be written into the repository `path`: the repository is new, empty or a model
     repository, and the model's folder in it is new, empty or pgkd's (its OWNER file); UserError otherwise."""
     path = Path(path)
+    if (problem := output_path_problem(path)) is not None:
+        raise UserError(f"{option} {path}: {problem}")
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path}: exists and is not a folder")
     above = next((p for p in path.parents if p.exists()), None)   # a folder under a file cannot be made

@@ -91,12 +91,12 @@ def save_folder(path: str | Path, write) -> None:
     never writes over or beside files it did not write, nor through a link (UserError, nothing touched)."""
     import shutil
     import tempfile
-    from pgkd.files import require_writable
+    from pgkd.files import output_path_problem, require_writable
     if not isinstance(path, (str, Path)) or not str(path):
         raise UserError(f"save: expected a folder's path (str or Path), got {path!r}")
     path = Path(path)
-    if path.is_symlink():
-        raise UserError(f"save {path}: a link; save into a folder of its own, not through a link")
+    if (problem := output_path_problem(path)) is not None:
+        raise UserError(f"save {path}: {problem}")
     if path.exists():
         if not path.is_dir():
             raise UserError(f"save {path}: exists and is not a folder")
