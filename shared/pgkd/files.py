@@ -72,6 +72,20 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask sets one to read it, which a thread making a
+    file at that moment would get): from /proc/self/status on Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def output_path_problem(path: str | Path) -> str | None:
     """What makes `path` no place for pgkd to write a result (a folder or a file it creates), None when
     nothing does: a control character in it (a name that would print as other text, or break a line), or

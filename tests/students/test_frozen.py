@@ -1,5 +1,9 @@
+import stat
+
 import numpy as np
 import pytest
+
+from pgkd.files import current_umask
 
 from pgkd.data import load_dataset, make_splits
 from pgkd.types import Sample, TrainConfig
@@ -146,4 +150,8 @@ def test_save_writes_a_new_or_empty_folder_and_never_over_or_through_what_it_did
     for path in (tmp_path / "new" / "student", tmp_path / "empty"):
         student.save(path)
         assert load_student(path).labels == ["a", "b"]
+        # as mkdir and open() make them, not mkdtemp's 0700 nor safetensors' 0600: another user's server reads it
+        umask = current_umask()
+        assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in (path, *path.iterdir())} == \
+            {oct(0o777 & ~umask), oct(0o666 & ~umask)}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "link", "mine", "new", "victim"]

@@ -91,7 +91,7 @@ def save_folder(path: str | Path, write) -> None:
     never writes over or beside files it did not write, nor through a link (UserError, nothing touched)."""
     import shutil
     import tempfile
-    from pgkd.files import output_path_problem, require_writable
+    from pgkd.files import current_umask, output_path_problem, require_writable
     if not isinstance(path, (str, Path)) or not str(path):
         raise UserError(f"save: expected a folder's path (str or Path), got {path!r}")
     path = Path(path)
@@ -107,6 +107,12 @@ def save_folder(path: str | Path, write) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
     try:
         write(staging)
+        # as a plain mkdir and open() would make them (mkdtemp's folder is 0700; safetensors writes its
+        # weights 0600): a server running as another user reads the student it is given
+        umask = current_umask()
+        for item in (staging, *staging.rglob("*")):
+            if not item.is_symlink():
+                item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
         if path.exists():
             path.rmdir()             # empty, as checked (a file put there since: OSError, nothing lost)
         staging.rename(path)
