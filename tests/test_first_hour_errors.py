@@ -203,6 +203,11 @@ CASES = {
         lambda toy, student, tmp: pgkd.classify("ftp://x", ["hello"]),
         lambda toy, student, tmp: ["classify", "--url", "ftp://x", "hello"],
         "url='ftp://x': expected http://HOST:PORT", "--url ftp://x: expected http://HOST:PORT"),
+    "a URL with a password (never printed)": (
+        lambda toy, student, tmp: pgkd.classify("http://me:s3cret@127.0.0.1:8000", ["hello"]),
+        lambda toy, student, tmp: ["classify", "--url", "http://me:s3cret@127.0.0.1:8000", "hello"],
+        "url='http://127.0.0.1:8000' (a user and password before it, not shown)",
+        "--url http://127.0.0.1:8000 (a user and password before it, not shown)"),
     "a URL's port": (
         lambda toy, student, tmp: pgkd.classify("http://127.0.0.1:0", ["hello"]),
         lambda toy, student, tmp: ["classify", "--url", "http://127.0.0.1:0", "hello"],

@@ -104,6 +104,17 @@ def test_a_bad_value_at_the_command_line_is_one_line_and_exit_2(monkeypatch, cap
     assert err == ["pgkd: error: PGKD_ARTIFACTS='s3://': no bucket (expected s3://BUCKET[/PREFIX])"]
 
 
+def test_a_store_whose_library_this_machine_lacks_is_an_environment_failure_exit_1(monkeypatch, capsys):
+    """s3fs is not installed with pgkd: an S3 store is a good URL this machine cannot reach, not bad input."""
+    import importlib.util
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed here")
+    monkeypatch.setenv("PGKD_ARTIFACTS", "s3://bucket/pgkd")
+    assert main(["status", "run-1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pgkd: PGKD_ARTIFACTS=s3://bucket/pgkd: ") and "s3fs" in err[0], err
+
+
 def test_check_says_every_bad_variable_one_line_each_not_the_first_only(monkeypatch, capsys):
     """A reviewer had to fix and run again once per variable."""
     monkeypatch.setenv("PGKD_METRICS_PORT", "0")

@@ -86,7 +86,9 @@ class ArtifactStore:
             check_artifacts_url(self.url)
             self.url = self.url.rstrip("/")
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        except (ImportError, ValueError) as e:
+        except ImportError as e:     # a library this machine lacks (s3fs, gcsfs): the environment, not the URL
+            raise EnvironmentFailure(f"{named or f'PGKD_ARTIFACTS={self.url}'}: {e}") from None
+        except ValueError as e:
             raise UserError(named or f"PGKD_ARTIFACTS={self.url}", f": {e}") from None
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         if self.local:

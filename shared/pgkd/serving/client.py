@@ -37,8 +37,14 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str) -> "Endpoint":
+        if not isinstance(url, str):
+            raise TypeError(f"url: expected a server's URL as a str (http://HOST:PORT), got {type(url).__name__}")
         scheme, sep, rest = url.partition("://")
         scheme, rest = (scheme, rest) if sep else ("http", url)
+        if "@" in rest:      # user:password@host: said without it, as no secret is printed
+            shown = f"{scheme}://{rest.rpartition('@')[2]}"
+            raise UserError(Option("url", shown), " (a user and password before it, not shown): a Triton server's "
+                                                  "URL holds none; expected http://HOST:PORT or grpc://HOST:PORT")
         rest = rest.rstrip("/")
         if scheme not in ("http", "grpc") or "/" in rest:
             raise UserError(Option("url", url), ": expected http://HOST:PORT or grpc://HOST:PORT")
