@@ -32,6 +32,9 @@ def normalize_text(text: str) -> str:
 def _check_row(text, label, where: str) -> Sample:
     if label is None or (isinstance(label, str) and not label.strip()):
         raise UserError(f"{where}: missing label")
+    if isinstance(label, bool) or not isinstance(label, (str, int, float)):   # a JSON object, list, true: no name
+        shown = repr(label) if len(repr(label)) <= 40 else repr(label)[:40] + "..."
+        raise UserError(f"{where}: the label is not a string or a number ({type(label).__name__} {shown})")
     if text is not None and not isinstance(text, str):
         shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:40] + "..."
         raise UserError(f"{where}: the text is not a string ({type(text).__name__} {shown})")
