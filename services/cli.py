@@ -410,6 +410,11 @@ def stream_repair(name: str) -> int:
 
 # -- the command line ---------------------------------------------------------------------------------------
 
+def _named_stream(name: str | None) -> str:
+    """The stream a command names (an empty name is refused, not taken for the default), else PGKD_STREAM's."""
+    return _stream_name() if name is None else check_name(name, "stream")
+
+
 def _stream_name() -> str:
     from pgkd.settings import StreamVariables, one
     return one(StreamVariables, "stream")
@@ -450,10 +455,10 @@ def register(sub, distill_arguments) -> None:
     stream_status_parser = stream_sub.add_parser("status", help="a stream's samples, current student, runs and "
                                                                 "decisions")
     stream_status_parser.add_argument("name", nargs="?", help="the stream (default: PGKD_STREAM, else default)")
-    stream_status_parser.set_defaults(func=lambda args: stream_status(args.name or _stream_name()))
+    stream_status_parser.set_defaults(func=lambda args: stream_status(_named_stream(args.name)))
     repair = stream_sub.add_parser("repair", help="keep the complete samples of damaged segments (ingest stopped)")
     repair.add_argument("name", nargs="?", help="the stream (default: PGKD_STREAM, else default)")
-    repair.set_defaults(func=lambda args: stream_repair(args.name or _stream_name()))
+    repair.set_defaults(func=lambda args: stream_repair(_named_stream(args.name)))
     topics = sub.add_parser("topics", help="create the message topics")
     topics_sub = topics.add_subparsers(dest="topics", required=True, parser_class=Parser)
     create = topics_sub.add_parser("create", help="idempotent: existing topics are left as they are")

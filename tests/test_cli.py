@@ -47,6 +47,10 @@ def test_bad_distill_input(capsys, toy_data, tmp_path, make_args, message):
      "--teacher openai://h:1/v1?model=m&key-env=K: unknown parameter 'key-env' (it takes model, key_env, structured)"),
     (["distill", "--data", "d", "--taxonomy", "", "--dry-run"], "--taxonomy : an empty name"),
     (["submit", "--data", "d", "--dry-run", "--run-id", "a b"], "--run-id 'a b': not a name"),
+    # an empty name is refused, not taken for the default (the trial: `--datasets ''` began all four datasets)
+    (["bench", "quality", "--datasets", "", "--out", "o"], "--datasets: '': an empty item in a comma-separated list"),
+    (["bench", "peers", "--seeds", "1,,2", "--out", "o"], "--seeds: '1,,2': an empty item"),
+    (["stream", "status", ""], "stream '': not a name"),
 ])
 def test_bad_command_options_are_one_line(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

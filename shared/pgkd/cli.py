@@ -291,7 +291,14 @@ def cmd_classify(args) -> int:
 
 
 def _csv(kind):
-    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
+    """A comma-separated list of `kind`: no item may be empty (`--seeds ''`, `--datasets a,,b` are refused,
+    not read as the default list, or as a shorter one)."""
+    def parse(text: str) -> list:
+        items = [x.strip() for x in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty item in a comma-separated list")
+        return [kind(x) for x in items]
+    return parse
 
 
 def cmd_bench_quality(args) -> int:
