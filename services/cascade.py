@@ -111,8 +111,8 @@ class LabelPublisher:
                 self._broker_up = False
                 if self._warned_at is None or time.monotonic() - self._warned_at >= WARN_EVERY:
                     self._warned_at = time.monotonic()
-                    log.warning("cascade: cannot publish %d teacher label(s) to %s (%s); they wait (buffer %d of "
-                                "%d; said again each minute it lasts)", len(self._pending), self.topic,
+                    log.warning("cascade: cannot publish %d teacher label(s) to %s (%s); they wait, and %d more in "
+                                "the buffer of %d (said again each minute it lasts)", len(self._pending), self.topic,
                                 str(e)[:200] or type(e).__name__, self.queue.qsize(), self.queue.maxsize)
                 self._close_producer()
                 self._stop.wait(RETRY_SECONDS * (1 + random.random()))
@@ -274,7 +274,12 @@ def student_ready(args, check):
         try:
             with StudentClient(args.student, args.student_model, timeout=args.student_timeout) as probe:
                 served = probe.served_labels()
-        except (UserError, EnvironmentFailure) as e:
+        except EnvironmentFailure as e:   # the server is not there (yet): named by the option that gave it
+            if not args.wait_for_student:
+                raise type(e)(f"--student {e} (or --wait-for-student, to wait for it)") from None
+            said = _waiting(e, said)
+            continue
+        except UserError as e:
             if not args.wait_for_student:
                 raise
             said = _waiting(e, said)

@@ -322,7 +322,8 @@ def test_a_student_that_cannot_be_reached_is_one_line_and_exit_1(tmp_path, capsy
                  "openai://127.0.0.1:1/v1?model=m", "--calibration", str(tmp_path), "--threshold", "0.5",
                  "--student-timeout", "2", *ports()])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and f"127.0.0.1:{port}" in err[0], err
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"pgkd: --student http://127.0.0.1:{port}"), err
+    assert err[0].endswith("(or --wait-for-student, to wait for it)"), err
 
 
 def test_with_wait_for_student_it_waits_for_a_first_version_instead_of_exiting(tmp_path):
