@@ -336,6 +336,7 @@ def test_a_stopped_cascade_leaves_no_process_temporary_folder_or_shared_memory(c
     folders = model_folders(children)
     assert folders, "no stub names its model folder"
     assert server.stop(signal.SIGTERM) == 0, server.log()
+    assert server.log().rstrip().endswith("pgkd: stopped serving the cascade"), server.log()[-2000:]
     # unloaded before tritonserver's exit timeout: else its Python backend leaves /tmp/python_env_XXXXXX
     triton_log = (cascade["folder"] / "cascade-tritonserver.log").read_text(errors="replace")   # PGKD_TRITON_LOG
     assert "successfully unloaded 'cascade' version 1" in triton_log, triton_log[-3000:]

@@ -38,6 +38,7 @@ def test_the_teacher_listens_on_loopback_unless_told_otherwise_and_sighup_stops_
     # tritonserver's own log (some 60 lines, a CUDA error among them) goes to a file, not to the terminal
     assert not re.search(r"^[IWE]\d{4} |CUDA|NVML", server.log(), re.M), server.log()
     assert server.stop(signal.SIGHUP) == 0, server.log()
+    assert server.log().rstrip().endswith("pgkd: stopped serving the simulated teacher"), server.log()[-2000:]
     assert gone([triton]), "tritonserver outlived pgkd teacher serve"
     assert server.left_in_tmp() == []     # PyTriton's workspace removed
 

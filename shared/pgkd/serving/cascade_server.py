@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import sysconfig
 import threading
 import time
@@ -162,6 +163,7 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
     # others stay restricted: nobody loads or unloads models on the cascade's server.
     security = TritonSecurityConfig(restricted_endpoints=[e for e in DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"])
     # tritonserver's log goes to a file (pgkd.processes.child_log), not to the terminal; a failure names it
+    serving = False
     with stop_signals(), contextlib.suppress(Stopped), \
             child_log("tritonserver.log", read(TritonSettings).log) as log_file:
         for attempt in range(1, START_ATTEMPTS + 1):
@@ -184,8 +186,9 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
                     print(f"pgkd: serving the cascade as Triton model '{MODEL_NAME}' on {host}: http :{http_port}, "
                           f"grpc :{grpc_port}; pgkd classify --url http://{url_host(host)}:{http_port} --model-name "
                           f"{MODEL_NAME}" + (f"; {announce}" if announce else ""), flush=True)
-                    triton.serve()
-                return
+                    with contextlib.suppress(KeyboardInterrupt):   # Ctrl-C once serving: the server's normal end
+                        triton.serve()
+                break
             except Exception as e:  # noqa: BLE001 -- a failed start is tried again; a failure once serving is not
                 if interrupted():   # a Ctrl-C that PyTriton turned into a failed load: an interruption, not retried
                     raise KeyboardInterrupt from None
@@ -202,6 +205,8 @@ def serve(model: CascadeModel, http_port: int, grpc_port: int, metrics_port: int
                 require_free_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port,
                                           "--metrics-port": metrics_port})
                 time.sleep(START_PAUSE)
+    if serving:   # SIGTERM, SIGHUP or Ctrl-C, as `pgkd serve` says it
+        print("pgkd: stopped serving the cascade", file=sys.stderr, flush=True)
 
 
 def summary(error: Exception) -> str:

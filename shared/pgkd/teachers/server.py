@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import sysconfig
 import threading
 import time
@@ -135,6 +136,7 @@ def serve(simulation: Simulation, http_port: int, grpc_port: int, metrics_port: 
     # `with Triton`, which stops tritonserver and removes PyTriton's workspace. PyTriton starts tritonserver
     # with SIGTERM as its parent-death signal: a SIGKILL of this process stops it too (the workspace stays,
     # in adopted_children's folder, until the next pgkd server starts).
+    serving = False
     with stop_signals(), contextlib.suppress(Stopped), child_log("tritonserver.log", triton_log) as log_file, \
             _named_log(log_file), adopted_children() as folder, \
             quiet_triton(Triton)(config=dataclasses.replace(config, log_file=log_file),
@@ -153,4 +155,8 @@ def serve(simulation: Simulation, http_port: int, grpc_port: int, metrics_port: 
               f"--teacher triton://{url_host(host)}:{http_port}/{MODEL_NAME}\n"    # one write: both lines, or none
               f"pgkd: classification prompts (the cascade's) are answered by a simulated LLM of accuracy "
               f"{o.llm_accuracy:g}, not an LLM: {UNKNOWN_TEXTS}", flush=True)
-        triton.serve()
+        serving = True
+        with contextlib.suppress(KeyboardInterrupt):    # Ctrl-C once serving: the server's normal end
+            triton.serve()
+    if serving:   # SIGTERM, SIGHUP or Ctrl-C, as `pgkd serve` says it
+        print("pgkd: stopped serving the simulated teacher", file=sys.stderr, flush=True)
