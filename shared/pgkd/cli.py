@@ -470,9 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help="a model repository (pgkd export), a student folder, or a checkpoint URI")
     serve_student.add_argument("--host", type=host_option, default=DEFAULT_HOST,
                                help="the address to listen on (0.0.0.0: every interface)")
-    serve_student.add_argument("--http-port", type=port_option, default=8000)
-    serve_student.add_argument("--grpc-port", type=port_option, default=8001)
-    serve_student.add_argument("--metrics-port", type=port_option, default=8002)
+    serve_student.add_argument("--http-port", type=port_option, default=8000, help="default 8000")
+    serve_student.add_argument("--grpc-port", type=port_option, default=8001, help="default 8001")
+    serve_student.add_argument("--metrics-port", type=port_option, default=8002, help="default 8002")
     serve_student.add_argument("--repository", default=None,
                                help="for a student folder or checkpoint: where to write its repository "
                                     "(default: a new temporary folder)")
@@ -506,9 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(serve, Simulation)
     serve.add_argument("--host", type=host_option, default=DEFAULT_HOST,
                        help="the address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--http-port", "--port", type=port_option, default=8000)
-    serve.add_argument("--grpc-port", type=port_option, default=8001)
-    serve.add_argument("--metrics-port", type=port_option, default=8002)
+    # not pgkd serve's 8000-8002: a student and its teacher run side by side (make demo's ports)
+    serve.add_argument("--http-port", "--port", type=port_option, default=8010, help="default 8010")
+    serve.add_argument("--grpc-port", type=port_option, default=8011, help="default 8011")
+    serve.add_argument("--metrics-port", type=port_option, default=8012, help="default 8012")
     serve.set_defaults(func=cmd_teacher_serve)
 
     bench = sub.add_parser("bench", help="benchmarks: quality of the arms, speed of the student")
