@@ -51,7 +51,8 @@ def distill_arguments(p: argparse.ArgumentParser, with_out: bool = True, with_dr
     from pgkd.options import add_options
     add_options(p, DistillConfig)
     if with_out:
-        p.add_argument("--out", help="output folder: report.json, best/, history.png (required but with --dry-run)")
+        p.add_argument("--out", help="output folder: report.json, best/, history.png, reliability.png (required but "
+                                     "with --dry-run)")
     if with_dry_run:
         p.add_argument("--dry-run", action="store_true", help=(
             "train nothing, call no teacher, write nothing: print the first prompt, its tokens, and the most "

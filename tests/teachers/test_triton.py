@@ -91,6 +91,10 @@ def test_distill_through_triton_over_http_and_grpc(teacher_server, toy, tmp_path
         assert report["cycles"][1]["teacher_usage"]["calls"] == 1
         # The model says what it is: the report calls the simulation a simulation.
         assert report["teacher"]["simulated"] is True and report["teacher"]["served_model"]["name"] == "pool-random"
+        # and so does the run's output, once, at its first answer (make demo's console never said it)
+        said = [line for line in result.stderr.splitlines() if "is a simulation" in line]
+        assert said == [f"pgkd: the teacher at {scheme}://127.0.0.1:{port}/teacher is a simulation, not an LLM "
+                        "(pool-random)"], result.stderr
 
 
 def test_a_teacher_server_that_goes_away_mid_run_ends_the_run_clearly(teacher_server, toy, tmp_path):

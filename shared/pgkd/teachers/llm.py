@@ -308,6 +308,9 @@ class LLMTeacher:
                     self.served_by = json.loads(completion.served_by)
                 except ValueError:
                     self.served_by = {"description": completion.served_by}
+                if isinstance(self.served_by, dict) and self.served_by.get("simulated"):   # said once, at once
+                    log.warning("the teacher at %s is a simulation, not an LLM (%s)", self.name,
+                                self.served_by.get("name") or self.served_by.get("served_by") or "it says so")
             self._account(usage, prompt, completion, time.perf_counter() - started)
             if self.cache is not None:
                 await asyncio.to_thread(self.cache.put, digest, completion.__dict__)
