@@ -23,6 +23,10 @@ def _bad(capsys, argv) -> str:
 @pytest.mark.parametrize("make_args, message", [
     (lambda d, t: ["--data", str(t / "missing")], "no such file or folder"),
     (lambda d, t: ["--data", str(d), "--labeled", "3"], "smaller than the number of classes (4)"),
+    # what it says is enough is: --labeled 5 runs (the trial: it said 8, and 5 ran)
+    (lambda d, t: ["--data", str(d), "--labeled", "4"], "leave none to validate on: each of the 4 classes takes one to "
+                                                        "train on, and validation takes the second of a class (5 "
+                                                        "labeled samples or more"),
     (lambda d, t: ["--data", str(d), "--student", "no/such-model"], "unknown student 'no/such-model'"),
     (lambda d, t: ["--data", str(d), "--teacher", "gpt-9"], "unknown teacher 'gpt-9'"),
     (lambda d, t: ["--data", str(d), "--metric", "vibes"], "unknown metric 'vibes'"),

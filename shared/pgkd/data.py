@@ -277,9 +277,9 @@ def make_splits(dataset: Dataset, labeled: int, seed: int, validation_fraction: 
     chosen, pool = _take_per_label(groups, counts, rng)
     train, validation = stratified_split(chosen, validation_fraction, rng)
     if not validation:   # early stopping and the choice of the best cycle have nothing to go on
-        raise UserError(f"{dataset.path}: {labeled} labeled samples leave none to validate on: a class needs 2, one "
-                        f"to train on and one to validate ({2 * len(labels)} labeled samples or more, and 2 train "
-                        "rows per class)")
+        raise UserError(f"{dataset.path}: {labeled} labeled samples leave none to validate on: each of the "
+                        f"{len(labels)} classes takes one to train on, and validation takes the second of a class "
+                        f"({len(labels) + 1} labeled samples or more, with a class that has 2 train rows)")
     rng.shuffle(pool)
     return Splits(labels=dataset.labels, train=train, validation=validation, pool=pool, test=list(dataset.test),
                   taxonomy=dataset.taxonomy)
