@@ -91,10 +91,23 @@ def test_a_mapping_is_the_only_source(monkeypatch):
     ("PGKD_TOPIC_PREFIX", "team a/", "a topic name's prefix takes letters"),
     ("PGKD_ARTIFACTS", "http://x/y", "not a store pgkd writes to"),
     ("PGKD_GRACEFUL_TIMEOUT", "inf", "finite"),
+    # the trial's: `settings --check` took them, and each command failed later, less clearly
+    ("PGKD_ARTIFACTS", "file:///dev/null", "not a folder (a store is a folder, or a bucket)"),
+    ("PGKD_ARTIFACTS", "/tmp/x\ny", "holds a control character (U+000A)"),
+    ("PGKD_CACHE", "/dev/null", "not a folder"),
+    ("PGKD_CACHE", "/tmp/x\x1by", "holds a control character"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(variable, value, message):
     text = refused({variable: value})
     assert text.startswith(f"{variable}={value!r}: ") and message in text, text
+
+
+def test_a_shortest_text_longer_than_the_longest_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("PGKD_STREAM_MIN_CHARS", "5000")
+    assert main(["settings", "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pgkd: error: PGKD_STREAM_MIN_CHARS=5000 is above PGKD_STREAM_MAX_CHARS=2000 (min_chars and "
+                   "max_chars in a settings file): no text could be taken"], err
 
 
 def test_a_bad_value_at_the_command_line_is_one_line_and_exit_2(monkeypatch, capsys):

@@ -181,6 +181,15 @@ class ArtifactSettings(Section):
     cache: str | None = var("PGKD_CACHE", None,
                             "a local folder for checkpoints fetched from the store (default: TMPDIR/pgkd-cache)")
 
+    @field_validator("cache")
+    @classmethod
+    def _folder(cls, path: str | None) -> str | None:
+        if path is not None and next((c for c in path if ord(c) < 32 or 127 <= ord(c) < 160), None) is not None:
+            raise ValueError("holds a control character")
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError("not a folder")
+        return path
+
     @field_validator("artifacts")
     @classmethod
     def _url(cls, url: str) -> str:
@@ -194,7 +203,15 @@ STORE_SCHEMES = ("file", "s3", "gs", "gcs", "memory")   # a path without a schem
 def check_artifacts_url(url: str) -> None:
     """ValueError for a URL of no store pgkd writes to (`http://...`), or a remote store's URL without its
     bucket (`s3://`, `gs:///x`): fsspec would read `s3:` as a local folder name."""
+    if not url.strip():
+        raise ValueError("empty (expected file:///PATH, s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or a folder's path)")
+    bad = next((c for c in url if ord(c) < 32 or 127 <= ord(c) < 160), None)
+    if bad is not None:
+        raise ValueError(f"holds a control character (U+{ord(bad):04X})")
     parts = urlsplit(url)
+    local = url.removeprefix("file://") if url.startswith("file://") else None if "://" in url else url
+    if local and os.path.exists(os.path.expanduser(local)) and not os.path.isdir(os.path.expanduser(local)):
+        raise ValueError("not a folder (a store is a folder, or a bucket)")
     if "://" in url and parts.scheme not in STORE_SCHEMES:
         raise ValueError(f"not a store pgkd writes to (expected file:///PATH, s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] "
                          "or a folder's path)")
@@ -286,6 +303,13 @@ class StreamFields(Variables, BaseModel):
     segment_samples: int = var("PGKD_STREAM_SEGMENT_SAMPLES", 10_000, "samples a segment file holds", gt=0)
     batch_max: int = var("PGKD_STREAM_BATCH_MAX", 500, "messages ingest takes in one batch, at most", gt=0)
     batch_seconds: float = var("PGKD_STREAM_BATCH_SECONDS", 0.2, "how long ingest waits to fill a batch", gt=0)
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_chars > self.max_chars:     # every text would be refused, one way or the other
+            raise UserError(f"PGKD_STREAM_MIN_CHARS={self.min_chars} is above PGKD_STREAM_MAX_CHARS={self.max_chars} "
+                            "(min_chars and max_chars in a settings file): no text could be taken")
+        return self
 
     @field_validator("run", mode="before")
     @classmethod
