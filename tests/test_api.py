@@ -117,6 +117,19 @@ def test_bad_arguments_say_what_is_wrong(tmp_path):
         pgkd.distill(make_toy_dataset(tmp_path / "toy"), teacher=object())
     with pytest.raises(pgkd.errors.UserError, match=r"data\[1\]: empty text"):
         pgkd.distill([{"text": "a", "label": "x"}, {"text": " ", "label": "y"}])
+    # the trial's: each was an AttributeError or TypeError from deep inside, some after the run had begun
+    for call, says in ((lambda: pgkd.distill(None), "data: expected a dataset's path"),
+                       (lambda: pgkd.distill(123), "data: expected a dataset's path"),
+                       (lambda: pgkd.distill(tmp_path, student=42), "student: expected a name, a folder, or an "
+                                                                   "object with the pgkd.Student protocol"),
+                       (lambda: pgkd.distill(tmp_path, out=123), "out: expected a folder's path"),
+                       (lambda: pgkd.load_student(None), "path: expected a folder's path"),
+                       (lambda: pgkd.classify(None, ["x"]), "url: expected a server's URL")):
+        with pytest.raises(TypeError, match=says):
+            call()
+    student = CentroidStudent(["a"])
+    with pytest.raises(pgkd.errors.UserError, match=r"text 2: not a string \(int\)"):
+        pgkd.students.contract.predicted_labels(student, ["fine", 1])
 
 
 @pytest.mark.slow

@@ -31,6 +31,16 @@ def distill(data, teacher="pool-guided", student="minilm", out: str | Path | Non
     if unknown:
         raise TypeError(f"pgkd.distill: unknown option(s) {', '.join(unknown)}; the options are those of "
                         f"`pgkd distill`: {', '.join(f for f in DistillConfig.model_fields if f not in ('data',))}")
+    if not isinstance(data, (str, Path)) and not (hasattr(data, "__iter__") and not isinstance(data, (bytes, dict))):
+        raise TypeError(f"pgkd.distill: data: expected a dataset's path (str or Path) or a list of samples, got "
+                        f"{type(data).__name__}")
+    if out is not None and not isinstance(out, (str, Path)):
+        raise TypeError(f"pgkd.distill: out: expected a folder's path (str or Path), got {type(out).__name__}")
+    if not isinstance(student, (str, Path)) and not all(callable(getattr(student, m, None))
+                                                        for m in ("train", "predict_proba")):
+        raise TypeError(f"pgkd.distill: student: expected a name, a folder, or an object with the pgkd.Student "
+                        f"protocol (labels, train, predict_proba, state, load_state, save), got "
+                        f"{type(student).__name__}")
     teacher_name = None if isinstance(teacher, str) else name_of(teacher)
     student_object = None if isinstance(student, (str, Path)) else student
     if student_object is not None and options.get("warm_start") is False:
@@ -67,6 +77,8 @@ def _no_text_for_numbers(options: dict) -> None:
 def load_student(path: str | Path, device: str | None = None):
     """A student saved by a run (OUT/best): `predict(texts)` gives labels, `predict_proba` probabilities."""
     from pgkd.students import load_student as load
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"pgkd.load_student: path: expected a folder's path (str or Path), got {type(path).__name__}")
     return load(path, device=device)
 
 

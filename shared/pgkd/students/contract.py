@@ -70,7 +70,7 @@ def text_list(texts) -> list[str]:
         except UnicodeEncodeError as e:
             raise UserError(f"text {number}: not UTF-8 text ({e.reason} at character {e.start})") from None
         except AttributeError:
-            pass                     # not a str: the caller says what it takes
+            raise UserError(f"text {number}: not a string ({type(text).__name__})") from None
     return texts
 
 
