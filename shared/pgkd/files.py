@@ -86,12 +86,17 @@ def current_umask() -> int:
     return mask
 
 
+def control_character(text: str) -> str | None:
+    """The first control character (C0, DEL, C1, a line or paragraph separator) in `text`, None when there is
+    none: in a name or path, one prints as other text or breaks the line it is said in."""
+    return next((c for c in text if ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029"), None)
+
+
 def output_path_problem(path: str | Path) -> str | None:
     """What makes `path` no place for pgkd to write a result (a folder or a file it creates), None when
     nothing does: a control character in it (a name that would print as other text, or break a line), or
     the path itself a link (pgkd writes into what it makes, not through a link to somewhere else)."""
-    text = str(path)
-    bad = next((c for c in text if ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029"), None)
+    bad = control_character(str(path))
     if bad is not None:
         return f"holds a control character (U+{ord(bad):04X}); name a path without one"
     if Path(path).is_symlink():

@@ -26,6 +26,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, SecretStr, Val
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pgkd.errors import UserError, invalid
+from pgkd.files import control_character
 from pgkd.names import NAME_PATTERN, check_name
 from pgkd.net import DEFAULT_HOST, parse_address, parse_host, parse_port
 
@@ -184,8 +185,8 @@ class ArtifactSettings(Section):
     @field_validator("cache")
     @classmethod
     def _folder(cls, path: str | None) -> str | None:
-        if path is not None and next((c for c in path if ord(c) < 32 or 127 <= ord(c) < 160), None) is not None:
-            raise ValueError("holds a control character")
+        if path is not None and (bad := control_character(path)) is not None:
+            raise ValueError(f"holds a control character (U+{ord(bad):04X})")
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             raise ValueError("not a folder")
         return path
@@ -205,7 +206,7 @@ def check_artifacts_url(url: str) -> None:
     bucket (`s3://`, `gs:///x`): fsspec would read `s3:` as a local folder name."""
     if not url.strip():
         raise ValueError("empty (expected file:///PATH, s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or a folder's path)")
-    bad = next((c for c in url if ord(c) < 32 or 127 <= ord(c) < 160), None)
+    bad = control_character(url)
     if bad is not None:
         raise ValueError(f"holds a control character (U+{ord(bad):04X})")
     parts = urlsplit(url)
@@ -381,8 +382,8 @@ class TritonSettings(Section):
         its start), in a folder that takes new files (not /proc); the terminal's /dev/stdout, /dev/stderr."""
         if value is None or value in ("/dev/stdout", "/dev/stderr"):
             return value
-        if any(ord(c) < 32 for c in value):
-            raise ValueError("a control character in the path")
+        if (bad := control_character(value)) is not None:
+            raise ValueError(f"holds a control character (U+{ord(bad):04X})")
         path = Path(value)
         if path.is_dir():
             raise ValueError("a folder, not a file")
