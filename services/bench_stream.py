@@ -82,7 +82,7 @@ def _log_times(text: str, pattern: str) -> list[float]:
 def run_scale_bench(samples: int = 1_000_000, out: str | Path = "runs/bench/stream-scale",
                     stages: list[int] | None = None, batch_max: int = 500, progress: bool = True) -> dict:
     stages = sorted({s for s in (stages or [10_000, 100_000]) if s < samples} | {samples})
-    out = claim_folder(Path(out).resolve())   # pgkd's own, or refused before anything in it is touched (pgkd.ownership)
+    out = claim_folder(Path(out)).resolve()   # pgkd's own, or refused before anything in it is touched (pgkd.ownership)
     for name in ("stream-scale.json", "stream-scale.md"):   # the json is written last: no result until it is there
         (out / name).unlink(missing_ok=True)
     say = (lambda line: print(f"bench stream: {line}", flush=True)) if progress else (lambda line: None)

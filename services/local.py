@@ -71,6 +71,9 @@ class LocalCluster:
     def __init__(self, folder: str | Path, quiet: bool = False, *, broker_url: str | None = None,
                  broker_port: int | None = None, topics: bool = True, prometheus: bool = True,
                  env: dict[str, str | None] | None = None):
+        from pgkd.files import output_path_problem
+        if (problem := output_path_problem(folder)) is not None:   # it writes there, and removes what it wrote
+            raise UserError(f"--folder {folder}: {problem}")
         self.folder = Path(folder).resolve()
         self.quiet = quiet
         self.broker_url = self.prometheus_url = self.teacher_url = self.student_url = None

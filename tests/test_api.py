@@ -128,7 +128,7 @@ def test_bad_arguments_say_what_is_wrong(tmp_path):
         with pytest.raises(TypeError, match=says):
             call()
     student = CentroidStudent(["a"])
-    with pytest.raises(pgkd.errors.UserError, match=r"text 2: not a string \(int\)"):
+    with pytest.raises(TypeError, match=r"text 2: not a string \(int\)"):
         pgkd.students.contract.predicted_labels(student, ["fine", 1])
 
 

@@ -443,6 +443,25 @@ def test_a_place_to_write_that_is_a_link_or_holds_a_control_character_is_refused
     assert "\x1b" not in err and snapshot(tmp_path) == before and list(elsewhere.iterdir()) == []
 
 
+def test_a_repository_pgkd_only_reads_may_be_a_link_one_it_writes_may_not(tmp_path, saved_student):
+    """`pgkd serve --model current` with `current -> repo-v2`, a common deployment layout: it only reads it."""
+    pgkd.export(saved_student, tmp_path / "repo-v2")
+    (tmp_path / "current").symlink_to(tmp_path / "repo-v2")
+    require_own_folder(tmp_path / "current", "--model", writes=False)
+    with pytest.raises(UserError, match="--out .*current: is a link"):
+        require_own_folder(tmp_path / "current", "--out")
+
+
+@pytest.mark.parametrize("url, says", [
+    ("http://127.0.0.1:23005/v2@x", "--url http://127.0.0.1:23005/v2@x: expected http://HOST:PORT"),  # no password
+    ("http://me:pw@127.0.0.1:23005", "--url http://127.0.0.1:23005 (a user and password before it, not shown)"),
+])
+def test_an_at_sign_is_a_password_only_before_the_host(url, says, capsys):
+    assert run("classify", "--url", url, "hi") == 2
+    err = one_error_line(capsys)
+    assert says in err and "pw" not in err.replace("/v2", ""), err
+
+
 @pytest.fixture(scope="module")
 def saved_student(tmp_path_factory) -> Path:
     from pgkd.students import create_student

@@ -262,7 +262,7 @@ def cmd_serve(args) -> int:
         try:
             if is_repository(Path(args.model)) or args.wait_for_version:
                 repository = Path(args.model)
-                require_own_folder(repository, "--model")
+                require_own_folder(repository, "--model", writes=False)   # read: a link to it is fine
             else:
                 student, source = student_from(args.model, args.artifacts)
                 if args.repository is None:

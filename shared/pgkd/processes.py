@@ -126,11 +126,11 @@ def child_log(name: str, path: str | None = None) -> Iterator[Path]:
     if path is not None:
         yield Path(path)
         return
-    import tempfile
-    folder = Path(tempfile.mkdtemp(prefix="pgkd-log-"))
+    folder = server_folder("pgkd-log-")    # marked: what a SIGKILLed server leaves, the next one removes
     try:
         yield folder / name
-    except Exception:
+    except Exception:      # kept, with its log, which the error names: no later start removes it
+        (folder / SERVER_OWNER).unlink(missing_ok=True)
         raise
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

@@ -385,6 +385,8 @@ class TritonSettings(Section):
         if (bad := control_character(value)) is not None:
             raise ValueError(f"holds a control character (U+{ord(bad):04X})")
         path = Path(value)
+        if path.is_symlink():            # tritonserver would append wherever it leads
+            raise ValueError("a link; name the file itself")
         if path.is_dir():
             raise ValueError("a folder, not a file")
         if path.exists() and not path.is_file():

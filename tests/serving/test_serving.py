@@ -137,9 +137,10 @@ def test_a_bad_request_gets_its_own_error_and_the_server_keeps_serving(served, c
                              stdin='{"text": 42}\n')
     assert code == 2 and 'non-empty "text"' in err
     from pgkd.errors import UserError
-    for texts in ([], [42]):
-        with pytest.raises(UserError):
-            classify(f"http://{server.http_url}", texts)
+    with pytest.raises(UserError, match="no texts to classify"):
+        classify(f"http://{server.http_url}", [])
+    with pytest.raises(TypeError, match=r"text 1: not a string \(int\)"):      # a wrong type, as in Python
+        classify(f"http://{server.http_url}", [42])
     assert server.process.poll() is None
 
 

@@ -128,7 +128,8 @@ def test_predict_on_a_saved_frozen_student_prints_its_json_lines_and_nothing_els
 
 
 @pytest.mark.parametrize("kind", ["tiny", "minilm-frozen"])
-def test_save_writes_a_new_or_empty_folder_and_never_over_or_through_what_it_did_not_write(kind, tmp_path):
+def test_save_writes_a_new_or_empty_folder_and_never_over_or_through_what_it_did_not_write(kind, tmp_path,
+                                                                                           monkeypatch):
     """`student.save(path)` (the Python API's, as docs/python-api.md shows it): a folder of someone else's
     files, a link, a file are one UserError each, with nothing changed; a new or empty folder holds the
     whole student, and no staging folder is left beside it."""
@@ -140,12 +141,17 @@ def test_save_writes_a_new_or_empty_folder_and_never_over_or_through_what_it_did
     victim.mkdir()
     (tmp_path / "link").symlink_to(victim)
     (tmp_path / "file").write_text("a file")
-    for path, says in ((foreign, "not empty"), (tmp_path / "link", "is a link"), (tmp_path / "file", "not a folder"),
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")               # an empty working folder: '.' would have been taken
+    for path, says in ((foreign, "not empty"), (tmp_path / "link", "is a link"), (".", "not '.'"), ("./", "not '.'"),
+                       ("nothing/..", "not '.' or '..'"), (tmp_path / "file", "not a folder"),
                        (tmp_path / "file" / "under", "cannot write there")):
         with pytest.raises(UserError, match=says):
             student.save(path)
     assert (foreign / "config.json").read_text() == '{"mine": true}' and list(foreign.iterdir()) == [foreign / "config.json"]
     assert list(victim.iterdir()) == [] and (tmp_path / "file").read_text() == "a file"
+    with pytest.raises(TypeError, match="save: expected a folder's path"):
+        student.save(5)
     (tmp_path / "empty").mkdir()
     for path in (tmp_path / "new" / "student", tmp_path / "empty"):
         student.save(path)
@@ -154,4 +160,5 @@ def test_save_writes_a_new_or_empty_folder_and_never_over_or_through_what_it_did
         umask = current_umask()
         assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in (path, *path.iterdir())} == \
             {oct(0o777 & ~umask), oct(0o666 & ~umask)}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "link", "mine", "new", "victim"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "empty", "file", "link", "mine", "new", "victim"]
+    assert list((tmp_path / "cwd").iterdir()) == []      # and no 'nothing/' made on the way

@@ -41,7 +41,7 @@ class Endpoint:
             raise TypeError(f"url: expected a server's URL as a str (http://HOST:PORT), got {type(url).__name__}")
         scheme, sep, rest = url.partition("://")
         scheme, rest = (scheme, rest) if sep else ("http", url)
-        if "@" in rest:      # user:password@host: said without it, as no secret is printed
+        if "@" in rest.partition("/")[0]:      # user:password@host: said without it, as no secret is printed
             shown = f"{scheme}://{rest.rpartition('@')[2]}"
             raise UserError(Option("url", shown), " (a user and password before it, not shown): a Triton server's "
                                                   "URL holds none; expected http://HOST:PORT or grpc://HOST:PORT")

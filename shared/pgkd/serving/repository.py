@@ -107,11 +107,12 @@ def is_repository(path: Path) -> bool:
     return Path(path).is_dir() and any(Path(path).glob("*/config.pbtxt"))
 
 
-def require_own_folder(path: Path, option: str, model: str = MODEL_NAME) -> None:
+def require_own_folder(path: Path, option: str, model: str = MODEL_NAME, writes: bool = True) -> None:
     """`model` may be written into the repository `path`: the repository is new, empty or a model
-    repository, and the model's folder in it is new, empty or pgkd's (its OWNER file); UserError otherwise."""
+    repository, and the model's folder in it is new, empty or pgkd's (its OWNER file); UserError otherwise.
+    `writes=False`: a repository a command only reads (`pgkd serve --model`), which may be a link."""
     path = Path(path)
-    if (problem := output_path_problem(path)) is not None:
+    if writes and (problem := output_path_problem(path)) is not None:
         raise UserError(f"{option} {path}: {problem}")
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path}: exists and is not a folder")

@@ -60,7 +60,7 @@ class Student(Protocol):
 
 def text_list(texts) -> list[str]:
     """`texts` as a list. A lone str is refused: iterated, it would be one text per character; a text
-    that UTF-8 cannot encode is a UserError naming it."""
+    that is not a str is a TypeError, one that UTF-8 cannot encode a UserError, each naming it."""
     if isinstance(texts, (str, bytes)):
         raise TypeError(f"expected a list of texts, got a {type(texts).__name__}: pass [text] for one text")
     texts = list(texts)
@@ -70,7 +70,7 @@ def text_list(texts) -> list[str]:
         except UnicodeEncodeError as e:
             raise UserError(f"text {number}: not UTF-8 text ({e.reason} at character {e.start})") from None
         except AttributeError:
-            raise UserError(f"text {number}: not a string ({type(text).__name__})") from None
+            raise TypeError(f"text {number}: not a string ({type(text).__name__})") from None
     return texts
 
 
@@ -92,9 +92,13 @@ def save_folder(path: str | Path, write) -> None:
     import shutil
     import tempfile
     from pgkd.files import current_umask, output_path_problem, require_writable
-    if not isinstance(path, (str, Path)) or not str(path):
-        raise UserError(f"save: expected a folder's path (str or Path), got {path!r}")
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"save: expected a folder's path (str or Path), got {type(path).__name__}")
+    if not str(path):
+        raise UserError("save: an empty path; name a new or empty folder")
     path = Path(path)
+    if path.name in ("", ".", ".."):      # '.', './', 'a/..': the folder is named by its own name
+        raise UserError(f"save {path}: name the folder itself (a new one, or an empty one), not '.' or '..'")
     if (problem := output_path_problem(path)) is not None:
         raise UserError(f"save {path}: {problem}")
     if path.exists():
