@@ -268,8 +268,8 @@ def test_a_server_folder_a_sigkilled_pgkd_left_is_removed_at_the_next_start_and_
     def marked(name: str, pid, started) -> Path:
         folder = tmp_path / name
         folder.mkdir()
-        (folder / processes.SERVER_OWNER).write_text(json.dumps({"written_by": "pgkd", "pid": pid,
-                                                                  "started": started}))
+        (folder / processes.SERVER_OWNER).write_text(json.dumps({"written_by": "pgkd", "pid": pid, "started": started,
+                                                                  "pid_namespace": processes._pid_namespace()}))
         return folder
     running = marked("pgkd-server-running", os.getpid(), processes._started(os.getpid()))
     reused = marked("pgkd-server-reused", os.getpid(), -1)          # the pid, now of another process
@@ -279,10 +279,13 @@ def test_a_server_folder_a_sigkilled_pgkd_left_is_removed_at_the_next_start_and_
     foreign.mkdir()
     (foreign / processes.SERVER_OWNER).write_text(json.dumps({"pid": killed.pid, "started": 1}))
     elsewhere = marked("elsewhere", killed.pid, 1)
+    container = marked("pgkd-server-container", killed.pid, 1)     # a dead pid here, but another namespace's
+    owner = json.loads((container / processes.SERVER_OWNER).read_text())
+    (container / processes.SERVER_OWNER).write_text(json.dumps({**owner, "pid_namespace": "pid:[1]"}))
     (tmp_path / "pgkd-server-link").symlink_to(elsewhere)
     try:
         assert left.is_dir() and left.parent == tmp_path and (left / "pytriton").is_dir()
-        paths = [left, segment, reused, running, foreign, elsewhere, mine]
+        paths = [left, segment, reused, running, foreign, elsewhere, mine, container]
         # in a process of its own: the block makes its process a subreaper
         starts = python(f"""
             import json, os, tempfile
@@ -297,7 +300,7 @@ def test_a_server_folder_a_sigkilled_pgkd_left_is_removed_at_the_next_start_and_
         out, _ = starts.communicate(timeout=60)
         assert starts.returncode == 0
         first, last = out.splitlines()
-        assert json.loads(first) == [True, [False, False, False, True, True, True, True]], first
+        assert json.loads(first) == [True, [False, False, False, True, True, True, True, True]], first
         assert json.loads(last) is False                 # the block's own folder, at its end
     finally:
         segment.unlink(missing_ok=True)

@@ -167,6 +167,15 @@ def _started(pid: int) -> int | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (`pid:[INODE]`): a pid means a process only within its namespace (two
+    containers sharing a temporary folder each have their own)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _remove_stale_servers(parent: Path, prefix: str) -> None:
     """What an adopted_children block of a pgkd process killed by SIGKILL left (its `finally` never ran):
     each folder `prefix*` in `parent` that is ours (a real folder of this user, with SERVER_OWNER that pgkd
@@ -184,6 +193,8 @@ def _remove_stale_servers(parent: Path, prefix: str) -> None:
         if not isinstance(owner, dict) or owner.get("written_by") != WRITTEN_BY:
             continue
         pid, started = owner.get("pid"), owner.get("started")
+        if owner.get("pid_namespace") != _pid_namespace():
+            continue                             # another namespace's pid (another container): not ours to judge
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or _started(pid) == started:
             continue                             # not a pid, or its process still runs
         shutil.rmtree(folder, ignore_errors=True)
@@ -203,7 +214,7 @@ def server_folder(prefix: str) -> Path:
     _remove_stale_servers(Path(tempfile.gettempdir()), prefix)
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     write_json_atomic(folder / SERVER_OWNER, {"written_by": WRITTEN_BY, "pid": os.getpid(),
-                                              "started": _started(os.getpid())})
+                                              "started": _started(os.getpid()), "pid_namespace": _pid_namespace()})
     return folder
 
 
