@@ -216,6 +216,7 @@ def test_a_triton_log_that_would_block_or_be_lost_is_refused_and_the_terminal_is
     (tmp_path / "linked.log").symlink_to(tmp_path / "elsewhere.log")
     for value, says in ((str(fifo), "not a regular file"), (f"{tmp_path}/a\nb.log", "a control character"),
                         (str(tmp_path / "linked.log"), "a link; name the file itself"),
+                        (str(tmp_path / ("x" * 300)), "cannot be a file here (File name too long)"),
                         ("/proc/pgkd-x.log", "its folder /proc: cannot write there")):
         monkeypatch.setenv("PGKD_TRITON_LOG", value)
         assert main(["settings", "--check"]) == 2

@@ -99,8 +99,11 @@ def output_path_problem(path: str | Path) -> str | None:
     bad = control_character(str(path))
     if bad is not None:
         return f"holds a control character (U+{ord(bad):04X}); name a path without one"
-    if Path(path).is_symlink():
-        return "is a link; pgkd writes into a folder or file of its own, not through a link"
+    try:
+        if Path(path).is_symlink():
+            return "is a link; pgkd writes into a folder or file of its own, not through a link"
+    except OSError as e:     # a name too long for the file system: it cannot be made either
+        return f"cannot write there ({e.strerror or e})"
     return None
 
 

@@ -385,14 +385,17 @@ class TritonSettings(Section):
         if (bad := control_character(value)) is not None:
             raise ValueError(f"holds a control character (U+{ord(bad):04X})")
         path = Path(value)
-        if path.is_symlink():            # tritonserver would append wherever it leads
-            raise ValueError("a link; name the file itself")
-        if path.is_dir():
-            raise ValueError("a folder, not a file")
-        if path.exists() and not path.is_file():
-            raise ValueError("not a regular file (a named pipe or a device would block or lose the log)")
-        if not path.parent.is_dir():
-            raise ValueError(f"no such folder {str(path.parent)!r}")
+        try:
+            if path.is_symlink():            # tritonserver would append wherever it leads
+                raise ValueError("a link; name the file itself")
+            if path.is_dir():
+                raise ValueError("a folder, not a file")
+            if path.exists() and not path.is_file():
+                raise ValueError("not a regular file (a named pipe or a device would block or lose the log)")
+            if not path.parent.is_dir():
+                raise ValueError(f"no such folder {str(path.parent)!r}")
+        except OSError as e:                 # a name too long for the file system
+            raise ValueError(f"cannot be a file here ({e.strerror or e})") from None
         if not path.exists():
             from pgkd.files import require_writable
             try:
