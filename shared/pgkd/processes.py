@@ -155,7 +155,7 @@ MODEL_FOLDER_POLL = 1.0      # seconds between two looks at the descendants' com
 _MODEL_FOLDER = re.compile(r"/tmp/folder[A-Za-z0-9]{6}(?=/|$)")   # Triton's mkdtemp("/tmp/folderXXXXXX")
 
 
-SERVER_OWNER = ".pgkd-server.json"   # in adopted_children's folder: the pgkd process that made it, and when
+SERVER_OWNER = ".pgkd-server.json"   # in a server_folder: the pgkd process that made it (pid, start, namespace)
 
 
 def _started(pid: int) -> int | None:

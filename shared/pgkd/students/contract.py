@@ -84,7 +84,7 @@ def log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None))))
 
 
-# -- calibration, kept with the student (pgkd.calibration) ------------------------------------------------
+# -- saving -------------------------------------------------------------------------------------------------
 def save_folder(path: str | Path, write) -> None:
     """A student's `save(path)`: `write(folder)` fills a new folder beside `path`, which then becomes
     `path` at once (a reader never sees half a student). `path` must be new or an empty folder: pgkd
@@ -125,6 +125,7 @@ def save_folder(path: str | Path, write) -> None:
         raise
 
 
+# -- calibration, kept with the student (pgkd.calibration) ------------------------------------------------
 def calibrated(student, probs: np.ndarray) -> np.ndarray:
     """`probs` scaled by the student's calibration, if it has one."""
     calibration = getattr(student, "calibration", None)
