@@ -106,8 +106,8 @@ def test_a_shortest_text_longer_than_the_longest_is_refused(monkeypatch, capsys)
     monkeypatch.setenv("PGKD_STREAM_MIN_CHARS", "5000")
     assert main(["settings", "--check"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["pgkd: error: PGKD_STREAM_MIN_CHARS=5000 is above PGKD_STREAM_MAX_CHARS=2000 (min_chars and "
-                   "max_chars in a settings file): no text could be taken"], err
+    assert err == ["pgkd: error: PGKD_STREAM_MIN_CHARS=5000 is above PGKD_STREAM_MAX_CHARS=2000: no text could be "
+                   "taken"], err
 
 
 def test_a_bad_value_at_the_command_line_is_one_line_and_exit_2(monkeypatch, capsys):

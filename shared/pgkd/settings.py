@@ -308,8 +308,8 @@ class StreamFields(Variables, BaseModel):
     @model_validator(mode="after")
     def _lengths(self):
         if self.min_chars > self.max_chars:     # every text would be refused, one way or the other
-            raise UserError(f"PGKD_STREAM_MIN_CHARS={self.min_chars} is above PGKD_STREAM_MAX_CHARS={self.max_chars} "
-                            "(min_chars and max_chars in a settings file): no text could be taken")
+            raise UserError(f"PGKD_STREAM_MIN_CHARS={self.min_chars} is above PGKD_STREAM_MAX_CHARS={self.max_chars}: "
+                            "no text could be taken")
         return self
 
     @field_validator("run", mode="before")
