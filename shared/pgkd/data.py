@@ -29,15 +29,19 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def _shown(value) -> str:
+    """A value of the wrong type as a message shows it: its type and the start of its repr."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    return f"{type(value).__name__} {shown}"
+
+
 def _check_row(text, label, where: str) -> Sample:
     if label is None or (isinstance(label, str) and not label.strip()):
         raise UserError(f"{where}: missing label")
     if isinstance(label, bool) or not isinstance(label, (str, int, float)):   # a JSON object, list, true: no name
-        shown = repr(label) if len(repr(label)) <= 40 else repr(label)[:40] + "..."
-        raise UserError(f"{where}: the label is not a string or a number ({type(label).__name__} {shown})")
+        raise UserError(f"{where}: the label is not a string or a number ({_shown(label)})")
     if text is not None and not isinstance(text, str):
-        shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:40] + "..."
-        raise UserError(f"{where}: the text is not a string ({type(text).__name__} {shown})")
+        raise UserError(f"{where}: the text is not a string ({_shown(text)})")
     if text is None or not text.strip():
         raise UserError(f"{where}: empty text")
     if len(str(label).strip().splitlines()) > 1:   # a label is one line: prompts and reports list them so
